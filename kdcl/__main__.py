@@ -1,0 +1,3 @@
+from kdcl.cli import main
+
+main()

@@ -1,0 +1,359 @@
+"""Datasets, splits and the batch path.
+
+Every dataset loader returns a train and a test :class:`RawSplit`. Data that fits in
+memory is held as one uint8 tensor (N, C, H, W) on the training device; a batch is a
+tensor of example indices gathered in one indexing op, then augmented and normalised
+as a batch on the device (:class:`Preprocess`). Data that does not fit stays a torch
+``Dataset`` read through a ``DataLoader`` fed with the same index batches, so
+curricula (subsets and orders of indices) work the same on both paths.
+
+The validation split is carved from train (class-stratified, ``dataset.split_seed``);
+it drives model selection. The test split is used for the final numbers only.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from kdcl.errors import KdclError
+from kdcl.registry import Registry
+
+log = logging.getLogger(__name__)
+
+DATASETS = Registry("dataset")
+register_dataset = DATASETS.register
+
+Batch = tuple[Tensor, Tensor, Tensor]  # (example indices, uint8 images, labels)
+
+
+# --------------------------------------------------------------------------- splits
+@dataclass
+class RawSplit:
+    """One split as loaded: labels, plus images in memory (``x``) or a ``dataset``."""
+
+    y: np.ndarray
+    x: np.ndarray | None = None  # uint8 (N, C, H, W)
+    dataset: Dataset | None = None  # item i -> (uint8 tensor (C, H, W), label)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def stratified_order(labels: np.ndarray, seed: int) -> np.ndarray:
+    """A permutation in which every prefix holds the classes in their overall proportions.
+
+    Shuffle, then sort by each example's relative position within its class, so the
+    first ``n`` indices are a class-stratified random subset of size ``n``.
+    """
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(labels))
+    shuffled = labels[perm]
+    position = np.empty(len(labels))
+    for c in np.unique(labels):
+        members = np.flatnonzero(shuffled == c)
+        position[members] = (np.arange(len(members)) + 0.5) / len(members)
+    return perm[np.argsort(position, kind="stable")]
+
+
+def stratified_subset(labels: np.ndarray, n: int | None, seed: int) -> np.ndarray:
+    """Sorted indices of a class-stratified subset of size ``n`` (all when ``n`` is None)."""
+    if n is None or n >= len(labels):
+        return np.arange(len(labels))
+    return np.sort(stratified_order(labels, seed)[:n])
+
+
+# --------------------------------------------------------------------------- sources
+class Source(Protocol):
+    """A split the engine can iterate: ``len``, ``labels`` and index-batch iteration."""
+
+    labels: Tensor  # int64 (N,), on CPU
+    origin: np.ndarray  # index of every example in the loader's own split
+
+    def __len__(self) -> int: ...
+
+    def batches(self, index_batches: Iterable[Tensor]) -> Iterator[Batch]: ...
+
+
+class TensorSource:
+    """An in-memory split: uint8 images and labels held on the training device."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, origin: np.ndarray, device: torch.device):
+        self.device = device
+        self.x = torch.from_numpy(np.ascontiguousarray(x)).to(device)
+        self.y = torch.from_numpy(y.astype(np.int64)).to(device)
+        self.labels = self.y.cpu()
+        self.origin = origin
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, index_batches: Iterable[Tensor]) -> Iterator[Batch]:
+        for idx in index_batches:
+            idx = idx.to(self.device, non_blocking=True)
+            yield idx, self.x[idx], self.y[idx]
+
+
+class _Indexed(Dataset):
+    def __init__(self, dataset: Dataset, positions: np.ndarray):
+        self.dataset, self.positions = dataset, positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
+        image, label = self.dataset[int(self.positions[i])]
+        return image, int(label), i
+
+
+class LoaderSource:
+    """A split read per sample through a ``DataLoader`` (data too large for memory)."""
+
+    def __init__(self, dataset: Dataset, y: np.ndarray, origin: np.ndarray, device: torch.device, num_workers: int):
+        self.items = _Indexed(dataset, origin)
+        self.labels = torch.from_numpy(y.astype(np.int64))
+        self.origin = origin
+        self.device = device
+        self.num_workers = num_workers
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, index_batches: Iterable[Tensor]) -> Iterator[Batch]:
+        loader = DataLoader(
+            self.items,
+            batch_sampler=(b.tolist() for b in index_batches),
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        for x, y, idx in loader:
+            yield idx.to(self.device), x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def make_source(split: RawSplit, indices: np.ndarray, device: torch.device, num_workers: int) -> Source:
+    if split.x is not None:
+        return TensorSource(split.x[indices], split.y[indices], indices, device)
+    return LoaderSource(split.dataset, split.y[indices], indices, device, num_workers)
+
+
+# --------------------------------------------------------------------------- preprocessing
+class Preprocess:
+    """uint8 batch → normalised float batch, with batched random crop and flip in training.
+
+    Crop: zero-pad by ``crop_padding`` pixels and cut a random H×W window per example.
+    Flip: mirror each example horizontally with probability 1/2. Random parameters come
+    from a seeded generator on the data's device.
+    """
+
+    def __init__(self, mean: list[float], std: list[float], crop_padding: int, flip: bool,
+                 device: torch.device, channels_last: bool, seed: int):
+        shape = (1, len(mean), 1, 1)
+        self.mean = torch.tensor(mean, device=device).view(shape) * 255
+        self.inv_std = 1 / (torch.tensor(std, device=device).view(shape) * 255)
+        self.crop_padding = crop_padding
+        self.flip = flip
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self, x: Tensor, train: bool) -> Tensor:
+        if train and self.crop_padding:
+            x = self._random_crop(x)
+        if train and self.flip:
+            mirror = torch.rand(len(x), device=x.device, generator=self.generator) < 0.5
+            x = torch.where(mirror.view(-1, 1, 1, 1), x.flip(3), x)
+        x = (x.float() - self.mean) * self.inv_std
+        return x.contiguous(memory_format=self.memory_format)
+
+    def _random_crop(self, x: Tensor) -> Tensor:
+        n, _, h, w = x.shape
+        p = self.crop_padding
+        padded = torch.nn.functional.pad(x, (p, p, p, p))
+        dy, dx = torch.randint(0, 2 * p + 1, (2, n, 1), device=x.device, generator=self.generator)
+        rows = (dy + torch.arange(h, device=x.device)).view(n, 1, h, 1)
+        cols = (dx + torch.arange(w, device=x.device)).view(n, 1, 1, w)
+        batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
+        chans = torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1)
+        return padded[batch, chans, rows, cols]
+
+
+# --------------------------------------------------------------------------- bundle
+@dataclass
+class DataBundle:
+    """Everything a stage needs to know about the data."""
+
+    name: str
+    train: Source
+    val: Source
+    test: Source
+    num_classes: int
+    class_names: list[str]
+    input_shape: tuple[int, int, int]
+    mean: list[float]
+    std: list[float]
+    preprocess: Preprocess
+
+
+def load_data(cfg: dict[str, Any], device: torch.device, channels_last: bool, seed: int) -> DataBundle:
+    """Load ``cfg["name"]``, carve the validation split and build the sources."""
+    loader = DATASETS.get(cfg["name"])
+    train, test, class_names = loader(cfg)
+    split_seed = cfg["split_seed"]
+    pool = stratified_subset(train.y, cfg.get("max_train_samples"), split_seed)
+    order = stratified_order(train.y[pool], split_seed)
+    n_val = int(round(len(pool) * cfg["val_fraction"]))
+    val_idx, train_idx = np.sort(pool[order[:n_val]]), np.sort(pool[order[n_val:]])
+    test_idx = stratified_subset(test.y, cfg.get("max_test_samples"), split_seed)
+    for split_name, idx in (("train", train_idx), ("validation", val_idx), ("test", test_idx)):
+        if len(idx) == 0:
+            raise KdclError(
+                f"the {split_name} split of dataset {cfg['name']!r} is empty",
+                fix="raise dataset.max_train_samples / dataset.max_test_samples or lower dataset.val_fraction",
+            )
+    num_workers = cfg.get("num_workers", 0)
+    sample = train.x[train_idx[:1]] if train.x is not None else train.dataset[0][0][None].numpy()
+    mean, std = cfg.get("mean"), cfg.get("std")
+    if mean is None or std is None:
+        mean, std = channel_stats(train, train_idx)
+    num_classes = len(class_names)
+    return DataBundle(
+        name=cfg["name"],
+        train=make_source(train, train_idx, device, num_workers),
+        val=make_source(train, val_idx, device, num_workers),
+        test=make_source(test, test_idx, device, num_workers),
+        num_classes=num_classes,
+        class_names=list(class_names),
+        input_shape=tuple(int(s) for s in sample.shape[1:]),
+        mean=[float(m) for m in mean],
+        std=[float(s) for s in std],
+        preprocess=Preprocess(mean, std, cfg.get("crop_padding", 0), cfg.get("flip", False), device, channels_last, seed),
+    )
+
+
+def channel_stats(split: RawSplit, indices: np.ndarray, limit: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std on the [0, 1] scale, from up to ``limit`` training images."""
+    idx = indices[:limit]
+    if split.x is not None:
+        x = split.x[idx]
+    else:
+        x = np.stack([split.dataset[int(i)][0].numpy() for i in idx])
+    x = x.astype(np.float64) / 255
+    std = x.std(axis=(0, 2, 3))
+    return x.mean(axis=(0, 2, 3)).tolist(), np.where(std > 0, std, 1.0).tolist()
+
+
+def to_nchw(x: np.ndarray) -> np.ndarray:
+    """uint8 images as (N, H, W) or (N, H, W, C) → (N, C, H, W)."""
+    x = np.asarray(x)
+    if x.dtype != np.uint8:
+        raise KdclError(f"images must be uint8, found {x.dtype}", fix="store x as uint8 0..255")
+    if x.ndim == 3:
+        return x[:, None]
+    if x.ndim == 4:
+        return x.transpose(0, 3, 1, 2)
+    raise KdclError(f"images must be N×H×W or N×H×W×C, found shape {x.shape}")
+
+
+# --------------------------------------------------------------------------- loaders
+@register_dataset("digits")
+def digits(cfg: dict) -> tuple[RawSplit, RawSplit, list[str]]:
+    """scikit-learn's bundled 8×8 handwritten digits (1,797 images, 10 classes).
+
+    There is no official test split: ``dataset.test_fraction`` of the data is carved
+    off, stratified, with ``dataset.split_seed``.
+    """
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = np.clip(np.rint(bunch.images * 255 / 16), 0, 255).astype(np.uint8)[:, None]
+    y = bunch.target.astype(np.int64)
+    order = stratified_order(y, cfg["split_seed"])
+    n_test = int(round(len(y) * cfg["test_fraction"]))
+    test, train = np.sort(order[:n_test]), np.sort(order[n_test:])
+    return RawSplit(y[train], x[train]), RawSplit(y[test], x[test]), [str(c) for c in range(10)]
+
+
+@register_dataset("npz")
+def npz(cfg: dict) -> tuple[RawSplit, RawSplit, list[str]]:
+    """A directory with ``train.npz`` and ``test.npz``, each holding ``x`` (uint8) and ``y``."""
+    root = Path(cfg["root"]).expanduser()
+    splits = []
+    for part in ("train", "test"):
+        path = root / f"{part}.npz"
+        if not path.is_file():
+            raise KdclError(
+                f"{path} not found",
+                fix="point dataset.root at a directory holding train.npz and test.npz (arrays x and y)",
+            )
+        with np.load(path) as arrays:
+            splits.append(RawSplit(arrays["y"].astype(np.int64), to_nchw(arrays["x"])))
+    num_classes = int(max(s.y.max() for s in splits)) + 1
+    names = cfg.get("class_names") or [str(c) for c in range(num_classes)]
+    return splits[0], splits[1], list(names)
+
+
+def _torchvision(cfg: dict, cls: type) -> tuple[RawSplit, RawSplit, list[str]]:
+    root = Path(cfg["root"]).expanduser()
+    splits = []
+    for train in (True, False):
+        try:
+            ds = cls(str(root), train=train, download=cfg["download"])
+        except Exception as err:  # torchvision raises RuntimeError offline, URLError on failed downloads
+            raise KdclError(
+                f"dataset {cfg['name']!r} not found under dataset.root={root} ({err})",
+                fix="set dataset.download=true (needs internet) or point dataset.root at a copy of it",
+            ) from None
+        targets = np.asarray(ds.targets, dtype=np.int64)
+        splits.append(RawSplit(targets, to_nchw(np.asarray(ds.data))))
+    return splits[0], splits[1], list(ds.classes)
+
+
+def _register_torchvision(name: str, class_name: str) -> None:
+    def load(cfg: dict) -> tuple[RawSplit, RawSplit, list[str]]:
+        import torchvision.datasets
+
+        return _torchvision(cfg, getattr(torchvision.datasets, class_name))
+
+    load.__doc__ = f"torchvision.datasets.{class_name}, held in memory (``dataset.root``, ``dataset.download``)."
+    register_dataset(name)(load)
+
+
+for _name, _cls in (("cifar10", "CIFAR10"), ("cifar100", "CIFAR100"), ("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")):
+    _register_torchvision(_name, _cls)
+
+
+class _FakeImages(Dataset):
+    """torchvision FakeData as uint8 tensors."""
+
+    def __init__(self, size: int, image_shape: tuple[int, int, int], num_classes: int, offset: int):
+        from torchvision.datasets import FakeData
+        from torchvision.transforms.functional import pil_to_tensor
+
+        self.fake = FakeData(size, tuple(image_shape), num_classes, transform=pil_to_tensor, random_offset=offset)
+
+    def __len__(self) -> int:
+        return len(self.fake)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return self.fake[i]
+
+
+@register_dataset("fake")
+def fake(cfg: dict) -> tuple[RawSplit, RawSplit, list[str]]:
+    """torchvision FakeData: random images and labels, for tests (``in_memory: false`` reads it per sample)."""
+    shape, k = tuple(cfg["image_shape"]), cfg["num_classes"]
+    splits = []
+    for size, offset in ((cfg["train_samples"], 0), (cfg["test_samples"], cfg["train_samples"])):
+        ds = _FakeImages(size, shape, k, offset)
+        y = np.array([int(ds.fake[i][1]) for i in range(size)], dtype=np.int64)
+        if cfg["in_memory"]:
+            splits.append(RawSplit(y, np.stack([ds[i][0].numpy() for i in range(size)])))
+        else:
+            splits.append(RawSplit(y, dataset=ds))
+    return splits[0], splits[1], [f"class_{c}" for c in range(k)]

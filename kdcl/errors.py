@@ -1,0 +1,16 @@
+"""The one exception type for user-facing errors.
+
+A :class:`KdclError` is bad input, not a bug: the CLI prints it as a single message
+(what went wrong, and how to fix it) and exits non-zero, without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class KdclError(Exception):
+    """An error caused by the user's input, configuration, data or environment."""
+
+    def __init__(self, what: str, fix: str | None = None):
+        self.what = what
+        self.fix = fix
+        super().__init__(what if fix is None else f"{what}\n  fix: {fix}")

@@ -1,0 +1,72 @@
+"""``kdcl eval``: test a checkpoint on its dataset's test split (or another dataset)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+from kdcl.checkpoint import load_checkpoint, model_from_checkpoint
+from kdcl.config import resolve_device
+from kdcl.data import load_data
+from kdcl.engine import Trainer, evaluate
+from kdcl.models import count_params, size_mb
+from kdcl.report import print_table, write_csv
+from kdcl.stages import check_compatible
+
+log = logging.getLogger(__name__)
+
+
+def run_eval(checkpoint: str, dataset: dict[str, Any] | None, device_name: str, batch_size: int, out: Path) -> pd.DataFrame:
+    """Evaluate ``checkpoint`` and write ``eval.csv``, ``eval_per_class.csv`` and ``confusion.csv``."""
+    ckpt = load_checkpoint(checkpoint)
+    device = resolve_device(device_name)
+    # The model was trained with its checkpoint's normalisation: keep it on any dataset.
+    dataset = {**(dataset or ckpt["config"]["dataset"]), **ckpt["normalization"]}
+    data = load_data(dataset, device, channels_last=False, seed=0)
+    check_compatible(ckpt, data, "checkpoint")
+    model = model_from_checkpoint(ckpt).to(device)
+    trainer = Trainer(device, epochs=0, batch_size=batch_size, eval_batch_size=batch_size, amp=device.type == "cuda")
+    result = evaluate(model, data.test, data, trainer)
+    preds, labels = result.logits.argmax(1).numpy(), result.labels.numpy()
+    classes = list(range(data.num_classes))
+    precision, recall, f1, support = precision_recall_fscore_support(labels, preds, labels=classes, zero_division=0)
+    per_class = pd.DataFrame({"class": data.class_names, "precision": precision, "recall": recall, "f1": f1, "support": support})
+    confusion = pd.DataFrame(confusion_matrix(labels, preds, labels=classes), index=data.class_names, columns=data.class_names)
+    summary = pd.DataFrame([{
+        "checkpoint": str(Path(checkpoint).resolve()), "model": ckpt["model"]["name"], "stage": ckpt.get("stage"),
+        "dataset": data.name, "split": "test", "examples": len(labels), "acc": result.acc, "loss": result.loss,
+        "macro_f1": float(f1.mean()), "params": count_params(model), "size_mb": round(size_mb(model), 4),
+        "batch_size": batch_size, "latency_ms_per_batch": latency_ms(model, data, trainer), "device": str(device),
+    }])
+    write_csv(summary, out / "eval.csv")
+    write_csv(per_class, out / "eval_per_class.csv")
+    confusion.rename_axis("true \\ predicted").to_csv(out / "confusion.csv")
+    print_table(summary, f"kdcl eval — {checkpoint}",
+                ["model", "stage", "dataset", "examples", "acc", "loss", "macro_f1", "params", "latency_ms_per_batch"])
+    print_table(per_class, "per class (test)")
+    print_table(confusion.reset_index(names="true \\ pred"), "confusion matrix (rows: true, columns: predicted)")
+    return summary
+
+
+@torch.inference_mode()
+def latency_ms(model: torch.nn.Module, data, trainer: Trainer, repeats: int = 10) -> float:
+    """Mean forward time of one test batch (after one warm-up pass), in milliseconds."""
+    model.eval()
+    idx = torch.arange(min(len(data.test), trainer.eval_batch_size))
+    _, x, _ = next(data.test.batches([idx]))
+    x = data.preprocess(x, train=False)
+    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
+    with trainer.autocast():
+        model(x)
+        sync()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            model(x)
+        sync()
+    return (time.perf_counter() - start) / repeats * 1000

@@ -1,0 +1,399 @@
+"""Teacher and student networks, looked up by name in :data:`MODELS`.
+
+Every factory is called as ``fn(num_classes=..., input_shape=(C, H, W), pretrained=...,
+**kwargs)`` and returns an ``nn.Module`` mapping ``(B, C, H, W)`` images to
+``(B, num_classes)`` logits. Use :func:`create_model` rather than calling factories
+directly: it turns bad names and keywords into :class:`KdclError`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import pickle
+from collections.abc import Sequence
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+import torch
+import torchvision
+from torch import nn
+
+from kdcl.errors import KdclError
+from kdcl.registry import Registry
+
+MODELS = Registry("model")
+register_model = MODELS.register
+
+InputShape = tuple[int, int, int]
+CifarStem = bool | Literal["auto"]
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    input_shape: Sequence[int],
+    pretrained: bool = False,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build the registered model ``name`` for ``input_shape`` = (C, H, W) images."""
+    factory = MODELS.get(name)
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) != 3:
+        raise KdclError(
+            f"input_shape must be (channels, height, width), got {tuple(input_shape)}"
+        )
+    arguments = dict(num_classes=num_classes, input_shape=shape, pretrained=pretrained)
+    signature = inspect.signature(factory)
+    try:
+        signature.bind(**arguments, **kwargs)
+    except TypeError as e:
+        accepted = [p for p in signature.parameters if p not in arguments]
+        raise KdclError(
+            f"model {name!r}: {e}",
+            fix=f"{name!r} accepts the kwargs: {', '.join(accepted) or '(none)'}",
+        ) from None
+    return factory(**arguments, **kwargs)
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (trainable or not)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def size_mb(model: nn.Module) -> float:
+    """Size of the state_dict tensors (parameters and buffers) in megabytes."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e6
+
+
+def _no_pretrained(name: str, pretrained: bool) -> None:
+    if pretrained:
+        raise KdclError(
+            f"no pretrained weights exist for model {name!r}",
+            fix="set teacher.pretrained=false / student.pretrained=false",
+        )
+
+
+def _init_weights(model: nn.Module) -> None:
+    """He-normal convolutions, unit BatchNorm (as torchvision and RepDistiller do)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+# --- small models ----------------------------------------------------------------
+
+
+@register_model("mlp")
+def mlp(
+    num_classes: int,
+    input_shape: InputShape,
+    pretrained: bool = False,
+    hidden: Sequence[int] = (100, 100),
+    dropout: float = 0.0,
+) -> nn.Module:
+    """Multi-layer perceptron on the flattened image: [Linear-ReLU(-Dropout)] per hidden width."""
+    _no_pretrained("mlp", pretrained)
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = math.prod(input_shape)
+    for h in hidden:
+        layers += [nn.Linear(width, int(h)), nn.ReLU(inplace=True)]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        width = int(h)
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
+    return [
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    ]
+
+
+@register_model("cnn")
+def cnn(
+    num_classes: int, input_shape: InputShape, pretrained: bool = False, width: int = 32
+) -> nn.Module:
+    """Small CNN: three conv3x3-BN-ReLU blocks (w, 2w, 4w), max-pools, global average pool."""
+    _no_pretrained("cnn", pretrained)
+    model = nn.Sequential(
+        *_conv_bn_relu(input_shape[0], width),
+        nn.MaxPool2d(2, ceil_mode=True),
+        *_conv_bn_relu(width, 2 * width),
+        nn.MaxPool2d(2, ceil_mode=True),
+        *_conv_bn_relu(2 * width, 4 * width),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4 * width, num_classes),
+    )
+    _init_weights(model)
+    return model
+
+
+# --- CIFAR ResNets (He et al. 2016, Sec. 4.2; widths as in RepDistiller/CRD) --------
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with a residual; 1x1 conv-BN shortcut when the shape changes."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet of depth 6n+2: a 3x3 stem, three stages of n BasicBlocks, global pool, fc."""
+
+    def __init__(
+        self,
+        depth: int,
+        stem_width: int,
+        widths: tuple[int, int, int],
+        num_classes: int,
+        in_channels: int,
+    ):
+        super().__init__()
+        if (depth - 2) % 6 != 0:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        blocks_per_stage = (depth - 2) // 6
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, stem_width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(stem_width),
+            nn.ReLU(inplace=True),
+        )
+        stages: list[nn.Module] = []
+        channels = stem_width
+        for i, width in enumerate(widths):
+            blocks = []
+            for j in range(blocks_per_stage):
+                stride = 2 if i > 0 and j == 0 else 1
+                blocks.append(BasicBlock(channels, width, stride))
+                channels = width
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.stem(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def _cifar_resnet(
+    name: str,
+    depth: int,
+    num_classes: int,
+    input_shape: InputShape,
+    pretrained: bool,
+    wide: bool = False,
+) -> nn.Module:
+    """Widths 16-32-64 (stem 16), or with ``wide`` 64-128-256 (stem 32) as RepDistiller's x4."""
+    _no_pretrained(name, pretrained)
+    stem_width, widths = (32, (64, 128, 256)) if wide else (16, (16, 32, 64))
+    return CifarResNet(depth, stem_width, widths, num_classes, input_shape[0])
+
+
+@register_model("resnet8")
+def resnet8(num_classes: int, input_shape: InputShape, pretrained: bool = False) -> nn.Module:
+    """CIFAR ResNet-8 (He et al. 2016), widths 16-32-64."""
+    return _cifar_resnet("resnet8", 8, num_classes, input_shape, pretrained)
+
+
+@register_model("resnet20")
+def resnet20(num_classes: int, input_shape: InputShape, pretrained: bool = False) -> nn.Module:
+    """CIFAR ResNet-20 (He et al. 2016), widths 16-32-64."""
+    return _cifar_resnet("resnet20", 20, num_classes, input_shape, pretrained)
+
+
+@register_model("resnet56")
+def resnet56(num_classes: int, input_shape: InputShape, pretrained: bool = False) -> nn.Module:
+    """CIFAR ResNet-56 (He et al. 2016), widths 16-32-64."""
+    return _cifar_resnet("resnet56", 56, num_classes, input_shape, pretrained)
+
+
+@register_model("resnet8x4")
+def resnet8x4(num_classes: int, input_shape: InputShape, pretrained: bool = False) -> nn.Module:
+    """CIFAR ResNet-8 with 4x widths 64-128-256 (Tian et al. 2020, CRD/RepDistiller)."""
+    return _cifar_resnet("resnet8x4", 8, num_classes, input_shape, pretrained, wide=True)
+
+
+@register_model("resnet32x4")
+def resnet32x4(num_classes: int, input_shape: InputShape, pretrained: bool = False) -> nn.Module:
+    """CIFAR ResNet-32 with 4x widths 64-128-256 (Tian et al. 2020, CRD/RepDistiller)."""
+    return _cifar_resnet("resnet32x4", 32, num_classes, input_shape, pretrained, wide=True)
+
+
+# --- torchvision ImageNet models, adapted to the input and number of classes ------
+
+
+def _torchvision_model(name: str, pretrained: bool) -> nn.Module:
+    """``torchvision.models.<name>``, with its default ImageNet weights if ``pretrained``."""
+    builder = torchvision.models.get_model_builder(name)
+    if not pretrained:
+        return builder(weights=None)
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    try:
+        return builder(weights=weights)
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
+        # URLError is an OSError; ValueError/UnpicklingError come from a damaged file.
+        # torch.hub downloads to a temporary file and deletes it on failure, so no
+        # half-downloaded checkpoint is left behind.
+        filename = os.path.basename(urlparse(weights.url).path)
+        checkpoints = os.path.join(torch.hub.get_dir(), "checkpoints")
+        cached = os.path.join(checkpoints, filename)
+        damaged = f"delete the damaged file {cached}, then " if os.path.exists(cached) else ""
+        raise KdclError(
+            f"the pretrained ImageNet weights for model {name!r} could not be "
+            f"downloaded or loaded ({type(e).__name__}: {e})",
+            fix=(
+                f"{damaged}connect to the internet once, or put the file {filename} in "
+                f"$TORCH_HOME/hub/checkpoints (here: {checkpoints}; default "
+                "~/.cache/torch/hub/checkpoints), or set teacher.pretrained=false / "
+                "student.pretrained=false"
+            ),
+        ) from e
+
+
+def _wants_cifar_stem(cifar_stem: CifarStem, input_shape: InputShape) -> bool:
+    if cifar_stem == "auto":
+        return input_shape[1] <= 64 and input_shape[2] <= 64
+    if isinstance(cifar_stem, bool):
+        return cifar_stem
+    raise KdclError(
+        f"cifar_stem must be 'auto', true or false, got {cifar_stem!r}",
+        fix="set kwargs.cifar_stem to auto, true or false",
+    )
+
+
+def _new_conv(conv: nn.Conv2d, in_channels: int, **overrides: Any) -> nn.Conv2d:
+    """A freshly initialised copy of ``conv``'s layout with ``in_channels`` and overrides."""
+    layout: dict[str, Any] = dict(
+        kernel_size=conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+    )
+    return nn.Conv2d(in_channels, conv.out_channels, **(layout | overrides))
+
+
+def _torchvision_resnet(
+    name: str,
+    num_classes: int,
+    input_shape: InputShape,
+    pretrained: bool,
+    cifar_stem: CifarStem,
+) -> nn.Module:
+    """A torchvision ResNet; the CIFAR stem is a 3x3 stride-1 conv1 and no max-pool."""
+    small = _wants_cifar_stem(cifar_stem, input_shape)
+    model = _torchvision_model(name, pretrained)
+    in_channels = input_shape[0]
+    if small:
+        model.conv1 = _new_conv(model.conv1, in_channels, kernel_size=3, stride=1, padding=1)
+        model.maxpool = nn.Identity()
+    elif in_channels != 3:
+        model.conv1 = _new_conv(model.conv1, in_channels)
+    model.fc = nn.Linear(model.fc.in_features, num_classes)
+    return model
+
+
+def _torchvision_mobilenet(
+    name: str,
+    num_classes: int,
+    input_shape: InputShape,
+    pretrained: bool,
+    cifar_stem: CifarStem,
+) -> nn.Module:
+    """A torchvision MobileNet; the CIFAR stem makes the first conv stride 1."""
+    small = _wants_cifar_stem(cifar_stem, input_shape)
+    model = _torchvision_model(name, pretrained)
+    stem = model.features[0]
+    in_channels = input_shape[0]
+    if in_channels != 3:
+        stem[0] = _new_conv(stem[0], in_channels)
+    if small:
+        stem[0].stride = (1, 1)
+    model.classifier[-1] = nn.Linear(model.classifier[-1].in_features, num_classes)
+    return model
+
+
+@register_model("resnet18")
+def resnet18(
+    num_classes: int,
+    input_shape: InputShape,
+    pretrained: bool = False,
+    cifar_stem: CifarStem = "auto",
+) -> nn.Module:
+    """torchvision ResNet-18 (He et al. 2016)."""
+    return _torchvision_resnet("resnet18", num_classes, input_shape, pretrained, cifar_stem)
+
+
+@register_model("resnet34")
+def resnet34(
+    num_classes: int,
+    input_shape: InputShape,
+    pretrained: bool = False,
+    cifar_stem: CifarStem = "auto",
+) -> nn.Module:
+    """torchvision ResNet-34 (He et al. 2016)."""
+    return _torchvision_resnet("resnet34", num_classes, input_shape, pretrained, cifar_stem)
+
+
+@register_model("resnet50")
+def resnet50(
+    num_classes: int,
+    input_shape: InputShape,
+    pretrained: bool = False,
+    cifar_stem: CifarStem = "auto",
+) -> nn.Module:
+    """torchvision ResNet-50 with bottleneck blocks (He et al. 2016)."""
+    return _torchvision_resnet("resnet50", num_classes, input_shape, pretrained, cifar_stem)
+
+
+@register_model("mobilenet_v2")
+def mobilenet_v2(
+    num_classes: int,
+    input_shape: InputShape,
+    pretrained: bool = False,
+    cifar_stem: CifarStem = "auto",
+) -> nn.Module:
+    """torchvision MobileNetV2 (Sandler et al. 2018)."""
+    return _torchvision_mobilenet(
+        "mobilenet_v2", num_classes, input_shape, pretrained, cifar_stem
+    )
+
+
+@register_model("mobilenet_v3_small")
+def mobilenet_v3_small(
+    num_classes: int,
+    input_shape: InputShape,
+    pretrained: bool = False,
+    cifar_stem: CifarStem = "auto",
+) -> nn.Module:
+    """torchvision MobileNetV3-Small (Howard et al. 2019)."""
+    return _torchvision_mobilenet(
+        "mobilenet_v3_small", num_classes, input_shape, pretrained, cifar_stem
+    )

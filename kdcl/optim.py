@@ -1,0 +1,63 @@
+"""Optimizers and learning-rate schedules, stepped once per optimizer step."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+import torch
+
+from kdcl.registry import Registry
+
+OPTIMIZERS = Registry("optimizer")
+SCHEDULES = Registry("LR schedule")
+
+LrFactor = Callable[[int], float]  # step -> multiplier of the base learning rate
+
+
+@OPTIMIZERS.register("sgd")
+def sgd(params: Iterable, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4, nesterov: bool = True):
+    """SGD with (Nesterov) momentum."""
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+
+
+@OPTIMIZERS.register("adamw")
+def adamw(params: Iterable, lr: float, weight_decay: float = 0.05, betas: tuple[float, float] = (0.9, 0.999)):
+    """AdamW (Loshchilov & Hutter 2019)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas))
+
+
+def _with_warmup(factor: LrFactor, warmup_steps: int) -> LrFactor:
+    return lambda step: factor(step) * min(1.0, (step + 1) / warmup_steps) if warmup_steps else factor(step)
+
+
+@SCHEDULES.register("cosine")
+def cosine(total_steps: int, warmup_steps: int = 0, min_factor: float = 0.0) -> LrFactor:
+    """Cosine decay (Loshchilov & Hutter 2017): ``m + (1 − m)·(1 + cos(π·t/T))/2``."""
+    return _with_warmup(lambda t: min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * t / total_steps)), warmup_steps)
+
+
+@SCHEDULES.register("step")
+def step(total_steps: int, milestones: tuple[float, ...] = (0.5, 0.75), gamma: float = 0.1, warmup_steps: int = 0) -> LrFactor:
+    """Multiply by ``gamma`` at each milestone, given as fractions of the total steps."""
+    marks = [m * total_steps for m in milestones]
+    return _with_warmup(lambda t: gamma ** sum(t >= m for m in marks), warmup_steps)
+
+
+@SCHEDULES.register("constant")
+def constant(total_steps: int, warmup_steps: int = 0) -> LrFactor:
+    """A constant learning rate (after an optional linear warm-up)."""
+    return _with_warmup(lambda t: 1.0, warmup_steps)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
+    params = {k: v for k, v in cfg.items() if k != "name"}
+    return OPTIMIZERS.create(cfg["name"], model.parameters(), **params)
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: dict[str, Any], total_steps: int, steps_per_epoch: int):
+    """A ``LambdaLR`` over optimizer steps; ``warmup_epochs`` converts to steps."""
+    params = {k: v for k, v in cfg.items() if k not in ("name", "warmup_epochs")}
+    warmup = int(round(cfg.get("warmup_epochs", 0) * steps_per_epoch))
+    factor = SCHEDULES.create(cfg["name"], total_steps, warmup_steps=warmup, **params)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

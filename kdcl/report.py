@@ -1,0 +1,57 @@
+"""Metrics tables: per-epoch CSVs, the run summary, and their console rendering."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+stdout = Console()
+if not stdout.is_terminal:
+    stdout = Console(width=200)  # files and CI: no wrapping of wide tables
+
+
+class MetricsTable:
+    """An append-only CSV, flushed after every row (a killed run keeps whole rows)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+
+    def append(self, row: dict[str, Any]) -> None:
+        new = not self.rows
+        self.rows.append(row)
+        with self.path.open("w" if new else "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(self.rows[0]))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> None:
+    """Write a table atomically: a reader sees the old file or the new one, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "" if value != value else f"{value:.4g}"
+    return str(value)
+
+
+def print_table(frame: pd.DataFrame, title: str, columns: Iterable[str] | None = None) -> None:
+    """Render (some columns of) a table with rich."""
+    columns = [c for c in (columns or frame.columns) if c in frame.columns]
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c, justify="left" if frame[c].dtype == object else "right")
+    for _, row in frame.iterrows():
+        table.add_row(*(_fmt(row[c]) for c in columns))
+    stdout.print(table)

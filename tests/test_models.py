@@ -1,0 +1,156 @@
+"""Tests for kdcl.models and the model options in conf/teacher and conf/student."""
+
+from __future__ import annotations
+
+import re
+import socket
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from kdcl.errors import KdclError
+from kdcl.models import MODELS, count_params, create_model, size_mb
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+MODEL_DIRS = ("teacher", "student")
+
+
+@pytest.mark.parametrize("num_classes", [10, 7])
+@pytest.mark.parametrize("input_shape", [(1, 8, 8), (3, 32, 32)], ids=["1x8x8", "3x32x32"])
+@pytest.mark.parametrize("name", MODELS.names())
+def test_model_gives_logits(name: str, input_shape: tuple[int, int, int], num_classes: int):
+    model = create_model(name, num_classes=num_classes, input_shape=input_shape).eval()
+    with torch.no_grad():
+        logits = model(torch.randn(2, *input_shape))
+    assert logits.shape == (2, num_classes)
+    assert torch.isfinite(logits).all()
+
+
+# He et al. 2016 (Table 6) and RepDistiller; RepDistiller's x4 counts (1.23M, 7.43M) are
+# at 100 classes, and 90 fewer classes remove 90 * 257 = 0.023M parameters.
+@pytest.mark.parametrize(
+    ("name", "millions"),
+    [("resnet20", 0.27), ("resnet56", 0.86), ("resnet8x4", 1.21), ("resnet32x4", 7.41)],
+)
+def test_cifar_resnet_parameter_counts(name: str, millions: float):
+    params = count_params(create_model(name, num_classes=10, input_shape=(3, 32, 32)))
+    assert params / 1e6 == pytest.approx(millions, rel=0.03)
+
+
+def test_count_params_and_size_mb():
+    model = create_model("mlp", num_classes=3, input_shape=(1, 2, 2), hidden=[5])
+    assert count_params(model) == (4 * 5 + 5) + (5 * 3 + 3)
+    assert size_mb(model) == pytest.approx(count_params(model) * 4 / 1e6)
+
+
+def _first_conv_resnet(model: nn.Module) -> nn.Conv2d:
+    return model.conv1
+
+
+def _first_conv_mobilenet(model: nn.Module) -> nn.Conv2d:
+    return model.features[0][0]
+
+
+def test_resnet18_cifar_stem_only_for_small_inputs():
+    small = create_model("resnet18", num_classes=10, input_shape=(3, 32, 32))
+    assert small.conv1.kernel_size == (3, 3) and small.conv1.stride == (1, 1)
+    assert isinstance(small.maxpool, nn.Identity)
+    large = create_model("resnet18", num_classes=10, input_shape=(3, 224, 224))
+    assert large.conv1.kernel_size == (7, 7) and large.conv1.stride == (2, 2)
+    assert isinstance(large.maxpool, nn.MaxPool2d)
+    forced = create_model("resnet18", num_classes=10, input_shape=(3, 32, 32), cifar_stem=False)
+    assert forced.conv1.stride == (2, 2)
+
+
+def test_mobilenet_v2_cifar_stem_only_for_small_inputs():
+    small = create_model("mobilenet_v2", num_classes=10, input_shape=(3, 32, 32))
+    assert _first_conv_mobilenet(small).stride == (1, 1)
+    large = create_model("mobilenet_v2", num_classes=10, input_shape=(3, 224, 224))
+    assert _first_conv_mobilenet(large).stride == (2, 2)
+    forced = create_model(
+        "mobilenet_v2", num_classes=10, input_shape=(3, 224, 224), cifar_stem=True
+    )
+    assert _first_conv_mobilenet(forced).stride == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("name", "first_conv", "kernel"),
+    [("resnet50", _first_conv_resnet, 7), ("mobilenet_v3_small", _first_conv_mobilenet, 3)],
+)
+def test_torchvision_first_conv_takes_in_channels(name, first_conv, kernel):
+    conv = first_conv(create_model(name, num_classes=10, input_shape=(1, 224, 224)))
+    assert conv.in_channels == 1
+    assert conv.kernel_size == (kernel, kernel)
+    assert conv.stride == (2, 2)
+
+
+def test_pretrained_offline_raises_kdcl_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(10)  # fail fast where the network drops packets
+    try:
+        create_model("resnet18", num_classes=10, input_shape=(3, 32, 32), pretrained=True)
+    except KdclError as e:
+        message = str(e)
+    else:
+        pytest.skip("the ImageNet weights could be downloaded: not offline")
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+    assert "resnet18" in message
+    assert "resnet18-f37072fd.pth" in message
+    assert "pretrained=false" in message
+    leftovers = list((tmp_path / "hub" / "checkpoints").glob("*"))
+    assert leftovers == []
+
+
+def test_pretrained_without_weights_raises_kdcl_error():
+    with pytest.raises(KdclError, match="no pretrained weights.*resnet20(.|\n)*pretrained=false"):
+        create_model("resnet20", num_classes=10, input_shape=(3, 32, 32), pretrained=True)
+
+
+def test_unknown_model_lists_choices():
+    with pytest.raises(KdclError, match="unknown model 'resnet21'") as info:
+        create_model("resnet21", num_classes=10, input_shape=(3, 32, 32))
+    assert all(name in str(info.value) for name in MODELS.names())
+
+
+def test_unknown_kwarg_names_model_and_keyword():
+    with pytest.raises(KdclError, match="'mlp'.*'widht'") as info:
+        create_model("mlp", num_classes=10, input_shape=(1, 8, 8), widht=3)
+    assert "hidden" in str(info.value)
+
+
+def test_bad_cifar_stem_value():
+    with pytest.raises(KdclError, match="cifar_stem"):
+        create_model("resnet18", num_classes=10, input_shape=(3, 32, 32), cifar_stem="yes")
+
+
+def _yaml_files(directory: str) -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted((CONF / directory).glob("*.yaml"))}
+
+
+def test_teacher_and_student_options_are_identical():
+    teacher, student = (_yaml_files(d) for d in MODEL_DIRS)
+    assert teacher, "conf/teacher holds no YAML files"
+    assert teacher == student
+
+
+@pytest.mark.parametrize("option", sorted(_yaml_files("teacher")))
+def test_model_option_builds_with_stated_parameter_count(option: str):
+    text = _yaml_files("teacher")[option]
+    config = yaml.safe_load(text)
+    assert set(config) == {"name", "kwargs"}
+    assert config["name"] in MODELS
+    model = create_model(
+        config["name"], num_classes=10, input_shape=(3, 32, 32), **config["kwargs"]
+    )
+    # The comment states the count at 10 classes, 3x32x32, rounded to its last digit.
+    stated = re.search(r"([\d.]+)([KM]) parameters at 10 classes, 3x32x32 input", text)
+    assert stated, f"{option}: no parameter count in the comment"
+    number, unit = Decimal(stated[1]), {"K": 10**3, "M": 10**6}[stated[2]]
+    half_digit = Decimal(1).scaleb(number.as_tuple().exponent) / 2
+    assert abs(Decimal(count_params(model)) - number * unit) <= half_digit * unit
