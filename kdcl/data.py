@@ -357,3 +357,26 @@ def fake(cfg: dict) -> tuple[RawSplit, RawSplit, list[str]]:
         else:
             splits.append(RawSplit(y, dataset=ds))
     return splits[0], splits[1], [f"class_{c}" for c in range(k)]
+
+
+@register_dataset("imagefolder")
+def imagefolder(cfg: dict) -> tuple[RawSplit, RawSplit, list[str]]:
+    """Image files in ``root/train/<class>/*`` and ``root/test/<class>/*``, read per sample
+    through a DataLoader and resized to ``dataset.image_size``."""
+    from torchvision import transforms
+    from torchvision.datasets import ImageFolder
+
+    size = cfg["image_size"]
+    to_tensor = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.PILToTensor()])
+    splits = []
+    for part in ("train", "test"):
+        folder = Path(cfg["root"]).expanduser() / part
+        try:
+            ds = ImageFolder(str(folder), transform=to_tensor)
+        except (FileNotFoundError, OSError) as err:
+            raise KdclError(
+                f"no images under {folder} ({err})",
+                fix="point dataset.root at a folder holding train/<class>/* and test/<class>/* images",
+            ) from None
+        splits.append(RawSplit(np.asarray(ds.targets, dtype=np.int64), dataset=ds))
+    return splits[0], splits[1], list(ds.classes)

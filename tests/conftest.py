@@ -1,0 +1,47 @@
+"""Shared helpers: compose configs like the CLI does, run the CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from kdcl.cli import CONF_DIR
+
+# Small enough for seconds, big enough that the digits teacher learns something.
+QUICK = ["trainer.epochs=2", "dataset.max_train_samples=600", "trainer.batch_size=32"]
+
+
+def compose_config(overrides: list[str], config_name: str = "config") -> dict[str, Any]:
+    """The resolved config ``kdcl train OVERRIDES`` would run with, as plain containers."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m kdcl ARGS`` from ``cwd`` and capture its output."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [sys.executable, "-m", "kdcl", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture
+def compose_cfg():
+    return compose_config
+
+
+@pytest.fixture
+def cli(tmp_path):
+    """Run the CLI from an empty temporary working directory."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    return lambda *args, **kw: run_cli(list(args), cwd, **kw)

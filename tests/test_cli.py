@@ -1,0 +1,121 @@
+"""The ``kdcl`` command as a user runs it: a subprocess from an empty working directory."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import QUICK
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def assert_clean_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out
+    assert "Traceback" not in out, out
+    for needle in needles:
+        assert needle in out, out
+
+
+def test_help_and_cfg(cli):
+    top = cli("--help")
+    assert top.returncode == 0 and "train" in top.stdout and "eval" in top.stdout
+    train_help = cli("train", "--help")
+    assert train_help.returncode == 0
+    for group in ("teacher", "student", "dataset", "curriculum", "distill"):
+        assert f"{group}:" in train_help.stdout
+    job = cli("train", "--cfg", "job", "distill.alpha=0.3")
+    assert job.returncode == 0 and "alpha: 0.3" in job.stdout
+
+
+def test_train_then_eval_matches_summary(cli, tmp_path):
+    run_dir, eval_dir = tmp_path / "run", tmp_path / "eval"
+    train = cli("train", *QUICK, f"hydra.run.dir={run_dir}")
+    assert train.returncode == 0, train.stderr
+    assert "kd_gain" in train.stdout  # the summary table is printed
+    summary = pd.read_csv(run_dir / "summary.csv").set_index("model")
+    for stage in ("teacher", "baseline", "distill"):
+        assert (run_dir / stage / "metrics.csv").is_file()
+    result = cli("eval", f"checkpoint={run_dir / 'distill' / 'best.pt'}", f"hydra.run.dir={eval_dir}")
+    assert result.returncode == 0, result.stderr
+    ev = pd.read_csv(eval_dir / "eval.csv").iloc[0]
+    assert ev["acc"] == pytest.approx(summary.loc["distill", "test_acc"], abs=1e-9)
+    assert ev["loss"] == pytest.approx(summary.loc["distill", "test_loss"], rel=1e-5)
+    per_class = pd.read_csv(eval_dir / "eval_per_class.csv")
+    assert len(per_class) == 10 and per_class["support"].sum() == ev["examples"]
+    confusion = pd.read_csv(eval_dir / "confusion.csv", index_col=0)
+    assert confusion.to_numpy().trace() / confusion.to_numpy().sum() == pytest.approx(ev["acc"])
+
+
+def test_multirun_writes_one_summary_per_job(cli, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = cli("train", "-m", "distill.alpha=0.1,0.9", "trainer.epochs=1", "dataset.max_train_samples=300",
+                 f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, result.stderr
+    alphas = []
+    for job in ("0", "1"):
+        assert (sweep / job / "summary.csv").is_file()
+        alphas.append(pd.read_csv(sweep / job / "distill" / "metrics.csv")["alpha"].iloc[0])
+    assert alphas == [0.1, 0.9]
+
+
+def test_failed_sweep_job_lets_others_run_and_exits_nonzero(cli, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = cli("train", "-m", "distill.alpha=1.5,0.5", "trainer.epochs=1", "dataset.max_train_samples=300",
+                 f"hydra.sweep.dir={sweep}")
+    assert_clean_error(result, "distill.alpha=1.5 is out of range", "1 job(s) failed")
+    assert (sweep / "1" / "summary.csv").is_file() and not (sweep / "0" / "summary.csv").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["train", "distill.alpah=0.1"], ["alpah"]),
+        (["train", "teacher=resnet51"], ["teacher/resnet51", "resnet50"]),
+        (["train", "dataset=mnist", "dataset.root=missing_dir"], ["dataset.root", "dataset.download"]),
+        (["eval", "checkpoint=nope/best.pt"], ["nope/best.pt", "does not exist"]),
+        (["eval"], ["checkpoint=PATH"]),
+        (["train", "distill.temperature=0"], ["distill.temperature", "> 0"]),
+        (["fit"], ["unknown command", "train"]),
+    ],
+    ids=["typo-key", "unknown-option", "dataset-offline", "missing-checkpoint", "no-checkpoint", "range", "command"],
+)
+def test_bad_input_gives_one_clear_message(cli, tmp_path, args, needles):
+    result = cli(*args, f"hydra.run.dir={tmp_path / 'out'}") if args[0] != "fit" else cli(*args)
+    assert_clean_error(result, *needles)
+
+
+def test_corrupt_checkpoint_is_refused(cli, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert_clean_error(cli("eval", f"checkpoint={bad}", f"hydra.run.dir={tmp_path / 'out'}"), "corrupt")
+
+
+@pytest.mark.slow
+def test_installed_wheel_ships_configs_and_runs_anywhere(tmp_path):
+    """``pip install .`` (not editable): the configs travel as package data."""
+    wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", wheel_dir, ROOT], check=True)
+    wheel = next(wheel_dir.glob("kdcl-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for yaml in ("kdcl/conf/config.yaml", "kdcl/conf/eval.yaml", "kdcl/conf/teacher/resnet50.yaml",
+                 "kdcl/conf/experiment/resnet50_to_mobilenet.yaml", "kdcl/conf/hydra/job_logging/kdcl.yaml"):
+        assert yaml in names
+    subprocess.run([*pip, "install", "--no-deps", "--target", target, wheel], check=True)
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-m", "kdcl", "train", "--cfg", "job", "+experiment=cifar10_cpu"],
+                            cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "name: npz" in result.stdout
+    probe = subprocess.run([sys.executable, "-c", "import kdcl.cli; print(kdcl.cli.CONF_DIR)"],
+                           cwd=cwd, env=env, capture_output=True, text=True)
+    assert probe.stdout.strip().startswith(str(target))

@@ -1,0 +1,154 @@
+"""Splits, loaders and the batched preprocessing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kdcl.data import Preprocess, load_data, stratified_subset
+from kdcl.errors import KdclError
+
+CPU = torch.device("cpu")
+
+
+def dataset_cfg(compose_cfg, *overrides: str) -> dict:
+    return compose_cfg([*overrides])["dataset"]
+
+
+def test_stratified_subset_keeps_class_proportions():
+    labels = np.repeat(np.arange(4), [100, 200, 300, 400])
+    idx = stratified_subset(labels, 100, seed=0)
+    assert len(idx) == 100 and len(set(idx)) == 100
+    counts = np.bincount(labels[idx], minlength=4)
+    assert np.all(np.abs(counts - [10, 20, 30, 40]) <= 1)
+    assert not np.array_equal(idx, stratified_subset(labels, 100, seed=1))
+
+
+def test_digits_splits_are_disjoint_and_sized(compose_cfg):
+    cfg = dataset_cfg(compose_cfg)
+    data = load_data(cfg, CPU, channels_last=False, seed=0)
+    assert data.input_shape == (1, 8, 8) and data.num_classes == 10
+    n_test = len(data.test)
+    assert n_test == round(1797 * cfg["test_fraction"])
+    assert len(data.train) + len(data.val) == 1797 - n_test
+    assert len(data.val) == round((1797 - n_test) * cfg["val_fraction"])
+    assert not set(data.train.origin) & set(data.val.origin)
+    assert np.bincount(data.val.labels.numpy()).min() >= 10  # stratified: every class present
+
+
+def test_max_train_samples_is_a_stratified_subset(compose_cfg):
+    cfg = dataset_cfg(compose_cfg, "dataset.max_train_samples=200", "dataset.val_fraction=0.25")
+    data = load_data(cfg, CPU, channels_last=False, seed=0)
+    assert (len(data.train), len(data.val)) == (150, 50)
+    assert np.bincount(data.train.labels.numpy(), minlength=10).min() >= 13
+    again = load_data(cfg, CPU, channels_last=False, seed=5)  # the run seed does not move the split
+    assert np.array_equal(data.train.origin, again.train.origin)
+
+
+def test_empty_split_is_a_clear_error(compose_cfg):
+    cfg = dataset_cfg(compose_cfg, "dataset.max_train_samples=2", "dataset.val_fraction=0.1")
+    with pytest.raises(KdclError, match="validation split .* is empty"):
+        load_data(cfg, CPU, channels_last=False, seed=0)
+
+
+def test_batches_gather_by_index(compose_cfg):
+    data = load_data(dataset_cfg(compose_cfg), CPU, channels_last=False, seed=0)
+    idx = torch.tensor([5, 0, 17])
+    (got_idx, x, y), = data.train.batches([idx])
+    assert torch.equal(got_idx, idx)
+    assert torch.equal(x, data.train.x[idx]) and torch.equal(y, data.train.labels[idx])
+    assert x.dtype == torch.uint8 and x.shape == (3, 1, 8, 8)
+
+
+def test_preprocess_normalizes_without_augmentation_at_eval():
+    x = torch.randint(0, 256, (4, 3, 6, 6), dtype=torch.uint8)
+    mean, std = [0.1, 0.5, 0.9], [0.2, 0.3, 0.4]
+    pre = Preprocess(mean, std, crop_padding=2, flip=True, device=CPU, channels_last=False, seed=0)
+    expected = (x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    assert torch.allclose(pre(x, train=False), expected, atol=1e-5)
+
+
+def test_random_crop_is_a_window_of_the_padded_image():
+    p = 2
+    x = torch.randint(1, 256, (32, 2, 5, 7), dtype=torch.uint8)
+    pre = Preprocess([0, 0], [1 / 255, 1 / 255], crop_padding=p, flip=False, device=CPU, channels_last=False, seed=0)
+    out = pre(x, train=True).round().to(torch.uint8)  # mean 0, std 1/255: the raw pixel values
+    padded = torch.nn.functional.pad(x, (p, p, p, p))
+    offsets = set()
+    for i in range(len(x)):
+        matches = [(dy, dx) for dy in range(2 * p + 1) for dx in range(2 * p + 1)
+                   if torch.equal(out[i], padded[i, :, dy:dy + 5, dx:dx + 7])]
+        assert matches, f"example {i} is not a crop of its padded image"
+        offsets.add(matches[0])
+    assert len(offsets) > 5  # the offsets vary per example
+
+
+def test_flip_mirrors_about_half_the_examples():
+    x = torch.randint(0, 256, (400, 1, 4, 4), dtype=torch.uint8)
+    pre = Preprocess([0], [1 / 255], crop_padding=0, flip=True, device=CPU, channels_last=False, seed=0)
+    out = pre(x, train=True).round().to(torch.uint8)
+    same = (out == x).flatten(1).all(1)
+    mirrored = (out == x.flip(3)).flatten(1).all(1)
+    assert torch.all(same | mirrored)
+    assert 120 < mirrored.sum() < 280
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NHW"])
+def test_npz_directory(tmp_path, compose_cfg, layout):
+    rng = np.random.default_rng(0)
+    shape = (60, 6, 6, 3) if layout == "NHWC" else (60, 6, 6)
+    for part in ("train", "test"):
+        np.savez(tmp_path / f"{part}.npz", x=rng.integers(0, 256, shape, dtype=np.uint8), y=np.arange(60) % 3)
+    data = load_data(dataset_cfg(compose_cfg, "dataset=npz", f"dataset.root={tmp_path}"), CPU, False, 0)
+    channels = 3 if layout == "NHWC" else 1
+    assert data.input_shape == (channels, 6, 6) and data.num_classes == 3
+    assert len(data.train) + len(data.val) == 60 and len(data.test) == 60
+
+
+def test_npz_missing_names_dataset_root(tmp_path, compose_cfg):
+    with pytest.raises(KdclError, match="dataset.root"):
+        load_data(dataset_cfg(compose_cfg, "dataset=npz", f"dataset.root={tmp_path}"), CPU, False, 0)
+
+
+def test_torchvision_dataset_missing_offline(tmp_path, compose_cfg):
+    cfg = dataset_cfg(compose_cfg, "dataset=mnist", f"dataset.root={tmp_path}")
+    with pytest.raises(KdclError) as err:
+        load_data(cfg, CPU, False, 0)
+    assert "dataset.root" in str(err.value) and "dataset.download" in str(err.value)
+
+
+def test_loader_path_gives_the_same_batches_as_memory(compose_cfg):
+    """The DataLoader path (data read per sample) and the tensor path agree."""
+    base = ["dataset=fake", "dataset.train_samples=40", "dataset.test_samples=8"]
+    mem = load_data(dataset_cfg(compose_cfg, *base), CPU, False, 0)
+    disk = load_data(dataset_cfg(compose_cfg, *base, "dataset.in_memory=false"), CPU, False, 0)
+    assert np.array_equal(mem.train.origin, disk.train.origin)
+    assert mem.mean == pytest.approx(disk.mean)
+    batches = [torch.tensor([3, 1, 4]), torch.tensor([0, 2])]
+    for (i1, x1, y1), (i2, x2, y2) in zip(mem.train.batches(batches), disk.train.batches(batches)):
+        assert torch.equal(i1, i2) and torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+def test_imagefolder_reads_files_per_sample(tmp_path, compose_cfg):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for part, n in (("train", 12), ("test", 4)):
+        for cls in ("cat", "dog"):
+            (tmp_path / part / cls).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / part / cls / f"{i}.png")
+    cfg = dataset_cfg(compose_cfg, "dataset=imagefolder", f"dataset.root={tmp_path}", "dataset.image_size=16")
+    data = load_data(cfg, CPU, False, 0)
+    assert data.class_names == ["cat", "dog"] and data.input_shape == (3, 16, 16)
+    assert len(data.train) + len(data.val) == 24 and len(data.test) == 8
+    (_, x, y), = data.test.batches([torch.arange(8)])
+    assert x.shape == (8, 3, 16, 16) and x.dtype == torch.uint8 and y.tolist() == [0] * 4 + [1] * 4
+
+
+def test_imagefolder_missing_names_dataset_root(tmp_path, compose_cfg):
+    cfg = dataset_cfg(compose_cfg, "dataset=imagefolder", f"dataset.root={tmp_path}")
+    with pytest.raises(KdclError, match="dataset.root"):
+        load_data(cfg, CPU, False, 0)

@@ -1,0 +1,165 @@
+"""The staged run in-process on digits: the files it writes and the values in them."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import QUICK
+from kdcl.checkpoint import load_checkpoint, model_from_checkpoint
+from kdcl.errors import KdclError
+from kdcl.stages import run_pipeline
+
+STAGE_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "samples_per_s"]
+TIMING = ["seconds", "checkpoint"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    from conftest import compose_config
+
+    cfg = compose_config(QUICK)
+    out = tmp_path_factory.mktemp("run")
+    return cfg, out, run_pipeline(cfg, out)
+
+
+def test_stage_tables_and_checkpoints(quick_run):
+    cfg, out, _ = quick_run
+    epochs = cfg["trainer"]["epochs"]
+    for stage in ("teacher", "baseline", "distill"):
+        metrics = pd.read_csv(out / stage / "metrics.csv")
+        assert list(metrics.columns[: len(STAGE_COLUMNS)]) == STAGE_COLUMNS
+        assert metrics["epoch"].tolist() == list(range(1, epochs + 1))
+        assert (out / stage / "best.pt").is_file() and (out / stage / "last.pt").is_file()
+        best = load_checkpoint(out / stage / "best.pt")
+        assert best["val_acc"] == pytest.approx(metrics["val_acc"].max())
+        assert best["epoch"] == int(metrics.loc[metrics["val_acc"].idxmax(), "epoch"])
+        assert load_checkpoint(out / stage / "last.pt")["epoch"] == epochs
+    distill = pd.read_csv(out / "distill" / "metrics.csv")
+    assert (distill["alpha"] == cfg["distill"]["alpha"]).all()
+    assert (distill["temperature"] == cfg["distill"]["temperature"]).all()
+    assert {"train_ce", "train_kd"} <= set(distill.columns)
+    assert distill["data_fraction"].is_monotonic_increasing
+
+
+def test_equal_step_budget_and_lr_schedule(quick_run):
+    _, out, summary = quick_run
+    steps = summary.set_index("model")["steps"]
+    assert steps["baseline"] == steps["distill"] == steps["teacher"]
+    base = pd.read_csv(out / "baseline" / "metrics.csv")
+    dist = pd.read_csv(out / "distill" / "metrics.csv")
+    assert base["step"].tolist() == dist["step"].tolist()
+    assert base["lr"].tolist() == pytest.approx(dist["lr"].tolist())
+
+
+def test_curriculum_scores_and_pacing(quick_run):
+    cfg, out, summary = quick_run
+    scores = pd.read_csv(out / "curriculum" / "scores.csv")
+    n_train = len(scores)
+    assert list(scores.columns) == ["index", "label", "difficulty", "rank", "teacher_loss", "teacher_confidence"]
+    assert scores["difficulty"].tolist() == pytest.approx(scores["teacher_loss"].tolist())
+    assert (scores["teacher_confidence"] - (-scores["teacher_loss"]).map(math.exp)).abs().max() < 1e-5
+    by_rank = scores.sort_values("rank")
+    assert by_rank["difficulty"].is_monotonic_increasing  # easy → hard
+    assert sorted(scores["rank"]) == list(range(n_train))
+
+    plan = pd.read_csv(out / "curriculum" / "pacing.csv")
+    p = cfg["curriculum"]["pacing"]
+    total = int(summary.set_index("model").loc["distill", "steps"])
+    for _, row in plan.iterrows():
+        for col, step in (("data_fraction_start", row["first_step"]), ("data_fraction_end", row["last_step"])):
+            g = min(1.0, p["start"] + (1 - p["start"]) * step / (p["full_at"] * total))
+            assert row[col] == pytest.approx(math.ceil(n_train * g - 1e-9) / n_train)
+    distill = pd.read_csv(out / "distill" / "metrics.csv")
+    assert distill["data_fraction"].tolist() == pytest.approx(plan["data_fraction_end"].tolist())
+
+
+def test_summary_rows_and_derived_columns(quick_run):
+    cfg, out, summary = quick_run
+    on_disk = pd.read_csv(out / "summary.csv")
+    assert on_disk["model"].tolist() == ["teacher", "baseline", "distill"]
+    rows = on_disk.set_index("model")
+    assert rows.loc["distill", "kd_gain"] == pytest.approx(rows.loc["distill", "test_acc"] - rows.loc["baseline", "test_acc"])
+    assert (rows["seed"] == cfg["seed"]).all()
+    assert rows.loc["teacher", "params"] > rows.loc["distill", "params"] == rows.loc["baseline", "params"]
+    assert rows.loc["teacher", "test_acc"] > 0.6  # the digits teacher learns in two short epochs
+
+
+def test_teacher_agreement_recomputed_from_checkpoints(quick_run):
+    cfg, out, summary = quick_run
+    from kdcl.data import load_data
+    from kdcl.engine import Trainer, evaluate
+
+    data = load_data(cfg["dataset"], torch.device("cpu"), True, cfg["seed"])
+    trainer = Trainer(torch.device("cpu"), 1, 64, 512, amp=False)
+    preds = {
+        m: evaluate(model_from_checkpoint(load_checkpoint(out / m / "best.pt")), data.test, data, trainer)
+        for m in ("teacher", "distill")
+    }
+    rows = summary.set_index("model")
+    agree = (preds["teacher"].logits.argmax(1) == preds["distill"].logits.argmax(1)).float().mean().item()
+    assert rows.loc["distill", "teacher_agreement"] == pytest.approx(agree)
+    assert rows.loc["distill", "test_acc"] == pytest.approx(preds["distill"].acc)
+
+
+def test_checkpoint_is_self_describing_and_safe(quick_run):
+    cfg, out, _ = quick_run
+    ckpt = torch.load(out / "distill" / "best.pt", weights_only=True)
+    assert ckpt["model"] == {"name": cfg["student"]["name"], "kwargs": cfg["student"]["kwargs"]}
+    assert ckpt["num_classes"] == 10 and ckpt["input_shape"] == [1, 8, 8]
+    assert ckpt["class_names"] == [str(i) for i in range(10)]
+    assert set(ckpt["normalization"]) == {"mean", "std"}
+    assert ckpt["config"]["distill"] == cfg["distill"]
+    assert type(ckpt["config"]) is dict  # plain containers, not DictConfig
+
+
+def test_same_seed_same_summary(quick_run, tmp_path):
+    cfg, _, first = quick_run
+    second = run_pipeline(cfg, tmp_path)
+    pd.testing.assert_frame_equal(first.drop(columns=TIMING), second.drop(columns=TIMING))
+
+
+def test_no_curriculum_schedules_nothing(compose_cfg, tmp_path):
+    cfg = compose_cfg([*QUICK, "curriculum=none", "baseline=false"])
+    summary = run_pipeline(cfg, tmp_path)
+    assert summary["model"].tolist() == ["teacher", "distill"]
+    info = (tmp_path / "curriculum" / "curriculum.json").read_text()
+    assert '"scheduled": false' in info
+    assert not (tmp_path / "curriculum" / "scores.csv").exists()
+    assert (pd.read_csv(tmp_path / "curriculum" / "pacing.csv")["data_fraction_start"] == 1.0).all()
+    assert (pd.read_csv(tmp_path / "distill" / "metrics.csv")["data_fraction"] == 1.0).all()
+
+
+def test_teacher_checkpoint_skips_teacher_training(quick_run, compose_cfg, tmp_path):
+    _, out, first = quick_run
+    cfg = compose_cfg([*QUICK, f"teacher.checkpoint={out / 'teacher' / 'best.pt'}", "baseline=false"])
+    summary = run_pipeline(cfg, tmp_path).set_index("model")
+    assert not (tmp_path / "teacher" / "metrics.csv").exists()
+    assert summary.loc["teacher", "test_acc"] == pytest.approx(first.set_index("model").loc["teacher", "test_acc"])
+    assert summary.loc["teacher", "seconds"] == 0
+
+
+def test_teacher_checkpoint_of_other_dataset_is_refused(quick_run, compose_cfg, tmp_path):
+    _, out, _ = quick_run
+    cfg = compose_cfg(["trainer.epochs=1", "dataset=fake", f"teacher.checkpoint={out / 'teacher' / 'best.pt'}"])
+    with pytest.raises(KdclError, match="trained for 10 classes"):
+        run_pipeline(cfg, tmp_path)
+
+
+def test_loader_path_runs_the_pipeline(compose_cfg, tmp_path):
+    """Data read per sample through a DataLoader goes through every stage too."""
+    cfg = compose_cfg(["trainer.epochs=1", "dataset=fake", "dataset.in_memory=false", "dataset.train_samples=64",
+                       "dataset.test_samples=16", "teacher=cnn_small", "student=mlp_small"])
+    summary = run_pipeline(cfg, tmp_path)
+    assert summary["model"].tolist() == ["teacher", "baseline", "distill"]
+    scores = pd.read_csv(tmp_path / "curriculum" / "scores.csv")
+    assert sorted(scores["index"]) == sorted(set(scores["index"])) and len(scores) == 64 - round(64 * 0.1)
+
+
+def test_nan_loss_stops_with_a_clear_message(compose_cfg, tmp_path):
+    cfg = compose_cfg(["trainer.epochs=1", "dataset.max_train_samples=200", "optimizer.lr=1e30"])
+    with pytest.raises(KdclError, match="training loss became"):
+        run_pipeline(cfg, tmp_path)
