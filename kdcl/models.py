@@ -340,60 +340,24 @@ def _torchvision_mobilenet(
     return model
 
 
-@register_model("resnet18")
-def resnet18(
-    num_classes: int,
-    input_shape: InputShape,
-    pretrained: bool = False,
-    cifar_stem: CifarStem = "auto",
-) -> nn.Module:
-    """torchvision ResNet-18 (He et al. 2016)."""
-    return _torchvision_resnet("resnet18", num_classes, input_shape, pretrained, cifar_stem)
+def _register_torchvision(name: str, build: Any, doc: str) -> None:
+    def factory(
+        num_classes: int,
+        input_shape: InputShape,
+        pretrained: bool = False,
+        cifar_stem: CifarStem = "auto",
+    ) -> nn.Module:
+        return build(name, num_classes, input_shape, pretrained, cifar_stem)
+
+    factory.__doc__ = doc
+    register_model(name)(factory)
 
 
-@register_model("resnet34")
-def resnet34(
-    num_classes: int,
-    input_shape: InputShape,
-    pretrained: bool = False,
-    cifar_stem: CifarStem = "auto",
-) -> nn.Module:
-    """torchvision ResNet-34 (He et al. 2016)."""
-    return _torchvision_resnet("resnet34", num_classes, input_shape, pretrained, cifar_stem)
-
-
-@register_model("resnet50")
-def resnet50(
-    num_classes: int,
-    input_shape: InputShape,
-    pretrained: bool = False,
-    cifar_stem: CifarStem = "auto",
-) -> nn.Module:
-    """torchvision ResNet-50 with bottleneck blocks (He et al. 2016)."""
-    return _torchvision_resnet("resnet50", num_classes, input_shape, pretrained, cifar_stem)
-
-
-@register_model("mobilenet_v2")
-def mobilenet_v2(
-    num_classes: int,
-    input_shape: InputShape,
-    pretrained: bool = False,
-    cifar_stem: CifarStem = "auto",
-) -> nn.Module:
-    """torchvision MobileNetV2 (Sandler et al. 2018)."""
-    return _torchvision_mobilenet(
-        "mobilenet_v2", num_classes, input_shape, pretrained, cifar_stem
-    )
-
-
-@register_model("mobilenet_v3_small")
-def mobilenet_v3_small(
-    num_classes: int,
-    input_shape: InputShape,
-    pretrained: bool = False,
-    cifar_stem: CifarStem = "auto",
-) -> nn.Module:
-    """torchvision MobileNetV3-Small (Howard et al. 2019)."""
-    return _torchvision_mobilenet(
-        "mobilenet_v3_small", num_classes, input_shape, pretrained, cifar_stem
-    )
+for _name, _build, _doc in (
+    ("resnet18", _torchvision_resnet, "torchvision ResNet-18 (He et al. 2016)."),
+    ("resnet34", _torchvision_resnet, "torchvision ResNet-34 (He et al. 2016)."),
+    ("resnet50", _torchvision_resnet, "torchvision ResNet-50 with bottleneck blocks (He et al. 2016)."),
+    ("mobilenet_v2", _torchvision_mobilenet, "torchvision MobileNetV2 (Sandler et al. 2018)."),
+    ("mobilenet_v3_small", _torchvision_mobilenet, "torchvision MobileNetV3-Small (Howard et al. 2019)."),
+):
+    _register_torchvision(_name, _build, _doc)
