@@ -82,7 +82,7 @@ def run_pipeline(cfg: dict[str, Any], out: Path) -> pd.DataFrame:
     data = load_data(cfg["dataset"], device, t["channels_last"], cfg["seed"])
     log.info("data %s: %d train / %d val / %d test, %d classes, input %s, device %s",
              data.name, len(data.train), len(data.val), len(data.test), data.num_classes, data.input_shape, device)
-    run = Run(cfg, out, trainer, data, t["channels_last"] and len(data.input_shape) == 3)
+    run = Run(cfg, out, trainer, data, t["channels_last"])
     teacher_stage(run)
     curriculum_stage(run)
     if cfg["baseline"]:
