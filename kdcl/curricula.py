@@ -1,62 +1,217 @@
-"""Curricula: difficulty scorers, pacing functions and the step-wise data schedule.
+"""Curricula: difficulty scorers, orders, pacing functions and the step-wise data plans.
 
-A curriculum orders the training examples by difficulty (a *scorer*) and grows the
-pool the student draws batches from (a *pacing* function of the optimizer step).
-Everything is measured in optimizer steps: a run with a curriculum takes exactly as
-many steps, under the same LR schedule, as one without (Wu, Dyer & Neyshabur 2021).
+A curriculum scores the training examples (*scorer*), orders them (*order*) and decides,
+at every optimizer step, which examples the student draws its batch from and how much
+each one counts (a *plan*). Everything is measured in optimizer steps: a run with a
+curriculum takes exactly as many steps, under the same LR schedule, as one without
+(Wu, Dyer & Neyshabur 2021). Orders, scorers, pacing functions and plans are registries.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdcl.data import interleave_classes
+from kdcl.errors import KdclError
 from kdcl.registry import Registry
 
 SCORERS = Registry("curriculum scorer")
 register_scorer = SCORERS.register
+ORDERS = Registry("curriculum order")
+register_order = ORDERS.register
 PACINGS = Registry("pacing function")
 register_pacing = PACINGS.register
+PLANS = Registry("curriculum type")
+register_plan = PLANS.register
 
 Pacing = Callable[[int], float]  # optimizer step -> fraction of the data in use
 
 
 # --------------------------------------------------------------------------- scorers
-# A scorer maps the trained teacher's logits on the training split (no augmentation)
-# and the labels to one difficulty per example: higher is harder.
+class ScoreUnavailable(Exception):
+    """The inputs this scorer needs do not exist in this run."""
 
 
-def teacher_loss_and_confidence(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-example cross-entropy and probability of the true class."""
-    loss = F.cross_entropy(logits.float(), labels, reduction="none")
-    return loss, torch.exp(-loss)
+@dataclass
+class ScoreContext:
+    """What scorers may use. Each scorer returns one difficulty per training example
+    (higher is harder), from the trained teacher's logits on the training split
+    (no augmentation) unless it says otherwise."""
+
+    labels: Tensor  # (N,) int64
+    teacher_logits: Tensor  # (N, C) float32
+    seed: int
+    learned_epoch: Tensor | None = None  # logged while the teacher trained in this run
+    self_taught_logits: Callable[[], Tensor] | None = None  # a student-architecture model's logits
+
+    def teacher_probs(self) -> Tensor:
+        return torch.softmax(self.teacher_logits.float(), 1)
 
 
 @register_scorer("teacher_loss")
-def teacher_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Difficulty = the trained teacher's cross-entropy on the example ("transfer" scoring,
-    Hacohen & Weinshall 2019): ``d_i = −log softmax(z_t(x_i))_{y_i}``."""
-    return teacher_loss_and_confidence(logits, labels)[0]
+def teacher_loss(ctx: ScoreContext) -> Tensor:
+    """``d_i = −log softmax(z_t(x_i))_{y_i}``: the teacher's cross-entropy ("transfer"
+    scoring, Hacohen & Weinshall 2019)."""
+    return F.cross_entropy(ctx.teacher_logits.float(), ctx.labels, reduction="none")
+
+
+@register_scorer("teacher_confidence")
+def teacher_confidence(ctx: ScoreContext) -> Tensor:
+    """``d_i = 1 − p_t(y_i | x_i)``: one minus the teacher's probability of the true class."""
+    return 1 - ctx.teacher_probs().gather(1, ctx.labels[:, None]).squeeze(1)
+
+
+@register_scorer("teacher_margin")
+def teacher_margin(ctx: ScoreContext) -> Tensor:
+    """``d_i = −(p_t(y_i) − max_{j≠y_i} p_t(j))``: a negative margin means the teacher
+    prefers a wrong class."""
+    p = ctx.teacher_probs()
+    true = p.gather(1, ctx.labels[:, None]).squeeze(1)
+    other = p.scatter(1, ctx.labels[:, None], -1.0).max(1).values
+    return other - true
+
+
+@register_scorer("learned_epoch")
+def learned_epoch(ctx: ScoreContext) -> Tensor:
+    """``d_i`` = the first epoch after which the teacher's training-time prediction for
+    the example stays correct (E + 1 if it never does), logged during teacher training
+    from the training forward passes (Toneva et al. 2019's learning events)."""
+    if ctx.learned_epoch is None:
+        raise ScoreUnavailable("learned_epoch needs the teacher trained in this run (not teacher.checkpoint)")
+    return ctx.learned_epoch.float()
+
+
+@register_scorer("self_taught")
+def self_taught(ctx: ScoreContext) -> Tensor:
+    """``d_i`` = cross-entropy of a model of the *student's* architecture trained normally
+    (the baseline stage's model when there is one) — "self-taught" scoring (Hacohen & Weinshall 2019)."""
+    if ctx.self_taught_logits is None:
+        raise ScoreUnavailable("self_taught needs the baseline stage or curriculum.scorer=self_taught")
+    return F.cross_entropy(ctx.self_taught_logits().float(), ctx.labels, reduction="none")
+
+
+@register_scorer("random")
+def random_scores(ctx: ScoreContext) -> Tensor:
+    """``d_i ~ U(0, 1)``, seeded: a difficulty that carries no information."""
+    return torch.rand(len(ctx.labels), generator=torch.Generator().manual_seed(ctx.seed))
+
+
+def score_all(ctx: ScoreContext, chosen: str) -> dict[str, Tensor]:
+    """Every scorer's difficulties that this run can compute; ``chosen`` must be one of them."""
+    scores = {}
+    for name in SCORERS.names():
+        if name == "self_taught" and chosen != name and ctx.self_taught_logits is None:
+            continue
+        try:
+            scores[name] = SCORERS.get(name)(ctx)
+        except ScoreUnavailable as why:
+            if name == chosen:
+                raise KdclError(f"curriculum.scorer={name} is unavailable: {why}") from None
+    SCORERS.get(chosen)  # an unknown name is a clear error
+    return scores
+
+
+# --------------------------------------------------------------------------- orders
+def _tie_broken(keys: Tensor, generator: torch.Generator) -> Tensor:
+    """Indices sorting ``keys`` ascending, ties in random order (data files are often sorted by class)."""
+    perm = torch.randperm(len(keys), generator=generator)
+    return perm[torch.argsort(keys[perm], stable=True)]
+
+
+@register_order("easy_first")
+def easy_first(difficulty: Tensor, generator: torch.Generator) -> Tensor:
+    """Ascending difficulty: the curriculum."""
+    return _tie_broken(difficulty, generator)
+
+
+@register_order("hard_first")
+def hard_first(difficulty: Tensor, generator: torch.Generator) -> Tensor:
+    """Descending difficulty: the anti-curriculum."""
+    return _tie_broken(-difficulty, generator)
+
+
+@register_order("random")
+def random_order(difficulty: Tensor, generator: torch.Generator) -> Tensor:
+    """A random order under the same pacing: the control every curriculum must beat."""
+    return torch.randperm(len(difficulty), generator=generator)
+
+
+def make_order(difficulty: Tensor, labels: Tensor, order: str, class_balanced: bool, seed: int) -> Tensor:
+    """Examples in curriculum order; ``class_balanced`` interleaves the classes at every
+    difficulty level (each prefix keeps the class proportions)."""
+    ordered = ORDERS.get(order)(difficulty, torch.Generator().manual_seed(seed))
+    if class_balanced:
+        ordered = torch.from_numpy(interleave_classes(ordered.numpy(), labels.numpy()))
+    return ordered
 
 
 # --------------------------------------------------------------------------- pacing
+# Wu, Dyer & Neyshabur (ICLR 2021), "When Do Curricula Work?": N examples, T steps,
+# a = full_at (fraction of T at which all data is used), b = start (starting fraction).
+# Each returns g(t), the fraction of the data in use at step t; the pool is ceil(N·g(t)).
+
+
+def _wu(shape: Callable[[float], float], total_steps: int, start: float, full_at: float) -> Pacing:
+    """``g(t) = min(1, b + (1 − b)·shape(t / (a·T)))``."""
+    return lambda t: min(1.0, start + (1 - start) * shape(t / (full_at * total_steps)))
+
+
 @register_pacing("linear")
-def linear(total_steps: int, start: float, full_at: float) -> Pacing:
-    """Linear pacing, Wu, Dyer & Neyshabur (ICLR 2021), "When Do Curricula Work?".
+def linear(total_steps: int, start: float = 0.2, full_at: float = 0.8) -> Pacing:
+    """Linear pacing (Wu et al. 2021): ``g(t) = min(1, b + (1 − b)·t/(aT))``."""
+    return _wu(lambda x: x, total_steps, start, full_at)
 
-    ``g(t) = min(1, b + (1 − b)·t / (a·T))`` as a fraction of the N examples, where
-    ``b = start`` is the starting fraction, ``a = full_at`` the fraction of the T
-    total steps at which all data is in use.
-    """
 
-    def fraction(step: int) -> float:
-        return min(1.0, start + (1 - start) * step / (full_at * total_steps))
+@register_pacing("quad")
+def quad(total_steps: int, start: float = 0.2, full_at: float = 0.8) -> Pacing:
+    """Quadratic pacing (Wu et al. 2021): ``g(t) = min(1, b + (1 − b)·(t/(aT))²)``."""
+    return _wu(lambda x: x**2, total_steps, start, full_at)
 
-    return fraction
+
+@register_pacing("root")
+def root(total_steps: int, start: float = 0.2, full_at: float = 0.8) -> Pacing:
+    """Square-root pacing (Wu et al. 2021): ``g(t) = min(1, b + (1 − b)·(t/(aT))^½)``."""
+    return _wu(math.sqrt, total_steps, start, full_at)
+
+
+@register_pacing("step")
+def step(total_steps: int, start: float = 0.2, full_at: float = 0.8) -> Pacing:
+    """Step pacing (Wu et al. 2021): ``g(t) = min(1, b + ⌊t/(aT)⌋)`` — fraction b until aT, then all."""
+    return lambda t: min(1.0, start + math.floor(t / (full_at * total_steps)))
+
+
+@register_pacing("exp")
+def exp(total_steps: int, start: float = 0.2, full_at: float = 0.8, c: float = 10.0) -> Pacing:
+    """Exponential pacing (Wu et al. 2021): ``g(t) = min(1, b + (1 − b)·(e^{c·t/(aT)} − 1)/(e^c − 1))``, c = 10."""
+    return _wu(lambda x: (math.exp(c * x) - 1) / (math.exp(c) - 1), total_steps, start, full_at)
+
+
+@register_pacing("log")
+def log(total_steps: int, start: float = 0.2, full_at: float = 0.8, c: float = 10.0) -> Pacing:
+    """Logarithmic pacing (Wu et al. 2021): ``g(t) = min(1, b + (1 − b)·(1 + ln(t/(aT) + e^{−c})/c))``, c = 10."""
+    return _wu(lambda x: 1 + math.log(x + math.exp(-c)) / c, total_steps, start, full_at)
+
+
+@register_pacing("fixed_exp")
+def fixed_exp(total_steps: int, start: float = 0.04, inc: float = 1.9, phase: float = 0.05) -> Pacing:
+    """Fixed exponential pacing, Hacohen & Weinshall (ICML 2019): ``g(t) = min(1, s·inc^⌊t/L⌋)``,
+    s = start, L = phase·T steps per phase."""
+    length = max(1, round(phase * total_steps))
+    return lambda t: min(1.0, start * inc ** math.floor(t / length))
+
+
+@register_pacing("baby_steps")
+def baby_steps(total_steps: int, buckets: int = 5, full_at: float = 0.8) -> Pacing:
+    """Baby steps (Spitkovsky et al. 2010; Cirik et al. 2016): k difficulty buckets added one at a
+    time, all in use at aT: ``g(t) = min(1, (⌊t·k/(aT)⌋ + 1)/k)``."""
+    return lambda t: min(1.0, (math.floor(t * buckets / (full_at * total_steps)) + 1) / buckets)
 
 
 def full_data(step: int) -> float:
@@ -64,37 +219,212 @@ def full_data(step: int) -> float:
     return 1.0
 
 
-# --------------------------------------------------------------------------- schedule
+# --------------------------------------------------------------------------- plans
 class DataSchedule:
-    """Which examples each optimizer step draws its batch from.
+    """Which examples each optimizer step draws its batch from, and how much each counts.
 
-    ``order`` lists the training examples easiest first. At step t the pool is the
-    first ``n(t) = ceil(N·pacing(t))`` of them. Batches are drawn without replacement
-    from a shuffled pool; the pool is reshuffled when it grows or is used up. With the
-    full-data pacing and ``steps_per_epoch = ceil(N / batch_size)`` this is exactly
-    one random permutation per epoch.
+    ``order`` lists the training examples easiest first. At step t the pool is the first
+    ``pool_size(t)`` of them. Batches are drawn without replacement from a shuffled pool;
+    the pool is reshuffled when it changes size or is used up. With the full pool and
+    ``steps_per_epoch = ceil(N / batch_size)`` this is exactly one random permutation
+    per epoch. Subclasses change the pool size, weight examples, or react to validation.
     """
 
-    def __init__(self, order: Tensor, pacing: Pacing, batch_size: int, seed: int):
+    def __init__(self, order: Tensor, batch_size: int, seed: int):
         self.order = order
-        self.pacing = pacing
         self.batch_size = batch_size
         self.generator = torch.Generator().manual_seed(seed)
         self._pool: Tensor = order[:0]
         self._pos = 0
+        self.last_fraction = math.nan  # the pool's share of the data at the last step drawn
+
+    def pool_fraction(self, step: int) -> float:
+        return 1.0
 
     def pool_size(self, step: int) -> int:
         n = len(self.order)
-        return max(1, min(n, math.ceil(n * self.pacing(step) - 1e-9)))
+        return max(1, min(n, math.ceil(n * self.pool_fraction(step) - 1e-9)))
 
     def fraction(self, step: int) -> float:
         return self.pool_size(step) / len(self.order)
 
     def batches(self, steps: range) -> Iterator[Tensor]:
-        for step in steps:
-            n = self.pool_size(step)
+        for t in steps:
+            n = self.pool_size(t)
             if n != len(self._pool) or self._pos >= n:
                 self._pool = self.order[:n][torch.randperm(n, generator=self.generator)]
                 self._pos = 0
             yield self._pool[self._pos : self._pos + self.batch_size]
             self._pos += self.batch_size
+        self.last_fraction = len(self._pool) / len(self.order)
+
+    def sample_weights(self, idx: Tensor, losses: Tensor, step: int) -> Tensor | None:
+        """Per-example weights of this batch's losses (None: all 1)."""
+        return None
+
+    def epoch_end(self, epoch: int, val_logits: Tensor, val_labels: Tensor) -> dict[str, Any]:
+        """Adapt to the epoch's validation result; return columns for the metrics row."""
+        return {"data_fraction": self.last_fraction}
+
+
+@dataclass
+class PlanInputs:
+    """What the curriculum stage knows when it builds a plan for a training stage."""
+
+    spec: dict[str, Any]
+    order: Tensor  # examples easiest first
+    rank: Tensor  # (N,) difficulty rank in [0, 1], 0 easiest
+    labels: Tensor
+    class_difficulty: Tensor  # (C,) mean difficulty of each class
+    total_steps: int
+    steps_per_epoch: int
+    batch_size: int
+    seed: int
+
+
+@register_plan("none")
+def no_curriculum(p: PlanInputs) -> DataSchedule:
+    """All data at every step."""
+    return DataSchedule(torch.arange(len(p.labels)), p.batch_size, p.seed)
+
+
+class PacedSchedule(DataSchedule):
+    """Pool = the easiest ``ceil(N·g(τ))`` examples, g a pacing function of the curriculum clock τ.
+
+    τ is the optimizer step, except with ``adaptive_delta`` (performance-adaptive pacing):
+    after each epoch the clock runs on through the next epoch only if validation accuracy
+    improved by at least δ since the last advance, and stands still otherwise. The step
+    budget never changes. With ``weight_start`` s0 each example's loss is weighted
+    ``w_i(t) = 1 − (1 − s(t))·r_i``, r_i its difficulty rank in [0, 1] and s(t) rising
+    linearly from s0 to 1 over the run (a difficulty-scaled loss).
+    """
+
+    def __init__(self, p: PlanInputs):
+        super().__init__(p.order, p.batch_size, p.seed)
+        pacing = dict(p.spec["pacing"])
+        self.pacing = PACINGS.create(pacing.pop("name"), p.total_steps, **pacing)
+        self.delta = p.spec.get("adaptive_delta")
+        self.weight_start = p.spec.get("weight_start")
+        self.rank, self.total_steps, self.steps_per_epoch = p.rank, p.total_steps, p.steps_per_epoch
+        self._clock, self._running, self._epoch_start, self._best = 0, True, 0, -math.inf
+
+    def pool_fraction(self, step: int) -> float:
+        return self.pacing(self._clock + (step - self._epoch_start if self._running else 0))
+
+    def sample_weights(self, idx: Tensor, losses: Tensor, step: int) -> Tensor | None:
+        if self.weight_start is None:
+            return None
+        s = self.weight_start + (1 - self.weight_start) * step / self.total_steps
+        return 1 - (1 - s) * self.rank.to(idx.device)[idx]
+
+    def epoch_end(self, epoch: int, val_logits: Tensor, val_labels: Tensor) -> dict[str, Any]:
+        columns = super().epoch_end(epoch, val_logits, val_labels)
+        self._clock += self.steps_per_epoch if self._running else 0
+        self._epoch_start = epoch * self.steps_per_epoch
+        if self.delta is not None:
+            acc = (val_logits.argmax(1) == val_labels).float().mean().item()
+            self._running = acc >= self._best + self.delta
+            self._best = acc if self._running else self._best
+            columns["pacing_advancing"] = int(self._running)
+        return columns
+
+
+register_plan("paced")(PacedSchedule)
+
+
+class SelfPacedSchedule(DataSchedule):
+    """Self-paced learning: all data is drawn, but only examples whose current loss is
+    below λ count. Hard weights (Kumar, Packer & Koller 2010): ``v_i = 1[ℓ_i < λ]``; soft
+    linear weights (Jiang et al. 2014): ``v_i = max(0, 1 − ℓ_i/λ)``. λ starts at
+    ``lambda_start`` and is multiplied by ``mu`` after every epoch.
+    """
+
+    def __init__(self, p: PlanInputs):
+        super().__init__(torch.arange(len(p.labels)), p.batch_size, p.seed)
+        self.lam, self.mu, self.soft = float(p.spec["lambda_start"]), float(p.spec["mu"]), p.spec["weights"] == "soft"
+        self._active, self._seen = 0.0, 0
+
+    def sample_weights(self, idx: Tensor, losses: Tensor, step: int) -> Tensor:
+        v = torch.clamp(1 - losses / self.lam, min=0) if self.soft else (losses < self.lam).float()
+        self._active += (v > 0).sum().item()
+        self._seen += len(v)
+        return v
+
+    def epoch_end(self, epoch: int, val_logits: Tensor, val_labels: Tensor) -> dict[str, Any]:
+        columns = {**super().epoch_end(epoch, val_logits, val_labels), "spl_lambda": self.lam,
+                   "spl_active": self._active / max(self._seen, 1)}
+        self.lam *= self.mu
+        self._active, self._seen = 0.0, 0
+        return columns
+
+
+register_plan("self_paced")(SelfPacedSchedule)
+
+
+class ClassSchedule(DataSchedule):
+    """Class curriculum — a task that grows from ``start_classes`` classes to all of them.
+
+    Classes enter easiest first (lowest mean difficulty). One more class (``add_classes``)
+    enters every ``every_epochs`` epochs, or — performance-driven task selection,
+    T(t+1) = f(T(t), P(t)) — as soon as validation accuracy on the classes seen so far
+    reaches ``threshold``. Either rule may be null; with both, whichever comes first.
+    """
+
+    def __init__(self, p: PlanInputs):
+        self.class_order = torch.argsort(p.class_difficulty, stable=True)
+        position = torch.empty_like(self.class_order)
+        position[self.class_order] = torch.arange(len(self.class_order))
+        by_class = torch.argsort(position[p.labels], stable=True)
+        super().__init__(by_class[_shuffle_within_groups(position[p.labels][by_class], p.seed)], p.batch_size, p.seed)
+        self.counts = torch.bincount(p.labels, minlength=len(self.class_order))[self.class_order].cumsum(0)
+        s = p.spec
+        self.seen = min(s["start_classes"], len(self.class_order))
+        self.add, self.every, self.threshold = s["add_classes"], s["every_epochs"], s["threshold"]
+        self._since = 0
+
+    def pool_fraction(self, step: int) -> float:
+        return self.counts[self.seen - 1].item() / len(self.order)
+
+    def epoch_end(self, epoch: int, val_logits: Tensor, val_labels: Tensor) -> dict[str, Any]:
+        seen = self.class_order[: self.seen]
+        mask = torch.isin(val_labels, seen)
+        acc_seen = (val_logits[mask].argmax(1) == val_labels[mask]).float().mean().item()
+        columns = {**super().epoch_end(epoch, val_logits, val_labels), "seen_classes": self.seen, "val_acc_seen": acc_seen}
+        self._since += 1
+        due = self.every is not None and self._since >= self.every
+        passed = self.threshold is not None and acc_seen >= self.threshold
+        if (due or passed) and self.seen < len(self.class_order):
+            self.seen, self._since = min(self.seen + self.add, len(self.class_order)), 0
+        return columns
+
+
+register_plan("classes")(ClassSchedule)
+
+
+def _shuffle_within_groups(groups: Tensor, seed: int) -> Tensor:
+    """A permutation of positions that shuffles within runs of equal (sorted) group ids."""
+    keys = groups.double() + torch.rand(len(groups), generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 0.5
+    return torch.argsort(keys)
+
+
+class LearnedEpochs:
+    """Per training example, the last epoch in which the model's training-time prediction
+    was wrong, recorded from the training forward passes at no extra cost."""
+
+    def __init__(self, n: int, device: torch.device):
+        self.last_wrong = torch.zeros(n, dtype=torch.long, device=device)
+
+    def update(self, idx: Tensor, logits: Tensor, target: Tensor, epoch: int) -> None:
+        wrong = logits.argmax(1) != target
+        self.last_wrong[idx[wrong]] = epoch
+
+    def learned_epoch(self) -> Tensor:
+        """The first epoch after which the prediction stayed correct (E + 1: never)."""
+        return self.last_wrong.cpu() + 1
+
+
+def difficulty_rank(order: Tensor) -> Tensor:
+    """Each example's position in ``order`` scaled to [0, 1] (0 = first)."""
+    rank = torch.empty(len(order), dtype=torch.float32)
+    rank[order] = torch.arange(len(order), dtype=torch.float32) / max(len(order) - 1, 1)
+    return rank

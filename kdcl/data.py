@@ -47,20 +47,24 @@ class RawSplit:
         return len(self.y)
 
 
-def stratified_order(labels: np.ndarray, seed: int) -> np.ndarray:
-    """A permutation in which every prefix holds the classes in their overall proportions.
+def interleave_classes(order: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Reorder ``order`` so that every prefix holds the classes in their overall proportions,
+    keeping each class's own examples in the order they had.
 
-    Shuffle, then sort by each example's relative position within its class, so the
-    first ``n`` indices are a class-stratified random subset of size ``n``.
+    Each example is keyed by its relative position within its class, ``(k + 0.5) / n_c``
+    for the k-th of n_c, and the examples are stably sorted by that key.
     """
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(len(labels))
-    shuffled = labels[perm]
-    position = np.empty(len(labels))
+    ordered = labels[order]
+    position = np.empty(len(order))
     for c in np.unique(labels):
-        members = np.flatnonzero(shuffled == c)
+        members = np.flatnonzero(ordered == c)
         position[members] = (np.arange(len(members)) + 0.5) / len(members)
-    return perm[np.argsort(position, kind="stable")]
+    return order[np.argsort(position, kind="stable")]
+
+
+def stratified_order(labels: np.ndarray, seed: int) -> np.ndarray:
+    """A random permutation whose every prefix is a class-stratified subset."""
+    return interleave_classes(np.random.default_rng(seed).permutation(len(labels)), labels)
 
 
 def stratified_subset(labels: np.ndarray, n: int | None, seed: int) -> np.ndarray:

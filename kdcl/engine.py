@@ -13,15 +13,16 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from kdcl.checkpoint import save_checkpoint
 from kdcl.console import progress_bar
-from kdcl.curricula import DataSchedule
+from kdcl.curricula import DataSchedule, LearnedEpochs
 from kdcl.data import DataBundle, Source
+from kdcl.dynamic import DistillControl
 from kdcl.errors import KdclError
 from kdcl.losses import DistillLoss
 from kdcl.report import MetricsTable
@@ -90,11 +91,10 @@ class _Meter:
         self.count = 0
 
     def add(self, terms: dict[str, Tensor], logits: Tensor, y: Tensor) -> None:
-        n = len(y)
-        values = {**{k: v.detach() * n for k, v in terms.items()}, "correct": (logits.argmax(1) == y).sum()}
+        values = {**{k: v.detach().sum() for k, v in terms.items()}, "correct": (logits.argmax(1) == y).sum()}
         for k, v in values.items():
             self.sums[k] = self.sums.get(k, 0) + v
-        self.count += n
+        self.count += len(y)
 
     def means(self) -> dict[str, float]:
         return {k: float(v) / self.count for k, v in self.sums.items()}
@@ -104,17 +104,22 @@ def fit(
     name: str,
     model: nn.Module,
     data: DataBundle,
-    schedule: DataSchedule,
+    plan: DataSchedule,
     loss_fn: DistillLoss,
+    control: DistillControl,
     optimizer: torch.optim.Optimizer,
     lr_schedule: torch.optim.lr_scheduler.LRScheduler,
     trainer: Trainer,
     out_dir: Path,
     meta: dict[str, Any],
     teacher: nn.Module | None = None,
-    epoch_columns: Callable[[int], dict[str, Any]] = lambda step: {},
+    dynamics: LearnedEpochs | None = None,
 ) -> FitResult:
-    """Train ``model`` for ``trainer.epochs`` epochs of ``ceil(N / batch_size)`` steps."""
+    """Train ``model`` for ``trainer.epochs`` epochs of ``ceil(N / batch_size)`` steps.
+
+    Per step: the plan picks the batch, the control sets α and T, the loss gives
+    per-example terms, the plan may weight them, and their mean is back-propagated.
+    """
     steps_per_epoch = math.ceil(len(data.train) / trainer.batch_size)
     table = MetricsTable(out_dir / "metrics.csv")
     best_path, last_path = out_dir / "best.pt", out_dir / "last.pt"
@@ -123,22 +128,26 @@ def fit(
     for epoch in range(1, trainer.epochs + 1):
         model.train()
         meter, tic = _Meter(), time.perf_counter()
-        steps = range(step, step + steps_per_epoch)
         with progress_bar(f"{name} {epoch}/{trainer.epochs}", steps_per_epoch) as advance:
-            for _, x, y in data.train.batches(schedule.batches(steps)):
+            for idx, x, y in data.train.batches(plan.batches(range(step, step + steps_per_epoch))):
                 x = data.preprocess(x, train=True)
                 with trainer.autocast():
                     logits = model(x)
                     with torch.no_grad():
                         teacher_logits = teacher(x) if use_teacher else None
-                terms = loss_fn(logits, teacher_logits, y)
+                alpha, temperature = control.knobs(step, idx, y, teacher_logits)
+                terms = loss_fn(logits, teacher_logits, y, alpha, temperature)
+                weights = plan.sample_weights(idx, terms["loss"].detach(), step)
+                loss = terms["loss"].mean() if weights is None else (terms["loss"] * weights).mean()
                 optimizer.zero_grad(set_to_none=True)
-                terms["loss"].backward()
+                loss.backward()
                 optimizer.step()
                 lr_schedule.step()
                 meter.add(terms, logits, y)
+                if dynamics is not None:
+                    dynamics.update(idx, logits, y, epoch)
+                step += 1
                 advance()
-        step += steps_per_epoch
         train = meter.means()
         if not math.isfinite(train["loss"]):
             raise KdclError(
@@ -152,7 +161,9 @@ def fit(
             "train_loss": train.pop("loss"), "train_acc": train.pop("correct"),
             "val_loss": val.loss, "val_acc": val.acc,
             "seconds": round(seconds, 3), "samples_per_s": round(meter.count / seconds, 1),
-            **epoch_columns(step - 1), **{f"train_{k}": v for k, v in train.items()},
+            **(control.columns() if use_teacher else {}),
+            **plan.epoch_end(epoch, val.logits, val.labels),
+            **{f"train_{k}": v for k, v in train.items()},
         }
         table.append(row)
         state = {**meta, "epoch": epoch, "step": step, "val_acc": val.acc}

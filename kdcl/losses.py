@@ -1,9 +1,14 @@
 """Distillation losses, one registry entry each.
 
-A loss is built from the ``distill`` config group (``LOSSES.create(name, **params)``)
-and called as ``loss(student_logits, teacher_logits, target)``. It returns a dict of
-scalar tensors: ``"loss"`` (what is back-propagated) and one entry per term, which the
-engine logs as columns of ``distill/metrics.csv``.
+A loss is built from the ``distill`` config group (:func:`create_loss`) and called as
+``loss(student_logits, teacher_logits, target, alpha, temperature)``. It returns a dict
+of **per-example** tensors of shape (B,): ``"loss"`` (what the engine averages, after
+any per-example curriculum weights, and back-propagates) and one entry per term, which
+the engine logs as ``train_<term>`` columns of ``metrics.csv``.
+
+``alpha`` and ``temperature`` come from the engine each step (they may follow a
+schedule, ``alpha`` may differ per example, and the temperature may be a learnable
+tensor, as in CTKD); the loss's own ``alpha`` / ``temperature`` are the configured values.
 
 Convention, the same for every loss here: ``alpha`` weighs the *distillation* (soft)
 terms and ``1 - alpha`` the hard-label cross-entropy, as in Hinton et al. (2015),
@@ -13,7 +18,8 @@ its alpha weighs the hard term.)
 
 from __future__ import annotations
 
-import torch
+from typing import Any
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -22,9 +28,11 @@ from kdcl.registry import Registry
 LOSSES = Registry("distillation loss")
 register_loss = LOSSES.register
 
+Weight = Tensor | float  # a scalar, or one value per example
 
-def kl_teacher_student(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """``T² · KL(softmax(z_t/T) ‖ softmax(z_s/T))``, averaged over the batch.
+
+def kl_teacher_student(student_logits: Tensor, teacher_logits: Tensor, temperature: Weight) -> Tensor:
+    """Per example, ``T² · KL(softmax(z_t/T) ‖ softmax(z_s/T))``.
 
     KL(p‖q) = Σ_i p_i log(p_i / q_i) with p from the teacher. ``kl_div`` takes the
     student's *log*-probabilities first and the teacher's probabilities second.
@@ -33,7 +41,12 @@ def kl_teacher_student(student_logits: Tensor, teacher_logits: Tensor, temperatu
     t = temperature
     log_q = F.log_softmax(student_logits.float() / t, dim=1)
     p = F.softmax(teacher_logits.float() / t, dim=1)
-    return F.kl_div(log_q, p, reduction="batchmean") * (t * t)
+    return F.kl_div(log_q, p, reduction="none").sum(1) * (t * t)
+
+
+def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """Per-example cross-entropy with the hard labels."""
+    return F.cross_entropy(logits.float(), target, reduction="none")
 
 
 class DistillLoss(nn.Module):
@@ -53,8 +66,9 @@ class CrossEntropyOnly(DistillLoss):
 
     needs_teacher = False
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor | None, target: Tensor) -> dict[str, Tensor]:
-        ce = F.cross_entropy(student_logits.float(), target)
+    def forward(self, student_logits: Tensor, teacher_logits: Any, target: Tensor, alpha: Weight = 0.0,
+                temperature: Weight = 1.0) -> dict[str, Tensor]:
+        ce = cross_entropy(student_logits, target)
         return {"loss": ce, "ce": ce}
 
 
@@ -67,10 +81,11 @@ class HintonKD(DistillLoss):
     ``alpha`` (α) weighs the soft KD term; ``temperature`` is T.
     """
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor) -> dict[str, Tensor]:
-        ce = F.cross_entropy(student_logits.float(), target)
-        kd = kl_teacher_student(student_logits, teacher_logits, self.temperature)
-        return {"loss": (1 - self.alpha) * ce + self.alpha * kd, "ce": ce, "kd": kd}
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, alpha: Weight,
+                temperature: Weight) -> dict[str, Tensor]:
+        ce = cross_entropy(student_logits, target)
+        kd = kl_teacher_student(student_logits, teacher_logits, temperature)
+        return {"loss": (1 - alpha) * ce + alpha * kd, "ce": ce, "kd": kd}
 
 
 @register_loss("mse")
@@ -79,7 +94,7 @@ class LogitMSE(DistillLoss):
 
     ``L = (1 − α)·CE(y, softmax(z_s)) + α·[MSE(z_s, z_t) + λ·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T))]``
 
-    MSE is the mean over batch and classes. ``kl_weight`` (λ, default 0) adds the KL term;
+    MSE is the mean over classes. ``kl_weight`` (λ, default 0) adds the KL term;
     with α = 1 this is the users' ``MSE(z_s, z_t) + λ·KL`` form.
     """
 
@@ -87,18 +102,24 @@ class LogitMSE(DistillLoss):
         super().__init__(alpha, temperature)
         self.kl_weight = float(kl_weight)
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor) -> dict[str, Tensor]:
-        ce = F.cross_entropy(student_logits.float(), target)
-        mse = F.mse_loss(student_logits.float(), teacher_logits.float())
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, alpha: Weight,
+                temperature: Weight) -> dict[str, Tensor]:
+        ce = cross_entropy(student_logits, target)
+        mse = (student_logits.float() - teacher_logits.float()).pow(2).mean(1)
         terms = {"ce": ce, "mse": mse}
         soft = mse
         if self.kl_weight:
-            terms["kd"] = kl_teacher_student(student_logits, teacher_logits, self.temperature)
+            terms["kd"] = kl_teacher_student(student_logits, teacher_logits, temperature)
             soft = soft + self.kl_weight * terms["kd"]
-        return {"loss": (1 - self.alpha) * ce + self.alpha * soft, **terms}
+        return {"loss": (1 - alpha) * ce + alpha * soft, **terms}
+
+
+# Keys of the distill group that configure the engine's dynamic control, not the loss.
+CONTROL_KEYS = ("name", "alpha_start", "alpha_schedule", "temperature_start", "temperature_schedule",
+                "learnable_temperature", "sample_weight")
 
 
 def create_loss(cfg: dict) -> DistillLoss:
-    """Build the loss named ``cfg["name"]`` with the remaining keys as parameters."""
-    params = {k: v for k, v in cfg.items() if k != "name"}
+    """Build the loss named ``cfg["name"]`` with its own parameters."""
+    params = {k: v for k, v in cfg.items() if k not in CONTROL_KEYS}
     return LOSSES.create(cfg["name"], **params)

@@ -37,6 +37,12 @@ def cosine(total_steps: int, warmup_steps: int = 0, min_factor: float = 0.0) -> 
     return _with_warmup(lambda t: min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * t / total_steps)), warmup_steps)
 
 
+@SCHEDULES.register("linear")
+def linear(total_steps: int, warmup_steps: int = 0) -> LrFactor:
+    """Linear decay to zero: ``1 − t/T``."""
+    return _with_warmup(lambda t: 1 - t / total_steps, warmup_steps)
+
+
 @SCHEDULES.register("step")
 def step(total_steps: int, milestones: tuple[float, ...] = (0.5, 0.75), gamma: float = 0.1, warmup_steps: int = 0) -> LrFactor:
     """Multiply by ``gamma`` at each milestone, given as fractions of the total steps."""
@@ -50,9 +56,10 @@ def constant(total_steps: int, warmup_steps: int = 0) -> LrFactor:
     return _with_warmup(lambda t: 1.0, warmup_steps)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
-    params = {k: v for k, v in cfg.items() if k != "name"}
-    return OPTIMIZERS.create(cfg["name"], model.parameters(), **params)
+def build_optimizer(params: Iterable, cfg: dict[str, Any]) -> torch.optim.Optimizer:
+    """The configured optimizer over ``params`` (tensors or param-group dicts)."""
+    options = {k: v for k, v in cfg.items() if k != "name"}
+    return OPTIMIZERS.create(cfg["name"], params, **options)
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, cfg: dict[str, Any], total_steps: int, steps_per_epoch: int):

@@ -1,8 +1,9 @@
-"""The staged run: teacher → curriculum → baseline → distill, then the summary.
+"""The staged run: teacher → baseline → curriculum → distill (and arms), then the summary.
 
 Each stage writes into its own folder of the run directory; the summary compares the
-teacher, the student trained with cross-entropy alone (the baseline, same budget) and
-the student trained with distillation and the curriculum.
+teacher, the student trained with cross-entropy alone on full data (the baseline, same
+budget) and the students trained with distillation and a curriculum (``distill`` plus
+any ``arms``).
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from typing import Any
 
 import pandas as pd
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from kdcl.checkpoint import load_checkpoint, model_from_checkpoint
 from kdcl.config import resolve_device
-from kdcl.curricula import PACINGS, SCORERS, DataSchedule, Pacing, full_data, teacher_loss_and_confidence
+from kdcl.curricula import PLANS, DataSchedule, LearnedEpochs, PlanInputs, ScoreContext, difficulty_rank, make_order, score_all
 from kdcl.data import DataBundle, load_data
+from kdcl.dynamic import DistillControl
 from kdcl.engine import Trainer, evaluate, fit
 from kdcl.errors import KdclError
 from kdcl.losses import create_loss
@@ -33,8 +36,11 @@ log = logging.getLogger(__name__)
 
 SUMMARY_COLUMNS = [
     "model", "arch", "test_acc", "test_loss", "test_acc_last", "best_val_acc", "best_epoch", "last_epoch",
-    "steps", "params", "size_mb", "seconds", "kd_gain", "teacher_agreement", "seed", "checkpoint",
+    "steps", "params", "size_mb", "seconds", "kd_gain", "teacher_agreement", "distill", "curriculum", "seed",
+    "checkpoint",
 ]
+CE_ONLY = {"name": "none"}
+NO_CURRICULUM = {"type": "none"}
 
 
 @dataclass
@@ -47,10 +53,10 @@ class Run:
     data: DataBundle
     channels_last: bool
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)
-    teacher: nn.Module | None = None
     test_logits: dict[str, Tensor] = field(default_factory=dict)  # per model, for teacher agreement
-    order: Tensor | None = None  # training examples, easiest first
-    pacing: Pacing = full_data
+    teacher: nn.Module | None = None
+    learned_epoch: Tensor | None = None
+    scores: dict[str, Tensor] = field(default_factory=dict)  # per scorer, one difficulty per example
 
     @property
     def steps_per_epoch(self) -> int:
@@ -84,10 +90,13 @@ def run_pipeline(cfg: dict[str, Any], out: Path) -> pd.DataFrame:
              data.name, len(data.train), len(data.val), len(data.test), data.num_classes, data.input_shape, device)
     run = Run(cfg, out, trainer, data, t["channels_last"])
     teacher_stage(run)
-    curriculum_stage(run)
     if cfg["baseline"]:
-        student_stage(run, "baseline", {"name": "none"}, full_data, None)
-    student_stage(run, "distill", cfg["distill"], run.pacing, run.order)
+        student_stage(run, "baseline", CE_ONLY, NO_CURRICULUM)
+    curriculum_stage(run)
+    student_stage(run, "distill", cfg["distill"], cfg["curriculum"])
+    for name, arm in (cfg.get("arms") or {}).items():
+        merged = OmegaConf.to_container(OmegaConf.merge({k: cfg[k] for k in ("distill", "curriculum")}, arm))
+        student_stage(run, name, merged["distill"], merged["curriculum"])
     return summarize(run)
 
 
@@ -106,53 +115,84 @@ def teacher_stage(run: Run) -> None:
                "checkpoint": str(Path(spec["checkpoint"]).resolve())}
         run.rows["teacher"] = {**row, **test_columns(run, "teacher", model)}
     else:
-        model = train(run, "teacher", spec, {"name": "none"}, full_data, None, seed=run.cfg["seed"])
+        dynamics = LearnedEpochs(len(run.data.train), run.trainer.device)
+        model = train(run, "teacher", spec, CE_ONLY, NO_CURRICULUM, seed=run.cfg["seed"], dynamics=dynamics)
+        run.learned_epoch = dynamics.learned_epoch()
+        write_csv(pd.DataFrame({"index": run.data.train.origin, "learned_epoch": run.learned_epoch.numpy()}),
+                  run.out / "teacher" / "dynamics.csv")
     run.teacher = model.eval().requires_grad_(False)
 
 
 def curriculum_stage(run: Run) -> None:
-    """Score the training data with the teacher, order it easy → hard and plan the pacing."""
+    """Score the training data with every available scorer and record the pacing plan."""
     spec = run.cfg["curriculum"]
     out = run.stage_dir("curriculum")
-    scheduled = spec["scorer"] is not None
-    if scheduled:
-        train = evaluate(run.teacher, run.data.train, run.data, run.trainer)
-        loss, confidence = teacher_loss_and_confidence(train.logits, train.labels)
-        difficulty = SCORERS.create(spec["scorer"], train.logits, train.labels)
-        run.order = torch.argsort(difficulty, stable=True)
-        rank = torch.empty_like(run.order)
-        rank[run.order] = torch.arange(len(rank))
-        scores = pd.DataFrame({
-            "index": run.data.train.origin, "label": train.labels.numpy(), "difficulty": difficulty.numpy(),
-            "rank": rank.numpy(), "teacher_loss": loss.numpy(), "teacher_confidence": confidence.numpy(),
-        })
-        write_csv(scores, out / "scores.csv")
-        pacing = dict(spec["pacing"])
-        run.pacing = PACINGS.create(pacing.pop("name"), run.total_steps, **pacing)
-    schedule = DataSchedule(torch.arange(len(run.data.train)), run.pacing, run.trainer.batch_size, 0)
-    spe = run.steps_per_epoch
-    plan = pd.DataFrame([
-        {"epoch": e + 1, "first_step": e * spe, "last_step": (e + 1) * spe - 1,
-         "data_fraction_start": schedule.fraction(e * spe), "data_fraction_end": schedule.fraction((e + 1) * spe - 1)}
-        for e in range(run.trainer.epochs)
-    ])
-    write_csv(plan, out / "pacing.csv")
-    info = {"curriculum": spec["name"], "scheduled": scheduled, "scorer": spec["scorer"],
-            "pacing": spec.get("pacing"), "train_examples": len(run.data.train),
-            "steps_per_epoch": spe, "total_steps": run.total_steps}
+    train = evaluate(run.teacher, run.data.train, run.data, run.trainer)
+    ctx = ScoreContext(train.labels, train.logits, run.cfg["seed"], run.learned_epoch, self_taught_logits(run))
+    run.scores = score_all(ctx, spec["scorer"])
+    order = make_order(run.scores[spec["scorer"]], train.labels, spec["order"], spec["class_balanced"], run.cfg["seed"])
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order))
+    loss = torch.nn.functional.cross_entropy(train.logits, train.labels, reduction="none")
+    columns = {"index": run.data.train.origin, "label": train.labels.numpy(),
+               "difficulty": run.scores[spec["scorer"]].numpy(), "rank": rank.numpy(),
+               "teacher_loss": loss.numpy(), "teacher_confidence": torch.exp(-loss).numpy()}
+    per_scorer = {f"d_{name}": d.numpy() for name, d in run.scores.items()}  # every scorer's difficulty
+    write_csv(pd.DataFrame({**columns, **per_scorer}), out / "scores.csv")
+    plan, spe = build_plan(run, spec), run.steps_per_epoch
+    rows = []
+    for e in range(run.trainer.epochs):  # the schedule as planned (adaptive curricula may hold later)
+        first, last = e * spe, (e + 1) * spe - 1
+        rows.append({"epoch": e + 1, "first_step": first, "last_step": last,
+                     "data_fraction_start": plan.fraction(first), "data_fraction_end": plan.fraction(last)})
+    write_csv(pd.DataFrame(rows), out / "pacing.csv")
+    scheduled = spec["type"] != "none"
+    info = {"curriculum": spec["name"], "type": spec["type"], "scheduled": scheduled, "scorer": spec["scorer"],
+            "order": spec["order"], "pacing": spec.get("pacing"), "scorers": sorted(run.scores),
+            "train_examples": len(run.data.train), "steps_per_epoch": spe, "total_steps": run.total_steps}
     (out / "curriculum.json").write_text(json.dumps(info, indent=2) + "\n")
-    log.info("curriculum %s: %s", spec["name"], "scheduled" if scheduled else "nothing scheduled (all data, every step)")
+    log.info("curriculum %s: %s", spec["name"], f"{spec['type']}, scored by {spec['scorer']}, {spec['order']}"
+             if scheduled else "nothing scheduled (all data, every step)")
 
 
-def student_stage(run: Run, name: str, loss_cfg: dict, pacing: Pacing, order: Tensor | None) -> None:
+def student_stage(run: Run, name: str, loss_cfg: dict, curriculum: dict) -> None:
     """Train the student; every student stage starts from the same initial weights."""
-    train(run, name, run.cfg["student"], loss_cfg, pacing, order, seed=run.cfg["seed"] + 1)
+    train(run, name, run.cfg["student"], loss_cfg, curriculum, seed=run.cfg["seed"] + 1)
     same = run.test_logits[name].argmax(1) == run.test_logits["teacher"].argmax(1)
-    run.rows[name]["teacher_agreement"] = same.float().mean().item()
+    run.rows[name].update(teacher_agreement=same.float().mean().item(), distill=loss_cfg["name"],
+                          curriculum=curriculum["type"] if curriculum["type"] != "paced"
+                          else f"{curriculum['scorer']}/{curriculum['order']}")
 
 
 # --------------------------------------------------------------------------- helpers
-def train(run: Run, stage: str, spec: dict, loss_cfg: dict, pacing: Pacing, order: Tensor | None, seed: int) -> nn.Module:
+def build_plan(run: Run, spec: dict[str, Any], seed: int | None = None) -> DataSchedule:
+    """The step-wise data plan a curriculum spec describes, from the run's scores."""
+    labels = run.data.train.labels
+    scores = run.scores.get(spec.get("scorer"))
+    if scores is None:  # before scoring (baseline): the plan ignores difficulty
+        scores = torch.zeros(len(labels))
+    order = make_order(scores, labels, spec.get("order", "easy_first"), spec.get("class_balanced", False), run.cfg["seed"])
+    class_difficulty = torch.zeros(run.data.num_classes).index_add_(0, labels, scores.float()) / torch.bincount(
+        labels, minlength=run.data.num_classes).clamp(min=1)
+    inputs = PlanInputs(spec, order, difficulty_rank(make_order(scores, labels, "easy_first", False, run.cfg["seed"])),
+                        labels, class_difficulty, run.total_steps, run.steps_per_epoch, run.trainer.batch_size,
+                        run.cfg["seed"] if seed is None else seed)
+    return PLANS.create(spec["type"], inputs)
+
+
+def self_taught_logits(run: Run):
+    """Logits of a student-architecture model trained with CE: the baseline's, when it ran."""
+    if "baseline" not in run.rows:
+        if run.cfg["curriculum"]["scorer"] != "self_taught":
+            return None
+        return lambda: evaluate(train(run, "curriculum/self_taught", run.cfg["student"], CE_ONLY, NO_CURRICULUM,
+                                      seed=run.cfg["seed"] + 1), run.data.train, run.data, run.trainer).logits
+    baseline = run.to_device(model_from_checkpoint(load_checkpoint(run.out / "baseline" / "best.pt")))
+    return lambda: evaluate(baseline, run.data.train, run.data, run.trainer).logits
+
+
+def train(run: Run, stage: str, spec: dict, loss_cfg: dict, curriculum: dict, seed: int,
+          dynamics: LearnedEpochs | None = None) -> nn.Module:
     """Train one model for the run's step budget; return its best (validation) weights."""
     out = run.stage_dir(stage)
     data = run.data
@@ -161,19 +201,18 @@ def train(run: Run, stage: str, spec: dict, loss_cfg: dict, pacing: Pacing, orde
     model = run.to_device(create_model(spec["name"], data.num_classes, data.input_shape,
                                        pretrained=spec["pretrained"], **spec["kwargs"]))
     loss_fn = create_loss(loss_cfg)
-    optimizer = build_optimizer(model, run.cfg["optimizer"])
+    scores = run.scores.get(curriculum.get("scorer"))
+    rank = None if scores is None else difficulty_rank(make_order(scores, data.train.labels, "easy_first", False,
+                                                                  run.cfg["seed"]))
+    control = DistillControl(loss_fn, loss_cfg, run.total_steps, run.steps_per_epoch, rank).to(run.trainer.device)
+    groups = [{"params": model.parameters()}, {"params": control.parameters(), "weight_decay": 0.0}]
+    optimizer = build_optimizer(groups, run.cfg["optimizer"])
     lr_schedule = build_schedule(optimizer, run.cfg["scheduler"], run.total_steps, run.steps_per_epoch)
-    order = torch.arange(len(data.train)) if order is None else order
-    schedule = DataSchedule(order, pacing, run.trainer.batch_size, seed)
-
-    def columns(step: int) -> dict[str, float]:
-        knobs = {"alpha": loss_fn.alpha, "temperature": loss_fn.temperature} if loss_fn.needs_teacher else {}
-        return {**knobs, "data_fraction": schedule.fraction(step)}
-
-    log.info("%s: %s, %s params, %d epochs × %d steps, loss %s",
-             stage, spec["name"], f"{count_params(model):,}", run.trainer.epochs, run.steps_per_epoch, loss_cfg["name"])
-    result = fit(stage, model, data, schedule, loss_fn, optimizer, lr_schedule, run.trainer, out,
-                 checkpoint_meta(run, stage, spec), teacher=run.teacher, epoch_columns=columns)
+    plan = build_plan(run, curriculum, seed)
+    log.info("%s: %s, %s params, %d epochs × %d steps, loss %s, curriculum %s", stage, spec["name"],
+             f"{count_params(model):,}", run.trainer.epochs, run.steps_per_epoch, loss_cfg["name"], curriculum["type"])
+    result = fit(stage, model, data, plan, loss_fn, control, optimizer, lr_schedule, run.trainer, out,
+                 checkpoint_meta(run, stage, spec), teacher=run.teacher, dynamics=dynamics)
     last = evaluate(model, data.test, data, run.trainer)
     best = run.to_device(model_from_checkpoint(load_checkpoint(result.best_path)))
     run.rows[stage] = {
@@ -217,11 +256,13 @@ def summarize(run: Run) -> pd.DataFrame:
     """Write ``summary.csv`` (one row per model) and print it."""
     rows = run.rows
     if "baseline" in rows:
-        rows["distill"]["kd_gain"] = rows["distill"]["test_acc"] - rows["baseline"]["test_acc"]
+        for name, row in rows.items():
+            if name != "baseline" and "distill" in row:  # distill and every arm
+                row["kd_gain"] = row["test_acc"] - rows["baseline"]["test_acc"]
     frame = pd.DataFrame([{"model": k, **v, "seed": run.cfg["seed"]} for k, v in rows.items()])
     frame = frame.reindex(columns=SUMMARY_COLUMNS)
     write_csv(frame, run.out / "summary.csv")
-    shown = ["model", "arch", "test_acc", "test_acc_last", "best_val_acc", "best_epoch", "params", "size_mb",
-             "seconds", "kd_gain", "teacher_agreement"]
+    shown = ["model", "arch", "distill", "curriculum", "test_acc", "test_acc_last", "best_val_acc", "best_epoch",
+             "steps", "params", "seconds", "kd_gain", "teacher_agreement"]
     print_table(frame, f"kdcl summary — {run.out}", shown)
     return frame

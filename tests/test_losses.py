@@ -15,13 +15,14 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def cross_entropy(z: np.ndarray, y: np.ndarray) -> float:
-    return float(-np.log(softmax(z)[np.arange(len(y)), y]).mean())
+def cross_entropy(z: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per example: −log softmax(z)_y."""
+    return -np.log(softmax(z)[np.arange(len(y)), y])
 
 
-def kl(p: np.ndarray, q: np.ndarray) -> float:
-    """Mean over the batch of KL(p‖q) = Σ p log(p/q)."""
-    return float((p * np.log(p / q)).sum(axis=1).mean())
+def kl(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Per example: KL(p‖q) = Σ p log(p/q)."""
+    return (p * np.log(p / q)).sum(axis=1)
 
 
 @pytest.fixture
@@ -37,13 +38,24 @@ def logits():
 @pytest.mark.parametrize("alpha", [0.0, 0.1, 0.9, 1.0])
 def test_kd_equals_hinton_formula(logits, alpha, temperature):
     s, t, y = logits
-    out = create_loss({"name": "kd", "alpha": alpha, "temperature": temperature})(s, t, y)
+    out = create_loss({"name": "kd", "alpha": alpha, "temperature": temperature})(s, t, y, alpha, temperature)
     zs, zt, yy = s.numpy(), t.numpy(), y.numpy()
     soft = temperature**2 * kl(softmax(zt / temperature), softmax(zs / temperature))
     expected = (1 - alpha) * cross_entropy(zs, yy) + alpha * soft
-    assert out["loss"].item() == pytest.approx(expected, rel=1e-5)
-    assert out["kd"].item() == pytest.approx(soft, rel=1e-5)
-    assert out["ce"].item() == pytest.approx(cross_entropy(zs, yy), rel=1e-5)
+    assert out["loss"].shape == (16,)  # one value per example
+    assert out["loss"].numpy() == pytest.approx(expected, rel=1e-5)
+    assert out["kd"].numpy() == pytest.approx(soft, rel=1e-5)
+    assert out["ce"].numpy() == pytest.approx(cross_entropy(zs, yy), rel=1e-5)
+
+
+def test_kd_per_example_alpha(logits):
+    """A per-example α (from teacher trust) mixes CE and KD example by example."""
+    s, t, y = logits
+    alpha = torch.linspace(0, 1, 16, dtype=torch.float64)
+    out = create_loss({"name": "kd", "alpha": 0.9, "temperature": 2.0})(s, t, y, alpha, 2.0)
+    expected = (1 - alpha.numpy()) * cross_entropy(s.numpy(), y.numpy()) + alpha.numpy() * 4 * kl(
+        softmax(t.numpy() / 2), softmax(s.numpy() / 2))
+    assert out["loss"].numpy() == pytest.approx(expected, rel=1e-5)
 
 
 def test_kd_direction_is_teacher_to_student(logits):
@@ -51,8 +63,8 @@ def test_kd_direction_is_teacher_to_student(logits):
     T = 4.0
     forward = T * T * kl(softmax(t.numpy() / T), softmax(s.numpy() / T))
     reverse = T * T * kl(softmax(s.numpy() / T), softmax(t.numpy() / T))
-    assert abs(forward - reverse) > 1e-3  # the two directions differ on these logits
-    assert kl_teacher_student(s, t, T).item() == pytest.approx(forward, rel=1e-5)
+    assert np.abs(forward - reverse).mean() > 1e-3  # the two directions differ on these logits
+    assert kl_teacher_student(s, t, T).numpy() == pytest.approx(forward, rel=1e-5)
 
 
 def test_kd_t_squared_keeps_gradient_scale(logits):
@@ -62,25 +74,25 @@ def test_kd_t_squared_keeps_gradient_scale(logits):
     norms = []
     for T in (2.0, 8.0):
         z = s.clone().requires_grad_(True)
-        kl_teacher_student(z, t, T).backward()
+        kl_teacher_student(z, t, T).mean().backward()
         norms.append(z.grad.norm().item())
     assert 0.25 < norms[1] / norms[0] < 4  # 1/T² scaling would give 1/16
 
 
 def test_kd_is_zero_when_student_equals_teacher(logits):
     _, t, _ = logits
-    assert kl_teacher_student(t, t, 4.0).item() == pytest.approx(0.0, abs=1e-5)
+    assert kl_teacher_student(t, t, 4.0).abs().max().item() == pytest.approx(0.0, abs=1e-5)
 
 
 @pytest.mark.parametrize("kl_weight", [0.0, 0.5])
 def test_mse_equals_formula(logits, kl_weight):
     s, t, y = logits
     alpha, T = 0.7, 3.0
-    out = create_loss({"name": "mse", "alpha": alpha, "temperature": T, "kl_weight": kl_weight})(s, t, y)
+    out = create_loss({"name": "mse", "alpha": alpha, "temperature": T, "kl_weight": kl_weight})(s, t, y, alpha, T)
     zs, zt = s.numpy(), t.numpy()
-    soft = float(((zs - zt) ** 2).mean()) + kl_weight * T * T * kl(softmax(zt / T), softmax(zs / T))
+    soft = ((zs - zt) ** 2).mean(axis=1) + kl_weight * T * T * kl(softmax(zt / T), softmax(zs / T))
     expected = (1 - alpha) * cross_entropy(zs, y.numpy()) + alpha * soft
-    assert out["loss"].item() == pytest.approx(expected, rel=1e-5)
+    assert out["loss"].numpy() == pytest.approx(expected, rel=1e-5)
     assert ("kd" in out) == bool(kl_weight)
 
 
@@ -88,7 +100,7 @@ def test_none_is_cross_entropy_and_needs_no_teacher(logits):
     s, _, y = logits
     loss = create_loss({"name": "none", "alpha": 0.5, "temperature": 2.0})
     assert not loss.needs_teacher
-    assert loss(s, None, y)["loss"].item() == pytest.approx(cross_entropy(s.numpy(), y.numpy()), rel=1e-6)
+    assert loss(s, None, y)["loss"].numpy() == pytest.approx(cross_entropy(s.numpy(), y.numpy()), rel=1e-6)
 
 
 def test_every_loss_has_a_formula_docstring():

@@ -59,8 +59,15 @@ def test_curriculum_scores_and_pacing(quick_run):
     cfg, out, summary = quick_run
     scores = pd.read_csv(out / "curriculum" / "scores.csv")
     n_train = len(scores)
-    assert list(scores.columns) == ["index", "label", "difficulty", "rank", "teacher_loss", "teacher_confidence"]
+    assert list(scores.columns[:6]) == ["index", "label", "difficulty", "rank", "teacher_loss", "teacher_confidence"]
+    scorers = {"teacher_loss", "teacher_confidence", "teacher_margin", "learned_epoch", "self_taught", "random"}
+    assert {c[2:] for c in scores.columns[6:]} == scorers  # the baseline enables self_taught
     assert scores["difficulty"].tolist() == pytest.approx(scores["teacher_loss"].tolist())
+    assert scores["d_teacher_confidence"].tolist() == pytest.approx((1 - scores["teacher_confidence"]).tolist(), abs=1e-6)
+    dynamics = pd.read_csv(out / "teacher" / "dynamics.csv")
+    assert dynamics["index"].tolist() == scores["index"].tolist()
+    assert dynamics["learned_epoch"].between(1, cfg["trainer"]["epochs"] + 1).all()
+    assert scores["d_learned_epoch"].tolist() == dynamics["learned_epoch"].tolist()
     assert (scores["teacher_confidence"] - (-scores["teacher_loss"]).map(math.exp)).abs().max() < 1e-5
     by_rank = scores.sort_values("rank")
     assert by_rank["difficulty"].is_monotonic_increasing  # easy → hard
@@ -128,7 +135,7 @@ def test_no_curriculum_schedules_nothing(compose_cfg, tmp_path):
     assert summary["model"].tolist() == ["teacher", "distill"]
     info = (tmp_path / "curriculum" / "curriculum.json").read_text()
     assert '"scheduled": false' in info
-    assert not (tmp_path / "curriculum" / "scores.csv").exists()
+    assert (tmp_path / "curriculum" / "scores.csv").exists()  # scored, not scheduled
     assert (pd.read_csv(tmp_path / "curriculum" / "pacing.csv")["data_fraction_start"] == 1.0).all()
     assert (pd.read_csv(tmp_path / "distill" / "metrics.csv")["data_fraction"] == 1.0).all()
 
@@ -162,4 +169,57 @@ def test_loader_path_runs_the_pipeline(compose_cfg, tmp_path):
 def test_nan_loss_stops_with_a_clear_message(compose_cfg, tmp_path):
     cfg = compose_cfg(["trainer.epochs=1", "dataset.max_train_samples=200", "optimizer.lr=1e30"])
     with pytest.raises(KdclError, match="training loss became"):
+        run_pipeline(cfg, tmp_path)
+
+
+def test_arms_share_teacher_and_budget(compose_cfg, tmp_path):
+    """One table of arms at the same step count: the order comparison of the curriculum issue."""
+    arms = "{kd_plain: {curriculum: {type: none}}, kd_hard_first: {curriculum: {order: hard_first}}, kd_random: {curriculum: {order: random}}}"
+    cfg = compose_cfg([*QUICK, f"arms={arms}"])
+    summary = run_pipeline(cfg, tmp_path).set_index("model")
+    assert list(summary.index) == ["teacher", "baseline", "distill", "kd_plain", "kd_hard_first", "kd_random"]
+    assert summary["steps"].nunique() == 1
+    assert summary.loc["kd_random", "curriculum"] == "teacher_loss/random"
+    assert summary.loc["kd_plain", "curriculum"] == "none"
+    for arm in ("kd_plain", "kd_hard_first", "kd_random"):
+        assert summary.loc[arm, "kd_gain"] == pytest.approx(summary.loc[arm, "test_acc"] - summary.loc["baseline", "test_acc"])
+    hard = pd.read_csv(tmp_path / "kd_hard_first" / "metrics.csv")
+    easy = pd.read_csv(tmp_path / "distill" / "metrics.csv")
+    assert hard["data_fraction"].tolist() == easy["data_fraction"].tolist()  # same pacing, other order
+    assert (pd.read_csv(tmp_path / "kd_plain" / "metrics.csv")["data_fraction"] == 1).all()
+
+
+def test_class_curriculum_run_logs_seen_classes(compose_cfg, tmp_path):
+    cfg = compose_cfg([*QUICK, "trainer.epochs=3", "curriculum=classes", "curriculum.every_epochs=1",
+                       "curriculum.threshold=null", "curriculum.start_classes=4", "curriculum.add_classes=3",
+                       "baseline=false"])
+    run_pipeline(cfg, tmp_path)
+    metrics = pd.read_csv(tmp_path / "distill" / "metrics.csv")
+    assert metrics["seen_classes"].tolist() == [4, 7, 10]
+    assert metrics["data_fraction"].iloc[0] < metrics["data_fraction"].iloc[1] < metrics["data_fraction"].iloc[2] == 1.0
+    assert metrics["val_acc_seen"].between(0, 1).all()
+
+
+def test_self_paced_and_ctkd_columns(compose_cfg, tmp_path):
+    cfg = compose_cfg([*QUICK, "curriculum=self_paced", "distill=ctkd", "distill.learnable_temperature.ramp_epochs=1",
+                       "baseline=false"])
+    run_pipeline(cfg, tmp_path)
+    metrics = pd.read_csv(tmp_path / "distill" / "metrics.csv")
+    assert metrics["spl_lambda"].tolist() == pytest.approx([1.0, 1.3])
+    assert metrics["spl_active"].between(0, 1).all()
+    assert metrics["temperature"].between(1, 21).all() and metrics["temperature"].iloc[-1] != 4.0
+
+
+def test_self_taught_scorer_trains_its_own_model_without_baseline(compose_cfg, tmp_path):
+    cfg = compose_cfg([*QUICK, "curriculum.scorer=self_taught", "baseline=false"])
+    run_pipeline(cfg, tmp_path)
+    assert (tmp_path / "curriculum" / "self_taught" / "best.pt").is_file()
+    scores = pd.read_csv(tmp_path / "curriculum" / "scores.csv")
+    assert scores["difficulty"].tolist() == pytest.approx(scores["d_self_taught"].tolist())
+
+
+def test_learned_epoch_needs_a_trained_teacher(quick_run, compose_cfg, tmp_path):
+    _, out, _ = quick_run
+    cfg = compose_cfg([*QUICK, f"teacher.checkpoint={out / 'teacher' / 'best.pt'}", "curriculum.scorer=learned_epoch"])
+    with pytest.raises(KdclError, match="learned_epoch"):
         run_pipeline(cfg, tmp_path)

@@ -1,0 +1,136 @@
+"""Dynamic distillation: α and T per optimizer step, CTKD's learnable temperature, and
+per-example KD weights from the teacher.
+
+:class:`DistillControl` gives the engine, at every step, the ``alpha`` (a scalar, or one
+value per example) and ``temperature`` (a float, or a learnable tensor) that the loss
+uses, and the values to log per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from kdcl.losses import DistillLoss, Weight
+from kdcl.optim import SCHEDULES
+from kdcl.registry import Registry
+
+SAMPLE_WEIGHTS = Registry("KD sample weight")
+register_sample_weight = SAMPLE_WEIGHTS.register
+
+
+# --------------------------------------------------------------------------- per-example KD weights
+# Each returns w ∈ [0, 1] per example; the loss then uses α_i = α·w_i, so w_i = 0 means
+# plain cross-entropy for that example and w_i = 1 the configured distillation.
+
+
+@register_sample_weight("none")
+def uniform(teacher_logits: Tensor, target: Tensor, rank: Tensor | None) -> Weight:
+    """``w_i = 1``: every example is distilled alike."""
+    return 1.0
+
+
+@register_sample_weight("teacher_confidence")
+def teacher_confidence(teacher_logits: Tensor, target: Tensor, rank: Tensor | None) -> Weight:
+    """``w_i = softmax(z_t)_{y_i}``: trust the teacher as much as it believes the true class."""
+    return torch.softmax(teacher_logits.float(), 1).gather(1, target[:, None]).squeeze(1)
+
+
+@register_sample_weight("teacher_correct")
+def teacher_correct(teacher_logits: Tensor, target: Tensor, rank: Tensor | None) -> Weight:
+    """``w_i = 1[argmax z_t = y_i]``: fall back to cross-entropy where the teacher is wrong."""
+    return (teacher_logits.argmax(1) == target).float()
+
+
+@register_sample_weight("difficulty")
+def difficulty(teacher_logits: Tensor, target: Tensor, rank: Tensor | None) -> Weight:
+    """``w_i = 1 − r_i`` with ``r_i ∈ [0, 1]`` the example's difficulty rank from the
+    curriculum stage (0 easiest): the harder the example, the less KD."""
+    return 1.0 - rank
+
+
+# --------------------------------------------------------------------------- learnable temperature
+class _GradientReversal(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``−λ`` backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, lam: float) -> Tensor:
+        ctx.lam = lam
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return -ctx.lam * grad, None
+
+
+class LearnableTemperature(nn.Module):
+    """CTKD, Li et al. (AAAI 2023), "Curriculum Temperature for Knowledge Distillation".
+
+    ``τ = 1 + 20·sigmoid(θ)``, a global temperature trained *adversarially*: θ receives the
+    distillation gradient through a gradient-reversal layer, so the optimizer's descent
+    step on θ is an ascent on the KD loss (harder targets), while the student descends.
+    The reversal weight follows a cosine ramp ``λ(t) = (1 − cos(π·min(t, R)/R))/2`` from
+    0 to 1 over the first R steps — an easy-to-hard curriculum of temperatures.
+    θ starts where τ equals the configured temperature.
+    """
+
+    def __init__(self, initial: float, ramp_steps: int):
+        super().__init__()
+        p = min(max((initial - 1) / 20, 1e-4), 1 - 1e-4)
+        self.theta = nn.Parameter(torch.tensor(math.log(p / (1 - p))))
+        self.ramp_steps = ramp_steps
+
+    def value(self) -> Tensor:
+        return 1 + 20 * torch.sigmoid(self.theta)
+
+    def reversal_weight(self, step: int) -> float:
+        if not self.ramp_steps:
+            return 1.0
+        return 0.5 * (1 - math.cos(math.pi * min(step, self.ramp_steps) / self.ramp_steps))
+
+    def forward(self, step: int) -> Tensor:
+        return _GradientReversal.apply(self.value(), self.reversal_weight(step))
+
+
+# --------------------------------------------------------------------------- control
+def value_schedule(end: float, start: float | None, shape: str, total_steps: int) -> Callable[[int], float]:
+    """``v(t) = end + (start − end)·f(t)``, f an LR-schedule shape (``conf/scheduler``)
+    falling from 1 to 0 over the run; constant ``end`` when ``start`` is None."""
+    if start is None:
+        return lambda step: end
+    factor = SCHEDULES.create(shape, total_steps)
+    return lambda step: end + (start - end) * factor(step)
+
+
+class DistillControl(nn.Module):
+    """α and T for every step of a training stage, from the ``distill`` config."""
+
+    def __init__(self, loss_fn: DistillLoss, cfg: dict[str, Any], total_steps: int, steps_per_epoch: int,
+                 rank: Tensor | None):
+        super().__init__()
+        self.alpha = value_schedule(loss_fn.alpha, cfg.get("alpha_start"), cfg.get("alpha_schedule", "linear"), total_steps)
+        self.temperature = value_schedule(loss_fn.temperature, cfg.get("temperature_start"),
+                                          cfg.get("temperature_schedule", "linear"), total_steps)
+        ctkd = cfg.get("learnable_temperature")
+        self.ctkd = LearnableTemperature(loss_fn.temperature, int(ctkd["ramp_epochs"] * steps_per_epoch)) if ctkd else None
+        self.sample_weight = SAMPLE_WEIGHTS.get(cfg.get("sample_weight", "none"))
+        self.rank = rank
+        self.step = 0
+
+    def knobs(self, step: int, idx: Tensor, target: Tensor, teacher_logits: Tensor | None) -> tuple[Weight, Weight]:
+        """(alpha, temperature) for this batch."""
+        self.step = step
+        alpha: Weight = self.alpha(step)
+        if teacher_logits is not None:
+            rank = self.rank[idx] if self.rank is not None else None
+            alpha = alpha * self.sample_weight(teacher_logits, target, rank)
+        temperature = self.ctkd(step) if self.ctkd is not None else self.temperature(step)
+        return alpha, temperature
+
+    def columns(self) -> dict[str, float]:
+        """The scheduled α and the temperature now, for the epoch's metrics row."""
+        t = self.ctkd.value().item() if self.ctkd is not None else self.temperature(self.step)
+        return {"alpha": self.alpha(self.step), "temperature": t}
