@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,21 +20,13 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from rich.markup import escape
 
+from kdcl.config import CONF_DIR
 from kdcl.console import console
 from kdcl.errors import KdclError
 
 log = logging.getLogger("kdcl")
 
 
-def _conf_dir() -> str:
-    """The shipped configs: ``kdcl.conf`` when installed, the source ``conf/`` otherwise."""
-    try:
-        return str(resources.files("kdcl.conf"))
-    except ModuleNotFoundError:  # the source tree shadows the installed package
-        return str(Path(__file__).resolve().parents[1] / "conf")
-
-
-CONF_DIR = _conf_dir()
 _failed_jobs: list[str] = []
 
 

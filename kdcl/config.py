@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
+from importlib import resources
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from omegaconf import OmegaConf
 
 from kdcl.errors import KdclError
+
+
+def _conf_dir() -> str:
+    """The shipped configs: ``kdcl.conf`` when installed, the source ``conf/`` otherwise."""
+    try:
+        return str(resources.files("kdcl.conf"))
+    except ModuleNotFoundError:  # the source tree shadows the installed package
+        return str(Path(__file__).resolve().parents[1] / "conf")
+
+
+CONF_DIR = _conf_dir()
+
+
+def model_option(name: str) -> dict[str, Any]:
+    """The model spec of a ``conf/teacher`` option (``cnn_small`` → name cnn, width 8)."""
+    path = Path(CONF_DIR) / "teacher" / f"{name}.yaml"
+    if not path.is_file():
+        options = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise KdclError(f"unknown model option {name!r}", fix=f"choose one of: {', '.join(options)}")
+    return {"pretrained": False, **OmegaConf.to_container(OmegaConf.load(path))}
 
 # key -> (is the value allowed?, what is allowed); keys absent from a config are skipped.
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -22,11 +44,39 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optimizer.lr": (lambda v: v > 0, "a number > 0"),
     "curriculum.pacing.start": (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
     "curriculum.pacing.full_at": (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+    "curriculum.adaptive_delta": (lambda v: v is None or v >= 0, "null or a number ≥ 0"),
+    "curriculum.weight_start": (lambda v: v is None or 0 <= v <= 1, "null or a number in [0, 1]"),
+    "curriculum.lambda_start": (lambda v: v > 0, "a number > 0"),
+    "curriculum.mu": (lambda v: v > 0, "a number > 0"),
+    "curriculum.weights": (lambda v: v in ("hard", "soft"), "hard or soft"),
+    "curriculum.start_classes": (lambda v: isinstance(v, int) and v >= 1, "an integer ≥ 1"),
+    "curriculum.add_classes": (lambda v: isinstance(v, int) and v >= 1, "an integer ≥ 1"),
+    "curriculum.every_epochs": (lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer ≥ 1"),
+    "curriculum.threshold": (lambda v: v is None or 0 <= v <= 1, "null or a number in [0, 1]"),
+    "teacher.route_points": (lambda v: isinstance(v, int) and v >= 0, "an integer ≥ 0"),
 }
 
 
+def _registered_names() -> dict[str, Any]:
+    """Config keys that name a registry entry, and the registry (imported lazily: heavy)."""
+    from kdcl.curricula import ORDERS, PACINGS, PLANS, SCORERS
+    from kdcl.data import DATASETS
+    from kdcl.dynamic import SAMPLE_WEIGHTS
+    from kdcl.losses import LOSSES
+    from kdcl.models import MODELS
+    from kdcl.optim import OPTIMIZERS, SCHEDULES
+
+    return {
+        "teacher.name": MODELS, "student.name": MODELS, "dataset.name": DATASETS, "distill.name": LOSSES,
+        "distill.sample_weight": SAMPLE_WEIGHTS, "distill.alpha_schedule": SCHEDULES,
+        "distill.temperature_schedule": SCHEDULES, "curriculum.type": PLANS, "curriculum.scorer": SCORERS,
+        "curriculum.order": ORDERS, "curriculum.pacing.name": PACINGS, "optimizer.name": OPTIMIZERS,
+        "scheduler.name": SCHEDULES,
+    }
+
+
 def validate(cfg: Any) -> None:
-    """Raise one :class:`KdclError` naming the first key whose value is out of range."""
+    """Raise one :class:`KdclError` naming the first key whose value is out of range or unknown."""
     for key, (allowed, text) in _RULES.items():
         value = OmegaConf.select(cfg, key, default="__absent__")
         if value == "__absent__":
@@ -37,6 +87,10 @@ def validate(cfg: Any) -> None:
             ok = False
         if not ok:
             raise KdclError(f"{key}={value!r} is out of range", fix=f"{key} must be {text}")
+    for key, registry in _registered_names().items():  # before any training, not when first used
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and value not in registry:
+            raise KdclError(f"{key}={value!r} is not a known {registry.kind}", fix=f"choose one of: {', '.join(registry)}")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -13,7 +13,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import torch
 from torch import Tensor, nn
@@ -114,11 +114,13 @@ def fit(
     meta: dict[str, Any],
     teacher: nn.Module | None = None,
     dynamics: LearnedEpochs | None = None,
+    keep_epochs: Collection[int] = (),
 ) -> FitResult:
     """Train ``model`` for ``trainer.epochs`` epochs of ``ceil(N / batch_size)`` steps.
 
     Per step: the plan picks the batch, the control sets α and T, the loss gives
     per-example terms, the plan may weight them, and their mean is back-propagated.
+    After each epoch in ``keep_epochs`` the weights are also kept as ``epoch_NNN.pt``.
     """
     steps_per_epoch = math.ceil(len(data.train) / trainer.batch_size)
     table = MetricsTable(out_dir / "metrics.csv")
@@ -168,6 +170,8 @@ def fit(
         table.append(row)
         state = {**meta, "epoch": epoch, "step": step, "val_acc": val.acc}
         save_checkpoint(last_path, model, state)
+        if epoch in keep_epochs:
+            save_checkpoint(out_dir / f"epoch_{epoch:03d}.pt", model, state)
         if val.acc > best_acc:
             best_acc, best_epoch, stale = val.acc, epoch, 0
             save_checkpoint(best_path, model, state)

@@ -116,7 +116,7 @@ class LogitMSE(DistillLoss):
 
 # Keys of the distill group that configure the engine's dynamic control, not the loss.
 CONTROL_KEYS = ("name", "alpha_start", "alpha_schedule", "temperature_start", "temperature_schedule",
-                "learnable_temperature", "sample_weight")
+                "learnable_temperature", "sample_weight", "teacher_route")
 
 
 def create_loss(cfg: dict) -> DistillLoss:

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from kdcl.checkpoint import load_checkpoint, model_from_checkpoint
-from kdcl.config import resolve_device
+from kdcl.config import model_option, resolve_device
 from kdcl.curricula import PLANS, DataSchedule, LearnedEpochs, PlanInputs, ScoreContext, difficulty_rank, make_order, score_all
 from kdcl.data import DataBundle, load_data
 from kdcl.dynamic import DistillControl
@@ -93,6 +93,7 @@ def run_pipeline(cfg: dict[str, Any], out: Path) -> pd.DataFrame:
     if cfg["baseline"]:
         student_stage(run, "baseline", CE_ONLY, NO_CURRICULUM)
     curriculum_stage(run)
+    assistant_stages(run)
     student_stage(run, "distill", cfg["distill"], cfg["curriculum"])
     for name, arm in (cfg.get("arms") or {}).items():
         merged = OmegaConf.to_container(OmegaConf.merge({k: cfg[k] for k in ("distill", "curriculum")}, arm))
@@ -116,7 +117,10 @@ def teacher_stage(run: Run) -> None:
         run.rows["teacher"] = {**row, **test_columns(run, "teacher", model)}
     else:
         dynamics = LearnedEpochs(len(run.data.train), run.trainer.device)
-        model = train(run, "teacher", spec, CE_ONLY, NO_CURRICULUM, seed=run.cfg["seed"], dynamics=dynamics)
+        points = spec["route_points"]
+        keep = {round(run.trainer.epochs * k / (points + 1)) for k in range(1, points + 1)} - {0}
+        model = train(run, "teacher", spec, CE_ONLY, NO_CURRICULUM, seed=run.cfg["seed"], dynamics=dynamics,
+                      keep_epochs=keep)
         run.learned_epoch = dynamics.learned_epoch()
         write_csv(pd.DataFrame({"index": run.data.train.origin, "learned_epoch": run.learned_epoch.numpy()}),
                   run.out / "teacher" / "dynamics.csv")
@@ -155,13 +159,20 @@ def curriculum_stage(run: Run) -> None:
              if scheduled else "nothing scheduled (all data, every step)")
 
 
+def assistant_stages(run: Run) -> None:
+    """Teacher assistants (Mirzadeh et al. 2020): each model of ``assistants`` is distilled
+    from the current teacher and becomes the teacher of the next, then of the student."""
+    for i, spec in enumerate(run.cfg.get("assistants") or [], start=1):
+        spec = model_option(spec) if isinstance(spec, str) else {"kwargs": {}, "pretrained": False, **spec}
+        model = train(run, f"assistant_{i}", spec, run.cfg["distill"], run.cfg["curriculum"], seed=run.cfg["seed"] + 1 + i)
+        run.teacher = model.eval().requires_grad_(False)
+
+
 def student_stage(run: Run, name: str, loss_cfg: dict, curriculum: dict) -> None:
     """Train the student; every student stage starts from the same initial weights."""
     train(run, name, run.cfg["student"], loss_cfg, curriculum, seed=run.cfg["seed"] + 1)
     same = run.test_logits[name].argmax(1) == run.test_logits["teacher"].argmax(1)
-    run.rows[name].update(teacher_agreement=same.float().mean().item(), distill=loss_cfg["name"],
-                          curriculum=curriculum["type"] if curriculum["type"] != "paced"
-                          else f"{curriculum['scorer']}/{curriculum['order']}")
+    run.rows[name]["teacher_agreement"] = same.float().mean().item()
 
 
 # --------------------------------------------------------------------------- helpers
@@ -191,8 +202,37 @@ def self_taught_logits(run: Run):
     return lambda: evaluate(baseline, run.data.train, run.data, run.trainer).logits
 
 
+def route_teacher(run: Run) -> nn.Module:
+    """RCO (Jin et al. 2019): the teacher's checkpoints from its own training, early ones
+    first, then its best, each teaching an equal share of the student's steps."""
+    paths = sorted((run.out / "teacher").glob("epoch_*.pt"))
+    if not paths:
+        raise KdclError("distill.teacher_route=true needs checkpoints saved during teacher training",
+                        fix="set teacher.route_points=N (N ≥ 1) and train the teacher in this run")
+    anchors = [run.to_device(model_from_checkpoint(load_checkpoint(p))) for p in paths] + [run.teacher]
+    return TeacherRoute(anchors, math.ceil(run.total_steps / len(anchors)))
+
+
+class TeacherRoute(nn.Module):
+    """Successive teachers, switched every ``phase_steps`` training forward passes.
+
+    The engine runs the teacher exactly once per optimizer step, so counting forward
+    passes counts steps."""
+
+    def __init__(self, anchors: list[nn.Module], phase_steps: int):
+        super().__init__()
+        self.anchors = nn.ModuleList(anchors).eval().requires_grad_(False)
+        self.phase_steps = phase_steps
+        self.calls = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        anchor = self.anchors[min(self.calls // self.phase_steps, len(self.anchors) - 1)]
+        self.calls += 1
+        return anchor(x)
+
+
 def train(run: Run, stage: str, spec: dict, loss_cfg: dict, curriculum: dict, seed: int,
-          dynamics: LearnedEpochs | None = None) -> nn.Module:
+          dynamics: LearnedEpochs | None = None, keep_epochs: set[int] = frozenset()) -> nn.Module:
     """Train one model for the run's step budget; return its best (validation) weights."""
     out = run.stage_dir(stage)
     data = run.data
@@ -211,12 +251,15 @@ def train(run: Run, stage: str, spec: dict, loss_cfg: dict, curriculum: dict, se
     plan = build_plan(run, curriculum, seed)
     log.info("%s: %s, %s params, %d epochs × %d steps, loss %s, curriculum %s", stage, spec["name"],
              f"{count_params(model):,}", run.trainer.epochs, run.steps_per_epoch, loss_cfg["name"], curriculum["type"])
+    teacher = route_teacher(run) if loss_cfg.get("teacher_route") else run.teacher
     result = fit(stage, model, data, plan, loss_fn, control, optimizer, lr_schedule, run.trainer, out,
-                 checkpoint_meta(run, stage, spec), teacher=run.teacher, dynamics=dynamics)
+                 checkpoint_meta(run, stage, spec), teacher=teacher, dynamics=dynamics, keep_epochs=keep_epochs)
     last = evaluate(model, data.test, data, run.trainer)
     best = run.to_device(model_from_checkpoint(load_checkpoint(result.best_path)))
     run.rows[stage] = {
-        "arch": spec["name"], "best_val_acc": result.best_val_acc, "best_epoch": result.best_epoch,
+        "arch": spec["name"], "distill": loss_cfg["name"],
+        "curriculum": f"{curriculum['scorer']}/{curriculum['order']}" if curriculum["type"] == "paced" else curriculum["type"],
+        "best_val_acc": result.best_val_acc, "best_epoch": result.best_epoch,
         "last_epoch": result.last_epoch, "steps": result.steps, "seconds": round(result.seconds, 2),
         "checkpoint": str(result.best_path.resolve()), **test_columns(run, stage, best),
         "test_acc_last": last.acc,
@@ -257,7 +300,7 @@ def summarize(run: Run) -> pd.DataFrame:
     rows = run.rows
     if "baseline" in rows:
         for name, row in rows.items():
-            if name != "baseline" and "distill" in row:  # distill and every arm
+            if name not in ("teacher", "baseline") and row["arch"] == rows["baseline"]["arch"]:  # the students
                 row["kd_gain"] = row["test_acc"] - rows["baseline"]["test_acc"]
     frame = pd.DataFrame([{"model": k, **v, "seed": run.cfg["seed"]} for k, v in rows.items()])
     frame = frame.reindex(columns=SUMMARY_COLUMNS)

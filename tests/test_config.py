@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from kdcl.cli import CONF_DIR
+from kdcl.config import CONF_DIR
 from kdcl.config import validate
 from kdcl.curricula import PACINGS, SCORERS
 from kdcl.data import DATASETS
@@ -78,3 +78,14 @@ def test_out_of_range_values_are_named(compose_cfg, override, key):
     with pytest.raises(KdclError, match=key.replace(".", r"\.")) as err:
         validate(OmegaConf.create(compose_cfg([override])))
     assert err.value.fix and "must be" in err.value.fix
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("curriculum.order=hardest_first", "curriculum.order"), ("curriculum.pacing.name=cubic", "curriculum.pacing.name"),
+     ("distill.sample_weight=trust", "distill.sample_weight"), ("curriculum.scorer=loss", "curriculum.scorer")],
+)
+def test_unknown_names_are_refused_before_training(compose_cfg, override, key):
+    with pytest.raises(KdclError, match=key.replace(".", r"\.")) as err:
+        validate(OmegaConf.create(compose_cfg([override])))
+    assert "choose one of" in err.value.fix

@@ -223,3 +223,33 @@ def test_learned_epoch_needs_a_trained_teacher(quick_run, compose_cfg, tmp_path)
     cfg = compose_cfg([*QUICK, f"teacher.checkpoint={out / 'teacher' / 'best.pt'}", "curriculum.scorer=learned_epoch"])
     with pytest.raises(KdclError, match="learned_epoch"):
         run_pipeline(cfg, tmp_path)
+
+
+def test_teacher_route_and_assistants(compose_cfg, tmp_path):
+    cfg = compose_cfg([*QUICK, "trainer.epochs=4", "teacher.route_points=3", "distill.teacher_route=true",
+                       "assistants=[cnn_small]", "baseline=false"])
+    summary = run_pipeline(cfg, tmp_path).set_index("model")
+    assert sorted(p.name for p in (tmp_path / "teacher").glob("epoch_*.pt")) == ["epoch_001.pt", "epoch_002.pt", "epoch_003.pt"]
+    assert list(summary.index) == ["teacher", "assistant_1", "distill"]
+    assert summary.loc["assistant_1", "arch"] == "cnn" and summary.loc["assistant_1", "params"] < summary.loc["teacher", "params"]
+    assert summary["steps"].nunique() == 1
+
+
+def test_teacher_route_switches_anchor_every_phase():
+    from kdcl.stages import TeacherRoute
+
+    anchors = [torch.nn.Linear(2, 2) for _ in range(3)]
+    route = TeacherRoute(anchors, phase_steps=4)
+    x = torch.randn(1, 2)
+    used = []
+    for _ in range(14):
+        out = route(x)
+        used.append(next(i for i, a in enumerate(anchors) if torch.equal(out, a(x))))
+    assert used == [0] * 4 + [1] * 4 + [2] * 6  # early checkpoints first, the last one to the end
+    assert not any(p.requires_grad for p in route.parameters())
+
+
+def test_route_without_checkpoints_is_a_clear_error(compose_cfg, tmp_path):
+    cfg = compose_cfg([*QUICK, "distill.teacher_route=true", "baseline=false"])
+    with pytest.raises(KdclError, match="teacher.route_points"):
+        run_pipeline(cfg, tmp_path)
