@@ -374,8 +374,8 @@ class ClassSchedule(DataSchedule):
         self.class_order = torch.argsort(p.class_difficulty, stable=True)
         position = torch.empty_like(self.class_order)
         position[self.class_order] = torch.arange(len(self.class_order))
-        by_class = torch.argsort(position[p.labels], stable=True)
-        super().__init__(by_class[_shuffle_within_groups(position[p.labels][by_class], p.seed)], p.batch_size, p.seed)
+        # Whole classes enter the pool at once, so only the class order matters here.
+        super().__init__(torch.argsort(position[p.labels], stable=True), p.batch_size, p.seed)
         self.counts = torch.bincount(p.labels, minlength=len(self.class_order))[self.class_order].cumsum(0)
         s = p.spec
         self.seen = min(s["start_classes"], len(self.class_order))
@@ -399,12 +399,6 @@ class ClassSchedule(DataSchedule):
 
 
 register_plan("classes")(ClassSchedule)
-
-
-def _shuffle_within_groups(groups: Tensor, seed: int) -> Tensor:
-    """A permutation of positions that shuffles within runs of equal (sorted) group ids."""
-    keys = groups.double() + torch.rand(len(groups), generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 0.5
-    return torch.argsort(keys)
 
 
 class LearnedEpochs:
