@@ -31,8 +31,8 @@ def save_checkpoint(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a kdcl checkpoint safely; every failure is one clear :class:`KdclError`."""
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load any checkpoint file safely (``weights_only=True``: nothing in it can run code)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise KdclError(f"checkpoint {str(path)!r} does not exist", fix="pass the path of a best.pt or last.pt file")
@@ -41,21 +41,52 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except pickle.UnpicklingError as err:
         raise KdclError(
             f"checkpoint {path} holds objects that safe loading refuses ({str(err).splitlines()[0]})",
-            fix="only load checkpoints written by kdcl, or re-save the file as plain tensors",
+            fix="only load checkpoints written by kdcl or plain state_dict files; nothing in this one was run",
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
         raise KdclError(f"checkpoint {path} is truncated or corrupt ({err})", fix="use another copy of the file") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+    if not isinstance(ckpt, dict):
+        raise KdclError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint", fix="pass a best.pt written by kdcl train")
+    return ckpt
+
+
+def is_kdcl(ckpt: dict[str, Any]) -> bool:
+    return ckpt.get("format") == FORMAT
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a kdcl checkpoint safely; every failure is one clear :class:`KdclError`."""
+    ckpt = read_checkpoint(path)
+    if not is_kdcl(ckpt):
         raise KdclError(f"{path} is not a kdcl checkpoint", fix="pass a best.pt or last.pt written by kdcl train")
     return ckpt
 
 
+def load_weights(model: nn.Module, state_dict: dict[str, Any], what: str) -> None:
+    """Load ``state_dict`` into ``model``; a mismatch is summarised as expected vs found keys."""
+    expected, found = model.state_dict(), state_dict
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [f"{k} {tuple(found[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in found and hasattr(found[k], "shape") and tuple(found[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        def some(keys: list[str]) -> str:
+            return ", ".join(keys[:4]) + (f" … (+{len(keys) - 4})" if len(keys) > 4 else "")
+
+        parts = [f"{len(missing)} missing ({some(missing)})" if missing else "",
+                 f"{len(unexpected)} unexpected ({some(unexpected)})" if unexpected else "",
+                 f"{len(shapes)} of another shape (file vs model: {some(shapes)})" if shapes else ""]
+        raise KdclError(
+            f"{what}: the weights do not fit the model — it expects {len(expected)} tensors, the file has "
+            f"{len(found)}; " + "; ".join(p for p in parts if p),
+            fix="name the model the weights were saved from (and its kwargs / num_classes)",
+        )
+    model.load_state_dict(state_dict)
+
+
 def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
-    """Rebuild the model a checkpoint describes and load its weights."""
+    """Rebuild the model a kdcl checkpoint describes and load its weights."""
     arch = ckpt["model"]
     model = create_model(arch["name"], ckpt["num_classes"], tuple(ckpt["input_shape"]), **arch["kwargs"])
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as err:
-        raise KdclError(f"checkpoint weights do not fit model {arch['name']!r}: {str(err).splitlines()[0]}") from None
+    load_weights(model, ckpt["state_dict"], f"checkpoint of model {arch['name']!r}")
     return model

@@ -23,6 +23,7 @@ from rich.markup import escape
 from kdcl.config import CONF_DIR
 from kdcl.console import console
 from kdcl.errors import KdclError
+from kdcl.resume import Interrupted
 
 log = logging.getLogger("kdcl")
 
@@ -47,10 +48,10 @@ def _guarded(job: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             _report(err)
-            if HydraConfig.get().mode == RunMode.MULTIRUN:
+            if HydraConfig.get().mode == RunMode.MULTIRUN and not isinstance(err, Interrupted):
                 _failed_jobs.append(f"job {HydraConfig.get().job.num} ({' '.join(HydraConfig.get().overrides.task)})")
                 return None
-            raise SystemExit(2) from None
+            raise SystemExit(err.exit_code) from None
 
     return task
 
@@ -71,9 +72,18 @@ def _train(cfg: DictConfig) -> float:
     from kdcl.config import validate
     from kdcl.stages import run_pipeline
 
+    out = _output_dir()
+    if cfg.resume:
+        out = Path(cfg.resume)
+        saved = out / ".hydra" / "config.yaml"
+        if not saved.is_file():
+            raise KdclError(f"resume={cfg.resume}: no kdcl run there ({saved} is missing)",
+                            fix="pass the run directory of an earlier kdcl train (the one holding summary.csv or teacher/)")
+        log.info("resuming the run in %s with its own config", out)
+        cfg = OmegaConf.load(saved)
     validate(cfg)
-    summary = run_pipeline(_plain(cfg), _output_dir())
-    log.info("wrote %s", _output_dir() / "summary.csv")
+    summary = run_pipeline(_plain(cfg), out)
+    log.info("wrote %s", out / "summary.csv")
     return float(summary.set_index("model").loc["distill", "best_val_acc"])
 
 
@@ -82,8 +92,9 @@ def _eval(cfg: DictConfig) -> None:
 
     if OmegaConf.is_missing(cfg, "checkpoint"):
         raise KdclError("no checkpoint given", fix="kdcl eval checkpoint=PATH/TO/best.pt")
-    dataset = _plain(cfg)["dataset"] if cfg.get("dataset") else None
-    run_eval(cfg.checkpoint, dataset, cfg.device, cfg.batch_size, _output_dir())
+    plain = _plain(cfg)
+    model = {"name": plain["model"], "kwargs": plain["model_kwargs"] or {}} if plain["model"] else None
+    run_eval(cfg.checkpoint, plain.get("dataset"), cfg.device, cfg.batch_size, _output_dir(), model)
     log.info("wrote %s", _output_dir() / "eval.csv")
 
 
@@ -110,6 +121,17 @@ examples:
 """
 
 
+def _check_writable(overrides: list[str]) -> None:
+    """Refuse an output directory that cannot be created, before Hydra tries (and prints a traceback)."""
+    dirs = [a.split("=", 1)[1] for a in overrides if a.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
+    for target in dirs or ["outputs"]:
+        path = Path(target).expanduser().absolute()
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise KdclError(f"cannot create the output directory {path}: {existing} is not a writable directory",
+                            fix="choose a writable hydra.run.dir (or hydra.sweep.dir), or run from a writable directory")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     commands = "\n".join(f"  {name:<7}{text}" for name, (_, text) in COMMANDS.items())
@@ -120,6 +142,11 @@ def main(argv: list[str] | None = None) -> None:
     if name not in COMMANDS:
         _report(KdclError(f"unknown command {name!r}", fix=f"use one of: {', '.join(COMMANDS)} (see kdcl --help)"))
         raise SystemExit(2)
+    try:
+        _check_writable(rest)
+    except KdclError as err:
+        _report(err)
+        raise SystemExit(err.exit_code) from None
     sys.argv = [f"kdcl {name}", *rest]
     COMMANDS[name][0]()
     if _failed_jobs:

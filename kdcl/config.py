@@ -87,6 +87,9 @@ def validate(cfg: Any) -> None:
             ok = False
         if not ok:
             raise KdclError(f"{key}={value!r} is out of range", fix=f"{key} must be {text}")
+    if OmegaConf.select(cfg, "distill.teacher_route") and not OmegaConf.select(cfg, "teacher.route_points"):
+        raise KdclError("distill.teacher_route=true needs checkpoints saved during teacher training",
+                        fix="set teacher.route_points=N (N ≥ 1) and train the teacher in this run")
     for key, registry in _registered_names().items():  # before any training, not when first used
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and value not in registry:

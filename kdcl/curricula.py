@@ -258,6 +258,27 @@ class DataSchedule:
             self._pos += self.batch_size
         self.last_fraction = len(self._pool) / len(self.order)
 
+    def epoch_batches(self, steps: range, start_state: dict[str, Any] | None = None) -> list[Tensor]:
+        """The index batches of one epoch, drawn up front. ``start_state`` (the plan as it
+        was when the epoch began) redraws an epoch that was interrupted half-way."""
+        if start_state is None:
+            return list(self.batches(steps))
+        now = self.state_dict()
+        self.load_state_dict(start_state)
+        batches = list(self.batches(steps))
+        self.load_state_dict(now)
+        return batches
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that changes while training (tensors and numbers only)."""
+        state = {k: v for k, v in vars(self).items() if not callable(v) and not isinstance(v, torch.Generator)}
+        return {**state, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        self.generator.set_state(state.pop("generator"))
+        vars(self).update(state)
+
     def sample_weights(self, idx: Tensor, losses: Tensor, step: int) -> Tensor | None:
         """Per-example weights of this batch's losses (None: all 1)."""
         return None
@@ -333,8 +354,8 @@ register_plan("paced")(PacedSchedule)
 
 
 class SelfPacedSchedule(DataSchedule):
-    """Self-paced learning: all data is drawn, but only examples whose current loss is
-    below λ count. Hard weights (Kumar, Packer & Koller 2010): ``v_i = 1[ℓ_i < λ]``; soft
+    """Self-paced learning: all data is drawn, but only examples whose current loss ℓ_i
+    (the student's cross-entropy with the label) is below λ count. Hard weights (Kumar, Packer & Koller 2010): ``v_i = 1[ℓ_i < λ]``; soft
     linear weights (Jiang et al. 2014): ``v_i = max(0, 1 − ℓ_i/λ)``. λ starts at
     ``lambda_start`` and is multiplied by ``mu`` after every epoch.
     """

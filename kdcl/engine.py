@@ -1,8 +1,9 @@
 """The training loop and evaluation, shared by every stage.
 
 ``fit`` trains one model for a fixed number of optimizer steps, evaluates on the
-validation split after every epoch, writes one metrics row per epoch and keeps
-``best.pt`` (highest validation accuracy) and ``last.pt``.
+validation split after every epoch, writes one metrics row per epoch, keeps
+``best.pt`` (highest validation accuracy) and ``last.pt``, and can be cut off and
+resumed at any step boundary (``kdcl.resume``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Collection
+from typing import Any, Callable, Collection
 
 import torch
 from torch import Tensor, nn
@@ -21,11 +22,12 @@ from torch import Tensor, nn
 from kdcl.checkpoint import save_checkpoint
 from kdcl.console import progress_bar
 from kdcl.curricula import DataSchedule, LearnedEpochs
-from kdcl.data import DataBundle, Source
+from kdcl.data import Batch, DataBundle, Source
 from kdcl.dynamic import DistillControl
 from kdcl.errors import KdclError
 from kdcl.losses import DistillLoss
 from kdcl.report import MetricsTable
+from kdcl.resume import STOP, Cursor, Interrupted, check_same_config, cursor_state, load_state, rng_states, save_state, set_rng_states
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ class Trainer:
     eval_batch_size: int
     amp: bool
     early_stopping_patience: int | None = None
+    checkpoint_every_steps: int | None = None
 
     def autocast(self):
         if not self.amp:
@@ -56,7 +59,28 @@ class FitResult:
     seconds: float
     best_path: Path
     last_path: Path
-    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Stage:
+    """What one training stage trains, and with what."""
+
+    name: str
+    model: nn.Module
+    loss_fn: DistillLoss
+    control: DistillControl
+    plan: DataSchedule
+    optimizer: torch.optim.Optimizer
+    lr_schedule: torch.optim.lr_scheduler.LRScheduler
+    out_dir: Path
+    meta: dict[str, Any]  # checkpoint metadata (model spec, data, config)
+    teacher_at: Callable[[int], nn.Module] | None = None  # the teacher for an optimizer step
+    dynamics: LearnedEpochs | None = None
+    keep_epochs: Collection[int] = ()
+
+    def modules(self) -> dict[str, Any]:
+        return {"model": self.model, "loss": self.loss_fn, "control": self.control,
+                "optimizer": self.optimizer, "lr_schedule": self.lr_schedule}
 
 
 @dataclass
@@ -86,9 +110,9 @@ def evaluate(model: nn.Module, source: Source, data: DataBundle, trainer: Traine
 class _Meter:
     """Running sums kept on the device; read once per epoch (one sync)."""
 
-    def __init__(self) -> None:
-        self.sums: dict[str, Tensor] = {}
-        self.count = 0
+    def __init__(self, sums: dict[str, Tensor] | None = None, count: int = 0) -> None:
+        self.sums: dict[str, Tensor] = dict(sums or {})
+        self.count = count
 
     def add(self, terms: dict[str, Tensor], logits: Tensor, y: Tensor) -> None:
         values = {**{k: v.detach().sum() for k, v in terms.items()}, "correct": (logits.argmax(1) == y).sum()}
@@ -100,86 +124,131 @@ class _Meter:
         return {k: float(v) / self.count for k, v in self.sums.items()}
 
 
-def fit(
-    name: str,
-    model: nn.Module,
-    data: DataBundle,
-    plan: DataSchedule,
-    loss_fn: DistillLoss,
-    control: DistillControl,
-    optimizer: torch.optim.Optimizer,
-    lr_schedule: torch.optim.lr_scheduler.LRScheduler,
-    trainer: Trainer,
-    out_dir: Path,
-    meta: dict[str, Any],
-    teacher: nn.Module | None = None,
-    dynamics: LearnedEpochs | None = None,
-    keep_epochs: Collection[int] = (),
-) -> FitResult:
-    """Train ``model`` for ``trainer.epochs`` epochs of ``ceil(N / batch_size)`` steps.
+def train_step(s: Stage, data: DataBundle, trainer: Trainer, step: int, epoch: int, batch: Batch, meter: _Meter) -> None:
+    """One optimizer step: the control sets α and T, the loss gives per-example terms,
+    the plan may weight them (judging each example by its cross-entropy), and their
+    mean is back-propagated."""
+    idx, x, y = batch
+    x = data.preprocess(x, train=True)
+    teacher = s.teacher_at(step) if s.teacher_at is not None and s.loss_fn.needs_teacher else None
+    with trainer.autocast():
+        logits = s.model(x)
+        with torch.no_grad():
+            teacher_logits = teacher(x) if teacher is not None else None
+    alpha, temperature = s.control.knobs(step, idx, y, teacher_logits)
+    terms = s.loss_fn(logits, teacher_logits, y, alpha, temperature)
+    weights = s.plan.sample_weights(idx, terms.get("ce", terms["loss"]).detach(), step)
+    loss = terms["loss"].mean() if weights is None else (terms["loss"] * weights).mean()
+    if not torch.isfinite(loss):
+        bad = ", ".join(f"{k}={v.detach().float().mean().item():.4g}" for k, v in terms.items())
+        raise KdclError(
+            f"stage {s.name}: the loss is {loss.item()} at step {step} (lr {s.optimizer.param_groups[0]['lr']:.4g}; {bad})",
+            fix=f"lower optimizer.lr or check the data; {s.out_dir}/last.pt and best.pt keep the last finite epoch",
+        )
+    s.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    s.optimizer.step()
+    s.lr_schedule.step()
+    meter.add(terms, logits, y)
+    if s.dynamics is not None:
+        s.dynamics.update(idx, logits, y, epoch)
 
-    Per step: the plan picks the batch, the control sets α and T, the loss gives
-    per-example terms, the plan may weight them, and their mean is back-propagated.
-    After each epoch in ``keep_epochs`` the weights are also kept as ``epoch_NNN.pt``.
-    """
-    steps_per_epoch = math.ceil(len(data.train) / trainer.batch_size)
-    table = MetricsTable(out_dir / "metrics.csv")
-    best_path, last_path = out_dir / "best.pt", out_dir / "last.pt"
-    best_acc, best_epoch, step, stale, started = -1.0, 0, 0, 0, time.perf_counter()
-    use_teacher = teacher is not None and loss_fn.needs_teacher
-    for epoch in range(1, trainer.epochs + 1):
-        model.train()
-        meter, tic = _Meter(), time.perf_counter()
-        with progress_bar(f"{name} {epoch}/{trainer.epochs}", steps_per_epoch) as advance:
-            for idx, x, y in data.train.batches(plan.batches(range(step, step + steps_per_epoch))):
-                x = data.preprocess(x, train=True)
-                with trainer.autocast():
-                    logits = model(x)
-                    with torch.no_grad():
-                        teacher_logits = teacher(x) if use_teacher else None
-                alpha, temperature = control.knobs(step, idx, y, teacher_logits)
-                terms = loss_fn(logits, teacher_logits, y, alpha, temperature)
-                weights = plan.sample_weights(idx, terms["loss"].detach(), step)
-                loss = terms["loss"].mean() if weights is None else (terms["loss"] * weights).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                lr_schedule.step()
-                meter.add(terms, logits, y)
-                if dynamics is not None:
-                    dynamics.update(idx, logits, y, epoch)
-                step += 1
+
+def fit(s: Stage, data: DataBundle, trainer: Trainer) -> FitResult:
+    """Train for ``trainer.epochs`` epochs of ``ceil(N / batch_size)`` steps, evaluate on the
+    validation split after each, keep ``best.pt`` / ``last.pt`` (and ``epoch_NNN.pt`` for
+    ``keep_epochs``), and continue from ``resume.pt`` when an earlier run was cut off."""
+    spe = math.ceil(len(data.train) / trainer.batch_size)
+    cursor, meter, start_state = _restore(s, data)
+    table = MetricsTable(s.out_dir / "metrics.csv", keep_before_epoch=cursor.epoch)
+    started = time.perf_counter() - cursor.seconds
+    while not cursor.finished and cursor.epoch <= trainer.epochs:
+        epoch, first = cursor.epoch, (cursor.epoch - 1) * spe
+        s.model.train()
+        snapshot = s.plan.state_dict() if start_state is None else start_state  # the plan as the epoch began
+        batches = s.plan.epoch_batches(range(first, first + spe), start_state)
+        start_state = snapshot
+        tic = time.perf_counter()
+        with progress_bar(f"{s.name} {epoch}/{trainer.epochs}", spe) as advance:
+            for batch in data.train.batches(batches[cursor.step - first :]):
+                train_step(s, data, trainer, cursor.step, epoch, batch, meter)
+                cursor.step += 1
                 advance()
-        train = meter.means()
-        if not math.isfinite(train["loss"]):
-            raise KdclError(
-                f"stage {name}: the training loss became {train['loss']} in epoch {epoch}",
-                fix="lower optimizer.lr or check the data; best.pt keeps the last finite epoch's best model",
-            )
-        val = evaluate(model, data.val, data, trainer)
-        seconds = time.perf_counter() - tic
-        row = {
-            "epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": train.pop("loss"), "train_acc": train.pop("correct"),
-            "val_loss": val.loss, "val_acc": val.acc,
-            "seconds": round(seconds, 3), "samples_per_s": round(meter.count / seconds, 1),
-            **(control.columns() if use_teacher else {}),
-            **plan.epoch_end(epoch, val.logits, val.labels),
-            **{f"train_{k}": v for k, v in train.items()},
-        }
+                every = trainer.checkpoint_every_steps
+                if STOP.signum is not None or (every and cursor.step % every == 0 and cursor.step < first + spe):
+                    cursor.seconds = time.perf_counter() - started
+                    _save(s, data, cursor, meter, start_state)
+                    if STOP.signum is not None:
+                        raise Interrupted(STOP.signum, s.name, cursor.step, s.out_dir.parent)
+        row = _end_epoch(s, data, trainer, cursor, meter, time.perf_counter() - tic)
         table.append(row)
-        state = {**meta, "epoch": epoch, "step": step, "val_acc": val.acc}
-        save_checkpoint(last_path, model, state)
-        if epoch in keep_epochs:
-            save_checkpoint(out_dir / f"epoch_{epoch:03d}.pt", model, state)
-        if val.acc > best_acc:
-            best_acc, best_epoch, stale = val.acc, epoch, 0
-            save_checkpoint(best_path, model, state)
-        else:
-            stale += 1
-        log.info("%s epoch %d/%d  loss %.4f  acc %.4f  val_loss %.4f  val_acc %.4f  %.0f img/s",
-                 name, epoch, trainer.epochs, row["train_loss"], row["train_acc"], val.loss, val.acc, row["samples_per_s"])
-        if trainer.early_stopping_patience and stale >= trainer.early_stopping_patience:
-            log.info("%s: early stop after %d epochs without a better val_acc", name, stale)
-            break
-    return FitResult(best_epoch, best_acc, epoch, step, time.perf_counter() - started, best_path, last_path, table.rows)
+        log.info("%s epoch %d/%d  loss %.4f  acc %.4f  val_loss %.4f  val_acc %.4f  %.0f img/s", s.name, epoch,
+                 trainer.epochs, row["train_loss"], row["train_acc"], row["val_loss"], row["val_acc"], row["samples_per_s"])
+        if trainer.early_stopping_patience and cursor.stale >= trainer.early_stopping_patience:
+            log.info("%s: early stop after %d epochs without a better val_acc", s.name, cursor.stale)
+            cursor.finished = True
+        cursor.epoch, cursor.seconds, meter, start_state = epoch + 1, time.perf_counter() - started, _Meter(), None
+        _save(s, data, cursor, meter, None)
+    return FitResult(cursor.best_epoch, cursor.best_acc, cursor.last_epoch, cursor.step, cursor.seconds,
+                     s.out_dir / "best.pt", s.out_dir / "last.pt")
+
+
+def _end_epoch(s: Stage, data: DataBundle, trainer: Trainer, cursor: Cursor, meter: _Meter, seconds: float) -> dict[str, Any]:
+    """Validate, keep the checkpoints, and return the epoch's metrics row."""
+    epoch = cursor.epoch
+    train = meter.means()
+    val = evaluate(s.model, data.val, data, trainer)
+    row = {
+        "epoch": epoch, "step": cursor.step, "lr": s.optimizer.param_groups[0]["lr"],
+        "train_loss": train.pop("loss"), "train_acc": train.pop("correct"),
+        "val_loss": val.loss, "val_acc": val.acc,
+        "seconds": round(seconds, 3), "samples_per_s": round(meter.count / seconds, 1),
+        **(s.control.columns() if s.teacher_at is not None and s.loss_fn.needs_teacher else {}),
+        **s.plan.epoch_end(epoch, val.logits, val.labels),
+        **{f"train_{k}": v for k, v in train.items()},
+    }
+    state = {**s.meta, "epoch": epoch, "step": cursor.step, "val_acc": val.acc}
+    save_checkpoint(s.out_dir / "last.pt", s.model, state)
+    if epoch in s.keep_epochs:
+        save_checkpoint(s.out_dir / f"epoch_{epoch:03d}.pt", s.model, state)
+    cursor.last_epoch = epoch
+    if val.acc > cursor.best_acc:
+        cursor.best_acc, cursor.best_epoch, cursor.stale = val.acc, epoch, 0
+        save_checkpoint(s.out_dir / "best.pt", s.model, state)
+    else:
+        cursor.stale += 1
+    return row
+
+
+def _generators(s: Stage, data: DataBundle) -> dict[str, torch.Generator]:
+    return {"preprocess": data.preprocess.generator}
+
+
+def _save(s: Stage, data: DataBundle, cursor: Cursor, meter: _Meter, start_state: dict | None) -> None:
+    save_state(s.out_dir / "resume.pt", {
+        "config": s.meta["config"], "cursor": cursor_state(cursor),
+        "modules": {k: m.state_dict() for k, m in s.modules().items()},
+        "plan": s.plan.state_dict(), "plan_at_epoch_start": start_state,
+        "meter": {"sums": meter.sums, "count": meter.count},
+        "dynamics": s.dynamics.last_wrong if s.dynamics is not None else None,
+        "rng": rng_states(_generators(s, data)),
+    })
+
+
+def _restore(s: Stage, data: DataBundle) -> tuple[Cursor, _Meter, dict | None]:
+    """The stage's saved state, loaded into its parts; a fresh start when there is none."""
+    path = s.out_dir / "resume.pt"
+    state = load_state(path)
+    if state is None:
+        return Cursor(), _Meter(), None
+    check_same_config(state["config"], s.meta["config"], path)
+    for key, module in s.modules().items():
+        module.load_state_dict(state["modules"][key])
+    s.plan.load_state_dict(state["plan"])
+    if s.dynamics is not None:
+        s.dynamics.last_wrong.copy_(state["dynamics"])
+    set_rng_states(state["rng"], _generators(s, data))
+    cursor = Cursor(**state["cursor"])
+    log.info("%s: resuming at epoch %d, step %d (from %s)", s.name, cursor.epoch, cursor.step, path)
+    meter = _Meter({k: v.to(data.preprocess.mean.device) for k, v in state["meter"]["sums"].items()}, state["meter"]["count"])
+    return cursor, meter, state["plan_at_epoch_start"]

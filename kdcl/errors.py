@@ -10,6 +10,8 @@ from __future__ import annotations
 class KdclError(Exception):
     """An error caused by the user's input, configuration, data or environment."""
 
+    exit_code = 2
+
     def __init__(self, what: str, fix: str | None = None):
         self.what = what
         self.fix = fix

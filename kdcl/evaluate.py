@@ -11,26 +11,41 @@ import pandas as pd
 import torch
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from kdcl.checkpoint import load_checkpoint, model_from_checkpoint
+from kdcl.checkpoint import is_kdcl, load_weights, model_from_checkpoint, read_checkpoint
 from kdcl.config import resolve_device
 from kdcl.data import load_data
 from kdcl.engine import Trainer, evaluate
-from kdcl.models import count_params, size_mb
+from kdcl.errors import KdclError
+from kdcl.models import count_params, create_model, size_mb
 from kdcl.report import print_table, write_csv
 from kdcl.stages import check_compatible
 
 log = logging.getLogger(__name__)
 
 
-def run_eval(checkpoint: str, dataset: dict[str, Any] | None, device_name: str, batch_size: int, out: Path) -> pd.DataFrame:
-    """Evaluate ``checkpoint`` and write ``eval.csv``, ``eval_per_class.csv`` and ``confusion.csv``."""
-    ckpt = load_checkpoint(checkpoint)
+def run_eval(checkpoint: str, dataset: dict[str, Any] | None, device_name: str, batch_size: int, out: Path,
+             model_spec: dict[str, Any] | None = None) -> pd.DataFrame:
+    """Evaluate ``checkpoint`` and write ``eval.csv``, ``eval_per_class.csv`` and ``confusion.csv``.
+
+    A kdcl checkpoint describes itself; a plain ``state_dict`` file (torchvision's, say)
+    needs ``model_spec`` (name and kwargs) and a dataset."""
+    ckpt = read_checkpoint(checkpoint)
     device = resolve_device(device_name)
-    # The model was trained with its checkpoint's normalisation: keep it on any dataset.
-    dataset = {**(dataset or ckpt["config"]["dataset"]), **ckpt["normalization"]}
-    data = load_data(dataset, device, channels_last=False, seed=0)
-    check_compatible(ckpt, data, "checkpoint")
-    model = model_from_checkpoint(ckpt).to(device)
+    if is_kdcl(ckpt):
+        # The model was trained with its checkpoint's normalisation: keep it on any dataset.
+        data = load_data({**(dataset or ckpt["config"]["dataset"]), **ckpt["normalization"]}, device, False, 0)
+        check_compatible(ckpt, data, "checkpoint")
+        model = model_from_checkpoint(ckpt).to(device)
+        name, stage = ckpt["model"]["name"], ckpt.get("stage")
+    else:
+        if not model_spec or not dataset:
+            raise KdclError(f"{checkpoint} is a plain state_dict, which does not say what model or data it is for",
+                            fix="add model=NAME (e.g. resnet18) and dataset=NAME to the command")
+        data = load_data(dataset, device, False, 0)
+        name, stage = model_spec["name"], "state_dict"
+        model = create_model(name, data.num_classes, data.input_shape, **model_spec["kwargs"])
+        load_weights(model, ckpt, f"{checkpoint} as model {name!r}")
+        model = model.to(device)
     trainer = Trainer(device, epochs=0, batch_size=batch_size, eval_batch_size=batch_size, amp=device.type == "cuda")
     result = evaluate(model, data.test, data, trainer)
     preds, labels = result.logits.argmax(1).numpy(), result.labels.numpy()
@@ -39,7 +54,7 @@ def run_eval(checkpoint: str, dataset: dict[str, Any] | None, device_name: str, 
     per_class = pd.DataFrame({"class": data.class_names, "precision": precision, "recall": recall, "f1": f1, "support": support})
     confusion = pd.DataFrame(confusion_matrix(labels, preds, labels=classes), index=data.class_names, columns=data.class_names)
     summary = pd.DataFrame([{
-        "checkpoint": str(Path(checkpoint).resolve()), "model": ckpt["model"]["name"], "stage": ckpt.get("stage"),
+        "checkpoint": str(Path(checkpoint).resolve()), "model": name, "stage": stage,
         "dataset": data.name, "split": "test", "examples": len(labels), "acc": result.acc, "loss": result.loss,
         "macro_f1": float(f1.mean()), "params": count_params(model), "size_mb": round(size_mb(model), 4),
         "batch_size": batch_size, "latency_ms_per_batch": latency_ms(model, data, trainer), "device": str(device),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 from typing import Any, Iterable
@@ -17,20 +16,23 @@ if not stdout.is_terminal:
 
 
 class MetricsTable:
-    """An append-only CSV, flushed after every row (a killed run keeps whole rows)."""
+    """A per-epoch CSV, rewritten atomically after every row (a killed run keeps whole rows).
 
-    def __init__(self, path: Path):
+    ``keep_before_epoch`` keeps the rows of epochs a resumed stage has already finished
+    and drops any later ones, so resuming never duplicates a row.
+    """
+
+    def __init__(self, path: Path, keep_before_epoch: int = 1):
         self.path = path
-        self.rows: list[dict[str, Any]] = []
+        self.frame = pd.DataFrame()
+        if keep_before_epoch > 1 and path.is_file():
+            old = pd.read_csv(path)
+            self.frame = old[old["epoch"] < keep_before_epoch]
 
     def append(self, row: dict[str, Any]) -> None:
-        new = not self.rows
-        self.rows.append(row)
-        with self.path.open("w" if new else "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(self.rows[0]))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        new = pd.DataFrame([row])
+        self.frame = new if self.frame.empty else pd.concat([self.frame, new], ignore_index=True)
+        write_csv(self.frame, self.path)
 
 
 def write_csv(frame: pd.DataFrame, path: Path) -> None:

@@ -13,7 +13,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 import torch
@@ -25,12 +25,13 @@ from kdcl.config import model_option, resolve_device
 from kdcl.curricula import PLANS, DataSchedule, LearnedEpochs, PlanInputs, ScoreContext, difficulty_rank, make_order, score_all
 from kdcl.data import DataBundle, load_data
 from kdcl.dynamic import DistillControl
-from kdcl.engine import Trainer, evaluate, fit
+from kdcl.engine import Stage, Trainer, evaluate, fit
 from kdcl.errors import KdclError
 from kdcl.losses import create_loss
 from kdcl.models import count_params, create_model, size_mb
 from kdcl.optim import build_optimizer, build_schedule
 from kdcl.report import print_table, write_csv
+from kdcl.resume import check_same_config, graceful_stop, read_done, write_done
 
 log = logging.getLogger(__name__)
 
@@ -83,21 +84,22 @@ def run_pipeline(cfg: dict[str, Any], out: Path) -> pd.DataFrame:
     trainer = Trainer(
         device=device, epochs=t["epochs"], batch_size=t["batch_size"], eval_batch_size=t["eval_batch_size"],
         amp=device.type == "cuda" if t["amp"] == "auto" else bool(t["amp"]),
-        early_stopping_patience=t["early_stopping_patience"],
+        early_stopping_patience=t["early_stopping_patience"], checkpoint_every_steps=t["checkpoint_every_steps"],
     )
     data = load_data(cfg["dataset"], device, t["channels_last"], cfg["seed"])
     log.info("data %s: %d train / %d val / %d test, %d classes, input %s, device %s",
              data.name, len(data.train), len(data.val), len(data.test), data.num_classes, data.input_shape, device)
     run = Run(cfg, out, trainer, data, t["channels_last"])
-    teacher_stage(run)
-    if cfg["baseline"]:
-        student_stage(run, "baseline", CE_ONLY, NO_CURRICULUM)
-    curriculum_stage(run)
-    assistant_stages(run)
-    student_stage(run, "distill", cfg["distill"], cfg["curriculum"])
-    for name, arm in (cfg.get("arms") or {}).items():
-        merged = OmegaConf.to_container(OmegaConf.merge({k: cfg[k] for k in ("distill", "curriculum")}, arm))
-        student_stage(run, name, merged["distill"], merged["curriculum"])
+    with graceful_stop():
+        teacher_stage(run)
+        if cfg["baseline"]:
+            student_stage(run, "baseline", CE_ONLY, NO_CURRICULUM)
+        curriculum_stage(run)
+        assistant_stages(run)
+        student_stage(run, "distill", cfg["distill"], cfg["curriculum"])
+        for name, arm in (cfg.get("arms") or {}).items():
+            merged = OmegaConf.to_container(OmegaConf.merge({k: cfg[k] for k in ("distill", "curriculum")}, arm))
+            student_stage(run, name, merged["distill"], merged["curriculum"])
     return summarize(run)
 
 
@@ -121,9 +123,7 @@ def teacher_stage(run: Run) -> None:
         keep = {round(run.trainer.epochs * k / (points + 1)) for k in range(1, points + 1)} - {0}
         model = train(run, "teacher", spec, CE_ONLY, NO_CURRICULUM, seed=run.cfg["seed"], dynamics=dynamics,
                       keep_epochs=keep)
-        run.learned_epoch = dynamics.learned_epoch()
-        write_csv(pd.DataFrame({"index": run.data.train.origin, "learned_epoch": run.learned_epoch.numpy()}),
-                  run.out / "teacher" / "dynamics.csv")
+        run.learned_epoch = torch.tensor(pd.read_csv(run.out / "teacher" / "dynamics.csv")["learned_epoch"].to_numpy())
     run.teacher = model.eval().requires_grad_(False)
 
 
@@ -202,40 +202,39 @@ def self_taught_logits(run: Run):
     return lambda: evaluate(baseline, run.data.train, run.data, run.trainer).logits
 
 
-def route_teacher(run: Run) -> nn.Module:
+def route_teacher(run: Run) -> Callable[[int], nn.Module]:
     """RCO (Jin et al. 2019): the teacher's checkpoints from its own training, early ones
     first, then its best, each teaching an equal share of the student's steps."""
     paths = sorted((run.out / "teacher").glob("epoch_*.pt"))
     if not paths:
         raise KdclError("distill.teacher_route=true needs checkpoints saved during teacher training",
                         fix="set teacher.route_points=N (N ≥ 1) and train the teacher in this run")
-    anchors = [run.to_device(model_from_checkpoint(load_checkpoint(p))) for p in paths] + [run.teacher]
-    return TeacherRoute(anchors, math.ceil(run.total_steps / len(anchors)))
+    anchors = [run.to_device(model_from_checkpoint(load_checkpoint(p))).eval().requires_grad_(False) for p in paths]
+    return teacher_route([*anchors, run.teacher], run.total_steps)
 
 
-class TeacherRoute(nn.Module):
-    """Successive teachers, switched every ``phase_steps`` training forward passes.
-
-    The engine runs the teacher exactly once per optimizer step, so counting forward
-    passes counts steps."""
-
-    def __init__(self, anchors: list[nn.Module], phase_steps: int):
-        super().__init__()
-        self.anchors = nn.ModuleList(anchors).eval().requires_grad_(False)
-        self.phase_steps = phase_steps
-        self.calls = 0
-
-    def forward(self, x: Tensor) -> Tensor:
-        anchor = self.anchors[min(self.calls // self.phase_steps, len(self.anchors) - 1)]
-        self.calls += 1
-        return anchor(x)
+def teacher_route(anchors: list[nn.Module], total_steps: int) -> Callable[[int], nn.Module]:
+    """Step → teacher: each anchor in turn for an equal share of the steps."""
+    phase = math.ceil(total_steps / len(anchors))
+    return lambda step: anchors[min(step // phase, len(anchors) - 1)]
 
 
 def train(run: Run, stage: str, spec: dict, loss_cfg: dict, curriculum: dict, seed: int,
           dynamics: LearnedEpochs | None = None, keep_epochs: set[int] = frozenset()) -> nn.Module:
-    """Train one model for the run's step budget; return its best (validation) weights."""
+    """Train one model for the run's step budget; return its best (validation) weights.
+
+    A stage that finished in an earlier run of the same run directory is not trained
+    again, and one that was cut off continues where it stopped."""
     out = run.stage_dir(stage)
     data = run.data
+    done = read_done(out / "done.json")
+    if done is not None:
+        check_same_config(done["config"], run.cfg, out / "done.json")
+        log.info("%s: finished in an earlier run (%s), not trained again", stage, out / "done.json")
+        best = run.to_device(model_from_checkpoint(load_checkpoint(out / "best.pt")))
+        test_columns(run, stage, best)
+        run.rows[stage] = done["row"]
+        return best
     torch.manual_seed(seed)
     data.preprocess.generator.manual_seed(seed)
     model = run.to_device(create_model(spec["name"], data.num_classes, data.input_shape,
@@ -248,12 +247,12 @@ def train(run: Run, stage: str, spec: dict, loss_cfg: dict, curriculum: dict, se
     groups = [{"params": model.parameters()}, {"params": control.parameters(), "weight_decay": 0.0}]
     optimizer = build_optimizer(groups, run.cfg["optimizer"])
     lr_schedule = build_schedule(optimizer, run.cfg["scheduler"], run.total_steps, run.steps_per_epoch)
-    plan = build_plan(run, curriculum, seed)
+    teacher_at = route_teacher(run) if loss_cfg.get("teacher_route") else (lambda step: run.teacher)
     log.info("%s: %s, %s params, %d epochs × %d steps, loss %s, curriculum %s", stage, spec["name"],
              f"{count_params(model):,}", run.trainer.epochs, run.steps_per_epoch, loss_cfg["name"], curriculum["type"])
-    teacher = route_teacher(run) if loss_cfg.get("teacher_route") else run.teacher
-    result = fit(stage, model, data, plan, loss_fn, control, optimizer, lr_schedule, run.trainer, out,
-                 checkpoint_meta(run, stage, spec), teacher=teacher, dynamics=dynamics, keep_epochs=keep_epochs)
+    parts = Stage(stage, model, loss_fn, control, build_plan(run, curriculum, seed), optimizer, lr_schedule, out,
+                  checkpoint_meta(run, stage, spec), teacher_at if run.teacher is not None else None, dynamics, keep_epochs)
+    result = fit(parts, data, run.trainer)
     last = evaluate(model, data.test, data, run.trainer)
     best = run.to_device(model_from_checkpoint(load_checkpoint(result.best_path)))
     run.rows[stage] = {
@@ -264,6 +263,11 @@ def train(run: Run, stage: str, spec: dict, loss_cfg: dict, curriculum: dict, se
         "checkpoint": str(result.best_path.resolve()), **test_columns(run, stage, best),
         "test_acc_last": last.acc,
     }
+    if dynamics is not None:
+        learned = pd.DataFrame({"index": data.train.origin, "learned_epoch": dynamics.learned_epoch().numpy()})
+        write_csv(learned, out / "dynamics.csv")
+    write_done(out / "done.json", run.rows[stage], run.cfg)
+    (out / "resume.pt").unlink(missing_ok=True)
     return best
 
 

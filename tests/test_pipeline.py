@@ -168,8 +168,10 @@ def test_loader_path_runs_the_pipeline(compose_cfg, tmp_path):
 
 def test_nan_loss_stops_with_a_clear_message(compose_cfg, tmp_path):
     cfg = compose_cfg(["trainer.epochs=1", "dataset.max_train_samples=200", "optimizer.lr=1e30"])
-    with pytest.raises(KdclError, match="training loss became"):
+    with pytest.raises(KdclError, match=r"stage teacher: the loss is (nan|inf) at step \d+ \(lr .*ce=") as err:
         run_pipeline(cfg, tmp_path)
+    assert "optimizer.lr" in err.value.fix
+    assert (tmp_path / "teacher" / "resume.pt").is_file() or not (tmp_path / "teacher" / "last.pt").exists()
 
 
 def test_arms_share_teacher_and_budget(compose_cfg, tmp_path):
@@ -205,7 +207,7 @@ def test_self_paced_and_ctkd_columns(compose_cfg, tmp_path):
                        "baseline=false"])
     run_pipeline(cfg, tmp_path)
     metrics = pd.read_csv(tmp_path / "distill" / "metrics.csv")
-    assert metrics["spl_lambda"].tolist() == pytest.approx([1.0, 1.3])
+    assert metrics["spl_lambda"].tolist() == pytest.approx([2.5, 2.5 * 1.15])
     assert metrics["spl_active"].between(0, 1).all()
     assert metrics["temperature"].between(1, 21).all() and metrics["temperature"].iloc[-1] != 4.0
 
@@ -236,20 +238,22 @@ def test_teacher_route_and_assistants(compose_cfg, tmp_path):
 
 
 def test_teacher_route_switches_anchor_every_phase():
-    from kdcl.stages import TeacherRoute
+    from kdcl.stages import teacher_route
 
-    anchors = [torch.nn.Linear(2, 2) for _ in range(3)]
-    route = TeacherRoute(anchors, phase_steps=4)
-    x = torch.randn(1, 2)
-    used = []
-    for _ in range(14):
-        out = route(x)
-        used.append(next(i for i, a in enumerate(anchors) if torch.equal(out, a(x))))
-    assert used == [0] * 4 + [1] * 4 + [2] * 6  # early checkpoints first, the last one to the end
-    assert not any(p.requires_grad for p in route.parameters())
+    anchors = ["early", "middle", "final"]
+    route = teacher_route(anchors, total_steps=12)
+    assert [route(t) for t in range(12)] == ["early"] * 4 + ["middle"] * 4 + ["final"] * 4
 
 
-def test_route_without_checkpoints_is_a_clear_error(compose_cfg, tmp_path):
-    cfg = compose_cfg([*QUICK, "distill.teacher_route=true", "baseline=false"])
+def test_route_without_checkpoints_is_a_clear_error(compose_cfg, quick_run, tmp_path):
+    from omegaconf import OmegaConf
+
+    from kdcl.config import validate
+
+    with pytest.raises(KdclError, match="teacher.route_points"):
+        validate(OmegaConf.create(compose_cfg([*QUICK, "distill.teacher_route=true"])))
+    _, out, _ = quick_run  # a teacher from a checkpoint has no route either
+    cfg = compose_cfg([*QUICK, "distill.teacher_route=true", "teacher.route_points=2", "baseline=false",
+                       f"teacher.checkpoint={out / 'teacher' / 'best.pt'}"])
     with pytest.raises(KdclError, match="teacher.route_points"):
         run_pipeline(cfg, tmp_path)
