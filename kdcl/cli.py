@@ -8,6 +8,7 @@ calls that subcommand's Hydra entry point with the rest (``--help``, ``--cfg job
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from importlib import resources
@@ -23,6 +24,7 @@ from rich.markup import escape
 
 from kdcl.console import console
 from kdcl.errors import KdclError
+from kdcl.failures import failed, record_failure
 
 log = logging.getLogger("kdcl")
 
@@ -36,7 +38,6 @@ def _conf_dir() -> str:
 
 
 CONF_DIR = _conf_dir()
-_failed_jobs: list[str] = []
 
 
 def _report(err: KdclError) -> None:
@@ -47,7 +48,8 @@ def _report(err: KdclError) -> None:
 
 def _guarded(job: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     """Turn a :class:`KdclError` into one message: exit 2 for a single run; in a sweep,
-    record the failed job, let the others run, and exit 1 at the end."""
+    record the failed job (see :mod:`kdcl.failures`), let the others run, and exit 1 at
+    the end. A failed job returns NaN, which an Optuna search counts as a failed trial."""
 
     def task(cfg: DictConfig) -> Any:
         try:
@@ -57,8 +59,8 @@ def _guarded(job: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
                 raise
             _report(err)
             if HydraConfig.get().mode == RunMode.MULTIRUN:
-                _failed_jobs.append(f"job {HydraConfig.get().job.num} ({' '.join(HydraConfig.get().overrides.task)})")
-                return None
+                record_failure(err)
+                return math.nan
             raise SystemExit(2) from None
 
     return task
@@ -131,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     sys.argv = [f"kdcl {name}", *rest]
     COMMANDS[name][0]()
-    if _failed_jobs:
-        console.print(f"[bold red]{len(_failed_jobs)} job(s) failed:[/] " + "; ".join(_failed_jobs))
+    if failed:
+        console.print(f"[bold red]{len(failed)} job(s) failed:[/]", highlight=False)
+        for line in failed:
+            console.print(f"  {escape(line)}", highlight=False, soft_wrap=True)
         raise SystemExit(1)

@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from kdcl.cache import StageCache, open_cache, reuse_or_train
 from kdcl.checkpoint import load_checkpoint, model_from_checkpoint
 from kdcl.config import resolve_device
 from kdcl.curricula import PACINGS, SCORERS, DataSchedule, Pacing, full_data, teacher_loss_and_confidence
@@ -51,6 +52,7 @@ class Run:
     test_logits: dict[str, Tensor] = field(default_factory=dict)  # per model, for teacher agreement
     order: Tensor | None = None  # training examples, easiest first
     pacing: Pacing = full_data
+    cache: StageCache | None = None  # teacher and baseline results shared across runs
 
     @property
     def steps_per_epoch(self) -> int:
@@ -82,7 +84,7 @@ def run_pipeline(cfg: dict[str, Any], out: Path) -> pd.DataFrame:
     data = load_data(cfg["dataset"], device, t["channels_last"], cfg["seed"])
     log.info("data %s: %d train / %d val / %d test, %d classes, input %s, device %s",
              data.name, len(data.train), len(data.val), len(data.test), data.num_classes, data.input_shape, device)
-    run = Run(cfg, out, trainer, data, t["channels_last"])
+    run = Run(cfg, out, trainer, data, t["channels_last"], cache=open_cache(cfg))
     teacher_stage(run)
     curriculum_stage(run)
     if cfg["baseline"]:
@@ -106,7 +108,8 @@ def teacher_stage(run: Run) -> None:
                "checkpoint": str(Path(spec["checkpoint"]).resolve())}
         run.rows["teacher"] = {**row, **test_columns(run, "teacher", model)}
     else:
-        model = train(run, "teacher", spec, {"name": "none"}, full_data, None, seed=run.cfg["seed"])
+        model = reuse_or_train(run, "teacher", lambda: train(run, "teacher", spec, {"name": "none"}, full_data, None,
+                                                             seed=run.cfg["seed"]))
     run.teacher = model.eval().requires_grad_(False)
 
 
@@ -145,8 +148,10 @@ def curriculum_stage(run: Run) -> None:
 
 
 def student_stage(run: Run, name: str, loss_cfg: dict, pacing: Pacing, order: Tensor | None) -> None:
-    """Train the student; every student stage starts from the same initial weights."""
-    train(run, name, run.cfg["student"], loss_cfg, pacing, order, seed=run.cfg["seed"] + 1)
+    """Train the student (the baseline may come from the cache); every student stage
+    starts from the same initial weights."""
+    reuse_or_train(run, name, lambda: train(run, name, run.cfg["student"], loss_cfg, pacing, order,
+                                            seed=run.cfg["seed"] + 1))
     same = run.test_logits[name].argmax(1) == run.test_logits["teacher"].argmax(1)
     run.rows[name]["teacher_agreement"] = same.float().mean().item()
 
