@@ -1,4 +1,4 @@
-"""The ``kdcl`` command: ``kdcl train|eval [Hydra overrides]``.
+"""The ``kdcl`` command: ``kdcl train|eval [Hydra overrides]`` and ``kdcl report PATH ...``.
 
 Hydra parses ``sys.argv[1:]``, so the dispatcher takes the subcommand off first and
 calls that subcommand's Hydra entry point with the rest (``--help``, ``--cfg job`` and
@@ -98,15 +98,27 @@ def _eval(cfg: DictConfig) -> None:
     log.info("wrote %s", _output_dir() / "eval.csv")
 
 
+def report() -> None:
+    """``kdcl report``: plain arguments (argparse), not a Hydra app."""
+    from kdcl.sweep_report import main as report_main
+
+    try:
+        report_main(sys.argv[1:])
+    except KdclError as err:
+        _report(err)
+        raise SystemExit(2) from None
+
+
 train = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(_guarded(_train))
 evaluate = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")(_guarded(_eval))
 
 COMMANDS: dict[str, tuple[Callable[[], Any], str]] = {
     "train": (train, "teacher → curriculum → baseline → distill; writes metrics tables and summary.csv"),
     "eval": (evaluate, "test a checkpoint: kdcl eval checkpoint=PATH [dataset=...]; writes eval.csv"),
+    "report": (report, "one table over runs and sweeps: kdcl report PATH [PATH ...]; writes report.csv/.md, PNGs"),
 }
 
-USAGE = """usage: kdcl COMMAND [HYDRA OVERRIDES ...]
+USAGE = """usage: kdcl COMMAND [HYDRA OVERRIDES ...]   (kdcl report: kdcl report PATH [PATH ...])
 
 commands:
 {commands}
@@ -115,6 +127,7 @@ examples:
   kdcl train                                   # offline default: digits, every stage
   kdcl train +experiment=cifar10_cpu           # CIFAR-10 from ../shared/data/cifar10
   kdcl train -m distill.alpha=0.1,0.9 distill.temperature=1,4
+  kdcl report outputs/multirun/DATE/TIME       # table, alpha × T heatmap, seeds, curves
   kdcl eval checkpoint=outputs/train/.../distill/best.pt
   kdcl train --help                            # config groups and options
   kdcl train --cfg job                         # print the composed config
