@@ -8,7 +8,6 @@ calls that subcommand's Hydra entry point with the rest (``--help``, ``--cfg job
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 from importlib import resources
@@ -49,7 +48,7 @@ def _report(err: KdclError) -> None:
 def _guarded(job: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     """Turn a :class:`KdclError` into one message: exit 2 for a single run; in a sweep,
     record the failed job (see :mod:`kdcl.failures`), let the others run, and exit 1 at
-    the end. A failed job returns NaN, which an Optuna search counts as a failed trial."""
+    the end. A failed job returns None, which an Optuna search records as a failed trial."""
 
     def task(cfg: DictConfig) -> Any:
         try:
@@ -60,7 +59,7 @@ def _guarded(job: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
             _report(err)
             if HydraConfig.get().mode == RunMode.MULTIRUN:
                 record_failure(err)
-                return math.nan
+                return None
             raise SystemExit(2) from None
 
     return task
