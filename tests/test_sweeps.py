@@ -69,6 +69,7 @@ def test_failed_job_in_a_joblib_worker_fails_the_sweep(cli, tmp_path):
     assert not (sweep / "0" / "failed.txt").exists()
 
 
+@pytest.mark.filterwarnings("ignore:Deprecated API features detected")  # optuna 2.10 on SQLAlchemy 1.4
 def test_optuna_trials_return_the_validation_objective(cli, tmp_path):
     sweep, storage = tmp_path / "sweep", f"sqlite:///{tmp_path / 'study.db'}"
     result = cli("train", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", f"hydra.sweeper.storage={storage}",
