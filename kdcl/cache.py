@@ -134,14 +134,15 @@ def reuse_or_train(run: Run, stage: str, produce: Callable[[], nn.Module]) -> nn
     On a hit the run gets the cached folder, the cached summary row (its checkpoint path
     pointing at the run's copy) and the test logits of the cached best model.
     """
-    if run.cache is None or stage not in CACHED_STAGES:
+    cache = open_cache(run.cfg)
+    if cache is None or stage not in CACHED_STAGES:
         return produce()
     key = stage_key(run.cfg, stage, run.trainer)
     name = f"{stage}-{digest(key)}"
-    with run.cache.claim(name) as entry:
+    with cache.claim(name) as entry:
         if entry is None:
             model = produce()
-            run.cache.store(name, run.out / stage, {"key": key, "row": run.rows[stage], "run": str(run.out)})
+            cache.store(name, run.out / stage, {"key": key, "row": run.rows[stage], "run": str(run.out)})
             log.info("stored %s in the cache (key %s)", stage, name)
             return model
     log.info("reused %s from cache (key %s, trained by %s)", stage, name, entry.meta["run"])

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from kdcl.cache import StageCache, open_cache, reuse_or_train
+from kdcl.cache import reuse_or_train
 from kdcl.checkpoint import load_checkpoint, model_from_checkpoint
 from kdcl.config import resolve_device
 from kdcl.curricula import PACINGS, SCORERS, DataSchedule, Pacing, full_data, teacher_loss_and_confidence
@@ -52,7 +52,6 @@ class Run:
     test_logits: dict[str, Tensor] = field(default_factory=dict)  # per model, for teacher agreement
     order: Tensor | None = None  # training examples, easiest first
     pacing: Pacing = full_data
-    cache: StageCache | None = None  # teacher and baseline results shared across runs
 
     @property
     def steps_per_epoch(self) -> int:
@@ -84,7 +83,7 @@ def run_pipeline(cfg: dict[str, Any], out: Path) -> pd.DataFrame:
     data = load_data(cfg["dataset"], device, t["channels_last"], cfg["seed"])
     log.info("data %s: %d train / %d val / %d test, %d classes, input %s, device %s",
              data.name, len(data.train), len(data.val), len(data.test), data.num_classes, data.input_shape, device)
-    run = Run(cfg, out, trainer, data, t["channels_last"], cache=open_cache(cfg))
+    run = Run(cfg, out, trainer, data, t["channels_last"])
     teacher_stage(run)
     curriculum_stage(run)
     if cfg["baseline"]:
