@@ -3,12 +3,13 @@ reported whichever process ran them, and `kdcl train` returns the validation obj
 
 from __future__ import annotations
 
-import optuna
 import pandas as pd
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
+from kdcl import failures
 from kdcl.cli import CONF_DIR
 from test_cli import assert_clean_error
 
@@ -44,6 +45,7 @@ def test_cfg_hydra_shows_the_launcher(cli):
     assert result.returncode == 0 and "JoblibLauncher" in result.stdout
 
 
+@pytest.mark.slow  # worker processes
 def test_joblib_jobs_share_one_teacher(cli, tmp_path):
     sweep = tmp_path / "sweep"
     result = cli("train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "distill.alpha=0.5,0.9", *TINY,
@@ -57,20 +59,34 @@ def test_joblib_jobs_share_one_teacher(cli, tmp_path):
     assert teachers[0] == teachers[1]
 
 
+@pytest.mark.slow  # worker processes
 def test_failed_job_in_a_joblib_worker_fails_the_sweep(cli, tmp_path):
     sweep = tmp_path / "sweep"
     result = cli("train", "-m", "hydra/launcher=joblib", "distill.alpha=1.5,0.5", *TINY, f"hydra.sweep.dir={sweep}")
     assert_clean_error(result, "distill.alpha=1.5 is out of range", "1 job(s) failed", "job 0 (distill.alpha=1.5")
     assert result.returncode == 1
     assert (sweep / "1" / "summary.csv").is_file() and (sweep / "0" / "failed.txt").is_file()
-    # the next sweep into the same folder starts without the old failure
-    again = cli("train", "-m", "distill.alpha=0.5", *TINY, f"hydra.sweep.dir={sweep}")
-    assert again.returncode == 0, again.stderr
-    assert not (sweep / "0" / "failed.txt").exists()
 
 
+def test_failure_records_belong_to_one_sweep(tmp_path, monkeypatch):
+    monkeypatch.setattr(failures, "failed", [])
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    (tmp_path / "0").mkdir()
+    (tmp_path / "0" / "failed.txt").write_text("job 0 (seed=1): from an earlier sweep into this folder\n")
+    callback = failures.FailedJobs()
+    callback.on_multirun_start(config)
+    assert not (tmp_path / "0" / "failed.txt").exists()
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "failed.txt").write_text("job 1 (seed=2): broke\n")
+    callback.on_multirun_end(config)
+    assert failures.failed == ["job 1 (seed=2): broke"]
+
+
+@pytest.mark.slow  # three runs
 @pytest.mark.filterwarnings("ignore:Deprecated API features detected")  # optuna 2.10 on SQLAlchemy 1.4
 def test_optuna_trials_return_the_validation_objective(cli, tmp_path):
+    import optuna  # here, so that the warning filter covers its import
+
     sweep, storage = tmp_path / "sweep", f"sqlite:///{tmp_path / 'study.db'}"
     result = cli("train", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", f"hydra.sweeper.storage={storage}",
                  *TINY, f"hydra.sweep.dir={sweep}")
