@@ -82,7 +82,6 @@ def test_failure_records_belong_to_one_sweep(tmp_path, monkeypatch):
     assert failures.failed == ["job 1 (seed=2): broke"]
 
 
-@pytest.mark.slow  # three runs
 @pytest.mark.filterwarnings("ignore:Deprecated API features detected")  # optuna 2.10 on SQLAlchemy 1.4
 def test_optuna_trials_return_the_validation_objective(cli, tmp_path):
     import optuna  # here, so that the warning filter covers its import
