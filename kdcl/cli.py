@@ -1,4 +1,4 @@
-"""The ``kdcl`` command: ``kdcl train|eval [Hydra overrides]``.
+"""The ``kdcl`` command: ``kdcl train|eval [Hydra overrides]`` and ``kdcl report PATH ...``.
 
 Hydra parses ``sys.argv[1:]``, so the dispatcher takes the subcommand off first and
 calls that subcommand's Hydra entry point with the rest (``--help``, ``--cfg job`` and
@@ -23,12 +23,12 @@ from rich.markup import escape
 from kdcl.config import CONF_DIR
 from kdcl.console import console
 from kdcl.errors import KdclError
+from kdcl.failures import failed, record_failure
 from kdcl.resume import Interrupted
 
 log = logging.getLogger("kdcl")
 
 
-_failed_jobs: list[str] = []
 
 
 def _report(err: KdclError) -> None:
@@ -39,7 +39,8 @@ def _report(err: KdclError) -> None:
 
 def _guarded(job: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     """Turn a :class:`KdclError` into one message: exit 2 for a single run; in a sweep,
-    record the failed job, let the others run, and exit 1 at the end."""
+    record the failed job (see :mod:`kdcl.failures`), let the others run, and exit 1 at
+    the end. A failed job returns None, which an Optuna search records as a failed trial."""
 
     def task(cfg: DictConfig) -> Any:
         try:
@@ -49,7 +50,7 @@ def _guarded(job: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
                 raise
             _report(err)
             if HydraConfig.get().mode == RunMode.MULTIRUN and not isinstance(err, Interrupted):
-                _failed_jobs.append(f"job {HydraConfig.get().job.num} ({' '.join(HydraConfig.get().overrides.task)})")
+                record_failure(err)
                 return None
             raise SystemExit(err.exit_code) from None
 
@@ -98,15 +99,27 @@ def _eval(cfg: DictConfig) -> None:
     log.info("wrote %s", _output_dir() / "eval.csv")
 
 
+def report() -> None:
+    """``kdcl report``: plain arguments (argparse), not a Hydra app."""
+    from kdcl.sweep_report import main as report_main
+
+    try:
+        report_main(sys.argv[1:])
+    except KdclError as err:
+        _report(err)
+        raise SystemExit(2) from None
+
+
 train = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(_guarded(_train))
 evaluate = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")(_guarded(_eval))
 
 COMMANDS: dict[str, tuple[Callable[[], Any], str]] = {
     "train": (train, "teacher → curriculum → baseline → distill; writes metrics tables and summary.csv"),
     "eval": (evaluate, "test a checkpoint: kdcl eval checkpoint=PATH [dataset=...]; writes eval.csv"),
+    "report": (report, "one table over runs and sweeps: kdcl report PATH [PATH ...]; writes report.csv/.md, PNGs"),
 }
 
-USAGE = """usage: kdcl COMMAND [HYDRA OVERRIDES ...]
+USAGE = """usage: kdcl COMMAND [HYDRA OVERRIDES ...]   (kdcl report: kdcl report PATH [PATH ...])
 
 commands:
 {commands}
@@ -115,6 +128,7 @@ examples:
   kdcl train                                   # offline default: digits, every stage
   kdcl train +experiment=cifar10_cpu           # CIFAR-10 from ../shared/data/cifar10
   kdcl train -m distill.alpha=0.1,0.9 distill.temperature=1,4
+  kdcl report outputs/multirun/DATE/TIME       # table, alpha × T heatmap, seeds, curves
   kdcl eval checkpoint=outputs/train/.../distill/best.pt
   kdcl train --help                            # config groups and options
   kdcl train --cfg job                         # print the composed config
@@ -149,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(err.exit_code) from None
     sys.argv = [f"kdcl {name}", *rest]
     COMMANDS[name][0]()
-    if _failed_jobs:
-        console.print(f"[bold red]{len(_failed_jobs)} job(s) failed:[/] " + "; ".join(_failed_jobs))
+    if failed:
+        console.print(f"[bold red]{len(failed)} job(s) failed:[/]", highlight=False)
+        for line in failed:
+            console.print(f"  {escape(line)}", highlight=False, soft_wrap=True)
         raise SystemExit(1)

@@ -33,6 +33,7 @@ def model_option(name: str) -> dict[str, Any]:
 
 # key -> (is the value allowed?, what is allowed); keys absent from a config are skipped.
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "cache": (lambda v: isinstance(v, bool), "true or false"),
     "distill.alpha": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "distill.temperature": (lambda v: v > 0, "a number > 0"),
     "dataset.val_fraction": (lambda v: 0 < v < 1, "a fraction in (0, 1)"),

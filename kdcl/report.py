@@ -1,4 +1,4 @@
-"""Metrics tables: per-epoch CSVs, the run summary, and their console rendering."""
+"""Metrics tables: per-epoch CSVs, the run summary, and their console and Markdown rendering."""
 
 from __future__ import annotations
 
@@ -57,3 +57,10 @@ def print_table(frame: pd.DataFrame, title: str, columns: Iterable[str] | None =
     for _, row in frame.iterrows():
         table.add_row(*(_fmt(row[c]) for c in columns))
     stdout.print(table)
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A table as Markdown, its numbers formatted like the console tables."""
+    lines = [list(map(str, frame.columns)), ["---"] * len(frame.columns)]
+    lines += [[_fmt(v) for v in row] for row in frame.itertuples(index=False)]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)

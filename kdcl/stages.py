@@ -20,6 +20,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
+from kdcl.cache import reuse_or_train
 from kdcl.checkpoint import load_checkpoint, model_from_checkpoint
 from kdcl.config import model_option, resolve_device
 from kdcl.curricula import PLANS, DataSchedule, LearnedEpochs, PlanInputs, ScoreContext, difficulty_rank, make_order, score_all
@@ -121,8 +122,8 @@ def teacher_stage(run: Run) -> None:
         dynamics = LearnedEpochs(len(run.data.train), run.trainer.device)
         points = spec["route_points"]
         keep = {round(run.trainer.epochs * k / (points + 1)) for k in range(1, points + 1)} - {0}
-        model = train(run, "teacher", spec, CE_ONLY, NO_CURRICULUM, seed=run.cfg["seed"], dynamics=dynamics,
-                      keep_epochs=keep)
+        model = reuse_or_train(run, "teacher", lambda: train(run, "teacher", spec, CE_ONLY, NO_CURRICULUM,
+                                                             seed=run.cfg["seed"], dynamics=dynamics, keep_epochs=keep))
         run.learned_epoch = torch.tensor(pd.read_csv(run.out / "teacher" / "dynamics.csv")["learned_epoch"].to_numpy())
     run.teacher = model.eval().requires_grad_(False)
 
@@ -169,8 +170,10 @@ def assistant_stages(run: Run) -> None:
 
 
 def student_stage(run: Run, name: str, loss_cfg: dict, curriculum: dict) -> None:
-    """Train the student; every student stage starts from the same initial weights."""
-    train(run, name, run.cfg["student"], loss_cfg, curriculum, seed=run.cfg["seed"] + 1)
+    """Train the student (the baseline may come from the cache); every student stage
+    starts from the same initial weights."""
+    reuse_or_train(run, name, lambda: train(run, name, run.cfg["student"], loss_cfg, curriculum,
+                                            seed=run.cfg["seed"] + 1))
     same = run.test_logits[name].argmax(1) == run.test_logits["teacher"].argmax(1)
     run.rows[name]["teacher_agreement"] = same.float().mean().item()
 

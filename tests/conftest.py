@@ -19,7 +19,12 @@ QUICK = ["trainer.epochs=2", "dataset.max_train_samples=600", "trainer.batch_siz
 
 
 def compose_config(overrides: list[str], config_name: str = "config") -> dict[str, Any]:
-    """The resolved config ``kdcl train OVERRIDES`` would run with, as plain containers."""
+    """The resolved config ``kdcl train OVERRIDES`` would run with, as plain containers.
+
+    The stage cache is off unless the overrides turn it on: in-process tests train every stage.
+    """
+    if config_name == "config":
+        overrides = ["cache=false", *overrides]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name=config_name, overrides=overrides)
     return OmegaConf.to_container(cfg, resolve=True)

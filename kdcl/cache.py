@@ -1,0 +1,157 @@
+"""The stage cache: train a teacher or a baseline once, reuse it across runs and sweep jobs.
+
+An entry is one stage's whole output folder (checkpoints, metrics, any other file the
+stage writes) plus its summary row, stored under a key that hashes exactly the config
+that determines the stage (:func:`stage_key`). Changing ``distill.*`` or
+``curriculum.*`` hits the teacher and baseline entries; changing the recipe misses.
+
+Safe with parallel jobs: a job holds an exclusive file lock on the key while it looks
+the entry up and, on a miss, while it trains and stores the stage, so other jobs wait
+for it and then reuse its result. An entry is built in a temporary folder inside the
+cache and renamed into place: a job that dies mid-way leaves a temporary folder (removed
+by the next job that takes the lock), never an entry that looks complete.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from torch import nn
+
+from kdcl.checkpoint import load_checkpoint, model_from_checkpoint
+from kdcl.engine import Trainer, evaluate
+from kdcl.errors import KdclError
+from kdcl.resume import write_done
+
+if TYPE_CHECKING:
+    from kdcl.stages import Run
+
+log = logging.getLogger(__name__)
+
+# Bump when a code change alters what the teacher or baseline stage produces for the
+# same config: every older entry then misses.
+STAGE_VERSION = 1
+
+# The cached stages and the model spec each one trains.
+CACHED_STAGES = {"teacher": "teacher", "baseline": "student"}
+
+# Keys that change speed, not results; left out of the key. trainer.device and
+# trainer.amp are replaced by the resolved device type and precision.
+NOT_IN_KEY = {"trainer": ("device", "amp", "eval_batch_size", "checkpoint_every_steps"),
+              "dataset": ("num_workers", "download")}
+
+ENTRY_FILE = "entry.json"
+
+
+def stage_key(cfg: dict[str, Any], stage: str, trainer: Trainer) -> dict[str, Any]:
+    """The config that determines ``stage``'s result: what the cache key hashes."""
+    sections = {name: {k: v for k, v in cfg[name].items() if k not in NOT_IN_KEY.get(name, ())}
+                for name in ("dataset", "trainer", "optimizer", "scheduler")}
+    root = sections["dataset"].get("root")
+    if isinstance(root, str):  # relative roots resolve against the working directory
+        sections["dataset"]["root"] = str(Path(root).expanduser().resolve())
+    sections["trainer"].update(device_type=trainer.device.type, amp=trainer.amp)
+    return {"stage": stage, "stage_version": STAGE_VERSION, "model": cfg[CACHED_STAGES[stage]],
+            **sections, "seed": cfg["seed"]}
+
+
+def digest(key: dict[str, Any]) -> str:
+    """A short, stable hash of a key."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Entry:
+    """A complete cache entry: ``files/`` (the stage folder) and ``entry.json``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.meta: dict[str, Any] = json.loads((path / ENTRY_FILE).read_text())
+
+    def restore(self, dest: Path) -> None:
+        """Copy the stage folder into ``dest`` (copies, not links: the run may rewrite its files)."""
+        shutil.copytree(self.path / "files", dest, dirs_exist_ok=True)
+
+
+class StageCache:
+    """A folder of entries, one per stage key, each guarded by its own lock file."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise KdclError(f"cannot create cache_dir {root} ({err.strerror})",
+                            fix="set cache_dir=DIR to a writable folder, or cache=false") from None
+
+    @contextmanager
+    def claim(self, name: str) -> Iterator[Entry | None]:
+        """Hold the lock of entry ``name``; yield the entry, or None when it has to be built."""
+        with (self.root / f"{name}.lock").open("a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("waiting for another job to finish %s", name)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                for stale in self.root.glob(f".tmp-{name}-*"):  # left by a job that died mid-fill
+                    shutil.rmtree(stale, ignore_errors=True)
+                done = (self.root / name / ENTRY_FILE).is_file()
+                yield Entry(self.root / name) if done else None
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def store(self, name: str, source: Path, meta: dict[str, Any]) -> Entry:
+        """Copy ``source`` and ``meta`` into entry ``name``, atomically; call inside :meth:`claim`."""
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=self.root))
+        try:
+            shutil.copytree(source, tmp / "files")
+            (tmp / ENTRY_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            final = self.root / name
+            if final.exists():  # a folder without entry.json (damaged by hand) would block the rename
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return Entry(final)
+
+
+def open_cache(cfg: dict[str, Any]) -> StageCache | None:
+    """The run's stage cache (``cache_dir``), or None with ``cache=false``."""
+    return StageCache(Path(cfg["cache_dir"]).expanduser().resolve()) if cfg["cache"] else None
+
+
+def reuse_or_train(run: Run, stage: str, produce: Callable[[], nn.Module]) -> nn.Module:
+    """Reuse ``stage``'s cached result, or ``produce`` it (train it into its folder) and store it.
+
+    On a hit the run gets the cached folder, the cached summary row (its checkpoint path
+    pointing at the run's copy) and the test logits of the cached best model.
+    """
+    cache = open_cache(run.cfg)
+    if cache is None or stage not in CACHED_STAGES:
+        return produce()
+    key = stage_key(run.cfg, stage, run.trainer)
+    name = f"{stage}-{digest(key)}"
+    with cache.claim(name) as entry:
+        if entry is None:
+            model = produce()
+            cache.store(name, run.out / stage, {"key": key, "row": run.rows[stage], "run": str(run.out)})
+            log.info("stored %s in the cache (key %s)", stage, name)
+            return model
+    log.info("reused %s from cache (key %s, trained by %s)", stage, name, entry.meta["run"])
+    entry.restore(run.stage_dir(stage))
+    best = (run.out / stage / "best.pt").resolve()
+    model = run.to_device(model_from_checkpoint(load_checkpoint(best)))
+    run.rows[stage] = {**entry.meta["row"], "checkpoint": str(best)}
+    write_done(run.out / stage / "done.json", run.rows[stage], run.cfg)  # finished, under this run's config
+    run.test_logits[stage] = evaluate(model, run.data.test, run.data, run.trainer).logits
+    return model
