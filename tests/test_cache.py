@@ -138,7 +138,7 @@ def test_teacher_checkpoint_bypasses_the_cache(compose_cfg, tmp_path, caplog):
 
 def test_a_failed_stage_stores_nothing(compose_cfg, tmp_path):
     cache = tmp_path / "cache"
-    with pytest.raises(KdclError, match="training loss became"):
+    with pytest.raises(KdclError, match="the loss is (nan|inf)"):
         cached_run(compose_cfg, cache, tmp_path / "nan", "optimizer.lr=1e30")
     assert entries(cache) == []
 
