@@ -83,7 +83,8 @@ def _train(cfg: DictConfig) -> float:
     validate(cfg)
     summary = run_pipeline(_plain(cfg), _output_dir())
     log.info("wrote %s", _output_dir() / "summary.csv")
-    return float(summary.set_index("model").loc["distill", "best_val_acc"])
+    student = f"gen_{cfg.born_again.generations}" if cfg.born_again.generations else "distill"
+    return float(summary.set_index("model").loc[student, "best_val_acc"])
 
 
 def _eval(cfg: DictConfig) -> None:

@@ -24,8 +24,9 @@ from kdcl.curricula import DataSchedule, LearnedEpochs
 from kdcl.data import DataBundle, Source
 from kdcl.dynamic import DistillControl
 from kdcl.errors import KdclError
-from kdcl.losses import DistillLoss
+from kdcl.losses import DistillLoss, LossContext
 from kdcl.report import MetricsTable
+from kdcl.teachers import Teachers
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,39 @@ class _Meter:
         return {k: float(v) / self.count for k, v in self.sums.items()}
 
 
+@dataclass
+class _Step:
+    """One optimizer step: the plan's batch through the student (and the teachers), the
+    control's α and T, the per-example loss, the plan's weights, backward, update."""
+
+    model: nn.Module
+    teacher: Teachers | None
+    data: DataBundle
+    plan: DataSchedule
+    loss_fn: DistillLoss
+    control: DistillControl
+    optimizer: torch.optim.Optimizer
+    lr_schedule: torch.optim.lr_scheduler.LRScheduler
+    trainer: Trainer
+
+    def __call__(self, step: int, idx: Tensor, x: Tensor, y: Tensor, ctx: LossContext) -> tuple[Tensor, dict[str, Tensor]]:
+        x = self.data.preprocess(x, train=True)
+        with self.trainer.autocast():
+            logits = self.model(self.control.student_input(x))
+            with torch.no_grad():
+                teacher_logits = self.teacher(x, y) if self.teacher is not None else None
+        teacher_logits = self.control.teacher_output(teacher_logits)
+        alpha, temperature = self.control.knobs(step, idx, y, teacher_logits)
+        terms = self.loss_fn(logits, teacher_logits, y, alpha, temperature, ctx)
+        weights = self.plan.sample_weights(idx, terms["loss"].detach(), step)
+        loss = terms["loss"].mean() if weights is None else (terms["loss"] * weights).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.lr_schedule.step()
+        return logits, terms
+
+
 def fit(
     name: str,
     model: nn.Module,
@@ -112,37 +146,32 @@ def fit(
     trainer: Trainer,
     out_dir: Path,
     meta: dict[str, Any],
-    teacher: nn.Module | None = None,
+    teacher: Teachers | None = None,
     dynamics: LearnedEpochs | None = None,
+    features: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None,
 ) -> FitResult:
     """Train ``model`` for ``trainer.epochs`` epochs of ``ceil(N / batch_size)`` steps.
 
-    Per step: the plan picks the batch, the control sets α and T, the loss gives
-    per-example terms, the plan may weight them, and their mean is back-propagated.
+    Per step (:class:`_Step`): the plan picks the batch, the control sets α and T, the
+    loss gives per-example terms, the plan may weight them, and their mean is
+    back-propagated. ``features`` are the student's and the teacher's hooked layers
+    (:class:`kdcl.features.FeatureTap`), handed to the loss with the epoch. The loss's
+    own trained state (adapters) is saved in the checkpoints under ``loss_state``, apart
+    from the model's weights.
     """
     steps_per_epoch = math.ceil(len(data.train) / trainer.batch_size)
     table = MetricsTable(out_dir / "metrics.csv")
     best_path, last_path = out_dir / "best.pt", out_dir / "last.pt"
     best_acc, best_epoch, step, stale, started = -1.0, 0, 0, 0, time.perf_counter()
     use_teacher = teacher is not None and loss_fn.needs_teacher
+    train_step = _Step(model, teacher if use_teacher else None, data, plan, loss_fn, control, optimizer, lr_schedule, trainer)
     for epoch in range(1, trainer.epochs + 1):
         model.train()
         meter, tic = _Meter(), time.perf_counter()
+        ctx = LossContext(epoch, *(features or ({}, {})))
         with progress_bar(f"{name} {epoch}/{trainer.epochs}", steps_per_epoch) as advance:
             for idx, x, y in data.train.batches(plan.batches(range(step, step + steps_per_epoch))):
-                x = data.preprocess(x, train=True)
-                with trainer.autocast():
-                    logits = model(x)
-                    with torch.no_grad():
-                        teacher_logits = teacher(x) if use_teacher else None
-                alpha, temperature = control.knobs(step, idx, y, teacher_logits)
-                terms = loss_fn(logits, teacher_logits, y, alpha, temperature)
-                weights = plan.sample_weights(idx, terms["loss"].detach(), step)
-                loss = terms["loss"].mean() if weights is None else (terms["loss"] * weights).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                lr_schedule.step()
+                logits, terms = train_step(step, idx, x, y, ctx)
                 meter.add(terms, logits, y)
                 if dynamics is not None:
                     dynamics.update(idx, logits, y, epoch)
@@ -166,7 +195,8 @@ def fit(
             **{f"train_{k}": v for k, v in train.items()},
         }
         table.append(row)
-        state = {**meta, "epoch": epoch, "step": step, "val_acc": val.acc}
+        loss_state = {k: v.detach().cpu() for k, v in loss_fn.state_dict().items()}
+        state = {**meta, "epoch": epoch, "step": step, "val_acc": val.acc, **({"loss_state": loss_state} if loss_state else {})}
         save_checkpoint(last_path, model, state)
         if val.acc > best_acc:
             best_acc, best_epoch, stale = val.acc, epoch, 0
