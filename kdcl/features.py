@@ -193,8 +193,9 @@ def resolve_layers(model: nn.Module, spec: str | Sequence[str], role: str, examp
                 refs += ALIASES.get(item)(model, probe(model, example))
             except AliasUnavailable as why:
                 raise KdclError(f"{role} layer {item!r}: {type(model).__name__} has {why}",
-                                fix=f"name a layer of the {role} ({', '.join(names)}) or another alias "
-                                    f"({', '.join(a for a in ALIASES.names() if a != item)})") from None
+                                fix=f"name a layer of the {role} ({', '.join(names)}), another alias "
+                                    f"({', '.join(a for a in ALIASES.names() if a != item)}), or use a "
+                                    f"convolutional {role} (e.g. {role}=cnn_small)") from None
             continue
         path, _, point = str(item).partition(":")
         if path not in names or point not in ("", "input"):

@@ -96,6 +96,7 @@ def run_pipeline(cfg: dict[str, Any], out: Path) -> pd.DataFrame:
         cfg = {**cfg, "student": {k: teacher_specs(cfg)[0][k] for k in ("name", "kwargs", "pretrained")}}
         log.info("born-again: the student takes the teacher's architecture, %s", cfg["student"]["name"])
     run = Run(cfg, out, trainer, data, t["channels_last"])
+    check_losses(run)
     teacher_stage(run)
     if cfg["baseline"]:
         student_stage(run, "baseline", CE_ONLY, NO_CURRICULUM)
@@ -213,6 +214,20 @@ def build_plan(run: Run, spec: dict[str, Any], seed: int | None = None) -> DataS
                         labels, class_difficulty, run.total_steps, run.steps_per_epoch, run.trainer.batch_size,
                         run.cfg["seed"] if seed is None else seed)
     return PLANS.create(spec["type"], inputs)
+
+
+def check_losses(run: Run) -> None:
+    """Build every distillation loss of the run (distill and arms) and bind it to untrained
+    student and teacher models, so a bad key or layer name stops the run before anything trains."""
+    cfg, shape = run.cfg, run.data.input_shape
+    spec = teacher_specs(cfg)[0]
+    teacher = model_from_checkpoint(load_checkpoint(spec["checkpoint"])) if spec["checkpoint"] else \
+        create_model(spec["name"], run.data.num_classes, shape, **spec["kwargs"])
+    student = create_model(cfg["student"]["name"], run.data.num_classes, shape, **cfg["student"]["kwargs"])
+    for loss_cfg in [cfg["distill"], *(arm_config(cfg, arm)[0] for arm in (cfg.get("arms") or {}).values())]:
+        loss_fn = create_loss(loss_cfg)
+        if loss_fn.needs_teacher:
+            loss_fn.bind(student, teacher, torch.zeros(2, *shape))
 
 
 def arm_config(cfg: dict[str, Any], arm: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
