@@ -189,14 +189,17 @@ class SoftCrossEntropy(DistillLoss):
     term's gradient scale independent of T, so α means the same at every T.
     """
 
+    term = "soft_ce"
+    gamma = 0.0
+
     def distill(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight,
                 ctx: LossContext) -> tuple[Tensor, dict[str, Tensor]]:
-        soft = soft_cross_entropy(student_logits, teacher_logits, temperature)
-        return soft, {"soft_ce": soft}
+        soft = soft_cross_entropy(student_logits, teacher_logits, temperature, self.gamma)
+        return soft, {self.term: soft}
 
 
 @register_loss("focal")
-class FocalKD(DistillLoss):
+class FocalKD(SoftCrossEntropy):
     """Focal soft cross-entropy: the focal loss of Lin et al. (ICCV 2017), "Focal Loss for
     Dense Object Detection", with the teacher's soft targets in place of the one-hot label.
 
@@ -209,14 +212,11 @@ class FocalKD(DistillLoss):
     γ = 0 it is ``soft_ce``. ``gamma`` (γ) defaults to 2, Lin et al.'s choice.
     """
 
+    term = "focal"
+
     def __init__(self, alpha: float = 0.9, temperature: float = 4.0, gamma: float = 2.0):
         super().__init__(alpha, temperature)
         self.gamma = float(gamma)
-
-    def distill(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight,
-                ctx: LossContext) -> tuple[Tensor, dict[str, Tensor]]:
-        focal = soft_cross_entropy(student_logits, teacher_logits, temperature, self.gamma)
-        return focal, {"focal": focal}
 
 
 def decoupled_kl(student_logits: Tensor, teacher_logits: Tensor, target: Tensor,

@@ -30,6 +30,14 @@ def hooks(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
+def run_patched(cfg: dict, out, **patches) -> pd.DataFrame:
+    """``run_pipeline`` with names of kdcl.stages replaced (spies), the summary by model."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in patches.items():
+            mp.setattr(stages, name, value)
+        return run_pipeline(cfg, out).set_index("model")
+
+
 def recomputed_ensemble_acc(cfg: dict, checkpoints: list) -> float:
     """Test accuracy of the mean softmax of the checkpoints' models, from scratch."""
     data = load_data(cfg["dataset"], torch.device("cpu"), True, cfg["seed"])
@@ -55,10 +63,7 @@ def methods_run(tmp_path_factory):
             super().__init__(*args, **kwargs)
             taps.append(self)
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(stages, "FeatureTap", Recorded)
-        summary = run_pipeline(cfg, out)
-    return cfg, out, summary.set_index("model"), taps
+    return cfg, out, run_patched(cfg, out, FeatureTap=Recorded), taps
 
 
 def test_several_teachers_train_into_their_folders(methods_run):
@@ -148,10 +153,7 @@ def born_again_run(tmp_path_factory):
             teachers[name] = {k: v.clone() for k, v in teacher.lead.state_dict().items()}
         return real_fit(name, *args, teacher=teacher, **kwargs)
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(stages, "fit", spy)
-        summary = run_pipeline(cfg, out)
-    return cfg, out, summary.set_index("model"), teachers
+    return cfg, out, run_patched(cfg, out, fit=spy), teachers
 
 
 def test_born_again_runs_generations_and_their_ensemble(born_again_run):
