@@ -345,8 +345,8 @@ class FitNet(FeatureLoss):
                 ctx: LossContext) -> tuple[Tensor, dict[str, Tensor]]:
         hint = 0
         for regressor, (fs, ft) in zip(self.adapters, self.features(ctx)):
-            fs, ft = match_spatial(regressor(fs), ft)
-            hint = hint + (fs.float() - ft.float()).pow(2).flatten(1).mean(1)
+            fs, ft = match_spatial(regressor(fs.float()), ft)  # fp32 regressors, also under bf16 autocast
+            hint = hint + (fs - ft.float()).pow(2).flatten(1).mean(1)
         return hint, {"hint": hint}
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, alpha: Weight,
