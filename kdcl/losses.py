@@ -345,7 +345,7 @@ class FitNet(FeatureLoss):
                 ctx: LossContext) -> tuple[Tensor, dict[str, Tensor]]:
         hint = 0
         for regressor, (fs, ft) in zip(self.adapters, self.features(ctx)):
-            fs, ft = match_spatial(regressor(fs.float()), ft)  # fp32 regressors, also under bf16 autocast
+            fs, ft = match_spatial(regressor(fs.to(regressor.weight.dtype)), ft)  # under bf16 autocast too
             hint = hint + (fs - ft.float()).pow(2).flatten(1).mean(1)
         return hint, {"hint": hint}
 
