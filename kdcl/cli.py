@@ -85,7 +85,8 @@ def _train(cfg: DictConfig) -> float:
     validate(cfg)
     summary = run_pipeline(_plain(cfg), out)
     log.info("wrote %s", out / "summary.csv")
-    return float(summary.set_index("model").loc["distill", "best_val_acc"])
+    student = f"gen_{cfg.born_again.generations}" if cfg.born_again.generations else "distill"
+    return float(summary.set_index("model").loc[student, "best_val_acc"])
 
 
 def _eval(cfg: DictConfig) -> None:

@@ -25,17 +25,17 @@ CONF_DIR = _conf_dir()
 
 def model_option(name: str) -> dict[str, Any]:
     """The model spec of a ``conf/teacher`` option (``cnn_small`` → name cnn, width 8)."""
-    path = Path(CONF_DIR) / "teacher" / f"{name}.yaml"
-    if not path.is_file():
-        options = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise KdclError(f"unknown model option {name!r}", fix=f"choose one of: {', '.join(options)}")
-    return {"pretrained": False, **OmegaConf.to_container(OmegaConf.load(path))}
+    return {"pretrained": False, **group_option("teacher", name)}
+
 
 # key -> (is the value allowed?, what is allowed); keys absent from a config are skipped.
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "cache": (lambda v: isinstance(v, bool), "true or false"),
     "distill.alpha": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "distill.temperature": (lambda v: v > 0, "a number > 0"),
+    "distill.teacher_noise": (lambda v: v >= 0, "a number ≥ 0"),
+    "distill.input_noise": (lambda v: v >= 0, "a number ≥ 0"),
+    "born_again.generations": (lambda v: isinstance(v, int) and v >= 0, "an integer ≥ 0"),
     "dataset.val_fraction": (lambda v: 0 < v < 1, "a fraction in (0, 1)"),
     "dataset.test_fraction": (lambda v: 0 < v < 1, "a fraction in (0, 1)"),
     "dataset.max_train_samples": (lambda v: v is None or v >= 1, "null or an integer ≥ 1"),
@@ -105,3 +105,16 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise KdclError("trainer.device=cuda but no CUDA GPU is available", fix="use trainer.device=auto or cpu")
     return device
+
+
+def group_option(group: str, name: str) -> dict[str, Any]:
+    """The keys of option ``name`` of config group ``group`` (``conf/<group>/<name>.yaml``,
+    without its defaults list); an unknown option lists the group's options."""
+    folder = Path(CONF_DIR) / group
+    path = folder / f"{name}.yaml"
+    if not path.is_file():
+        raise KdclError(f"{group} has no option {name!r}",
+                        fix=f"choose from: {', '.join(sorted(p.stem for p in folder.glob('*.yaml')))}")
+    option = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    option.pop("defaults", None)
+    return option

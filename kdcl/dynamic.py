@@ -1,9 +1,10 @@
-"""Dynamic distillation: α and T per optimizer step, CTKD's learnable temperature, and
-per-example KD weights from the teacher.
+"""Dynamic distillation: α and T per optimizer step, CTKD's learnable temperature,
+per-example KD weights from the teacher, and noise ("denoising" distillation).
 
 :class:`DistillControl` gives the engine, at every step, the ``alpha`` (a scalar, or one
 value per example) and ``temperature`` (a float, or a learnable tensor) that the loss
-uses, and the values to log per epoch.
+uses, the student's input and the teacher's logits with any configured noise, and the
+values to log per epoch.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ class DistillControl(nn.Module):
     """α and T for every step of a training stage, from the ``distill`` config."""
 
     def __init__(self, loss_fn: DistillLoss, cfg: dict[str, Any], total_steps: int, steps_per_epoch: int,
-                 rank: Tensor | None):
+                 rank: Tensor | None, seed: int = 0):
         super().__init__()
         self.alpha = value_schedule(loss_fn.alpha, cfg.get("alpha_start"), cfg.get("alpha_schedule", "linear"), total_steps)
         self.temperature = value_schedule(loss_fn.temperature, cfg.get("temperature_start"),
@@ -119,6 +120,26 @@ class DistillControl(nn.Module):
         self.sample_weight = SAMPLE_WEIGHTS.get(cfg.get("sample_weight", "none"))
         self.rank = rank
         self.step = 0
+        self.teacher_noise, self.input_noise = float(cfg.get("teacher_noise") or 0), float(cfg.get("input_noise") or 0)
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+
+    def _noise(self, like: Tensor, sigma: float) -> Tensor:
+        """σ·ε, ε ~ N(0, 1) from a generator seeded with the stage's seed."""
+        if self._generator is None:
+            self._generator = torch.Generator(like.device).manual_seed(self.seed)
+        return sigma * torch.empty_like(like).normal_(generator=self._generator)
+
+    def student_input(self, x: Tensor) -> Tensor:
+        """``x + σ_in·ε`` (``input_noise``, in units of the normalised input): the student
+        learns from noisy inputs while the teacher sees the clean ones."""
+        return x + self._noise(x, self.input_noise) if self.input_noise else x
+
+    def teacher_output(self, teacher_logits: Tensor | None) -> Tensor | None:
+        """``z_t + σ_t·ε`` (``teacher_noise``): Gaussian noise on the teacher's logits."""
+        if teacher_logits is None or not self.teacher_noise:
+            return teacher_logits
+        return teacher_logits + self._noise(teacher_logits, self.teacher_noise)
 
     def knobs(self, step: int, idx: Tensor, target: Tensor, teacher_logits: Tensor | None) -> tuple[Weight, Weight]:
         """(alpha, temperature) for this batch."""

@@ -25,9 +25,10 @@ from kdcl.curricula import DataSchedule, LearnedEpochs
 from kdcl.data import Batch, DataBundle, Source
 from kdcl.dynamic import DistillControl
 from kdcl.errors import KdclError
-from kdcl.losses import DistillLoss
+from kdcl.losses import DistillLoss, LossContext
 from kdcl.report import MetricsTable
 from kdcl.resume import STOP, Cursor, Interrupted, check_same_config, cursor_state, load_state, rng_states, save_state, set_rng_states
+from kdcl.teachers import Teachers
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +75,10 @@ class Stage:
     lr_schedule: torch.optim.lr_scheduler.LRScheduler
     out_dir: Path
     meta: dict[str, Any]  # checkpoint metadata (model spec, data, config)
-    teacher_at: Callable[[int], nn.Module] | None = None  # the teacher for an optimizer step
+    teacher_at: Callable[[int], Teachers] | None = None  # the teacher(s) for an optimizer step
     dynamics: LearnedEpochs | None = None
     keep_epochs: Collection[int] = ()
+    features: tuple[dict[str, Tensor], dict[str, Tensor]] = ({}, {})  # hooked student / teacher layers
 
     def modules(self) -> dict[str, Any]:
         return {"model": self.model, "loss": self.loss_fn, "control": self.control,
@@ -124,19 +126,21 @@ class _Meter:
         return {k: float(v) / self.count for k, v in self.sums.items()}
 
 
-def train_step(s: Stage, data: DataBundle, trainer: Trainer, step: int, epoch: int, batch: Batch, meter: _Meter) -> None:
-    """One optimizer step: the control sets α and T, the loss gives per-example terms,
-    the plan may weight them (judging each example by its cross-entropy), and their
-    mean is back-propagated."""
+def train_step(s: Stage, data: DataBundle, trainer: Trainer, step: int, batch: Batch, meter: _Meter,
+               ctx: LossContext) -> None:
+    """One optimizer step: the control sets α and T (and any noise), the loss gives
+    per-example terms (features from ``ctx``), the plan may weight them (judging each
+    example by its cross-entropy), and their mean is back-propagated."""
     idx, x, y = batch
     x = data.preprocess(x, train=True)
     teacher = s.teacher_at(step) if s.teacher_at is not None and s.loss_fn.needs_teacher else None
     with trainer.autocast():
-        logits = s.model(x)
+        logits = s.model(s.control.student_input(x))
         with torch.no_grad():
-            teacher_logits = teacher(x) if teacher is not None else None
+            teacher_logits = teacher(x, y) if teacher is not None else None
+    teacher_logits = s.control.teacher_output(teacher_logits)
     alpha, temperature = s.control.knobs(step, idx, y, teacher_logits)
-    terms = s.loss_fn(logits, teacher_logits, y, alpha, temperature)
+    terms = s.loss_fn(logits, teacher_logits, y, alpha, temperature, ctx)
     weights = s.plan.sample_weights(idx, terms.get("ce", terms["loss"]).detach(), step)
     loss = terms["loss"].mean() if weights is None else (terms["loss"] * weights).mean()
     if not torch.isfinite(loss):
@@ -151,7 +155,7 @@ def train_step(s: Stage, data: DataBundle, trainer: Trainer, step: int, epoch: i
     s.lr_schedule.step()
     meter.add(terms, logits, y)
     if s.dynamics is not None:
-        s.dynamics.update(idx, logits, y, epoch)
+        s.dynamics.update(idx, logits, y, ctx.epoch)
 
 
 def fit(s: Stage, data: DataBundle, trainer: Trainer) -> FitResult:
@@ -168,10 +172,10 @@ def fit(s: Stage, data: DataBundle, trainer: Trainer) -> FitResult:
         snapshot = s.plan.state_dict() if start_state is None else start_state  # the plan as the epoch began
         batches = s.plan.epoch_batches(range(first, first + spe), start_state)
         start_state = snapshot
-        tic = time.perf_counter()
+        tic, ctx = time.perf_counter(), LossContext(epoch, *s.features)
         with progress_bar(f"{s.name} {epoch}/{trainer.epochs}", spe) as advance:
             for batch in data.train.batches(batches[cursor.step - first :]):
-                train_step(s, data, trainer, cursor.step, epoch, batch, meter)
+                train_step(s, data, trainer, cursor.step, batch, meter, ctx)
                 cursor.step += 1
                 advance()
                 every = trainer.checkpoint_every_steps
@@ -207,7 +211,10 @@ def _end_epoch(s: Stage, data: DataBundle, trainer: Trainer, cursor: Cursor, met
         **s.plan.epoch_end(epoch, val.logits, val.labels),
         **{f"train_{k}": v for k, v in train.items()},
     }
-    state = {**s.meta, "epoch": epoch, "step": cursor.step, "val_acc": val.acc}
+    # The loss's own trained state (adapters) travels beside the model's weights, not in them.
+    loss_state = {k: v.detach().cpu() for k, v in s.loss_fn.state_dict().items()}
+    state = {**s.meta, "epoch": epoch, "step": cursor.step, "val_acc": val.acc,
+             **({"loss_state": loss_state} if loss_state else {})}
     save_checkpoint(s.out_dir / "last.pt", s.model, state)
     if epoch in s.keep_epochs:
         save_checkpoint(s.out_dir / f"epoch_{epoch:03d}.pt", s.model, state)

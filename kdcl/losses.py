@@ -1,28 +1,44 @@
 """Distillation losses, one registry entry each.
 
 A loss is built from the ``distill`` config group (:func:`create_loss`) and called as
-``loss(student_logits, teacher_logits, target, alpha, temperature)``. It returns a dict
-of **per-example** tensors of shape (B,): ``"loss"`` (what the engine averages, after
+``loss(student_logits, teacher_logits, target, alpha, temperature, ctx)``. It returns a
+dict of **per-example** tensors of shape (B,): ``"loss"`` (what the engine averages, after
 any per-example curriculum weights, and back-propagates) and one entry per term, which
 the engine logs as ``train_<term>`` columns of ``metrics.csv``.
 
 ``alpha`` and ``temperature`` come from the engine each step (they may follow a
 schedule, ``alpha`` may differ per example, and the temperature may be a learnable
 tensor, as in CTKD); the loss's own ``alpha`` / ``temperature`` are the configured values.
+``ctx`` (a :class:`LossContext`, optional) carries the epoch and the intermediate
+features that forward hooks kept during this step's forward passes (kdcl/features.py).
+A loss that reads features resolves its layers and builds its adapters in ``bind``,
+once per stage, before the optimizer is built (so the adapters train with the student),
+and lists the layers to hook in ``layers``.
 
-Convention, the same for every loss here: ``alpha`` weighs the *distillation* (soft)
-terms and ``1 - alpha`` the hard-label cross-entropy, as in Hinton et al. (2015),
+Every method has a *distillation term* D (``distill``): what it adds to the hard-label
+cross-entropy. ``composed`` sums several methods' D.
+
+Convention: ``alpha`` weighs the *distillation* (soft) terms and ``1 - alpha`` the
+hard-label cross-entropy, ``L = (1 − α)·CE + α·D``, as in Hinton et al. (2015),
 RepDistiller and mdistiller. (torchdistill's ``KDLoss`` uses the opposite convention:
-its alpha weighs the hard term.)
+its alpha weighs the hard term.) Methods whose papers fix the CE weight at 1 say so:
+``dkd`` (alpha unused), ``fitnet`` and ``at`` (``(1 − α)·CE + α·KD + β·F``, α = 0 by default).
 """
 
 from __future__ import annotations
 
+import inspect
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdcl.errors import KdclError
+from kdcl.features import adapter, attention_map, feature_shapes, match_spatial, pair_layers, require_maps, resolve_layers
 from kdcl.registry import Registry
 
 LOSSES = Registry("distillation loss")
@@ -49,8 +65,23 @@ def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     return F.cross_entropy(logits.float(), target, reduction="none")
 
 
+@dataclass
+class LossContext:
+    """What a loss may read besides the logits: the 1-based epoch of the step (for
+    warm-ups) and the features the forward hooks kept in this step, by layer reference."""
+
+    epoch: int = 1
+    student_features: dict[str, Tensor] = field(default_factory=dict)
+    teacher_features: dict[str, Tensor] = field(default_factory=dict)
+
+
 class DistillLoss(nn.Module):
-    """Base class: ``needs_teacher`` tells the engine whether to run the teacher."""
+    """Base class: ``L = (1 − α)·CE + α·D``, D the method's distillation term (:meth:`distill`).
+
+    ``needs_teacher`` tells the engine whether to run the teacher. A method that weighs
+    CE and D differently overrides :meth:`combine`; one that reads features overrides
+    :meth:`bind` and :meth:`layers`.
+    """
 
     needs_teacher = True
 
@@ -58,6 +89,29 @@ class DistillLoss(nn.Module):
         super().__init__()
         self.alpha = float(alpha)
         self.temperature = float(temperature)
+
+    def distill(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight,
+                ctx: LossContext) -> tuple[Tensor, dict[str, Tensor]]:
+        """D per example, and the raw terms to log (``train_<term>`` columns)."""
+        raise NotImplementedError
+
+    def combine(self, ce: Tensor, d: Tensor, alpha: Weight) -> Tensor:
+        """The per-example loss from the hard-label CE and the distillation term D."""
+        return (1 - alpha) * ce + alpha * d
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, alpha: Weight,
+                temperature: Weight, ctx: LossContext | None = None) -> dict[str, Tensor]:
+        ce = cross_entropy(student_logits, target)
+        d, terms = self.distill(student_logits, teacher_logits, target, temperature, ctx or LossContext())
+        return {"loss": self.combine(ce, d, alpha), "ce": ce, **terms}
+
+    def bind(self, student: nn.Module, teacher: nn.Module, example: Tensor) -> None:
+        """Called once per stage before the optimizer is built: feature methods resolve
+        their layers on the models (``example``: an input batch) and build their adapters."""
+
+    def layers(self) -> tuple[list[str], list[str]]:
+        """The student's and the teacher's layers this loss reads from ``ctx`` (after :meth:`bind`)."""
+        return [], []
 
 
 @register_loss("none")
@@ -67,7 +121,7 @@ class CrossEntropyOnly(DistillLoss):
     needs_teacher = False
 
     def forward(self, student_logits: Tensor, teacher_logits: Any, target: Tensor, alpha: Weight = 0.0,
-                temperature: Weight = 1.0) -> dict[str, Tensor]:
+                temperature: Weight = 1.0, ctx: LossContext | None = None) -> dict[str, Tensor]:
         ce = cross_entropy(student_logits, target)
         return {"loss": ce, "ce": ce}
 
@@ -81,11 +135,10 @@ class HintonKD(DistillLoss):
     ``alpha`` (α) weighs the soft KD term; ``temperature`` is T.
     """
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, alpha: Weight,
-                temperature: Weight) -> dict[str, Tensor]:
-        ce = cross_entropy(student_logits, target)
+    def distill(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight,
+                ctx: LossContext) -> tuple[Tensor, dict[str, Tensor]]:
         kd = kl_teacher_student(student_logits, teacher_logits, temperature)
-        return {"loss": (1 - alpha) * ce + alpha * kd, "ce": ce, "kd": kd}
+        return kd, {"kd": kd}
 
 
 @register_loss("mse")
@@ -102,24 +155,310 @@ class LogitMSE(DistillLoss):
         super().__init__(alpha, temperature)
         self.kl_weight = float(kl_weight)
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, alpha: Weight,
-                temperature: Weight) -> dict[str, Tensor]:
-        ce = cross_entropy(student_logits, target)
+    def distill(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight,
+                ctx: LossContext) -> tuple[Tensor, dict[str, Tensor]]:
         mse = (student_logits.float() - teacher_logits.float()).pow(2).mean(1)
-        terms = {"ce": ce, "mse": mse}
-        soft = mse
-        if self.kl_weight:
-            terms["kd"] = kl_teacher_student(student_logits, teacher_logits, temperature)
-            soft = soft + self.kl_weight * terms["kd"]
-        return {"loss": (1 - alpha) * ce + alpha * soft, **terms}
+        terms = {"mse": mse}
+        if not self.kl_weight:
+            return mse, terms
+        terms["kd"] = kl_teacher_student(student_logits, teacher_logits, temperature)
+        return mse + self.kl_weight * terms["kd"], terms
 
 
-# Keys of the distill group that configure the engine's dynamic control, not the loss.
+def soft_cross_entropy(student_logits: Tensor, teacher_logits: Tensor, temperature: Weight,
+                       gamma: float = 0.0) -> Tensor:
+    """Per example, ``T²·Σ_c −p_c·(1 − q_c)^γ·log q_c`` with ``p = softmax(z_t/T)``,
+    ``q = softmax(z_s/T)``; γ = 0 gives the soft cross-entropy ``T²·H(p, q)``."""
+    t = temperature
+    log_q = F.log_softmax(student_logits.float() / t, dim=1)
+    p = F.softmax(teacher_logits.float() / t, dim=1)
+    focus = (1 - log_q.exp()).pow(gamma) if gamma else 1.0
+    return -(p * focus * log_q).sum(1) * (t * t)
+
+
+@register_loss("soft_ce")
+class SoftCrossEntropy(DistillLoss):
+    """Cross-entropy with the teacher's soft targets (Hinton et al. 2015, §2).
+
+    ``L = (1 − α)·CE(y, softmax(z_s)) + α·T²·H(p_t, q_s)``, ``H(p, q) = −Σ_c p_c log q_c``,
+    ``p_t = softmax(z_t/T)``, ``q_s = softmax(z_s/T)``.
+
+    ``H(p_t, q_s) = KL(p_t ‖ q_s) + H(p_t)`` and the teacher's entropy ``H(p_t)`` does not
+    depend on the student, so the gradients equal ``kd``'s; the logged term is larger by
+    ``T²·H(p_t)``. The T² is kept for the same reason as in ``kd``: it keeps the soft
+    term's gradient scale independent of T, so α means the same at every T.
+    """
+
+    term = "soft_ce"
+    gamma = 0.0
+
+    def distill(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight,
+                ctx: LossContext) -> tuple[Tensor, dict[str, Tensor]]:
+        soft = soft_cross_entropy(student_logits, teacher_logits, temperature, self.gamma)
+        return soft, {self.term: soft}
+
+
+@register_loss("focal")
+class FocalKD(SoftCrossEntropy):
+    """Focal soft cross-entropy: the focal loss of Lin et al. (ICCV 2017), "Focal Loss for
+    Dense Object Detection", with the teacher's soft targets in place of the one-hot label.
+
+    ``L = (1 − α)·CE(y, softmax(z_s)) + α·T²·Σ_c −p_t,c·(1 − q_s,c)^γ·log q_s,c``,
+    ``p_t = softmax(z_t/T)``, ``q_s = softmax(z_s/T)``.
+
+    Classes the student already gives high probability are down-weighted by
+    ``(1 − q_s,c)^γ``, so the distillation focuses on what the student gets wrong.
+    With a one-hot ``p_t`` (and T = 1) it is Lin et al.'s ``−(1 − q_y)^γ·log q_y``; with
+    γ = 0 it is ``soft_ce``. ``gamma`` (γ) defaults to 2, Lin et al.'s choice.
+    """
+
+    term = "focal"
+
+    def __init__(self, alpha: float = 0.9, temperature: float = 4.0, gamma: float = 2.0):
+        super().__init__(alpha, temperature)
+        self.gamma = float(gamma)
+
+
+def decoupled_kl(student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
+                 temperature: Weight) -> tuple[Tensor, Tensor]:
+    """Per example, DKD's two parts of ``T²·KL(p_t ‖ p_s)`` at temperature T (Zhao et al. 2022):
+
+    - TCKD ``= T²·KL(b_t ‖ b_s)``, ``b = (p_y, 1 − p_y)``: the target class against all others;
+    - NCKD ``= T²·KL(p̂_t ‖ p̂_s)``, ``p̂`` the softmax of ``z/T`` over the non-target classes.
+
+    As in mdistiller, the target class is removed from NCKD by subtracting 1000 from its
+    logit (its probability underflows to 0).
+    """
+    t = temperature
+    zs, zt = student_logits.float() / t, teacher_logits.float() / t
+    gt = F.one_hot(target, zs.shape[1]).bool()
+
+    def target_vs_rest(z: Tensor) -> Tensor:  # log (p_y, 1 − p_y)
+        log_p = F.log_softmax(z, dim=1)
+        return torch.cat([log_p.gather(1, target[:, None]), log_p.masked_fill(gt, -math.inf).logsumexp(1, keepdim=True)], 1)
+
+    def kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+        return (log_p.exp() * (log_p - log_q)).sum(1) * (t * t)
+
+    tckd = kl(target_vs_rest(zt), target_vs_rest(zs))
+    nckd = kl(F.log_softmax(zt - 1000.0 * gt, dim=1), F.log_softmax(zs - 1000.0 * gt, dim=1))
+    return tckd, nckd
+
+
+@register_loss("dkd")
+class DecoupledKD(DistillLoss):
+    """Decoupled knowledge distillation, Zhao et al. (CVPR 2022), "Decoupled Knowledge Distillation".
+
+    ``L = CE(y, softmax(z_s)) + w(e)·(a·TCKD + b·NCKD)``, ``w(e) = min(e / W, 1)``
+
+    TCKD and NCKD as in :func:`decoupled_kl` (both carry T²). ``tckd_weight`` (a) and
+    ``nckd_weight`` (b) are the paper's α and β (mdistiller: 1 and 8, T = 4); W =
+    ``warmup_epochs`` (20 in mdistiller) ramps the DKD term linearly over the first epochs,
+    e being the 1-based epoch, exactly as mdistiller's ``min(epoch / warmup, 1)``.
+    The CE weight is 1, as in mdistiller: ``distill.alpha`` is not used.
+    """
+
+    def __init__(self, alpha: float = 0.0, temperature: float = 4.0, tckd_weight: float = 1.0,
+                 nckd_weight: float = 8.0, warmup_epochs: float = 20):
+        super().__init__(alpha, temperature)
+        self.tckd_weight, self.nckd_weight, self.warmup_epochs = float(tckd_weight), float(nckd_weight), warmup_epochs
+
+    def distill(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight,
+                ctx: LossContext) -> tuple[Tensor, dict[str, Tensor]]:
+        tckd, nckd = decoupled_kl(student_logits, teacher_logits, target, temperature)
+        warm = min(ctx.epoch / self.warmup_epochs, 1.0) if self.warmup_epochs else 1.0
+        return warm * (self.tckd_weight * tckd + self.nckd_weight * nckd), {"tckd": tckd, "nckd": nckd}
+
+    def combine(self, ce: Tensor, d: Tensor, alpha: Weight) -> Tensor:
+        return ce + d
+
+
+# --------------------------------------------------------------------------- feature methods
+class FeatureLoss(DistillLoss):
+    """Base of the feature methods: ``L = (1 − α)·CE + α·T²·KL(p_t ‖ p_s) + β·F``.
+
+    F (the distillation term D) compares student and teacher features at layer pairs
+    (``student_layer`` / ``teacher_layer``: module paths, aliases or lists, see
+    kdcl/features.py). With the default α = 0 this is ``CE + β·F``, RepDistiller's and
+    mdistiller's form; α > 0 adds Hinton's KD term.
+    """
+
+    def __init__(self, alpha: float, temperature: float, beta: float, student_layer: Any, teacher_layer: Any):
+        super().__init__(alpha, temperature)
+        self.beta = float(beta)
+        self.student_layer, self.teacher_layer = student_layer, teacher_layer
+        self.pairs: list[tuple[str, str]] = []
+
+    def bind(self, student: nn.Module, teacher: nn.Module, example: Tensor) -> None:
+        student_refs = resolve_layers(student, self.student_layer, "student", example)
+        teacher_refs = resolve_layers(teacher, self.teacher_layer, "teacher", example)
+        pairs = pair_layers(student_refs, teacher_refs, self.student_layer, self.teacher_layer)
+        shapes = zip(feature_shapes(student, [s for s, _ in pairs], example),
+                     feature_shapes(teacher, [t for _, t in pairs], example))
+        self.connect(pairs, list(shapes))
+
+    def connect(self, pairs: list[tuple[str, str]], shapes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> None:
+        """Use these (student, teacher) layer pairs, whose features have these shapes (without the batch)."""
+        self.pairs = pairs
+
+    def layers(self) -> tuple[list[str], list[str]]:
+        return [s for s, _ in self.pairs], [t for _, t in self.pairs]
+
+    def features(self, ctx: LossContext) -> list[tuple[Tensor, Tensor]]:
+        """This step's (student, teacher) feature of every pair."""
+        return [(ctx.student_features[s], ctx.teacher_features[t]) for s, t in self.pairs]
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, alpha: Weight,
+                temperature: Weight, ctx: LossContext | None = None) -> dict[str, Tensor]:
+        ce = cross_entropy(student_logits, target)
+        kd = kl_teacher_student(student_logits, teacher_logits, temperature)
+        f, terms = self.distill(student_logits, teacher_logits, target, temperature, ctx or LossContext())
+        return {"loss": (1 - alpha) * ce + alpha * kd + self.beta * f, "ce": ce, "kd": kd, **terms}
+
+
+@register_loss("fitnet")
+class FitNet(FeatureLoss):
+    """FitNets, Romero et al. (ICLR 2015), "FitNets: Hints for Thin Deep Nets".
+
+    ``L = (1 − α)·CE + α·T²·KL(p_t ‖ p_s) + β·H``, ``H = Σ_j mean((r_j(F_s^j) − F_t^j)²)``
+
+    r_j is a regressor trained with the student (a 1×1 convolution between maps, a linear
+    layer between vectors); the mean runs over the teacher feature's elements, and a map
+    larger than the other is average-pooled to its size. β = ``beta`` (100, as in
+    RepDistiller / mdistiller). ``hint_epochs`` = N > 0 is FitNets' first stage: the first
+    N epochs train on ``β·H`` alone (only the layers up to the hinted one and the
+    regressors get gradients), the remaining epochs on L. The N epochs are part of
+    ``trainer.epochs``: the step budget and the LR schedule stay those of every other arm.
+    """
+
+    def __init__(self, alpha: float = 0.0, temperature: float = 4.0, beta: float = 100.0,
+                 student_layer: Any = "auto:last_conv", teacher_layer: Any = "auto:last_conv", hint_epochs: int = 0):
+        super().__init__(alpha, temperature, beta, student_layer, teacher_layer)
+        self.hint_epochs = int(hint_epochs)
+        self.adapters = nn.ModuleList()
+
+    def connect(self, pairs: list[tuple[str, str]], shapes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> None:
+        super().connect(pairs, shapes)
+        self.adapters = nn.ModuleList(adapter(s, t, pair) for pair, (s, t) in zip(pairs, shapes))
+
+    def distill(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight,
+                ctx: LossContext) -> tuple[Tensor, dict[str, Tensor]]:
+        hint = 0
+        for regressor, (fs, ft) in zip(self.adapters, self.features(ctx)):
+            fs, ft = match_spatial(regressor(fs.to(regressor.weight.dtype)), ft)  # under bf16 autocast too
+            hint = hint + (fs - ft.float()).pow(2).flatten(1).mean(1)
+        return hint, {"hint": hint}
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, alpha: Weight,
+                temperature: Weight, ctx: LossContext | None = None) -> dict[str, Tensor]:
+        ctx = ctx or LossContext()
+        out = super().forward(student_logits, teacher_logits, target, alpha, temperature, ctx)
+        if ctx.epoch <= self.hint_epochs:
+            out["loss"] = self.beta * out["hint"]
+        return out
+
+
+@register_loss("at")
+class AttentionTransfer(FeatureLoss):
+    """Attention transfer, Zagoruyko & Komodakis (ICLR 2017), "Paying More Attention to Attention".
+
+    ``L = (1 − α)·CE + α·T²·KL(p_t ‖ p_s) + β·Σ_j mean_hw((Q_s^j − Q_t^j)²)``,
+    ``Q = vec(Σ_c |A_c|^p) / ‖vec(Σ_c |A_c|^p)‖₂`` per example and layer pair j (p = 2).
+
+    The paper writes the term ``(β/2)·Σ_j ‖Q_s^j − Q_t^j‖_2`` with β = 1000 "divided by the
+    number of elements in the attention map and batch size"; its released code
+    (attention-transfer ``at_loss``) and RepDistiller / mdistiller compute
+    ``β·Σ_j mean((Q_s^j − Q_t^j)²)`` over batch and positions with β = 1000, the form β was
+    tuned for and the one used here (per example: the mean over the H·W positions). A map
+    larger than its partner is average-pooled to its size first.
+    """
+
+    def __init__(self, alpha: float = 0.0, temperature: float = 4.0, beta: float = 1000.0, p: float = 2.0,
+                 student_layer: Any = "auto:stages", teacher_layer: Any = "auto:stages"):
+        super().__init__(alpha, temperature, beta, student_layer, teacher_layer)
+        self.p = float(p)
+
+    def connect(self, pairs: list[tuple[str, str]], shapes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> None:
+        require_maps([s for s, _ in shapes], [s for s, _ in pairs], "student", "at")
+        require_maps([t for _, t in shapes], [t for _, t in pairs], "teacher", "at")
+        super().connect(pairs, shapes)
+
+    def distill(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight,
+                ctx: LossContext) -> tuple[Tensor, dict[str, Tensor]]:
+        at = 0
+        for fs, ft in self.features(ctx):
+            fs, ft = match_spatial(fs, ft)
+            at = at + (attention_map(fs, self.p) - attention_map(ft, self.p)).pow(2).mean(1)
+        return at, {"at": at}
+
+
+# --------------------------------------------------------------------------- composition
+@register_loss("composed")
+class Composed(DistillLoss):
+    """Several methods at once, e.g. KD plus hints (RepDistiller's ``γ·CE + α·KD + β·F``).
+
+    ``L = (1 − α)·CE + (α / α₀)·Σ_k w_k·D_k``
+
+    ``losses`` lists the methods: ``{name: kd, weight: 0.9}`` adds ``0.9·D_kd``, D_k being
+    method k's distillation term (its formula without the CE part and its own weight:
+    ``T²·KL`` for kd, ``H`` for fitnet, ``Σ_j mean((Q_s − Q_t)²)`` for at,
+    ``w(e)·(a·TCKD + b·NCKD)`` for dkd). Other keys of an entry configure that method
+    (layers, γ, ...); every method uses this loss's temperature. At the configured α₀ =
+    ``alpha`` the loss is ``(1 − α₀)·CE + Σ_k w_k·D_k``; when the dynamic control moves α
+    (schedules, per-example ``sample_weight``) every term moves with it by ``α/α₀``
+    (by 1 when α₀ = 0). Every method's terms are logged, a repeated name with the
+    entry's position appended (``kd_1``).
+    """
+
+    def __init__(self, alpha: float = 0.9, temperature: float = 4.0, losses: Sequence[dict] = ()):
+        super().__init__(alpha, temperature)
+        if not losses:
+            raise KdclError("distill=composed has no losses",
+                            fix="list them: distill.losses='[{name: kd, weight: 0.9}, {name: fitnet, weight: 100}]'")
+        self.parts = nn.ModuleList(create_loss({k: v for k, v in spec.items() if k != "weight"}) for spec in losses)
+        self.weights = [float(spec.get("weight", 1.0)) for spec in losses]
+        self.needs_teacher = any(part.needs_teacher for part in self.parts)
+
+    def distill(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight,
+                ctx: LossContext) -> tuple[Tensor, dict[str, Tensor]]:
+        total, terms = 0, {}
+        for k, (part, weight) in enumerate(zip(self.parts, self.weights)):
+            d, part_terms = part.distill(student_logits, teacher_logits, target, temperature, ctx)
+            total = total + weight * d
+            terms.update({name if name not in terms else f"{name}_{k}": v for name, v in part_terms.items()})
+        return total, terms
+
+    def combine(self, ce: Tensor, d: Tensor, alpha: Weight) -> Tensor:
+        return (1 - alpha) * ce + (alpha / self.alpha if self.alpha else 1.0) * d
+
+    def bind(self, student: nn.Module, teacher: nn.Module, example: Tensor) -> None:
+        for part in self.parts:
+            part.bind(student, teacher, example)
+
+    def layers(self) -> tuple[list[str], list[str]]:
+        student, teacher = [], []
+        for part in self.parts:
+            s, t = part.layers()
+            student += s
+            teacher += t
+        return student, teacher
+
+
+# Keys of the distill group that configure the engine's dynamic control, the teachers'
+# combination and the noise, not the loss.
 CONTROL_KEYS = ("name", "alpha_start", "alpha_schedule", "temperature_start", "temperature_schedule",
-                "learnable_temperature", "sample_weight", "teacher_route")
+                "learnable_temperature", "sample_weight", "teacher_route", "teacher_noise", "input_noise",
+                "teacher_combine", "teacher_weights")
 
 
 def create_loss(cfg: dict) -> DistillLoss:
-    """Build the loss named ``cfg["name"]`` with its own parameters."""
+    """Build the loss named ``cfg["name"]`` with its own parameters; a key it does not take is a :class:`KdclError`."""
+    cls = LOSSES.get(cfg["name"])
     params = {k: v for k, v in cfg.items() if k not in CONTROL_KEYS}
-    return LOSSES.create(cfg["name"], **params)
+    signature = inspect.signature(cls)
+    try:
+        signature.bind(**params)
+    except TypeError as err:
+        raise KdclError(f"distill={cfg['name']}: {err}",
+                        fix=f"{cfg['name']} takes the keys: {', '.join(signature.parameters)}") from None
+    return cls(**params)

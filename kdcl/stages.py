@@ -1,9 +1,10 @@
-"""The staged run: teacher → baseline → curriculum → distill (and arms), then the summary.
+"""The staged run: teacher(s) → baseline → curriculum → distill (and arms), then the summary.
 
 Each stage writes into its own folder of the run directory; the summary compares the
 teacher, the student trained with cross-entropy alone on full data (the baseline, same
 budget) and the students trained with distillation and a curriculum (``distill`` plus
-any ``arms``).
+any ``arms``). With ``teachers`` several teachers train (``teacher/``, ``teacher_1/``, …);
+with ``born_again.generations`` = N the distill stage is N born-again generations.
 """
 
 from __future__ import annotations
@@ -22,17 +23,19 @@ from torch import Tensor, nn
 
 from kdcl.cache import reuse_or_train
 from kdcl.checkpoint import load_checkpoint, model_from_checkpoint
-from kdcl.config import model_option, resolve_device
+from kdcl.config import group_option, model_option, resolve_device
 from kdcl.curricula import PLANS, DataSchedule, LearnedEpochs, PlanInputs, ScoreContext, difficulty_rank, make_order, score_all
 from kdcl.data import DataBundle, load_data
 from kdcl.dynamic import DistillControl
 from kdcl.engine import Stage, Trainer, evaluate, fit
 from kdcl.errors import KdclError
-from kdcl.losses import create_loss
+from kdcl.features import FeatureTap
+from kdcl.losses import CONTROL_KEYS, create_loss
 from kdcl.models import count_params, create_model, size_mb
 from kdcl.optim import build_optimizer, build_schedule
 from kdcl.report import print_table, write_csv
 from kdcl.resume import check_same_config, graceful_stop, read_done, write_done
+from kdcl.teachers import Teachers, teacher_specs
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,8 @@ class Run:
     channels_last: bool
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)
     test_logits: dict[str, Tensor] = field(default_factory=dict)  # per model, for teacher agreement
-    teacher: nn.Module | None = None
+    teacher: nn.Module | None = None  # the first teacher: it scores the curriculum
+    teachers: list[nn.Module] = field(default_factory=list)  # every teacher, frozen
     learned_epoch: Tensor | None = None
     scores: dict[str, Tensor] = field(default_factory=dict)  # per scorer, one difficulty per example
 
@@ -90,42 +94,59 @@ def run_pipeline(cfg: dict[str, Any], out: Path) -> pd.DataFrame:
     data = load_data(cfg["dataset"], device, t["channels_last"], cfg["seed"])
     log.info("data %s: %d train / %d val / %d test, %d classes, input %s, device %s",
              data.name, len(data.train), len(data.val), len(data.test), data.num_classes, data.input_shape, device)
+    if cfg["born_again"]["generations"]:
+        cfg = {**cfg, "student": {k: teacher_specs(cfg)[0][k] for k in ("name", "kwargs", "pretrained")}}
+        log.info("born-again: the student takes the teacher's architecture, %s", cfg["student"]["name"])
     run = Run(cfg, out, trainer, data, t["channels_last"])
+    check_losses(run)
     with graceful_stop():
         teacher_stage(run)
         if cfg["baseline"]:
             student_stage(run, "baseline", CE_ONLY, NO_CURRICULUM)
         curriculum_stage(run)
         assistant_stages(run)
-        student_stage(run, "distill", cfg["distill"], cfg["curriculum"])
+        if cfg["born_again"]["generations"]:
+            born_again_stage(run, cfg["born_again"]["generations"])
+        else:
+            student_stage(run, "distill", cfg["distill"], cfg["curriculum"])
         for name, arm in (cfg.get("arms") or {}).items():
-            merged = OmegaConf.to_container(OmegaConf.merge({k: cfg[k] for k in ("distill", "curriculum")}, arm))
-            student_stage(run, name, merged["distill"], merged["curriculum"])
+            student_stage(run, name, *arm_config(cfg, arm))
     return summarize(run)
 
 
 # --------------------------------------------------------------------------- stages
 def teacher_stage(run: Run) -> None:
-    """Train the teacher with cross-entropy, or load it from ``teacher.checkpoint``."""
-    spec = run.cfg["teacher"]
+    """Train every teacher with cross-entropy, or load it from its checkpoint: ``teacher``,
+    or the ``teachers`` list into ``teacher/``, ``teacher_1/``, … (teacher k with seed + 1000·k)."""
+    for k, spec in enumerate(teacher_specs(run.cfg)):
+        stage = "teacher" if k == 0 else f"teacher_{k}"
+        run.teachers.append(one_teacher(run, stage, spec, run.cfg["seed"] + 1000 * k).eval().requires_grad_(False))
+    run.teacher = run.teachers[0]
+    if len(run.teachers) > 1:
+        ensemble_row(run, "teacher_ensemble", run.teachers)
+
+
+def one_teacher(run: Run, stage: str, spec: dict, seed: int) -> nn.Module:
     if spec["checkpoint"]:
         ckpt = load_checkpoint(spec["checkpoint"])
-        check_compatible(ckpt, run.data, "teacher.checkpoint")
+        check_compatible(ckpt, run.data, f"{stage}.checkpoint")
         model = run.to_device(model_from_checkpoint(ckpt))
-        log.info("teacher: loaded %s (%s) from %s", ckpt["model"]["name"], ckpt.get("stage"), spec["checkpoint"])
+        log.info("%s: loaded %s (%s) from %s", stage, ckpt["model"]["name"], ckpt.get("stage"), spec["checkpoint"])
         val = evaluate(model, run.data.val, run.data, run.trainer)
         row = {"arch": ckpt["model"]["name"], "best_val_acc": val.acc, "best_epoch": ckpt.get("epoch"),
                "last_epoch": ckpt.get("epoch"), "steps": ckpt.get("step"), "seconds": 0.0,
                "checkpoint": str(Path(spec["checkpoint"]).resolve())}
-        run.rows["teacher"] = {**row, **test_columns(run, "teacher", model)}
-    else:
-        dynamics = LearnedEpochs(len(run.data.train), run.trainer.device)
-        points = spec["route_points"]
-        keep = {round(run.trainer.epochs * k / (points + 1)) for k in range(1, points + 1)} - {0}
-        model = reuse_or_train(run, "teacher", lambda: train(run, "teacher", spec, CE_ONLY, NO_CURRICULUM,
-                                                             seed=run.cfg["seed"], dynamics=dynamics, keep_epochs=keep))
-        run.learned_epoch = torch.tensor(pd.read_csv(run.out / "teacher" / "dynamics.csv")["learned_epoch"].to_numpy())
-    run.teacher = model.eval().requires_grad_(False)
+        run.rows[stage] = {**row, **test_columns(run, stage, model)}
+        return model
+    if stage != "teacher":  # the first teacher alone is cached, scores the data and keeps a route
+        return train(run, stage, spec, CE_ONLY, NO_CURRICULUM, seed=seed)
+    dynamics = LearnedEpochs(len(run.data.train), run.trainer.device)
+    points = spec.get("route_points", 0)
+    keep = {round(run.trainer.epochs * k / (points + 1)) for k in range(1, points + 1)} - {0}
+    model = reuse_or_train(run, stage, lambda: train(run, stage, spec, CE_ONLY, NO_CURRICULUM, seed=seed,
+                                                     dynamics=dynamics, keep_epochs=keep))
+    run.learned_epoch = torch.tensor(pd.read_csv(run.out / stage / "dynamics.csv")["learned_epoch"].to_numpy())
+    return model
 
 
 def curriculum_stage(run: Run) -> None:
@@ -162,20 +183,35 @@ def curriculum_stage(run: Run) -> None:
 
 def assistant_stages(run: Run) -> None:
     """Teacher assistants (Mirzadeh et al. 2020): each model of ``assistants`` is distilled
-    from the current teacher and becomes the teacher of the next, then of the student."""
+    from the current teachers and becomes the teacher of the next, then of the student."""
     for i, spec in enumerate(run.cfg.get("assistants") or [], start=1):
         spec = model_option(spec) if isinstance(spec, str) else {"kwargs": {}, "pretrained": False, **spec}
         model = train(run, f"assistant_{i}", spec, run.cfg["distill"], run.cfg["curriculum"], seed=run.cfg["seed"] + 1 + i)
-        run.teacher = model.eval().requires_grad_(False)
+        run.teachers = [model.eval().requires_grad_(False)]
 
 
-def student_stage(run: Run, name: str, loss_cfg: dict, curriculum: dict) -> None:
-    """Train the student (the baseline may come from the cache); every student stage
-    starts from the same initial weights."""
-    reuse_or_train(run, name, lambda: train(run, name, run.cfg["student"], loss_cfg, curriculum,
-                                            seed=run.cfg["seed"] + 1))
+def student_stage(run: Run, name: str, loss_cfg: dict, curriculum: dict,
+                  teachers: list[nn.Module] | None = None) -> nn.Module:
+    """Train the student (from ``teachers``, default the run's; the baseline may come from
+    the cache); every student stage starts from the same initial weights."""
+    model = reuse_or_train(run, name, lambda: train(run, name, run.cfg["student"], loss_cfg, curriculum,
+                                                    seed=run.cfg["seed"] + 1, teachers=teachers))
     same = run.test_logits[name].argmax(1) == run.test_logits["teacher"].argmax(1)
     run.rows[name]["teacher_agreement"] = same.float().mean().item()
+    return model
+
+
+def born_again_stage(run: Run, generations: int) -> None:
+    """Born-again networks, Furlanello et al. (ICML 2018): generation k (``gen_k``) is the
+    student distilled from generation k − 1, generation 0 being the teacher (the student
+    has the teacher's architecture). The teacher of the next generation is a generation's
+    best-validation model. Then the ensemble of generations 1..N (``ensemble``): the
+    mean of their softmax outputs."""
+    teachers, students = run.teachers, []
+    for k in range(1, generations + 1):
+        students.append(student_stage(run, f"gen_{k}", run.cfg["distill"], run.cfg["curriculum"], teachers))
+        teachers = [students[-1].eval().requires_grad_(False)]
+    ensemble_row(run, "ensemble", students, distill=f"ensemble of gen_1..gen_{generations}")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -194,6 +230,33 @@ def build_plan(run: Run, spec: dict[str, Any], seed: int | None = None) -> DataS
     return PLANS.create(spec["type"], inputs)
 
 
+def check_losses(run: Run) -> None:
+    """Build every distillation loss of the run (distill and arms) and bind it to untrained
+    student and teacher models, so a bad key or layer name stops the run before anything trains."""
+    cfg, shape = run.cfg, run.data.input_shape
+    spec = teacher_specs(cfg)[0]
+    teacher = model_from_checkpoint(load_checkpoint(spec["checkpoint"])) if spec["checkpoint"] else \
+        create_model(spec["name"], run.data.num_classes, shape, **spec["kwargs"])
+    student = create_model(cfg["student"]["name"], run.data.num_classes, shape, **cfg["student"]["kwargs"])
+    for loss_cfg in [cfg["distill"], *(arm_config(cfg, arm)[0] for arm in (cfg.get("arms") or {}).values())]:
+        loss_fn = create_loss(loss_cfg)
+        if loss_fn.needs_teacher:
+            loss_fn.bind(student, teacher, torch.zeros(2, *shape))
+
+
+def arm_config(cfg: dict[str, Any], arm: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An arm's distill and curriculum: the run's, overridden by the arm. An arm that names
+    another loss starts from that loss's option (conf/distill/NAME.yaml) and keeps the run's
+    dynamic-control keys, so no key of the run's loss leaks into it."""
+    base = {"distill": cfg["distill"], "curriculum": cfg["curriculum"]}
+    name = (arm.get("distill") or {}).get("name", cfg["distill"]["name"])
+    if name != cfg["distill"]["name"]:
+        control = {k: v for k, v in cfg["distill"].items() if k in CONTROL_KEYS}
+        base["distill"] = {**control, **group_option("distill", name)}
+    merged = OmegaConf.to_container(OmegaConf.merge(base, arm))
+    return merged["distill"], merged["curriculum"]
+
+
 def self_taught_logits(run: Run):
     """Logits of a student-architecture model trained with CE: the baseline's, when it ran."""
     if "baseline" not in run.rows:
@@ -205,15 +268,16 @@ def self_taught_logits(run: Run):
     return lambda: evaluate(baseline, run.data.train, run.data, run.trainer).logits
 
 
-def route_teacher(run: Run) -> Callable[[int], nn.Module]:
+def route_teacher(run: Run, final: Teachers) -> Callable[[int], nn.Module]:
     """RCO (Jin et al. 2019): the teacher's checkpoints from its own training, early ones
-    first, then its best, each teaching an equal share of the student's steps."""
+    first, then ``final`` (the trained teacher), each teaching an equal share of the steps."""
     paths = sorted((run.out / "teacher").glob("epoch_*.pt"))
     if not paths:
         raise KdclError("distill.teacher_route=true needs checkpoints saved during teacher training",
                         fix="set teacher.route_points=N (N ≥ 1) and train the teacher in this run")
-    anchors = [run.to_device(model_from_checkpoint(load_checkpoint(p))).eval().requires_grad_(False) for p in paths]
-    return teacher_route([*anchors, run.teacher], run.total_steps)
+    anchors = [Teachers([run.to_device(model_from_checkpoint(load_checkpoint(p))).eval().requires_grad_(False)])
+               for p in paths]
+    return teacher_route([*anchors, final], run.total_steps)
 
 
 def teacher_route(anchors: list[nn.Module], total_steps: int) -> Callable[[int], nn.Module]:
@@ -223,11 +287,15 @@ def teacher_route(anchors: list[nn.Module], total_steps: int) -> Callable[[int],
 
 
 def train(run: Run, stage: str, spec: dict, loss_cfg: dict, curriculum: dict, seed: int,
-          dynamics: LearnedEpochs | None = None, keep_epochs: set[int] = frozenset()) -> nn.Module:
+          dynamics: LearnedEpochs | None = None, keep_epochs: set[int] = frozenset(),
+          teachers: list[nn.Module] | None = None) -> nn.Module:
     """Train one model for the run's step budget; return its best (validation) weights.
 
+    The distillation loss binds its layers to the student and the (first) teacher and its
+    adapters train with the student; the layers it reads are hooked while the stage trains.
     A stage that finished in an earlier run of the same run directory is not trained
-    again, and one that was cut off continues where it stopped."""
+    again, and one that was cut off continues where it stopped.
+    """
     out = run.stage_dir(stage)
     data = run.data
     done = read_done(out / "done.json")
@@ -243,19 +311,30 @@ def train(run: Run, stage: str, spec: dict, loss_cfg: dict, curriculum: dict, se
     model = run.to_device(create_model(spec["name"], data.num_classes, data.input_shape,
                                        pretrained=spec["pretrained"], **spec["kwargs"]))
     loss_fn = create_loss(loss_cfg)
+    teachers = run.teachers if teachers is None else teachers
+    teacher = Teachers(teachers, loss_cfg.get("teacher_combine", "mean"), loss_cfg.get("teacher_weights"),
+                       loss_cfg.get("temperature", 1.0)) if teachers else None
+    if teacher is not None and loss_fn.needs_teacher:
+        loss_fn.bind(model, teacher.lead, torch.zeros(2, *data.input_shape, device=run.trainer.device))
+    loss_fn.to(run.trainer.device)
     scores = run.scores.get(curriculum.get("scorer"))
     rank = None if scores is None else difficulty_rank(make_order(scores, data.train.labels, "easy_first", False,
                                                                   run.cfg["seed"]))
-    control = DistillControl(loss_fn, loss_cfg, run.total_steps, run.steps_per_epoch, rank).to(run.trainer.device)
-    groups = [{"params": model.parameters()}, {"params": control.parameters(), "weight_decay": 0.0}]
+    control = DistillControl(loss_fn, loss_cfg, run.total_steps, run.steps_per_epoch, rank, seed).to(run.trainer.device)
+    groups = [{"params": [*model.parameters(), *loss_fn.parameters()]},
+              {"params": control.parameters(), "weight_decay": 0.0}]
     optimizer = build_optimizer(groups, run.cfg["optimizer"])
     lr_schedule = build_schedule(optimizer, run.cfg["scheduler"], run.total_steps, run.steps_per_epoch)
-    teacher_at = route_teacher(run) if loss_cfg.get("teacher_route") else (lambda step: run.teacher)
+    teacher_at = route_teacher(run, teacher) if loss_cfg.get("teacher_route") else (lambda step: teacher)
     log.info("%s: %s, %s params, %d epochs × %d steps, loss %s, curriculum %s", stage, spec["name"],
              f"{count_params(model):,}", run.trainer.epochs, run.steps_per_epoch, loss_cfg["name"], curriculum["type"])
-    parts = Stage(stage, model, loss_fn, control, build_plan(run, curriculum, seed), optimizer, lr_schedule, out,
-                  checkpoint_meta(run, stage, spec), teacher_at if run.teacher is not None else None, dynamics, keep_epochs)
-    result = fit(parts, data, run.trainer)
+    student_layers, teacher_layers = loss_fn.layers()
+    with FeatureTap(model, student_layers) as student_features, \
+            FeatureTap(teacher.lead if teacher is not None else None, teacher_layers) as teacher_features:
+        parts = Stage(stage, model, loss_fn, control, build_plan(run, curriculum, seed), optimizer, lr_schedule, out,
+                      checkpoint_meta(run, stage, spec), teacher_at if teacher is not None else None, dynamics,
+                      keep_epochs, (student_features, teacher_features))
+        result = fit(parts, data, run.trainer)
     last = evaluate(model, data.test, data, run.trainer)
     best = run.to_device(model_from_checkpoint(load_checkpoint(result.best_path)))
     run.rows[stage] = {
@@ -279,6 +358,11 @@ def test_columns(run: Run, stage: str, model: nn.Module) -> dict[str, Any]:
     ev = evaluate(model, run.data.test, run.data, run.trainer)
     run.test_logits[stage] = ev.logits
     return {"test_acc": ev.acc, "test_loss": ev.loss, "params": count_params(model), "size_mb": round(size_mb(model), 4)}
+
+
+def ensemble_row(run: Run, name: str, models: list[nn.Module], **columns: Any) -> None:
+    """A summary row for the mean of several models' softmax outputs on the test split."""
+    run.rows[name] = {"arch": f"ensemble of {len(models)}", **test_columns(run, name, Teachers(models)), **columns}
 
 
 def checkpoint_meta(run: Run, stage: str, spec: dict) -> dict[str, Any]:
@@ -307,7 +391,7 @@ def summarize(run: Run) -> pd.DataFrame:
     rows = run.rows
     if "baseline" in rows:
         for name, row in rows.items():
-            if name not in ("teacher", "baseline") and row["arch"] == rows["baseline"]["arch"]:  # the students
+            if not name.startswith(("teacher", "baseline")) and row["arch"] == rows["baseline"]["arch"]:  # students
                 row["kd_gain"] = row["test_acc"] - rows["baseline"]["test_acc"]
     frame = pd.DataFrame([{"model": k, **v, "seed": run.cfg["seed"]} for k, v in rows.items()])
     frame = frame.reindex(columns=SUMMARY_COLUMNS)

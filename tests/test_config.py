@@ -89,3 +89,10 @@ def test_unknown_names_are_refused_before_training(compose_cfg, override, key):
     with pytest.raises(KdclError, match=key.replace(".", r"\.")) as err:
         validate(OmegaConf.create(compose_cfg([override])))
     assert "choose one of" in err.value.fix
+
+
+def test_every_loss_has_its_option_file():
+    """An arm that switches losses starts from conf/distill/<name>.yaml."""
+    assert set(LOSSES.names()) <= set(options("distill"))
+    for name in LOSSES.names():
+        assert OmegaConf.load(Path(CONF_DIR) / "distill" / f"{name}.yaml").name == name

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kdcl.errors import KdclError
-from kdcl.losses import LOSSES, create_loss, kl_teacher_student
+from kdcl.losses import LOSSES, LossContext, create_loss, kl_teacher_student
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -113,3 +113,194 @@ def test_unknown_loss_lists_choices():
     with pytest.raises(KdclError, match="kd") as err:
         create_loss({"name": "kdd"})
     assert "unknown distillation loss 'kdd'" in str(err.value)
+
+
+# --------------------------------------------------------------------------- soft CE, focal, DKD
+def soft_targets(zt: np.ndarray, zs: np.ndarray, T: float) -> tuple[np.ndarray, np.ndarray]:
+    return softmax(zt / T), softmax(zs / T)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_soft_ce_equals_formula(logits, temperature):
+    s, t, y = logits
+    alpha = 0.7
+    out = create_loss({"name": "soft_ce", "alpha": alpha, "temperature": temperature})(s, t, y, alpha, temperature)
+    p, q = soft_targets(t.numpy(), s.numpy(), temperature)
+    soft = temperature**2 * -(p * np.log(q)).sum(axis=1)  # H(p_t, q_s), teacher → student
+    assert out["soft_ce"].numpy() == pytest.approx(soft, rel=1e-5)
+    assert out["loss"].numpy() == pytest.approx((1 - alpha) * cross_entropy(s.numpy(), y.numpy()) + alpha * soft, rel=1e-5)
+    # H(p, q) = KL(p‖q) + H(p): the same gradients as kd, larger by the teacher's entropy.
+    entropy = temperature**2 * -(p * np.log(p)).sum(axis=1)
+    assert soft == pytest.approx(temperature**2 * kl(p, q) + entropy, rel=1e-6)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 2.0])
+def test_focal_equals_formula(logits, gamma):
+    s, t, y = logits
+    alpha, T = 0.8, 3.0
+    out = create_loss({"name": "focal", "alpha": alpha, "temperature": T, "gamma": gamma})(s, t, y, alpha, T)
+    p, q = soft_targets(t.numpy(), s.numpy(), T)
+    focal = T * T * -(p * (1 - q) ** gamma * np.log(q)).sum(axis=1)
+    assert out["focal"].numpy() == pytest.approx(focal, rel=1e-5)
+    assert out["loss"].numpy() == pytest.approx((1 - alpha) * cross_entropy(s.numpy(), y.numpy()) + alpha * focal, rel=1e-5)
+    if gamma == 0:  # γ = 0 is the soft cross-entropy
+        soft = create_loss({"name": "soft_ce"})(s, t, y, alpha, T)["soft_ce"]
+        assert out["focal"].numpy() == pytest.approx(soft.numpy(), rel=1e-6)
+
+
+def test_focal_with_one_hot_targets_is_lin_et_al():
+    """A one-hot teacher at T = 1 gives Lin et al.'s −(1 − q_y)^γ·log q_y."""
+    s = torch.randn(8, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(8) % 5
+    one_hot = torch.nn.functional.one_hot(y, 5).double() * 200  # softmax ≈ one-hot
+    q = softmax(s.numpy())[np.arange(8), y.numpy()]
+    out = create_loss({"name": "focal", "gamma": 2.0})(s, one_hot, y, 1.0, 1.0)
+    assert out["focal"].numpy() == pytest.approx(-((1 - q) ** 2) * np.log(q), rel=1e-5)
+
+
+def dkd_terms(zs: np.ndarray, zt: np.ndarray, y: np.ndarray, T: float) -> tuple[np.ndarray, np.ndarray]:
+    """DKD's parts from the paper's definitions: b = (p_y, 1 − p_y); p̂_i = p_i / (1 − p_y), i ≠ y."""
+    ps, pt = softmax(zs / T), softmax(zt / T)
+    rows = np.arange(len(y))
+    bs = np.stack([ps[rows, y], 1 - ps[rows, y]], 1)
+    bt = np.stack([pt[rows, y], 1 - pt[rows, y]], 1)
+    other = np.ones_like(ps, dtype=bool)
+    other[rows, y] = False
+    hat_s = ps[other].reshape(len(y), -1) / bs[:, 1:]
+    hat_t = pt[other].reshape(len(y), -1) / bt[:, 1:]
+    return T * T * kl(bt, bs), T * T * kl(hat_t, hat_s)
+
+
+@pytest.mark.parametrize(("epoch", "warm"), [(1, 0.25), (2, 0.5), (4, 1.0), (9, 1.0)])
+def test_dkd_equals_formula_with_warmup(logits, epoch, warm):
+    s, t, y = logits
+    T, a, b = 4.0, 1.0, 8.0
+    loss = create_loss({"name": "dkd", "alpha": 0.9, "temperature": T, "tckd_weight": a, "nckd_weight": b,
+                        "warmup_epochs": 4})
+    out = loss(s, t, y, 0.9, T, LossContext(epoch=epoch))
+    tckd, nckd = dkd_terms(s.numpy(), t.numpy(), y.numpy(), T)
+    # float32 KL of nearly equal binary distributions: an absolute tolerance
+    assert out["tckd"].numpy() == pytest.approx(tckd, rel=1e-5, abs=1e-5)
+    assert out["nckd"].numpy() == pytest.approx(nckd, rel=1e-5, abs=1e-5)
+    # CE weight 1 (distill.alpha unused), the DKD term ramped in linearly
+    expected = cross_entropy(s.numpy(), y.numpy()) + warm * (a * tckd + b * nckd)
+    assert out["loss"].numpy() == pytest.approx(expected, rel=1e-5, abs=1e-4)
+
+
+def test_dkd_decomposes_kd(logits):
+    """Zhao et al. (2022), Eq. 4: KD = TCKD + (1 − p_t,y)·NCKD (at the same T, with T²)."""
+    s, t, y = logits
+    T = 2.0
+    out = create_loss({"name": "dkd", "warmup_epochs": 0})(s, t, y, 0.0, T)
+    pt_y = softmax(t.numpy() / T)[np.arange(16), y.numpy()]
+    kd = kl_teacher_student(s, t, T).numpy()
+    assert kd == pytest.approx(out["tckd"].numpy() + (1 - pt_y) * out["nckd"].numpy(), rel=1e-5, abs=1e-5)
+
+
+# --------------------------------------------------------------------------- feature methods
+@pytest.fixture
+def feats():
+    g = torch.Generator().manual_seed(3)
+    return {
+        "s_map": torch.randn(16, 4, 8, 8, generator=g, dtype=torch.float64),
+        "t_map": torch.randn(16, 6, 4, 4, generator=g, dtype=torch.float64),
+        "s_map2": torch.randn(16, 3, 4, 4, generator=g, dtype=torch.float64),
+        "t_map2": torch.randn(16, 5, 4, 4, generator=g, dtype=torch.float64),
+    }
+
+
+def test_fitnet_equals_formula(logits, feats):
+    s, t, y = logits
+    alpha, T, beta = 0.3, 4.0, 100.0
+    loss = create_loss({"name": "fitnet", "alpha": alpha, "temperature": T, "beta": beta})
+    loss.connect([("a", "b")], [((4, 8, 8), (6, 4, 4))])
+    loss.double()
+    ctx = LossContext(2, {"a": feats["s_map"]}, {"b": feats["t_map"]})
+    out = loss(s, t, y, alpha, T, ctx)
+    conv = loss.adapters[0]  # a 1×1 convolution 4 → 6, then the 8×8 map pooled to 4×4
+    w, bias = conv.weight.detach().numpy()[:, :, 0, 0], conv.bias.detach().numpy()
+    regressed = np.einsum("oc,bchw->bohw", w, feats["s_map"].numpy()) + bias[None, :, None, None]
+    pooled = regressed.reshape(16, 6, 4, 2, 4, 2).mean(axis=(3, 5))
+    hint = ((pooled - feats["t_map"].numpy()) ** 2).reshape(16, -1).mean(axis=1)
+    assert out["hint"].detach().numpy() == pytest.approx(hint, rel=1e-6)
+    kd = T * T * kl(softmax(t.numpy() / T), softmax(s.numpy() / T))
+    expected = (1 - alpha) * cross_entropy(s.numpy(), y.numpy()) + alpha * kd + beta * hint
+    assert out["loss"].detach().numpy() == pytest.approx(expected, rel=1e-6)
+
+
+def test_fitnet_hint_epochs_train_on_the_hint_alone(logits, feats):
+    s, t, y = logits
+    loss = create_loss({"name": "fitnet", "beta": 10.0, "hint_epochs": 2})
+    loss.connect([("a", "b")], [((4, 8, 8), (6, 4, 4))])
+    loss.double()
+    for epoch in (1, 2, 3):
+        out = loss(s, t, y, 0.0, 4.0, LossContext(epoch, {"a": feats["s_map"]}, {"b": feats["t_map"]}))
+        hint_only = 10.0 * out["hint"]
+        assert torch.allclose(out["loss"], hint_only) == (epoch <= 2)
+
+
+def attention(a: np.ndarray, p: float = 2.0) -> np.ndarray:
+    q = (np.abs(a) ** p).sum(axis=1).reshape(len(a), -1)
+    return q / np.linalg.norm(q, axis=1, keepdims=True)
+
+
+def test_attention_transfer_equals_formula(logits, feats):
+    s, t, y = logits
+    alpha, T, beta = 0.0, 4.0, 1000.0
+    loss = create_loss({"name": "at", "alpha": alpha, "temperature": T, "beta": beta})
+    loss.connect([("a", "b"), ("c", "d")], [((4, 8, 8), (6, 4, 4)), ((3, 4, 4), (5, 4, 4))])
+    ctx = LossContext(1, {"a": feats["s_map"], "c": feats["s_map2"]}, {"b": feats["t_map"], "d": feats["t_map2"]})
+    out = loss(s, t, y, alpha, T, ctx)
+    pooled = feats["s_map"].numpy().reshape(16, 4, 4, 2, 4, 2).mean(axis=(3, 5))  # the larger map pooled
+    at = ((attention(pooled) - attention(feats["t_map"].numpy())) ** 2).mean(axis=1) + \
+        ((attention(feats["s_map2"].numpy()) - attention(feats["t_map2"].numpy())) ** 2).mean(axis=1)
+    assert out["at"].numpy() == pytest.approx(at, rel=1e-5)
+    assert out["loss"].numpy() == pytest.approx(cross_entropy(s.numpy(), y.numpy()) + beta * at, rel=1e-5)
+
+
+def test_attention_transfer_refuses_vectors():
+    loss = create_loss({"name": "at"})
+    with pytest.raises(KdclError, match="needs spatial feature maps") as err:
+        loss.connect([("5:input", "10")], [((100,), (32, 8, 8))])
+    assert "5:input" in str(err.value) and "cnn_small" in err.value.fix
+
+
+# --------------------------------------------------------------------------- composition
+def test_composed_sums_weighted_terms(logits, feats):
+    s, t, y = logits
+    alpha, T = 0.9, 4.0
+    spec = {"name": "composed", "alpha": alpha, "temperature": T,
+            "losses": [{"name": "kd", "weight": 0.9}, {"name": "fitnet", "weight": 100.0},
+                       {"name": "dkd", "weight": 2.0, "warmup_epochs": 0}, {"name": "soft_ce", "weight": 0.5}]}
+    loss = create_loss(spec)
+    loss.parts[1].connect([("a", "b")], [((4, 8, 8), (6, 4, 4))])
+    loss.double()
+    ctx = LossContext(1, {"a": feats["s_map"]}, {"b": feats["t_map"]})
+    out = {k: v.detach().numpy() for k, v in loss(s, t, y, alpha, T, ctx).items()}
+    assert set(out) == {"loss", "ce", "kd", "hint", "tckd", "nckd", "soft_ce"}  # every term, once
+    kd = T * T * kl(softmax(t.numpy() / T), softmax(s.numpy() / T))
+    tckd, nckd = dkd_terms(s.numpy(), t.numpy(), y.numpy(), T)
+    distill = 0.9 * kd + 100 * out["hint"] + 2 * (tckd + 8 * nckd) + 0.5 * out["soft_ce"]
+    ce = cross_entropy(s.numpy(), y.numpy())
+    assert out["loss"] == pytest.approx((1 - alpha) * ce + distill, rel=1e-5)
+    # A per-example α (e.g. teacher_correct weights) moves every term with it: 0 → plain CE.
+    per_example = torch.tensor([0.0, alpha] * 8, dtype=torch.float64)
+    moved = loss(s, t, y, per_example, T, ctx)["loss"].detach().numpy()
+    assert moved[0::2] == pytest.approx(ce[0::2], rel=1e-6)
+    assert moved[1::2] == pytest.approx(out["loss"][1::2], rel=1e-6)
+
+
+def test_composed_repeated_terms_get_their_position(logits):
+    s, t, y = logits
+    loss = create_loss({"name": "composed", "losses": [{"name": "kd"}, {"name": "kd", "weight": 2.0}]})
+    out = loss(s, t, y, 0.9, 2.0)
+    assert set(out) == {"loss", "ce", "kd", "kd_1"}
+    assert torch.allclose(out["kd"], out["kd_1"])
+
+
+def test_composed_needs_losses_and_bad_keys_are_named():
+    with pytest.raises(KdclError, match="no losses"):
+        create_loss({"name": "composed", "losses": []})
+    with pytest.raises(KdclError, match="distill=dkd") as err:
+        create_loss({"name": "dkd", "kl_weight": 1.0})
+    assert "nckd_weight" in err.value.fix

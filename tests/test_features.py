@@ -1,0 +1,121 @@
+"""Intermediate features: layer names and aliases, hooks that come off, adapters that train."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from kdcl.errors import KdclError
+from kdcl.features import FeatureTap, resolve_layers
+from kdcl.losses import LossContext, create_loss
+from kdcl.models import create_model
+
+SHAPE = (3, 16, 16)
+
+
+def example() -> torch.Tensor:
+    return torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(0))
+
+
+def hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "alias", "expected"),
+    [
+        ("cnn", {"width": 4}, "auto:last_conv", ["10"]),
+        ("cnn", {"width": 4}, "auto:stages", ["2", "6", "10"]),
+        ("cnn", {"width": 4}, "auto:penultimate", ["13:input"]),
+        ("resnet8", {}, "auto:stages", ["stages.0", "stages.1", "stages"]),
+        ("resnet8", {}, "auto:penultimate", ["fc:input"]),
+        ("mlp", {"hidden": [8]}, "auto:penultimate", ["3:input"]),
+    ],
+)
+def test_aliases_name_the_documented_layers(name, kwargs, alias, expected):
+    model = create_model(name, 10, SHAPE, **kwargs)
+    assert resolve_layers(model, alias, "student", example()) == expected
+    assert hooks(model) == 0  # the probe's hooks are gone
+
+
+def test_stages_skip_layers_inside_downsampling_blocks():
+    """torchvision's ResNet-50 strides inside its bottlenecks and reuses one ReLU per block:
+    the stage outputs are still layer1 … layer4."""
+    model = create_model("resnet50", 10, (3, 32, 32))
+    assert resolve_layers(model, "auto:stages", "teacher", torch.zeros(2, 3, 32, 32)) == \
+        ["layer1", "layer2", "layer3", "layer4"]
+
+
+def test_unknown_layer_lists_the_module_paths():
+    model = create_model("cnn", 10, SHAPE, width=4)
+    with pytest.raises(KdclError, match="has no layer 'layer3'") as err:
+        resolve_layers(model, ["6", "layer3"], "student", example())
+    assert "0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13" in err.value.fix
+    assert "auto:stages" in err.value.fix
+
+
+def test_mlp_has_no_maps_for_spatial_aliases():
+    model = create_model("mlp", 10, SHAPE, hidden=[8])
+    with pytest.raises(KdclError, match="no module that outputs a spatial feature map") as err:
+        resolve_layers(model, "auto:last_conv", "student", example())
+    assert "auto:penultimate" in err.value.fix
+
+
+def test_tap_keeps_outputs_and_inputs_and_removes_its_hooks():
+    model = create_model("cnn", 10, SHAPE, width=4).eval()
+    x = example()
+    with FeatureTap(model, ["10", "13:input"]) as features:
+        assert hooks(model) == 2
+        logits = model(x)
+    assert hooks(model) == 0 and features == {}
+    with torch.no_grad():
+        body = model[:11](x)
+    # (values checked inside a fresh tap: leaving the block clears them)
+    with FeatureTap(model, ["10", "13:input"]) as features:
+        model(x)
+        assert torch.allclose(features["10"], body)
+        assert torch.allclose(features["13:input"], body.mean((2, 3)))
+    assert logits.shape == (4, 10)
+
+
+def test_tap_copies_values_that_an_inplace_op_would_change():
+    model = create_model("cnn", 10, SHAPE, width=4).eval()  # 9 is a BatchNorm followed by ReLU(inplace)
+    with FeatureTap(model, ["9"]) as features:
+        model(example())
+        assert (features["9"] < 0).any()
+
+
+def test_hooks_come_off_after_an_error():
+    model = create_model("cnn", 10, SHAPE, width=4)
+    with pytest.raises(RuntimeError, match="boom"):
+        with FeatureTap(model, ["2", "6"]):
+            assert hooks(model) == 2
+            raise RuntimeError("boom")
+    assert hooks(model) == 0
+
+
+def test_gradients_reach_the_adapters_and_the_student_not_the_teacher():
+    torch.manual_seed(0)
+    student = create_model("cnn", 10, SHAPE, width=4)
+    teacher = create_model("cnn", 10, SHAPE, width=8)
+    loss = create_loss({"name": "composed", "losses": [{"name": "fitnet", "weight": 100.0}, {"name": "at"}]})
+    loss.bind(student, teacher, example())
+    fitnet = loss.parts[0]
+    assert fitnet.pairs == [("10", "10")] and isinstance(fitnet.adapters[0], nn.Conv2d)
+    assert fitnet.adapters[0].in_channels == 16 and fitnet.adapters[0].out_channels == 32
+    assert loss.layers() == (["10", "2", "6", "10"], ["10", "2", "6", "10"])
+    x, y = example(), torch.arange(4)
+    student_layers, teacher_layers = loss.layers()
+    with FeatureTap(student, student_layers) as fs, FeatureTap(teacher, teacher_layers) as ft:
+        logits = student(x)
+        with torch.no_grad():
+            teacher_logits = teacher(x)
+        out = loss(logits, teacher_logits, y, 0.9, 4.0, LossContext(1, fs, ft))
+        out["loss"].mean().backward()
+    assert out["hint"].gt(0).all() and out["at"].gt(0).all()
+    adapter = fitnet.adapters[0]
+    assert adapter.weight.grad is not None and adapter.weight.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in student.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+    assert list(loss.parameters()) == list(adapter.parameters())  # what the optimizer gets besides the student
