@@ -17,7 +17,7 @@ from conftest import QUICK
 
 # Enough steps per epoch that a kill lands inside a stage, few enough to stay quick.
 ARGS = ["trainer.epochs=3", "dataset.max_train_samples=900", "trainer.batch_size=16", "trainer.checkpoint_every_steps=7",
-        "distill=ctkd", "curriculum=self_paced"]
+        "distill=ctkd", "curriculum=self_paced", "cache=false"]  # resume alone, not the stage cache
 TIMING = ["seconds", "samples_per_s"]
 
 
