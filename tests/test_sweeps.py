@@ -45,7 +45,6 @@ def test_cfg_hydra_shows_the_launcher(cli):
     assert result.returncode == 0 and "JoblibLauncher" in result.stdout
 
 
-@pytest.mark.slow  # worker processes
 def test_joblib_jobs_share_one_teacher(cli, tmp_path):
     sweep = tmp_path / "sweep"
     result = cli("train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "distill.alpha=0.5,0.9", *TINY,
@@ -59,7 +58,6 @@ def test_joblib_jobs_share_one_teacher(cli, tmp_path):
     assert teachers[0] == teachers[1]
 
 
-@pytest.mark.slow  # worker processes
 def test_failed_job_in_a_joblib_worker_fails_the_sweep(cli, tmp_path):
     sweep = tmp_path / "sweep"
     result = cli("train", "-m", "hydra/launcher=joblib", "distill.alpha=1.5,0.5", *TINY, f"hydra.sweep.dir={sweep}")
