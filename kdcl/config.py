@@ -13,11 +13,12 @@ from kdcl.errors import KdclError
 
 
 def _conf_dir() -> str:
-    """The shipped configs: ``kdcl.conf`` when installed, the source ``conf/`` otherwise."""
-    try:
-        return str(resources.files("kdcl.conf"))
-    except ModuleNotFoundError:  # the source tree shadows the installed package
-        return str(Path(__file__).resolve().parents[1] / "conf")
+    """The configs beside this package: the checkout's ``conf/`` when kdcl runs from a
+    source tree (editable installs included), the installed ``kdcl.conf`` otherwise."""
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "conf" / "config.yaml").is_file():
+        return str(checkout / "conf")
+    return str(resources.files("kdcl.conf"))
 
 
 CONF_DIR = _conf_dir()
