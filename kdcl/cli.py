@@ -100,6 +100,15 @@ def _eval(cfg: DictConfig) -> None:
     log.info("wrote %s", _output_dir() / "eval.csv")
 
 
+def _bench(cfg: DictConfig) -> None:
+    from kdcl.bench import run_bench
+    from kdcl.config import validate
+
+    validate(cfg)
+    run_bench(_plain(cfg), _output_dir())
+    log.info("wrote %s", _output_dir() / "bench.csv")
+
+
 def report() -> None:
     """``kdcl report``: plain arguments (argparse), not a Hydra app."""
     from kdcl.sweep_report import main as report_main
@@ -113,10 +122,12 @@ def report() -> None:
 
 train = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(_guarded(_train))
 evaluate = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")(_guarded(_eval))
+bench = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="bench")(_guarded(_bench))
 
 COMMANDS: dict[str, tuple[Callable[[], Any], str]] = {
     "train": (train, "teacher → curriculum → baseline → distill; writes metrics tables and summary.csv"),
     "eval": (evaluate, "test a checkpoint: kdcl eval checkpoint=PATH [dataset=...]; writes eval.csv"),
+    "bench": (bench, "time naive KD loop vs kdcl (online, teacher cache) vs student alone; writes bench.csv"),
     "report": (report, "one table over runs and sweeps: kdcl report PATH [PATH ...]; writes report.csv/.md, PNGs"),
 }
 
@@ -131,6 +142,7 @@ examples:
   kdcl train -m distill.alpha=0.1,0.9 distill.temperature=1,4
   kdcl report outputs/multirun/DATE/TIME       # table, alpha × T heatmap, seeds, curves
   kdcl eval checkpoint=outputs/train/.../distill/best.pt
+  kdcl bench +experiment=cifar10_cpu           # images/s: naive loop vs kdcl vs teacher cache
   kdcl train --help                            # config groups and options
   kdcl train --cfg job                         # print the composed config
 """

@@ -56,7 +56,27 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "curriculum.every_epochs": (lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer ≥ 1"),
     "curriculum.threshold": (lambda v: v is None or 0 <= v <= 1, "null or a number in [0, 1]"),
     "teacher.route_points": (lambda v: isinstance(v, int) and v >= 0, "an integer ≥ 0"),
+    "distill.teacher_cache": (lambda v: _is_teacher_cache(v), "none, no_aug or views:K with K ≥ 1"),
+    "distill.teacher_cache_store": (lambda v: v in ("memory", "disk"), "memory or disk"),
+    "distill.teacher_cache_shard_mb": (lambda v: v > 0, "a number > 0"),
+    "trainer.threads": (lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer ≥ 1"),
+    "bench.steps": (lambda v: isinstance(v, int) and v >= 1, "an integer ≥ 1"),
+    "bench.warmup": (lambda v: isinstance(v, int) and v >= 1, "an integer ≥ 1 (the cache fills during warm-up)"),
+    "bench.repeats": (lambda v: isinstance(v, int) and v >= 1, "an integer ≥ 1"),
+    "bench.views": (lambda v: isinstance(v, int) and v >= 1, "an integer ≥ 1"),
+    "bench.naive_workers": (lambda v: isinstance(v, int) and v >= 0, "an integer ≥ 0"),
+    "bench.parity_epochs": (lambda v: isinstance(v, int) and v >= 0, "an integer ≥ 0"),
 }
+
+
+def _is_teacher_cache(value: Any) -> bool:
+    from kdcl.teacher_cache import parse
+
+    try:
+        parse(value)
+    except KdclError:
+        return False
+    return True
 
 
 def _registered_names() -> dict[str, Any]:

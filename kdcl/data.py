@@ -148,12 +148,26 @@ def make_source(split: RawSplit, indices: np.ndarray, device: torch.device, num_
 
 
 # --------------------------------------------------------------------------- preprocessing
+@dataclass
+class Augment:
+    """Per-example augmentation parameters: crop offsets into the padded image and a flip."""
+
+    dy: Tensor  # int64 (B,), 0 .. 2·padding
+    dx: Tensor
+    mirror: Tensor  # bool (B,)
+
+    def __getitem__(self, index: Tensor) -> Augment:
+        return Augment(self.dy[index], self.dx[index], self.mirror[index])
+
+
 class Preprocess:
     """uint8 batch → normalised float batch, with batched random crop and flip in training.
 
-    Crop: zero-pad by ``crop_padding`` pixels and cut a random H×W window per example.
-    Flip: mirror each example horizontally with probability 1/2. Random parameters come
-    from a seeded generator on the data's device.
+    Crop: zero-pad by ``crop_padding`` pixels and cut an H×W window per example at offset
+    (dy, dx). Flip: mirror an example horizontally. Training draws the parameters per
+    example (:meth:`sample`: offsets uniform, flip with probability 1/2) from a seeded
+    generator on the data's device; :meth:`apply` takes given parameters, so fixed views
+    (``distill.teacher_cache=views:K``) are the same pixels every time.
     """
 
     def __init__(self, mean: list[float], std: list[float], crop_padding: int, flip: bool,
@@ -166,22 +180,44 @@ class Preprocess:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
+    @property
+    def augments(self) -> bool:
+        return bool(self.crop_padding or self.flip)
+
     def __call__(self, x: Tensor, train: bool) -> Tensor:
-        if train and self.crop_padding:
-            x = self._random_crop(x)
-        if train and self.flip:
-            mirror = torch.rand(len(x), device=x.device, generator=self.generator) < 0.5
-            x = torch.where(mirror.view(-1, 1, 1, 1), x.flip(3), x)
+        if train and self.augments:
+            return self.apply(x, self.sample(len(x), self.generator))
+        return self.normalize(x)
+
+    def sample(self, n: int, generator: torch.Generator) -> Augment:
+        """Random parameters for ``n`` examples (the flips are drawn before the offsets)."""
+        device = generator.device
+        mirror = torch.rand(n, device=device, generator=generator) < 0.5 if self.flip else \
+            torch.zeros(n, dtype=torch.bool, device=device)
+        span = 2 * self.crop_padding + 1
+        dy, dx = torch.randint(0, span, (2, n), device=device, generator=generator) if self.crop_padding else \
+            torch.zeros(2, n, dtype=torch.long, device=device)
+        return Augment(dy, dx, mirror)
+
+    def apply(self, x: Tensor, aug: Augment) -> Tensor:
+        """Crop and flip ``x`` as ``aug`` says, then normalise."""
+        if self.crop_padding:
+            x = self._crop(x, aug.dy, aug.dx)
+        if self.flip:
+            x = torch.where(aug.mirror.view(-1, 1, 1, 1), x.flip(3), x)
+        return self.normalize(x)
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """``(x/255 − mean) / std`` per channel, in the configured memory format."""
         x = (x.float() - self.mean) * self.inv_std
         return x.contiguous(memory_format=self.memory_format)
 
-    def _random_crop(self, x: Tensor) -> Tensor:
+    def _crop(self, x: Tensor, dy: Tensor, dx: Tensor) -> Tensor:
         n, _, h, w = x.shape
         p = self.crop_padding
         padded = torch.nn.functional.pad(x, (p, p, p, p))
-        dy, dx = torch.randint(0, 2 * p + 1, (2, n, 1), device=x.device, generator=self.generator)
-        rows = (dy + torch.arange(h, device=x.device)).view(n, 1, h, 1)
-        cols = (dx + torch.arange(w, device=x.device)).view(n, 1, 1, w)
+        rows = (dy.view(n, 1) + torch.arange(h, device=x.device)).view(n, 1, h, 1)
+        cols = (dx.view(n, 1) + torch.arange(w, device=x.device)).view(n, 1, 1, w)
         batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
         chans = torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1)
         return padded[batch, chans, rows, cols]

@@ -14,12 +14,13 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Collection
+from typing import Any, Collection
 
 import torch
 from torch import Tensor, nn
 
 from kdcl.checkpoint import save_checkpoint
+from kdcl.config import resolve_device
 from kdcl.console import progress_bar
 from kdcl.curricula import DataSchedule, LearnedEpochs
 from kdcl.data import Batch, DataBundle, Source
@@ -28,7 +29,7 @@ from kdcl.errors import KdclError
 from kdcl.losses import DistillLoss, LossContext
 from kdcl.report import MetricsTable
 from kdcl.resume import STOP, Cursor, Interrupted, check_same_config, cursor_state, load_state, rng_states, save_state, set_rng_states
-from kdcl.teachers import Teachers
+from kdcl.teacher_cache import Feed
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,25 @@ class Trainer:
     amp: bool
     early_stopping_patience: int | None = None
     checkpoint_every_steps: int | None = None
+    compile: bool = False
+
+    @classmethod
+    def from_config(cls, t: dict[str, Any]) -> Trainer:
+        """The ``trainer`` config group: resolves the device (``auto``: CUDA when there is
+        one), bf16 autocast (``auto``: on CUDA) and the CPU thread count (``threads``)."""
+        device = resolve_device(t["device"])
+        if t.get("threads"):
+            torch.set_num_threads(t["threads"])
+        return cls(device=device, epochs=t["epochs"], batch_size=t["batch_size"], eval_batch_size=t["eval_batch_size"],
+                   amp=device.type == "cuda" if t["amp"] == "auto" else bool(t["amp"]),
+                   early_stopping_patience=t.get("early_stopping_patience"),
+                   checkpoint_every_steps=t.get("checkpoint_every_steps"), compile=bool(t.get("compile")))
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """With ``trainer.compile``, compile the model's forward (its state_dict keeps its keys)."""
+        if self.compile:
+            model.forward = torch.compile(model.forward)
+        return model
 
     def autocast(self):
         if not self.amp:
@@ -75,7 +95,7 @@ class Stage:
     lr_schedule: torch.optim.lr_scheduler.LRScheduler
     out_dir: Path
     meta: dict[str, Any]  # checkpoint metadata (model spec, data, config)
-    teacher_at: Callable[[int], Teachers] | None = None  # the teacher(s) for an optimizer step
+    feed: Feed  # a step's student input and teacher logits (kdcl/teacher_cache.py)
     dynamics: LearnedEpochs | None = None
     keep_epochs: Collection[int] = ()
     features: tuple[dict[str, Tensor], dict[str, Tensor]] = ({}, {})  # hooked student / teacher layers
@@ -126,18 +146,15 @@ class _Meter:
         return {k: float(v) / self.count for k, v in self.sums.items()}
 
 
-def train_step(s: Stage, data: DataBundle, trainer: Trainer, step: int, batch: Batch, meter: _Meter,
-               ctx: LossContext) -> None:
-    """One optimizer step: the control sets α and T (and any noise), the loss gives
-    per-example terms (features from ``ctx``), the plan may weight them (judging each
-    example by its cross-entropy), and their mean is back-propagated."""
+def train_step(s: Stage, trainer: Trainer, step: int, batch: Batch, meter: _Meter, ctx: LossContext) -> None:
+    """One optimizer step: the feed gives the (augmented) input and the teacher's logits,
+    the control sets α and T (and any noise), the loss gives per-example terms (features
+    from ``ctx``), the plan may weight them (judging each example by its cross-entropy),
+    and their mean is back-propagated."""
     idx, x, y = batch
-    x = data.preprocess(x, train=True)
-    teacher = s.teacher_at(step) if s.teacher_at is not None and s.loss_fn.needs_teacher else None
+    x, teacher_logits = s.feed(step, ctx.epoch, idx, x, y)
     with trainer.autocast():
         logits = s.model(s.control.student_input(x))
-        with torch.no_grad():
-            teacher_logits = teacher(x, y) if teacher is not None else None
     teacher_logits = s.control.teacher_output(teacher_logits)
     alpha, temperature = s.control.knobs(step, idx, y, teacher_logits)
     terms = s.loss_fn(logits, teacher_logits, y, alpha, temperature, ctx)
@@ -175,7 +192,7 @@ def fit(s: Stage, data: DataBundle, trainer: Trainer) -> FitResult:
         tic, ctx = time.perf_counter(), LossContext(epoch, *s.features)
         with progress_bar(f"{s.name} {epoch}/{trainer.epochs}", spe) as advance:
             for batch in data.train.batches(batches[cursor.step - first :]):
-                train_step(s, data, trainer, cursor.step, batch, meter, ctx)
+                train_step(s, trainer, cursor.step, batch, meter, ctx)
                 cursor.step += 1
                 advance()
                 every = trainer.checkpoint_every_steps
@@ -207,7 +224,7 @@ def _end_epoch(s: Stage, data: DataBundle, trainer: Trainer, cursor: Cursor, met
         "train_loss": train.pop("loss"), "train_acc": train.pop("correct"),
         "val_loss": val.loss, "val_acc": val.acc,
         "seconds": round(seconds, 3), "samples_per_s": round(meter.count / seconds, 1),
-        **(s.control.columns() if s.teacher_at is not None and s.loss_fn.needs_teacher else {}),
+        **(s.control.columns() if s.feed.teaches else {}),
         **s.plan.epoch_end(epoch, val.logits, val.labels),
         **{f"train_{k}": v for k, v in train.items()},
     }

@@ -448,7 +448,7 @@ class Composed(DistillLoss):
 # combination and the noise, not the loss.
 CONTROL_KEYS = ("name", "alpha_start", "alpha_schedule", "temperature_start", "temperature_schedule",
                 "learnable_temperature", "sample_weight", "teacher_route", "teacher_noise", "input_noise",
-                "teacher_combine", "teacher_weights")
+                "teacher_combine", "teacher_weights", "teacher_cache", "teacher_cache_store", "teacher_cache_shard_mb")
 
 
 def create_loss(cfg: dict) -> DistillLoss:

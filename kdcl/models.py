@@ -67,6 +67,43 @@ def size_mb(model: nn.Module) -> float:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e6
 
 
+def freeze(model: nn.Module) -> nn.Module:
+    """A model as a teacher: eval mode, no gradients, BatchNorm folded into its convolutions."""
+    return fold_batchnorm(model.eval().requires_grad_(False))
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold every BatchNorm that directly follows a convolution into it, in place, for a
+    frozen model in eval mode (a teacher): ``W' = W·γ/σ``, ``b' = (b − μ)·γ/σ + β`` with
+    ``σ = √(running_var + ε)``, and the BatchNorm becomes an ``Identity``. The outputs are
+    unchanged up to float rounding, module names stay (feature hooks on a folded
+    BatchNorm see the folded convolution's output, the same values), and one pass over
+    the activations per BatchNorm is saved. A model torch.fx cannot trace is left as it is.
+    """
+    from torch.fx import symbolic_trace
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    try:
+        graph = symbolic_trace(model).graph
+    except Exception:  # data-dependent control flow: no folding
+        return model
+    modules = dict(model.named_modules())
+    for node in graph.nodes:
+        source = node.args[0] if node.op == "call_module" and node.args else None
+        if not isinstance(modules.get(node.target), nn.BatchNorm2d) or getattr(source, "op", None) != "call_module":
+            continue
+        conv, bn = modules.get(source.target), modules[node.target]
+        if isinstance(conv, nn.Conv2d) and len(source.users) == 1 and bn.track_running_stats:
+            _replace(model, source.target, fuse_conv_bn_eval(conv.eval(), bn.eval()))
+            _replace(model, node.target, nn.Identity())
+    return model
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
 def _no_pretrained(name: str, pretrained: bool) -> None:
     if pretrained:
         raise KdclError(

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from kdcl.cache import reuse_or_train
 from kdcl.checkpoint import load_checkpoint, model_from_checkpoint
-from kdcl.config import group_option, model_option, resolve_device
+from kdcl.config import group_option, model_option
 from kdcl.curricula import PLANS, DataSchedule, LearnedEpochs, PlanInputs, ScoreContext, difficulty_rank, make_order, score_all
 from kdcl.data import DataBundle, load_data
 from kdcl.dynamic import DistillControl
@@ -31,10 +31,11 @@ from kdcl.engine import Stage, Trainer, evaluate, fit
 from kdcl.errors import KdclError
 from kdcl.features import FeatureTap
 from kdcl.losses import CONTROL_KEYS, create_loss
-from kdcl.models import count_params, create_model, size_mb
+from kdcl.models import count_params, create_model, freeze, size_mb
 from kdcl.optim import build_optimizer, build_schedule
 from kdcl.report import print_table, write_csv
 from kdcl.resume import check_same_config, graceful_stop, read_done, write_done
+from kdcl.teacher_cache import Feed, FeedInputs, build_feed, parse
 from kdcl.teachers import Teachers, teacher_specs
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class Run:
     teachers: list[nn.Module] = field(default_factory=list)  # every teacher, frozen
     learned_epoch: Tensor | None = None
     scores: dict[str, Tensor] = field(default_factory=dict)  # per scorer, one difficulty per example
+    feeds: dict[tuple, Feed] = field(default_factory=dict)  # filled teacher caches, per spec and teacher set
 
     @property
     def steps_per_epoch(self) -> int:
@@ -85,12 +87,8 @@ class Run:
 def run_pipeline(cfg: dict[str, Any], out: Path) -> pd.DataFrame:
     """Run every stage of ``cfg`` into ``out`` and return the summary table."""
     t = cfg["trainer"]
-    device = resolve_device(t["device"])
-    trainer = Trainer(
-        device=device, epochs=t["epochs"], batch_size=t["batch_size"], eval_batch_size=t["eval_batch_size"],
-        amp=device.type == "cuda" if t["amp"] == "auto" else bool(t["amp"]),
-        early_stopping_patience=t["early_stopping_patience"], checkpoint_every_steps=t["checkpoint_every_steps"],
-    )
+    trainer = Trainer.from_config(t)
+    device = trainer.device
     data = load_data(cfg["dataset"], device, t["channels_last"], cfg["seed"])
     log.info("data %s: %d train / %d val / %d test, %d classes, input %s, device %s",
              data.name, len(data.train), len(data.val), len(data.test), data.num_classes, data.input_shape, device)
@@ -120,7 +118,7 @@ def teacher_stage(run: Run) -> None:
     or the ``teachers`` list into ``teacher/``, ``teacher_1/``, … (teacher k with seed + 1000·k)."""
     for k, spec in enumerate(teacher_specs(run.cfg)):
         stage = "teacher" if k == 0 else f"teacher_{k}"
-        run.teachers.append(one_teacher(run, stage, spec, run.cfg["seed"] + 1000 * k).eval().requires_grad_(False))
+        run.teachers.append(run.trainer.prepare(freeze(one_teacher(run, stage, spec, run.cfg["seed"] + 1000 * k))))
     run.teacher = run.teachers[0]
     if len(run.teachers) > 1:
         ensemble_row(run, "teacher_ensemble", run.teachers)
@@ -187,7 +185,7 @@ def assistant_stages(run: Run) -> None:
     for i, spec in enumerate(run.cfg.get("assistants") or [], start=1):
         spec = model_option(spec) if isinstance(spec, str) else {"kwargs": {}, "pretrained": False, **spec}
         model = train(run, f"assistant_{i}", spec, run.cfg["distill"], run.cfg["curriculum"], seed=run.cfg["seed"] + 1 + i)
-        run.teachers = [model.eval().requires_grad_(False)]
+        run.teachers = [freeze(model)]
 
 
 def student_stage(run: Run, name: str, loss_cfg: dict, curriculum: dict,
@@ -210,7 +208,7 @@ def born_again_stage(run: Run, generations: int) -> None:
     teachers, students = run.teachers, []
     for k in range(1, generations + 1):
         students.append(student_stage(run, f"gen_{k}", run.cfg["distill"], run.cfg["curriculum"], teachers))
-        teachers = [students[-1].eval().requires_grad_(False)]
+        teachers = [freeze(students[-1])]
     ensemble_row(run, "ensemble", students, distill=f"ensemble of gen_1..gen_{generations}")
 
 
@@ -242,6 +240,19 @@ def check_losses(run: Run) -> None:
         loss_fn = create_loss(loss_cfg)
         if loss_fn.needs_teacher:
             loss_fn.bind(student, teacher, torch.zeros(2, *shape))
+        check_teacher_cache(loss_cfg, loss_fn)
+
+
+def check_teacher_cache(loss_cfg: dict, loss_fn: nn.Module) -> None:
+    """A cache holds the (final) teacher's logits: nothing else of the teacher."""
+    spec = loss_cfg.get("teacher_cache", "none")
+    if parse(spec)[0] == "none" or not loss_fn.needs_teacher:
+        return
+    needs = "its intermediate features" if loss_fn.layers()[1] else \
+        "a different teacher per phase" if loss_cfg.get("teacher_route") else None
+    if needs:
+        raise KdclError(f"distill.teacher_cache={spec} caches the teacher's logits, but distill={loss_cfg['name']} needs {needs}",
+                        fix="set distill.teacher_cache=none for this loss")
 
 
 def arm_config(cfg: dict[str, Any], arm: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -275,7 +286,7 @@ def route_teacher(run: Run, final: Teachers) -> Callable[[int], nn.Module]:
     if not paths:
         raise KdclError("distill.teacher_route=true needs checkpoints saved during teacher training",
                         fix="set teacher.route_points=N (N ≥ 1) and train the teacher in this run")
-    anchors = [Teachers([run.to_device(model_from_checkpoint(load_checkpoint(p))).eval().requires_grad_(False)])
+    anchors = [Teachers([freeze(run.to_device(model_from_checkpoint(load_checkpoint(p))))])
                for p in paths]
     return teacher_route([*anchors, final], run.total_steps)
 
@@ -308,8 +319,8 @@ def train(run: Run, stage: str, spec: dict, loss_cfg: dict, curriculum: dict, se
         return best
     torch.manual_seed(seed)
     data.preprocess.generator.manual_seed(seed)
-    model = run.to_device(create_model(spec["name"], data.num_classes, data.input_shape,
-                                       pretrained=spec["pretrained"], **spec["kwargs"]))
+    model = run.trainer.prepare(run.to_device(create_model(spec["name"], data.num_classes, data.input_shape,
+                                                           pretrained=spec["pretrained"], **spec["kwargs"])))
     loss_fn = create_loss(loss_cfg)
     teachers = run.teachers if teachers is None else teachers
     teacher = Teachers(teachers, loss_cfg.get("teacher_combine", "mean"), loss_cfg.get("teacher_weights"),
@@ -325,14 +336,15 @@ def train(run: Run, stage: str, spec: dict, loss_cfg: dict, curriculum: dict, se
               {"params": control.parameters(), "weight_decay": 0.0}]
     optimizer = build_optimizer(groups, run.cfg["optimizer"])
     lr_schedule = build_schedule(optimizer, run.cfg["scheduler"], run.total_steps, run.steps_per_epoch)
-    teacher_at = route_teacher(run, teacher) if loss_cfg.get("teacher_route") else (lambda step: teacher)
+    teacher_at = None if teacher is None or not loss_fn.needs_teacher else \
+        route_teacher(run, teacher) if loss_cfg.get("teacher_route") else (lambda step: teacher)
     log.info("%s: %s, %s params, %d epochs × %d steps, loss %s, curriculum %s", stage, spec["name"],
              f"{count_params(model):,}", run.trainer.epochs, run.steps_per_epoch, loss_cfg["name"], curriculum["type"])
     student_layers, teacher_layers = loss_fn.layers()
     with FeatureTap(model, student_layers) as student_features, \
             FeatureTap(teacher.lead if teacher is not None else None, teacher_layers) as teacher_features:
         parts = Stage(stage, model, loss_fn, control, build_plan(run, curriculum, seed), optimizer, lr_schedule, out,
-                      checkpoint_meta(run, stage, spec), teacher_at if teacher is not None else None, dynamics,
+                      checkpoint_meta(run, stage, spec), teacher_feed(run, loss_cfg, teacher_at, teachers), dynamics,
                       keep_epochs, (student_features, teacher_features))
         result = fit(parts, data, run.trainer)
     last = evaluate(model, data.test, data, run.trainer)
@@ -351,6 +363,26 @@ def train(run: Run, stage: str, spec: dict, loss_cfg: dict, curriculum: dict, se
     write_done(out / "done.json", run.rows[stage], run.cfg)
     (out / "resume.pt").unlink(missing_ok=True)
     return best
+
+
+def teacher_feed(run: Run, loss_cfg: dict, teacher_at: Callable[[int], nn.Module] | None,
+                 teachers: list[nn.Module]) -> Feed:
+    """The stage's feed (``distill.teacher_cache``). A cache is filled once per run and
+    teacher set, and shared by every stage those teachers teach."""
+    spec = loss_cfg.get("teacher_cache", "none") if teacher_at is not None else "none"
+    key = (spec, tuple(id(m) for m in teachers))
+    if key in run.feeds:
+        return run.feeds[key]
+    d = run.data
+    inputs = FeedInputs(d.preprocess, d.train, teacher_at, run.trainer.autocast, d.num_classes,
+                        run.trainer.eval_batch_size, run.cfg["seed"], parse(spec)[1],
+                        loss_cfg.get("teacher_cache_store", "memory"),
+                        run.out / "teacher_cache" / f"{spec.replace(':', '_')}-{len(run.feeds)}",
+                        loss_cfg.get("teacher_cache_shard_mb", 512))
+    feed = build_feed(spec, inputs)
+    if spec != "none":  # online feeds are per stage (the teacher may follow a route)
+        run.feeds[key] = feed
+    return feed
 
 
 def test_columns(run: Run, stage: str, model: nn.Module) -> dict[str, Any]:

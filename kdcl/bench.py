@@ -1,0 +1,289 @@
+"""``kdcl bench``: what kdcl's data path and teacher cache buy, measured in one process.
+
+On the data and models of a run config (``+experiment=...`` or the default), four arms
+train the student for the same optimizer steps and batches of the same size:
+
+- ``naive``: the reference KD loop as users write it: a torchvision ``DataLoader`` over
+  PIL images with torchvision transforms (random crop, flip, ``ToTensor``, ``Normalize``),
+  the teacher's forward pass on every batch, fp32, default memory format;
+- ``kdcl``: kdcl's distill step (``engine.train_step``) with the online teacher;
+- ``kdcl_cached``: the same with ``distill.teacher_cache=views:K`` (the cache is filled
+  first; its fill time is reported apart and amortised over the recipe's epochs);
+- ``student``: kdcl's step with cross-entropy alone (no teacher): the floor.
+
+The arms run in turn ``bench.repeats`` times, after ``bench.warmup`` untimed steps each,
+and the median time of each arm is kept, so that slow spells of a noisy machine hit
+every arm alike. It prints images/s and the ratios kdcl/naive, kdcl_cached/student and
+kdcl/student, and writes ``bench.csv``.
+
+``bench.parity_epochs=E`` (with ``teacher.checkpoint``) trains the student for E epochs
+with the naive loop, with kdcl online and with kdcl cached, from the same initial
+weights and schedule, and adds their test accuracy (``parity.csv``): the fast path must
+learn as well as the reference one.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdcl.checkpoint import load_checkpoint, model_from_checkpoint
+from kdcl.curricula import DataSchedule
+from kdcl.data import DataBundle, TensorSource, load_data
+from kdcl.dynamic import DistillControl
+from kdcl.engine import Stage, Trainer, _Meter, evaluate, train_step
+from kdcl.errors import KdclError
+from kdcl.losses import LossContext, create_loss, kl_teacher_student
+from kdcl.models import create_model, freeze
+from kdcl.optim import build_optimizer, build_schedule
+from kdcl.report import print_table, write_csv
+from kdcl.teacher_cache import FeedInputs, build_feed
+from kdcl.teachers import Teachers, teacher_specs
+
+log = logging.getLogger(__name__)
+
+ARMS = {
+    "naive": "(a) naive reference loop: DataLoader + PIL transforms, teacher every batch, fp32",
+    "kdcl": "(b) kdcl distill, online teacher",
+    "kdcl_cached": "(c) kdcl distill, teacher_cache=views:K",
+    "student": "(d) kdcl student alone (cross-entropy)",
+}
+
+
+@dataclass
+class Setup:
+    cfg: dict[str, Any]
+    data: DataBundle
+    trainer: Trainer
+    teacher: nn.Module
+    channels_last: bool
+    out: Path
+    fill_seconds: float = 0.0  # the last cache fill
+
+    def student(self) -> nn.Module:
+        """The student with the run's initial weights (seed + 1, as every student stage)."""
+        torch.manual_seed(self.cfg["seed"] + 1)
+        spec = self.cfg["student"]
+        return create_model(spec["name"], self.data.num_classes, self.data.input_shape, **spec["kwargs"])
+
+    def sync(self) -> None:
+        if self.trainer.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+# --------------------------------------------------------------------------- the reference loop
+class _PilImages(torch.utils.data.Dataset):
+    """uint8 (N, C, H, W) images served one at a time as PIL images through ``transform``."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, transform: Callable):
+        self.x, self.y, self.transform = x, y, transform
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        from PIL import Image
+
+        image = self.x[i].transpose(1, 2, 0)
+        return self.transform(Image.fromarray(image[..., 0] if image.shape[2] == 1 else image)), int(self.y[i])
+
+
+def naive_loader(s: Setup) -> torch.utils.data.DataLoader:
+    from torchvision import transforms
+
+    d, spec = s.data, s.cfg["dataset"]
+    steps = [transforms.RandomCrop(d.input_shape[1:], padding=spec["crop_padding"])] if spec["crop_padding"] else []
+    steps += [transforms.RandomHorizontalFlip()] if spec["flip"] else []
+    steps += [transforms.ToTensor(), transforms.Normalize(d.mean, d.std)]
+    images = _PilImages(d.train.x.cpu().numpy(), d.train.labels.numpy(), transforms.Compose(steps))
+    return torch.utils.data.DataLoader(images, batch_size=s.trainer.batch_size, shuffle=True, drop_last=False,
+                                       num_workers=s.cfg["bench"]["naive_workers"],
+                                       generator=torch.Generator().manual_seed(s.cfg["seed"]),
+                                       persistent_workers=s.cfg["bench"]["naive_workers"] > 0)
+
+
+def naive_steps(s: Setup, student: nn.Module, total_steps: int) -> Iterator[None]:
+    """The reference KD loop, one yield per optimizer step:
+    ``L = (1 − α)·CE + α·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T))`` (Hinton et al. 2015)."""
+    alpha, t = s.cfg["distill"]["alpha"], s.cfg["distill"]["temperature"]
+    device = s.trainer.device
+    student = student.to(device)
+    optimizer = build_optimizer(student.parameters(), s.cfg["optimizer"])
+    schedule = build_schedule(optimizer, s.cfg["scheduler"], total_steps, _steps_per_epoch(s))
+    loader, step = naive_loader(s), 0
+    while True:
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            with torch.no_grad():
+                teacher_logits = s.teacher(x)
+            logits = student(x)
+            loss = ((1 - alpha) * F.cross_entropy(logits, y, reduction="none")
+                    + alpha * kl_teacher_student(logits, teacher_logits, t)).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+            yield
+            if step == total_steps:
+                return
+
+
+# --------------------------------------------------------------------------- kdcl's step
+def kdcl_steps(s: Setup, student: nn.Module, total_steps: int, loss_cfg: dict[str, Any]) -> Iterator[None]:
+    """kdcl's training step (``engine.train_step``) on all data, one yield per step."""
+    fmt = torch.channels_last if s.channels_last else torch.contiguous_format
+    model = student.to(s.trainer.device, memory_format=fmt)
+    loss_fn = create_loss(loss_cfg).to(s.trainer.device)
+    spe = _steps_per_epoch(s)
+    control = DistillControl(loss_fn, loss_cfg, total_steps, spe, None, s.cfg["seed"] + 1).to(s.trainer.device)
+    optimizer = build_optimizer(model.parameters(), s.cfg["optimizer"])
+    schedule = build_schedule(optimizer, s.cfg["scheduler"], total_steps, spe)
+    model = s.trainer.prepare(model)
+    teacher = Teachers([s.trainer.prepare(freeze(copy.deepcopy(s.teacher)))]) if loss_fn.needs_teacher else None
+    d = s.data
+    d.preprocess.generator.manual_seed(s.cfg["seed"] + 1)
+    inputs = FeedInputs(d.preprocess, d.train, (lambda step: teacher) if teacher else None, s.trainer.autocast,
+                        d.num_classes, s.trainer.eval_batch_size, s.cfg["seed"], s.cfg["bench"]["views"],
+                        "memory", s.out / "teacher_cache", 512)
+    tic = time.perf_counter()
+    feed = build_feed(loss_cfg.get("teacher_cache", "none") if teacher else "none", inputs)
+    s.sync()
+    s.fill_seconds = time.perf_counter() - tic
+    plan = DataSchedule(torch.arange(len(d.train)), s.trainer.batch_size, s.cfg["seed"] + 1)
+    stage = Stage("bench", model, loss_fn, control, plan, optimizer, schedule, s.out, {}, feed)
+    model.train()
+    meter = _Meter()
+    for epoch in range(1, math.ceil(total_steps / spe) + 1):
+        first = (epoch - 1) * spe
+        steps = range(first, min(first + spe, total_steps))
+        for step, batch in zip(steps, d.train.batches(plan.batches(steps))):
+            train_step(stage, s.trainer, step, batch, meter, LossContext(epoch))
+            yield
+
+
+def _steps_per_epoch(s: Setup) -> int:
+    return math.ceil(len(s.data.train) / s.trainer.batch_size)
+
+
+def arm_steps(s: Setup, arm: str, total_steps: int) -> Iterator[None]:
+    distill = s.cfg["distill"]
+    if arm == "naive":
+        return naive_steps(s, s.student(), total_steps)
+    loss_cfg = {
+        "kdcl": {**distill, "teacher_cache": "none"},
+        "kdcl_cached": {**distill, "teacher_cache": f"views:{s.cfg['bench']['views']}"},
+        "student": {"name": "none"},
+    }[arm]
+    return kdcl_steps(s, s.student(), total_steps, loss_cfg)
+
+
+# --------------------------------------------------------------------------- measuring
+def time_arm(s: Setup, arm: str, warmup: int, steps: int) -> float:
+    """Seconds per step of ``arm`` over ``steps`` steps after ``warmup`` untimed ones."""
+    s.fill_seconds = 0.0
+    it = arm_steps(s, arm, warmup + steps)
+    for _ in range(warmup):
+        next(it)
+    s.sync()
+    tic = time.perf_counter()
+    for _ in it:
+        pass
+    s.sync()
+    return (time.perf_counter() - tic) / steps
+
+
+def setup(cfg: dict[str, Any], out: Path) -> Setup:
+    t = cfg["trainer"]
+    trainer = Trainer.from_config(t)
+    device = trainer.device
+    data = load_data(cfg["dataset"], device, t["channels_last"], cfg["seed"])
+    if not isinstance(data.train, TensorSource):
+        raise KdclError(f"kdcl bench needs a dataset held in memory; {data.name!r} is read per sample",
+                        fix="bench on an in-memory dataset (digits, cifar10, npz, mnist, ...)")
+    spec = teacher_specs(cfg)[0]
+    if spec["checkpoint"]:
+        teacher = model_from_checkpoint(load_checkpoint(spec["checkpoint"]))
+    else:
+        torch.manual_seed(cfg["seed"])
+        teacher = create_model(spec["name"], data.num_classes, data.input_shape, **spec["kwargs"])
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    return Setup(cfg, data, trainer, teacher, t["channels_last"], out)
+
+
+def run_bench(cfg: dict[str, Any], out: Path) -> pd.DataFrame:
+    """Time the four arms, print and write ``bench.csv`` (and ``parity.csv``)."""
+    b = cfg["bench"]
+    if b["parity_epochs"] and not teacher_specs(cfg)[0]["checkpoint"]:
+        raise KdclError("bench.parity_epochs needs a trained teacher",
+                        fix="train one (kdcl train ...) and pass teacher.checkpoint=RUN/teacher/best.pt")
+    s = setup(cfg, out)
+    log.info("bench on %s: %d train images, batch %d, teacher %s, student %s, device %s", s.data.name,
+             len(s.data.train), s.trainer.batch_size, cfg["teacher"]["name"], cfg["student"]["name"], s.trainer.device)
+    seconds: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    fill: list[float] = []
+    for repeat in range(b["repeats"]):
+        for arm in ARMS:
+            seconds[arm].append(time_arm(s, arm, b["warmup"], b["steps"]))
+            if arm == "kdcl_cached":
+                fill.append(s.fill_seconds)
+            log.info("repeat %d/%d  %-12s %.1f img/s", repeat + 1, b["repeats"], arm,
+                     s.trainer.batch_size / seconds[arm][-1])
+    per_step = {arm: statistics.median(v) for arm, v in seconds.items()}
+    epoch_steps = _steps_per_epoch(s)
+    amortised = per_step["kdcl_cached"] + statistics.median(fill) / (epoch_steps * s.trainer.epochs)
+    rows = [{"arm": arm, "what": text, "images_per_s": s.trainer.batch_size / per_step[arm],
+             "seconds_per_step": per_step[arm], "vs_naive": per_step["naive"] / per_step[arm],
+             "vs_student_time": per_step[arm] / per_step["student"]} for arm, text in ARMS.items()]
+    rows.append({"arm": "kdcl_cached_amortised",
+                 "what": f"(c) plus the cache fill spread over the recipe's {s.trainer.epochs} epochs",
+                 "images_per_s": s.trainer.batch_size / amortised, "seconds_per_step": amortised,
+                 "vs_naive": per_step["naive"] / amortised, "vs_student_time": amortised / per_step["student"]})
+    frame = pd.DataFrame(rows)
+    for key in ("steps", "warmup", "repeats", "views"):
+        frame[key] = b[key]
+    frame["cache_fill_seconds"] = statistics.median(fill)
+    frame["batch_size"], frame["device"] = s.trainer.batch_size, str(s.trainer.device)
+    frame["dataset"], frame["teacher"], frame["student"] = s.data.name, cfg["teacher"]["name"], cfg["student"]["name"]
+    write_csv(frame, out / "bench.csv")
+    print_table(frame.round(3), f"kdcl bench — {out}", ["arm", "images_per_s", "seconds_per_step", "vs_naive", "vs_student_time"])
+    log.info("kdcl / naive = %.2f×   kdcl_cached / student time = %.2f (amortised %.2f)   kdcl / student time = %.2f",
+             per_step["naive"] / per_step["kdcl"], per_step["kdcl_cached"] / per_step["student"],
+             amortised / per_step["student"], per_step["kdcl"] / per_step["student"])
+    if b["parity_epochs"]:
+        parity(s, b["parity_epochs"])
+    return frame
+
+
+def parity(s: Setup, epochs: int) -> pd.DataFrame:
+    """Train the student ``epochs`` epochs with the naive loop and with kdcl (online and
+    cached), same teacher, initial weights and schedule; compare their test accuracy."""
+    total = epochs * _steps_per_epoch(s)
+    rows = []
+    for arm in ("naive", "kdcl", "kdcl_cached"):
+        tic = time.perf_counter()
+        student = s.student()
+        for _ in arm_steps(s, arm, total):
+            pass
+        s.sync()
+        fmt = torch.channels_last if s.channels_last else torch.contiguous_format
+        test = evaluate(student.to(memory_format=fmt), s.data.test, s.data, s.trainer)
+        rows.append({"arm": arm, "epochs": epochs, "steps": total, "test_acc": test.acc, "test_loss": test.loss,
+                     "seconds": time.perf_counter() - tic, "seed": s.cfg["seed"]})
+        log.info("parity %-12s test_acc %.4f (%d steps, %.0f s)", arm, test.acc, total, rows[-1]["seconds"])
+    frame = pd.DataFrame(rows)
+    write_csv(frame, s.out / "parity.csv")
+    print_table(frame.round(4), f"kdcl bench parity — {s.out}", list(frame.columns))
+    return frame

@@ -1,0 +1,232 @@
+"""Where a training step gets its inputs and its teacher's logits: ``distill.teacher_cache``.
+
+A *feed* turns a batch of uint8 training examples into the student's input and the
+teacher's logits for exactly those pixels. Three feeds are registered:
+
+- ``none`` (online): augment the batch with fresh random parameters and run the teacher
+  on it, in eval mode under ``torch.inference_mode()``, every step. One teacher pass per
+  example per epoch; a new view every time.
+- ``no_aug``: for runs without augmentation. The teacher's logits on the training data
+  are computed once, before the first step; a step only looks them up.
+- ``views:K``: K fixed augmented views per example, their crop/flip parameters drawn once
+  from the run seed. The teacher's logits for every view are computed once (K teacher
+  passes per example in total, instead of one per epoch). In epoch e the student sees
+  view ``(φ_i + e) mod K`` of example i (φ_i a fixed random phase), so teacher and student
+  always look at the same pixels ("consistent teaching") and every view is used once
+  per K epochs.
+
+The trade-off (Beyer et al. 2022, "Knowledge distillation: A good teacher is patient and
+consistent"): consistent teaching is what matters, and with few views the student sees
+fewer distinct images (K per example instead of one per epoch), which is what "patient"
+teaching over long schedules exploits. ``views:K`` buys the teacher's cost down to K passes
+per example at the price of that diversity; K ≥ the number of epochs gives every epoch a
+new view.
+
+Cached logits are fp16: in memory on the training device, or with
+``distill.teacher_cache_store=disk`` in ``.npy`` shards of at most
+``distill.teacher_cache_shard_mb`` MB each, read through memory maps.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from kdcl.data import Augment, Preprocess, Source
+from kdcl.errors import KdclError
+from kdcl.registry import Registry
+
+log = logging.getLogger(__name__)
+
+FEEDS = Registry("teacher cache")
+register_feed = FEEDS.register
+STORES = Registry("teacher cache store")
+
+
+class Feed(Protocol):
+    """``feed(step, epoch, idx, x, y)`` → (the student's float input, the teacher's logits or None)."""
+
+    teaches: bool
+
+    def __call__(self, step: int, epoch: int, idx: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]: ...
+
+
+@dataclass
+class FeedInputs:
+    """What any feed may need: the data, the teacher and how to run it."""
+
+    preprocess: Preprocess
+    train: Source
+    teacher_at: Callable[[int], nn.Module] | None  # the teacher of an optimizer step (None: no teacher)
+    autocast: Callable[[], AbstractContextManager]
+    num_classes: int
+    batch_size: int  # examples per teacher pass when filling a cache
+    seed: int  # seeds the views
+    views: int  # K of views:K
+    store: str  # memory | disk
+    directory: Path  # where disk shards go
+    shard_mb: float
+
+
+def parse(spec: str) -> tuple[str, int]:
+    """``"views:8"`` → ("views", 8); ``"none"`` / ``"no_aug"`` → (name, 1)."""
+    name, _, k = str(spec).partition(":")
+    if name not in FEEDS or (name == "views") != bool(k) or (k and (not k.isdigit() or int(k) < 1)):
+        raise KdclError(f"distill.teacher_cache={spec!r} is not a teacher cache",
+                        fix="use none, no_aug or views:K with K ≥ 1 (e.g. views:8)")
+    return name, int(k or 1)
+
+
+def build_feed(spec: str, inputs: FeedInputs) -> Feed:
+    name, _ = parse(spec)
+    return FEEDS.create(name, inputs)
+
+
+@register_feed("none")
+class OnlineTeacher:
+    """Fresh random augmentation and a teacher pass every step (the teacher in eval mode,
+    under ``inference_mode``: no autograd state at all)."""
+
+    def __init__(self, inputs: FeedInputs):
+        self.preprocess, self.teacher_at, self.autocast = inputs.preprocess, inputs.teacher_at, inputs.autocast
+        self.teaches = inputs.teacher_at is not None
+
+    def __call__(self, step: int, epoch: int, idx: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
+        x = self.preprocess(x, train=True)
+        if self.teacher_at is None:
+            return x, None
+        teacher = self.teacher_at(step).eval()
+        with torch.inference_mode(), self.autocast():
+            logits = teacher(x, y)
+        return x, logits.float().clone()  # a normal tensor: the loss may save it for backward
+
+
+class CachedViews:
+    """The student trains on fixed views whose teacher logits were computed once.
+
+    ``params[i, k]``: crop/flip of view k of example i; ``phase[i]``: where example i
+    starts cycling through its views. ``logits``: the teacher's (N, K, C) fp16 logits.
+    """
+
+    def __init__(self, inputs: FeedInputs, params: Augment, phase: Tensor):
+        self.preprocess, self.params, self.phase = inputs.preprocess, params, phase
+        self.k = params.dy.shape[1]
+        self.teaches = True
+        self.logits = _fill(inputs, self) if inputs.teacher_at is not None else None
+        if self.logits is None:
+            raise KdclError("distill.teacher_cache needs a teacher", fix="set distill.teacher_cache=none for this stage")
+
+    def view(self, idx: Tensor, epoch: int) -> Tensor:
+        """The view of each example in ``idx`` the student trains on in ``epoch`` (1-based)."""
+        return (self.phase[idx] + epoch - 1) % self.k
+
+    def __call__(self, step: int, epoch: int, idx: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
+        v = self.view(idx, epoch)
+        return self.pixels(x, idx, v), self.logits.get(idx, v)
+
+    def pixels(self, x: Tensor, idx: Tensor, v: Tensor) -> Tensor:
+        """View ``v[j]`` of example ``idx[j]`` (``x[j]`` its uint8 image), normalised."""
+        return self.preprocess.apply(x, Augment(self.params.dy[idx, v], self.params.dx[idx, v],
+                                                self.params.mirror[idx, v]))
+
+
+@register_feed("views")
+def fixed_views(inputs: FeedInputs) -> CachedViews:
+    """K views per example, crop offsets and flips drawn once from the run seed (on the CPU,
+    so a seed gives the same views on every device)."""
+    pre, n, k = inputs.preprocess, len(inputs.train), inputs.views
+    generator = torch.Generator().manual_seed(inputs.seed)
+    table = pre.sample(n * k, generator)
+    device = pre.mean.device
+    params = Augment(*(t.view(n, k).to(device) for t in (table.dy, table.dx, table.mirror)))
+    phase = torch.randint(0, k, (n,), generator=generator).to(device)
+    return CachedViews(inputs, params, phase)
+
+
+@register_feed("no_aug")
+def unaugmented(inputs: FeedInputs) -> CachedViews:
+    """One view per example, the image itself (a centred crop, no flip)."""
+    pre, n = inputs.preprocess, len(inputs.train)
+    if pre.augments:
+        raise KdclError("distill.teacher_cache=no_aug is for runs without augmentation, but this dataset "
+                        f"augments (crop_padding={pre.crop_padding}, flip={pre.flip})",
+                        fix="use distill.teacher_cache=views:K, or set dataset.crop_padding=0 dataset.flip=false")
+    device = pre.mean.device
+    centre = torch.full((n, 1), pre.crop_padding, dtype=torch.long, device=device)
+    params = Augment(centre, centre.clone(), torch.zeros(n, 1, dtype=torch.bool, device=device))
+    return CachedViews(inputs, params, torch.zeros(n, dtype=torch.long, device=device))
+
+
+# --------------------------------------------------------------------------- storage
+@STORES.register("memory")
+class MemoryLogits:
+    """(N, K, C) fp16 logits on the training device."""
+
+    def __init__(self, n: int, k: int, inputs: FeedInputs):
+        self.table = torch.empty(n, k, inputs.num_classes, dtype=torch.float16, device=inputs.preprocess.mean.device)
+
+    def put(self, idx: Tensor, v: int, logits: Tensor) -> None:
+        self.table[idx, v] = logits.to(torch.float16)
+
+    def get(self, idx: Tensor, v: Tensor) -> Tensor:
+        return self.table[idx, v].float()
+
+
+@STORES.register("disk")
+class DiskLogits:
+    """(N, K, C) fp16 logits in ``.npy`` shards of whole examples, at most ``shard_mb`` MB
+    each, read through memory maps (for caches larger than memory)."""
+
+    def __init__(self, n: int, k: int, inputs: FeedInputs):
+        directory, c = inputs.directory, inputs.num_classes
+        directory.mkdir(parents=True, exist_ok=True)
+        self.rows = max(1, int(inputs.shard_mb * 2**20 // (k * c * 2)))
+        self.device = inputs.preprocess.mean.device
+        self.shards = [
+            np.lib.format.open_memmap(directory / f"shard_{s:04d}.npy", mode="w+", dtype=np.float16,
+                                      shape=(min(self.rows, n - s * self.rows), k, c))
+            for s in range(math.ceil(n / self.rows))
+        ]
+
+    def _locate(self, idx: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        i = idx.cpu().numpy()
+        return i // self.rows, i % self.rows
+
+    def put(self, idx: Tensor, v: int, logits: Tensor) -> None:
+        shard, row = self._locate(idx)
+        values = logits.to(torch.float16).cpu().numpy()
+        for s in np.unique(shard):
+            self.shards[s][row[shard == s], v] = values[shard == s]
+
+    def get(self, idx: Tensor, v: Tensor) -> Tensor:
+        shard, row = self._locate(idx)
+        view = v.cpu().numpy()
+        out = np.empty((len(row), self.shards[0].shape[2]), dtype=np.float16)
+        for s in np.unique(shard):
+            out[shard == s] = self.shards[s][row[shard == s], view[shard == s]]
+        return torch.from_numpy(out).to(self.device, non_blocking=True).float()
+
+
+def _fill(inputs: FeedInputs, views: CachedViews) -> MemoryLogits | DiskLogits:
+    """Run the teacher once over every view of every training example."""
+    teacher = inputs.teacher_at(0).eval()
+    n, device = len(inputs.train), inputs.preprocess.mean.device
+    store = STORES.create(inputs.store, n, views.k, inputs)
+    batches = torch.arange(n).split(inputs.batch_size)
+    with torch.inference_mode():
+        for v in range(views.k):
+            for idx, x, y in inputs.train.batches(batches):
+                idx = idx.to(device)
+                with inputs.autocast():
+                    store.put(idx, v, teacher(views.pixels(x, idx, torch.full_like(idx, v)), y).float())
+    log.info("teacher cache: %d view(s) × %d examples, fp16 %s", views.k, n,
+             "in memory" if inputs.store == "memory" else f"on disk in {inputs.directory}")
+    return store

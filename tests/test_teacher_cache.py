@@ -1,0 +1,222 @@
+"""The on-device augmentation, the teacher-output cache, BatchNorm folding and ``kdcl bench``."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from conftest import QUICK, compose_config
+from kdcl.data import Preprocess, TensorSource
+from kdcl.errors import KdclError
+from kdcl.models import create_model, fold_batchnorm
+from kdcl.stages import run_pipeline
+from kdcl.teacher_cache import DiskLogits, FeedInputs, build_feed, parse
+
+CPU = torch.device("cpu")
+N, K = 40, 3
+
+
+class Labelled(nn.Module):
+    """A model called as teachers are: ``teacher(x, y)``; counts the examples it sees."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.seen = model, 0
+
+    def forward(self, x, y=None):
+        self.seen += len(x)
+        return self.model(x)
+
+
+@pytest.fixture
+def setting():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (N, 3, 8, 8), dtype=np.uint8)
+    y = rng.integers(0, 4, N)
+    source = TensorSource(x, y, np.arange(N), CPU)
+    pre = Preprocess([0.5] * 3, [0.25] * 3, crop_padding=2, flip=True, device=CPU, channels_last=False, seed=0)
+    torch.manual_seed(0)
+    teacher = Labelled(create_model("cnn", 4, (3, 8, 8), width=4).eval())
+    return source, pre, teacher
+
+
+def feed_inputs(source, pre, teacher, store="memory", directory=Path("."), shard_mb=512.0, views=K, seed=0):
+    return FeedInputs(pre, source, lambda step: teacher, nullcontext, 4, 16, seed, views, store, directory, shard_mb)
+
+
+def test_augmentation_is_deterministic_for_a_seed():
+    x = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+
+    def augmented(seed):
+        pre = Preprocess([0.5] * 3, [0.25] * 3, crop_padding=2, flip=True, device=CPU, channels_last=False, seed=seed)
+        return torch.cat([pre(x, train=True), pre(x, train=True)])
+
+    assert torch.equal(augmented(3), augmented(3))
+    assert not torch.equal(augmented(3), augmented(4))
+
+
+def test_spec_parsing():
+    assert parse("views:8") == ("views", 8) and parse("none") == ("none", 1) and parse("no_aug") == ("no_aug", 1)
+    for bad in ("views", "views:0", "views:x", "no_aug:2", "online"):
+        with pytest.raises(KdclError, match="not a teacher cache"):
+            parse(bad)
+
+
+def test_cached_logits_equal_online_logits_for_the_same_view(setting):
+    source, pre, teacher = setting
+    feed = build_feed(f"views:{K}", feed_inputs(source, pre, teacher))
+    assert teacher.seen == K * N  # one teacher pass per view and example
+    idx = torch.arange(N)
+    (_, x, y), = source.batches([idx])
+    for k in range(K):
+        v = torch.full((N,), k)
+        with torch.inference_mode():
+            online = teacher(feed.pixels(x, idx, v))
+        assert torch.allclose(feed.logits.get(idx, v), online, rtol=1e-3, atol=2e-3)  # fp16 storage
+    views = torch.stack([feed.pixels(x, idx, torch.full((N,), k)) for k in range(K)])
+    assert not torch.equal(views[0], views[1])  # the views differ
+
+
+def test_the_student_always_sees_a_cached_view(setting):
+    source, pre, teacher = setting
+    feed = build_feed(f"views:{K}", feed_inputs(source, pre, teacher))
+    idx = torch.tensor([3, 17, 0, 29, 11])
+    (_, x, y), = source.batches([idx])
+    views = torch.stack([feed.pixels(x, idx, torch.full_like(idx, k)) for k in range(K)])  # (K, B, C, H, W)
+    seen = []
+    for epoch in range(1, K + 1):
+        shown, logits = feed(0, epoch, idx, x, y)
+        match = (views == shown).flatten(2).all(2)  # (K, B): which cached view each example got
+        assert match.any(0).all()
+        k = match.float().argmax(0)
+        assert torch.equal(logits, feed.logits.get(idx, k))  # and the logits of that same view
+        seen.append(k)
+    assert (torch.stack(seen).sort(0).values == torch.arange(K)[:, None]).all()  # every view once per K epochs
+    assert torch.equal(feed(0, 1, idx, x, y)[0], feed(5, 1, idx, x, y)[0])  # no randomness left
+
+
+def test_no_aug_caches_the_plain_images_once(setting):
+    source, _, teacher = setting
+    plain = Preprocess([0.5] * 3, [0.25] * 3, crop_padding=0, flip=False, device=CPU, channels_last=False, seed=0)
+    feed = build_feed("no_aug", feed_inputs(source, plain, teacher))
+    assert teacher.seen == N
+    idx = torch.arange(N)
+    (_, x, y), = source.batches([idx])
+    shown, logits = feed(7, 4, idx, x, y)
+    assert torch.equal(shown, plain(x, train=False))
+    with torch.inference_mode():
+        assert torch.allclose(logits, teacher(shown), rtol=1e-3, atol=2e-3)
+
+
+def test_no_aug_refuses_augmented_data(setting):
+    with pytest.raises(KdclError, match="no_aug is for runs without augmentation"):
+        build_feed("no_aug", feed_inputs(*setting))
+
+
+def test_disk_store_is_sharded_and_equals_memory(setting, tmp_path):
+    source, pre, teacher = setting
+    memory = build_feed(f"views:{K}", feed_inputs(source, pre, teacher))
+    row_mb = K * 4 * 2 / 2**20
+    disk = build_feed(f"views:{K}", feed_inputs(source, pre, teacher, "disk", tmp_path, shard_mb=7 * row_mb))
+    assert isinstance(disk.logits, DiskLogits)
+    assert len(list(tmp_path.glob("shard_*.npy"))) == -(-N // 7)  # 7 examples a shard
+    idx = torch.tensor([39, 0, 8, 21, 7, 6])
+    v = torch.tensor([0, 2, 1, 1, 0, 2])
+    assert torch.equal(disk.logits.get(idx, v), memory.logits.get(idx, v))
+
+
+def test_online_feed_runs_the_teacher_every_step_in_eval_mode(setting):
+    source, pre, teacher = setting
+    teacher.train()
+    feed = build_feed("none", feed_inputs(source, pre, teacher))
+    idx = torch.arange(8)
+    (_, x, y), = source.batches([idx])
+    a, la = feed(0, 1, idx, x, y)
+    b, lb = feed(1, 1, idx, x, y)
+    assert not teacher.training and teacher.seen == 16
+    assert not torch.equal(a, b)  # fresh augmentation
+    assert not la.is_inference() and not la.requires_grad
+
+
+# --------------------------------------------------------------------------- in a run
+def test_a_run_fills_one_cache_for_every_stage_the_teacher_teaches(tmp_path, caplog):
+    cfg = compose_config([*QUICK, "distill.teacher_cache=views:2", "baseline=false",
+                          "+arms={plain: {curriculum: {type: none}}}"])
+    with caplog.at_level(logging.INFO, logger="kdcl.teacher_cache"):
+        summary = run_pipeline(cfg, tmp_path).set_index("model")
+    fills = [r for r in caplog.records if r.getMessage().startswith("teacher cache:")]
+    assert len(fills) == 1 and "2 view(s) × 540 examples" in fills[0].getMessage()
+    assert summary.loc["distill", "steps"] == summary.loc["plain", "steps"] == summary.loc["teacher", "steps"]
+    metrics = pd.read_csv(tmp_path / "distill" / "metrics.csv")
+    assert metrics["train_kd"].notna().all() and len(metrics) == 2
+
+
+@pytest.mark.parametrize("override, needs", [("distill=fitnet", "intermediate features"),
+                                             ("distill.teacher_route=true", "a different teacher per phase")])
+def test_a_cache_refuses_what_it_cannot_hold(override, needs, tmp_path):
+    extra = ["teacher.route_points=1"] if "route" in override else ["student=cnn_small"]
+    cfg = compose_config([*QUICK, "distill.teacher_cache=views:2", override, *extra])
+    with pytest.raises(KdclError, match=needs):
+        run_pipeline(cfg, tmp_path)
+    assert not (tmp_path / "teacher").exists()  # refused before anything trained
+
+
+# --------------------------------------------------------------------------- folding
+@pytest.mark.parametrize("name", ["cnn", "resnet8", "mobilenet_v3_small"])
+def test_fold_batchnorm_keeps_outputs_and_names(name):
+    torch.manual_seed(0)
+    model = create_model(name, 10, (3, 32, 32))
+    with torch.no_grad():  # move the running statistics away from 0 / 1
+        model.train()(torch.randn(32, 3, 32, 32) * 3 + 1)
+    model.eval()
+    x = torch.randn(4, 3, 32, 32)
+    folded = fold_batchnorm(copy.deepcopy(model))
+    assert torch.allclose(folded(x), model(x), rtol=1e-4, atol=1e-5)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert [n for n, _ in folded.named_modules()] == [n for n, _ in model.named_modules()]
+
+
+def test_fold_batchnorm_leaves_untraceable_models_alone():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) if x.sum() > 0 else x  # data-dependent: fx cannot trace it
+
+    model = Branchy().eval()
+    assert isinstance(fold_batchnorm(model).bn, nn.BatchNorm2d)
+
+
+# --------------------------------------------------------------------------- kdcl bench
+def test_bench_writes_its_table(cli, tmp_path):
+    out = tmp_path / "bench"
+    result = cli("bench", "dataset.max_train_samples=300", "bench.steps=2", "bench.warmup=1", "bench.repeats=1",
+                 "bench.views=2", f"hydra.run.dir={out}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = pd.read_csv(out / "bench.csv").set_index("arm")
+    assert list(table.index) == ["naive", "kdcl", "kdcl_cached", "student", "kdcl_cached_amortised"]
+    assert (table["images_per_s"] > 0).all()
+    assert table.loc["naive", "vs_naive"] == pytest.approx(1) and table.loc["student", "vs_student_time"] == pytest.approx(1)
+    ratio = table.loc["naive", "seconds_per_step"] / table.loc["kdcl", "seconds_per_step"]
+    assert table.loc["kdcl", "vs_naive"] == pytest.approx(ratio)
+    assert table.loc["kdcl_cached_amortised", "seconds_per_step"] > table.loc["kdcl_cached", "seconds_per_step"]
+    assert "kdcl / naive" in result.stdout + result.stderr
+
+
+def test_bench_parity_needs_a_trained_teacher(cli, tmp_path):
+    result = cli("bench", "dataset.max_train_samples=300", "bench.steps=1", "bench.repeats=1", "bench.parity_epochs=1",
+                 f"hydra.run.dir={tmp_path / 'b'}")
+    output = result.stdout + result.stderr
+    assert result.returncode == 2
+    assert "needs a trained teacher" in output and "Traceback" not in output
+    assert not (tmp_path / "b" / "bench.csv").exists()  # refused before timing anything
