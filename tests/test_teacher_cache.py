@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from conftest import QUICK, compose_config
+from kdcl.checkpoint import load_checkpoint, model_from_checkpoint
 from kdcl.data import Preprocess, TensorSource
 from kdcl.errors import KdclError
 from kdcl.models import create_model, fold_batchnorm
@@ -220,3 +221,13 @@ def test_bench_parity_needs_a_trained_teacher(cli, tmp_path):
     assert result.returncode == 2
     assert "needs a trained teacher" in output and "Traceback" not in output
     assert not (tmp_path / "b" / "bench.csv").exists()  # refused before timing anything
+
+
+@pytest.mark.slow
+def test_compiled_models_train_and_save_plain_checkpoints(tmp_path):
+    cfg = compose_config([*QUICK, "trainer.compile=true", "trainer.epochs=1", "curriculum=none", "teacher=mlp"])
+    summary = run_pipeline(cfg, tmp_path).set_index("model")
+    assert (summary["steps"] == summary.loc["teacher", "steps"]).all()
+    ckpt = load_checkpoint(tmp_path / "distill" / "best.pt")
+    assert not any("_orig_mod" in k for k in ckpt["state_dict"])  # the plain model's keys
+    model_from_checkpoint(ckpt)  # and they load into the plain architecture (strict)
