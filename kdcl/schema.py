@@ -29,7 +29,9 @@ model factory's arguments (checked by its signature) and accept new keys
 refuses any key the schema does not list.
 
 Adding a config key: one field here (type, and ``key(allowed, check)`` for a range) plus
-its line, with the value and a comment, in the YAML file that sets it.
+its line, with the value and a comment, in the YAML file that sets it. A key that may be
+null *or* a list or mapping is typed ``Any`` with a rule: merged last, a ``MISSING``
+container field would replace the null.
 """
 
 from __future__ import annotations
@@ -274,8 +276,8 @@ class TrainConfig:
     student: ModelSpec = field(default_factory=ModelSpec)
     cache: bool = key()
     cache_dir: str = key()
-    teachers: Any = key("null or a non-empty list of teacher options or {name, kwargs, pretrained, checkpoint} specs",
-                        lambda v: v is None or (isinstance(v, list) and len(v) > 0 and all(_spec(s) for s in v)))
+    teachers: Any = key("null or a list of teacher options or {name, kwargs, pretrained, checkpoint} specs",
+                        lambda v: v is None or (isinstance(v, list) and all(_spec(s) for s in v)))
     born_again: BornAgainConfig = field(default_factory=BornAgainConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)

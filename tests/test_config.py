@@ -99,7 +99,7 @@ def test_out_of_range_values_are_named(compose_cfg, override, key):
 # One value each rule refuses, for every key of the schemas with a range rule (option keys
 # included); a rule added without an entry here fails test_every_rule_is_listed.
 BAD = {
-    "seed": -1, "arms": {"a": {"distil": {}}}, "assistants": [3], "teachers": [],
+    "seed": -1, "arms": {"a": {"distil": {}}}, "assistants": [3], "teachers": "resnet8",
     "teacher.route_points": -1, "born_again.generations": -1,
     "dataset.val_fraction": 0.0, "dataset.max_train_samples": 0, "dataset.max_test_samples": 0, "dataset.mean": "0.5",
     "dataset.std": [0.0], "dataset.crop_padding": -1, "dataset.num_workers": -1,
