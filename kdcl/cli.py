@@ -16,8 +16,8 @@ from typing import Any, Callable, Iterator
 
 import hydra
 from hydra._internal import utils as hydra_utils
-from hydra.errors import ConfigCompositionException
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
