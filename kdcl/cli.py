@@ -10,25 +10,27 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import hydra
+from hydra._internal import utils as hydra_utils
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from rich.markup import escape
 
-from kdcl.config import CONF_DIR
+from kdcl.config import CONF_DIR, composition_error
 from kdcl.console import console
 from kdcl.errors import KdclError
 from kdcl.failures import failed, record_failure
 from kdcl.resume import Interrupted
+from kdcl.schema import BenchConfig, EvalConfig, TrainConfig
 
 log = logging.getLogger("kdcl")
-
-
 
 
 def _report(err: KdclError) -> None:
@@ -55,6 +57,38 @@ def _guarded(job: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
             raise SystemExit(err.exit_code) from None
 
     return task
+
+
+@contextmanager
+def _composition_errors(schema: type) -> Iterator[None]:
+    """Report a config Hydra cannot compose against the schema — ``trainer.epochs=abc``,
+    ``trainer.epochz=3``, an experiment file setting either — as one message and exit 2.
+
+    Hydra prints these itself, over several lines, in OmegaConf's terms ("could not be
+    converted to Integer", "reference_type=TrainerConfig") and suggests ``+KEY`` for a typo.
+    It catches every exception of a run in ``hydra._internal.utils.run_and_report``, so the
+    check wraps the function that one is given (hydra-core is pinned < 1.4; tests cover it).
+    Other errors, and every error under HYDRA_FULL_ERROR=1, stay Hydra's."""
+    original = hydra_utils.run_and_report
+
+    def run_and_report(func: Callable[[], Any]) -> Any:
+        def reported() -> Any:
+            try:
+                return func()
+            except ConfigCompositionException as exc:
+                err = None if os.environ.get("HYDRA_FULL_ERROR") == "1" else composition_error(exc, schema)
+                if err is None:
+                    raise
+                _report(err)
+                raise SystemExit(err.exit_code) from None
+
+        return original(reported)
+
+    hydra_utils.run_and_report = run_and_report
+    try:
+        yield
+    finally:
+        hydra_utils.run_and_report = original
 
 
 def _output_dir() -> Path:
@@ -90,11 +124,13 @@ def _train(cfg: DictConfig) -> float:
 
 
 def _eval(cfg: DictConfig) -> None:
+    from kdcl.config import validate_eval
     from kdcl.evaluate import run_eval
 
     if OmegaConf.is_missing(cfg, "checkpoint"):
         raise KdclError("no checkpoint given", fix="kdcl eval checkpoint=PATH/TO/best.pt")
     plain = _plain(cfg)
+    validate_eval(plain)
     model = {"name": plain["model"], "kwargs": plain["model_kwargs"] or {}} if plain["model"] else None
     run_eval(cfg.checkpoint, plain.get("dataset"), cfg.device, cfg.batch_size, _output_dir(), model)
     log.info("wrote %s", _output_dir() / "eval.csv")
@@ -104,7 +140,7 @@ def _bench(cfg: DictConfig) -> None:
     from kdcl.bench import run_bench
     from kdcl.config import validate
 
-    validate(cfg)
+    validate(cfg, BenchConfig)
     run_bench(_plain(cfg), _output_dir())
     log.info("wrote %s", _output_dir() / "bench.csv")
 
@@ -124,6 +160,7 @@ train = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config
 evaluate = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")(_guarded(_eval))
 bench = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="bench")(_guarded(_bench))
 
+SCHEMAS = {"train": TrainConfig, "eval": EvalConfig, "bench": BenchConfig}
 COMMANDS: dict[str, tuple[Callable[[], Any], str]] = {
     "train": (train, "teacher → curriculum → baseline → distill; writes metrics tables and summary.csv"),
     "eval": (evaluate, "test a checkpoint: kdcl eval checkpoint=PATH [dataset=...]; writes eval.csv"),
@@ -175,7 +212,11 @@ def main(argv: list[str] | None = None) -> None:
         _report(err)
         raise SystemExit(err.exit_code) from None
     sys.argv = [f"kdcl {name}", *rest]
-    COMMANDS[name][0]()
+    if name in SCHEMAS:
+        with _composition_errors(SCHEMAS[name]):
+            COMMANDS[name][0]()
+    else:
+        COMMANDS[name][0]()
     if failed:
         console.print(f"[bold red]{len(failed)} job(s) failed:[/]", highlight=False)
         for line in failed:

@@ -1,15 +1,21 @@
-"""Checks on a composed config that Hydra's own composition cannot express."""
+"""Checks on a config before anything runs: the schema's ranges, types and key sets
+(:mod:`kdcl.schema`), registered names and the cross-checks between keys."""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
 from kdcl.errors import KdclError
+from kdcl.schema import DatasetConfig, Entry, EvalConfig, TrainConfig, describe, entries, is_instance, is_open, lookup, option_keys, section_type
 
 
 def _conf_dir() -> str:
@@ -29,56 +35,6 @@ def model_option(name: str) -> dict[str, Any]:
     return {"pretrained": False, **group_option("teacher", name)}
 
 
-# key -> (is the value allowed?, what is allowed); keys absent from a config are skipped.
-_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "cache": (lambda v: isinstance(v, bool), "true or false"),
-    "distill.alpha": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-    "distill.temperature": (lambda v: v > 0, "a number > 0"),
-    "distill.teacher_noise": (lambda v: v >= 0, "a number ≥ 0"),
-    "distill.input_noise": (lambda v: v >= 0, "a number ≥ 0"),
-    "born_again.generations": (lambda v: isinstance(v, int) and v >= 0, "an integer ≥ 0"),
-    "dataset.val_fraction": (lambda v: 0 < v < 1, "a fraction in (0, 1)"),
-    "dataset.test_fraction": (lambda v: 0 < v < 1, "a fraction in (0, 1)"),
-    "dataset.max_train_samples": (lambda v: v is None or v >= 1, "null or an integer ≥ 1"),
-    "dataset.max_test_samples": (lambda v: v is None or v >= 1, "null or an integer ≥ 1"),
-    "trainer.epochs": (lambda v: isinstance(v, int) and v >= 1, "an integer ≥ 1"),
-    "trainer.batch_size": (lambda v: isinstance(v, int) and v >= 1, "an integer ≥ 1"),
-    "optimizer.lr": (lambda v: v > 0, "a number > 0"),
-    "curriculum.pacing.start": (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
-    "curriculum.pacing.full_at": (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
-    "curriculum.adaptive_delta": (lambda v: v is None or v >= 0, "null or a number ≥ 0"),
-    "curriculum.weight_start": (lambda v: v is None or 0 <= v <= 1, "null or a number in [0, 1]"),
-    "curriculum.lambda_start": (lambda v: v > 0, "a number > 0"),
-    "curriculum.mu": (lambda v: v > 0, "a number > 0"),
-    "curriculum.weights": (lambda v: v in ("hard", "soft"), "hard or soft"),
-    "curriculum.start_classes": (lambda v: isinstance(v, int) and v >= 1, "an integer ≥ 1"),
-    "curriculum.add_classes": (lambda v: isinstance(v, int) and v >= 1, "an integer ≥ 1"),
-    "curriculum.every_epochs": (lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer ≥ 1"),
-    "curriculum.threshold": (lambda v: v is None or 0 <= v <= 1, "null or a number in [0, 1]"),
-    "teacher.route_points": (lambda v: isinstance(v, int) and v >= 0, "an integer ≥ 0"),
-    "distill.teacher_cache": (lambda v: _is_teacher_cache(v), "none, no_aug or views:K with K ≥ 1"),
-    "distill.teacher_cache_store": (lambda v: v in ("memory", "disk"), "memory or disk"),
-    "distill.teacher_cache_shard_mb": (lambda v: v > 0, "a number > 0"),
-    "trainer.threads": (lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer ≥ 1"),
-    "bench.steps": (lambda v: isinstance(v, int) and v >= 1, "an integer ≥ 1"),
-    "bench.warmup": (lambda v: isinstance(v, int) and v >= 1, "an integer ≥ 1 (the cache fills during warm-up)"),
-    "bench.repeats": (lambda v: isinstance(v, int) and v >= 1, "an integer ≥ 1"),
-    "bench.views": (lambda v: isinstance(v, int) and v >= 1, "an integer ≥ 1"),
-    "bench.naive_workers": (lambda v: isinstance(v, int) and v >= 0, "an integer ≥ 0"),
-    "bench.parity_epochs": (lambda v: isinstance(v, int) and v >= 0, "an integer ≥ 0"),
-}
-
-
-def _is_teacher_cache(value: Any) -> bool:
-    from kdcl.teacher_cache import parse
-
-    try:
-        parse(value)
-    except KdclError:
-        return False
-    return True
-
-
 def _registered_names() -> dict[str, Any]:
     """Config keys that name a registry entry, and the registry (imported lazily: heavy)."""
     from kdcl.curricula import ORDERS, PACINGS, PLANS, SCORERS
@@ -87,35 +43,128 @@ def _registered_names() -> dict[str, Any]:
     from kdcl.losses import LOSSES
     from kdcl.models import MODELS
     from kdcl.optim import OPTIMIZERS, SCHEDULES
+    from kdcl.teachers import COMBINATIONS
 
     return {
         "teacher.name": MODELS, "student.name": MODELS, "dataset.name": DATASETS, "distill.name": LOSSES,
         "distill.sample_weight": SAMPLE_WEIGHTS, "distill.alpha_schedule": SCHEDULES,
         "distill.temperature_schedule": SCHEDULES, "curriculum.type": PLANS, "curriculum.scorer": SCORERS,
         "curriculum.order": ORDERS, "curriculum.pacing.name": PACINGS, "optimizer.name": OPTIMIZERS,
-        "scheduler.name": SCHEDULES,
+        "scheduler.name": SCHEDULES, "distill.teacher_combine": COMBINATIONS,
     }
 
 
-def validate(cfg: Any) -> None:
-    """Raise one :class:`KdclError` naming the first key whose value is out of range or unknown."""
-    for key, (allowed, text) in _RULES.items():
-        value = OmegaConf.select(cfg, key, default="__absent__")
-        if value == "__absent__":
-            continue
-        try:
-            ok = allowed(value)
-        except TypeError:
-            ok = False
-        if not ok:
-            raise KdclError(f"{key}={value!r} is out of range", fix=f"{key} must be {text}")
-    if OmegaConf.select(cfg, "distill.teacher_route") and not OmegaConf.select(cfg, "teacher.route_points"):
+def validate(cfg: Any, schema: type = TrainConfig) -> None:
+    """Raise one :class:`KdclError` for the first key that is out of range, of the wrong
+    type, unknown to a closed section, or names no registered entry — before any training.
+
+    Ranges, types and the key sets are the schema's (:mod:`kdcl.schema`), walked here for
+    the composed config (already typed by Hydra) and for a resumed run's saved one alike;
+    every arm's distill and curriculum are checked as the arm will run them."""
+    plain = _container(cfg)
+    check(plain, schema)
+    if plain.get("distill", {}).get("teacher_route") and not plain.get("teacher", {}).get("route_points"):
         raise KdclError("distill.teacher_route=true needs checkpoints saved during teacher training",
                         fix="set teacher.route_points=N (N ≥ 1) and train the teacher in this run")
-    for key, registry in _registered_names().items():  # before any training, not when first used
-        value = OmegaConf.select(cfg, key, default=None)
+    _check_names(plain, _registered_names())
+    if isinstance(plain.get("arms"), dict):
+        from kdcl.stages import arm_config
+
+        for name, arm in plain["arms"].items():
+            distill, curriculum = arm_config(plain, arm)
+            arm_cfg = {"distill": distill, "curriculum": curriculum}
+            check(arm_cfg, TrainConfig, prefix=f"arms.{name}.")
+            _check_names(arm_cfg, _registered_names(), prefix=f"arms.{name}.")
+
+
+def validate_eval(cfg: Any) -> None:
+    """``kdcl eval``'s keys, and its ``dataset`` when one is chosen, against the schema."""
+    plain = _container(cfg)
+    check({k: v for k, v in plain.items() if k != "dataset"}, EvalConfig)
+    if plain.get("dataset") is not None:
+        check(plain["dataset"], DatasetConfig, prefix="dataset.")
+
+
+def _container(cfg: Any) -> dict[str, Any]:
+    if isinstance(cfg, dict):
+        return cfg
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _check_names(cfg: dict[str, Any], registries: dict[str, Any], prefix: str = "") -> None:
+    for key, registry in registries.items():  # before any training, not when first used
+        value = OmegaConf.select(OmegaConf.create(cfg), key, default=None)
         if value is not None and value not in registry:
-            raise KdclError(f"{key}={value!r} is not a known {registry.kind}", fix=f"choose one of: {', '.join(registry)}")
+            raise KdclError(f"{prefix}{key}={_shown(value)} is not a known {registry.kind}",
+                            fix=f"choose one of: {', '.join(registry)}")
+
+
+def check(cfg: dict[str, Any], schema: type, prefix: str = "") -> None:
+    """Check plain ``cfg`` against schema class ``schema``: every value's type and range,
+    and no key a closed section does not list. Keys absent from ``cfg`` are skipped."""
+    for error in _problems(cfg, schema, prefix):
+        raise error
+
+
+def _problems(cfg: dict[str, Any], cls: type, prefix: str):
+    keys = entries(cls)
+    if not is_open(cls):
+        for name in cfg:
+            if name not in keys:
+                yield unknown_key(prefix + name, _shown(cfg[name]), cls, prefix)
+    extra = entries(option_keys(cls)) if option_keys(cls) else {}
+    for name, entry in {**extra, **keys}.items():
+        if name not in cfg or cfg[name] == MISSING:
+            continue
+        value, path = cfg[name], prefix + name
+        if dataclasses.is_dataclass(entry.type):
+            if not isinstance(value, dict):
+                yield KdclError(f"{path}={_shown(value)} is not a mapping", fix=f"{path} must be a mapping of {path}.* keys")
+            else:
+                yield from _problems(value, entry.type, path + ".")
+            continue
+        if not is_instance(value, entry.type):
+            yield wrong_type(path, value, entry)
+        elif entry.check is not None and not _passes(entry.check, value):
+            yield out_of_range(path, value, entry)
+
+
+def _passes(rule: Callable[[Any], bool], value: Any) -> bool:
+    try:
+        return bool(rule(value))
+    except (TypeError, ValueError, AttributeError, KeyError):
+        return False
+
+
+def wrong_type(path: str, value: Any, entry: Entry) -> KdclError:
+    return KdclError(f"{path}={_shown(value)} is not {describe(entry.type)}", fix=f"{path} must be {entry.allowed}")
+
+
+def out_of_range(path: str, value: Any, entry: Entry) -> KdclError:
+    verdict = "is out of range" if is_instance(value, float) else "is not allowed"
+    return KdclError(f"{path}={_shown(value)} {verdict}", fix=f"{path} must be {entry.allowed}")
+
+
+def unknown_key(path: str, value: str | None, cls: type | None, prefix: str, known: list[str] | None = None) -> KdclError:
+    """``trainer.epochz=3``: the closest known key, and the section's keys (``known``, else
+    the schema's)."""
+    section, _, name = path.rpartition(".")
+    where = section or "the config"
+    known = known if known is not None else list(entries(cls)) if cls is not None else []
+    what = f"{path}{'' if value is None else '=' + value}: {where} has no key {name!r}"
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"did you mean {prefix}{close[0]}? " if close else ""
+    listing = f"{where} has: {', '.join(known)}" if known else ""
+    if cls is not None and is_open(cls):
+        listing += f" (a key of another {section} option comes with it: {section}=NAME)"
+    return KdclError(what, fix=(hint + listing).strip() or None)
+
+
+def _shown(value: Any) -> str:
+    """A value as the user wrote it: null, true, 1.5, 'abc'."""
+    if value is None or isinstance(value, bool):
+        return OmegaConf.to_yaml({"v": value}).strip()[3:]
+    return repr(value)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -139,3 +188,29 @@ def group_option(group: str, name: str) -> dict[str, Any]:
     option = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     option.pop("defaults", None)
     return option
+
+
+def composition_error(err: Exception, schema: type) -> KdclError | None:
+    """One message for a config Hydra could not compose against ``schema`` (an override
+    or a config file setting an unknown key or a value of the wrong type); None for other
+    errors, which Hydra reports itself (an unknown option lists the group's options)."""
+    cause = err.__cause__ or err.__context__
+    if not isinstance(cause, (ValidationError, ConfigAttributeError, ConfigKeyError)) or not cause.full_key:
+        return None
+    text = str(err).splitlines()[0]
+    origin = re.match(r"In '([^']+)'", text)
+    where = f"{origin.group(1)}.yaml: " if origin else ""
+    path = cause.full_key
+    if isinstance(cause, ValidationError):
+        entry = lookup(schema, path)
+        if entry is None:
+            return KdclError(where + f"{path}={_shown(cause.value)}: {str(cause.msg).splitlines()[0]}")
+        error = wrong_type(path, cause.value, entry)
+        return KdclError(where + error.what, fix=error.fix)
+    line = re.search(r"use \+(\S.*)$", str(err), re.MULTILINE)
+    value = line.group(1).partition("=")[2] if line else None
+    section = path.rpartition(".")[0]
+    parent = cause.parent_node
+    known = [str(k) for k in parent.keys()] if isinstance(parent, DictConfig) and not parent._is_missing() else None
+    error = unknown_key(path, value, section_type(schema, section), section + "." if section else "", known)
+    return KdclError(where + error.what, fix=error.fix)

@@ -124,11 +124,18 @@ class DistillControl(nn.Module):
         self.seed = seed
         self._generator: torch.Generator | None = None
 
-    def _noise(self, like: Tensor, sigma: float) -> Tensor:
-        """σ·ε, ε ~ N(0, 1) from a generator seeded with the stage's seed."""
+    def noise_generator(self, device: torch.device) -> torch.Generator | None:
+        """The generator of the noise, seeded with the stage's seed on first use (None
+        without noise); its state is part of a stage's resume state."""
+        if not (self.teacher_noise or self.input_noise):
+            return None
         if self._generator is None:
-            self._generator = torch.Generator(like.device).manual_seed(self.seed)
-        return sigma * torch.empty_like(like).normal_(generator=self._generator)
+            self._generator = torch.Generator(device).manual_seed(self.seed)
+        return self._generator
+
+    def _noise(self, like: Tensor, sigma: float) -> Tensor:
+        """σ·ε, ε ~ N(0, 1) from the seeded noise generator."""
+        return sigma * torch.empty_like(like).normal_(generator=self.noise_generator(like.device))
 
     def student_input(self, x: Tensor) -> Tensor:
         """``x + σ_in·ε`` (``input_noise``, in units of the normalised input): the student

@@ -100,6 +100,12 @@ class Stage:
     keep_epochs: Collection[int] = ()
     features: tuple[dict[str, Tensor], dict[str, Tensor]] = ({}, {})  # hooked student / teacher layers
 
+    @property
+    def run_dir(self) -> Path:
+        """The run's directory: ``out_dir`` less the stage's name, which may be nested
+        (``curriculum/self_taught``)."""
+        return self.out_dir.parents[len(Path(self.name).parts) - 1]
+
     def modules(self) -> dict[str, Any]:
         return {"model": self.model, "loss": self.loss_fn, "control": self.control,
                 "optimizer": self.optimizer, "lr_schedule": self.lr_schedule}
@@ -200,7 +206,7 @@ def fit(s: Stage, data: DataBundle, trainer: Trainer) -> FitResult:
                     cursor.seconds = time.perf_counter() - started
                     _save(s, data, cursor, meter, start_state)
                     if STOP.signum is not None:
-                        raise Interrupted(STOP.signum, s.name, cursor.step, s.out_dir.parent)
+                        raise Interrupted(STOP.signum, s.name, cursor.step, s.run_dir)
         row = _end_epoch(s, data, trainer, cursor, meter, time.perf_counter() - tic)
         table.append(row)
         log.info("%s epoch %d/%d  loss %.4f  acc %.4f  val_loss %.4f  val_acc %.4f  %.0f img/s", s.name, epoch,
@@ -245,7 +251,8 @@ def _end_epoch(s: Stage, data: DataBundle, trainer: Trainer, cursor: Cursor, met
 
 
 def _generators(s: Stage, data: DataBundle) -> dict[str, torch.Generator]:
-    return {"preprocess": data.preprocess.generator}
+    noise = s.control.noise_generator(data.preprocess.generator.device)
+    return {"preprocess": data.preprocess.generator, **({"noise": noise} if noise is not None else {})}
 
 
 def _save(s: Stage, data: DataBundle, cursor: Cursor, meter: _Meter, start_state: dict | None) -> None:

@@ -104,7 +104,8 @@ def set_rng_states(state: dict[str, Any], generators: dict[str, torch.Generator]
     p = state["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
     for k, g in generators.items():
-        g.set_state(state["generators"][k])
+        if k in state["generators"]:  # a state saved before k was part of it leaves k seeded
+            g.set_state(state["generators"][k])
 
 
 # --------------------------------------------------------------------------- files

@@ -1,14 +1,19 @@
-"""Every config option composes; out-of-range values are refused by name."""
+"""Every config option composes against the schema; bad values and unknown keys are refused by name."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from kdcl.config import CONF_DIR
-from kdcl.config import validate
+from conftest import compose_config
+from kdcl import schema
+from kdcl.config import CONF_DIR, composition_error, validate, validate_eval
 from kdcl.curricula import PACINGS, SCORERS
 from kdcl.data import DATASETS
 from kdcl.errors import KdclError
@@ -43,12 +48,20 @@ def test_every_group_is_a_folder_of_options():
     assert {"resnet50_to_mobilenet", "cifar10_cpu"} <= set(EXPERIMENTS)
 
 
+def missing_keys(cfg, path=""):
+    """Keys left ``???``: a schema field no YAML file sets."""
+    if isinstance(cfg, dict):
+        return [k for key, v in cfg.items() for k in missing_keys(v, f"{path}{key}.")]
+    return [path[:-1]] if cfg == "???" else []
+
+
 @pytest.mark.parametrize("group", GROUPS)
 def test_every_option_composes(compose_cfg, group):
     for option in options(group):
-        overrides = [f"{group}={option}"] + (["dataset.root=/data"] if option == "npz" else [])
+        overrides = [f"{group}={option}"] + (["dataset.root=/data"] if option in ("npz", "imagefolder") else [])
         cfg = compose_cfg(overrides)
         check_names(cfg)
+        assert not missing_keys(cfg), (option, missing_keys(cfg))
         validate(OmegaConf.create(cfg))
 
 
@@ -70,14 +83,150 @@ def test_resnet50_to_mobilenet_recipe(compose_cfg):
 @pytest.mark.parametrize(
     ("override", "key"),
     [("distill.alpha=1.5", "distill.alpha"), ("distill.alpha=-0.1", "distill.alpha"),
-     ("distill.temperature=0", "distill.temperature"), ("trainer.epochs=0", "trainer.epochs"),
-     ("optimizer.lr=0", "optimizer.lr"), ("dataset.val_fraction=1.0", "dataset.val_fraction"),
-     ("curriculum.pacing.start=0", "curriculum.pacing.start")],
+     ("distill.temperature=0", "distill.temperature"), ("distill.temperature=-1", "distill.temperature"),
+     ("trainer.epochs=0", "trainer.epochs"), ("optimizer.lr=0", "optimizer.lr"), ("optimizer.lr=-0.1", "optimizer.lr"),
+     ("dataset.val_fraction=1.0", "dataset.val_fraction"), ("curriculum.pacing.start=0", "curriculum.pacing.start"),
+     ("curriculum.pacing.full_at=1.5", "curriculum.pacing.full_at")],
 )
 def test_out_of_range_values_are_named(compose_cfg, override, key):
     with pytest.raises(KdclError, match=key.replace(".", r"\.")) as err:
         validate(OmegaConf.create(compose_cfg([override])))
-    assert err.value.fix and "must be" in err.value.fix
+    value = override.split("=")[1]
+    assert err.value.what == f"{key}={float(value)!r} is out of range" or err.value.what == f"{key}={value} is out of range"
+    assert err.value.fix == f"{key} must be {schema.lookup(schema.TrainConfig, key).allowed}"
+
+
+# One value each rule refuses, for every key of the schemas with a range rule (option keys
+# included); a rule added without an entry here fails test_every_rule_is_listed.
+BAD = {
+    "seed": -1, "arms": {"a": {"distil": {}}}, "assistants": [3], "teachers": "resnet8",
+    "teacher.route_points": -1, "born_again.generations": -1,
+    "dataset.val_fraction": 0.0, "dataset.max_train_samples": 0, "dataset.max_test_samples": 0, "dataset.mean": "0.5",
+    "dataset.std": [0.0], "dataset.crop_padding": -1, "dataset.num_workers": -1,
+    "dataset.test_fraction": 1.0, "dataset.image_size": 0, "dataset.train_samples": 0, "dataset.test_samples": 0,
+    "dataset.image_shape": [3, 16], "dataset.num_classes": 1,
+    "curriculum.pacing.start": 0.0, "curriculum.pacing.full_at": 1.5, "curriculum.adaptive_delta": -0.1,
+    "curriculum.weight_start": 1.5, "curriculum.lambda_start": 0.0, "curriculum.mu": 0.0, "curriculum.weights": "medium",
+    "curriculum.start_classes": 0, "curriculum.add_classes": 0, "curriculum.every_epochs": 0, "curriculum.threshold": 1.5,
+    "distill.alpha": 1.5, "distill.temperature": 0.0, "distill.alpha_start": -0.5, "distill.temperature_start": 0.0,
+    "distill.learnable_temperature": {"ramp": 5}, "distill.teacher_noise": -0.1, "distill.input_noise": -0.1,
+    "distill.teacher_weights": [1, -1], "distill.teacher_cache": "views:0", "distill.teacher_cache_store": "cloud",
+    "distill.teacher_cache_shard_mb": 0.0,
+    "optimizer.lr": 0.0, "optimizer.weight_decay": -1e-4, "optimizer.momentum": 1.0, "optimizer.betas": [0.9],
+    "scheduler.warmup_epochs": -1.0, "scheduler.min_factor": 1.5, "scheduler.milestones": [0.5, 1.5], "scheduler.gamma": 0.0,
+    "trainer.epochs": 0, "trainer.batch_size": 0, "trainer.eval_batch_size": 0, "trainer.device": "gpu",
+    "trainer.amp": "maybe", "trainer.early_stopping_patience": 0, "trainer.checkpoint_every_steps": 0,
+    "trainer.threads": 0,
+}
+# Options under which the option keys exist.
+WHERE = {"dataset.image_size": ["dataset=imagefolder", "dataset.root=/data"], "dataset.train_samples": ["dataset=fake"],
+         "dataset.test_samples": ["dataset=fake"], "dataset.image_shape": ["dataset=fake"], "dataset.num_classes": ["dataset=fake"],
+         "optimizer.betas": ["optimizer=adamw"], "scheduler.milestones": ["scheduler=step"], "scheduler.gamma": ["scheduler=step"]}
+
+
+def ruled_keys(cls: type, prefix: str = "") -> dict[str, schema.Entry]:
+    keys = {**(schema.entries(schema.option_keys(cls)) if schema.option_keys(cls) else {}), **schema.entries(cls)}
+    out = {}
+    for name, entry in keys.items():
+        if dataclasses.is_dataclass(entry.type):
+            out.update(ruled_keys(entry.type, f"{prefix}{name}."))
+        elif entry.check is not None:
+            out[prefix + name] = entry
+    return out
+
+
+def test_every_rule_is_listed():
+    assert set(BAD) == set(ruled_keys(schema.TrainConfig))
+
+
+@pytest.mark.parametrize("key", sorted(BAD))
+def test_every_rule_is_reachable(compose_cfg, key):
+    """Each rule is met by the configured value and refuses its bad one, through ``validate``,
+    in a config where the key exists."""
+    cfg = compose_cfg(WHERE.get(key, []))
+    *parents, name = key.split(".")
+    node = cfg
+    for part in parents:
+        node = node[part]
+    assert name in node, f"{key} is in no composed config"
+    validate(cfg)
+    bad = copy.deepcopy(cfg)
+    node = bad
+    for part in parents:
+        node = node[part]
+    node[name] = BAD[key]
+    with pytest.raises(KdclError) as err:
+        validate(bad)
+    allowed = ruled_keys(schema.TrainConfig)[key].allowed
+    assert err.value.what.startswith(f"{key}=") and err.value.fix == f"{key} must be {allowed}"
+
+
+def test_eval_keys_and_rules():
+    cfg = compose_config(["checkpoint=x.pt", "dataset=digits"], config_name="eval")
+    validate_eval(cfg)
+    for key, value in [("batch_size", 0), ("device", "gpu")]:
+        with pytest.raises(KdclError, match=f"^{key}="):
+            validate_eval({**cfg, key: value})
+    with pytest.raises(KdclError, match=r"dataset\.val_fraction"):
+        validate_eval({**cfg, "dataset": {**cfg["dataset"], "val_fraction": 1.0}})
+
+
+def composition_failure(overrides: list[str], config_name: str = "config") -> KdclError:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        with pytest.raises(ConfigCompositionException) as raised:
+            compose(config_name=config_name, overrides=overrides)
+    err = composition_error(raised.value, schema.EvalConfig if config_name == "eval" else schema.TrainConfig)
+    assert err is not None, raised.value
+    return err
+
+
+@pytest.mark.parametrize(
+    ("override", "what", "fix"),
+    [("trainer.epochs=abc", "trainer.epochs='abc' is not an integer", "trainer.epochs must be an integer ≥ 1"),
+     ("trainer.epochs=2.5", "trainer.epochs=2.5 is not an integer", "trainer.epochs must be an integer ≥ 1"),
+     ("distill.alpha=high", "distill.alpha='high' is not a number", "distill.alpha must be a number in [0, 1]"),
+     ("trainer.channels_last=maybe", "trainer.channels_last='maybe' is not true or false",
+      "trainer.channels_last must be true or false"),
+     ("trainer.epochz=3", "trainer.epochz=3: trainer has no key 'epochz'", "did you mean trainer.epochs?"),
+     ("distill.alpah=0.1", "distill.alpah=0.1: distill has no key 'alpah'", "did you mean distill.alpha?"),
+     ("seeed=1", "seeed=1: the config has no key 'seeed'", "did you mean seed?")],
+)
+def test_composition_errors_name_key_value_and_what_is_allowed(override, what, fix):
+    err = composition_failure([override])
+    assert err.what == what and err.fix.startswith(fix)
+
+
+def test_open_sections_keep_option_keys_and_refuse_others(compose_cfg):
+    assert compose_cfg(["distill=dkd", "distill.tckd_weight=2"])["distill"]["tckd_weight"] == 2
+    err = composition_failure(["distill=kd", "distill.tckd_weight=2"])  # a key of another loss
+    assert "distill has no key 'tckd_weight'" in err.what and "distill=NAME" in err.fix
+    # model kwargs are the factory's arguments: new ones need no "+"
+    assert compose_cfg(["teacher=resnet50", "teacher.kwargs.cifar_stem=false"])["teacher"]["kwargs"] == {"cifar_stem": False}
+
+
+def test_closed_sections_refuse_keys_the_schema_does_not_list(compose_cfg):
+    cfg = compose_cfg(["+trainer.patience=3"])  # "+" gets it past Hydra, not past validate
+    with pytest.raises(KdclError, match=r"^trainer\.patience=3: trainer has no key 'patience'") as err:
+        validate(cfg)
+    assert "early_stopping_patience" in err.value.fix
+
+
+def test_saved_configs_are_type_checked_too(compose_cfg):
+    """A resumed run's config is plain YAML: validate checks its types as composition would."""
+    cfg = compose_cfg([])
+    cfg["trainer"]["epochs"] = "abc"
+    with pytest.raises(KdclError) as err:
+        validate(cfg)
+    assert err.value.what == "trainer.epochs='abc' is not an integer"
+
+
+def test_arms_are_checked_as_they_run(compose_cfg):
+    cfg = compose_cfg(["arms={kd_random: {curriculum: {order: random}}, hot: {distill: {temperature: 0}}}"])
+    with pytest.raises(KdclError, match=r"^arms\.hot\.distill\.temperature=0 is out of range"):
+        validate(cfg)
+    cfg = compose_cfg(["arms={kd_random: {curriculum: {ordr: random}}}"])
+    with pytest.raises(KdclError, match=r"arms\.kd_random\.curriculum has no key 'ordr'"):
+        validate(cfg)
 
 
 @pytest.mark.parametrize(
@@ -96,3 +245,13 @@ def test_every_loss_has_its_option_file():
     assert set(LOSSES.names()) <= set(options("distill"))
     for name in LOSSES.names():
         assert OmegaConf.load(Path(CONF_DIR) / "distill" / f"{name}.yaml").name == name
+
+
+def test_bench_keys_are_checked():
+    cfg = compose_config([], config_name="bench")
+    validate(cfg, schema.BenchConfig)
+    for key, value in [("warmup", 0), ("steps", 0), ("views", 0), ("naive_workers", -1), ("parity_epochs", -1)]:
+        with pytest.raises(KdclError, match=f"^bench.{key}="):
+            validate({**cfg, "bench": {**cfg["bench"], key: value}}, schema.BenchConfig)
+    with pytest.raises(KdclError, match="has no key 'bench'"):
+        validate(cfg)  # a train config has no bench section

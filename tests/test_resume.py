@@ -13,7 +13,10 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import QUICK
+from conftest import QUICK, compose_config
+from kdcl import engine
+from kdcl.resume import STOP, Interrupted
+from kdcl.stages import run_pipeline
 
 # Enough steps per epoch that a kill lands inside a stage, few enough to stay quick.
 ARGS = ["trainer.epochs=3", "dataset.max_train_samples=900", "trainer.batch_size=16", "trainer.checkpoint_every_steps=7",
@@ -86,6 +89,46 @@ def test_sigterm_saves_and_exits_and_resume_finishes(reference, tmp_path):
                               f"hydra.run.dir={tmp_path / 'resume-log'}"], cwd=tmp_path, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     pd.testing.assert_frame_equal(comparable(reference, "summary.csv"), comparable(run_dir, "summary.csv"))
+
+
+def stop_after(stage: str, step: int):
+    """``engine.train_step`` that asks the run to stop (as SIGINT does) after ``stage``'s step ``step``."""
+    real = engine.train_step
+
+    def train_step(s, data, trainer, at, *args):
+        real(s, data, trainer, at, *args)
+        if s.name == stage and at == step:
+            STOP.signum = signal.SIGINT
+
+    return train_step
+
+
+def test_noise_resumes_exactly(tmp_path, monkeypatch):
+    """The noise generator of distill.input_noise / teacher_noise is part of the resume state."""
+    cfg = compose_config([*QUICK, "dataset.max_train_samples=300", "distill.input_noise=0.1", "distill.teacher_noise=0.5",
+                          "baseline=false", "curriculum=none", "cache=true", f"cache_dir={tmp_path / 'cache'}"])
+    reference = tmp_path / "reference"
+    run_pipeline(cfg, reference)  # the teacher trains once: the second run takes it from the cache
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "train_step", stop_after("distill", 12))  # 9 steps an epoch: mid-way through epoch 2
+        with pytest.raises(Interrupted):
+            run_pipeline(cfg, run_dir)
+    assert (run_dir / "distill" / "resume.pt").is_file()
+    run_pipeline(cfg, run_dir)
+    for table in ("summary.csv", "distill/metrics.csv"):
+        pd.testing.assert_frame_equal(comparable(reference, table), comparable(run_dir, table))
+
+
+def test_interrupt_in_a_nested_stage_names_the_run_dir(tmp_path, monkeypatch):
+    """SIGINT while curriculum/self_taught trains: the hint names the run directory."""
+    cfg = compose_config([*QUICK, "trainer.epochs=1", "baseline=false", "curriculum.scorer=self_taught"])
+    monkeypatch.setattr(engine, "train_step", stop_after("curriculum/self_taught", 3))
+    with pytest.raises(Interrupted) as stopped:
+        run_pipeline(cfg, tmp_path)
+    assert stopped.value.fix == f"run the same command again with hydra.run.dir={tmp_path}, or: kdcl train resume={tmp_path}"
+    assert str(tmp_path / "curriculum" / "self_taught" / "resume.pt") in stopped.value.what
+    assert (tmp_path / "curriculum" / "self_taught" / "resume.pt").is_file()
 
 
 def test_rerun_with_other_config_is_refused(cli, tmp_path):

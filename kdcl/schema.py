@@ -1,0 +1,437 @@
+"""The config schema: one dataclass per config section, registered in Hydra's ConfigStore.
+
+Each field gives a key's **type** (enforced by OmegaConf while Hydra composes the config)
+and, in its metadata, its **range** (``check`` and the ``allowed`` text, enforced by
+:func:`kdcl.config.validate` before anything trains). The YAML files keep the values and
+their comments; the fields here are ``MISSING`` and set none.
+
+How the schema enters composition: ``conf/config.yaml`` lists ``/schema/train`` (and
+``conf/eval.yaml`` ``/schema/eval``) **last** in its defaults, after every group option.
+Merging it onto what the options set
+
+- types every key the options set (a value of the wrong type stops composition), keeps
+  the values (``MISSING`` merges change nothing) and keeps an option's own keys;
+- turns every section into a structured node: from then on, an experiment
+  (``+experiment=…``, merged after it) or a command-line override can only set a key
+  that exists, with a value of its type. ``trainer.epochz=3`` or ``distill.alpha=high``
+  is refused while composing.
+
+Listing the schema first, Hydra's usual pattern, would refuse every key an option file adds
+beyond the schema. Some sections are **open** by nature (``OPEN = True``): a loss's own
+keys (dkd's ``tckd_weight``, fitnet's layers, composed's ``losses``) belong to the loss
+and are checked against its constructor's signature before training
+(:func:`kdcl.losses.create_loss`); an optimizer's and a schedule's extra keys are their
+factories' arguments, a pacing function's extra parameters its own, and a dataset's
+loader reads keys of its own (``root``, ``image_size``, …; those listed in
+``OPTION_KEYS`` are typed and range-checked when present). Model ``kwargs`` are the
+model factory's arguments (checked by its signature) and accept new keys
+(``teacher.kwargs.cifar_stem=false``). In closed sections :func:`kdcl.config.validate`
+refuses any key the schema does not list.
+
+Adding a config key: one field here (type, and ``key(allowed, check)`` for a range) plus
+its line, with the value and a comment, in the YAML file that sets it. A key that may be
+null *or* a list or mapping is typed ``Any`` with a rule: merged last, a ``MISSING``
+container field would replace the null.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Union
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+def key(allowed: str | None = None, check: Callable[[Any], bool] | None = None) -> Any:
+    """A schema field: no value of its own (the YAML sets it); ``check(value)`` is its range
+    rule and ``allowed`` says in words what passes it ("a number in [0, 1]")."""
+    return field(default=MISSING, metadata={"allowed": allowed, "check": check})
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _numbers(v: Any, ok: Callable[[float], bool] = lambda x: True) -> bool:
+    return isinstance(v, (list, tuple)) and all(_number(x) and ok(x) for x in v)
+
+
+def _spec(v: Any) -> bool:
+    """A model given as an option name (``resnet8``) or a spec mapping with a ``name``."""
+    return isinstance(v, str) or (isinstance(v, dict) and isinstance(v.get("name"), str))
+
+
+def _teacher_cache(v: Any) -> bool:
+    from kdcl.errors import KdclError
+    from kdcl.teacher_cache import parse
+
+    try:
+        parse(v)
+    except KdclError:
+        return False
+    return True
+
+
+def _device(v: str) -> bool:
+    if v == "auto":
+        return True
+    import torch
+
+    try:
+        return torch.device(v).type in ("cpu", "cuda", "mps")
+    except (RuntimeError, ValueError):
+        return False
+
+
+FRACTION_OPEN = ("a fraction in (0, 1)", lambda v: 0 < v < 1)
+FRACTION = ("a fraction in (0, 1]", lambda v: 0 < v <= 1)
+UNIT = ("a number in [0, 1]", lambda v: 0 <= v <= 1)
+POSITIVE = ("a number > 0", lambda v: v > 0)
+NON_NEGATIVE = ("a number ≥ 0", lambda v: v >= 0)
+COUNT = ("an integer ≥ 1", lambda v: v >= 1)
+COUNT_OR_ZERO = ("an integer ≥ 0", lambda v: v >= 0)
+DEVICE = ("auto, cpu, cuda, cuda:N or mps", _device)
+
+
+def _or_null(rule: tuple[str, Callable[[Any], bool]]) -> tuple[str, Callable[[Any], bool]]:
+    text, check = rule
+    return f"null or {text}", lambda v: v is None or check(v)
+
+
+# --------------------------------------------------------------------------- sections
+@dataclass
+class ModelSpec:
+    """``student``: a registered model, its factory's keyword arguments, ImageNet weights."""
+
+    name: str = key()
+    kwargs: Dict[str, Any] = key()
+    pretrained: bool = key()
+
+
+@dataclass
+class TeacherSpec(ModelSpec):
+    """``teacher``: a model spec, or a kdcl checkpoint to load instead of training."""
+
+    checkpoint: Optional[str] = key()
+    route_points: int = key(*COUNT_OR_ZERO)
+
+
+@dataclass
+class DatasetOptionKeys:
+    """Keys only some dataset options have (their loaders read them); checked when present."""
+
+    test_fraction: float = key(*FRACTION_OPEN)  # digits: held-out share (no test split of its own)
+    root: str = key()
+    download: bool = key()
+    class_names: Optional[List[str]] = key()
+    image_size: int = key(*COUNT)
+    train_samples: int = key(*COUNT)
+    test_samples: int = key(*COUNT)
+    image_shape: List[int] = key("a list [channels, height, width] of integers ≥ 1",
+                                 lambda v: len(v) == 3 and all(x >= 1 for x in v))
+    num_classes: int = key("an integer ≥ 2", lambda v: v >= 2)
+    in_memory: bool = key()
+
+
+@dataclass
+class DatasetConfig:
+    """``dataset``: the keys every option shares (``conf/base/dataset.yaml``) plus ``name``."""
+
+    OPEN: ClassVar[bool] = True
+    OPTION_KEYS: ClassVar[type] = DatasetOptionKeys
+
+    name: str = key()
+    val_fraction: float = key(*FRACTION_OPEN)
+    split_seed: int = key()
+    max_train_samples: Optional[int] = key(*_or_null(COUNT))
+    max_test_samples: Optional[int] = key(*_or_null(COUNT))
+    mean: Any = key("null or a list of numbers (one per channel)", lambda v: v is None or _numbers(v))
+    std: Any = key("null or a list of numbers > 0 (one per channel)", lambda v: v is None or _numbers(v, lambda x: x > 0))
+    crop_padding: int = key(*COUNT_OR_ZERO)
+    flip: bool = key()
+    num_workers: int = key(*COUNT_OR_ZERO)
+
+
+@dataclass
+class PacingConfig:
+    """``curriculum.pacing``: a pacing function and its start and full-data points.
+    Open: a pacing function's own parameters (``+curriculum.pacing.c=5``) are its arguments."""
+
+    OPEN: ClassVar[bool] = True
+
+    name: str = key()
+    start: float = key(*FRACTION)
+    full_at: float = key(*FRACTION)
+
+
+@dataclass
+class CurriculumConfig:
+    """``curriculum``: ``conf/base/curriculum.yaml`` plus the option's ``name``."""
+
+    name: str = key()
+    type: str = key()
+    scorer: str = key()
+    order: str = key()
+    class_balanced: bool = key()
+    pacing: PacingConfig = field(default_factory=PacingConfig)
+    adaptive_delta: Optional[float] = key(*_or_null(NON_NEGATIVE))
+    weight_start: Optional[float] = key(*_or_null(UNIT))
+    lambda_start: float = key(*POSITIVE)
+    mu: float = key(*POSITIVE)
+    weights: str = key("hard or soft", lambda v: v in ("hard", "soft"))
+    start_classes: int = key(*COUNT)
+    add_classes: int = key(*COUNT)
+    every_epochs: Optional[int] = key(*_or_null(COUNT))
+    threshold: Optional[float] = key(*_or_null(UNIT))
+
+
+@dataclass
+class DistillConfig:
+    """``distill``: the keys every loss option shares (``conf/base/distill.yaml``, ``name``,
+    ``alpha``, ``temperature``). Open: a loss's own keys are its constructor's arguments."""
+
+    OPEN: ClassVar[bool] = True
+
+    name: str = key()
+    alpha: float = key(*UNIT)
+    temperature: float = key(*POSITIVE)
+    alpha_start: Optional[float] = key(*_or_null(UNIT))
+    alpha_schedule: str = key()
+    temperature_start: Optional[float] = key(*_or_null(POSITIVE))
+    temperature_schedule: str = key()
+    learnable_temperature: Any = key("null or {ramp_epochs: N} with N ≥ 0", lambda v: v is None or (
+        isinstance(v, dict) and set(v) == {"ramp_epochs"} and _number(v["ramp_epochs"]) and v["ramp_epochs"] >= 0))
+    sample_weight: str = key()
+    teacher_route: bool = key()
+    teacher_noise: float = key(*NON_NEGATIVE)
+    input_noise: float = key(*NON_NEGATIVE)
+    teacher_combine: str = key()
+    teacher_weights: Any = key("null or a list of numbers ≥ 0 (one per teacher)",
+                               lambda v: v is None or _numbers(v, lambda x: x >= 0))
+    teacher_cache: str = key("none, no_aug or views:K with K ≥ 1", lambda v: _teacher_cache(v))
+    teacher_cache_store: str = key("memory or disk", lambda v: v in ("memory", "disk"))
+    teacher_cache_shard_mb: float = key(*POSITIVE)
+
+
+@dataclass
+class OptimizerOptionKeys:
+    """Keys only some optimizers take; checked when present."""
+
+    momentum: float = key("a number in [0, 1)", lambda v: 0 <= v < 1)
+    nesterov: bool = key()
+    betas: List[float] = key("two numbers in [0, 1)", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v))
+
+
+@dataclass
+class OptimizerConfig:
+    """``optimizer``. Open: an optimizer's other keys are its factory's arguments."""
+
+    OPEN: ClassVar[bool] = True
+    OPTION_KEYS: ClassVar[type] = OptimizerOptionKeys
+
+    name: str = key()
+    lr: float = key(*POSITIVE)
+    weight_decay: float = key(*NON_NEGATIVE)
+
+
+@dataclass
+class SchedulerOptionKeys:
+    """Keys only some LR schedules take; checked when present."""
+
+    min_factor: float = key(*UNIT)
+    milestones: List[float] = key("a list of fractions in (0, 1)", lambda v: all(0 < m < 1 for m in v))
+    gamma: float = key(*POSITIVE)
+
+
+@dataclass
+class SchedulerConfig:
+    """``scheduler``. Open: a schedule's other keys are its factory's arguments."""
+
+    OPEN: ClassVar[bool] = True
+    OPTION_KEYS: ClassVar[type] = SchedulerOptionKeys
+
+    name: str = key()
+    warmup_epochs: float = key(*NON_NEGATIVE)
+
+
+@dataclass
+class TrainerConfig:
+    """``trainer``: how every training stage trains."""
+
+    epochs: int = key(*COUNT)
+    batch_size: int = key(*COUNT)
+    eval_batch_size: int = key(*COUNT)
+    device: str = key(*DEVICE)
+    amp: Union[bool, str] = key("auto, true or false", lambda v: v in ("auto", True, False))
+    channels_last: bool = key()
+    early_stopping_patience: Optional[int] = key(*_or_null(COUNT))
+    checkpoint_every_steps: Optional[int] = key(*_or_null(COUNT))
+    compile: bool = key()
+    threads: Optional[int] = key(*_or_null(COUNT))
+
+
+@dataclass
+class BornAgainConfig:
+    generations: int = key(*COUNT_OR_ZERO)
+
+
+@dataclass
+class TrainConfig:
+    """``kdcl train``: the top-level keys and every section (``conf/config.yaml``)."""
+
+    seed: int = key(*COUNT_OR_ZERO)
+    resume: Optional[str] = key()
+    baseline: bool = key()
+    arms: Any = key("null or a mapping name → {distill: {...}, curriculum: {...}}", lambda v: v is None or (
+        isinstance(v, dict) and all(isinstance(a, dict) and set(a) <= {"distill", "curriculum"} for a in v.values())))
+    assistants: List[Any] = key("a list of teacher options or {name, kwargs} specs", lambda v: all(_spec(s) for s in v))
+    teacher: TeacherSpec = field(default_factory=TeacherSpec)
+    student: ModelSpec = field(default_factory=ModelSpec)
+    cache: bool = key()
+    cache_dir: str = key()
+    teachers: Any = key("null or a list of teacher options or {name, kwargs, pretrained, checkpoint} specs",
+                        lambda v: v is None or (isinstance(v, list) and all(_spec(s) for s in v)))
+    born_again: BornAgainConfig = field(default_factory=BornAgainConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+@dataclass
+class BenchSettings:
+    """``bench``: how ``kdcl bench`` measures (``conf/bench.yaml``)."""
+
+    steps: int = key(*COUNT)
+    warmup: int = key("an integer ≥ 1 (the teacher cache fills during warm-up)", lambda v: v >= 1)
+    repeats: int = key(*COUNT)
+    views: int = key(*COUNT)
+    naive_workers: int = key(*COUNT_OR_ZERO)
+    parity_epochs: int = key(*COUNT_OR_ZERO)
+
+
+@dataclass
+class BenchConfig(TrainConfig):
+    """``kdcl bench``: a run config plus ``bench``."""
+
+    bench: BenchSettings = field(default_factory=BenchSettings)
+
+
+@dataclass
+class EvalConfig:
+    """``kdcl eval`` (``conf/eval.yaml``). Its optional ``dataset`` is checked against
+    :class:`DatasetConfig` by ``kdcl eval`` itself: a group that may be absent cannot be a
+    field of a schema merged last (the field would add a required ``???``)."""
+
+    checkpoint: str = key()
+    device: str = key(*DEVICE)
+    batch_size: int = key(*COUNT)
+    model: Optional[str] = key()
+    model_kwargs: Any = key("null or a mapping of the model's keyword arguments", lambda v: v is None or isinstance(v, dict))
+
+
+# --------------------------------------------------------------------------- reading the schema
+@dataclass(frozen=True)
+class Entry:
+    """One key of a schema class: its type and range rule."""
+
+    name: str
+    type: Any
+    allowed: str
+    check: Callable[[Any], bool] | None
+
+
+def entries(cls: type) -> dict[str, Entry]:
+    """The keys of schema class ``cls`` by name."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: Entry(f.name, hints[f.name], f.metadata.get("allowed") or describe(hints[f.name]), f.metadata.get("check"))
+            for f in dataclasses.fields(cls)}
+
+
+def is_open(cls: type) -> bool:
+    return bool(getattr(cls, "OPEN", False))
+
+
+def option_keys(cls: type) -> type | None:
+    return getattr(cls, "OPTION_KEYS", None)
+
+
+def describe(tp: Any) -> str:
+    """A type in words: ``int`` → an integer."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union:
+        parts = [describe(a) for a in args if a is not type(None)]
+        return " or ".join((["null"] if type(None) in args else []) + parts)
+    if origin in (list, List):
+        return "a list"
+    if origin in (dict, Dict):
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, "any value")
+
+
+def is_instance(value: Any, tp: Any) -> bool:
+    """Whether a plain value (as YAML gives it) is of type ``tp``, as OmegaConf would accept it."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if origin is Union:
+        return any(is_instance(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if origin in (list, List):
+        return isinstance(value, (list, tuple)) and all(is_instance(v, args[0]) for v in value if args)
+    if origin in (dict, Dict) or dataclasses.is_dataclass(tp):
+        return isinstance(value, dict)
+    if tp is float:
+        return _number(value)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp) if isinstance(tp, type) else True
+
+
+def lookup(cls: type, path: str) -> Entry | None:
+    """The key of ``cls`` at the dotted ``path`` (``trainer.epochs``), option keys included."""
+    head, _, rest = path.partition(".")
+    keys = {**(entries(option_keys(cls)) if option_keys(cls) else {}), **entries(cls)}
+    entry = keys.get(head)
+    if entry is None or not rest:
+        return entry
+    return lookup(entry.type, rest) if dataclasses.is_dataclass(entry.type) else None
+
+
+def section_type(cls: type, path: str) -> type | None:
+    """The schema class of the section at ``path`` (``trainer`` → TrainerConfig; ``""`` → cls)."""
+    if not path:
+        return cls
+    entry = lookup(cls, path)
+    return entry.type if entry is not None and dataclasses.is_dataclass(entry.type) else None
+
+
+# --------------------------------------------------------------------------- registration
+def _node(cls: type) -> DictConfig:
+    """The structured node Hydra merges. Model ``kwargs`` accept new keys: the flag set
+    here is copied onto the composed node, so ``teacher.kwargs.cifar_stem=false`` works
+    without ``+`` (the model factory's signature checks the names)."""
+    node = OmegaConf.structured(cls)
+    for section in ("teacher", "student"):
+        if section in node:
+            OmegaConf.set_struct(node[section]._get_node("kwargs"), False)
+    return node
+
+
+def register() -> None:
+    """``schema/train``, ``schema/bench`` and ``schema/eval`` in Hydra's ConfigStore (done on import)."""
+    store = ConfigStore.instance()
+    store.store(group="schema", name="train", node=_node(TrainConfig))
+    store.store(group="schema", name="eval", node=_node(EvalConfig))
+    store.store(group="schema", name="bench", node=_node(BenchConfig))
+
+
+register()
