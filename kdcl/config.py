@@ -43,6 +43,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dataset.max_test_samples": (lambda v: v is None or v >= 1, "null or an integer ≥ 1"),
     "trainer.epochs": (lambda v: isinstance(v, int) and v >= 1, "an integer ≥ 1"),
     "trainer.batch_size": (lambda v: isinstance(v, int) and v >= 1, "an integer ≥ 1"),
+    "trainer.devices": (lambda v: isinstance(v, int) and v >= 1, "an integer ≥ 1 (processes on this machine)"),
     "optimizer.lr": (lambda v: v > 0, "a number > 0"),
     "curriculum.pacing.start": (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
     "curriculum.pacing.full_at": (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from kdcl.distributed import Part
 from kdcl.errors import KdclError
 from kdcl.registry import Registry
 
@@ -153,7 +154,10 @@ class Preprocess:
 
     Crop: zero-pad by ``crop_padding`` pixels and cut a random H×W window per example.
     Flip: mirror each example horizontally with probability 1/2. Random parameters come
-    from a seeded generator on the data's device.
+    from a seeded generator on the data's device. Under DDP (``part``: this rank's share of
+    a global batch) they are drawn for the whole global batch and this rank keeps its
+    share, so every example is augmented as in one process and every rank's generator
+    stays in the same state.
     """
 
     def __init__(self, mean: list[float], std: list[float], crop_padding: int, flip: bool,
@@ -166,20 +170,22 @@ class Preprocess:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def __call__(self, x: Tensor, train: bool) -> Tensor:
+    def __call__(self, x: Tensor, train: bool, part: Part | None = None) -> Tensor:
+        part = part or Part(len(x))
         if train and self.crop_padding:
-            x = self._random_crop(x)
+            x = self._random_crop(x, part)
         if train and self.flip:
-            mirror = torch.rand(len(x), device=x.device, generator=self.generator) < 0.5
+            mirror = part.take(torch.rand(part.size, device=x.device, generator=self.generator) < 0.5)
             x = torch.where(mirror.view(-1, 1, 1, 1), x.flip(3), x)
         x = (x.float() - self.mean) * self.inv_std
         return x.contiguous(memory_format=self.memory_format)
 
-    def _random_crop(self, x: Tensor) -> Tensor:
+    def _random_crop(self, x: Tensor, part: Part) -> Tensor:
         n, _, h, w = x.shape
         p = self.crop_padding
         padded = torch.nn.functional.pad(x, (p, p, p, p))
-        dy, dx = torch.randint(0, 2 * p + 1, (2, n, 1), device=x.device, generator=self.generator)
+        dy, dx = (part.take(d) for d in torch.randint(0, 2 * p + 1, (2, part.size, 1), device=x.device,
+                                                      generator=self.generator))
         rows = (dy + torch.arange(h, device=x.device)).view(n, 1, h, 1)
         cols = (dx + torch.arange(w, device=x.device)).view(n, 1, 1, w)
         batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
