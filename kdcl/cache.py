@@ -132,9 +132,9 @@ class StageCache:
         return Entry(final)
 
 
-def open_cache(cfg: dict[str, Any]) -> StageCache | None:
-    """The run's stage cache (``cache_dir``), or None with ``cache=false``."""
-    return StageCache(Path(cfg["cache_dir"]).expanduser().resolve()) if cfg["cache"] else None
+def open_cache(cfg: dict[str, Any]) -> StageCache:
+    """The run's stage cache (``cache_dir``)."""
+    return StageCache(Path(cfg["cache_dir"]).expanduser().resolve())
 
 
 def reuse_or_train(run: Run, stage: str, produce: Callable[[], nn.Module]) -> nn.Module:
@@ -155,7 +155,7 @@ def reuse_or_train(run: Run, stage: str, produce: Callable[[], nn.Module]) -> nn
             model = produce()
             if main:
                 cache.store(name, run.out / stage, {"key": key, "row": run.rows[stage], "run": str(run.out)})
-            log.info("stored %s in the cache (key %s)", stage, name)
+                log.info("stored %s in the cache (key %s)", stage, name)
             return model
     log.info("reused %s from cache (key %s, trained by %s)", stage, name, meta["run"])
     best = (run.out / stage / "best.pt").resolve()

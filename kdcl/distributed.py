@@ -64,6 +64,7 @@ def active() -> bool:
 
 
 def rank() -> int:
+    """This process's rank (0 without DDP)."""
     return dist.get_rank() if active() else 0
 
 

@@ -150,6 +150,7 @@ class _Meter:
 
 
 def _added(sums: dict[str, Tensor], values: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``sums`` with ``values`` added key by key (a key missing from ``sums`` counts 0)."""
     return {**sums, **{k: sums.get(k, 0) + v for k, v in values.items()}}
 
 

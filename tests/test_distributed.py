@@ -220,3 +220,17 @@ def test_commands_torchrun_cannot_run_are_refused(monkeypatch, capsys, args, nee
     with pytest.raises(SystemExit) as stop:
         kdcl_main(args)
     assert stop.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_the_slurm_example_composes_one_task_with_four_gpus():
+    """The README's sweep on Slurm: one task per job, trainer.devices starts the 4 ranks."""
+    from hydra import compose, initialize_config_dir
+
+    from kdcl.config import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True,
+                      overrides=["hydra/launcher=slurm_gpu", "hydra.launcher.gpus_per_node=4", "trainer.devices=4"])
+    assert cfg.hydra.launcher.tasks_per_node == 1 and cfg.hydra.launcher.gpus_per_node == 4
+    assert cfg.trainer.devices == 4
+    assert "/.submitit/" in cfg.hydra.launcher.submitit_folder  # resolves ${kdcl_now:...} in the sweep dir
