@@ -194,7 +194,7 @@ def one_step(control: DistillControl, x: torch.Tensor, y: torch.Tensor):
                   DataSchedule(torch.arange(len(x)), len(x), 0), optimizer,
                   torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), Path("."), {},
                   teacher_at=lambda step: Teachers([teacher]))
-    train_step(stage, SimpleNamespace(preprocess=lambda x, train: x), Trainer(torch.device("cpu"), 1, len(x), len(x), amp=False),
+    train_step(stage, SimpleNamespace(preprocess=lambda x, train, part: x), Trainer(torch.device("cpu"), 1, len(x), len(x), amp=False),
                0, (torch.arange(len(x)), x, y), _Meter(), LossContext())
     return student.inputs[0], teacher.inputs[0]
 
