@@ -10,6 +10,9 @@ the entry up and, on a miss, while it trains and stores the stage, so other jobs
 for it and then reuse its result. An entry is built in a temporary folder inside the
 cache and renamed into place: a job that dies mid-way leaves a temporary folder (removed
 by the next job that takes the lock), never an entry that looks complete.
+
+Under DDP rank 0 alone takes the lock, looks the entry up, stores and restores it, and
+tells the other ranks whether to train (they train with it) or to load the restored files.
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ import logging
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from torch import nn
 
+from kdcl import distributed
 from kdcl.checkpoint import load_checkpoint, model_from_checkpoint
 from kdcl.engine import Trainer, evaluate
 from kdcl.errors import KdclError
@@ -45,8 +49,9 @@ STAGE_VERSION = 1
 CACHED_STAGES = {"teacher": "teacher", "baseline": "student"}
 
 # Keys that change speed, not results; left out of the key. trainer.device and
-# trainer.amp are replaced by the resolved device type and precision.
-NOT_IN_KEY = {"trainer": ("device", "amp", "eval_batch_size", "checkpoint_every_steps"),
+# trainer.amp are replaced by the resolved device type and precision, trainer.devices
+# by the number of processes when there are several (DDP's results differ slightly).
+NOT_IN_KEY = {"trainer": ("device", "amp", "eval_batch_size", "checkpoint_every_steps", "devices"),
               "dataset": ("num_workers", "download")}
 
 ENTRY_FILE = "entry.json"
@@ -60,6 +65,8 @@ def stage_key(cfg: dict[str, Any], stage: str, trainer: Trainer) -> dict[str, An
     if isinstance(root, str):  # relative roots resolve against the working directory
         sections["dataset"]["root"] = str(Path(root).expanduser().resolve())
     sections["trainer"].update(device_type=trainer.device.type, amp=trainer.amp)
+    if distributed.world() > 1:
+        sections["trainer"]["processes"] = distributed.world()
     return {"stage": stage, "stage_version": STAGE_VERSION, "model": cfg[CACHED_STAGES[stage]],
             **sections, "seed": cfg["seed"]}
 
@@ -125,9 +132,9 @@ class StageCache:
         return Entry(final)
 
 
-def open_cache(cfg: dict[str, Any]) -> StageCache | None:
-    """The run's stage cache (``cache_dir``), or None with ``cache=false``."""
-    return StageCache(Path(cfg["cache_dir"]).expanduser().resolve()) if cfg["cache"] else None
+def open_cache(cfg: dict[str, Any]) -> StageCache:
+    """The run's stage cache (``cache_dir``)."""
+    return StageCache(Path(cfg["cache_dir"]).expanduser().resolve())
 
 
 def reuse_or_train(run: Run, stage: str, produce: Callable[[], nn.Module]) -> nn.Module:
@@ -136,22 +143,27 @@ def reuse_or_train(run: Run, stage: str, produce: Callable[[], nn.Module]) -> nn
     On a hit the run gets the cached folder, the cached summary row (its checkpoint path
     pointing at the run's copy) and the test logits of the cached best model.
     """
-    cache = open_cache(run.cfg)
-    if cache is None or stage not in CACHED_STAGES:
+    if not run.cfg["cache"] or stage not in CACHED_STAGES:
         return produce()
     key = stage_key(run.cfg, stage, run.trainer)
     name = f"{stage}-{digest(key)}"
-    with cache.claim(name) as entry:
-        if entry is None:
+    main = distributed.is_main()
+    cache = open_cache(run.cfg) if main else None
+    with cache.claim(name) if main else nullcontext() as entry:
+        meta = distributed.from_main(entry.meta if entry is not None else None)
+        if meta is None:
             model = produce()
-            cache.store(name, run.out / stage, {"key": key, "row": run.rows[stage], "run": str(run.out)})
-            log.info("stored %s in the cache (key %s)", stage, name)
+            if main:
+                cache.store(name, run.out / stage, {"key": key, "row": run.rows[stage], "run": str(run.out)})
+                log.info("stored %s in the cache (key %s)", stage, name)
             return model
-    log.info("reused %s from cache (key %s, trained by %s)", stage, name, entry.meta["run"])
-    entry.restore(run.stage_dir(stage))
+    log.info("reused %s from cache (key %s, trained by %s)", stage, name, meta["run"])
     best = (run.out / stage / "best.pt").resolve()
+    run.rows[stage] = {**meta["row"], "checkpoint": str(best)}
+    if main:
+        entry.restore(run.stage_dir(stage))
+        write_done(run.out / stage / "done.json", run.rows[stage], run.cfg)  # finished, under this run's config
+    distributed.barrier()  # the restored files are there for every rank
     model = run.to_device(model_from_checkpoint(load_checkpoint(best)))
-    run.rows[stage] = {**entry.meta["row"], "checkpoint": str(best)}
-    write_done(run.out / stage / "done.json", run.rows[stage], run.cfg)  # finished, under this run's config
     run.test_logits[stage] = evaluate(model, run.data.test, run.data, run.trainer).logits
     return model

@@ -2,7 +2,8 @@
 
 Hydra parses ``sys.argv[1:]``, so the dispatcher takes the subcommand off first and
 calls that subcommand's Hydra entry point with the rest (``--help``, ``--cfg job`` and
-``-m`` keep working after the subcommand).
+``-m`` keep working after the subcommand). Under torchrun every rank runs this command;
+see :mod:`kdcl.distributed`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -23,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from rich.markup import escape
 
+from kdcl import distributed
 from kdcl.config import CONF_DIR, composition_error
 from kdcl.console import console
 from kdcl.errors import KdclError
@@ -33,8 +36,22 @@ from kdcl.schema import BenchConfig, EvalConfig, TrainConfig
 log = logging.getLogger("kdcl")
 
 
+# How long a rank other than 0 leaves the reporting of an error to rank 0.
+RANK_REPORT_GRACE_S = 5.0
+
+
 def _report(err: KdclError) -> None:
-    console.print(f"[bold red]error:[/] {escape(err.what)}", highlight=False, soft_wrap=True)
+    """Print an error. The ranks of a distributed run usually meet the same error: rank 0
+    prints it, and torchrun stops the others once one exits. Another rank prints its error
+    (marked with its rank) only if it is still running ``RANK_REPORT_GRACE_S`` later; never
+    a stop signal, which every rank honours at the same step."""
+    where = ""
+    if not distributed.is_main():
+        if isinstance(err, Interrupted):
+            return
+        time.sleep(RANK_REPORT_GRACE_S)
+        where = escape(f"[rank {os.environ.get('RANK')}] ")
+    console.print(f"{where}[bold red]error:[/] {escape(err.what)}", highlight=False, soft_wrap=True)
     if err.fix:
         console.print(f"[bold]fix:[/] {escape(err.fix)}", highlight=False, soft_wrap=True)
 
@@ -104,6 +121,8 @@ def _plain(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _train(cfg: DictConfig) -> float:
+    import pandas as pd
+
     from kdcl.config import validate
     from kdcl.stages import run_pipeline
 
@@ -117,10 +136,43 @@ def _train(cfg: DictConfig) -> float:
         log.info("resuming the run in %s with its own config", out)
         cfg = OmegaConf.load(saved)
     validate(cfg)
-    summary = run_pipeline(_plain(cfg), out)
-    log.info("wrote %s", out / "summary.csv")
+    devices = cfg.trainer.get("devices", 1)  # absent from configs saved before it existed
+    distributed.check_processes(devices, cfg.trainer.batch_size)
+    if devices > 1 and not distributed.active():
+        _launch(cfg, devices)
+        summary = pd.read_csv(out / "summary.csv")
+    else:
+        distributed.agree_on_run_dir(out)
+        summary = run_pipeline(_plain(cfg), out)
+        log.info("wrote %s", out / "summary.csv")
     student = f"gen_{cfg.born_again.generations}" if cfg.born_again.generations else "distill"
     return float(summary.set_index("model").loc[student, "best_val_acc"])
+
+
+def _launch(cfg: DictConfig, devices: int) -> None:
+    """``trainer.devices=N``: run this job as N DDP processes on this machine (torchrun's
+    standalone mode), with the same overrides, into this job's directory (whose ``.hydra/``
+    this process has written), and wait for them."""
+    import torch
+
+    from kdcl.config import resolve_device
+
+    if resolve_device(cfg.trainer.device).type == "cuda" and devices > torch.cuda.device_count():
+        raise KdclError(f"trainer.devices={devices}, but this machine has {torch.cuda.device_count()} GPU(s)",
+                        fix="set trainer.devices to at most the number of GPUs, or trainer.device=cpu")
+    hc = HydraConfig.get()
+    run_dir = hc.runtime.output_dir
+    flags = [f"--config-dir={source.path}" for source in hc.runtime.config_sources if source.provider == "command-line"]
+    if hc.job.config_name != "config":
+        flags.append(f"--config-name={hc.job.config_name}")
+    quoted = f"'{run_dir}'" if "'" not in run_dir else f'"{run_dir}"'
+    log.info("training with %d processes (torchrun, standalone) into %s", devices, run_dir)
+    code = distributed.launch(devices, ["train", *flags, *hc.overrides.task, f"hydra.run.dir={quoted}",
+                                        "hydra.output_subdir=null"])
+    if code and code < 128 and hc.mode == RunMode.MULTIRUN:  # a failed job: the sweep goes on
+        raise KdclError(f"the job's {devices} processes stopped with exit code {code} (the error is printed above)")
+    if code:
+        raise SystemExit(code)
 
 
 def _eval(cfg: DictConfig) -> None:
@@ -196,6 +248,22 @@ def _check_writable(overrides: list[str]) -> None:
                             fix="choose a writable hydra.run.dir (or hydra.sweep.dir), or run from a writable directory")
 
 
+def _join_ranks(name: str, rest: list[str]) -> list[str]:
+    """Under torchrun: join the other ranks before Hydra starts (so that they agree on the
+    run directory's timestamp). Ranks other than 0 write no ``.hydra/`` and no log file,
+    and print warnings only. Returns the Hydra arguments."""
+    if name != "train":
+        raise KdclError(f"kdcl {name} runs in one process, not under torchrun", fix=f"run kdcl {name} without torchrun")
+    if "-m" in rest or "--multirun" in rest:
+        raise KdclError("a sweep (-m) cannot run under torchrun",
+                        fix="run kdcl train -m ... trainer.devices=N without torchrun: each job starts its own N processes")
+    distributed.init_from_env()
+    if distributed.is_main():
+        return rest
+    return [*rest, "hydra.output_subdir=null", "hydra.job_logging.root.level=WARNING",
+            "hydra.job_logging.root.handlers=[console]", "~hydra.job_logging.handlers.file"]
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     commands = "\n".join(f"  {name:<7}{text}" for name, (_, text) in COMMANDS.items())
@@ -208,15 +276,20 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     try:
         _check_writable(rest)
+        if distributed.launched():
+            rest = _join_ranks(name, rest)
     except KdclError as err:
         _report(err)
         raise SystemExit(err.exit_code) from None
     sys.argv = [f"kdcl {name}", *rest]
-    if name in SCHEMAS:
-        with _composition_errors(SCHEMAS[name]):
+    try:
+        if name in SCHEMAS:
+            with _composition_errors(SCHEMAS[name]):
+                COMMANDS[name][0]()
+        else:
             COMMANDS[name][0]()
-    else:
-        COMMANDS[name][0]()
+    finally:
+        distributed.shutdown()
     if failed:
         console.print(f"[bold red]{len(failed)} job(s) failed:[/]", highlight=False)
         for line in failed:

@@ -35,6 +35,7 @@ def model_option(name: str) -> dict[str, Any]:
     return {"pretrained": False, **group_option("teacher", name)}
 
 
+
 def _registered_names() -> dict[str, Any]:
     """Config keys that name a registry entry, and the registry (imported lazily: heavy)."""
     from kdcl.curricula import ORDERS, PACINGS, PLANS, SCORERS

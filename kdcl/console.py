@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from kdcl import distributed
+
 console = Console(stderr=True)
 
 
@@ -38,8 +40,8 @@ class ConsoleHandler(logging.Handler):
 
 @contextmanager
 def progress_bar(description: str, total: int) -> Iterator:
-    """Yield an ``advance()`` callable; a rich bar on a terminal, a no-op elsewhere."""
-    if not interactive():
+    """Yield an ``advance()`` callable; a rich bar on a terminal (rank 0's, under DDP), a no-op elsewhere."""
+    if not interactive() or not distributed.is_main():
         yield lambda n=1: None
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdcl import distributed
 from kdcl.data import interleave_classes
 from kdcl.errors import KdclError
 from kdcl.registry import Registry
@@ -282,6 +283,10 @@ class DataSchedule:
         """Per-example weights of this batch's losses (None: all 1)."""
         return None
 
+    def collect(self) -> None:
+        """Add up what the ranks counted apart since the last call (under DDP each rank
+        sees its part of every batch; a collective there), before a save or a read."""
+
     def epoch_end(self, epoch: int, val_logits: Tensor, val_labels: Tensor) -> dict[str, Any]:
         """Adapt to the epoch's validation result; return columns for the metrics row."""
         return {"data_fraction": self.last_fraction}
@@ -362,15 +367,22 @@ class SelfPacedSchedule(DataSchedule):
     def __init__(self, p: PlanInputs):
         super().__init__(torch.arange(len(p.labels)), p.batch_size, p.seed)
         self.lam, self.mu, self.soft = float(p.spec["lambda_start"]), float(p.spec["mu"]), p.spec["weights"] == "soft"
-        self._active, self._seen = 0.0, 0
+        self._active, self._seen = 0.0, 0  # this epoch's examples with weight > 0, and all, over the ranks
+        self._new_active, self._new_seen = 0.0, 0  # this rank's since the last collect
 
     def sample_weights(self, idx: Tensor, losses: Tensor, step: int) -> Tensor:
         v = torch.clamp(1 - losses / self.lam, min=0) if self.soft else (losses < self.lam).float()
-        self._active += (v > 0).sum().item()
-        self._seen += len(v)
+        self._new_active += (v > 0).sum().item()
+        self._new_seen += len(v)
         return v
 
+    def collect(self) -> None:
+        active, seen = distributed.sum_values(self._new_active, self._new_seen)
+        self._active, self._seen = self._active + active, self._seen + int(seen)
+        self._new_active, self._new_seen = 0.0, 0
+
     def epoch_end(self, epoch: int, val_logits: Tensor, val_labels: Tensor) -> dict[str, Any]:
+        self.collect()
         columns = {**super().epoch_end(epoch, val_logits, val_labels), "spl_lambda": self.lam,
                    "spl_active": self._active / max(self._seen, 1)}
         self.lam *= self.mu

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from kdcl.distributed import Part
 from kdcl.errors import KdclError
 from kdcl.registry import Registry
 
@@ -156,8 +157,9 @@ class Augment:
     dx: Tensor
     mirror: Tensor  # bool (B,)
 
-    def __getitem__(self, index: Tensor) -> Augment:
-        return Augment(self.dy[index], self.dx[index], self.mirror[index])
+    def take(self, part: Part) -> Augment:
+        """The parameters of this rank's share of the batch (:class:`kdcl.distributed.Part`)."""
+        return Augment(part.take(self.dy), part.take(self.dx), part.take(self.mirror))
 
 
 class Preprocess:
@@ -167,7 +169,10 @@ class Preprocess:
     (dy, dx). Flip: mirror an example horizontally. Training draws the parameters per
     example (:meth:`sample`: offsets uniform, flip with probability 1/2) from a seeded
     generator on the data's device; :meth:`apply` takes given parameters, so fixed views
-    (``distill.teacher_cache=views:K``) are the same pixels every time.
+    (``distill.teacher_cache=views:K``) are the same pixels every time. Under DDP (``part``:
+    this rank's share of a global batch) the parameters are drawn for the whole global
+    batch and this rank keeps its share, so every example is augmented as in one process
+    and every rank's generator stays in the same state.
     """
 
     def __init__(self, mean: list[float], std: list[float], crop_padding: int, flip: bool,
@@ -184,9 +189,10 @@ class Preprocess:
     def augments(self) -> bool:
         return bool(self.crop_padding or self.flip)
 
-    def __call__(self, x: Tensor, train: bool) -> Tensor:
+    def __call__(self, x: Tensor, train: bool, part: Part | None = None) -> Tensor:
         if train and self.augments:
-            return self.apply(x, self.sample(len(x), self.generator))
+            part = part or Part(len(x))
+            return self.apply(x, self.sample(part.size, self.generator).take(part))
         return self.normalize(x)
 
     def sample(self, n: int, generator: torch.Generator) -> Augment:

@@ -3,7 +3,8 @@
 ``fit`` trains one model for a fixed number of optimizer steps, evaluates on the
 validation split after every epoch, writes one metrics row per epoch, keeps
 ``best.pt`` (highest validation accuracy) and ``last.pt``, and can be cut off and
-resumed at any step boundary (``kdcl.resume``).
+resumed at any step boundary (``kdcl.resume``). Under DDP every rank runs it on its share
+of each global batch (``kdcl.distributed``); rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -12,18 +13,20 @@ import logging
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Collection
 
 import torch
 from torch import Tensor, nn
 
+from kdcl import distributed
 from kdcl.checkpoint import save_checkpoint
 from kdcl.config import resolve_device
 from kdcl.console import progress_bar
 from kdcl.curricula import DataSchedule, LearnedEpochs
 from kdcl.data import Batch, DataBundle, Source
+from kdcl.distributed import Part
 from kdcl.dynamic import DistillControl
 from kdcl.errors import KdclError
 from kdcl.losses import DistillLoss, LossContext
@@ -51,7 +54,7 @@ class Trainer:
     def from_config(cls, t: dict[str, Any]) -> Trainer:
         """The ``trainer`` config group: resolves the device (``auto``: CUDA when there is
         one), bf16 autocast (``auto``: on CUDA) and the CPU thread count (``threads``)."""
-        device = resolve_device(t["device"])
+        device = distributed.device(resolve_device(t["device"]))
         if t.get("threads"):
             torch.set_num_threads(t["threads"])
         return cls(device=device, epochs=t["epochs"], batch_size=t["batch_size"], eval_batch_size=t["eval_batch_size"],
@@ -121,59 +124,89 @@ class Evaluation:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, source: Source, data: DataBundle, trainer: Trainer) -> Evaluation:
-    """Loss, accuracy and logits of ``model`` on every example of ``source`` (no augmentation)."""
+    """Loss, accuracy and logits of ``model`` on every example of ``source`` (no augmentation).
+    Under DDP each rank evaluates one chunk of the examples and every rank gets all the logits."""
     model.eval()
     outputs, labels = [], []
-    batches = torch.arange(len(source)).split(trainer.eval_batch_size)
+    batches = distributed.shard(len(source)).split(trainer.eval_batch_size)
     for _, x, y in source.batches(batches):
         with trainer.autocast():
             outputs.append(model(data.preprocess(x, train=False)).float())
         labels.append(y)
-    logits, y = torch.cat(outputs), torch.cat(labels)
+    logits, y = (distributed.gather(torch.cat(parts), len(source)) for parts in (outputs, labels))
     loss = nn.functional.cross_entropy(logits, y).item()
     acc = (logits.argmax(1) == y).float().mean().item()
     return Evaluation(loss, acc, logits.cpu(), y.cpu())
 
 
 class _Meter:
-    """Running sums kept on the device; read once per epoch (one sync)."""
+    """Running sums of the loss terms and correct predictions, kept on the device.
+
+    In one process each step adds straight to ``sums``. Under DDP each rank adds its part
+    of the batch to ``new``, and :meth:`collect` (once per epoch, and before a save: one
+    sync) adds every rank's ``new`` to ``sums``, which is then the same on every rank and is
+    what a resume file keeps.
+    """
 
     def __init__(self, sums: dict[str, Tensor] | None = None, count: int = 0) -> None:
         self.sums: dict[str, Tensor] = dict(sums or {})
         self.count = count
+        self.new: dict[str, Tensor] = {}
+        self.new_count = 0
 
     def add(self, terms: dict[str, Tensor], logits: Tensor, y: Tensor) -> None:
         values = {**{k: v.detach().sum() for k, v in terms.items()}, "correct": (logits.argmax(1) == y).sum()}
-        for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0) + v
-        self.count += len(y)
+        if distributed.world() == 1:
+            self.sums, self.count = _added(self.sums, values), self.count + len(y)
+        else:
+            self.new, self.new_count = _added(self.new, values), self.new_count + len(y)
+
+    def collect(self) -> None:
+        if not self.new:  # one process, or no step since the last collect (on any rank: they step together)
+            return
+        keys = sorted(self.new)
+        device = self.new[keys[0]].device
+        count = torch.tensor(float(self.new_count), dtype=torch.float64, device=device)
+        total = distributed.all_sum(torch.stack([*(self.new[k].double() for k in keys), count]))
+        self.sums, self.count = _added(self.sums, dict(zip(keys, total))), self.count + int(total[-1].item())
+        self.new, self.new_count = {}, 0
 
     def means(self) -> dict[str, float]:
         return {k: float(v) / self.count for k, v in self.sums.items()}
 
 
-def train_step(s: Stage, trainer: Trainer, step: int, batch: Batch, meter: _Meter, ctx: LossContext) -> None:
+def _added(sums: dict[str, Tensor], values: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``sums`` with ``values`` added key by key (a key missing from ``sums`` counts 0)."""
+    return {**sums, **{k: sums.get(k, 0) + v for k, v in values.items()}}
+
+
+def train_step(s: Stage, trainer: Trainer, step: int, batch: Batch, meter: _Meter, ctx: LossContext,
+               part: Part | None = None) -> None:
     """One optimizer step: the feed gives the (augmented) input and the teacher's logits,
     the control sets α and T (and any noise), the loss gives per-example terms (features
     from ``ctx``), the plan may weight them (judging each example by its cross-entropy),
-    and their mean is back-propagated."""
+    and their mean is back-propagated. Under DDP ``batch`` is this rank's ``part`` of the
+    global batch, whose mean the ranks back-propagate together."""
     idx, x, y = batch
-    x, teacher_logits = s.feed(step, ctx.epoch, idx, x, y)
+    part = part or Part(len(y))
+    x, teacher_logits = s.feed(step, ctx.epoch, idx, x, y, part)
     with trainer.autocast():
         logits = s.model(s.control.student_input(x))
     teacher_logits = s.control.teacher_output(teacher_logits)
     alpha, temperature = s.control.knobs(step, idx, y, teacher_logits)
     terms = s.loss_fn(logits, teacher_logits, y, alpha, temperature, ctx)
     weights = s.plan.sample_weights(idx, terms.get("ce", terms["loss"]).detach(), step)
-    loss = terms["loss"].mean() if weights is None else (terms["loss"] * weights).mean()
-    if not torch.isfinite(loss):
+    loss = part.mean(terms["loss"] if weights is None else terms["loss"] * weights)
+    total = distributed.all_sum(loss.detach().clone())  # the global batch's loss: every rank stops together
+    if not torch.isfinite(total):
         bad = ", ".join(f"{k}={v.detach().float().mean().item():.4g}" for k, v in terms.items())
         raise KdclError(
-            f"stage {s.name}: the loss is {loss.item()} at step {step} (lr {s.optimizer.param_groups[0]['lr']:.4g}; {bad})",
+            f"stage {s.name}: the loss is {total.item()} at step {step} (lr {s.optimizer.param_groups[0]['lr']:.4g}; {bad})",
             fix=f"lower optimizer.lr or check the data; {s.out_dir}/last.pt and best.pt keep the last finite epoch",
         )
     s.optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    distributed.average_gradients([*s.loss_fn.parameters(), *s.control.parameters()])  # outside the DDP model
     s.optimizer.step()
     s.lr_schedule.step()
     meter.add(terms, logits, y)
@@ -184,31 +217,37 @@ def train_step(s: Stage, trainer: Trainer, step: int, batch: Batch, meter: _Mete
 def fit(s: Stage, data: DataBundle, trainer: Trainer) -> FitResult:
     """Train for ``trainer.epochs`` epochs of ``ceil(N / batch_size)`` steps, evaluate on the
     validation split after each, keep ``best.pt`` / ``last.pt`` (and ``epoch_NNN.pt`` for
-    ``keep_epochs``), and continue from ``resume.pt`` when an earlier run was cut off."""
+    ``keep_epochs``), and continue from ``resume.pt`` when an earlier run was cut off.
+    Under DDP the ranks train ``s.model`` inside ``DistributedDataParallel``, each on its part
+    of every global batch, and stop together when any of them is asked to stop."""
     spe = math.ceil(len(data.train) / trainer.batch_size)
     cursor, meter, start_state = _restore(s, data)
     table = MetricsTable(s.out_dir / "metrics.csv", keep_before_epoch=cursor.epoch)
     started = time.perf_counter() - cursor.seconds
+    replica = replace(s, model=distributed.wrap(s.model))  # the stage as the training steps see it
     while not cursor.finished and cursor.epoch <= trainer.epochs:
         epoch, first = cursor.epoch, (cursor.epoch - 1) * spe
-        s.model.train()
+        replica.model.train()
         snapshot = s.plan.state_dict() if start_state is None else start_state  # the plan as the epoch began
-        batches = s.plan.epoch_batches(range(first, first + spe), start_state)
+        batches = s.plan.epoch_batches(range(first, first + spe), start_state)[cursor.step - first :]
         start_state = snapshot
         tic, ctx = time.perf_counter(), LossContext(epoch, *s.features)
+        parts = distributed.parts(batches)
         with progress_bar(f"{s.name} {epoch}/{trainer.epochs}", spe) as advance:
-            for batch in data.train.batches(batches[cursor.step - first :]):
-                train_step(s, trainer, cursor.step, batch, meter, ctx)
+            for part, batch in zip(parts, data.train.batches(p.take(b) for p, b in zip(parts, batches))):
+                train_step(replica, trainer, cursor.step, batch, meter, ctx, part)
                 cursor.step += 1
                 advance()
                 every = trainer.checkpoint_every_steps
-                if STOP.signum is not None or (every and cursor.step % every == 0 and cursor.step < first + spe):
+                stop = distributed.any_rank(STOP.signum or 0)
+                if stop or (every and cursor.step % every == 0 and cursor.step < first + spe):
                     cursor.seconds = time.perf_counter() - started
                     _save(s, data, cursor, meter, start_state)
-                    if STOP.signum is not None:
-                        raise Interrupted(STOP.signum, s.name, cursor.step, s.run_dir)
+                    if stop:
+                        raise Interrupted(stop, s.name, cursor.step, s.run_dir)
         row = _end_epoch(s, data, trainer, cursor, meter, time.perf_counter() - tic)
-        table.append(row)
+        if distributed.is_main():
+            table.append(row)
         log.info("%s epoch %d/%d  loss %.4f  acc %.4f  val_loss %.4f  val_acc %.4f  %.0f img/s", s.name, epoch,
                  trainer.epochs, row["train_loss"], row["train_acc"], row["val_loss"], row["val_acc"], row["samples_per_s"])
         if trainer.early_stopping_patience and cursor.stale >= trainer.early_stopping_patience:
@@ -216,6 +255,7 @@ def fit(s: Stage, data: DataBundle, trainer: Trainer) -> FitResult:
             cursor.finished = True
         cursor.epoch, cursor.seconds, meter, start_state = epoch + 1, time.perf_counter() - started, _Meter(), None
         _save(s, data, cursor, meter, None)
+    distributed.barrier()  # rank 0's checkpoints are on disk for every rank
     return FitResult(cursor.best_epoch, cursor.best_acc, cursor.last_epoch, cursor.step, cursor.seconds,
                      s.out_dir / "best.pt", s.out_dir / "last.pt")
 
@@ -223,7 +263,9 @@ def fit(s: Stage, data: DataBundle, trainer: Trainer) -> FitResult:
 def _end_epoch(s: Stage, data: DataBundle, trainer: Trainer, cursor: Cursor, meter: _Meter, seconds: float) -> dict[str, Any]:
     """Validate, keep the checkpoints, and return the epoch's metrics row."""
     epoch = cursor.epoch
+    meter.collect()
     train = meter.means()
+    distributed.average_buffers(s.model)
     val = evaluate(s.model, data.val, data, trainer)
     row = {
         "epoch": epoch, "step": cursor.step, "lr": s.optimizer.param_groups[0]["lr"],
@@ -238,15 +280,16 @@ def _end_epoch(s: Stage, data: DataBundle, trainer: Trainer, cursor: Cursor, met
     loss_state = {k: v.detach().cpu() for k, v in s.loss_fn.state_dict().items()}
     state = {**s.meta, "epoch": epoch, "step": cursor.step, "val_acc": val.acc,
              **({"loss_state": loss_state} if loss_state else {})}
-    save_checkpoint(s.out_dir / "last.pt", s.model, state)
-    if epoch in s.keep_epochs:
-        save_checkpoint(s.out_dir / f"epoch_{epoch:03d}.pt", s.model, state)
+    paths = ["last.pt", *([f"epoch_{epoch:03d}.pt"] if epoch in s.keep_epochs else [])]
     cursor.last_epoch = epoch
     if val.acc > cursor.best_acc:
         cursor.best_acc, cursor.best_epoch, cursor.stale = val.acc, epoch, 0
-        save_checkpoint(s.out_dir / "best.pt", s.model, state)
+        paths.append("best.pt")
     else:
         cursor.stale += 1
+    if distributed.is_main():
+        for name in paths:
+            save_checkpoint(s.out_dir / name, s.model, state)
     return row
 
 
@@ -256,6 +299,13 @@ def _generators(s: Stage, data: DataBundle) -> dict[str, torch.Generator]:
 
 
 def _save(s: Stage, data: DataBundle, cursor: Cursor, meter: _Meter, start_state: dict | None) -> None:
+    """Write the stage's resume state (rank 0), first summing what the ranks counted apart."""
+    meter.collect()
+    s.plan.collect()
+    if s.dynamics is not None:
+        distributed.all_max(s.dynamics.last_wrong)
+    if not distributed.is_main():
+        return
     save_state(s.out_dir / "resume.pt", {
         "config": s.meta["config"], "cursor": cursor_state(cursor),
         "modules": {k: m.state_dict() for k, m in s.modules().items()},

@@ -61,14 +61,16 @@ STOP = _StopRequest()
 
 @contextmanager
 def graceful_stop() -> Iterator[_StopRequest]:
-    """Turn the first SIGINT/SIGTERM into a request the training loop honours after its
-    current step; a second one stops at once."""
+    """Turn SIGINT/SIGTERM into a request the training loop honours after its current
+    step; a second SIGINT (Ctrl-C) stops at once. A repeated SIGTERM stays a request: a
+    rank of a distributed run may get the scheduler's SIGTERM and torchrun's forwarded one."""
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def request(signum: int, frame: Any) -> None:
         STOP.signum = signum
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        if signum == signal.SIGINT:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
     STOP.signum = None
     for s in previous:

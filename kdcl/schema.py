@@ -271,6 +271,7 @@ class TrainerConfig:
     checkpoint_every_steps: Optional[int] = key(*_or_null(COUNT))
     compile: bool = key()
     threads: Optional[int] = key(*_or_null(COUNT))
+    devices: int = key("an integer ≥ 1 (processes on this machine)", lambda v: v >= 1)
 
 
 @dataclass

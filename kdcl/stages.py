@@ -5,6 +5,8 @@ teacher, the student trained with cross-entropy alone on full data (the baseline
 budget) and the students trained with distillation and a curriculum (``distill`` plus
 any ``arms``). With ``teachers`` several teachers train (``teacher/``, ``teacher_1/``, …);
 with ``born_again.generations`` = N the distill stage is N born-again generations.
+Under DDP every rank runs every stage (each with its own copy of the teachers); rank 0
+writes the files.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
+from kdcl import distributed
 from kdcl.cache import reuse_or_train
 from kdcl.checkpoint import load_checkpoint, model_from_checkpoint
 from kdcl.config import group_option, model_option
@@ -90,6 +93,7 @@ def run_pipeline(cfg: dict[str, Any], out: Path) -> pd.DataFrame:
     trainer = Trainer.from_config(t)
     device = trainer.device
     data = load_data(cfg["dataset"], device, t["channels_last"], cfg["seed"])
+    distributed.check_splits({"train": len(data.train), "validation": len(data.val), "test": len(data.test)})
     log.info("data %s: %d train / %d val / %d test, %d classes, input %s, device %s",
              data.name, len(data.train), len(data.val), len(data.test), data.num_classes, data.input_shape, device)
     if cfg["born_again"]["generations"]:
@@ -162,19 +166,20 @@ def curriculum_stage(run: Run) -> None:
                "difficulty": run.scores[spec["scorer"]].numpy(), "rank": rank.numpy(),
                "teacher_loss": loss.numpy(), "teacher_confidence": torch.exp(-loss).numpy()}
     per_scorer = {f"d_{name}": d.numpy() for name, d in run.scores.items()}  # every scorer's difficulty
-    write_csv(pd.DataFrame({**columns, **per_scorer}), out / "scores.csv")
     plan, spe = build_plan(run, spec), run.steps_per_epoch
     rows = []
     for e in range(run.trainer.epochs):  # the schedule as planned (adaptive curricula may hold later)
         first, last = e * spe, (e + 1) * spe - 1
         rows.append({"epoch": e + 1, "first_step": first, "last_step": last,
                      "data_fraction_start": plan.fraction(first), "data_fraction_end": plan.fraction(last)})
-    write_csv(pd.DataFrame(rows), out / "pacing.csv")
     scheduled = spec["type"] != "none"
     info = {"curriculum": spec["name"], "type": spec["type"], "scheduled": scheduled, "scorer": spec["scorer"],
             "order": spec["order"], "pacing": spec.get("pacing"), "scorers": sorted(run.scores),
             "train_examples": len(run.data.train), "steps_per_epoch": spe, "total_steps": run.total_steps}
-    (out / "curriculum.json").write_text(json.dumps(info, indent=2) + "\n")
+    if distributed.is_main():
+        write_csv(pd.DataFrame({**columns, **per_scorer}), out / "scores.csv")
+        write_csv(pd.DataFrame(rows), out / "pacing.csv")
+        (out / "curriculum.json").write_text(json.dumps(info, indent=2) + "\n")
     log.info("curriculum %s: %s", spec["name"], f"{spec['type']}, scored by {spec['scorer']}, {spec['order']}"
              if scheduled else "nothing scheduled (all data, every step)")
 
@@ -331,7 +336,9 @@ def train(run: Run, stage: str, spec: dict, loss_cfg: dict, curriculum: dict, se
     scores = run.scores.get(curriculum.get("scorer"))
     rank = None if scores is None else difficulty_rank(make_order(scores, data.train.labels, "easy_first", False,
                                                                   run.cfg["seed"]))
-    control = DistillControl(loss_fn, loss_cfg, run.total_steps, run.steps_per_epoch, rank, seed).to(run.trainer.device)
+    # Under DDP each rank draws its own noise (seed + rank) for its part of the batch.
+    control = DistillControl(loss_fn, loss_cfg, run.total_steps, run.steps_per_epoch, rank,
+                             seed + distributed.rank()).to(run.trainer.device)
     groups = [{"params": [*model.parameters(), *loss_fn.parameters()]},
               {"params": control.parameters(), "weight_decay": 0.0}]
     optimizer = build_optimizer(groups, run.cfg["optimizer"])
@@ -357,11 +364,13 @@ def train(run: Run, stage: str, spec: dict, loss_cfg: dict, curriculum: dict, se
         "checkpoint": str(result.best_path.resolve()), **test_columns(run, stage, best),
         "test_acc_last": last.acc,
     }
-    if dynamics is not None:
-        learned = pd.DataFrame({"index": data.train.origin, "learned_epoch": dynamics.learned_epoch().numpy()})
-        write_csv(learned, out / "dynamics.csv")
-    write_done(out / "done.json", run.rows[stage], run.cfg)
-    (out / "resume.pt").unlink(missing_ok=True)
+    if distributed.is_main():
+        if dynamics is not None:
+            learned = pd.DataFrame({"index": data.train.origin, "learned_epoch": dynamics.learned_epoch().numpy()})
+            write_csv(learned, out / "dynamics.csv")
+        write_done(out / "done.json", run.rows[stage], run.cfg)
+        (out / "resume.pt").unlink(missing_ok=True)
+    distributed.barrier()  # the other ranks read these files next
     return best
 
 
@@ -377,7 +386,8 @@ def teacher_feed(run: Run, loss_cfg: dict, teacher_at: Callable[[int], nn.Module
     inputs = FeedInputs(d.preprocess, d.train, teacher_at, run.trainer.autocast, d.num_classes,
                         run.trainer.eval_batch_size, run.cfg["seed"], parse(spec)[1],
                         loss_cfg.get("teacher_cache_store", "memory"),
-                        run.out / "teacher_cache" / f"{spec.replace(':', '_')}-{len(run.feeds)}",
+                        run.out / "teacher_cache" / f"{spec.replace(':', '_')}-{len(run.feeds)}"
+                        / (f"rank{distributed.rank()}" if distributed.world() > 1 else ""),  # every rank fills its own
                         loss_cfg.get("teacher_cache_shard_mb", 512))
     feed = build_feed(spec, inputs)
     if spec != "none":  # online feeds are per stage (the teacher may follow a route)
@@ -427,8 +437,9 @@ def summarize(run: Run) -> pd.DataFrame:
                 row["kd_gain"] = row["test_acc"] - rows["baseline"]["test_acc"]
     frame = pd.DataFrame([{"model": k, **v, "seed": run.cfg["seed"]} for k, v in rows.items()])
     frame = frame.reindex(columns=SUMMARY_COLUMNS)
-    write_csv(frame, run.out / "summary.csv")
-    shown = ["model", "arch", "distill", "curriculum", "test_acc", "test_acc_last", "best_val_acc", "best_epoch",
-             "steps", "params", "seconds", "kd_gain", "teacher_agreement"]
-    print_table(frame, f"kdcl summary — {run.out}", shown)
+    if distributed.is_main():
+        write_csv(frame, run.out / "summary.csv")
+        shown = ["model", "arch", "distill", "curriculum", "test_acc", "test_acc_last", "best_val_acc", "best_epoch",
+                 "steps", "params", "seconds", "kd_gain", "teacher_agreement"]
+        print_table(frame, f"kdcl summary — {run.out}", shown)
     return frame

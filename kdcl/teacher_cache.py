@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from kdcl.data import Augment, Preprocess, Source
+from kdcl.distributed import Part
 from kdcl.errors import KdclError
 from kdcl.registry import Registry
 
@@ -52,11 +53,13 @@ STORES = Registry("teacher cache store")
 
 
 class Feed(Protocol):
-    """``feed(step, epoch, idx, x, y)`` → (the student's float input, the teacher's logits or None)."""
+    """``feed(step, epoch, idx, x, y, part)`` → (the student's float input, the teacher's
+    logits or None); ``part``: this rank's share of the global batch under DDP."""
 
     teaches: bool
 
-    def __call__(self, step: int, epoch: int, idx: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]: ...
+    def __call__(self, step: int, epoch: int, idx: Tensor, x: Tensor, y: Tensor,
+                 part: Part) -> tuple[Tensor, Tensor | None]: ...
 
 
 @dataclass
@@ -99,8 +102,9 @@ class OnlineTeacher:
         self.preprocess, self.teacher_at, self.autocast = inputs.preprocess, inputs.teacher_at, inputs.autocast
         self.teaches = inputs.teacher_at is not None
 
-    def __call__(self, step: int, epoch: int, idx: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
-        x = self.preprocess(x, train=True)
+    def __call__(self, step: int, epoch: int, idx: Tensor, x: Tensor, y: Tensor,
+                 part: Part | None = None) -> tuple[Tensor, Tensor | None]:
+        x = self.preprocess(x, train=True, part=part)
         if self.teacher_at is None:
             return x, None
         teacher = self.teacher_at(step).eval()
@@ -128,8 +132,9 @@ class CachedViews:
         """The view of each example in ``idx`` the student trains on in ``epoch`` (1-based)."""
         return (self.phase[idx] + epoch - 1) % self.k
 
-    def __call__(self, step: int, epoch: int, idx: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
-        v = self.view(idx, epoch)
+    def __call__(self, step: int, epoch: int, idx: Tensor, x: Tensor, y: Tensor,
+                 part: Part | None = None) -> tuple[Tensor, Tensor | None]:
+        v = self.view(idx, epoch)  # a function of the example and the epoch: the same on every rank
         return self.pixels(x, idx, v), self.logits.get(idx, v)
 
     def pixels(self, x: Tensor, idx: Tensor, v: Tensor) -> Tensor:

@@ -116,7 +116,7 @@ BAD = {
     "scheduler.warmup_epochs": -1.0, "scheduler.min_factor": 1.5, "scheduler.milestones": [0.5, 1.5], "scheduler.gamma": 0.0,
     "trainer.epochs": 0, "trainer.batch_size": 0, "trainer.eval_batch_size": 0, "trainer.device": "gpu",
     "trainer.amp": "maybe", "trainer.early_stopping_patience": 0, "trainer.checkpoint_every_steps": 0,
-    "trainer.threads": 0,
+    "trainer.threads": 0, "trainer.devices": 0,
 }
 # Options under which the option keys exist.
 WHERE = {"dataset.image_size": ["dataset=imagefolder", "dataset.root=/data"], "dataset.train_samples": ["dataset=fake"],

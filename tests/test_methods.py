@@ -198,7 +198,7 @@ def one_step(control: DistillControl, x: torch.Tensor, y: torch.Tensor):
     stage = Stage("step", student, create_loss({"name": "kd", "alpha": 0.5}), control,
                   DataSchedule(torch.arange(len(x)), len(x), 0), optimizer,
                   torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), Path("."), {},
-                  OnlineTeacher(SimpleNamespace(preprocess=lambda x, train: x, teacher_at=lambda step: Teachers([teacher]),
+                  OnlineTeacher(SimpleNamespace(preprocess=lambda x, train, part: x, teacher_at=lambda step: Teachers([teacher]),
                                                 autocast=nullcontext)))
     train_step(stage, Trainer(torch.device("cpu"), 1, len(x), len(x), amp=False),
                0, (torch.arange(len(x)), x, y), _Meter(), LossContext())
