@@ -178,23 +178,24 @@ def _steps_per_epoch(s: Setup) -> int:
     return math.ceil(len(s.data.train) / s.trainer.batch_size)
 
 
-def arm_steps(s: Setup, arm: str, total_steps: int) -> Iterator[None]:
+def arm_steps(s: Setup, arm: str, student: nn.Module, total_steps: int) -> Iterator[None]:
+    """``student`` trained by ``arm``, one yield per optimizer step."""
     distill = s.cfg["distill"]
     if arm == "naive":
-        return naive_steps(s, s.student(), total_steps)
+        return naive_steps(s, student, total_steps)
     loss_cfg = {
         "kdcl": {**distill, "teacher_cache": "none"},
         "kdcl_cached": {**distill, "teacher_cache": f"views:{s.cfg['bench']['views']}"},
         "student": {"name": "none"},
     }[arm]
-    return kdcl_steps(s, s.student(), total_steps, loss_cfg)
+    return kdcl_steps(s, student, total_steps, loss_cfg)
 
 
 # --------------------------------------------------------------------------- measuring
 def time_arm(s: Setup, arm: str, warmup: int, steps: int) -> float:
     """Seconds per step of ``arm`` over ``steps`` steps after ``warmup`` untimed ones."""
     s.fill_seconds = 0.0
-    it = arm_steps(s, arm, warmup + steps)
+    it = arm_steps(s, arm, s.student(), warmup + steps)
     for _ in range(warmup):
         next(it)
     s.sync()
@@ -275,7 +276,7 @@ def parity(s: Setup, epochs: int) -> pd.DataFrame:
     for arm in ("naive", "kdcl", "kdcl_cached"):
         tic = time.perf_counter()
         student = s.student()
-        for _ in arm_steps(s, arm, total):
+        for _ in arm_steps(s, arm, student, total):
             pass
         s.sync()
         fmt = torch.channels_last if s.channels_last else torch.contiguous_format

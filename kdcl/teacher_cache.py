@@ -101,15 +101,16 @@ class OnlineTeacher:
     def __init__(self, inputs: FeedInputs):
         self.preprocess, self.teacher_at, self.autocast = inputs.preprocess, inputs.teacher_at, inputs.autocast
         self.teaches = inputs.teacher_at is not None
+        if self.teaches:
+            inputs.teacher_at(0).eval()  # once: the step's teacher is a frozen model (kdcl.models.freeze)
 
     def __call__(self, step: int, epoch: int, idx: Tensor, x: Tensor, y: Tensor,
                  part: Part | None = None) -> tuple[Tensor, Tensor | None]:
         x = self.preprocess(x, train=True, part=part)
         if self.teacher_at is None:
             return x, None
-        teacher = self.teacher_at(step).eval()
         with torch.inference_mode(), self.autocast():
-            logits = teacher(x, y)
+            logits = self.teacher_at(step)(x, y)
         return x, logits.float().clone()  # a normal tensor: the loss may save it for backward
 
 
@@ -124,9 +125,9 @@ class CachedViews:
         self.preprocess, self.params, self.phase = inputs.preprocess, params, phase
         self.k = params.dy.shape[1]
         self.teaches = True
-        self.logits = _fill(inputs, self) if inputs.teacher_at is not None else None
-        if self.logits is None:
+        if inputs.teacher_at is None:
             raise KdclError("distill.teacher_cache needs a teacher", fix="set distill.teacher_cache=none for this stage")
+        self.logits = _fill(inputs, self)
 
     def view(self, idx: Tensor, epoch: int) -> Tensor:
         """The view of each example in ``idx`` the student trains on in ``epoch`` (1-based)."""

@@ -231,3 +231,17 @@ def test_compiled_models_train_and_save_plain_checkpoints(tmp_path):
     ckpt = load_checkpoint(tmp_path / "distill" / "best.pt")
     assert not any("_orig_mod" in k for k in ckpt["state_dict"])  # the plain model's keys
     model_from_checkpoint(ckpt)  # and they load into the plain architecture (strict)
+
+
+def test_bench_parity_tests_the_students_it_trained(cli, tmp_path):
+    teacher_run = tmp_path / "teacher_run"
+    run_pipeline(compose_config([*QUICK, "trainer.epochs=4", "baseline=false", "curriculum=none", "distill=none"]),
+                 teacher_run)
+    result = cli("bench", *QUICK, "trainer.epochs=4", "bench.steps=1", "bench.repeats=1", "bench.views=2",
+                 "bench.parity_epochs=4", f"teacher.checkpoint={teacher_run / 'teacher' / 'best.pt'}",
+                 f"hydra.run.dir={tmp_path / 'b'}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    parity = pd.read_csv(tmp_path / "b" / "parity.csv").set_index("arm")
+    assert list(parity.index) == ["naive", "kdcl", "kdcl_cached"]
+    assert (parity["steps"] == 4 * 17).all()  # 540 training examples, batch 32
+    assert (parity["test_acc"] > 0.5).all()  # trained students (an untrained one is at chance, 0.1)
