@@ -377,9 +377,11 @@ def train(run: Run, stage: str, spec: dict, loss_cfg: dict, curriculum: dict, se
 def teacher_feed(run: Run, loss_cfg: dict, teacher_at: Callable[[int], nn.Module] | None,
                  teachers: list[nn.Module]) -> Feed:
     """The stage's feed (``distill.teacher_cache``). A cache is filled once per run and
-    teacher set, and shared by every stage those teachers teach."""
+    teacher set (with how several teachers' targets combine), and shared by every stage
+    those teachers teach."""
     spec = loss_cfg.get("teacher_cache", "none") if teacher_at is not None else "none"
-    key = (spec, tuple(id(m) for m in teachers))
+    combined = [loss_cfg.get(k) for k in ("teacher_combine", "teacher_weights", "temperature")] if len(teachers) > 1 else []
+    key = (spec, tuple(id(m) for m in teachers), repr(combined))
     if key in run.feeds:
         return run.feeds[key]
     d = run.data

@@ -95,8 +95,8 @@ def stop_after(stage: str, step: int):
     """``engine.train_step`` that asks the run to stop (as SIGINT does) after ``stage``'s step ``step``."""
     real = engine.train_step
 
-    def train_step(s, data, trainer, at, *args):
-        real(s, data, trainer, at, *args)
+    def train_step(s, trainer, at, *args):
+        real(s, trainer, at, *args)
         if s.name == stage and at == step:
             STOP.signum = signal.SIGINT
 
