@@ -124,7 +124,7 @@ def _train(cfg: DictConfig) -> float:
     import pandas as pd
 
     from kdcl.config import validate
-    from kdcl.stages import run_pipeline
+    from kdcl.scenarios import scenarios
 
     out = _output_dir()
     if cfg.resume:
@@ -136,6 +136,8 @@ def _train(cfg: DictConfig) -> float:
         log.info("resuming the run in %s with its own config", out)
         cfg = OmegaConf.load(saved)
     validate(cfg)
+    plain = _plain(cfg)
+    scenario = scenarios().get(plain.get("scenario", {}).get("name", "standard"))  # absent from configs saved before it
     devices = cfg.trainer.get("devices", 1)  # absent from configs saved before it existed
     distributed.check_processes(devices, cfg.trainer.batch_size)
     if devices > 1 and not distributed.active():
@@ -143,10 +145,9 @@ def _train(cfg: DictConfig) -> float:
         summary = pd.read_csv(out / "summary.csv")
     else:
         distributed.agree_on_run_dir(out)
-        summary = run_pipeline(_plain(cfg), out)
+        summary = scenario.run(plain, out)
         log.info("wrote %s", out / "summary.csv")
-    student = f"gen_{cfg.born_again.generations}" if cfg.born_again.generations else "distill"
-    return float(summary.set_index("model").loc[student, "best_val_acc"])
+    return float(summary.set_index("model").loc[scenario.objective(plain), "best_val_acc"])
 
 
 def _launch(cfg: DictConfig, devices: int) -> None:

@@ -44,6 +44,7 @@ def _registered_names() -> dict[str, Any]:
     from kdcl.losses import LOSSES
     from kdcl.models import MODELS
     from kdcl.optim import OPTIMIZERS, SCHEDULES
+    from kdcl.scenarios import scenarios
     from kdcl.teachers import COMBINATIONS
 
     return {
@@ -51,7 +52,7 @@ def _registered_names() -> dict[str, Any]:
         "distill.sample_weight": SAMPLE_WEIGHTS, "distill.alpha_schedule": SCHEDULES,
         "distill.temperature_schedule": SCHEDULES, "curriculum.type": PLANS, "curriculum.scorer": SCORERS,
         "curriculum.order": ORDERS, "curriculum.pacing.name": PACINGS, "optimizer.name": OPTIMIZERS,
-        "scheduler.name": SCHEDULES, "distill.teacher_combine": COMBINATIONS,
+        "scheduler.name": SCHEDULES, "distill.teacher_combine": COMBINATIONS, "scenario.name": scenarios(),
     }
 
 

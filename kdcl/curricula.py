@@ -449,6 +449,12 @@ class LearnedEpochs:
         return self.last_wrong.cpu() + 1
 
 
+def class_difficulty(scores: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """(C,) the mean difficulty of each class's examples (0 for a class without any)."""
+    total = torch.zeros(num_classes).index_add_(0, labels, scores.float())
+    return total / torch.bincount(labels, minlength=num_classes).clamp(min=1)
+
+
 def difficulty_rank(order: Tensor) -> Tensor:
     """Each example's position in ``order`` scaled to [0, 1] (0 = first)."""
     rank = torch.empty(len(order), dtype=torch.float32)

@@ -14,9 +14,9 @@ it drives model selection. The test split is used for the final numbers only.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Protocol
+from typing import Any, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -86,16 +86,22 @@ class Source(Protocol):
 
     def batches(self, index_batches: Iterable[Tensor]) -> Iterator[Batch]: ...
 
+    def subset(self, positions: np.ndarray, label_map: Tensor) -> Source: ...
+
 
 class TensorSource:
     """An in-memory split: uint8 images and labels held on the training device."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, origin: np.ndarray, device: torch.device):
-        self.device = device
-        self.x = torch.from_numpy(np.ascontiguousarray(x)).to(device)
-        self.y = torch.from_numpy(y.astype(np.int64)).to(device)
-        self.labels = self.y.cpu()
+    def __init__(self, x: Tensor, y: Tensor, origin: np.ndarray):
+        self.device = x.device
+        self.x, self.y = x, y
+        self.labels = y.cpu()
         self.origin = origin
+
+    @classmethod
+    def from_arrays(cls, x: np.ndarray, y: np.ndarray, origin: np.ndarray, device: torch.device) -> TensorSource:
+        return cls(torch.from_numpy(np.ascontiguousarray(x)).to(device), torch.from_numpy(y.astype(np.int64)).to(device),
+                   origin)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -104,6 +110,11 @@ class TensorSource:
         for idx in index_batches:
             idx = idx.to(self.device, non_blocking=True)
             yield idx, self.x[idx], self.y[idx]
+
+    def subset(self, positions: np.ndarray, label_map: Tensor) -> TensorSource:
+        """The examples at ``positions``, each label ``y`` replaced by ``label_map[y]``."""
+        idx = torch.from_numpy(positions).to(self.device)
+        return TensorSource(self.x[idx], label_map.to(self.device)[self.y[idx]], self.origin[positions])
 
 
 class _Indexed(Dataset):
@@ -119,11 +130,15 @@ class _Indexed(Dataset):
 
 
 class LoaderSource:
-    """A split read per sample through a ``DataLoader`` (data too large for memory)."""
+    """A split read per sample through a ``DataLoader`` (data too large for memory).
+    ``label_map`` (optional) replaces each label ``y`` the dataset gives by ``label_map[y]``."""
 
-    def __init__(self, dataset: Dataset, y: np.ndarray, origin: np.ndarray, device: torch.device, num_workers: int):
+    def __init__(self, dataset: Dataset, y: np.ndarray, origin: np.ndarray, device: torch.device, num_workers: int,
+                 label_map: Tensor | None = None):
+        self.dataset, self.raw_labels, self.label_map = dataset, y, label_map
         self.items = _Indexed(dataset, origin)
-        self.labels = torch.from_numpy(y.astype(np.int64))
+        labels = torch.from_numpy(y.astype(np.int64))
+        self.labels = labels if label_map is None else label_map[labels]
         self.origin = origin
         self.device = device
         self.num_workers = num_workers
@@ -139,12 +154,20 @@ class LoaderSource:
             pin_memory=self.device.type == "cuda",
         )
         for x, y, idx in loader:
+            y = y if self.label_map is None else self.label_map[y]
             yield idx.to(self.device), x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def subset(self, positions: np.ndarray, label_map: Tensor) -> LoaderSource:
+        """The examples at ``positions``, each label ``y`` replaced by ``label_map[y]``."""
+        label_map = label_map.cpu()
+        composed = label_map if self.label_map is None else label_map[self.label_map]
+        return LoaderSource(self.dataset, self.raw_labels[positions], self.origin[positions], self.device,
+                            self.num_workers, composed)
 
 
 def make_source(split: RawSplit, indices: np.ndarray, device: torch.device, num_workers: int) -> Source:
     if split.x is not None:
-        return TensorSource(split.x[indices], split.y[indices], indices, device)
+        return TensorSource.from_arrays(split.x[indices], split.y[indices], indices, device)
     return LoaderSource(split.dataset, split.y[indices], indices, device, num_workers)
 
 
@@ -244,6 +267,36 @@ class DataBundle:
     mean: list[float]
     std: list[float]
     preprocess: Preprocess
+    class_ids: list[int] | None = None  # the dataset's class of each label (None: label = class)
+
+
+def class_map(classes: Sequence[int], num_classes: int) -> Tensor:
+    """label → its position in ``classes``, −1 for a label not in it."""
+    mapping = torch.full((num_classes,), -1, dtype=torch.long)
+    mapping[torch.as_tensor(list(classes), dtype=torch.long)] = torch.arange(len(classes))
+    return mapping
+
+
+def with_classes(data: DataBundle, classes: Sequence[int], train: np.ndarray | None = None) -> DataBundle:
+    """``data`` restricted to the labels ``classes``, relabelled by position in ``classes``
+    (``classes[k]`` becomes label k), so that a model with ``len(classes)`` outputs trains
+    and tests on them (class-incremental tasks, and ``kdcl eval`` of such a model).
+
+    Test keeps every example of ``classes``. ``train`` (positions in ``data.train``) keeps
+    those training examples instead of all of ``classes``', and validation then keeps the
+    classes they are of.
+    """
+    mapping = class_map(classes, data.num_classes)
+    if train is None:
+        train = np.flatnonzero((mapping[data.train.labels] >= 0).numpy())
+
+    def keep(source: Source, labels: Sequence[int]) -> Source:
+        return source.subset(np.flatnonzero(np.isin(source.labels.numpy(), labels)), mapping)
+
+    ids = data.class_ids or list(range(data.num_classes))
+    return replace(data, train=data.train.subset(train, mapping), val=keep(data.val, np.unique(data.train.labels.numpy()[train])),
+                   test=keep(data.test, classes), num_classes=len(classes),
+                   class_names=[data.class_names[c] for c in classes], class_ids=[ids[c] for c in classes])
 
 
 def load_data(cfg: dict[str, Any], device: torch.device, channels_last: bool, seed: int) -> DataBundle:

@@ -102,6 +102,7 @@ class Stage:
     dynamics: LearnedEpochs | None = None
     keep_epochs: Collection[int] = ()
     features: tuple[dict[str, Tensor], dict[str, Tensor]] = ({}, {})  # hooked student / teacher layers
+    steps_per_epoch: int | None = None  # the budget's steps per epoch; None: ceil(N_train / batch_size)
 
     @property
     def run_dir(self) -> Path:
@@ -215,12 +216,12 @@ def train_step(s: Stage, trainer: Trainer, step: int, batch: Batch, meter: _Mete
 
 
 def fit(s: Stage, data: DataBundle, trainer: Trainer) -> FitResult:
-    """Train for ``trainer.epochs`` epochs of ``ceil(N / batch_size)`` steps, evaluate on the
-    validation split after each, keep ``best.pt`` / ``last.pt`` (and ``epoch_NNN.pt`` for
+    """Train for ``trainer.epochs`` epochs of ``s.steps_per_epoch`` (default ``ceil(N / batch_size)``)
+    steps, evaluate on the validation split after each, keep ``best.pt`` / ``last.pt`` (and ``epoch_NNN.pt`` for
     ``keep_epochs``), and continue from ``resume.pt`` when an earlier run was cut off.
     Under DDP the ranks train ``s.model`` inside ``DistributedDataParallel``, each on its part
     of every global batch, and stop together when any of them is asked to stop."""
-    spe = math.ceil(len(data.train) / trainer.batch_size)
+    spe = s.steps_per_epoch or math.ceil(len(data.train) / trainer.batch_size)
     cursor, meter, start_state = _restore(s, data)
     table = MetricsTable(s.out_dir / "metrics.csv", keep_before_epoch=cursor.epoch)
     started = time.perf_counter() - cursor.seconds

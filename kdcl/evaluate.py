@@ -13,7 +13,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from kdcl.checkpoint import is_kdcl, load_weights, model_from_checkpoint, read_checkpoint
 from kdcl.config import resolve_device
-from kdcl.data import load_data
+from kdcl.data import load_data, with_classes
 from kdcl.engine import Trainer, evaluate
 from kdcl.errors import KdclError
 from kdcl.models import count_params, create_model, size_mb
@@ -27,6 +27,9 @@ def run_eval(checkpoint: str, dataset: dict[str, Any] | None, device_name: str, 
              model_spec: dict[str, Any] | None = None) -> pd.DataFrame:
     """Evaluate ``checkpoint`` and write ``eval.csv``, ``eval_per_class.csv`` and ``confusion.csv``.
 
+    A checkpoint of a class-incremental task (its ``classes``: the dataset class of each
+    output) is tested on the examples of those classes.
+
     A kdcl checkpoint describes itself; a plain ``state_dict`` file (torchvision's, say)
     needs ``model_spec`` (name and kwargs) and a dataset."""
     ckpt = read_checkpoint(checkpoint)
@@ -34,6 +37,8 @@ def run_eval(checkpoint: str, dataset: dict[str, Any] | None, device_name: str, 
     if is_kdcl(ckpt):
         # The model was trained with its checkpoint's normalisation: keep it on any dataset.
         data = load_data({**(dataset or ckpt["config"]["dataset"]), **ckpt["normalization"]}, device, False, 0)
+        if "classes" in ckpt:  # a class-incremental task's model: tested on the classes it has learnt
+            data = with_classes(data, ckpt["classes"])
         check_compatible(ckpt, data, "checkpoint")
         model = model_from_checkpoint(ckpt).to(device)
         name, stage = ckpt["model"]["name"], ckpt.get("stage")

@@ -99,6 +99,32 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
+def classifier(model: nn.Module) -> tuple[str, nn.Linear]:
+    """The model's output layer and its name: its last ``nn.Linear`` (every registered model
+    ends in one; a test checks it)."""
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise KdclError(f"{type(model).__name__} has no nn.Linear output layer to grow",
+                        fix="use a model that ends in a linear classifier")
+    return linears[-1]
+
+
+def grow_head(model: nn.Module, num_classes: int) -> nn.Module:
+    """Give the output layer ``num_classes`` outputs, in place (class-incremental learning):
+    the existing outputs keep their weights and come first; the new ones are initialised as
+    ``nn.Linear`` initialises them, from torch's global generator."""
+    name, old = classifier(model)
+    if num_classes < old.out_features:
+        raise KdclError(f"cannot shrink the output layer from {old.out_features} to {num_classes} outputs")
+    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None).to(old.weight.device, old.weight.dtype)
+    with torch.no_grad():
+        new.weight[: old.out_features] = old.weight
+        if old.bias is not None:
+            new.bias[: old.out_features] = old.bias
+    _replace(model, name, new)
+    return model
+
+
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)

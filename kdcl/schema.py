@@ -280,6 +280,44 @@ class BornAgainConfig:
 
 
 @dataclass
+class LwfSettings:
+    """``scenario.lwf``: the LwF arm's distillation (``kdcl.losses.LearningWithoutForgetting``)."""
+
+    lam: float = key(*NON_NEGATIVE)
+    temperature: float = key(*POSITIVE)
+
+
+def _class_order(v: Any) -> bool:
+    if isinstance(v, str):
+        return v in ("natural", "easy_first", "hard_first", "random")
+    return isinstance(v, list) and len(v) == len(set(v)) > 0 and all(isinstance(c, int) and c >= 0 for c in v)
+
+
+@dataclass
+class ScenarioOptionKeys:
+    """Keys of ``scenario=class_incremental`` (checked when present)."""
+
+    tasks: int = key("an integer ≥ 2", lambda v: v >= 2)
+    class_order: Any = key("natural, easy_first, hard_first, random, or a list of distinct class indices", _class_order)
+    arms: List[str] = key("a non-empty list of distinct strategies", lambda v: len(v) == len(set(v)) > 0)
+    objective_arm: str = key()
+    memory_per_class: int = key(*COUNT_OR_ZERO)
+    warmup_epochs: int = key(*COUNT_OR_ZERO)
+    lwf: LwfSettings = field(default_factory=LwfSettings)
+
+
+@dataclass
+class ScenarioConfig:
+    """``scenario``: what ``kdcl train`` trains (:mod:`kdcl.scenarios`). Open: each
+    option's keys (``OPTION_KEYS``) are checked when present."""
+
+    OPEN: ClassVar[bool] = True
+    OPTION_KEYS: ClassVar[type] = ScenarioOptionKeys
+
+    name: str = key()
+
+
+@dataclass
 class TrainConfig:
     """``kdcl train``: the top-level keys and every section (``conf/config.yaml``)."""
 
@@ -296,6 +334,7 @@ class TrainConfig:
     teachers: Any = key("null or a list of teacher options or {name, kwargs, pretrained, checkpoint} specs",
                         lambda v: v is None or (isinstance(v, list) and all(_spec(s) for s in v)))
     born_again: BornAgainConfig = field(default_factory=BornAgainConfig)
+    scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)

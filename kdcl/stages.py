@@ -27,7 +27,8 @@ from kdcl import distributed
 from kdcl.cache import reuse_or_train
 from kdcl.checkpoint import load_checkpoint, model_from_checkpoint
 from kdcl.config import group_option, model_option
-from kdcl.curricula import PLANS, DataSchedule, LearnedEpochs, PlanInputs, ScoreContext, difficulty_rank, make_order, score_all
+from kdcl.curricula import (PLANS, DataSchedule, LearnedEpochs, PlanInputs, ScoreContext, class_difficulty, difficulty_rank,
+                            make_order, score_all)
 from kdcl.data import DataBundle, load_data
 from kdcl.dynamic import DistillControl
 from kdcl.engine import Stage, Trainer, evaluate, fit
@@ -38,6 +39,7 @@ from kdcl.models import count_params, create_model, freeze, size_mb
 from kdcl.optim import build_optimizer, build_schedule
 from kdcl.report import print_table, write_csv
 from kdcl.resume import check_same_config, graceful_stop, read_done, write_done
+from kdcl.scenarios import register_scenario
 from kdcl.teacher_cache import Feed, FeedInputs, build_feed, parse
 from kdcl.teachers import Teachers, teacher_specs
 
@@ -68,10 +70,11 @@ class Run:
     learned_epoch: Tensor | None = None
     scores: dict[str, Tensor] = field(default_factory=dict)  # per scorer, one difficulty per example
     feeds: dict[tuple, Feed] = field(default_factory=dict)  # filled teacher caches, per spec and teacher set
+    budget_examples: int | None = None  # the examples an epoch's steps are counted for (None: the train split's)
 
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.data.train) / self.trainer.batch_size)
+        return math.ceil((self.budget_examples or len(self.data.train)) / self.trainer.batch_size)
 
     @property
     def total_steps(self) -> int:
@@ -87,19 +90,19 @@ class Run:
         return model.to(self.trainer.device, memory_format=fmt)
 
 
+def distilled_student(cfg: dict[str, Any]) -> str:
+    """The summary row of the run's distilled student: ``distill``, or the last born-again generation."""
+    generations = cfg["born_again"]["generations"]
+    return f"gen_{generations}" if generations else "distill"
+
+
+@register_scenario("standard", objective=distilled_student)
 def run_pipeline(cfg: dict[str, Any], out: Path) -> pd.DataFrame:
     """Run every stage of ``cfg`` into ``out`` and return the summary table."""
-    t = cfg["trainer"]
-    trainer = Trainer.from_config(t)
-    device = trainer.device
-    data = load_data(cfg["dataset"], device, t["channels_last"], cfg["seed"])
-    distributed.check_splits({"train": len(data.train), "validation": len(data.val), "test": len(data.test)})
-    log.info("data %s: %d train / %d val / %d test, %d classes, input %s, device %s",
-             data.name, len(data.train), len(data.val), len(data.test), data.num_classes, data.input_shape, device)
     if cfg["born_again"]["generations"]:
         cfg = {**cfg, "student": {k: teacher_specs(cfg)[0][k] for k in ("name", "kwargs", "pretrained")}}
         log.info("born-again: the student takes the teacher's architecture, %s", cfg["student"]["name"])
-    run = Run(cfg, out, trainer, data, t["channels_last"])
+    run = start_run(cfg, out)
     check_losses(run)
     with graceful_stop():
         teacher_stage(run)
@@ -114,6 +117,17 @@ def run_pipeline(cfg: dict[str, Any], out: Path) -> pd.DataFrame:
         for name, arm in (cfg.get("arms") or {}).items():
             student_stage(run, name, *arm_config(cfg, arm))
     return summarize(run)
+
+
+def start_run(cfg: dict[str, Any], out: Path) -> Run:
+    """The run's trainer and data (the validation split carved), before any stage."""
+    t = cfg["trainer"]
+    trainer = Trainer.from_config(t)
+    data = load_data(cfg["dataset"], trainer.device, t["channels_last"], cfg["seed"])
+    distributed.check_splits({"train": len(data.train), "validation": len(data.val), "test": len(data.test)})
+    log.info("data %s: %d train / %d val / %d test, %d classes, input %s, device %s", data.name, len(data.train),
+             len(data.val), len(data.test), data.num_classes, data.input_shape, trainer.device)
+    return Run(cfg, out, trainer, data, t["channels_last"])
 
 
 # --------------------------------------------------------------------------- stages
@@ -225,10 +239,8 @@ def build_plan(run: Run, spec: dict[str, Any], seed: int | None = None) -> DataS
     if scores is None:  # before scoring (baseline): the plan ignores difficulty
         scores = torch.zeros(len(labels))
     order = make_order(scores, labels, spec.get("order", "easy_first"), spec.get("class_balanced", False), run.cfg["seed"])
-    class_difficulty = torch.zeros(run.data.num_classes).index_add_(0, labels, scores.float()) / torch.bincount(
-        labels, minlength=run.data.num_classes).clamp(min=1)
     inputs = PlanInputs(spec, order, difficulty_rank(make_order(scores, labels, "easy_first", False, run.cfg["seed"])),
-                        labels, class_difficulty, run.total_steps, run.steps_per_epoch, run.trainer.batch_size,
+                        labels, class_difficulty(scores, labels, run.data.num_classes), run.total_steps, run.steps_per_epoch, run.trainer.batch_size,
                         run.cfg["seed"] if seed is None else seed)
     return PLANS.create(spec["type"], inputs)
 
@@ -304,8 +316,12 @@ def teacher_route(anchors: list[nn.Module], total_steps: int) -> Callable[[int],
 
 def train(run: Run, stage: str, spec: dict, loss_cfg: dict, curriculum: dict, seed: int,
           dynamics: LearnedEpochs | None = None, keep_epochs: set[int] = frozenset(),
-          teachers: list[nn.Module] | None = None) -> nn.Module:
-    """Train one model for the run's step budget; return its best (validation) weights.
+          teachers: list[nn.Module] | None = None, init: nn.Module | None = None, select: str = "best") -> nn.Module:
+    """Train one model for the run's step budget; return its best (validation) weights,
+    or with ``select="last"`` its last ones, which its summary row then reports.
+
+    The model is ``spec``'s architecture, freshly initialised from ``seed``, or ``init``
+    trained on (class-incremental tasks continue the previous task's model).
 
     The distillation loss binds its layers to the student and the (first) teacher and its
     adapters train with the student; the layers it reads are hooked while the stage trains.
@@ -318,14 +334,15 @@ def train(run: Run, stage: str, spec: dict, loss_cfg: dict, curriculum: dict, se
     if done is not None:
         check_same_config(done["config"], run.cfg, out / "done.json")
         log.info("%s: finished in an earlier run (%s), not trained again", stage, out / "done.json")
-        best = run.to_device(model_from_checkpoint(load_checkpoint(out / "best.pt")))
-        test_columns(run, stage, best)
+        chosen = run.to_device(model_from_checkpoint(load_checkpoint(out / f"{select}.pt")))
+        test_columns(run, stage, chosen)
         run.rows[stage] = done["row"]
-        return best
+        return chosen
     torch.manual_seed(seed)
     data.preprocess.generator.manual_seed(seed)
-    model = run.trainer.prepare(run.to_device(create_model(spec["name"], data.num_classes, data.input_shape,
-                                                           pretrained=spec["pretrained"], **spec["kwargs"])))
+    if init is None:
+        init = create_model(spec["name"], data.num_classes, data.input_shape, pretrained=spec["pretrained"], **spec["kwargs"])
+    model = run.trainer.prepare(run.to_device(init))
     loss_fn = create_loss(loss_cfg)
     teachers = run.teachers if teachers is None else teachers
     teacher = Teachers(teachers, loss_cfg.get("teacher_combine", "mean"), loss_cfg.get("teacher_weights"),
@@ -352,17 +369,18 @@ def train(run: Run, stage: str, spec: dict, loss_cfg: dict, curriculum: dict, se
             FeatureTap(teacher.lead if teacher is not None else None, teacher_layers) as teacher_features:
         parts = Stage(stage, model, loss_fn, control, build_plan(run, curriculum, seed), optimizer, lr_schedule, out,
                       checkpoint_meta(run, stage, spec), teacher_feed(run, loss_cfg, teacher_at, teachers), dynamics,
-                      keep_epochs, (student_features, teacher_features))
+                      keep_epochs, (student_features, teacher_features), run.steps_per_epoch)
         result = fit(parts, data, run.trainer)
-    last = evaluate(model, data.test, data, run.trainer)
-    best = run.to_device(model_from_checkpoint(load_checkpoint(result.best_path)))
+    path = result.best_path if select == "best" else result.last_path
+    chosen = run.to_device(model_from_checkpoint(load_checkpoint(path)))
+    columns = test_columns(run, stage, chosen)
     run.rows[stage] = {
         "arch": spec["name"], "distill": loss_cfg["name"],
         "curriculum": f"{curriculum['scorer']}/{curriculum['order']}" if curriculum["type"] == "paced" else curriculum["type"],
         "best_val_acc": result.best_val_acc, "best_epoch": result.best_epoch,
         "last_epoch": result.last_epoch, "steps": result.steps, "seconds": round(result.seconds, 2),
-        "checkpoint": str(result.best_path.resolve()), **test_columns(run, stage, best),
-        "test_acc_last": last.acc,
+        "checkpoint": str(path.resolve()), **columns,
+        "test_acc_last": columns["test_acc"] if select == "last" else evaluate(model, data.test, data, run.trainer).acc,
     }
     if distributed.is_main():
         if dynamics is not None:
@@ -371,7 +389,7 @@ def train(run: Run, stage: str, spec: dict, loss_cfg: dict, curriculum: dict, se
         write_done(out / "done.json", run.rows[stage], run.cfg)
         (out / "resume.pt").unlink(missing_ok=True)
     distributed.barrier()  # the other ranks read these files next
-    return best
+    return chosen
 
 
 def teacher_feed(run: Run, loss_cfg: dict, teacher_at: Callable[[int], nn.Module] | None,
@@ -415,6 +433,7 @@ def checkpoint_meta(run: Run, stage: str, spec: dict) -> dict[str, Any]:
         "stage": stage, "model": {"name": spec["name"], "kwargs": dict(spec["kwargs"])},
         "num_classes": d.num_classes, "input_shape": list(d.input_shape), "class_names": d.class_names,
         "normalization": {"mean": d.mean, "std": d.std}, "dataset": d.name, "config": run.cfg,
+        **({"classes": d.class_ids} if d.class_ids is not None else {}),
     }
 
 

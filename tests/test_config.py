@@ -21,7 +21,7 @@ from kdcl.losses import LOSSES
 from kdcl.models import MODELS
 from kdcl.optim import OPTIMIZERS, SCHEDULES
 
-GROUPS = ["teacher", "student", "dataset", "curriculum", "distill", "optimizer", "scheduler", "trainer"]
+GROUPS = ["teacher", "student", "dataset", "curriculum", "distill", "optimizer", "scheduler", "trainer", "scenario"]
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
 
 
@@ -117,11 +117,16 @@ BAD = {
     "trainer.epochs": 0, "trainer.batch_size": 0, "trainer.eval_batch_size": 0, "trainer.device": "gpu",
     "trainer.amp": "maybe", "trainer.early_stopping_patience": 0, "trainer.checkpoint_every_steps": 0,
     "trainer.threads": 0, "trainer.devices": 0,
+    "scenario.tasks": 1, "scenario.class_order": "alphabetical", "scenario.arms": [], "scenario.memory_per_class": -1,
+    "scenario.warmup_epochs": -1, "scenario.lwf.lam": -1.0, "scenario.lwf.temperature": 0.0,
 }
 # Options under which the option keys exist.
 WHERE = {"dataset.image_size": ["dataset=imagefolder", "dataset.root=/data"], "dataset.train_samples": ["dataset=fake"],
          "dataset.test_samples": ["dataset=fake"], "dataset.image_shape": ["dataset=fake"], "dataset.num_classes": ["dataset=fake"],
-         "optimizer.betas": ["optimizer=adamw"], "scheduler.milestones": ["scheduler=step"], "scheduler.gamma": ["scheduler=step"]}
+         "optimizer.betas": ["optimizer=adamw"], "scheduler.milestones": ["scheduler=step"], "scheduler.gamma": ["scheduler=step"],
+         **{key: ["scenario=class_incremental"] for key in ("scenario.tasks", "scenario.class_order", "scenario.arms",
+                                                            "scenario.memory_per_class", "scenario.warmup_epochs",
+                                                            "scenario.lwf.lam", "scenario.lwf.temperature")}}
 
 
 def ruled_keys(cls: type, prefix: str = "") -> dict[str, schema.Entry]:

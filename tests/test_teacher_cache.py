@@ -205,12 +205,15 @@ def test_bench_writes_its_table(cli, tmp_path):
                  "bench.views=2", f"hydra.run.dir={out}")
     assert result.returncode == 0, result.stdout + result.stderr
     table = pd.read_csv(out / "bench.csv").set_index("arm")
-    assert list(table.index) == ["naive", "kdcl", "kdcl_cached", "student", "kdcl_cached_amortised"]
+    assert list(table.index) == ["naive", "kdcl", "kdcl_cached", "student", "teacher", "kdcl_cached_amortised",
+                                 "online_floor"]
     assert (table["images_per_s"] > 0).all()
     assert table.loc["naive", "vs_naive"] == pytest.approx(1) and table.loc["student", "vs_student_time"] == pytest.approx(1)
     ratio = table.loc["naive", "seconds_per_step"] / table.loc["kdcl", "seconds_per_step"]
     assert table.loc["kdcl", "vs_naive"] == pytest.approx(ratio)
     assert table.loc["kdcl_cached_amortised", "seconds_per_step"] > table.loc["kdcl_cached", "seconds_per_step"]
+    assert table.loc["online_floor", "seconds_per_step"] == pytest.approx(
+        table.loc["student", "seconds_per_step"] + table.loc["teacher", "seconds_per_step"])
     assert "kdcl / naive" in result.stdout + result.stderr
 
 
