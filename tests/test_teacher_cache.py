@@ -42,7 +42,7 @@ def setting():
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (N, 3, 8, 8), dtype=np.uint8)
     y = rng.integers(0, 4, N)
-    source = TensorSource(x, y, np.arange(N), CPU)
+    source = TensorSource.from_arrays(x, y, np.arange(N), CPU)
     pre = Preprocess([0.5] * 3, [0.25] * 3, crop_padding=2, flip=True, device=CPU, channels_last=False, seed=0)
     torch.manual_seed(0)
     teacher = Labelled(create_model("cnn", 4, (3, 8, 8), width=4).eval())
