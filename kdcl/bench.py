@@ -189,7 +189,7 @@ def feed_inputs(s: Setup, teaches: bool) -> FeedInputs:
     d = s.data
     d.preprocess.generator.manual_seed(s.cfg["seed"] + 1)
     return FeedInputs(d.preprocess, d.train, (lambda step: teacher) if teacher else None, s.trainer.autocast,
-                      d.num_classes, s.trainer.eval_batch_size, s.cfg["seed"], s.cfg["bench"]["views"],
+                      d.num_classes, s.trainer.batch_size, s.cfg["seed"], s.cfg["bench"]["views"],
                       "memory", s.out / "teacher_cache", 512)
 
 

@@ -404,7 +404,7 @@ def teacher_feed(run: Run, loss_cfg: dict, teacher_at: Callable[[int], nn.Module
         return run.feeds[key]
     d = run.data
     inputs = FeedInputs(d.preprocess, d.train, teacher_at, run.trainer.autocast, d.num_classes,
-                        run.trainer.eval_batch_size, run.cfg["seed"], parse(spec)[1],
+                        run.trainer.batch_size, run.cfg["seed"], parse(spec)[1],
                         loss_cfg.get("teacher_cache_store", "memory"),
                         run.out / "teacher_cache" / f"{spec.replace(':', '_')}-{len(run.feeds)}"
                         / (f"rank{distributed.rank()}" if distributed.world() > 1 else ""),  # every rank fills its own

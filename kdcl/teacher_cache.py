@@ -71,7 +71,7 @@ class FeedInputs:
     teacher_at: Callable[[int], nn.Module] | None  # the teacher of an optimizer step (None: no teacher)
     autocast: Callable[[], AbstractContextManager]
     num_classes: int
-    batch_size: int  # examples per teacher pass when filling a cache
+    batch_size: int  # examples per teacher pass when filling a cache: the training batch, as online
     seed: int  # seeds the views
     views: int  # K of views:K
     store: str  # memory | disk
