@@ -294,7 +294,8 @@ def with_classes(data: DataBundle, classes: Sequence[int], train: np.ndarray | N
         return source.subset(np.flatnonzero(np.isin(source.labels.numpy(), labels)), mapping)
 
     ids = data.class_ids or list(range(data.num_classes))
-    return replace(data, train=data.train.subset(train, mapping), val=keep(data.val, np.unique(data.train.labels.numpy()[train])),
+    trained = np.unique(data.train.labels.numpy()[train])
+    return replace(data, train=data.train.subset(train, mapping), val=keep(data.val, trained),
                    test=keep(data.test, classes), num_classes=len(classes),
                    class_names=[data.class_names[c] for c in classes], class_ids=[ids[c] for c in classes])
 

@@ -216,9 +216,10 @@ def train_step(s: Stage, trainer: Trainer, step: int, batch: Batch, meter: _Mete
 
 
 def fit(s: Stage, data: DataBundle, trainer: Trainer) -> FitResult:
-    """Train for ``trainer.epochs`` epochs of ``s.steps_per_epoch`` (default ``ceil(N / batch_size)``)
-    steps, evaluate on the validation split after each, keep ``best.pt`` / ``last.pt`` (and ``epoch_NNN.pt`` for
-    ``keep_epochs``), and continue from ``resume.pt`` when an earlier run was cut off.
+    """Train for ``trainer.epochs`` epochs of ``s.steps_per_epoch`` steps (default
+    ``ceil(N / batch_size)``), evaluate on the validation split after each, keep ``best.pt`` /
+    ``last.pt`` (and ``epoch_NNN.pt`` for ``keep_epochs``), and continue from ``resume.pt``
+    when an earlier run was cut off.
     Under DDP the ranks train ``s.model`` inside ``DistributedDataParallel``, each on its part
     of every global batch, and stop together when any of them is asked to stop."""
     spe = s.steps_per_epoch or math.ceil(len(data.train) / trainer.batch_size)
