@@ -243,6 +243,8 @@ def learn(run: Run, arm: str, strategy: Callable[[Task], Recipe], tasks: list[li
                     None if model is None else freeze(copy.deepcopy(model)), settings)
         recipe = strategy(task)
         seed = run.cfg["seed"] + k
+        # A stage trains its init in place and ``shared`` keeps every stage's model for other
+        # arms: what a stage continues is always this arm's own copy.
         if model is not None:
             torch.manual_seed(seed)
             model = grow_head(copy.deepcopy(model), len(seen))
@@ -251,6 +253,7 @@ def learn(run: Run, arm: str, strategy: Callable[[Task], Recipe], tasks: list[li
                 with new_outputs_only(model, bounds[k - 1]):
                     lineage, model, _ = task_stage(run, f"{arm}/task_{k}_warmup", warm, seen, len(new), seed,
                                                    settings["warmup_epochs"], model, lineage, shared)
+                model = copy.deepcopy(model)
         lineage, model, stage = task_stage(run, f"{arm}/task_{k}", recipe, seen, len(new), seed,
                                            run.trainer.epochs, model, lineage, shared)
         test_labels = class_map(seen, run.data.num_classes)[run.data.test.labels]  # as the stage's test split

@@ -209,6 +209,20 @@ def test_a_second_run_in_the_same_directory_trains_nothing_again(class_run, capl
     pd.testing.assert_frame_equal(summary.drop(columns="seconds"), again.drop(columns="seconds"))
 
 
+def test_lwf_with_lambda_zero_is_finetuning_exactly(tmp_path):
+    """λ = 0 leaves LwF's cross-entropy alone: every task, warm-ups included, must train as
+    fine-tuning does — also when the two arms share a stage (task 1, task 2's warm-up)."""
+    cfg = compose_config([*RUN, "trainer.epochs=2", "scenario.tasks=3", "scenario.arms=[finetune,lwf]",
+                          "scenario.lwf.lam=0"])
+    summary = run_class_incremental(cfg, tmp_path).set_index("model")
+    same = ["avg_acc", "avg_forgetting", "avg_acc_task_aware", "test_acc", "best_val_acc"]
+    assert summary.loc["lwf", same].tolist() == summary.loc["finetune", same].tolist()
+    for k in (2, 3):
+        a, b = (pd.read_csv(tmp_path / arm / f"task_{k}" / "metrics.csv") for arm in ("finetune", "lwf"))
+        assert a["train_loss"].tolist() == pytest.approx(b["train_loss"].tolist(), abs=1e-6)
+        assert a["val_acc"].tolist() == b["val_acc"].tolist()
+
+
 def test_memory_curriculum_and_class_order_compose(tmp_path):
     """Exemplars enter the pool; class_order=easy_first orders the tasks by the teacher's
     scores; the curriculum paces each task's pool."""
