@@ -180,15 +180,27 @@ def test_the_accuracy_matrix_and_the_summary_agree(class_run):
     assert (pools["joint"] > pools["finetune"]).iloc[1:].all()  # joint trains on every seen class
 
 
-def test_finetuning_forgets_and_lwf_forgets_less(class_run):
-    """The directions that hold on this tiny run whatever the seed (checked for seeds 0-2):
-    joint training is far above both; fine-tuning keeps nothing of the old classes when
-    the task is not given; and LwF keeps more of the old tasks than fine-tuning when it is."""
+def test_finetuning_forgets_everything_old_when_the_task_is_not_given(class_run):
+    """Joint training is far above fine-tuning and LwF, which keep next to nothing of the old
+    classes without the task given (the new classes' outputs win): true on every seed."""
     _, _, summary = class_run
     s = summary.set_index("model")
     assert s.loc["joint", "avg_acc"] > 0.8 > 0.3 > max(s.loc["finetune", "avg_acc"], s.loc["lwf", "avg_acc"])
     assert s.loc["finetune", "avg_forgetting"] > 0.9
-    assert s.loc["lwf", "avg_forgetting_task_aware"] < s.loc["finetune", "avg_forgetting_task_aware"]
+
+
+@pytest.mark.slow
+def test_lwf_forgets_less_than_finetuning_when_the_task_is_given(tmp_path):
+    """LwF keeps how the old classes' outputs tell them apart. On digits (72 test images a
+    task) single seeds disagree, so this compares the mean task-aware forgetting over three
+    seeds (measured: LwF 0.19, fine-tuning 0.40; seeds 3 and 4 give 0.28 / 0.34, 0.30 / 0.44)."""
+    forgetting_by_arm: dict[str, list[float]] = {"finetune": [], "lwf": []}
+    for seed in (0, 1, 2):
+        cfg = compose_config([*RUN, "trainer.epochs=20", "scenario.arms=[finetune,lwf]", f"seed={seed}"])
+        summary = run_class_incremental(cfg, tmp_path / str(seed)).set_index("model")
+        for arm, values in forgetting_by_arm.items():
+            values.append(summary.loc[arm, "avg_forgetting_task_aware"])
+    assert np.mean(forgetting_by_arm["lwf"]) < np.mean(forgetting_by_arm["finetune"]) - 0.1
 
 
 def test_kdcl_eval_tests_a_task_model_on_the_classes_it_has_learnt(class_run, tmp_path):
