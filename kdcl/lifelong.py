@@ -93,7 +93,7 @@ class Task:
     new: np.ndarray  # the new classes' training examples
     seen: np.ndarray  # the training examples of every class seen so far, the new ones included
     memory: np.ndarray  # exemplars kept from earlier tasks (empty without scenario.memory_per_class)
-    previous: nn.Module | None  # the model after the previous task, frozen (None at task 1)
+    previous: nn.Module | None  # the model after the previous task, read only (None at task 1)
     settings: dict[str, Any]  # the scenario config
 
 
@@ -118,7 +118,8 @@ def lwf(task: Task) -> Recipe:
     outputs: ``CE + λ·KL(softmax(z_old/T) ‖ softmax(z[:, :C_old]/T))`` (Li & Hoiem 2016)."""
     if task.previous is None:
         return finetune(task)
-    return Recipe(np.union1d(task.new, task.memory), {"name": "lwf", **task.settings["lwf"]}, [task.previous])
+    teacher = freeze(copy.deepcopy(task.previous))  # freezing folds BatchNorm in place: a copy
+    return Recipe(np.union1d(task.new, task.memory), {"name": "lwf", **task.settings["lwf"]}, [teacher])
 
 
 @register_strategy("joint")
@@ -239,8 +240,7 @@ def learn(run: Run, arm: str, strategy: Callable[[Task], Recipe], tasks: list[li
     for k, classes in enumerate(tasks, start=1):
         seen = [c for task in tasks[:k] for c in task]
         new = np.flatnonzero(np.isin(labels, classes))
-        task = Task(k, new, np.flatnonzero(np.isin(labels, seen)), memory,
-                    None if model is None else freeze(copy.deepcopy(model)), settings)
+        task = Task(k, new, np.flatnonzero(np.isin(labels, seen)), memory, model, settings)
         recipe = strategy(task)
         seed = run.cfg["seed"] + k
         # A stage trains its init in place and ``shared`` keeps every stage's model for other
