@@ -39,7 +39,7 @@ def model_option(name: str) -> dict[str, Any]:
 def _registered_names() -> dict[str, Any]:
     """Config keys that name a registry entry, and the registry (imported lazily: heavy)."""
     from kdcl.curricula import ORDERS, PACINGS, PLANS, SCORERS
-    from kdcl.data import DATASETS
+    from kdcl.data import DATASETS, PADDINGS
     from kdcl.dynamic import SAMPLE_WEIGHTS
     from kdcl.losses import LOSSES
     from kdcl.models import MODELS
@@ -48,7 +48,8 @@ def _registered_names() -> dict[str, Any]:
     from kdcl.teachers import COMBINATIONS
 
     return {
-        "teacher.name": MODELS, "student.name": MODELS, "dataset.name": DATASETS, "distill.name": LOSSES,
+        "teacher.name": MODELS, "student.name": MODELS, "dataset.name": DATASETS,
+        "dataset.crop_padding_mode": PADDINGS, "distill.name": LOSSES,
         "distill.sample_weight": SAMPLE_WEIGHTS, "distill.alpha_schedule": SCHEDULES,
         "distill.temperature_schedule": SCHEDULES, "curriculum.type": PLANS, "curriculum.scorer": SCORERS,
         "curriculum.order": ORDERS, "curriculum.pacing.name": PACINGS, "optimizer.name": OPTIMIZERS,

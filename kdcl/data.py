@@ -185,12 +185,53 @@ class Augment:
         return Augment(part.take(self.dy), part.take(self.dx), part.take(self.mirror))
 
 
+PADDINGS = Registry("crop padding mode")
+register_padding = PADDINGS.register
+
+
+@register_padding("reflect")
+def reflect_padding(x: Tensor, p: int, black: Tensor) -> Tensor:
+    """Mirror the image about its border without repeating the edge pixel (numpy's and
+    ``torch.nn.functional.pad``'s ``reflect``; airbench's augmentation): no artificial edge."""
+    return torch.nn.functional.pad(x, (p, p, p, p), mode="reflect")
+
+
+@register_padding("mean")
+def mean_padding(x: Tensor, p: int, black: Tensor) -> Tensor:
+    """The dataset's mean colour: 0 after normalisation."""
+    return constant_padding(x, p, torch.zeros_like(black))
+
+
+@register_padding("zeros")
+def zeros_padding(x: Tensor, p: int, black: Tensor) -> Tensor:
+    """Black pixels (0 before normalisation), torchvision ``RandomCrop(padding=p)``'s default."""
+    return constant_padding(x, p, black)
+
+
+def constant_padding(x: Tensor, p: int, fill: Tensor) -> Tensor:
+    """``x`` (N, C, H, W) inside a border of ``p`` pixels of the colour ``fill`` (1, C, 1, 1)."""
+    n, c, h, w = x.shape
+    padded = fill.to(x.dtype).expand(n, c, h + 2 * p, w + 2 * p).clone()
+    padded[:, :, p:p + h, p:p + w] = x
+    return padded
+
+
+def check_padding(mode: str, crop_padding: int, input_shape: Sequence[int]) -> None:
+    """``reflect`` mirrors at most H − 1 (W − 1) pixels: refuse a larger padding before training."""
+    h, w = input_shape[-2:]
+    if mode == "reflect" and crop_padding >= min(h, w):
+        raise KdclError(f"dataset.crop_padding={crop_padding} cannot be reflected in {h}×{w} images "
+                        f"(reflect padding needs crop_padding < {min(h, w)})",
+                        fix=f"lower dataset.crop_padding below {min(h, w)} or set dataset.crop_padding_mode=mean")
+
+
 class Preprocess:
     """uint8 batch → normalised float batch, with batched random crop and flip in training.
 
-    Crop: zero-pad by ``crop_padding`` pixels and cut an H×W window per example at offset
-    (dy, dx). Flip: mirror an example horizontally. Training draws the parameters per
-    example (:meth:`sample`: offsets uniform, flip with probability 1/2) from a seeded
+    Crop: pad the normalised image by ``crop_padding`` pixels (``padding_mode``, one of
+    :data:`PADDINGS`: ``reflect``, ``mean`` or ``zeros``) and cut an H×W window per example
+    at offset (dy, dx). Flip: mirror an example horizontally. Training draws the parameters
+    per example (:meth:`sample`: offsets uniform, flip with probability 1/2) from a seeded
     generator on the data's device; :meth:`apply` takes given parameters, so fixed views
     (``distill.teacher_cache=views:K``) are the same pixels every time. Under DDP (``part``:
     this rank's share of a global batch) the parameters are drawn for the whole global
@@ -199,11 +240,13 @@ class Preprocess:
     """
 
     def __init__(self, mean: list[float], std: list[float], crop_padding: int, flip: bool,
-                 device: torch.device, channels_last: bool, seed: int):
+                 device: torch.device, channels_last: bool, seed: int, padding_mode: str = "reflect"):
         shape = (1, len(mean), 1, 1)
         self.mean = torch.tensor(mean, device=device).view(shape) * 255
         self.inv_std = 1 / (torch.tensor(std, device=device).view(shape) * 255)
         self.crop_padding = crop_padding
+        self.padding_mode = padding_mode
+        self.pad = PADDINGS.get(padding_mode)
         self.flip = flip
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.generator = torch.Generator(device=device).manual_seed(seed)
@@ -229,22 +272,25 @@ class Preprocess:
         return Augment(dy, dx, mirror)
 
     def apply(self, x: Tensor, aug: Augment) -> Tensor:
-        """Crop and flip ``x`` as ``aug`` says, then normalise."""
+        """Normalise ``x``, then crop and flip it as ``aug`` says."""
+        x = self.scale(x)
         if self.crop_padding:
             x = self._crop(x, aug.dy, aug.dx)
         if self.flip:
             x = torch.where(aug.mirror.view(-1, 1, 1, 1), x.flip(3), x)
-        return self.normalize(x)
+        return x.contiguous(memory_format=self.memory_format)
 
     def normalize(self, x: Tensor) -> Tensor:
         """``(x/255 − mean) / std`` per channel, in the configured memory format."""
-        x = (x.float() - self.mean) * self.inv_std
-        return x.contiguous(memory_format=self.memory_format)
+        return self.scale(x).contiguous(memory_format=self.memory_format)
+
+    def scale(self, x: Tensor) -> Tensor:
+        """``(x/255 − mean) / std`` per channel."""
+        return (x.float() - self.mean) * self.inv_std
 
     def _crop(self, x: Tensor, dy: Tensor, dx: Tensor) -> Tensor:
         n, _, h, w = x.shape
-        p = self.crop_padding
-        padded = torch.nn.functional.pad(x, (p, p, p, p))
+        padded = self.pad(x, self.crop_padding, -self.mean * self.inv_std)
         rows = (dy.view(n, 1) + torch.arange(h, device=x.device)).view(n, 1, h, 1)
         cols = (dx.view(n, 1) + torch.arange(w, device=x.device)).view(n, 1, 1, w)
         batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
@@ -322,6 +368,8 @@ def load_data(cfg: dict[str, Any], device: torch.device, channels_last: bool, se
     if mean is None or std is None:
         mean, std = channel_stats(train, train_idx)
     num_classes = len(class_names)
+    padding_mode = cfg.get("crop_padding_mode", "reflect")
+    check_padding(padding_mode, cfg.get("crop_padding", 0), sample.shape[1:])
     return DataBundle(
         name=cfg["name"],
         train=make_source(train, train_idx, device, num_workers),
@@ -332,7 +380,8 @@ def load_data(cfg: dict[str, Any], device: torch.device, channels_last: bool, se
         input_shape=tuple(int(s) for s in sample.shape[1:]),
         mean=[float(m) for m in mean],
         std=[float(s) for s in std],
-        preprocess=Preprocess(mean, std, cfg.get("crop_padding", 0), cfg.get("flip", False), device, channels_last, seed),
+        preprocess=Preprocess(mean, std, cfg.get("crop_padding", 0), cfg.get("flip", False), device, channels_last, seed,
+                              padding_mode),
     )
 
 

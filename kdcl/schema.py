@@ -151,6 +151,7 @@ class DatasetConfig:
     mean: Any = key("null or a list of numbers (one per channel)", lambda v: v is None or _numbers(v))
     std: Any = key("null or a list of numbers > 0 (one per channel)", lambda v: v is None or _numbers(v, lambda x: x > 0))
     crop_padding: int = key(*COUNT_OR_ZERO)
+    crop_padding_mode: str = key()
     flip: bool = key()
     num_workers: int = key(*COUNT_OR_ZERO)
 

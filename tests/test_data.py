@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdcl.data import Preprocess, load_data, stratified_subset
+from kdcl.data import Augment, Preprocess, load_data, stratified_subset
 from kdcl.errors import KdclError
 
 CPU = torch.device("cpu")
@@ -69,12 +69,15 @@ def test_preprocess_normalizes_without_augmentation_at_eval():
     assert torch.allclose(pre(x, train=False), expected, atol=1e-5)
 
 
-def test_random_crop_is_a_window_of_the_padded_image():
+@pytest.mark.parametrize("mode, numpy_pad", [("reflect", dict(mode="reflect")),
+                                              ("zeros", dict(mode="constant", constant_values=0))])
+def test_random_crop_is_a_window_of_the_padded_image(mode, numpy_pad):
     p = 2
     x = torch.randint(1, 256, (32, 2, 5, 7), dtype=torch.uint8)
-    pre = Preprocess([0, 0], [1 / 255, 1 / 255], crop_padding=p, flip=False, device=CPU, channels_last=False, seed=0)
+    pre = Preprocess([0, 0], [1 / 255, 1 / 255], crop_padding=p, flip=False, device=CPU, channels_last=False, seed=0,
+                     padding_mode=mode)
     out = pre(x, train=True).round().to(torch.uint8)  # mean 0, std 1/255: the raw pixel values
-    padded = torch.nn.functional.pad(x, (p, p, p, p))
+    padded = torch.from_numpy(np.pad(x.numpy(), ((0, 0), (0, 0), (p, p), (p, p)), **numpy_pad))
     offsets = set()
     for i in range(len(x)):
         matches = [(dy, dx) for dy in range(2 * p + 1) for dx in range(2 * p + 1)
@@ -82,6 +85,37 @@ def test_random_crop_is_a_window_of_the_padded_image():
         assert matches, f"example {i} is not a crop of its padded image"
         offsets.add(matches[0])
     assert len(offsets) > 5  # the offsets vary per example
+
+
+IMAGE = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+# The window at offset (0, 0) of IMAGE padded by 1 pixel, and at offset (2, 1).
+CORNER = {"reflect": [[5, 4, 5], [2, 1, 2], [5, 4, 5]],
+          "zeros": [[0, 0, 0], [0, 1, 2], [0, 4, 5]],
+          "mean": [[100, 100, 100], [100, 1, 2], [100, 4, 5]]}
+BOTTOM = {"reflect": [[4, 5, 6], [7, 8, 9], [4, 5, 6]],
+          "zeros": [[4, 5, 6], [7, 8, 9], [0, 0, 0]],
+          "mean": [[4, 5, 6], [7, 8, 9], [100, 100, 100]]}
+
+
+@pytest.mark.parametrize("mode", sorted(CORNER))
+def test_each_padding_mode_fills_the_border_with_its_pixels(mode):
+    """Pixel values (mean 100/255, std 1/255: normalised value = pixel − 100) of two crops."""
+    x = torch.tensor(IMAGE, dtype=torch.uint8).view(1, 1, 3, 3).repeat(2, 1, 1, 1)
+    pre = Preprocess([100 / 255], [1 / 255], crop_padding=1, flip=False, device=CPU, channels_last=False, seed=0,
+                     padding_mode=mode)
+    out = pre.apply(x, Augment(torch.tensor([0, 2]), torch.tensor([0, 1]), torch.tensor([False, False])))
+    pixels = (out + 100).round()[:, 0]
+    assert torch.equal(pixels[0], torch.tensor(CORNER[mode], dtype=torch.float))
+    assert torch.equal(pixels[1], torch.tensor(BOTTOM[mode], dtype=torch.float))
+
+
+def test_reflect_padding_wider_than_the_image_is_refused_before_training(compose_cfg):
+    cfg = dataset_cfg(compose_cfg, "dataset.crop_padding=8")  # digits: 8×8 images
+    with pytest.raises(KdclError, match="crop_padding=8 cannot be reflected") as err:
+        load_data(cfg, CPU, channels_last=False, seed=0)
+    assert "crop_padding_mode=mean" in err.value.fix
+    cfg = dataset_cfg(compose_cfg, "dataset.crop_padding=8", "dataset.crop_padding_mode=zeros")
+    assert load_data(cfg, CPU, channels_last=False, seed=0).preprocess.padding_mode == "zeros"
 
 
 def test_flip_mirrors_about_half_the_examples():
