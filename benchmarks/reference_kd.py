@@ -209,10 +209,13 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.9, help="weight of the KD term")
     parser.add_argument("--temperature", type=float, default=4.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     parser.add_argument("--teacher-only", action="store_true", help="train the teacher alone")
     parser.add_argument("--out", type=Path, required=True, help="CSV, one row per model")
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     splits = load_splits(args)
     build = ARCHS[args.arch]
     torch.manual_seed(args.seed)

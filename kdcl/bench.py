@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from kdcl.checkpoint import load_checkpoint, model_from_checkpoint
 from kdcl.curricula import DataSchedule
-from kdcl.data import DataBundle, TensorSource, load_data
+from kdcl.data import PADDINGS, DataBundle, TensorSource, load_data
 from kdcl.dynamic import DistillControl
 from kdcl.engine import Stage, Trainer, _Meter, evaluate, train_step
 from kdcl.errors import KdclError
@@ -112,7 +112,8 @@ def naive_loader(s: Setup) -> torch.utils.data.DataLoader:
     from torchvision import transforms
 
     d, spec = s.data, s.cfg["dataset"]
-    steps = [transforms.RandomCrop(d.input_shape[1:], padding=spec["crop_padding"])] if spec["crop_padding"] else []
+    border = PADDINGS.get(spec["crop_padding_mode"]).torchvision(d.mean)
+    steps = [transforms.RandomCrop(d.input_shape[1:], padding=spec["crop_padding"], **border)] if spec["crop_padding"] else []
     steps += [transforms.RandomHorizontalFlip()] if spec["flip"] else []
     steps += [transforms.ToTensor(), transforms.Normalize(d.mean, d.std)]
     images = _PilImages(d.train.x.cpu().numpy(), d.train.labels.numpy(), transforms.Compose(steps))

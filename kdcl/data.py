@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -186,26 +186,31 @@ class Augment:
 
 
 PADDINGS = Registry("crop padding mode")
-register_padding = PADDINGS.register
 
 
-@register_padding("reflect")
-def reflect_padding(x: Tensor, p: int, black: Tensor) -> Tensor:
-    """Mirror the image about its border without repeating the edge pixel (numpy's and
-    ``torch.nn.functional.pad``'s ``reflect``; airbench's augmentation): no artificial edge."""
-    return torch.nn.functional.pad(x, (p, p, p, p), mode="reflect")
+@dataclass(frozen=True)
+class Padding:
+    """A crop padding mode: ``pad(x, p, black)`` pads a normalised batch by ``p`` pixels
+    (``black``: the normalised value of a 0 pixel, per channel), and ``torchvision(mean)``
+    gives ``torchvision.transforms.RandomCrop``'s keywords for the same border on uint8
+    images (``mean`` on the [0, 1] scale), for reference loops built on torchvision."""
+
+    pad: Callable[[Tensor, int, Tensor], Tensor]
+    torchvision: Callable[[Sequence[float]], dict[str, Any]]
 
 
-@register_padding("mean")
-def mean_padding(x: Tensor, p: int, black: Tensor) -> Tensor:
-    """The dataset's mean colour: 0 after normalisation."""
-    return constant_padding(x, p, torch.zeros_like(black))
-
-
-@register_padding("zeros")
-def zeros_padding(x: Tensor, p: int, black: Tensor) -> Tensor:
-    """Black pixels (0 before normalisation), torchvision ``RandomCrop(padding=p)``'s default."""
-    return constant_padding(x, p, black)
+PADDINGS.register("reflect")(Padding(
+    # Mirror about the border without repeating the edge pixel (airbench's augmentation): no artificial edge.
+    pad=lambda x, p, black: torch.nn.functional.pad(x, (p, p, p, p), mode="reflect"),
+    torchvision=lambda mean: {"padding_mode": "reflect"}))
+PADDINGS.register("mean")(Padding(
+    # The dataset's mean colour: 0 after normalisation (torchvision: the nearest uint8 colour).
+    pad=lambda x, p, black: constant_padding(x, p, torch.zeros_like(black)),
+    torchvision=lambda mean: {"fill": tuple(round(255 * m) for m in mean)}))
+PADDINGS.register("zeros")(Padding(
+    # Black pixels, torchvision RandomCrop(padding=p)'s default.
+    pad=lambda x, p, black: constant_padding(x, p, black),
+    torchvision=lambda mean: {"fill": 0}))
 
 
 def constant_padding(x: Tensor, p: int, fill: Tensor) -> Tensor:
@@ -246,7 +251,7 @@ class Preprocess:
         self.inv_std = 1 / (torch.tensor(std, device=device).view(shape) * 255)
         self.crop_padding = crop_padding
         self.padding_mode = padding_mode
-        self.pad = PADDINGS.get(padding_mode)
+        self.pad = PADDINGS.get(padding_mode).pad
         self.flip = flip
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.generator = torch.Generator(device=device).manual_seed(seed)

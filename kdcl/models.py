@@ -200,6 +200,32 @@ def cnn(
     return model
 
 
+@register_model("vgg")
+def vgg(
+    num_classes: int, input_shape: InputShape, pretrained: bool = False, width: int = 32
+) -> nn.Module:
+    """VGG-style CNN (Simonyan & Zisserman 2015) sized for a CPU: two conv3x3-BN-ReLU at full
+    resolution (w, w), max-pool, conv (2w), max-pool, conv (4w), global average pool, linear.
+
+    Against ``cnn`` it adds one full-resolution convolution (w·w·9 more weights): at w=32,
+    104K parameters and about 20M multiply-adds on a 3×32×32 input, against 95K and 10M;
+    pooling right after the first convolution costs ``cnn`` accuracy for its size."""
+    _no_pretrained("vgg", pretrained)
+    model = nn.Sequential(
+        *_conv_bn_relu(input_shape[0], width),
+        *_conv_bn_relu(width, width),
+        nn.MaxPool2d(2, ceil_mode=True),
+        *_conv_bn_relu(width, 2 * width),
+        nn.MaxPool2d(2, ceil_mode=True),
+        *_conv_bn_relu(2 * width, 4 * width),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4 * width, num_classes),
+    )
+    _init_weights(model)
+    return model
+
+
 # --- CIFAR ResNets (He et al. 2016, Sec. 4.2; widths as in RepDistiller/CRD) --------
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdcl.data import Augment, Preprocess, load_data, stratified_subset
+from kdcl.data import PADDINGS, Augment, Preprocess, load_data, stratified_subset
 from kdcl.errors import KdclError
 
 CPU = torch.device("cpu")
@@ -107,6 +107,21 @@ def test_each_padding_mode_fills_the_border_with_its_pixels(mode):
     pixels = (out + 100).round()[:, 0]
     assert torch.equal(pixels[0], torch.tensor(CORNER[mode], dtype=torch.float))
     assert torch.equal(pixels[1], torch.tensor(BOTTOM[mode], dtype=torch.float))
+
+
+@pytest.mark.parametrize("mode", sorted(CORNER))
+def test_torchvision_keywords_of_each_padding_mode_give_the_same_border(mode):
+    """``kdcl bench``'s torchvision loop (PIL images) pads as kdcl does (the mean colour to the nearest uint8)."""
+    from torchvision.transforms import functional as tvf
+
+    mean, std, p = [0.3, 0.5, 0.7], [0.2, 0.25, 0.3], 2
+    x = torch.randint(0, 256, (1, 3, 5, 6), dtype=torch.uint8)
+    pre = Preprocess(mean, std, crop_padding=p, flip=False, device=CPU, channels_last=False, seed=0, padding_mode=mode)
+    padded = tvf.pil_to_tensor(tvf.pad(tvf.to_pil_image(x[0]), p, **PADDINGS.get(mode).torchvision(mean)))[None]
+    for dy, dx in [(0, 0), (2 * p, 2 * p), (1, 3)]:
+        ours = pre.apply(x, Augment(torch.tensor([dy]), torch.tensor([dx]), torch.tensor([False])))
+        theirs = pre.normalize(padded[:, :, dy:dy + 5, dx:dx + 6])
+        assert torch.allclose(ours, theirs, atol=0.5 / 255 / min(std) if mode == "mean" else 1e-5)
 
 
 def test_reflect_padding_wider_than_the_image_is_refused_before_training(compose_cfg):

@@ -154,3 +154,15 @@ def test_model_option_builds_with_stated_parameter_count(option: str):
     number, unit = Decimal(stated[1]), {"K": 10**3, "M": 10**6}[stated[2]]
     half_digit = Decimal(1).scaleb(number.as_tuple().exponent) / 2
     assert abs(Decimal(count_params(model)) - number * unit) <= half_digit * unit
+
+
+@pytest.mark.parametrize("width", [8, 32])
+def test_vgg_parameter_count_and_full_resolution_stem(width: int):
+    """Two 3x3 convolutions at full resolution (3→w, w→w), then w→2w and 2w→4w after pools:
+    9·(3w + w² + 2w² + 8w²) conv weights, two BatchNorm parameters per channel, a 4w→10 linear."""
+    model = create_model("vgg", num_classes=10, input_shape=(3, 32, 32), width=width)
+    convs = 9 * (3 * width + width**2 + 2 * width**2 + 8 * width**2)
+    norms = 2 * (width + width + 2 * width + 4 * width)
+    assert count_params(model) == convs + norms + 4 * width * 10 + 10
+    full_resolution = model[:6](torch.randn(1, 3, 32, 32))  # conv-BN-ReLU twice, before the first pool
+    assert full_resolution.shape == (1, width, 32, 32)
