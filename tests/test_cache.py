@@ -50,11 +50,18 @@ def test_distill_curriculum_and_speed_knobs_hit(override):
 @pytest.mark.parametrize("override", [
     "trainer.epochs=3", "trainer.batch_size=32", "optimizer.lr=0.1", "optimizer=adamw", "scheduler=step",
     "seed=1", "dataset.max_train_samples=100", "dataset.max_test_samples=100", "dataset.split_seed=1",
-    "dataset.val_fraction=0.2", "dataset.flip=true", "trainer.channels_last=false",
+    "dataset.val_fraction=0.2", "dataset.flip=true", "trainer.channels_last=false", "dataset.crop_padding_mode=zeros",
 ])
 def test_recipe_data_and_seed_changes_miss(override):
     for stage in ("teacher", "baseline"):
         assert key(stage, override) != key(stage)
+
+
+def test_the_curriculum_experiment_reuses_the_cifar10_cpu_teacher_and_baseline():
+    """``+experiment=cifar10_curriculum_cpu`` after ``+experiment=cifar10_cpu`` (same seeds) trains no teacher
+    or baseline: only its distilled students differ."""
+    for stage in ("teacher", "baseline"):
+        assert key(stage, "+experiment=cifar10_curriculum_cpu", "seed=1") == key(stage, "+experiment=cifar10_cpu", "seed=1")
 
 
 def test_each_stage_keys_on_its_own_model():

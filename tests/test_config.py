@@ -72,6 +72,16 @@ def test_every_experiment_composes_and_honours_quick_knobs(compose_cfg, experime
     assert cfg["trainer"]["epochs"] == 1 and cfg["dataset"]["max_train_samples"] == 64
 
 
+def test_cifar10_cpu_student_has_at_most_a_tenth_of_the_teachers_parameters(compose_cfg):
+    from kdcl.models import count_params, create_model
+
+    cfg = compose_cfg(["+experiment=cifar10_cpu"])
+    params = {role: count_params(create_model(cfg[role]["name"], 10, (3, 32, 32), **cfg[role]["kwargs"]))
+              for role in ("teacher", "student")}
+    assert params["student"] <= params["teacher"] / 10
+    assert cfg["curriculum"]["type"] == "none" and cfg["dataset"]["max_test_samples"] is None
+
+
 def test_resnet50_to_mobilenet_recipe(compose_cfg):
     cfg = compose_cfg(["+experiment=resnet50_to_mobilenet"])
     assert (cfg["teacher"]["name"], cfg["student"]["name"], cfg["dataset"]["name"]) == ("resnet50", "mobilenet_v2", "cifar10")
