@@ -5,6 +5,10 @@ overrides (``.hydra/overrides.yaml``) as columns, next to its summary metrics. J
 differ only in ``seed`` are aggregated (mean ± std and a 95% t-interval). The best
 config is chosen on validation accuracy (the distilled student's ``best_val_acc``); its
 test accuracy is reported, and nothing is ranked by test accuracy.
+
+Every model row of the summaries (an *arm*: teacher, baseline, distill, kd, ...) is also
+aggregated per config over its seeds (``arms.csv``), with its paired gain over the
+baseline of the same seed.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from kdcl.errors import KdclError
 from kdcl.failures import FAILED_FILE
 from kdcl.plots import heatmaps, learning_curves
 from kdcl.report import markdown_table, print_table, stdout, write_csv
-from kdcl.stats import LEVEL, aggregate
+from kdcl.stats import LEVEL, aggregate, t_interval
 
 # report column -> (summary row, summary column); unprefixed columns are the distilled student's.
 METRICS = {
@@ -47,12 +51,21 @@ PLOTTED = ["test_acc", "kd_gain"]
 DEFAULT_PIVOT = ("distill.alpha", "distill.temperature")
 SEED = "seed"
 
+# per arm: the summary columns kept, the accuracies aggregated over seeds, and the paired gains
+ARM_COLUMNS = ["test_acc", "test_acc_last", "best_val_acc", "params", "steps"]
+ARM_ACCURACIES = ["test_acc", "test_acc_last"]  # best-validation epoch ("best"), last epoch ("last")
+GAINS = {"gain": "test_acc", "gain_last": "test_acc_last"}  # gain column -> the accuracy it pairs
+BASELINE = "baseline"
+TEACHER = "teacher"
+PAIR = "pair"  # what pairs an arm with the baseline: the seed
+
 
 @dataclass
 class Report:
     """The jobs found under the report's paths."""
 
     jobs: pd.DataFrame  # one row per job: run, override keys, METRICS
+    models: pd.DataFrame  # one row per job and summary row: run, override keys, arm, pair, ARM_COLUMNS
     keys: list[str]  # the override columns
     curves: dict[str, pd.DataFrame]  # run -> its distill/metrics.csv
     skipped: list[str]  # job folders without a summary, with the reason
@@ -117,17 +130,30 @@ def read_overrides(job: Path, parser: OverridesParser) -> dict[str, Any]:
     return values
 
 
-def read_summary(job: Path) -> dict[str, Any]:
-    """The report's metric columns from a job's ``summary.csv``."""
-    summary = pd.read_csv(job / "summary.csv").set_index("model")
+def job_metrics(summary: pd.DataFrame) -> dict[str, Any]:
+    """The report's metric columns (METRICS) from a job's ``summary.csv``."""
+    summary = summary.set_index("model")
     return {col: summary.at[model, field] if model in summary.index and field in summary.columns else math.nan
             for col, (model, field) in METRICS.items()}
+
+
+def model_rows(summary: pd.DataFrame, seed: Any, run: str) -> pd.DataFrame:
+    """Every model row of a job's ``summary.csv``: ``arm``, ``pair`` and ARM_COLUMNS (NaN where absent).
+
+    ``pair`` is the seed: the summary's ``seed`` column, else the ``seed`` override (``seed``),
+    else the job itself (a job's models share its seed).
+    """
+    models = summary.reindex(columns=["model", *ARM_COLUMNS]).rename(columns={"model": "arm"})
+    fallback = f"job {run}" if seed is None else seed
+    seeds = summary[SEED] if SEED in summary.columns else [math.nan] * len(summary)
+    models.insert(1, PAIR, [fallback if pd.isna(s) else s for s in seeds])
+    return models
 
 
 def collect(paths: list[Path]) -> Report:
     """Every job under ``paths``, in order (job 10 after job 9)."""
     parser = OverridesParser.create()
-    rows, keys, curves, skipped = [], {}, {}, []
+    rows, models, keys, curves, skipped = [], [], {}, {}, []
     for base in paths:
         jobs, notes = find_jobs(base)
         skipped += notes
@@ -135,14 +161,17 @@ def collect(paths: list[Path]) -> Report:
             run = str(job.relative_to(base.parent))
             overrides = read_overrides(job, parser)
             keys.update(dict.fromkeys(overrides))
-            rows.append({"run": run, **overrides, **read_summary(job)})
+            summary = pd.read_csv(job / "summary.csv")
+            rows.append({"run": run, **overrides, **job_metrics(summary)})
+            models.append(model_rows(summary, overrides.get(SEED), run).assign(**{"run": run, **overrides}))
             if (job / "distill" / "metrics.csv").is_file():
                 curves[run] = pd.read_csv(job / "distill" / "metrics.csv")
     if not rows:
         raise KdclError(f"no finished runs (summary.csv) under {', '.join(map(str, paths))}",
                         fix="pass the folder of a kdcl train run or sweep (outputs/train/... or outputs/multirun/...)")
     jobs = pd.DataFrame(rows).reindex(columns=["run", *keys, *METRICS])
-    return Report(jobs, list(keys), curves, skipped)
+    models = pd.concat(models, ignore_index=True).reindex(columns=["run", *keys, "arm", PAIR, *ARM_COLUMNS])
+    return Report(jobs, models, list(keys), curves, skipped)
 
 
 # --------------------------------------------------------------------------- tables
@@ -192,9 +221,126 @@ def selection_text(report: Report) -> str:
     return text
 
 
+# --------------------------------------------------------------------------- arms over seeds
+def spread(name: str, values: pd.Series) -> dict[str, float]:
+    """``<name>_mean``, ``<name>_std`` and ``<name>_ci95`` of values x_1..x_n (NaNs ignored).
+
+    mean = Σx_i / n, std s = √(Σ(x_i − mean)² / (n − 1)), ci95 = t_{0.975, n−1}·s/√n:
+    the 95% t-interval is mean ± ci95 (std and ci95 are NaN for n < 2).
+    """
+    mean, std, half = t_interval(values, LEVEL)
+    return {f"{name}_mean": mean, f"{name}_std": std, f"{name}_ci95": half}
+
+
+def paired_differences(runs: pd.DataFrame, baseline: pd.DataFrame, metric: str) -> pd.Series:
+    """d_s = arm_s − baseline_s for each run of the arm, s its seed; NaN where the baseline has no seed s.
+
+    baseline_s is the mean of the baseline's runs with seed s (one, unless jobs repeat a seed).
+    """
+    partner = baseline.groupby(PAIR, sort=False)[metric].mean()
+    return runs[metric] - runs[PAIR].map(partner)
+
+
+def arm_stats(runs: pd.DataFrame, baseline: pd.DataFrame | None) -> dict[str, Any]:
+    """One arm of one config over its seeds (``runs``: one row per seed).
+
+    ``seeds`` = n; spread() of test_acc and test_acc_last; the paired gains ``gain``
+    (test_acc) and ``gain_last`` (test_acc_last): spread() of d_s = arm_s − baseline_s over
+    the seeds s both have (``pairs`` of them), NaN for the baseline itself or without one;
+    ``best_val_acc_mean``; ``params`` and ``steps`` of the first run.
+    """
+    gains = {gain: paired_differences(runs, baseline, metric) if baseline is not None else pd.Series([math.nan])
+             for gain, metric in GAINS.items()}
+    row: dict[str, Any] = {"seeds": len(runs), "pairs": int(gains["gain"].notna().sum())}
+    for metric in ARM_ACCURACIES:
+        row.update(spread(metric, runs[metric]))
+    for gain, diffs in gains.items():
+        row.update(spread(gain, diffs))
+    row["best_val_acc_mean"] = runs["best_val_acc"].mean()
+    row.update(params=runs["params"].iloc[0], steps=runs["steps"].iloc[0])
+    return row
+
+
+def arm_order(arms: pd.Series) -> list[str]:
+    """The arms in the order the summaries list them, the teacher first."""
+    return sorted(dict.fromkeys(arms), key=lambda arm: arm != TEACHER)
+
+
+def arm_table(report: Report) -> pd.DataFrame:
+    """One row per config (its swept keys but the seed) and arm, in arm_order(): arm_stats()."""
+    models, by = report.models, report.factors
+    groups = models.groupby(by, dropna=False, sort=False) if by else [((), models)]
+    rows = []
+    for keys, config in groups:
+        baseline = config[config["arm"] == BASELINE]
+        for arm in arm_order(models["arm"]):
+            runs = config[config["arm"] == arm]
+            if len(runs):
+                partner = baseline if len(baseline) and arm != BASELINE else None
+                rows.append({**dict(zip(by, keys)), "arm": arm, **arm_stats(runs, partner)})
+    return pd.DataFrame(rows)
+
+
+def percent(x: float) -> str:
+    """An accuracy (a fraction) in percent with 2 decimals; ``—`` for NaN."""
+    return "—" if pd.isna(x) else f"{100 * x:.2f}"
+
+
+def mean_std_text(mean: float, std: float) -> str:
+    """``mean ± std`` in percent; ``—`` for a missing accuracy, ``mean ± —`` with one seed."""
+    return "—" if pd.isna(mean) else f"{percent(mean)} ± {percent(std)}"
+
+
+def interval_text(mean: float, half: float) -> str:
+    """``[lo, hi]`` in percent, lo, hi = mean ∓ half; ``—`` without an interval (one seed)."""
+    return "—" if pd.isna(half) else f"[{percent(mean - half)}, {percent(mean + half)}]"
+
+
+def gain_text(mean: float, half: float) -> str:
+    """A paired gain as ``+x.xx [lo, hi]`` (percentage points); ``—`` without a baseline, ``[—]`` with one seed."""
+    interval = "[—]" if pd.isna(half) else interval_text(mean, half)
+    return "—" if pd.isna(mean) else f"{100 * mean:+.2f} {interval}"
+
+
+def count_text(x: float) -> str:
+    """A count (params, steps) with thousands separators; ``—`` for NaN."""
+    return "—" if pd.isna(x) else f"{int(x):,}"
+
+
+def arm_display(report: Report, arms: pd.DataFrame) -> pd.DataFrame:
+    """arm_table() for reading: accuracies in percent as ``mean ± std`` and ``[lo, hi]``,
+    gains in percentage points as ``+x.xx [lo, hi]``."""
+    shown = arms[[*report.factors, "arm", "seeds"]].copy()
+    for metric, label in (("test_acc", "best"), ("test_acc_last", "last")):
+        mean, std, half = (arms[f"{metric}_{stat}"] for stat in ("mean", "std", "ci95"))
+        shown[f"{metric} % ({label})"] = [mean_std_text(a, s) for a, s in zip(mean, std)]
+        shown[f"{label} {LEVEL:.0%} CI"] = [interval_text(a, h) for a, h in zip(mean, half)]
+    for gain, label in (("gain", "best"), ("gain_last", "last")):
+        shown[f"gain ({label})"] = [gain_text(a, h) for a, h in zip(arms[f"{gain}_mean"], arms[f"{gain}_ci95"])]
+    shown["best_val_acc %"] = arms["best_val_acc_mean"].map(percent)
+    shown["params"] = arms["params"].map(count_text)
+    shown["steps"] = arms["steps"].map(count_text)
+    return shown
+
+
+def arm_section(report: Report, out: Path) -> list[str]:
+    """Write ``arms.csv``, print the arms table, and return the report.md section."""
+    arms = arm_table(report)
+    write_csv(arms, out / "arms.csv")
+    shown = arm_display(report, arms)
+    print_table(shown, f"arms over seeds: mean ± std and {LEVEL:.0%} t-interval, in %; "
+                       "gain = arm − baseline of the same seed")
+    return ["## Arms over seeds", "",
+            "Every model of the summaries, per config, over its seeds. Test accuracy in % at the epoch of best "
+            "validation accuracy (best) and at the last epoch (last): mean ± sample std and the "
+            f"{LEVEL:.0%} t-interval mean ± t(0.975, n−1)·s/√n (— with one seed). Gain: the paired difference "
+            "arm − baseline of the same seed, in percentage points, its mean and 95% t-interval over the seeds "
+            "both have.", "", markdown_table(shown), ""]
+
+
 # --------------------------------------------------------------------------- output
 def write_report(report: Report, out: Path, keys: tuple[str, str] | None) -> list[Path]:
-    """Print the tables and write report.csv, report.md, the PNGs (and seeds.csv); return the files."""
+    """Print the tables and write report.csv, report.md, arms.csv, the PNGs (and seeds.csv); return the files."""
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "report.csv", out / "report.md"]
     write_csv(report.jobs, files[0])
@@ -212,6 +358,8 @@ def write_report(report: Report, out: Path, keys: tuple[str, str] | None) -> lis
         print_table(seeds, f"over seeds: mean ± std and {LEVEL:.0%} t-interval (kd_gain: paired, distill − baseline)")
         md += ["## Over seeds", "", f"Mean ± std and {LEVEL:.0%} t-interval; `kd_gain` is the paired difference "
                "distill − baseline per seed.", "", markdown_table(seeds), ""]
+    md += arm_section(report, out)
+    files.append(out / "arms.csv")
 
     if keys:
         rows, cols = keys

@@ -13,19 +13,35 @@ from kdcl.sweep_report import collect, pivot
 from test_cli import assert_clean_error
 
 T_975_DF2 = 4.302652729911275  # Student's t, 97.5% quantile, 2 degrees of freedom (from tables)
+T_975_DF1 = 12.706204736174707  # the same, 1 degree of freedom
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def fake_job(folder: Path, overrides: list[str], distill: float, baseline: float, val: float) -> None:
-    """A finished job folder: overrides, a summary and a distill metrics table."""
+def fake_job(folder: Path, overrides: list[str], distill: float, baseline: float, val: float, *,
+             teacher: float = 0.95, last: dict[str, float] | None = None, arms: dict[str, float] | None = None,
+             seed: int | None = None, without: tuple[str, ...] = ()) -> None:
+    """A finished job folder: overrides, a summary and a distill metrics table.
+
+    ``last``: test_acc_last per model; ``arms``: extra summary rows (model -> test_acc, after distill);
+    ``seed``: the summary's seed column; ``without``: models left out of the summary.
+    """
     (folder / ".hydra").mkdir(parents=True)
     (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
-    pd.DataFrame([
-        {"model": "teacher", "test_acc": 0.95, "best_val_acc": 0.96, "steps": 10, "seconds": 1.0},
-        {"model": "baseline", "test_acc": baseline, "best_val_acc": val - 0.05, "steps": 10, "seconds": 1.0},
-        {"model": "distill", "test_acc": distill, "best_val_acc": val, "steps": 10, "seconds": 1.0,
+    rows = [
+        {"model": "teacher", "test_acc": teacher, "best_val_acc": 0.96, "steps": 10, "seconds": 1.0, "params": 900},
+        {"model": "baseline", "test_acc": baseline, "best_val_acc": val - 0.05, "steps": 10, "seconds": 1.0,
+         "params": 100},
+        {"model": "distill", "test_acc": distill, "best_val_acc": val, "steps": 10, "seconds": 1.0, "params": 100,
          "kd_gain": distill - baseline, "teacher_agreement": 0.9},
-    ]).to_csv(folder / "summary.csv", index=False)
+        *({"model": arm, "test_acc": acc, "best_val_acc": val + 0.01, "steps": 12, "seconds": 1.0, "params": 100}
+          for arm, acc in (arms or {}).items()),
+    ]
+    for row in rows:
+        row["test_acc_last"] = (last or {}).get(row["model"], math.nan)
+        if seed is not None:
+            row["seed"] = seed
+    summary = pd.DataFrame([row for row in rows if row["model"] not in without])
+    summary.to_csv(folder / "summary.csv", index=False)
     (folder / "distill").mkdir()
     pd.DataFrame({"epoch": [1, 2], "val_acc": [val - 0.1, val]}).to_csv(folder / "distill" / "metrics.csv", index=False)
 
@@ -126,3 +142,139 @@ def test_report_on_a_real_two_by_two_sweep(cli, tmp_path):
     for png in ("heatmap.png", "curves.png"):
         data = (sweep / png).read_bytes()
         assert data.startswith(PNG) and len(data) > 10_000
+
+
+# --------------------------------------------------------------------------- arms over seeds
+ARM_SEEDS = {  # seed -> model -> (test_acc at the best-validation epoch, test_acc_last)
+    0: {"teacher": (0.90, 0.89), "baseline": (0.78, 0.77), "distill": (0.80, 0.79), "kd": (0.81, 0.80)},
+    1: {"teacher": (0.92, 0.91), "baseline": (0.79, 0.78), "distill": (0.82, 0.81), "kd": (0.84, 0.80)},
+    2: {"teacher": (0.94, 0.93), "baseline": (0.80, 0.82), "distill": (0.87, 0.84), "kd": (0.83, 0.83)},
+}
+
+
+def arm_sweep(folder: Path, order: list[int], without: dict[int, tuple[str, ...]] | None = None) -> Path:
+    """One job per seed of ARM_SEEDS, job k holding seed ``order[k]`` (the seed in overrides and summary)."""
+    for job, seed in enumerate(order):
+        models = ARM_SEEDS[seed]
+        fake_job(folder / str(job), ["+experiment=x", f"seed={seed}"], models["distill"][0], models["baseline"][0],
+                 0.85, teacher=models["teacher"][0], arms={"kd": models["kd"][0]},
+                 last={m: acc[1] for m, acc in models.items()}, seed=seed, without=(without or {}).get(seed, ()))
+    return folder
+
+
+def test_arms_over_seeds_match_a_hand_computation(cli, tmp_path):
+    sweep = arm_sweep(tmp_path / "sweep", order=[2, 0, 1])  # job order is not seed order
+    result = cli("report", str(sweep))
+    assert result.returncode == 0, result.stderr
+    assert "arms.csv" in result.stdout
+    arms = pd.read_csv(sweep / "arms.csv")
+    assert arms["arm"].tolist() == ["teacher", "baseline", "distill", "kd"]
+    assert arms["seeds"].tolist() == [3, 3, 3, 3]
+    arms = arms.set_index("arm")
+    sem = T_975_DF2 / math.sqrt(3)  # ci95 = t(0.975, 2) · s / √3
+
+    # teacher best 0.90, 0.92, 0.94: mean 0.92, deviations ∓0.02, 0 → s² = 0.0008 / 2, s = 0.02
+    assert arms.at["teacher", "test_acc_mean"] == pytest.approx(0.92)
+    assert arms.at["teacher", "test_acc_std"] == pytest.approx(0.02)
+    assert arms.at["teacher", "test_acc_ci95"] == pytest.approx(sem * 0.02)
+    # baseline last 0.77, 0.78, 0.82: mean 0.79, deviations −0.02, −0.01, +0.03 → s² = 0.0014 / 2
+    assert arms.at["baseline", "test_acc_last_mean"] == pytest.approx(0.79)
+    assert arms.at["baseline", "test_acc_last_std"] == pytest.approx(math.sqrt(0.0007))
+    assert arms.at["baseline", "test_acc_last_ci95"] == pytest.approx(sem * math.sqrt(0.0007))
+    # distill best 0.80, 0.82, 0.87: mean 0.83, s² = (0.0009 + 0.0001 + 0.0016) / 2 = 0.0013
+    assert arms.at["distill", "test_acc_mean"] == pytest.approx(0.83)
+    assert arms.at["distill", "test_acc_std"] == pytest.approx(math.sqrt(0.0013))
+    assert arms.at["distill", "test_acc_ci95"] == pytest.approx(sem * math.sqrt(0.0013))
+    # distill last 0.79, 0.81, 0.84: mean 2.44 / 3
+    assert arms.at["distill", "test_acc_last_mean"] == pytest.approx(2.44 / 3)
+
+    # paired gains, arm − baseline of the same seed (seeds 0, 1, 2):
+    # distill best: 0.02, 0.03, 0.07 → mean 0.04, deviations −0.02, −0.01, +0.03 → s² = 0.0014 / 2
+    assert arms.at["distill", "gain_mean"] == pytest.approx(0.04)
+    assert arms.at["distill", "gain_std"] == pytest.approx(math.sqrt(0.0007))
+    assert arms.at["distill", "gain_ci95"] == pytest.approx(sem * math.sqrt(0.0007))
+    # distill last: 0.79 − 0.77, 0.81 − 0.78, 0.84 − 0.82 = 0.02, 0.03, 0.02 → mean 0.07 / 3,
+    # deviations −0.01/3, +0.02/3, −0.01/3 → s² = (0.0006 / 9) / 2 = 0.0001 / 3
+    assert arms.at["distill", "gain_last_mean"] == pytest.approx(0.07 / 3)
+    assert arms.at["distill", "gain_last_std"] == pytest.approx(0.01 / math.sqrt(3))
+    assert arms.at["distill", "gain_last_ci95"] == pytest.approx(sem * 0.01 / math.sqrt(3))
+    # kd best: 0.03, 0.05, 0.03 → mean 0.11 / 3, s² = (0.0024 / 9) / 2 = 0.0004 / 3
+    assert arms.at["kd", "gain_mean"] == pytest.approx(0.11 / 3)
+    assert arms.at["kd", "gain_ci95"] == pytest.approx(sem * 0.02 / math.sqrt(3))
+    # kd last: 0.03, 0.02, 0.01 → mean 0.02, s = 0.01
+    assert arms.at["kd", "gain_last_mean"] == pytest.approx(0.02)
+    assert arms.at["kd", "gain_last_ci95"] == pytest.approx(sem * 0.01)
+    # teacher best: 0.12, 0.13, 0.14 → mean 0.13; no gain for the baseline itself
+    assert arms.at["teacher", "gain_mean"] == pytest.approx(0.13)
+    assert arms.loc["baseline", ["gain_mean", "gain_ci95", "gain_last_mean", "gain_last_ci95"]].isna().all()
+
+    assert arms.at["kd", "best_val_acc_mean"] == pytest.approx(0.86)
+    assert (arms.at["teacher", "params"], arms.at["kd", "params"], arms.at["kd", "steps"]) == (900, 100, 12)
+
+    section = (sweep / "report.md").read_text().split("## Arms over seeds")[1]
+    # distill best 83.00 ± 3.61 %, interval 0.83 ∓ 0.0896; gain +4.00 points, 0.04 ∓ 0.0657
+    assert "83.00 ± 3.61" in section and "[74.04, 91.96]" in section and "+4.00 [-2.57, 10.57]" in section
+
+
+def test_arm_gains_pair_by_seed_when_an_arm_misses_one(cli, tmp_path):
+    # jobs hold seeds 2, 0, 1; kd is missing from seed 0's job (the second job):
+    # pairing by position would match kd's seed 1 with the baseline's seed 0
+    sweep = arm_sweep(tmp_path / "sweep", order=[2, 0, 1], without={0: ("kd",)})
+    result = cli("report", str(sweep))
+    assert result.returncode == 0, result.stderr
+    arms = pd.read_csv(sweep / "arms.csv").set_index("arm")
+    assert arms.at["kd", "seeds"] == 2 and arms.at["kd", "pairs"] == 2 and arms.at["distill", "pairs"] == 3
+    # kd best 0.84, 0.83 (seeds 1, 2): mean 0.835, s² = 2 · 0.005² / 1
+    assert arms.at["kd", "test_acc_mean"] == pytest.approx(0.835)
+    assert arms.at["kd", "test_acc_std"] == pytest.approx(0.005 * math.sqrt(2))
+    # kd − baseline, seed 1: 0.84 − 0.79 = 0.05, seed 2: 0.83 − 0.80 = 0.03 → mean 0.04, s = 0.01·√2
+    assert arms.at["kd", "gain_mean"] == pytest.approx(0.04)
+    assert arms.at["kd", "gain_std"] == pytest.approx(0.01 * math.sqrt(2))
+    assert arms.at["kd", "gain_ci95"] == pytest.approx(T_975_DF1 * 0.01 * math.sqrt(2) / math.sqrt(2))
+    # last: seed 1: 0.80 − 0.78 = 0.02, seed 2: 0.83 − 0.82 = 0.01 → mean 0.015
+    assert arms.at["kd", "gain_last_mean"] == pytest.approx(0.015)
+
+
+def test_arms_of_a_single_run_have_no_spread(cli, tmp_path):
+    run = tmp_path / "run"
+    fake_job(run, ["+experiment=x"], 0.82, 0.79, 0.85, arms={"kd": 0.80}, last={"distill": 0.81, "baseline": 0.77})
+    result = cli("report", str(run))
+    assert result.returncode == 0, result.stderr
+    arms = pd.read_csv(run / "arms.csv").set_index("arm")
+    assert arms.index.tolist() == ["teacher", "baseline", "distill", "kd"]
+    assert (arms["seeds"] == 1).all()
+    assert arms.at["distill", "test_acc_mean"] == pytest.approx(0.82)
+    assert arms.at["distill", "gain_mean"] == pytest.approx(0.03)  # 0.82 − 0.79, paired within the run
+    assert arms.at["distill", "gain_last_mean"] == pytest.approx(0.04)  # 0.81 − 0.77
+    assert arms.at["kd", "gain_mean"] == pytest.approx(0.01)
+    spread = ["test_acc_std", "test_acc_ci95", "test_acc_last_std", "gain_std", "gain_ci95", "gain_last_ci95"]
+    assert arms[spread].isna().all().all()
+    assert math.isnan(arms.at["kd", "gain_last_mean"])  # kd has no last-epoch accuracy
+    section = (run / "report.md").read_text().split("## Arms over seeds")[1]
+    assert "82.00 ± —" in section and "+3.00 [—]" in section
+
+
+def test_arms_without_a_baseline_have_no_gain(cli, tmp_path):
+    run = tmp_path / "run"
+    fake_job(run, [], 0.82, 0.79, 0.85, without=("baseline",))
+    result = cli("report", str(run))
+    assert result.returncode == 0, result.stderr
+    arms = pd.read_csv(run / "arms.csv").set_index("arm")
+    assert arms.index.tolist() == ["teacher", "distill"]
+    assert arms[["gain_mean", "gain_last_mean"]].isna().all().all()
+
+
+def test_arms_per_config_in_a_sweep_over_alpha(seeded_sweep, cli):
+    result = cli("report", str(seeded_sweep))
+    assert result.returncode == 0, result.stderr
+    assert all((seeded_sweep / name).is_file() for name in ("report.csv", "seeds.csv", "arms.csv"))
+    arms = pd.read_csv(seeded_sweep / "arms.csv")
+    assert list(zip(arms["distill.alpha"], arms["arm"])) == [
+        (0.5, "teacher"), (0.5, "baseline"), (0.5, "distill"), (0.9, "teacher"), (0.9, "baseline"), (0.9, "distill")]
+    arms = arms.set_index(["distill.alpha", "arm"])
+    assert arms.at[(0.5, "distill"), "gain_mean"] == pytest.approx(0.04)  # 0.02, 0.03, 0.07
+    assert arms.at[(0.9, "distill"), "gain_mean"] == pytest.approx(0.12)  # 0.12, 0.12, 0.12
+    assert arms.at[(0.9, "distill"), "gain_std"] == pytest.approx(0.0, abs=1e-12)
+    assert arms.at[(0.9, "distill"), "test_acc_mean"] == pytest.approx(0.91)
+    assert arms.at[(0.5, "teacher"), "gain_mean"] == pytest.approx(0.16)  # 0.95 − 0.78, 0.79, 0.80
+    assert "## Arms over seeds" in (seeded_sweep / "report.md").read_text()
