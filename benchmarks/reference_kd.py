@@ -93,7 +93,13 @@ def load_splits(args: argparse.Namespace) -> dict[str, tuple[torch.Tensor, torch
     x_train, y_train = arrays["train"]["x"], arrays["train"]["y"].astype(np.int64)
     pool = stratified_take(y_train, args.train_samples, rng)
     n_val = int(round(len(pool) * args.val_fraction))
-    val_pos = stratified_take(y_train[pool], n_val, rng)
+    if args.train_indices:  # another tool's training split; validation from the rest of train.npz
+        train = np.loadtxt(args.train_indices, delimiter=",", skiprows=1, usecols=0, dtype=np.int64)
+        rest = np.setdiff1d(np.arange(len(y_train)), train)
+        pool = np.concatenate([train, rest[stratified_take(y_train[rest], n_val, rng)]])
+        val_pos = np.arange(len(train), len(pool))
+    else:
+        val_pos = stratified_take(y_train[pool], n_val, rng)
     is_val = np.zeros(len(pool), bool)
     is_val[val_pos] = True
     x_test, y_test = arrays["test"]["x"], arrays["test"]["y"].astype(np.int64)
@@ -210,6 +216,10 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=4.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    parser.add_argument("--teacher-checkpoint", type=Path, help="load the teacher's weights (a state_dict, or a "
+                        "file holding one under 'state_dict') instead of training it")
+    parser.add_argument("--train-indices", type=Path, help="CSV whose first column (after a header) lists the "
+                        "training examples (rows of train.npz), e.g. a kdcl run's curriculum/scores.csv")
     parser.add_argument("--teacher-only", action="store_true", help="train the teacher alone")
     parser.add_argument("--out", type=Path, required=True, help="CSV, one row per model")
     args = parser.parse_args()
@@ -219,7 +229,14 @@ def main() -> None:
     splits = load_splits(args)
     build = ARCHS[args.arch]
     torch.manual_seed(args.seed)
-    teacher, teacher_row = train("teacher", he_init(build(args.teacher_width)), splits, args, args.seed)
+    if args.teacher_checkpoint:  # a trained teacher's weights instead of training one
+        state = torch.load(args.teacher_checkpoint, map_location="cpu", weights_only=True)
+        teacher = build(args.teacher_width)
+        teacher.load_state_dict(state.get("state_dict", state))
+        teacher = teacher.to(memory_format=torch.channels_last)
+        teacher_row = {"model": "teacher", "test_acc": accuracy(teacher, *splits["test"]), "seed": args.seed}
+    else:
+        teacher, teacher_row = train("teacher", he_init(build(args.teacher_width)), splits, args, args.seed)
     rows = [teacher_row]
     if not args.teacher_only:
         teacher.eval().requires_grad_(False)
@@ -229,7 +246,7 @@ def main() -> None:
         rows.append(train("distill", student_init, splits, args, args.seed + 1, teacher=teacher)[1])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
         writer.writeheader()
         writer.writerows(rows)
 
