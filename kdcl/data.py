@@ -249,6 +249,7 @@ class Preprocess:
         shape = (1, len(mean), 1, 1)
         self.mean = torch.tensor(mean, device=device).view(shape) * 255
         self.inv_std = 1 / (torch.tensor(std, device=device).view(shape) * 255)
+        self.black = -self.mean * self.inv_std  # a 0 pixel, normalised: the zeros padding's colour
         self.crop_padding = crop_padding
         self.padding_mode = padding_mode
         self.pad = PADDINGS.get(padding_mode).pad
@@ -295,7 +296,7 @@ class Preprocess:
 
     def _crop(self, x: Tensor, dy: Tensor, dx: Tensor) -> Tensor:
         n, _, h, w = x.shape
-        padded = self.pad(x, self.crop_padding, -self.mean * self.inv_std)
+        padded = self.pad(x, self.crop_padding, self.black)
         rows = (dy.view(n, 1) + torch.arange(h, device=x.device)).view(n, 1, h, 1)
         cols = (dx.view(n, 1) + torch.arange(w, device=x.device)).view(n, 1, 1, w)
         batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
