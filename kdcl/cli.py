@@ -21,17 +21,17 @@ from hydra._internal import utils as hydra_utils
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf import DictConfig
 from rich.markup import escape
 
 from kdcl import distributed
-from kdcl.config import CONF_DIR, composition_error
-from kdcl.console import console
+from kdcl.commands.failures import failed, record_failure
+from kdcl.config.checks import composition_error
+from kdcl.config.options import CONF_DIR
+from kdcl.config.schema import BenchConfig, EvalConfig, TrainConfig
 from kdcl.errors import KdclError
-from kdcl.failures import failed, record_failure
-from kdcl.resume import Interrupted
-from kdcl.schema import BenchConfig, EvalConfig, TrainConfig
+from kdcl.output.console import console
+from kdcl.train.resume import Interrupted
 
 log = logging.getLogger("kdcl")
 
@@ -58,7 +58,7 @@ def _report(err: KdclError) -> None:
 
 def _guarded(job: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     """Turn a :class:`KdclError` into one message: exit 2 for a single run; in a sweep,
-    record the failed job (see :mod:`kdcl.failures`), let the others run, and exit 1 at
+    record the failed job (see :mod:`kdcl.commands.failures`), let the others run, and exit 1 at
     the end. A failed job returns None, which an Optuna search records as a failed trial."""
 
     def task(cfg: DictConfig) -> Any:
@@ -108,99 +108,29 @@ def _composition_errors(schema: type) -> Iterator[None]:
         hydra_utils.run_and_report = original
 
 
-def _output_dir() -> Path:
-    return Path(HydraConfig.get().runtime.output_dir)
-
-
-def _plain(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config as plain containers; a required value left as ``???`` is an error."""
-    try:
-        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    except MissingMandatoryValue as err:
-        raise KdclError(f"{err.full_key} is required but has no value", fix=f"pass {err.full_key}=VALUE") from None
-
-
 def _train(cfg: DictConfig) -> float:
-    import pandas as pd
+    from kdcl.commands.train import (
+        train_command,  # imported when run: torch is slow to import
+    )
 
-    from kdcl.config import validate
-    from kdcl.scenarios import scenarios
-
-    out = _output_dir()
-    if cfg.resume:
-        out = Path(cfg.resume)
-        saved = out / ".hydra" / "config.yaml"
-        if not saved.is_file():
-            raise KdclError(f"resume={cfg.resume}: no kdcl run there ({saved} is missing)",
-                            fix="pass the run directory of an earlier kdcl train (the one holding summary.csv or teacher/)")
-        log.info("resuming the run in %s with its own config", out)
-        cfg = OmegaConf.load(saved)
-    validate(cfg)
-    plain = _plain(cfg)
-    scenario = scenarios().get(plain.get("scenario", {}).get("name", "standard"))  # absent from configs saved before it
-    devices = cfg.trainer.get("devices", 1)  # absent from configs saved before it existed
-    distributed.check_processes(devices, cfg.trainer.batch_size)
-    if devices > 1 and not distributed.active():
-        _launch(cfg, devices)
-        summary = pd.read_csv(out / "summary.csv")
-    else:
-        distributed.agree_on_run_dir(out)
-        summary = scenario.run(plain, out)
-        log.info("wrote %s", out / "summary.csv")
-    return float(summary.set_index("model").loc[scenario.objective(plain), "best_val_acc"])
-
-
-def _launch(cfg: DictConfig, devices: int) -> None:
-    """``trainer.devices=N``: run this job as N DDP processes on this machine (torchrun's
-    standalone mode), with the same overrides, into this job's directory (whose ``.hydra/``
-    this process has written), and wait for them."""
-    import torch
-
-    from kdcl.config import resolve_device
-
-    if resolve_device(cfg.trainer.device).type == "cuda" and devices > torch.cuda.device_count():
-        raise KdclError(f"trainer.devices={devices}, but this machine has {torch.cuda.device_count()} GPU(s)",
-                        fix="set trainer.devices to at most the number of GPUs, or trainer.device=cpu")
-    hc = HydraConfig.get()
-    run_dir = hc.runtime.output_dir
-    flags = [f"--config-dir={source.path}" for source in hc.runtime.config_sources if source.provider == "command-line"]
-    if hc.job.config_name != "config":
-        flags.append(f"--config-name={hc.job.config_name}")
-    quoted = f"'{run_dir}'" if "'" not in run_dir else f'"{run_dir}"'
-    log.info("training with %d processes (torchrun, standalone) into %s", devices, run_dir)
-    code = distributed.launch(devices, ["train", *flags, *hc.overrides.task, f"hydra.run.dir={quoted}",
-                                        "hydra.output_subdir=null"])
-    if code and code < 128 and hc.mode == RunMode.MULTIRUN:  # a failed job: the sweep goes on
-        raise KdclError(f"the job's {devices} processes stopped with exit code {code} (the error is printed above)")
-    if code:
-        raise SystemExit(code)
+    return train_command(cfg)
 
 
 def _eval(cfg: DictConfig) -> None:
-    from kdcl.config import validate_eval
-    from kdcl.evaluate import run_eval
+    from kdcl.commands.eval import eval_command
 
-    if OmegaConf.is_missing(cfg, "checkpoint"):
-        raise KdclError("no checkpoint given", fix="kdcl eval checkpoint=PATH/TO/best.pt")
-    plain = _plain(cfg)
-    validate_eval(plain)
-    model = {"name": plain["model"], "kwargs": plain["model_kwargs"] or {}} if plain["model"] else None
-    run_eval(cfg.checkpoint, plain.get("dataset"), cfg.device, cfg.batch_size, _output_dir(), model)
-    log.info("wrote %s", _output_dir() / "eval.csv")
+    eval_command(cfg)
 
 
 def _bench(cfg: DictConfig) -> None:
-    from kdcl.bench import run_bench
-    from kdcl.config import validate
+    from kdcl.commands.bench import bench_command
 
-    validate(cfg, BenchConfig)
-    run_bench(_plain(cfg), _output_dir())
-    log.info("wrote %s", _output_dir() / "bench.csv")
+    bench_command(cfg)
 
 
 def report() -> None:
     """``kdcl report``: plain arguments (argparse), not a Hydra app."""
-    from kdcl.sweep_report import main as report_main
+    from kdcl.commands.report import main as report_main
 
     try:
         report_main(sys.argv[1:])
@@ -209,15 +139,15 @@ def report() -> None:
         raise SystemExit(2) from None
 
 
-train = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(_guarded(_train))
-evaluate = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")(_guarded(_eval))
-bench = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="bench")(_guarded(_bench))
+hydra_train = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(_guarded(_train))
+hydra_eval = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")(_guarded(_eval))
+hydra_bench = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="bench")(_guarded(_bench))
 
 SCHEMAS = {"train": TrainConfig, "eval": EvalConfig, "bench": BenchConfig}
 COMMANDS: dict[str, tuple[Callable[[], Any], str]] = {
-    "train": (train, "teacher → curriculum → baseline → distill; writes metrics tables and summary.csv"),
-    "eval": (evaluate, "test a checkpoint: kdcl eval checkpoint=PATH [dataset=...]; writes eval.csv"),
-    "bench": (bench, "time naive KD loop vs kdcl (online, teacher cache) vs student alone; writes bench.csv"),
+    "train": (hydra_train, "teacher → curriculum → baseline → distill; writes metrics tables and summary.csv"),
+    "eval": (hydra_eval, "test a checkpoint: kdcl eval checkpoint=PATH [dataset=...]; writes eval.csv"),
+    "bench": (hydra_bench, "time naive KD loop vs kdcl (online, teacher cache) vs student alone; writes bench.csv"),
     "report": (report, "one table over runs and sweeps: kdcl report PATH [PATH ...]; writes report.csv/.md, PNGs"),
 }
 

@@ -24,9 +24,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 class Registry:
     """A named collection of factories, filled with the :meth:`register` decorator."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, entries: dict[str, Any] | None = None):
         self.kind = kind
-        self._entries: dict[str, Callable[..., Any]] = {}
+        self._entries: dict[str, Any] = dict(entries or {})
 
     def register(self, name: str) -> Callable[[F], F]:
         def decorator(fn: F) -> F:

@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from kdcl.config import CONF_DIR
+from kdcl.config.options import CONF_DIR
 
 # Small enough for seconds, big enough that the digits teacher learns something.
 QUICK = ["trainer.epochs=2", "dataset.max_train_samples=600", "trainer.batch_size=32"]

@@ -17,12 +17,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-
 from conftest import compose_config
-from kdcl.cache import StageCache, digest, stage_key
-from kdcl.engine import Trainer
+
 from kdcl.errors import KdclError
-from kdcl.stages import run_pipeline
+from kdcl.scenarios.stage_cache import StageCache, digest, stage_key
+from kdcl.scenarios.standard import run_pipeline
+from kdcl.train.engine import Trainer
 
 CPU = Trainer(torch.device("cpu"), epochs=1, batch_size=64, eval_batch_size=512, amp=False)
 TINY = ["trainer.epochs=1", "dataset.max_train_samples=300"]
@@ -97,13 +97,13 @@ def entries(cache: Path) -> list[str]:
 
 
 def cache_lines(caplog) -> list[str]:
-    lines = [r.getMessage() for r in caplog.records if r.name == "kdcl.cache"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "kdcl.scenarios.stage_cache"]
     caplog.clear()
     return [" ".join(line.split()[:2]) for line in lines]
 
 
 def test_hits_misses_and_the_same_numbers(compose_cfg, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="kdcl.cache")
+    caplog.set_level(logging.INFO, logger="kdcl.scenarios.stage_cache")
     cache = tmp_path / "cache"
     first = cached_run(compose_cfg, cache, tmp_path / "first")
     assert cache_lines(caplog) == ["stored teacher", "stored baseline"]
@@ -134,7 +134,7 @@ def test_hits_misses_and_the_same_numbers(compose_cfg, tmp_path, caplog):
 
 
 def test_teacher_checkpoint_bypasses_the_cache(compose_cfg, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="kdcl.cache")
+    caplog.set_level(logging.INFO, logger="kdcl.scenarios.stage_cache")
     cache = tmp_path / "cache"
     cached_run(compose_cfg, cache, tmp_path / "first", "baseline=false")
     caplog.clear()
@@ -154,8 +154,8 @@ def test_a_failed_stage_stores_nothing(compose_cfg, tmp_path):
 FILL = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
-    import kdcl.cache as cache_module
-    from kdcl.cache import StageCache
+    import kdcl.scenarios.stage_cache as cache_module
+    from kdcl.scenarios.stage_cache import StageCache
 
     root, work = Path(sys.argv[1]), Path(sys.argv[2])
     cache = StageCache(root)
@@ -248,7 +248,7 @@ def test_an_error_mid_fill_leaves_no_entry(tmp_path, monkeypatch):
 
     with store.claim("teacher-k") as entry:
         assert entry is None
-        monkeypatch.setattr("kdcl.cache.os.rename", disk_full)
+        monkeypatch.setattr("kdcl.scenarios.stage_cache.os.rename", disk_full)
         with pytest.raises(OSError, match="No space"):
             store.store("teacher-k", source, {"run": "x", "row": {}})
         monkeypatch.undo()

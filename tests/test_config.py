@@ -7,17 +7,18 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from conftest import compose_config
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from conftest import compose_config
-from kdcl import schema
-from kdcl.config import CONF_DIR, composition_error, validate, validate_eval
+from kdcl.config import schema
+from kdcl.config.checks import composition_error, validate, validate_eval
+from kdcl.config.options import CONF_DIR
 from kdcl.curricula import PACINGS, SCORERS
 from kdcl.data import DATASETS
+from kdcl.distill.losses import LOSSES
 from kdcl.errors import KdclError
-from kdcl.losses import LOSSES
 from kdcl.models import MODELS
 from kdcl.optim import OPTIMIZERS, SCHEDULES
 

@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from kdcl.curricula import (
-    PACINGS, PLANS, SCORERS, DataSchedule, LearnedEpochs, PlanInputs, ScoreContext, difficulty_rank, make_order,
+    PACINGS,
+    PLANS,
+    SCORERS,
+    DataSchedule,
+    LearnedEpochs,
+    PlanInputs,
+    ScoreContext,
+    difficulty_rank,
+    make_order,
     score_all,
 )
 from kdcl.errors import KdclError

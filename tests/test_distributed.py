@@ -26,20 +26,20 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from conftest import compose_config
+from test_cli import assert_clean_error
+
 from kdcl import distributed
 from kdcl.cli import main as kdcl_main
 from kdcl.curricula import DataSchedule
 from kdcl.data import Preprocess, load_data
+from kdcl.distill.control import DistillControl
+from kdcl.distill.feeds import OnlineTeacher
+from kdcl.distill.losses import LossContext, create_loss
+from kdcl.distill.teachers import Teachers
 from kdcl.distributed import Part
-from kdcl.dynamic import DistillControl
-from kdcl.engine import Stage, Trainer, _Meter, evaluate, train_step
-from kdcl.losses import LossContext, create_loss
 from kdcl.models import create_model
-from kdcl.teacher_cache import OnlineTeacher
-from kdcl.teachers import Teachers
-from test_cli import assert_clean_error
+from kdcl.train.engine import Stage, Trainer, _Meter, evaluate, train_step
 
 # Every stage long enough (3 epochs × 34 steps of 16) for a stop signal to land inside the run.
 ARGS = ["teacher=mlp", "trainer.epochs=3", "dataset.max_train_samples=900", "trainer.batch_size=16",
@@ -231,7 +231,7 @@ def test_the_slurm_example_composes_one_task_with_four_gpus():
     """The README's sweep on Slurm: one task per job, trainer.devices starts the 4 ranks."""
     from hydra import compose, initialize_config_dir
 
-    from kdcl.config import CONF_DIR
+    from kdcl.config.options import CONF_DIR
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", return_hydra_config=True,

@@ -7,8 +7,13 @@ import math
 import pytest
 import torch
 
-from kdcl.dynamic import SAMPLE_WEIGHTS, DistillControl, LearnableTemperature, value_schedule
-from kdcl.losses import create_loss, kl_teacher_student
+from kdcl.distill.control import (
+    SAMPLE_WEIGHTS,
+    DistillControl,
+    LearnableTemperature,
+    value_schedule,
+)
+from kdcl.distill.losses import create_loss, kl_teacher_student
 
 
 def test_value_schedules():

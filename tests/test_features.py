@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from kdcl.distill.features import FeatureTap, resolve_layers
+from kdcl.distill.losses import LossContext, create_loss
 from kdcl.errors import KdclError
-from kdcl.features import FeatureTap, resolve_layers
-from kdcl.losses import LossContext, create_loss
 from kdcl.models import create_model
 
 SHAPE = (3, 16, 16)

@@ -11,17 +11,24 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import compose_config, run_cli
-from kdcl.checkpoint import load_checkpoint
+
 from kdcl.cli import main as kdcl_main
+from kdcl.commands.eval import run_eval
 from kdcl.data import TensorSource, class_map, load_data, with_classes
+from kdcl.distill.losses import create_loss
 from kdcl.errors import KdclError
-from kdcl.evaluate import run_eval
-from kdcl.lifelong import (accuracy_row, average_accuracy, backward_transfer, exemplars, forgetting, new_outputs_only,
-                           run_class_incremental)
-from kdcl.losses import create_loss
 from kdcl.models import MODELS, classifier, create_model, grow_head
+from kdcl.scenarios.class_incremental import (
+    accuracy_row,
+    average_accuracy,
+    backward_transfer,
+    exemplars,
+    forgetting,
+    new_outputs_only,
+    run_class_incremental,
+)
+from kdcl.train.checkpoint import load_checkpoint
 
 # 5 tasks of 2 digits; long enough per task (10 epochs) that fine-tuning drifts.
 RUN = ["scenario=class_incremental", "curriculum=none", "student=mlp", "trainer.epochs=10"]

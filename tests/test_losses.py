@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from kdcl.distill.losses import LOSSES, LossContext, create_loss, kl_teacher_student
 from kdcl.errors import KdclError
-from kdcl.losses import LOSSES, LossContext, create_loss, kl_teacher_student
 
 
 def softmax(z: np.ndarray) -> np.ndarray:

@@ -11,21 +11,21 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
+from conftest import QUICK, compose_config
 from torch import nn
 
-from conftest import QUICK, compose_config
-from kdcl import stages
-from kdcl.checkpoint import load_checkpoint, model_from_checkpoint
 from kdcl.curricula import DataSchedule
 from kdcl.data import load_data
-from kdcl.dynamic import DistillControl
-from kdcl.engine import Stage, Trainer, _Meter, evaluate, train_step
+from kdcl.distill.control import DistillControl
+from kdcl.distill.features import FeatureTap
+from kdcl.distill.feeds import OnlineTeacher
+from kdcl.distill.losses import LossContext, create_loss
+from kdcl.distill.teachers import Teachers
 from kdcl.errors import KdclError
-from kdcl.features import FeatureTap
-from kdcl.losses import LossContext, create_loss
-from kdcl.stages import run_pipeline
-from kdcl.teacher_cache import OnlineTeacher
-from kdcl.teachers import Teachers
+from kdcl.scenarios import standard as stages
+from kdcl.scenarios.standard import run_pipeline
+from kdcl.train.checkpoint import load_checkpoint, model_from_checkpoint
+from kdcl.train.engine import Stage, Trainer, _Meter, evaluate, train_step
 
 COMPOSED = "[{name: kd, weight: 0.9}, {name: fitnet, weight: 100}, {name: at}, {name: dkd, warmup_epochs: 0}]"
 
@@ -35,7 +35,7 @@ def hooks(model: nn.Module) -> int:
 
 
 def run_patched(cfg: dict, out, **patches) -> pd.DataFrame:
-    """``run_pipeline`` with names of kdcl.stages replaced (spies), the summary by model."""
+    """``run_pipeline`` with names of kdcl.scenarios.standard replaced (spies), the summary by model."""
     with pytest.MonkeyPatch.context() as mp:
         for name, value in patches.items():
             mp.setattr(stages, name, value)

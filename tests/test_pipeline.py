@@ -7,11 +7,11 @@ import math
 import pandas as pd
 import pytest
 import torch
-
 from conftest import QUICK
-from kdcl.checkpoint import load_checkpoint, model_from_checkpoint
+
 from kdcl.errors import KdclError
-from kdcl.stages import run_pipeline
+from kdcl.scenarios.standard import run_pipeline
+from kdcl.train.checkpoint import load_checkpoint, model_from_checkpoint
 
 STAGE_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "samples_per_s"]
 TIMING = ["seconds", "checkpoint"]
@@ -98,7 +98,7 @@ def test_summary_rows_and_derived_columns(quick_run):
 def test_teacher_agreement_recomputed_from_checkpoints(quick_run):
     cfg, out, summary = quick_run
     from kdcl.data import load_data
-    from kdcl.engine import Trainer, evaluate
+    from kdcl.train.engine import Trainer, evaluate
 
     data = load_data(cfg["dataset"], torch.device("cpu"), True, cfg["seed"])
     trainer = Trainer(torch.device("cpu"), 1, 64, 512, amp=False)
@@ -238,7 +238,7 @@ def test_teacher_route_and_assistants(compose_cfg, tmp_path):
 
 
 def test_teacher_route_switches_anchor_every_phase():
-    from kdcl.stages import teacher_route
+    from kdcl.scenarios.standard import teacher_route
 
     anchors = ["early", "middle", "final"]
     route = teacher_route(anchors, total_steps=12)
@@ -248,7 +248,7 @@ def test_teacher_route_switches_anchor_every_phase():
 def test_route_without_checkpoints_is_a_clear_error(compose_cfg, quick_run, tmp_path):
     from omegaconf import OmegaConf
 
-    from kdcl.config import validate
+    from kdcl.config.checks import validate
 
     with pytest.raises(KdclError, match="teacher.route_points"):
         validate(OmegaConf.create(compose_cfg([*QUICK, "distill.teacher_route=true"])))

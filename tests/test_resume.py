@@ -12,11 +12,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-
 from conftest import QUICK, compose_config
-from kdcl import engine
-from kdcl.resume import STOP, Interrupted
-from kdcl.stages import run_pipeline
+
+from kdcl.scenarios.standard import run_pipeline
+from kdcl.train import engine
+from kdcl.train.resume import STOP, Interrupted
 
 # Enough steps per epoch that a kill lands inside a stage, few enough to stay quick.
 ARGS = ["trainer.epochs=3", "dataset.max_train_samples=900", "trainer.batch_size=16", "trainer.checkpoint_every_steps=7",

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
-from kdcl.stats import t_interval
-from kdcl.sweep_report import collect, pivot
 from test_cli import assert_clean_error
+
+from kdcl.commands.report import collect, pivot
+from kdcl.output.stats import t_interval
 
 T_975_DF2 = 4.302652729911275  # Student's t, 97.5% quantile, 2 degrees of freedom (from tables)
 T_975_DF1 = 12.706204736174707  # the same, 1 degree of freedom

@@ -8,10 +8,10 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-
-from kdcl import failures
-from kdcl.config import CONF_DIR
 from test_cli import assert_clean_error
+
+from kdcl.commands import failures
+from kdcl.config.options import CONF_DIR
 
 TINY = ["trainer.epochs=1", "dataset.max_train_samples=300"]
 

@@ -11,15 +11,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import QUICK, compose_config
 from torch import nn
 
-from conftest import QUICK, compose_config
-from kdcl.checkpoint import load_checkpoint, model_from_checkpoint
 from kdcl.data import Preprocess, TensorSource
+from kdcl.distill.feeds import DiskLogits, FeedInputs, build_feed, parse
 from kdcl.errors import KdclError
 from kdcl.models import create_model, fold_batchnorm
-from kdcl.stages import run_pipeline
-from kdcl.teacher_cache import DiskLogits, FeedInputs, build_feed, parse
+from kdcl.scenarios.standard import run_pipeline
+from kdcl.train.checkpoint import load_checkpoint, model_from_checkpoint
 
 CPU = torch.device("cpu")
 N, K = 40, 3
@@ -151,7 +151,7 @@ def test_online_feed_runs_the_teacher_every_step_in_eval_mode(setting):
 def test_a_run_fills_one_cache_for_every_stage_the_teacher_teaches(tmp_path, caplog):
     cfg = compose_config([*QUICK, "distill.teacher_cache=views:2", "baseline=false",
                           "+arms={plain: {curriculum: {type: none}}}"])
-    with caplog.at_level(logging.INFO, logger="kdcl.teacher_cache"):
+    with caplog.at_level(logging.INFO, logger="kdcl.distill.feeds"):
         summary = run_pipeline(cfg, tmp_path).set_index("model")
     fills = [r for r in caplog.records if r.getMessage().startswith("teacher cache:")]
     assert len(fills) == 1 and "2 view(s) × 540 examples" in fills[0].getMessage()

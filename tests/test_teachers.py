@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from kdcl.config.options import teacher_specs
+from kdcl.distill.teachers import Teachers
 from kdcl.errors import KdclError
-from kdcl.teachers import Teachers, teacher_specs
 
 
 class Fixed(nn.Module):

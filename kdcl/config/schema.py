@@ -20,7 +20,7 @@ Listing the schema first, Hydra's usual pattern, would refuse every key an optio
 beyond the schema. Some sections are **open** by nature (``OPEN = True``): a loss's own
 keys (dkd's ``tckd_weight``, fitnet's layers, composed's ``losses``) belong to the loss
 and are checked against its constructor's signature before training
-(:func:`kdcl.losses.create_loss`); an optimizer's and a schedule's extra keys are their
+(:func:`kdcl.distill.losses.create_loss`); an optimizer's and a schedule's extra keys are their
 factories' arguments, a pacing function's extra parameters its own, and a dataset's
 loader reads keys of its own (``root``, ``image_size``, …; those listed in
 ``OPTION_KEYS`` are typed and range-checked when present). Model ``kwargs`` are the
@@ -65,8 +65,8 @@ def _spec(v: Any) -> bool:
 
 
 def _teacher_cache(v: Any) -> bool:
+    from kdcl.distill.feeds import parse
     from kdcl.errors import KdclError
-    from kdcl.teacher_cache import parse
 
     try:
         parse(v)
@@ -282,7 +282,7 @@ class BornAgainConfig:
 
 @dataclass
 class LwfSettings:
-    """``scenario.lwf``: the LwF arm's distillation (``kdcl.losses.LearningWithoutForgetting``)."""
+    """``scenario.lwf``: the LwF arm's distillation (``kdcl.distill.losses.LearningWithoutForgetting``)."""
 
     lam: float = key(*NON_NEGATIVE)
     temperature: float = key(*POSITIVE)

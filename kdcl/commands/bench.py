@@ -44,20 +44,25 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from kdcl.checkpoint import load_checkpoint, model_from_checkpoint
+from kdcl.commands.job import output_dir, plain_config
+from kdcl.config.checks import validate
+from kdcl.config.options import teacher_specs
+from kdcl.config.schema import BenchConfig
 from kdcl.curricula import DataSchedule
 from kdcl.data import PADDINGS, DataBundle, TensorSource, load_data
-from kdcl.dynamic import DistillControl
-from kdcl.engine import Stage, Trainer, _Meter, evaluate, train_step
+from kdcl.distill.control import DistillControl
+from kdcl.distill.feeds import FeedInputs, build_feed
+from kdcl.distill.losses import LossContext, create_loss, kl_teacher_student
+from kdcl.distill.teachers import Teachers
 from kdcl.errors import KdclError
-from kdcl.losses import LossContext, create_loss, kl_teacher_student
 from kdcl.models import create_model, freeze
 from kdcl.optim import build_optimizer, build_schedule
-from kdcl.report import print_table, write_csv
-from kdcl.teacher_cache import FeedInputs, build_feed
-from kdcl.teachers import Teachers, teacher_specs
+from kdcl.output.tables import print_table, write_csv
+from kdcl.train.checkpoint import load_checkpoint, model_from_checkpoint
+from kdcl.train.engine import Stage, Trainer, _Meter, evaluate, train_step
 
 log = logging.getLogger(__name__)
 
@@ -320,3 +325,10 @@ def parity(s: Setup, epochs: int) -> pd.DataFrame:
     write_csv(frame, s.out / "parity.csv")
     print_table(frame.round(4), f"kdcl bench parity — {s.out}", list(frame.columns))
     return frame
+
+
+def bench_command(cfg: DictConfig) -> None:
+    """``kdcl bench``: the timing arms, into ``bench.csv``."""
+    validate(cfg, BenchConfig)
+    run_bench(plain_config(cfg), output_dir())
+    log.info("wrote %s", output_dir() / "bench.csv")

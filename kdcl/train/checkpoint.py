@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdcl.data import DataBundle
 from kdcl.errors import KdclError
 from kdcl.models import create_model
 
@@ -90,3 +91,15 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
     model = create_model(arch["name"], ckpt["num_classes"], tuple(ckpt["input_shape"]), **arch["kwargs"])
     load_weights(model, ckpt["state_dict"], f"checkpoint of model {arch['name']!r}")
     return model
+
+
+def check_compatible(ckpt: dict[str, Any], data: DataBundle, key: str) -> None:
+    """A loaded model must match the data's classes and input shape."""
+    found = (ckpt["num_classes"], tuple(ckpt["input_shape"]))
+    wanted = (data.num_classes, data.input_shape)
+    if found != wanted:
+        raise KdclError(
+            f"{key} was trained for {found[0]} classes on inputs {found[1]} (dataset {ckpt.get('dataset')!r}), "
+            f"but dataset {data.name!r} has {wanted[0]} classes and inputs {wanted[1]}",
+            fix=f"pass a checkpoint trained on {data.name!r}, or choose the matching dataset",
+        )

@@ -10,7 +10,7 @@ the engine logs as ``train_<term>`` columns of ``metrics.csv``.
 schedule, ``alpha`` may differ per example, and the temperature may be a learnable
 tensor, as in CTKD); the loss's own ``alpha`` / ``temperature`` are the configured values.
 ``ctx`` (a :class:`LossContext`, optional) carries the epoch and the intermediate
-features that forward hooks kept during this step's forward passes (kdcl/features.py).
+features that forward hooks kept during this step's forward passes (kdcl/distill/features.py).
 A loss that reads features resolves its layers and builds its adapters in ``bind``,
 once per stage, before the optimizer is built (so the adapters train with the student),
 and lists the layers to hook in ``layers``.
@@ -37,8 +37,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdcl.distill.features import (
+    adapter,
+    attention_map,
+    feature_shapes,
+    match_spatial,
+    pair_layers,
+    require_maps,
+    resolve_layers,
+)
 from kdcl.errors import KdclError
-from kdcl.features import adapter, attention_map, feature_shapes, match_spatial, pair_layers, require_maps, resolve_layers
 from kdcl.registry import Registry
 
 LOSSES = Registry("distillation loss")
@@ -309,7 +317,7 @@ class FeatureLoss(DistillLoss):
 
     F (the distillation term D) compares student and teacher features at layer pairs
     (``student_layer`` / ``teacher_layer``: module paths, aliases or lists, see
-    kdcl/features.py). With the default α = 0 this is ``CE + β·F``, RepDistiller's and
+    kdcl/distill/features.py). With the default α = 0 this is ``CE + β·F``, RepDistiller's and
     mdistiller's form; α > 0 adds Hinton's KD term.
     """
 

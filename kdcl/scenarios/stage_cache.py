@@ -26,20 +26,15 @@ import shutil
 import tempfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
-
-from torch import nn
+from typing import Any, Callable, Iterator, TypeVar
 
 from kdcl import distributed
-from kdcl.checkpoint import load_checkpoint, model_from_checkpoint
-from kdcl.engine import Trainer, evaluate
 from kdcl.errors import KdclError
-from kdcl.resume import write_done
-
-if TYPE_CHECKING:
-    from kdcl.stages import Run
+from kdcl.train.engine import Trainer
+from kdcl.train.resume import write_done
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Bump when a code change alters what the teacher or baseline stage produces for the
 # same config: every older entry then misses.
@@ -137,33 +132,33 @@ def open_cache(cfg: dict[str, Any]) -> StageCache:
     return StageCache(Path(cfg["cache_dir"]).expanduser().resolve())
 
 
-def reuse_or_train(run: Run, stage: str, produce: Callable[[], nn.Module]) -> nn.Module:
-    """Reuse ``stage``'s cached result, or ``produce`` it (train it into its folder) and store it.
+def reuse_or_produce(cfg: dict[str, Any], stage: str, trainer: Trainer, stage_dir: Path,
+                     produce: Callable[[], T], produced_row: Callable[[], dict[str, Any]]) -> tuple[T | None, dict | None]:
+    """Restore ``stage``'s cached folder into ``stage_dir``, or ``produce`` it (train it into
+    that folder) and store it with ``produced_row()``, its summary row.
 
-    On a hit the run gets the cached folder, the cached summary row (its checkpoint path
-    pointing at the run's copy) and the test logits of the cached best model.
+    Returns ``(produce's result, None)`` after training, ``(None, the cached row)`` on a hit;
+    the row's checkpoint path then points at the run's copy, and ``done.json`` marks the
+    stage finished under this run's config.
     """
-    if not run.cfg["cache"] or stage not in CACHED_STAGES:
-        return produce()
-    key = stage_key(run.cfg, stage, run.trainer)
+    if not cfg["cache"] or stage not in CACHED_STAGES:
+        return produce(), None
+    key = stage_key(cfg, stage, trainer)
     name = f"{stage}-{digest(key)}"
     main = distributed.is_main()
-    cache = open_cache(run.cfg) if main else None
+    cache = open_cache(cfg) if main else None
     with cache.claim(name) if main else nullcontext() as entry:
         meta = distributed.from_main(entry.meta if entry is not None else None)
         if meta is None:
-            model = produce()
+            result = produce()
             if main:
-                cache.store(name, run.out / stage, {"key": key, "row": run.rows[stage], "run": str(run.out)})
+                cache.store(name, stage_dir, {"key": key, "row": produced_row(), "run": str(stage_dir.parent)})
                 log.info("stored %s in the cache (key %s)", stage, name)
-            return model
+            return result, None
     log.info("reused %s from cache (key %s, trained by %s)", stage, name, meta["run"])
-    best = (run.out / stage / "best.pt").resolve()
-    run.rows[stage] = {**meta["row"], "checkpoint": str(best)}
+    row = {**meta["row"], "checkpoint": str((stage_dir / "best.pt").resolve())}
     if main:
-        entry.restore(run.stage_dir(stage))
-        write_done(run.out / stage / "done.json", run.rows[stage], run.cfg)  # finished, under this run's config
+        entry.restore(stage_dir)
+        write_done(stage_dir / "done.json", row, cfg)
     distributed.barrier()  # the restored files are there for every rank
-    model = run.to_device(model_from_checkpoint(load_checkpoint(best)))
-    run.test_logits[stage] = evaluate(model, run.data.test, run.data, run.trainer).logits
-    return model
+    return None, row

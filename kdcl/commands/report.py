@@ -24,11 +24,11 @@ import pandas as pd
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
+from kdcl.commands.failures import FAILED_FILE
 from kdcl.errors import KdclError
-from kdcl.failures import FAILED_FILE
-from kdcl.plots import heatmaps, learning_curves
-from kdcl.report import markdown_table, print_table, stdout, write_csv
-from kdcl.stats import LEVEL, aggregate, t_interval
+from kdcl.output.plots import heatmaps, learning_curves
+from kdcl.output.stats import LEVEL, aggregate, t_interval
+from kdcl.output.tables import markdown_table, print_table, stdout, write_csv
 
 # report column -> (summary row, summary column); unprefixed columns are the distilled student's.
 METRICS = {

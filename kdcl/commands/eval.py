@@ -9,16 +9,23 @@ from typing import Any
 
 import pandas as pd
 import torch
+from omegaconf import DictConfig, OmegaConf
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from kdcl.checkpoint import is_kdcl, load_weights, model_from_checkpoint, read_checkpoint
-from kdcl.config import resolve_device
+from kdcl.commands.job import output_dir, plain_config
+from kdcl.config.checks import validate_eval
 from kdcl.data import load_data, with_classes
-from kdcl.engine import Trainer, evaluate
 from kdcl.errors import KdclError
 from kdcl.models import count_params, create_model, size_mb
-from kdcl.report import print_table, write_csv
-from kdcl.stages import check_compatible
+from kdcl.output.tables import print_table, write_csv
+from kdcl.train.checkpoint import (
+    check_compatible,
+    is_kdcl,
+    load_weights,
+    model_from_checkpoint,
+    read_checkpoint,
+)
+from kdcl.train.engine import Trainer, evaluate, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -90,3 +97,14 @@ def latency_ms(model: torch.nn.Module, data, trainer: Trainer, repeats: int = 10
             model(x)
         sync()
     return (time.perf_counter() - start) / repeats * 1000
+
+
+def eval_command(cfg: DictConfig) -> None:
+    """``kdcl eval``: one checkpoint on a test split, into ``eval.csv``."""
+    if OmegaConf.is_missing(cfg, "checkpoint"):
+        raise KdclError("no checkpoint given", fix="kdcl eval checkpoint=PATH/TO/best.pt")
+    plain = plain_config(cfg)
+    validate_eval(plain)
+    model = {"name": plain["model"], "kwargs": plain["model_kwargs"] or {}} if plain["model"] else None
+    run_eval(cfg.checkpoint, plain.get("dataset"), cfg.device, cfg.batch_size, output_dir(), model)
+    log.info("wrote %s", output_dir() / "eval.csv")

@@ -3,7 +3,7 @@
 ``fit`` trains one model for a fixed number of optimizer steps, evaluates on the
 validation split after every epoch, writes one metrics row per epoch, keeps
 ``best.pt`` (highest validation accuracy) and ``last.pt``, and can be cut off and
-resumed at any step boundary (``kdcl.resume``). Under DDP every rank runs it on its share
+resumed at any step boundary (``kdcl.train.resume``). Under DDP every rank runs it on its share
 of each global batch (``kdcl.distributed``); rank 0 writes the files.
 """
 
@@ -21,20 +21,39 @@ import torch
 from torch import Tensor, nn
 
 from kdcl import distributed
-from kdcl.checkpoint import save_checkpoint
-from kdcl.config import resolve_device
-from kdcl.console import progress_bar
 from kdcl.curricula import DataSchedule, LearnedEpochs
 from kdcl.data import Batch, DataBundle, Source
+from kdcl.distill.control import DistillControl
+from kdcl.distill.feeds import Feed
+from kdcl.distill.losses import DistillLoss, LossContext
 from kdcl.distributed import Part
-from kdcl.dynamic import DistillControl
 from kdcl.errors import KdclError
-from kdcl.losses import DistillLoss, LossContext
-from kdcl.report import MetricsTable
-from kdcl.resume import STOP, Cursor, Interrupted, check_same_config, cursor_state, load_state, rng_states, save_state, set_rng_states
-from kdcl.teacher_cache import Feed
+from kdcl.output.console import progress_bar
+from kdcl.output.tables import MetricsTable
+from kdcl.train.checkpoint import save_checkpoint
+from kdcl.train.resume import (
+    STOP,
+    Cursor,
+    Interrupted,
+    check_same_config,
+    cursor_state,
+    load_state,
+    rng_states,
+    save_state,
+    set_rng_states,
+)
 
 log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → cuda when available, else cpu; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KdclError("trainer.device=cuda but no CUDA GPU is available", fix="use trainer.device=auto or cpu")
+    return device
 
 
 @dataclass
@@ -98,7 +117,7 @@ class Stage:
     lr_schedule: torch.optim.lr_scheduler.LRScheduler
     out_dir: Path
     meta: dict[str, Any]  # checkpoint metadata (model spec, data, config)
-    feed: Feed  # a step's student input and teacher logits (kdcl/teacher_cache.py)
+    feed: Feed  # a step's student input and teacher logits (kdcl/distill/feeds.py)
     dynamics: LearnedEpochs | None = None
     keep_epochs: Collection[int] = ()
     features: tuple[dict[str, Tensor], dict[str, Tensor]] = ({}, {})  # hooked student / teacher layers

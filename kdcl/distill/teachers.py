@@ -15,12 +15,10 @@ The weights come from a registered combination (``distill.teacher_combine``):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from kdcl.config import group_option
 from kdcl.errors import KdclError
 from kdcl.registry import Registry
 
@@ -86,13 +84,3 @@ class Teachers(nn.Module):
         w = self.combination(logits, target, self.weights)
         p = (w[..., None] * torch.softmax(logits / self.temperature, dim=2)).sum(0)
         return self.temperature * p.clamp_min(torch.finfo(p.dtype).tiny).log()
-
-
-def teacher_specs(cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    """The run's teacher specs: ``teachers`` (options of conf/teacher, or specs with
-    ``name``, ``kwargs``, ``pretrained``, ``checkpoint``) when given, else ``teacher``."""
-    entries = cfg.get("teachers")
-    if not entries:
-        return [cfg["teacher"]]
-    common = {"kwargs": {}, "pretrained": False, "checkpoint": None}
-    return [{**common, **(group_option("teacher", entry) if isinstance(entry, str) else entry)} for entry in entries]

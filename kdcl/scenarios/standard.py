@@ -20,28 +20,39 @@ from typing import Any, Callable
 
 import pandas as pd
 import torch
-from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from kdcl import distributed
-from kdcl.cache import reuse_or_train
-from kdcl.checkpoint import load_checkpoint, model_from_checkpoint
-from kdcl.config import group_option, model_option
-from kdcl.curricula import (PLANS, DataSchedule, LearnedEpochs, PlanInputs, ScoreContext, class_difficulty, difficulty_rank,
-                            make_order, score_all)
+from kdcl.config.options import arm_config, model_option, teacher_specs
+from kdcl.curricula import (
+    PLANS,
+    DataSchedule,
+    LearnedEpochs,
+    PlanInputs,
+    ScoreContext,
+    class_difficulty,
+    difficulty_rank,
+    make_order,
+    score_all,
+)
 from kdcl.data import DataBundle, load_data
-from kdcl.dynamic import DistillControl
-from kdcl.engine import Stage, Trainer, evaluate, fit
+from kdcl.distill.control import DistillControl
+from kdcl.distill.features import FeatureTap
+from kdcl.distill.feeds import Feed, FeedInputs, build_feed, parse
+from kdcl.distill.losses import create_loss
+from kdcl.distill.teachers import Teachers
 from kdcl.errors import KdclError
-from kdcl.features import FeatureTap
-from kdcl.losses import CONTROL_KEYS, create_loss
 from kdcl.models import count_params, create_model, freeze, size_mb
 from kdcl.optim import build_optimizer, build_schedule
-from kdcl.report import print_table, write_csv
-from kdcl.resume import check_same_config, graceful_stop, read_done, write_done
-from kdcl.scenarios import register_scenario
-from kdcl.teacher_cache import Feed, FeedInputs, build_feed, parse
-from kdcl.teachers import Teachers, teacher_specs
+from kdcl.output.tables import print_table, write_csv
+from kdcl.scenarios.stage_cache import reuse_or_produce
+from kdcl.train.checkpoint import (
+    check_compatible,
+    load_checkpoint,
+    model_from_checkpoint,
+)
+from kdcl.train.engine import Stage, Trainer, evaluate, fit
+from kdcl.train.resume import check_same_config, graceful_stop, read_done, write_done
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +107,6 @@ def distilled_student(cfg: dict[str, Any]) -> str:
     return f"gen_{generations}" if generations else "distill"
 
 
-@register_scenario("standard", objective=distilled_student)
 def run_pipeline(cfg: dict[str, Any], out: Path) -> pd.DataFrame:
     """Run every stage of ``cfg`` into ``out`` and return the summary table."""
     if cfg["born_again"]["generations"]:
@@ -232,6 +242,20 @@ def born_again_stage(run: Run, generations: int) -> None:
 
 
 # --------------------------------------------------------------------------- helpers
+def reuse_or_train(run: Run, stage: str, produce: Callable[[], nn.Module]) -> nn.Module:
+    """``stage`` from the stage cache (:mod:`kdcl.scenarios.stage_cache`), or trained by
+    ``produce``. On a hit the run gets the cached folder, the cached summary row and the
+    test logits of the cached best model."""
+    model, cached_row = reuse_or_produce(run.cfg, stage, run.trainer, run.stage_dir(stage), produce,
+                                         lambda: run.rows[stage])
+    if cached_row is None:
+        return model
+    run.rows[stage] = cached_row
+    model = run.to_device(model_from_checkpoint(load_checkpoint(cached_row["checkpoint"])))
+    run.test_logits[stage] = evaluate(model, run.data.test, run.data, run.trainer).logits
+    return model
+
+
 def build_plan(run: Run, spec: dict[str, Any], seed: int | None = None) -> DataSchedule:
     """The step-wise data plan a curriculum spec describes, from the run's scores."""
     labels = run.data.train.labels
@@ -270,19 +294,6 @@ def check_teacher_cache(loss_cfg: dict, loss_fn: nn.Module) -> None:
     if needs:
         raise KdclError(f"distill.teacher_cache={spec} caches the teacher's logits, but distill={loss_cfg['name']} needs {needs}",
                         fix="set distill.teacher_cache=none for this loss")
-
-
-def arm_config(cfg: dict[str, Any], arm: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """An arm's distill and curriculum: the run's, overridden by the arm. An arm that names
-    another loss starts from that loss's option (conf/distill/NAME.yaml) and keeps the run's
-    dynamic-control keys, so no key of the run's loss leaks into it."""
-    base = {"distill": cfg["distill"], "curriculum": cfg["curriculum"]}
-    name = (arm.get("distill") or {}).get("name", cfg["distill"]["name"])
-    if name != cfg["distill"]["name"]:
-        control = {k: v for k, v in cfg["distill"].items() if k in CONTROL_KEYS}
-        base["distill"] = {**control, **group_option("distill", name)}
-    merged = OmegaConf.to_container(OmegaConf.merge(base, arm))
-    return merged["distill"], merged["curriculum"]
 
 
 def self_taught_logits(run: Run):
@@ -435,18 +446,6 @@ def checkpoint_meta(run: Run, stage: str, spec: dict) -> dict[str, Any]:
         "normalization": {"mean": d.mean, "std": d.std}, "dataset": d.name, "config": run.cfg,
         **({"classes": d.class_ids} if d.class_ids is not None else {}),
     }
-
-
-def check_compatible(ckpt: dict[str, Any], data: DataBundle, key: str) -> None:
-    """A loaded model must match the data's classes and input shape."""
-    found = (ckpt["num_classes"], tuple(ckpt["input_shape"]))
-    wanted = (data.num_classes, data.input_shape)
-    if found != wanted:
-        raise KdclError(
-            f"{key} was trained for {found[0]} classes on inputs {found[1]} (dataset {ckpt.get('dataset')!r}), "
-            f"but dataset {data.name!r} has {wanted[0]} classes and inputs {wanted[1]}",
-            fix=f"pass a checkpoint trained on {data.name!r}, or choose the matching dataset",
-        )
 
 
 def summarize(run: Run) -> pd.DataFrame:

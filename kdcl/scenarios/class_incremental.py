@@ -10,7 +10,7 @@ the same task sequence its own way:
   forgetting.
 - ``lwf``: Learning without Forgetting (Li & Hoiem 2016): the same, plus distillation
   from the previous task's model on the old classes' outputs
-  (:class:`kdcl.losses.LearningWithoutForgetting`, ``scenario.lwf``).
+  (:class:`kdcl.distill.losses.LearningWithoutForgetting`, ``scenario.lwf``).
 - ``joint``: cross-entropy on every seen class's examples. The upper bound.
 
 With ``memory_per_class`` = M > 0, finetune and lwf also keep M training examples of
@@ -62,15 +62,21 @@ from torch import Tensor, nn
 from kdcl import distributed
 from kdcl.curricula import class_difficulty, make_order
 from kdcl.data import Source, class_map, with_classes
-from kdcl.engine import evaluate
 from kdcl.errors import KdclError
 from kdcl.models import classifier, count_params, freeze, grow_head
-from kdcl.plots import heatmaps
+from kdcl.output.plots import heatmaps
+from kdcl.output.tables import print_table, write_csv
 from kdcl.registry import Registry
-from kdcl.report import print_table, write_csv
-from kdcl.resume import graceful_stop
-from kdcl.scenarios import register_scenario
-from kdcl.stages import CE_ONLY, Run, curriculum_stage, start_run, teacher_stage, train
+from kdcl.scenarios.standard import (
+    CE_ONLY,
+    Run,
+    curriculum_stage,
+    start_run,
+    teacher_stage,
+    train,
+)
+from kdcl.train.engine import evaluate
+from kdcl.train.resume import graceful_stop
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +108,7 @@ class Recipe:
     """How a strategy trains one task: on which examples, with which loss, taught by whom."""
 
     pool: np.ndarray
-    loss: dict[str, Any]  # a distill config (kdcl.losses)
+    loss: dict[str, Any]  # a distill config (kdcl.distill.losses)
     teachers: list[nn.Module] = field(default_factory=list)
 
 
@@ -177,7 +183,11 @@ class ArmResult:
     model: nn.Module
 
 
-@register_scenario("class_incremental", objective=lambda cfg: cfg["scenario"]["objective_arm"])
+def objective_arm(cfg: dict[str, Any]) -> str:
+    """The summary row a sweep optimises: ``scenario.objective_arm``."""
+    return cfg["scenario"]["objective_arm"]
+
+
 def run_class_incremental(cfg: dict[str, Any], out: Path) -> pd.DataFrame:
     """Learn the task sequence with every arm of ``scenario.arms``; write the tables."""
     settings = cfg["scenario"]

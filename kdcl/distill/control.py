@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from kdcl.losses import DistillLoss, Weight
+from kdcl.distill.losses import DistillLoss, Weight
 from kdcl.optim import SCHEDULES
 from kdcl.registry import Registry
 

@@ -1,51 +1,43 @@
 """Checks on a config before anything runs: the schema's ranges, types and key sets
-(:mod:`kdcl.schema`), registered names and the cross-checks between keys."""
+(:mod:`kdcl.config.schema`), registered names and the cross-checks between keys."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import re
-from importlib import resources
-from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
+from kdcl.config.options import arm_config
+from kdcl.config.schema import (
+    DatasetConfig,
+    Entry,
+    EvalConfig,
+    TrainConfig,
+    describe,
+    entries,
+    is_instance,
+    is_open,
+    lookup,
+    option_keys,
+    section_type,
+)
 from kdcl.errors import KdclError
-from kdcl.schema import DatasetConfig, Entry, EvalConfig, TrainConfig, describe, entries, is_instance, is_open, lookup, option_keys, section_type
-
-
-def _conf_dir() -> str:
-    """The configs beside this package: the checkout's ``conf/`` when kdcl runs from a
-    source tree (editable installs included), the installed ``kdcl.conf`` otherwise."""
-    checkout = Path(__file__).resolve().parents[1]
-    if (checkout / "pyproject.toml").is_file() and (checkout / "conf" / "config.yaml").is_file():
-        return str(checkout / "conf")
-    return str(resources.files("kdcl.conf"))
-
-
-CONF_DIR = _conf_dir()
-
-
-def model_option(name: str) -> dict[str, Any]:
-    """The model spec of a ``conf/teacher`` option (``cnn_small`` → name cnn, width 8)."""
-    return {"pretrained": False, **group_option("teacher", name)}
-
+from kdcl.registry import Registry
 
 
 def _registered_names() -> dict[str, Any]:
     """Config keys that name a registry entry, and the registry (imported lazily: heavy)."""
     from kdcl.curricula import ORDERS, PACINGS, PLANS, SCORERS
     from kdcl.data import DATASETS, PADDINGS
-    from kdcl.dynamic import SAMPLE_WEIGHTS
-    from kdcl.losses import LOSSES
+    from kdcl.distill.control import SAMPLE_WEIGHTS
+    from kdcl.distill.losses import LOSSES
+    from kdcl.distill.teachers import COMBINATIONS
     from kdcl.models import MODELS
     from kdcl.optim import OPTIMIZERS, SCHEDULES
-    from kdcl.scenarios import scenarios
-    from kdcl.teachers import COMBINATIONS
 
     return {
         "teacher.name": MODELS, "student.name": MODELS, "dataset.name": DATASETS,
@@ -53,25 +45,25 @@ def _registered_names() -> dict[str, Any]:
         "distill.sample_weight": SAMPLE_WEIGHTS, "distill.alpha_schedule": SCHEDULES,
         "distill.temperature_schedule": SCHEDULES, "curriculum.type": PLANS, "curriculum.scorer": SCORERS,
         "curriculum.order": ORDERS, "curriculum.pacing.name": PACINGS, "optimizer.name": OPTIMIZERS,
-        "scheduler.name": SCHEDULES, "distill.teacher_combine": COMBINATIONS, "scenario.name": scenarios(),
+        "scheduler.name": SCHEDULES, "distill.teacher_combine": COMBINATIONS,
     }
 
 
-def validate(cfg: Any, schema: type = TrainConfig) -> None:
+def validate(cfg: Any, schema: type = TrainConfig, registries: dict[str, Registry] | None = None) -> None:
     """Raise one :class:`KdclError` for the first key that is out of range, of the wrong
     type, unknown to a closed section, or names no registered entry — before any training.
 
-    Ranges, types and the key sets are the schema's (:mod:`kdcl.schema`), walked here for
+    Ranges, types and the key sets are the schema's (:mod:`kdcl.config.schema`), walked here for
     the composed config (already typed by Hydra) and for a resumed run's saved one alike;
-    every arm's distill and curriculum are checked as the arm will run them."""
+    every arm's distill and curriculum are checked as the arm will run them. ``registries``
+    adds keys that name an entry of a registry above this layer (``scenario.name``)."""
     plain = _container(cfg)
     check(plain, schema)
     if plain.get("distill", {}).get("teacher_route") and not plain.get("teacher", {}).get("route_points"):
         raise KdclError("distill.teacher_route=true needs checkpoints saved during teacher training",
                         fix="set teacher.route_points=N (N ≥ 1) and train the teacher in this run")
-    _check_names(plain, _registered_names())
+    _check_names(plain, {**_registered_names(), **(registries or {})})
     if isinstance(plain.get("arms"), dict):
-        from kdcl.stages import arm_config
 
         for name, arm in plain["arms"].items():
             distill, curriculum = arm_config(plain, arm)
@@ -168,29 +160,6 @@ def _shown(value: Any) -> str:
     if value is None or isinstance(value, bool):
         return OmegaConf.to_yaml({"v": value}).strip()[3:]
     return repr(value)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → cuda when available, else cpu; ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise KdclError("trainer.device=cuda but no CUDA GPU is available", fix="use trainer.device=auto or cpu")
-    return device
-
-
-def group_option(group: str, name: str) -> dict[str, Any]:
-    """The keys of option ``name`` of config group ``group`` (``conf/<group>/<name>.yaml``,
-    without its defaults list); an unknown option lists the group's options."""
-    folder = Path(CONF_DIR) / group
-    path = folder / f"{name}.yaml"
-    if not path.is_file():
-        raise KdclError(f"{group} has no option {name!r}",
-                        fix=f"choose from: {', '.join(sorted(p.stem for p in folder.glob('*.yaml')))}")
-    option = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    option.pop("defaults", None)
-    return option
 
 
 def composition_error(err: Exception, schema: type) -> KdclError | None:

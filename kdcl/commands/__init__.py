@@ -1,0 +1,1 @@
+"""The work behind each ``kdcl`` command: ``train``, ``eval``, ``bench`` and ``report``."""

@@ -1,0 +1,70 @@
+"""``kdcl train``: check the config, then run its scenario in this process or as
+``trainer.devices`` DDP processes."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from kdcl import distributed
+from kdcl.commands.job import output_dir, plain_config
+from kdcl.config.checks import validate
+from kdcl.errors import KdclError
+from kdcl.scenarios import SCENARIOS
+from kdcl.train.engine import resolve_device
+
+log = logging.getLogger("kdcl")
+
+
+def train_command(cfg: DictConfig) -> float:
+    """``kdcl train``: validate, then run the scenario (or launch its DDP processes); the objective."""
+    out = output_dir()
+    if cfg.resume:
+        out = Path(cfg.resume)
+        saved = out / ".hydra" / "config.yaml"
+        if not saved.is_file():
+            raise KdclError(f"resume={cfg.resume}: no kdcl run there ({saved} is missing)",
+                            fix="pass the run directory of an earlier kdcl train (the one holding summary.csv or teacher/)")
+        log.info("resuming the run in %s with its own config", out)
+        cfg = OmegaConf.load(saved)
+    validate(cfg, registries={"scenario.name": SCENARIOS})
+    plain = plain_config(cfg)
+    scenario = SCENARIOS.get(plain.get("scenario", {}).get("name", "standard"))  # absent from configs saved before it
+    devices = cfg.trainer.get("devices", 1)  # absent from configs saved before it existed
+    distributed.check_processes(devices, cfg.trainer.batch_size)
+    if devices > 1 and not distributed.active():
+        launch(cfg, devices)
+        summary = pd.read_csv(out / "summary.csv")
+    else:
+        distributed.agree_on_run_dir(out)
+        summary = scenario.run(plain, out)
+        log.info("wrote %s", out / "summary.csv")
+    return float(summary.set_index("model").loc[scenario.objective(plain), "best_val_acc"])
+
+
+def launch(cfg: DictConfig, devices: int) -> None:
+    """``trainer.devices=N``: run this job as N DDP processes on this machine (torchrun's
+    standalone mode), with the same overrides, into this job's directory (whose ``.hydra/``
+    this process has written), and wait for them."""
+    if resolve_device(cfg.trainer.device).type == "cuda" and devices > torch.cuda.device_count():
+        raise KdclError(f"trainer.devices={devices}, but this machine has {torch.cuda.device_count()} GPU(s)",
+                        fix="set trainer.devices to at most the number of GPUs, or trainer.device=cpu")
+    hc = HydraConfig.get()
+    run_dir = hc.runtime.output_dir
+    flags = [f"--config-dir={source.path}" for source in hc.runtime.config_sources if source.provider == "command-line"]
+    if hc.job.config_name != "config":
+        flags.append(f"--config-name={hc.job.config_name}")
+    quoted = f"'{run_dir}'" if "'" not in run_dir else f'"{run_dir}"'
+    log.info("training with %d processes (torchrun, standalone) into %s", devices, run_dir)
+    code = distributed.launch(devices, ["train", *flags, *hc.overrides.task, f"hydra.run.dir={quoted}",
+                                        "hydra.output_subdir=null"])
+    if code and code < 128 and hc.mode == RunMode.MULTIRUN:  # a failed job: the sweep goes on
+        raise KdclError(f"the job's {devices} processes stopped with exit code {code} (the error is printed above)")
+    if code:
+        raise SystemExit(code)

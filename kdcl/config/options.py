@@ -1,0 +1,66 @@
+"""Readers of the option files in ``conf/``: a group's option by name, the run's teacher
+specs, and an arm's distill and curriculum sections."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from kdcl.distill.losses import CONTROL_KEYS
+from kdcl.errors import KdclError
+
+
+def _conf_dir() -> str:
+    """The configs beside this package: the checkout's ``conf/`` when kdcl runs from a
+    source tree (editable installs included), the installed ``kdcl.conf`` otherwise."""
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "conf" / "config.yaml").is_file():
+        return str(checkout / "conf")
+    return str(resources.files("kdcl.conf"))
+
+
+CONF_DIR = _conf_dir()
+
+
+def model_option(name: str) -> dict[str, Any]:
+    """The model spec of a ``conf/teacher`` option (``cnn_small`` → name cnn, width 8)."""
+    return {"pretrained": False, **group_option("teacher", name)}
+
+
+def group_option(group: str, name: str) -> dict[str, Any]:
+    """The keys of option ``name`` of config group ``group`` (``conf/<group>/<name>.yaml``,
+    without its defaults list); an unknown option lists the group's options."""
+    folder = Path(CONF_DIR) / group
+    path = folder / f"{name}.yaml"
+    if not path.is_file():
+        raise KdclError(f"{group} has no option {name!r}",
+                        fix=f"choose from: {', '.join(sorted(p.stem for p in folder.glob('*.yaml')))}")
+    option = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    option.pop("defaults", None)
+    return option
+
+
+def teacher_specs(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """The run's teacher specs: ``teachers`` (options of conf/teacher, or specs with
+    ``name``, ``kwargs``, ``pretrained``, ``checkpoint``) when given, else ``teacher``."""
+    entries = cfg.get("teachers")
+    if not entries:
+        return [cfg["teacher"]]
+    common = {"kwargs": {}, "pretrained": False, "checkpoint": None}
+    return [{**common, **(group_option("teacher", entry) if isinstance(entry, str) else entry)} for entry in entries]
+
+
+def arm_config(cfg: dict[str, Any], arm: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An arm's distill and curriculum: the run's, overridden by the arm. An arm that names
+    another loss starts from that loss's option (conf/distill/NAME.yaml) and keeps the run's
+    dynamic-control keys, so no key of the run's loss leaks into it."""
+    base = {"distill": cfg["distill"], "curriculum": cfg["curriculum"]}
+    name = (arm.get("distill") or {}).get("name", cfg["distill"]["name"])
+    if name != cfg["distill"]["name"]:
+        control = {k: v for k, v in cfg["distill"].items() if k in CONTROL_KEYS}
+        base["distill"] = {**control, **group_option("distill", name)}
+    merged = OmegaConf.to_container(OmegaConf.merge(base, arm))
+    return merged["distill"], merged["curriculum"]

@@ -1,0 +1,39 @@
+"""What ``kdcl train`` trains: the ``scenario`` config group.
+
+A scenario is a function ``run(cfg, out) -> summary`` that trains into the run directory
+``out`` and returns the table it wrote as ``summary.csv``, plus the summary row whose
+``best_val_acc`` a sweep's objective reads (an Optuna search maximises it):
+
+- ``standard`` (:mod:`kdcl.scenarios.standard`): teacher → baseline → curriculum → distill;
+- ``class_incremental`` (:mod:`kdcl.scenarios.class_incremental`): the classes arrive in
+  tasks, learnt by fine-tuning, Learning without Forgetting and joint training.
+
+Adding one: a module here with its run function, one line in :data:`SCENARIOS`, and
+``conf/scenario/NAME.yaml``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+from kdcl.registry import Registry
+from kdcl.scenarios.class_incremental import objective_arm, run_class_incremental
+from kdcl.scenarios.standard import distilled_student, run_pipeline
+
+RunFn = Callable[[dict[str, Any], Path], pd.DataFrame]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    run: RunFn
+    objective: Callable[[dict[str, Any]], str]  # cfg → the summary row a sweep optimises
+
+
+SCENARIOS = Registry("scenario", {
+    "standard": Scenario(run_pipeline, objective=distilled_student),
+    "class_incremental": Scenario(run_class_incremental, objective=objective_arm),
+})
