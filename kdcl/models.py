@@ -202,26 +202,34 @@ def cnn(
 
 @register_model("vgg")
 def vgg(
-    num_classes: int, input_shape: InputShape, pretrained: bool = False, width: int = 32
+    num_classes: int, input_shape: InputShape, pretrained: bool = False, width: int = 32,
+    stage_convs: Sequence[int] = (2, 1, 1),
 ) -> nn.Module:
-    """VGG-style CNN (Simonyan & Zisserman 2015) sized for a CPU: two conv3x3-BN-ReLU at full
-    resolution (w, w), max-pool, conv (2w), max-pool, conv (4w), global average pool, linear.
+    """VGG-style CNN (Simonyan & Zisserman 2015) sized for a CPU: three stages of
+    conv3x3-BN-ReLU at widths w, 2w, 4w (``stage_convs`` convolutions each, by default two
+    at full resolution, then one, then one), a max-pool between stages, global average
+    pool, linear.
 
-    Against ``cnn`` it adds one full-resolution convolution (w·w·9 more weights): at w=32,
-    104K parameters and about 20M multiply-adds on a 3×32×32 input, against 95K and 10M;
-    pooling right after the first convolution costs ``cnn`` accuracy for its size."""
+    Parameters at C input channels and K classes, with (a, b, c) = ``stage_convs``:
+    9·(C·w + (a−1)·w² + 2w² + (b−1)·4w² + 8w² + (c−1)·16w²) conv weights, 2 BatchNorm
+    parameters per channel, 4w·K + K in the linear layer.
+
+    Against ``cnn`` the default adds one full-resolution convolution (w·w·9 more weights):
+    at w=32, 104K parameters and about 20M multiply-adds on a 3×32×32 input, against 95K
+    and 10M; pooling right after the first convolution costs ``cnn`` accuracy for its size."""
     _no_pretrained("vgg", pretrained)
-    model = nn.Sequential(
-        *_conv_bn_relu(input_shape[0], width),
-        *_conv_bn_relu(width, width),
-        nn.MaxPool2d(2, ceil_mode=True),
-        *_conv_bn_relu(width, 2 * width),
-        nn.MaxPool2d(2, ceil_mode=True),
-        *_conv_bn_relu(2 * width, 4 * width),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(4 * width, num_classes),
-    )
+    if len(stage_convs) != 3 or min(stage_convs) < 1:
+        raise KdclError(f"vgg: stage_convs={list(stage_convs)} must be three counts ≥ 1",
+                        fix="e.g. student.kwargs.stage_convs=[2,1,1] (convolutions at widths w, 2w, 4w)")
+    layers: list[nn.Module] = []
+    channels = input_shape[0]
+    for stage, convs in enumerate(stage_convs):
+        if stage:
+            layers.append(nn.MaxPool2d(2, ceil_mode=True))
+        for _ in range(convs):
+            layers += _conv_bn_relu(channels, width * 2**stage)
+            channels = width * 2**stage
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes))
     _init_weights(model)
     return model
 

@@ -166,3 +166,19 @@ def test_vgg_parameter_count_and_full_resolution_stem(width: int):
     assert count_params(model) == convs + norms + 4 * width * 10 + 10
     full_resolution = model[:6](torch.randn(1, 3, 32, 32))  # conv-BN-ReLU twice, before the first pool
     assert full_resolution.shape == (1, width, 32, 32)
+
+
+@pytest.mark.parametrize("stage_convs", [(2, 2, 1), (1, 1, 2), (3, 1, 1)])
+def test_vgg_stage_convs_follow_the_docstring_formula(stage_convs):
+    """9·(C·w + (a−1)·w² + 2w² + (b−1)·4w² + 8w² + (c−1)·16w²) + 2 per BN channel + 4w·K + K."""
+    a, b, c, w = *stage_convs, 8
+    model = create_model("vgg", num_classes=10, input_shape=(3, 32, 32), width=w, stage_convs=list(stage_convs))
+    convs = 9 * (3 * w + (a - 1) * w**2 + 2 * w**2 + (b - 1) * 4 * w**2 + 8 * w**2 + (c - 1) * 16 * w**2)
+    norms = 2 * (a * w + b * 2 * w + c * 4 * w)
+    assert count_params(model) == convs + norms + 4 * w * 10 + 10
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_vgg_refuses_a_stage_without_convolutions():
+    with pytest.raises(KdclError, match="stage_convs"):
+        create_model("vgg", num_classes=10, input_shape=(3, 32, 32), stage_convs=[2, 0, 1])
