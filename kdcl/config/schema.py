@@ -2,7 +2,7 @@
 
 Each field gives a key's **type** (enforced by OmegaConf while Hydra composes the config)
 and, in its metadata, its **range** (``check`` and the ``allowed`` text, enforced by
-:func:`kdcl.config.validate` before anything trains). The YAML files keep the values and
+:func:`kdcl.config.checks.validate` before anything trains). The YAML files keep the values and
 their comments; the fields here are ``MISSING`` and set none.
 
 How the schema enters composition: ``conf/config.yaml`` lists ``/schema/train`` (and
@@ -25,7 +25,7 @@ factories' arguments, a pacing function's extra parameters its own, and a datase
 loader reads keys of its own (``root``, ``image_size``, …; those listed in
 ``OPTION_KEYS`` are typed and range-checked when present). Model ``kwargs`` are the
 model factory's arguments (checked by its signature) and accept new keys
-(``teacher.kwargs.cifar_stem=false``). In closed sections :func:`kdcl.config.validate`
+(``teacher.kwargs.cifar_stem=false``). In closed sections :func:`kdcl.config.checks.validate`
 refuses any key the schema does not list.
 
 Adding a config key: one field here (type, and ``key(allowed, check)`` for a range) plus
