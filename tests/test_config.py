@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from kdcl.config import schema
 from kdcl.config.checks import composition_error, validate, validate_eval
-from kdcl.config.options import CONF_DIR
+from kdcl.config.options import CONF_DIR, option_folder
 from kdcl.curricula import PACINGS, SCORERS
 from kdcl.data import DATASETS
 from kdcl.distill.losses import LOSSES
@@ -27,7 +27,7 @@ EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yam
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+    return sorted(p.stem for p in option_folder(group).glob("*.yaml"))
 
 
 def check_names(cfg: dict) -> None:
