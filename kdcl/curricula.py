@@ -22,14 +22,20 @@ from kdcl.data import interleave_classes
 from kdcl.errors import KdclError
 from kdcl.registry import Registry
 
-SCORERS = Registry("curriculum scorer")
+# needs_student_model: the scorer reads a student-architecture model's logits
+# (ScoreContext.self_taught_logits), which the run trains for it when nothing else does.
+SCORERS = Registry("curriculum scorer", traits={"needs_student_model": False})
 register_scorer = SCORERS.register
-ORDERS = Registry("curriculum order")
+# uses_difficulty: the order depends on the difficulties it is given (random does not).
+ORDERS = Registry("curriculum order", traits={"uses_difficulty": True})
 register_order = ORDERS.register
 PACINGS = Registry("pacing function")
 register_pacing = PACINGS.register
-PLANS = Registry("curriculum type")
+# scheduled: the plan changes what a step draws or how much an example counts (none does not).
+PLANS = Registry("curriculum type", traits={"scheduled": True})
 register_plan = PLANS.register
+# curriculum.weights of type self_paced: the weight v_i of an example of loss ℓ_i under threshold λ.
+SELF_PACED_WEIGHTS = Registry("self-paced weighting")
 
 Pacing = Callable[[int], float]  # optimizer step -> fraction of the data in use
 
@@ -88,7 +94,7 @@ def learned_epoch(ctx: ScoreContext) -> Tensor:
     return ctx.learned_epoch.float()
 
 
-@register_scorer("self_taught")
+@register_scorer("self_taught", needs_student_model=True)
 def self_taught(ctx: ScoreContext) -> Tensor:
     """``d_i`` = cross-entropy of a model of the *student's* architecture trained normally
     (the baseline stage's model when there is one) — "self-taught" scoring (Hacohen & Weinshall 2019)."""
@@ -107,8 +113,6 @@ def score_all(ctx: ScoreContext, chosen: str) -> dict[str, Tensor]:
     """Every scorer's difficulties that this run can compute; ``chosen`` must be one of them."""
     scores = {}
     for name in SCORERS.names():
-        if name == "self_taught" and chosen != name and ctx.self_taught_logits is None:
-            continue
         try:
             scores[name] = SCORERS.get(name)(ctx)
         except ScoreUnavailable as why:
@@ -137,7 +141,7 @@ def hard_first(difficulty: Tensor, generator: torch.Generator) -> Tensor:
     return _tie_broken(-difficulty, generator)
 
 
-@register_order("random")
+@register_order("random", uses_difficulty=False)
 def random_order(difficulty: Tensor, generator: torch.Generator) -> Tensor:
     """A random order under the same pacing: the control every curriculum must beat."""
     return torch.randperm(len(difficulty), generator=generator)
@@ -307,7 +311,7 @@ class PlanInputs:
     seed: int
 
 
-@register_plan("none")
+@register_plan("none", scheduled=False)
 def no_curriculum(p: PlanInputs) -> DataSchedule:
     """All data at every step."""
     return DataSchedule(torch.arange(len(p.labels)), p.batch_size, p.seed)
@@ -360,18 +364,20 @@ register_plan("paced")(PacedSchedule)
 class SelfPacedSchedule(DataSchedule):
     """Self-paced learning: all data is drawn, but only examples whose current loss ℓ_i
     (the student's cross-entropy with the label) is below λ count. Hard weights (Kumar, Packer & Koller 2010): ``v_i = 1[ℓ_i < λ]``; soft
-    linear weights (Jiang et al. 2014): ``v_i = max(0, 1 − ℓ_i/λ)``. λ starts at
-    ``lambda_start`` and is multiplied by ``mu`` after every epoch.
+    linear weights (Jiang et al. 2014): ``v_i = max(0, 1 − ℓ_i/λ)`` (``weights``, one of
+    :data:`SELF_PACED_WEIGHTS`). λ starts at ``lambda_start`` and is multiplied by ``mu``
+    after every epoch.
     """
 
     def __init__(self, p: PlanInputs):
         super().__init__(torch.arange(len(p.labels)), p.batch_size, p.seed)
-        self.lam, self.mu, self.soft = float(p.spec["lambda_start"]), float(p.spec["mu"]), p.spec["weights"] == "soft"
+        self.lam, self.mu = float(p.spec["lambda_start"]), float(p.spec["mu"])
+        self.weigh = SELF_PACED_WEIGHTS.get(p.spec["weights"])
         self._active, self._seen = 0.0, 0  # this epoch's examples with weight > 0, and all, over the ranks
         self._new_active, self._new_seen = 0.0, 0  # this rank's since the last collect
 
     def sample_weights(self, idx: Tensor, losses: Tensor, step: int) -> Tensor:
-        v = torch.clamp(1 - losses / self.lam, min=0) if self.soft else (losses < self.lam).float()
+        v = self.weigh(losses, self.lam)
         self._new_active += (v > 0).sum().item()
         self._new_seen += len(v)
         return v
@@ -391,6 +397,18 @@ class SelfPacedSchedule(DataSchedule):
 
 
 register_plan("self_paced")(SelfPacedSchedule)
+
+
+@SELF_PACED_WEIGHTS.register("hard")
+def hard_weights(losses: Tensor, lam: float) -> Tensor:
+    """Kumar, Packer & Koller (2010): ``v_i = 1[ℓ_i < λ]``."""
+    return (losses < lam).float()
+
+
+@SELF_PACED_WEIGHTS.register("soft")
+def soft_weights(losses: Tensor, lam: float) -> Tensor:
+    """Linear soft weights (Jiang et al. 2014): ``v_i = max(0, 1 − ℓ_i/λ)``."""
+    return torch.clamp(1 - losses / lam, min=0)
 
 
 class ClassSchedule(DataSchedule):

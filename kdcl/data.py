@@ -193,16 +193,19 @@ class Padding:
     """A crop padding mode: ``pad(x, p, black)`` pads a normalised batch by ``p`` pixels
     (``black``: the normalised value of a 0 pixel, per channel), and ``torchvision(mean)``
     gives ``torchvision.transforms.RandomCrop``'s keywords for the same border on uint8
-    images (``mean`` on the [0, 1] scale), for reference loops built on torchvision."""
+    images (``mean`` on the [0, 1] scale), for reference loops built on torchvision.
+    ``mirrors``: the border is the image mirrored, so it is narrower than the image."""
 
     pad: Callable[[Tensor, int, Tensor], Tensor]
     torchvision: Callable[[Sequence[float]], dict[str, Any]]
+    mirrors: bool = False
 
 
 PADDINGS.register("reflect")(Padding(
     # Mirror about the border without repeating the edge pixel (airbench's augmentation): no artificial edge.
     pad=lambda x, p, black: torch.nn.functional.pad(x, (p, p, p, p), mode="reflect"),
-    torchvision=lambda mean: {"padding_mode": "reflect"}))
+    torchvision=lambda mean: {"padding_mode": "reflect"},
+    mirrors=True))
 PADDINGS.register("mean")(Padding(
     # The dataset's mean colour: 0 after normalisation (torchvision: the nearest uint8 colour).
     pad=lambda x, p, black: constant_padding(x, p, torch.zeros_like(black)),
@@ -222,12 +225,14 @@ def constant_padding(x: Tensor, p: int, fill: Tensor) -> Tensor:
 
 
 def check_padding(mode: str, crop_padding: int, input_shape: Sequence[int]) -> None:
-    """``reflect`` mirrors at most H − 1 (W − 1) pixels: refuse a larger padding before training."""
+    """A mirroring mode (``reflect``) mirrors at most H − 1 (W − 1) pixels: refuse a larger
+    padding before training."""
     h, w = input_shape[-2:]
-    if mode == "reflect" and crop_padding >= min(h, w):
+    if PADDINGS.get(mode).mirrors and crop_padding >= min(h, w):
+        other = next(name for name in PADDINGS if not PADDINGS.get(name).mirrors)
         raise KdclError(f"dataset.crop_padding={crop_padding} cannot be reflected in {h}×{w} images "
-                        f"(reflect padding needs crop_padding < {min(h, w)})",
-                        fix=f"lower dataset.crop_padding below {min(h, w)} or set dataset.crop_padding_mode=mean")
+                        f"({mode} padding needs crop_padding < {min(h, w)})",
+                        fix=f"lower dataset.crop_padding below {min(h, w)} or set dataset.crop_padding_mode={other}")
 
 
 class Preprocess:

@@ -127,7 +127,7 @@ def test_installed_wheel_ships_configs_and_runs_anywhere(tmp_path):
     subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", wheel_dir, ROOT], check=True)
     wheel = next(wheel_dir.glob("kdcl-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    for yaml in ("kdcl/conf/config.yaml", "kdcl/conf/eval.yaml", "kdcl/conf/teacher/resnet50.yaml",
+    for yaml in ("kdcl/conf/config.yaml", "kdcl/conf/eval.yaml", "kdcl/conf/models/resnet50.yaml",
                  "kdcl/conf/experiment/resnet50_to_mobilenet.yaml", "kdcl/conf/hydra/job_logging/kdcl.yaml"):
         assert yaml in names
     subprocess.run([*pip, "install", "--no-deps", "--target", target, wheel], check=True)

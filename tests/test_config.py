@@ -12,10 +12,10 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from kdcl.config import schema
+from kdcl.config import checks, schema
 from kdcl.config.checks import composition_error, validate, validate_eval
-from kdcl.config.options import CONF_DIR
-from kdcl.curricula import PACINGS, SCORERS
+from kdcl.config.options import CONF_DIR, option_folder
+from kdcl.curricula import ORDERS, PACINGS, SCORERS
 from kdcl.data import DATASETS
 from kdcl.distill.losses import LOSSES
 from kdcl.errors import KdclError
@@ -27,7 +27,7 @@ EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yam
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+    return sorted(p.stem for p in option_folder(group).glob("*.yaml"))
 
 
 def check_names(cfg: dict) -> None:
@@ -117,18 +117,17 @@ BAD = {
     "dataset.test_fraction": 1.0, "dataset.image_size": 0, "dataset.train_samples": 0, "dataset.test_samples": 0,
     "dataset.image_shape": [3, 16], "dataset.num_classes": 1,
     "curriculum.pacing.start": 0.0, "curriculum.pacing.full_at": 1.5, "curriculum.adaptive_delta": -0.1,
-    "curriculum.weight_start": 1.5, "curriculum.lambda_start": 0.0, "curriculum.mu": 0.0, "curriculum.weights": "medium",
+    "curriculum.weight_start": 1.5, "curriculum.lambda_start": 0.0, "curriculum.mu": 0.0,
     "curriculum.start_classes": 0, "curriculum.add_classes": 0, "curriculum.every_epochs": 0, "curriculum.threshold": 1.5,
     "distill.alpha": 1.5, "distill.temperature": 0.0, "distill.alpha_start": -0.5, "distill.temperature_start": 0.0,
     "distill.learnable_temperature": {"ramp": 5}, "distill.teacher_noise": -0.1, "distill.input_noise": -0.1,
-    "distill.teacher_weights": [1, -1], "distill.teacher_cache": "views:0", "distill.teacher_cache_store": "cloud",
-    "distill.teacher_cache_shard_mb": 0.0,
+    "distill.teacher_weights": [1, -1], "distill.teacher_cache_shard_mb": 0.0,
     "optimizer.lr": 0.0, "optimizer.weight_decay": -1e-4, "optimizer.momentum": 1.0, "optimizer.betas": [0.9],
     "scheduler.warmup_epochs": -1.0, "scheduler.min_factor": 1.5, "scheduler.milestones": [0.5, 1.5], "scheduler.gamma": 0.0,
     "trainer.epochs": 0, "trainer.batch_size": 0, "trainer.eval_batch_size": 0, "trainer.device": "gpu",
     "trainer.amp": "maybe", "trainer.early_stopping_patience": 0, "trainer.checkpoint_every_steps": 0,
     "trainer.threads": 0, "trainer.devices": 0,
-    "scenario.tasks": 1, "scenario.class_order": "alphabetical", "scenario.arms": [], "scenario.memory_per_class": -1,
+    "scenario.tasks": 1, "scenario.class_order": [1, 1], "scenario.arms": [], "scenario.memory_per_class": -1,
     "scenario.warmup_epochs": -1, "scenario.lwf.lam": -1.0, "scenario.lwf.temperature": 0.0,
 }
 # Options under which the option keys exist.
@@ -248,12 +247,49 @@ def test_arms_are_checked_as_they_run(compose_cfg):
 @pytest.mark.parametrize(
     ("override", "key"),
     [("curriculum.order=hardest_first", "curriculum.order"), ("curriculum.pacing.name=cubic", "curriculum.pacing.name"),
-     ("distill.sample_weight=trust", "distill.sample_weight"), ("curriculum.scorer=loss", "curriculum.scorer")],
+     ("distill.sample_weight=trust", "distill.sample_weight"), ("curriculum.scorer=loss", "curriculum.scorer"),
+     ("curriculum.weights=medium", "curriculum.weights"), ("distill.teacher_cache_store=cloud", "distill.teacher_cache_store"),
+     ("distill.teacher_cache=views:0", "distill.teacher_cache"), ("distill.teacher_cache=views", "distill.teacher_cache"),
+     ("distill.teacher_cache=no_aug:2", "distill.teacher_cache"), ("distill.teacher_cache=online", "distill.teacher_cache")],
 )
 def test_unknown_names_are_refused_before_training(compose_cfg, override, key):
     with pytest.raises(KdclError, match=key.replace(".", r"\.")) as err:
         validate(OmegaConf.create(compose_cfg([override])))
     assert "choose one of" in err.value.fix
+
+
+@pytest.mark.parametrize(("key", "registry"), sorted(checks._registered_names().items()))
+def test_named_keys_list_their_registry(compose_cfg, key, registry):
+    """A key that names a registry entry: every entry passes and the refusal lists the
+    registry's entries, not a list of names of its own (schema.py has no rule for it)."""
+    assert schema.lookup(schema.TrainConfig, key).check is None
+    assert list(registry), key
+    cfg = compose_cfg([])
+    *parents, name = key.split(".")
+    node = cfg
+    for part in parents:
+        node = node[part]
+    for entry in registry:  # teacher_cache lists views:K (K ≥ 1)
+        node[name] = entry.replace(":K (K ≥ 1)", ":3")
+        checks._check_names(cfg, {key: registry})
+    node[name] = "no_such_entry"
+    with pytest.raises(KdclError) as err:
+        checks._check_names(cfg, {key: registry})
+    assert err.value.what == f"{key}='no_such_entry' is not a known {registry.kind}"
+    assert err.value.fix == f"choose one of: {', '.join(registry)}"
+
+
+def test_class_order_names_a_class_order(compose_cfg):
+    from kdcl.scenarios import REGISTERED_NAMES
+    from kdcl.scenarios.class_incremental import CLASS_ORDERS
+
+    assert set(CLASS_ORDERS) == {"natural", *ORDERS}
+    cfg = compose_cfg(["scenario=class_incremental"])
+    for order in [*CLASS_ORDERS, [2, 0, 1]]:
+        validate({**cfg, "scenario": {**cfg["scenario"], "class_order": order}}, registries=REGISTERED_NAMES)
+    with pytest.raises(KdclError, match=r"^scenario\.class_order='alphabetical' is not a known class order") as err:
+        validate({**cfg, "scenario": {**cfg["scenario"], "class_order": "alphabetical"}}, registries=REGISTERED_NAMES)
+    assert err.value.fix == f"choose one of: {', '.join(CLASS_ORDERS)}"
 
 
 def test_every_loss_has_its_option_file():

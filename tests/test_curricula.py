@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from kdcl.curricula import (
+    ORDERS,
     PACINGS,
     PLANS,
     SCORERS,
+    SELF_PACED_WEIGHTS,
     DataSchedule,
     LearnedEpochs,
     PlanInputs,
@@ -211,6 +213,19 @@ def test_score_all_and_unavailable_scorer(noisy_toy):
     assert "learned_epoch" not in score_all(no_dynamics, "teacher_loss")
     with pytest.raises(KdclError, match="learned_epoch"):
         score_all(no_dynamics, "learned_epoch")
+
+
+def test_entries_declare_what_sets_them_apart(noisy_toy):
+    """What the run treats differently is a trait of the entry, not its name."""
+    assert [n for n in SCORERS if SCORERS.trait(n, "needs_student_model")] == ["self_taught"]
+    assert [n for n in ORDERS if not ORDERS.trait(n, "uses_difficulty")] == ["random"]
+    assert [n for n in PLANS if not PLANS.trait(n, "scheduled")] == ["none"]
+    assert SELF_PACED_WEIGHTS.names() == ["hard", "soft"]
+    ctx, _ = noisy_toy
+    without = ScoreContext(ctx.labels, ctx.teacher_logits, seed=0, learned_epoch=ctx.learned_epoch)
+    assert set(score_all(without, "teacher_loss")) == set(SCORERS.names()) - {"self_taught"}
+    with pytest.raises(KdclError, match="self_taught is unavailable"):
+        score_all(without, "self_taught")
 
 
 def test_orders_and_class_balance():

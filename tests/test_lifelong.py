@@ -15,11 +15,13 @@ from conftest import compose_config, run_cli
 
 from kdcl.cli import main as kdcl_main
 from kdcl.commands.eval import run_eval
+from kdcl.curricula import ORDERS
 from kdcl.data import TensorSource, class_map, load_data, with_classes
 from kdcl.distill.losses import create_loss
 from kdcl.errors import KdclError
 from kdcl.models import MODELS, classifier, create_model, grow_head
 from kdcl.scenarios.class_incremental import (
+    CLASS_ORDERS,
     accuracy_row,
     average_accuracy,
     backward_transfer,
@@ -27,6 +29,7 @@ from kdcl.scenarios.class_incremental import (
     forgetting,
     new_outputs_only,
     run_class_incremental,
+    uses_difficulty,
 )
 from kdcl.train.checkpoint import load_checkpoint
 
@@ -119,6 +122,18 @@ def test_the_warm_up_trains_the_new_outputs_only():
     assert torch.equal(before[f"{head_name}.weight"][:2], head.weight[:2])  # so are the old classes' rows
     assert not torch.equal(before[f"{head_name}.weight"][2:], head.weight[2:])
     assert all(p.requires_grad for p in model.parameters())  # and everything trains again afterwards
+
+
+def test_class_orders_are_natural_and_the_curriculum_orders():
+    """scenario.class_order: natural (by index) or any curriculum order applied to the
+    classes' mean difficulty; only those that read the difficulty need a teacher."""
+    assert CLASS_ORDERS.names() == sorted(["natural", *ORDERS])
+    difficulty = torch.tensor([0.3, 0.1, 0.2])
+    assert CLASS_ORDERS.create("natural", difficulty, torch.Generator()).tolist() == [0, 1, 2]
+    assert CLASS_ORDERS.create("easy_first", difficulty, torch.Generator()).tolist() == [1, 2, 0]
+    assert all(CLASS_ORDERS.get(name) is ORDERS.get(name) for name in ORDERS)
+    assert [name for name in CLASS_ORDERS if uses_difficulty(name)] == ["easy_first", "hard_first"]
+    assert not uses_difficulty([2, 0, 1])
 
 
 def test_with_classes_relabels_in_task_order():
@@ -268,6 +283,7 @@ def test_memory_curriculum_and_class_order_compose(tmp_path):
     ("scenario.objective_arm=joint2", "scenario.objective_arm='joint2' is not one of scenario.arms"),
     ("scenario.tasks=11", "scenario.tasks=11 is more than the 10 classes"),
     ("scenario.class_order=[0,1,12]", "names class 12, but the dataset has 10 classes"),
+    ("scenario.class_order=alphabetical", "scenario.class_order='alphabetical' is not a known class order"),
     ("scenario.lwf.lam=-1", "scenario.lwf.lam=-1 is out of range"),
 ])
 def test_bad_scenario_settings_are_one_clear_error(capsys, tmp_path, override, needle):

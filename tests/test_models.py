@@ -1,4 +1,4 @@
-"""Tests for kdcl.models and the model options in conf/teacher and conf/student."""
+"""Tests for kdcl.models and the model options in conf/models (both teacher and student options)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from kdcl.errors import KdclError
 from kdcl.models import MODELS, count_params, create_model, size_mb
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
-MODEL_DIRS = ("teacher", "student")
 
 
 @pytest.mark.parametrize("num_classes", [10, 7])
@@ -133,15 +132,15 @@ def _yaml_files(directory: str) -> dict[str, str]:
     return {p.name: p.read_text() for p in sorted((CONF / directory).glob("*.yaml"))}
 
 
-def test_teacher_and_student_options_are_identical():
-    teacher, student = (_yaml_files(d) for d in MODEL_DIRS)
-    assert teacher, "conf/teacher holds no YAML files"
-    assert teacher == student
+def test_a_model_option_is_one_file():
+    """conf/models holds the options of both groups; there is no per-group copy to keep in step."""
+    assert _yaml_files("models"), "conf/models holds no YAML files"
+    assert not (CONF / "teacher").exists() and not (CONF / "student").exists()
 
 
-@pytest.mark.parametrize("option", sorted(_yaml_files("teacher")))
+@pytest.mark.parametrize("option", sorted(_yaml_files("models")))
 def test_model_option_builds_with_stated_parameter_count(option: str):
-    text = _yaml_files("teacher")[option]
+    text = _yaml_files("models")[option]
     config = yaml.safe_load(text)
     assert set(config) == {"name", "kwargs"}
     assert config["name"] in MODELS

@@ -15,7 +15,15 @@ from conftest import QUICK, compose_config
 from torch import nn
 
 from kdcl.data import Preprocess, TensorSource
-from kdcl.distill.feeds import DiskLogits, FeedInputs, build_feed, parse
+from kdcl.distill.feeds import (
+    FEEDS,
+    TEACHER_CACHES,
+    DiskLogits,
+    FeedInputs,
+    build_feed,
+    caches,
+    parse,
+)
 from kdcl.errors import KdclError
 from kdcl.models import create_model, fold_batchnorm
 from kdcl.scenarios.standard import run_pipeline
@@ -67,8 +75,22 @@ def test_augmentation_is_deterministic_for_a_seed():
 def test_spec_parsing():
     assert parse("views:8") == ("views", 8) and parse("none") == ("none", 1) and parse("no_aug") == ("no_aug", 1)
     for bad in ("views", "views:0", "views:x", "no_aug:2", "online"):
-        with pytest.raises(KdclError, match="not a teacher cache"):
+        with pytest.raises(KdclError, match="not a teacher cache") as err:
             parse(bad)
+        assert err.value.fix == "choose one of: no_aug, none, views:K (K ≥ 1)"
+        assert bad not in TEACHER_CACHES
+    assert all(spec in TEACHER_CACHES for spec in ("views:8", "none", "no_aug"))
+
+
+def test_a_feed_declares_whether_it_caches_and_takes_a_count(monkeypatch):
+    """``none`` runs the teacher every step and ``views`` takes K by their traits: a feed
+    registered with the same traits is parsed, listed and cached the same way."""
+    assert (caches("none"), caches("no_aug"), caches("views:2")) == (False, True, True)
+    assert [n for n in FEEDS if FEEDS.trait(n, "counted")] == ["views"]
+    monkeypatch.setitem(FEEDS._entries, "crops", FEEDS.get("views"))
+    monkeypatch.setitem(FEEDS._traits, "crops", {"counted": True})
+    assert parse("crops:3") == ("crops", 3) and caches("crops:3") and "crops:3" in TEACHER_CACHES
+    assert "crops" not in TEACHER_CACHES and "crops:K (K ≥ 1)" in list(TEACHER_CACHES)
 
 
 def test_cached_logits_equal_online_logits_for_the_same_view(setting):

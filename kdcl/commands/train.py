@@ -16,7 +16,7 @@ from kdcl import distributed
 from kdcl.commands.job import output_dir, plain_config
 from kdcl.config.checks import validate
 from kdcl.errors import KdclError
-from kdcl.scenarios import SCENARIOS
+from kdcl.scenarios import REGISTERED_NAMES, SCENARIOS
 from kdcl.train.engine import resolve_device
 
 log = logging.getLogger("kdcl")
@@ -33,7 +33,7 @@ def train_command(cfg: DictConfig) -> float:
                             fix="pass the run directory of an earlier kdcl train (the one holding summary.csv or teacher/)")
         log.info("resuming the run in %s with its own config", out)
         cfg = OmegaConf.load(saved)
-    validate(cfg, registries={"scenario.name": SCENARIOS})
+    validate(cfg, registries=REGISTERED_NAMES)
     plain = plain_config(cfg)
     scenario = SCENARIOS.get(plain.get("scenario", {}).get("name", "standard"))  # absent from configs saved before it
     devices = cfg.trainer.get("devices", 1)  # absent from configs saved before it existed

@@ -1,4 +1,7 @@
 """The config: its schema (:mod:`.schema`), the readers of ``conf/`` options
-(:mod:`.options`) and the checks run before anything trains (:mod:`.checks`)."""
+(:mod:`.options`), the model options Hydra offers as teacher and student (:mod:`.models`)
+and the checks run before anything trains (:mod:`.checks`)."""
 
-from kdcl.config import schema  # noqa: F401  (registers schema/train, schema/eval, schema/bench with Hydra)
+# Registered with Hydra on import: the teacher and student groups (models) and
+# schema/train, schema/eval, schema/bench (schema).
+from kdcl.config import models, schema  # noqa: F401

@@ -30,10 +30,12 @@ from kdcl.registry import Registry
 
 
 def _registered_names() -> dict[str, Any]:
-    """Config keys that name a registry entry, and the registry (imported lazily: heavy)."""
-    from kdcl.curricula import ORDERS, PACINGS, PLANS, SCORERS
+    """Config keys that name a registry entry, and the registry (imported lazily: heavy).
+    ``distill.teacher_cache`` names a feed, ``NAME:K`` for a counted one (``views:8``)."""
+    from kdcl.curricula import ORDERS, PACINGS, PLANS, SCORERS, SELF_PACED_WEIGHTS
     from kdcl.data import DATASETS, PADDINGS
     from kdcl.distill.control import SAMPLE_WEIGHTS
+    from kdcl.distill.feeds import STORES, TEACHER_CACHES
     from kdcl.distill.losses import LOSSES
     from kdcl.distill.teachers import COMBINATIONS
     from kdcl.models import MODELS
@@ -44,8 +46,9 @@ def _registered_names() -> dict[str, Any]:
         "dataset.crop_padding_mode": PADDINGS, "distill.name": LOSSES,
         "distill.sample_weight": SAMPLE_WEIGHTS, "distill.alpha_schedule": SCHEDULES,
         "distill.temperature_schedule": SCHEDULES, "curriculum.type": PLANS, "curriculum.scorer": SCORERS,
-        "curriculum.order": ORDERS, "curriculum.pacing.name": PACINGS, "optimizer.name": OPTIMIZERS,
-        "scheduler.name": SCHEDULES, "distill.teacher_combine": COMBINATIONS,
+        "curriculum.order": ORDERS, "curriculum.pacing.name": PACINGS, "curriculum.weights": SELF_PACED_WEIGHTS,
+        "optimizer.name": OPTIMIZERS, "scheduler.name": SCHEDULES, "distill.teacher_combine": COMBINATIONS,
+        "distill.teacher_cache": TEACHER_CACHES, "distill.teacher_cache_store": STORES,
     }
 
 
@@ -87,9 +90,11 @@ def _container(cfg: Any) -> dict[str, Any]:
 
 
 def _check_names(cfg: dict[str, Any], registries: dict[str, Any], prefix: str = "") -> None:
+    """Every name a key of ``registries`` gives is in its registry (a key that may also hold
+    a list, ``scenario.class_order``, is checked when it holds a name)."""
     for key, registry in registries.items():  # before any training, not when first used
         value = OmegaConf.select(OmegaConf.create(cfg), key, default=None)
-        if value is not None and value not in registry:
+        if isinstance(value, str) and value not in registry:
             raise KdclError(f"{prefix}{key}={_shown(value)} is not a known {registry.kind}",
                             fix=f"choose one of: {', '.join(registry)}")
 

@@ -1,5 +1,8 @@
 """Readers of the option files in ``conf/``: a group's option by name, the run's teacher
-specs, and an arm's distill and curriculum sections."""
+specs, and an arm's distill and curriculum sections.
+
+A model option is one file, ``conf/models/NAME.yaml``, and an option of both the ``teacher``
+and the ``student`` group (:mod:`kdcl.config.models` offers it to Hydra under both names)."""
 
 from __future__ import annotations
 
@@ -24,16 +27,26 @@ def _conf_dir() -> str:
 
 CONF_DIR = _conf_dir()
 
+MODEL_GROUPS = ("teacher", "student")  # their options are the files of conf/models/
+MODEL_FOLDER = "models"  # not "model": a folder of conf/ is a group, and kdcl eval has a key model
+
+
+def option_folder(group: str) -> Path:
+    """The folder of ``group``'s option files: ``conf/models`` for teacher and student,
+    ``conf/<group>`` for the others."""
+    return Path(CONF_DIR) / (MODEL_FOLDER if group in MODEL_GROUPS else group)
+
 
 def model_option(name: str) -> dict[str, Any]:
-    """The model spec of a ``conf/teacher`` option (``cnn_small`` → name cnn, width 8)."""
+    """The model spec of a model option, ``conf/models/NAME.yaml`` (``cnn_small`` → name cnn, width 8)."""
     return {"pretrained": False, **group_option("teacher", name)}
 
 
 def group_option(group: str, name: str) -> dict[str, Any]:
     """The keys of option ``name`` of config group ``group`` (``conf/<group>/<name>.yaml``,
-    without its defaults list); an unknown option lists the group's options."""
-    folder = Path(CONF_DIR) / group
+    ``conf/models/<name>.yaml`` for teacher and student; without its defaults list); an
+    unknown option lists the group's options."""
+    folder = option_folder(group)
     path = folder / f"{name}.yaml"
     if not path.is_file():
         raise KdclError(f"{group} has no option {name!r}",
@@ -44,7 +57,7 @@ def group_option(group: str, name: str) -> dict[str, Any]:
 
 
 def teacher_specs(cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    """The run's teacher specs: ``teachers`` (options of conf/teacher, or specs with
+    """The run's teacher specs: ``teachers`` (model options, conf/models, or specs with
     ``name``, ``kwargs``, ``pretrained``, ``checkpoint``) when given, else ``teacher``."""
     entries = cfg.get("teachers")
     if not entries:

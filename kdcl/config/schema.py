@@ -29,7 +29,10 @@ model factory's arguments (checked by its signature) and accept new keys
 refuses any key the schema does not list.
 
 Adding a config key: one field here (type, and ``key(allowed, check)`` for a range) plus
-its line, with the value and a comment, in the YAML file that sets it. A key that may be
+its line, with the value and a comment, in the YAML file that sets it. A key whose value
+names a registry entry (``curriculum.order``, ``distill.teacher_cache_store``, …) has no
+rule here: :func:`kdcl.config.checks.validate` checks it against the registry
+(``_registered_names``), so the names live in one place, the registry. A key that may be
 null *or* a list or mapping is typed ``Any`` with a rule: merged last, a ``MISSING``
 container field would replace the null.
 """
@@ -62,17 +65,6 @@ def _numbers(v: Any, ok: Callable[[float], bool] = lambda x: True) -> bool:
 def _spec(v: Any) -> bool:
     """A model given as an option name (``resnet8``) or a spec mapping with a ``name``."""
     return isinstance(v, str) or (isinstance(v, dict) and isinstance(v.get("name"), str))
-
-
-def _teacher_cache(v: Any) -> bool:
-    from kdcl.distill.feeds import parse
-    from kdcl.errors import KdclError
-
-    try:
-        parse(v)
-    except KdclError:
-        return False
-    return True
 
 
 def _device(v: str) -> bool:
@@ -182,7 +174,7 @@ class CurriculumConfig:
     weight_start: Optional[float] = key(*_or_null(UNIT))
     lambda_start: float = key(*POSITIVE)
     mu: float = key(*POSITIVE)
-    weights: str = key("hard or soft", lambda v: v in ("hard", "soft"))
+    weights: str = key()
     start_classes: int = key(*COUNT)
     add_classes: int = key(*COUNT)
     every_epochs: Optional[int] = key(*_or_null(COUNT))
@@ -212,8 +204,8 @@ class DistillConfig:
     teacher_combine: str = key()
     teacher_weights: Any = key("null or a list of numbers ≥ 0 (one per teacher)",
                                lambda v: v is None or _numbers(v, lambda x: x >= 0))
-    teacher_cache: str = key("none, no_aug or views:K with K ≥ 1", lambda v: _teacher_cache(v))
-    teacher_cache_store: str = key("memory or disk", lambda v: v in ("memory", "disk"))
+    teacher_cache: str = key()
+    teacher_cache_store: str = key()
     teacher_cache_shard_mb: float = key(*POSITIVE)
 
 
@@ -289,8 +281,9 @@ class LwfSettings:
 
 
 def _class_order(v: Any) -> bool:
+    """A class order's name (checked against its registry) or a list of distinct class indices."""
     if isinstance(v, str):
-        return v in ("natural", "easy_first", "hard_first", "random")
+        return True
     return isinstance(v, list) and len(v) == len(set(v)) > 0 and all(isinstance(c, int) and c >= 0 for c in v)
 
 
@@ -299,7 +292,7 @@ class ScenarioOptionKeys:
     """Keys of ``scenario=class_incremental`` (checked when present)."""
 
     tasks: int = key("an integer ≥ 2", lambda v: v >= 2)
-    class_order: Any = key("natural, easy_first, hard_first, random, or a list of distinct class indices", _class_order)
+    class_order: Any = key("a class order's name or a list of distinct class indices", _class_order)
     arms: List[str] = key("a non-empty list of distinct strategies", lambda v: len(v) == len(set(v)) > 0)
     objective_arm: str = key()
     memory_per_class: int = key(*COUNT_OR_ZERO)

@@ -34,7 +34,7 @@ import math
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -47,7 +47,10 @@ from kdcl.registry import Registry
 
 log = logging.getLogger(__name__)
 
-FEEDS = Registry("teacher cache")
+# caches: the feed computes the teacher's logits once, before the first step, and a stage
+# reuses them (none runs the teacher every step). counted: the feed is named NAME:K, K ≥ 1
+# (views:K); the others by their name alone.
+FEEDS = Registry("teacher cache", traits={"caches": True, "counted": False})
 register_feed = FEEDS.register
 STORES = Registry("teacher cache store")
 
@@ -73,8 +76,8 @@ class FeedInputs:
     num_classes: int
     batch_size: int  # examples per teacher pass when filling a cache: the training batch, as online
     seed: int  # seeds the views
-    views: int  # K of views:K
-    store: str  # memory | disk
+    views: int  # K of a counted feed (views:K)
+    store: str  # one of STORES
     directory: Path  # where disk shards go
     shard_mb: float
 
@@ -82,10 +85,36 @@ class FeedInputs:
 def parse(spec: str) -> tuple[str, int]:
     """``"views:8"`` → ("views", 8); ``"none"`` / ``"no_aug"`` → (name, 1)."""
     name, _, k = str(spec).partition(":")
-    if name not in FEEDS or (name == "views") != bool(k) or (k and (not k.isdigit() or int(k) < 1)):
+    if name not in FEEDS or FEEDS.trait(name, "counted") != bool(k) or (k and (not k.isdigit() or int(k) < 1)):
         raise KdclError(f"distill.teacher_cache={spec!r} is not a teacher cache",
-                        fix="use none, no_aug or views:K with K ≥ 1 (e.g. views:8)")
+                        fix=f"choose one of: {', '.join(TEACHER_CACHES)}")
     return name, int(k or 1)
+
+
+def caches(spec: str) -> bool:
+    """Whether the feed ``spec`` names computes the teacher's logits once (a cache)."""
+    return FEEDS.trait(parse(spec)[0], "caches")
+
+
+class FeedSpecs:
+    """The values ``distill.teacher_cache`` takes: a feed's name, or ``NAME:K`` (K ≥ 1)
+    for a counted feed. Like a registry to the config checks: ``spec in TEACHER_CACHES``,
+    and listed as the forms a value may take."""
+
+    kind = FEEDS.kind
+
+    def __contains__(self, spec: object) -> bool:
+        try:
+            parse(spec)
+        except KdclError:
+            return False
+        return True
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([f"{name}:K (K ≥ 1)" if FEEDS.trait(name, "counted") else name for name in FEEDS])
+
+
+TEACHER_CACHES = FeedSpecs()
 
 
 def build_feed(spec: str, inputs: FeedInputs) -> Feed:
@@ -93,7 +122,7 @@ def build_feed(spec: str, inputs: FeedInputs) -> Feed:
     return FEEDS.create(name, inputs)
 
 
-@register_feed("none")
+@register_feed("none", caches=False)
 class OnlineTeacher:
     """Fresh random augmentation and a teacher pass every step (the teacher in eval mode,
     under ``inference_mode``: no autograd state at all)."""
@@ -144,7 +173,7 @@ class CachedViews:
                                                 self.params.mirror[idx, v]))
 
 
-@register_feed("views")
+@register_feed("views", counted=True)
 def fixed_views(inputs: FeedInputs) -> CachedViews:
     """K views per example, crop offsets and flips drawn once from the run seed (on the CPU,
     so a seed gives the same views on every device)."""
@@ -177,6 +206,7 @@ class MemoryLogits:
     """(N, K, C) fp16 logits on the training device."""
 
     def __init__(self, n: int, k: int, inputs: FeedInputs):
+        self.where = "in memory"
         self.table = torch.empty(n, k, inputs.num_classes, dtype=torch.float16, device=inputs.preprocess.mean.device)
 
     def put(self, idx: Tensor, v: int, logits: Tensor) -> None:
@@ -194,6 +224,7 @@ class DiskLogits:
     def __init__(self, n: int, k: int, inputs: FeedInputs):
         directory, c = inputs.directory, inputs.num_classes
         directory.mkdir(parents=True, exist_ok=True)
+        self.where = f"on disk in {directory}"
         self.rows = max(1, int(inputs.shard_mb * 2**20 // (k * c * 2)))
         self.device = inputs.preprocess.mean.device
         self.shards = [
@@ -233,6 +264,5 @@ def _fill(inputs: FeedInputs, views: CachedViews) -> MemoryLogits | DiskLogits:
                 idx = idx.to(device)
                 with inputs.autocast():
                     store.put(idx, v, teacher(views.pixels(x, idx, torch.full_like(idx, v)), y).float())
-    log.info("teacher cache: %d view(s) × %d examples, fp16 %s", views.k, n,
-             "in memory" if inputs.store == "memory" else f"on disk in {inputs.directory}")
+    log.info("teacher cache: %d view(s) × %d examples, fp16 %s", views.k, n, store.where)
     return store

@@ -21,7 +21,11 @@ from typing import Any, Callable
 import pandas as pd
 
 from kdcl.registry import Registry
-from kdcl.scenarios.class_incremental import objective_arm, run_class_incremental
+from kdcl.scenarios.class_incremental import (
+    CLASS_ORDERS,
+    objective_arm,
+    run_class_incremental,
+)
 from kdcl.scenarios.standard import distilled_student, run_pipeline
 
 RunFn = Callable[[dict[str, Any], Path], pd.DataFrame]
@@ -37,3 +41,7 @@ SCENARIOS = Registry("scenario", {
     "standard": Scenario(run_pipeline, objective=distilled_student),
     "class_incremental": Scenario(run_class_incremental, objective=objective_arm),
 })
+
+# Config keys that name an entry of a registry of this layer: checked with the rest of the
+# config before anything trains (kdcl.config.checks.validate's ``registries``).
+REGISTERED_NAMES = {"scenario.name": SCENARIOS, "scenario.class_order": CLASS_ORDERS}

@@ -60,7 +60,7 @@ import torch
 from torch import Tensor, nn
 
 from kdcl import distributed
-from kdcl.curricula import class_difficulty, make_order
+from kdcl.curricula import ORDERS, PLANS, class_difficulty
 from kdcl.data import Source, class_map, with_classes
 from kdcl.errors import KdclError
 from kdcl.models import classifier, count_params, freeze, grow_head
@@ -134,6 +134,23 @@ def joint(task: Task) -> Recipe:
     return Recipe(task.seen, CE_ONLY)
 
 
+# --------------------------------------------------------------------------- class orders
+# scenario.class_order: a function (difficulty of each class, generator) → the classes'
+# positions in task order, like a curriculum order (kdcl.curricula.ORDERS) of examples.
+# uses_difficulty: the order needs the curriculum's scores, so the teacher trains first.
+CLASS_ORDERS = Registry("class order", traits={"uses_difficulty": True})
+
+
+@CLASS_ORDERS.register("natural", uses_difficulty=False)
+def natural_order(difficulty: Tensor, generator: torch.Generator) -> Tensor:
+    """The classes by their index."""
+    return torch.arange(len(difficulty))
+
+
+for _name in ORDERS:  # every curriculum order also orders classes, by their mean difficulty
+    CLASS_ORDERS.register(_name, uses_difficulty=ORDERS.trait(_name, "uses_difficulty"))(ORDERS.get(_name))
+
+
 # --------------------------------------------------------------------------- metrics
 def average_accuracy(acc: np.ndarray) -> np.ndarray:
     """``ā_i = (1/i)·Σ_{j≤i} A[i][j]``: the mean accuracy over the tasks seen after each task i."""
@@ -202,7 +219,7 @@ def run_class_incremental(cfg: dict[str, Any], out: Path) -> pd.DataFrame:
         raise KdclError(f"scenario.tasks={settings['tasks']} is more than the {len(classes)} classes to learn",
                         fix=f"set scenario.tasks to at most {len(classes)}")
     with graceful_stop():
-        if cfg["curriculum"]["type"] != "none" or settings["class_order"] in ("easy_first", "hard_first"):
+        if PLANS.trait(cfg["curriculum"]["type"], "scheduled") or uses_difficulty(settings["class_order"]):
             teacher_stage(run)
             curriculum_stage(run)
         order = class_order(run, classes)
@@ -225,15 +242,21 @@ def check_order(spec: Any, num_classes: int) -> list[int]:
     return list(spec)
 
 
+def uses_difficulty(spec: Any) -> bool:
+    """Whether ``scenario.class_order`` needs the curriculum's difficulty scores."""
+    return not isinstance(spec, list) and CLASS_ORDERS.trait(spec, "uses_difficulty")
+
+
 def class_order(run: Run, classes: list[int]) -> list[int]:
-    """``classes`` in ``scenario.class_order``: as listed (a list, or natural), at random
-    (seeded), or by the mean difficulty of their examples under the curriculum's scorer."""
+    """``classes`` in ``scenario.class_order``: as listed (a list), or by a :data:`CLASS_ORDERS`
+    entry: by index (natural), at random (seeded), or by the mean difficulty of their
+    examples under the curriculum's scorer."""
     spec = run.cfg["scenario"]["class_order"]
-    if isinstance(spec, list) or spec == "natural":
+    if isinstance(spec, list):
         return classes
     scores = run.scores.get(run.cfg["curriculum"]["scorer"], torch.zeros(len(run.data.train)))
     difficulty = class_difficulty(scores, run.data.train.labels, run.data.num_classes)[classes]
-    ranked = make_order(difficulty, torch.arange(len(classes)), spec, False, run.cfg["seed"])
+    ranked = CLASS_ORDERS.get(spec)(difficulty, torch.Generator().manual_seed(run.cfg["seed"]))
     return [classes[i] for i in ranked.tolist()]
 
 

@@ -26,6 +26,7 @@ from kdcl import distributed
 from kdcl.config.options import arm_config, model_option, teacher_specs
 from kdcl.curricula import (
     PLANS,
+    SCORERS,
     DataSchedule,
     LearnedEpochs,
     PlanInputs,
@@ -38,7 +39,7 @@ from kdcl.curricula import (
 from kdcl.data import DataBundle, load_data
 from kdcl.distill.control import DistillControl
 from kdcl.distill.features import FeatureTap
-from kdcl.distill.feeds import Feed, FeedInputs, build_feed, parse
+from kdcl.distill.feeds import Feed, FeedInputs, build_feed, caches, parse
 from kdcl.distill.losses import create_loss
 from kdcl.distill.teachers import Teachers
 from kdcl.errors import KdclError
@@ -196,7 +197,7 @@ def curriculum_stage(run: Run) -> None:
         first, last = e * spe, (e + 1) * spe - 1
         rows.append({"epoch": e + 1, "first_step": first, "last_step": last,
                      "data_fraction_start": plan.fraction(first), "data_fraction_end": plan.fraction(last)})
-    scheduled = spec["type"] != "none"
+    scheduled = PLANS.trait(spec["type"], "scheduled")
     info = {"curriculum": spec["name"], "type": spec["type"], "scheduled": scheduled, "scorer": spec["scorer"],
             "order": spec["order"], "pacing": spec.get("pacing"), "scorers": sorted(run.scores),
             "train_examples": len(run.data.train), "steps_per_epoch": spe, "total_steps": run.total_steps}
@@ -287,7 +288,7 @@ def check_losses(run: Run) -> None:
 def check_teacher_cache(loss_cfg: dict, loss_fn: nn.Module) -> None:
     """A cache holds the (final) teacher's logits: nothing else of the teacher."""
     spec = loss_cfg.get("teacher_cache", "none")
-    if parse(spec)[0] == "none" or not loss_fn.needs_teacher:
+    if not caches(spec) or not loss_fn.needs_teacher:
         return
     needs = "its intermediate features" if loss_fn.layers()[1] else \
         "a different teacher per phase" if loss_cfg.get("teacher_route") else None
@@ -299,7 +300,7 @@ def check_teacher_cache(loss_cfg: dict, loss_fn: nn.Module) -> None:
 def self_taught_logits(run: Run):
     """Logits of a student-architecture model trained with CE: the baseline's, when it ran."""
     if "baseline" not in run.rows:
-        if run.cfg["curriculum"]["scorer"] != "self_taught":
+        if not SCORERS.trait(run.cfg["curriculum"]["scorer"], "needs_student_model"):
             return None
         return lambda: evaluate(train(run, "curriculum/self_taught", run.cfg["student"], CE_ONLY, NO_CURRICULUM,
                                       seed=run.cfg["seed"] + 1), run.data.train, run.data, run.trainer).logits
@@ -421,7 +422,7 @@ def teacher_feed(run: Run, loss_cfg: dict, teacher_at: Callable[[int], nn.Module
                         / (f"rank{distributed.rank()}" if distributed.world() > 1 else ""),  # every rank fills its own
                         loss_cfg.get("teacher_cache_shard_mb", 512))
     feed = build_feed(spec, inputs)
-    if spec != "none":  # online feeds are per stage (the teacher may follow a route)
+    if caches(spec):  # online feeds are per stage (the teacher may follow a route)
         run.feeds[key] = feed
     return feed
 
