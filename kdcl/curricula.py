@@ -300,7 +300,7 @@ class DataSchedule:
 class PlanInputs:
     """What the curriculum stage knows when it builds a plan for a training stage."""
 
-    spec: dict[str, Any]
+    spec: Any  # the curriculum section (a kdcl.config.schema.CurriculumConfig, read by attribute)
     order: Tensor  # examples easiest first
     rank: Tensor  # (N,) difficulty rank in [0, 1], 0 easiest
     labels: Tensor
@@ -330,10 +330,10 @@ class PacedSchedule(DataSchedule):
 
     def __init__(self, p: PlanInputs):
         super().__init__(p.order, p.batch_size, p.seed)
-        pacing = dict(p.spec["pacing"])
+        pacing = dict(vars(p.spec.pacing))  # with a pacing function's own keys
         self.pacing = PACINGS.create(pacing.pop("name"), p.total_steps, **pacing)
-        self.delta = p.spec.get("adaptive_delta")
-        self.weight_start = p.spec.get("weight_start")
+        self.delta = p.spec.adaptive_delta
+        self.weight_start = p.spec.weight_start
         self.rank, self.total_steps, self.steps_per_epoch = p.rank, p.total_steps, p.steps_per_epoch
         self._clock, self._running, self._epoch_start, self._best = 0, True, 0, -math.inf
 
@@ -371,8 +371,8 @@ class SelfPacedSchedule(DataSchedule):
 
     def __init__(self, p: PlanInputs):
         super().__init__(torch.arange(len(p.labels)), p.batch_size, p.seed)
-        self.lam, self.mu = float(p.spec["lambda_start"]), float(p.spec["mu"])
-        self.weigh = SELF_PACED_WEIGHTS.get(p.spec["weights"])
+        self.lam, self.mu = float(p.spec.lambda_start), float(p.spec.mu)
+        self.weigh = SELF_PACED_WEIGHTS.get(p.spec.weights)
         self._active, self._seen = 0.0, 0  # this epoch's examples with weight > 0, and all, over the ranks
         self._new_active, self._new_seen = 0.0, 0  # this rank's since the last collect
 
@@ -428,8 +428,8 @@ class ClassSchedule(DataSchedule):
         super().__init__(torch.argsort(position[p.labels], stable=True), p.batch_size, p.seed)
         self.counts = torch.bincount(p.labels, minlength=len(self.class_order))[self.class_order].cumsum(0)
         s = p.spec
-        self.seen = min(s["start_classes"], len(self.class_order))
-        self.add, self.every, self.threshold = s["add_classes"], s["every_epochs"], s["threshold"]
+        self.seen = min(s.start_classes, len(self.class_order))
+        self.add, self.every, self.threshold = s.add_classes, s.every_epochs, s.threshold
         self._since = 0
 
     def pool_fraction(self, step: int) -> float:

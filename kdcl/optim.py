@@ -1,4 +1,8 @@
-"""Optimizers and learning-rate schedules, stepped once per optimizer step."""
+"""Optimizers and learning-rate schedules, stepped once per optimizer step.
+
+An optimizer factory takes the keys of its ``conf/optimizer`` option (all of them: the
+option sets every value), a schedule factory those of its ``conf/scheduler`` option; the
+schedule shapes also move α and T (``distill.alpha_schedule``) with their own defaults."""
 
 from __future__ import annotations
 
@@ -16,13 +20,13 @@ LrFactor = Callable[[int], float]  # step -> multiplier of the base learning rat
 
 
 @OPTIMIZERS.register("sgd")
-def sgd(params: Iterable, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4, nesterov: bool = True):
+def sgd(params: Iterable, lr: float, momentum: float, weight_decay: float, nesterov: bool):
     """SGD with (Nesterov) momentum."""
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
 
 
 @OPTIMIZERS.register("adamw")
-def adamw(params: Iterable, lr: float, weight_decay: float = 0.05, betas: tuple[float, float] = (0.9, 0.999)):
+def adamw(params: Iterable, lr: float, weight_decay: float, betas: tuple[float, float]):
     """AdamW (Loshchilov & Hutter 2019)."""
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas))
 
@@ -56,15 +60,18 @@ def constant(total_steps: int, warmup_steps: int = 0) -> LrFactor:
     return _with_warmup(lambda t: 1.0, warmup_steps)
 
 
-def build_optimizer(params: Iterable, cfg: dict[str, Any]) -> torch.optim.Optimizer:
-    """The configured optimizer over ``params`` (tensors or param-group dicts)."""
-    options = {k: v for k, v in cfg.items() if k != "name"}
-    return OPTIMIZERS.create(cfg["name"], params, **options)
+def build_optimizer(params: Iterable, cfg: Any) -> torch.optim.Optimizer:
+    """The configured optimizer over ``params`` (tensors or param-group dicts). ``cfg``: the
+    ``optimizer`` section (a :class:`kdcl.config.schema.OptimizerConfig`, its option's own
+    keys as attributes)."""
+    options = {k: v for k, v in vars(cfg).items() if k != "name"}
+    return OPTIMIZERS.create(cfg.name, params, **options)
 
 
-def build_schedule(optimizer: torch.optim.Optimizer, cfg: dict[str, Any], total_steps: int, steps_per_epoch: int):
-    """A ``LambdaLR`` over optimizer steps; ``warmup_epochs`` converts to steps."""
-    params = {k: v for k, v in cfg.items() if k not in ("name", "warmup_epochs")}
-    warmup = int(round(cfg.get("warmup_epochs", 0) * steps_per_epoch))
-    factor = SCHEDULES.create(cfg["name"], total_steps, warmup_steps=warmup, **params)
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: Any, total_steps: int, steps_per_epoch: int):
+    """A ``LambdaLR`` over optimizer steps; ``warmup_epochs`` converts to steps. ``cfg``: the
+    ``scheduler`` section (a :class:`kdcl.config.schema.SchedulerConfig`)."""
+    params = {k: v for k, v in vars(cfg).items() if k not in ("name", "warmup_epochs")}
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    factor = SCHEDULES.create(cfg.name, total_steps, warmup_steps=warmup, **params)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

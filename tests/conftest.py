@@ -12,7 +12,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from kdcl.config.options import CONF_DIR
+from kdcl.config.options import CONF_DIR, distill_parts, section_option
+from kdcl.config.schema import ControlConfig
 
 # Small enough for seconds, big enough that the digits teacher learns something.
 QUICK = ["trainer.epochs=2", "dataset.max_train_samples=600", "trainer.batch_size=32"]
@@ -37,6 +38,11 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Comple
     return subprocess.run(
         [sys.executable, "-m", "kdcl", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def control_config(name: str = "kd", **keys: Any) -> ControlConfig:
+    """The control's keys of ``distill=NAME`` (its option over conf/base/distill.yaml), ``keys`` overriding them."""
+    return distill_parts({**section_option("distill", name), **keys})[1]
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from omegaconf import OmegaConf
 
 from kdcl.config import checks, schema
 from kdcl.config.checks import composition_error, validate, validate_eval
-from kdcl.config.options import CONF_DIR, option_folder
+from kdcl.config.options import CONF_DIR, base_keys, control_keys, distill_parts, option_folder, section_option
 from kdcl.curricula import ORDERS, PACINGS, SCORERS
 from kdcl.data import DATASETS
 from kdcl.distill.losses import LOSSES
@@ -297,6 +298,36 @@ def test_every_loss_has_its_option_file():
     assert set(LOSSES.names()) <= set(options("distill"))
     for name in LOSSES.names():
         assert OmegaConf.load(Path(CONF_DIR) / "distill" / f"{name}.yaml").name == name
+
+
+def test_the_distill_split_is_the_schemas():
+    """The control's keys are ControlConfig's fields, DistillConfig is them plus the loss's
+    name, and conf/base/distill.yaml holds them all but alpha and temperature (each loss
+    option sets those). Every loss option's section splits into its loss's constructor
+    arguments and the control's keys, nothing left over; composed alone takes a control key."""
+    control = {f.name for f in dataclasses.fields(schema.ControlConfig)}
+    assert set(control_keys()) == control == {f.name for f in dataclasses.fields(schema.DistillConfig)} - {"name"}
+    assert set(base_keys("distill")) == control - {"alpha", "temperature"}
+    for name in LOSSES.names():
+        section = section_option("distill", name)
+        loss, typed_control = distill_parts(section)
+        own = set(inspect.signature(LOSSES.get(name)).parameters)
+        assert loss["name"] == name and set(loss) - {"name"} <= own, name
+        assert set(loss) | control == set(section), name
+        assert vars(typed_control) == {k: section[k] for k in control}, name
+        assert own & control == ({"alpha"} if name == "composed" else set()), name
+
+
+def test_typed_sections_read_by_attribute_keep_an_open_sections_own_keys():
+    cfg = compose_config(["optimizer=sgd", "+curriculum.pacing.c=5"])
+    optimizer = schema.typed(schema.OptimizerConfig, cfg["optimizer"], "optimizer")
+    assert isinstance(optimizer, schema.OptimizerConfig) and optimizer.lr == cfg["optimizer"]["lr"]
+    assert vars(optimizer) == cfg["optimizer"]  # momentum and nesterov are attributes too
+    curriculum = schema.typed(schema.CurriculumConfig, cfg["curriculum"], "curriculum")
+    assert isinstance(curriculum.pacing, schema.PacingConfig) and curriculum.pacing.c == 5
+    trainer = {k: v for k, v in cfg["trainer"].items() if k != "threads"}
+    with pytest.raises(KdclError, match=r"^trainer\.threads has no value"):
+        schema.typed(schema.TrainerConfig, trainer, "trainer")
 
 
 def test_bench_keys_are_checked():

@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+from kdcl.config.options import section_option
+from kdcl.config.schema import CurriculumConfig, typed
 from kdcl.curricula import (
     ORDERS,
     PACINGS,
@@ -58,11 +60,12 @@ def plan_inputs(n=200, classes=4, spec=None, seed=0, total=100, bs=16):
     labels = torch.arange(n) % classes
     difficulty = torch.rand(n, generator=torch.Generator().manual_seed(7))
     order = make_order(difficulty, labels, "easy_first", False, seed)
-    spec = {"pacing": {"name": "linear", "start": 0.2, "full_at": 0.5}, "adaptive_delta": None, "weight_start": None,
-            **(spec or {})}
+    spec = {**section_option("curriculum", "teacher_loss"), "pacing": {"name": "linear", "start": 0.2, "full_at": 0.5},
+            "adaptive_delta": None, "weight_start": None, **(spec or {})}
     class_difficulty = torch.tensor([float(c) for c in range(classes)]).flip(0)  # class 3 easiest
-    return PlanInputs(spec, order, difficulty_rank(order), labels, class_difficulty, total,
-                      math.ceil(n / bs), bs, seed), difficulty
+    return PlanInputs(spec=typed(CurriculumConfig, spec, "curriculum"), order=order, rank=difficulty_rank(order),
+                      labels=labels, class_difficulty=class_difficulty, total_steps=total,
+                      steps_per_epoch=math.ceil(n / bs), batch_size=bs, seed=seed), difficulty
 
 
 def test_full_data_schedule_is_one_permutation_per_epoch():

@@ -31,6 +31,7 @@ from test_cli import assert_clean_error
 
 from kdcl import distributed
 from kdcl.cli import main as kdcl_main
+from kdcl.config.options import distill_parts
 from kdcl.curricula import DataSchedule
 from kdcl.data import Preprocess, load_data
 from kdcl.distill.control import DistillControl
@@ -39,7 +40,7 @@ from kdcl.distill.losses import LossContext, create_loss
 from kdcl.distill.teachers import Teachers
 from kdcl.distributed import Part
 from kdcl.models import create_model
-from kdcl.train.engine import Stage, Trainer, _Meter, evaluate, train_step
+from kdcl.train.engine import Meter, Stage, Trainer, evaluate, train_step
 
 # Every stage long enough (3 epochs × 34 steps of 16) for a stop signal to land inside the run.
 ARGS = ["teacher=mlp", "trainer.epochs=3", "dataset.max_train_samples=900", "trainer.batch_size=16",
@@ -83,15 +84,17 @@ def _steps(dataset: dict, distill: dict) -> dict:
     data.preprocess.crop_padding, data.preprocess.flip = 1, True
     model = create_model("mlp", data.num_classes, data.input_shape, hidden=[16])
     teacher = Teachers([create_model("mlp", data.num_classes, data.input_shape, hidden=[8]).eval().requires_grad_(False)])
-    loss_fn = create_loss(distill)
-    control = DistillControl(loss_fn, distill, total_steps=2, steps_per_epoch=2, rank=None)
+    loss_spec, control_cfg = distill_parts(distill)
+    loss_fn = create_loss(loss_spec)
+    control = DistillControl(control_cfg, total_steps=2, steps_per_epoch=2, rank=None)
     optimizer = torch.optim.SGD([{"params": model.parameters()}, {"params": control.parameters()}], lr=0.5, momentum=0.9)
-    stage = Stage("test", model, loss_fn, control, DataSchedule(torch.arange(len(data.train)), 11, 0), optimizer,
-                  torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), Path("unused"), {},
-                  OnlineTeacher(SimpleNamespace(preprocess=data.preprocess, teacher_at=lambda step: teacher,
-                                                autocast=nullcontext)))
+    feed = OnlineTeacher(SimpleNamespace(preprocess=data.preprocess, teacher_at=lambda step: teacher, autocast=nullcontext))
+    stage = Stage(name="test", model=model, loss_fn=loss_fn, control=control,
+                  plan=DataSchedule(torch.arange(len(data.train)), 11, 0), optimizer=optimizer,
+                  lr_schedule=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), out_dir=Path("unused"),
+                  meta={}, feed=feed)
     trainer = Trainer(torch.device("cpu"), epochs=1, batch_size=11, eval_batch_size=7, amp=False)
-    replica, meter = replace(stage, model=distributed.wrap(model)), _Meter()
+    replica, meter = replace(stage, model=distributed.wrap(model)), Meter()
     for step, batch in enumerate([torch.arange(3, 36, 3), torch.tensor([40])]):
         part = distributed.parts([batch])[0]
         local = next(data.train.batches([part.take(batch)]))

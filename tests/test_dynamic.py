@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import control_config
 
 from kdcl.distill.control import (
     SAMPLE_WEIGHTS,
@@ -53,8 +54,8 @@ def test_sample_weights_are_in_unit_interval_and_as_documented(batch):
 def test_teacher_correct_falls_back_to_cross_entropy(batch):
     teacher, target = batch
     student = torch.randn(64, 5)
-    loss = create_loss({"name": "kd", "alpha": 0.9, "temperature": 4.0})
-    control = DistillControl(loss, {"sample_weight": "teacher_correct"}, 100, 10, None)
+    loss = create_loss({"name": "kd"})
+    control = DistillControl(control_config(alpha=0.9, temperature=4.0, sample_weight="teacher_correct"), 100, 10, None)
     alpha, temp = control.knobs(0, torch.arange(64), target, teacher)
     per_example = loss(student, teacher, target, alpha, temp)["loss"]
     ce = torch.nn.functional.cross_entropy(student, target, reduction="none")
@@ -81,8 +82,9 @@ def test_ctkd_temperature_moves_and_stays_in_range():
     torch.manual_seed(0)
     student = torch.nn.Linear(10, 5)
     teacher = torch.nn.Linear(10, 5)
-    loss = create_loss({"name": "kd", "alpha": 0.9, "temperature": 4.0})
-    control = DistillControl(loss, {"learnable_temperature": {"ramp_epochs": 1}}, 200, 20, None)
+    loss = create_loss({"name": "kd"})
+    control = DistillControl(control_config(alpha=0.9, temperature=4.0, learnable_temperature={"ramp_epochs": 1}),
+                             200, 20, None)
     opt = torch.optim.SGD([*student.parameters(), *control.parameters()], lr=0.5)
     seen = []
     for step in range(200):

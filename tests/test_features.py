@@ -99,7 +99,7 @@ def test_gradients_reach_the_adapters_and_the_student_not_the_teacher():
     torch.manual_seed(0)
     student = create_model("cnn", 10, SHAPE, width=4)
     teacher = create_model("cnn", 10, SHAPE, width=8)
-    loss = create_loss({"name": "composed", "losses": [{"name": "fitnet", "weight": 100.0}, {"name": "at"}]})
+    loss = create_loss({"name": "composed", "alpha": 0.9, "losses": [{"name": "fitnet", "weight": 100.0}, {"name": "at"}]})
     loss.bind(student, teacher, example())
     fitnet = loss.parts[0]
     assert fitnet.pairs == [("10", "10")] and isinstance(fitnet.adapters[0], nn.Conv2d)

@@ -93,7 +93,7 @@ def test_lwf_loss_is_ce_plus_lambda_kl_on_the_old_classes():
     torch.manual_seed(0)
     student, teacher, y = torch.randn(5, 6), torch.randn(5, 4), torch.randint(0, 6, (5,))
     lam, t = 0.7, 2.0
-    loss = create_loss({"name": "lwf", "lam": lam, "temperature": t})
+    loss = create_loss({"name": "lwf", "lam": lam})
     terms = loss(student, teacher, y, alpha=0.0, temperature=t)
     p = F.softmax(teacher / t, 1)  # the previous model's soft targets over its 4 classes
     q = F.softmax(student[:, :4] / t, 1)

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
-from conftest import QUICK, compose_config
+from conftest import QUICK, compose_config, control_config
 from torch import nn
 
 from kdcl.curricula import DataSchedule
@@ -24,8 +24,9 @@ from kdcl.distill.teachers import Teachers
 from kdcl.errors import KdclError
 from kdcl.scenarios import standard as stages
 from kdcl.scenarios.standard import run_pipeline
+from kdcl.train import assemble
 from kdcl.train.checkpoint import load_checkpoint, model_from_checkpoint
-from kdcl.train.engine import Stage, Trainer, _Meter, evaluate, train_step
+from kdcl.train.engine import Meter, Stage, Trainer, evaluate, train_step
 
 COMPOSED = "[{name: kd, weight: 0.9}, {name: fitnet, weight: 100}, {name: at}, {name: dkd, warmup_epochs: 0}]"
 
@@ -34,11 +35,11 @@ def hooks(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
-def run_patched(cfg: dict, out, **patches) -> pd.DataFrame:
-    """``run_pipeline`` with names of kdcl.scenarios.standard replaced (spies), the summary by model."""
+def run_patched(cfg: dict, out, module=stages, **patches) -> pd.DataFrame:
+    """``run_pipeline`` with names of ``module`` (kdcl.scenarios.standard) replaced (spies), the summary by model."""
     with pytest.MonkeyPatch.context() as mp:
         for name, value in patches.items():
-            mp.setattr(stages, name, value)
+            mp.setattr(module, name, value)
         return run_pipeline(cfg, out).set_index("model")
 
 
@@ -67,7 +68,7 @@ def methods_run(tmp_path_factory):
             super().__init__(*args, **kwargs)
             taps.append(self)
 
-    return cfg, out, run_patched(cfg, out, FeatureTap=Recorded), taps
+    return cfg, out, run_patched(cfg, out, module=assemble, FeatureTap=Recorded), taps
 
 
 def test_several_teachers_train_into_their_folders(methods_run):
@@ -195,35 +196,35 @@ def one_step(control: DistillControl, x: torch.Tensor, y: torch.Tensor):
     torch.manual_seed(0)
     student, teacher = Recorder(nn.Linear(6, 3)), Recorder(nn.Linear(6, 3))
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
-    stage = Stage("step", student, create_loss({"name": "kd", "alpha": 0.5}), control,
-                  DataSchedule(torch.arange(len(x)), len(x), 0), optimizer,
-                  torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), Path("."), {},
-                  OnlineTeacher(SimpleNamespace(preprocess=lambda x, train, part: x, teacher_at=lambda step: Teachers([teacher]),
-                                                autocast=nullcontext)))
+    feed = OnlineTeacher(SimpleNamespace(preprocess=lambda x, train, part: x, teacher_at=lambda step: Teachers([teacher]),
+                                         autocast=nullcontext))
+    stage = Stage(name="step", model=student, loss_fn=create_loss({"name": "kd"}), control=control,
+                  plan=DataSchedule(torch.arange(len(x)), len(x), 0), optimizer=optimizer,
+                  lr_schedule=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), out_dir=Path("."), meta={},
+                  feed=feed)
     train_step(stage, Trainer(torch.device("cpu"), 1, len(x), len(x), amp=False),
-               0, (torch.arange(len(x)), x, y), _Meter(), LossContext())
+               0, (torch.arange(len(x)), x, y), Meter(), LossContext())
     return student.inputs[0], teacher.inputs[0]
 
 
 def test_input_noise_reaches_the_student_only_and_is_seeded():
     x, y = torch.randn(512, 6), torch.randint(0, 3, (512,))
-    loss = create_loss({"name": "kd"})
-    noisy, clean = one_step(DistillControl(loss, {"input_noise": 0.5}, 10, 1, None, seed=7), x, y)
+    noisy_input = control_config(alpha=0.0, temperature=1.0, input_noise=0.5)
+    noisy, clean = one_step(DistillControl(noisy_input, 10, 1, None, seed=7), x, y)
     assert torch.equal(clean, x)
     assert (noisy - x).std().item() == pytest.approx(0.5, rel=0.05)
-    again, _ = one_step(DistillControl(loss, {"input_noise": 0.5}, 10, 1, None, seed=7), x, y)
-    other, _ = one_step(DistillControl(loss, {"input_noise": 0.5}, 10, 1, None, seed=8), x, y)
+    again, _ = one_step(DistillControl(noisy_input, 10, 1, None, seed=7), x, y)
+    other, _ = one_step(DistillControl(noisy_input, 10, 1, None, seed=8), x, y)
     assert torch.equal(noisy, again) and not torch.equal(noisy, other)
 
 
 def test_teacher_noise_is_gaussian_on_the_logits_and_seeded():
-    loss = create_loss({"name": "kd"})
     z = torch.randn(4096, 10)
-    noisy = DistillControl(loss, {"teacher_noise": 2.0}, 10, 1, None, seed=1).teacher_output(z)
+    noisy = DistillControl(control_config(teacher_noise=2.0), 10, 1, None, seed=1).teacher_output(z)
     assert (noisy - z).mean().item() == pytest.approx(0.0, abs=0.05)
     assert (noisy - z).std().item() == pytest.approx(2.0, rel=0.03)
-    assert torch.equal(noisy, DistillControl(loss, {"teacher_noise": 2.0}, 10, 1, None, seed=1).teacher_output(z))
-    assert torch.equal(DistillControl(loss, {}, 10, 1, None).teacher_output(z), z)  # off by default
+    assert torch.equal(noisy, DistillControl(control_config(teacher_noise=2.0), 10, 1, None, seed=1).teacher_output(z))
+    assert torch.equal(DistillControl(control_config(), 10, 1, None).teacher_output(z), z)  # off by default
 
 
 @pytest.mark.slow

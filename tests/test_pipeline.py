@@ -238,7 +238,7 @@ def test_teacher_route_and_assistants(compose_cfg, tmp_path):
 
 
 def test_teacher_route_switches_anchor_every_phase():
-    from kdcl.scenarios.standard import teacher_route
+    from kdcl.train.assemble import teacher_route
 
     anchors = ["early", "middle", "final"]
     route = teacher_route(anchors, total_steps=12)

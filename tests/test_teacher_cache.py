@@ -58,7 +58,8 @@ def setting():
 
 
 def feed_inputs(source, pre, teacher, store="memory", directory=Path("."), shard_mb=512.0, views=K, seed=0):
-    return FeedInputs(pre, source, lambda step: teacher, nullcontext, 4, 16, seed, views, store, directory, shard_mb)
+    return FeedInputs(preprocess=pre, train=source, teacher_at=lambda step: teacher, autocast=nullcontext, num_classes=4,
+                      batch_size=16, seed=seed, views=views, store=store, directory=directory, shard_mb=shard_mb)
 
 
 def test_augmentation_is_deterministic_for_a_seed():

@@ -6,7 +6,8 @@ train the student for the same optimizer steps and batches of the same size:
 - ``naive``: the reference KD loop as users write it: a torchvision ``DataLoader`` over
   PIL images with torchvision transforms (random crop, flip, ``ToTensor``, ``Normalize``),
   the teacher's forward pass on every batch, fp32, default memory format;
-- ``kdcl``: kdcl's distill step (``engine.train_step``) with the online teacher;
+- ``kdcl``: kdcl's training steps (``engine.train_steps``) of a stage built as every
+  kdcl stage is (``assemble.build_stage``), with the online teacher;
 - ``kdcl_cached``: the same with ``distill.teacher_cache=views:K`` (the cache is filled
   first; its fill time is reported apart and amortised over the recipe's epochs);
 - ``student``: kdcl's step with cross-entropy alone (no teacher): the floor;
@@ -49,20 +50,25 @@ from torch import Tensor, nn
 
 from kdcl.commands.job import output_dir, plain_config
 from kdcl.config.checks import validate
-from kdcl.config.options import teacher_specs
-from kdcl.config.schema import BenchConfig
+from kdcl.config.options import distill_parts, section_option, teacher_specs
+from kdcl.config.schema import (
+    BenchConfig,
+    OptimizerConfig,
+    SchedulerConfig,
+    TrainerConfig,
+    typed,
+)
 from kdcl.curricula import DataSchedule
 from kdcl.data import PADDINGS, DataBundle, TensorSource, load_data
-from kdcl.distill.control import DistillControl
-from kdcl.distill.feeds import FeedInputs, build_feed
-from kdcl.distill.losses import LossContext, create_loss, kl_teacher_student
+from kdcl.distill.losses import kl_teacher_student
 from kdcl.distill.teachers import Teachers
 from kdcl.errors import KdclError
 from kdcl.models import create_model, freeze
 from kdcl.optim import build_optimizer, build_schedule
 from kdcl.output.tables import print_table, write_csv
+from kdcl.train.assemble import build_stage, teacher_feed
 from kdcl.train.checkpoint import load_checkpoint, model_from_checkpoint
-from kdcl.train.engine import Stage, Trainer, _Meter, evaluate, train_step
+from kdcl.train.engine import Trainer, evaluate, train_steps
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +89,8 @@ class Setup:
     teacher: nn.Module
     channels_last: bool
     out: Path
+    optimizer: OptimizerConfig
+    scheduler: SchedulerConfig
     fill_seconds: float = 0.0  # the last cache fill
 
     def student(self) -> nn.Module:
@@ -131,11 +139,12 @@ def naive_loader(s: Setup) -> torch.utils.data.DataLoader:
 def naive_steps(s: Setup, student: nn.Module, total_steps: int) -> Iterator[None]:
     """The reference KD loop, one yield per optimizer step:
     ``L = (1 − α)·CE + α·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T))`` (Hinton et al. 2015)."""
-    alpha, t = s.cfg["distill"]["alpha"], s.cfg["distill"]["temperature"]
+    _, control = distill_parts(s.cfg["distill"])
+    alpha, t = control.alpha, control.temperature
     device = s.trainer.device
     student = student.to(device)
-    optimizer = build_optimizer(student.parameters(), s.cfg["optimizer"])
-    schedule = build_schedule(optimizer, s.cfg["scheduler"], total_steps, _steps_per_epoch(s))
+    optimizer = build_optimizer(student.parameters(), s.optimizer)
+    schedule = build_schedule(optimizer, s.scheduler, total_steps, _steps_per_epoch(s))
     loader, step = naive_loader(s), 0
     while True:
         for x, y in loader:
@@ -156,31 +165,23 @@ def naive_steps(s: Setup, student: nn.Module, total_steps: int) -> Iterator[None
 
 
 # --------------------------------------------------------------------------- kdcl's step
-def kdcl_steps(s: Setup, student: nn.Module, total_steps: int, loss_cfg: dict[str, Any]) -> Iterator[None]:
-    """kdcl's training step (``engine.train_step``) on all data, one yield per step."""
+def kdcl_steps(s: Setup, student: nn.Module, total_steps: int, distill: dict[str, Any]) -> Iterator[None]:
+    """kdcl's training steps (``engine.train_steps``) on all data, one yield per step, of a
+    stage built as every kdcl stage is (``assemble.build_stage``, with the ``distill``
+    section) and taught by kdcl's copy of the teacher. Building it fills any teacher cache:
+    ``fill_seconds`` is the time it took."""
     fmt = torch.channels_last if s.channels_last else torch.contiguous_format
-    model = student.to(s.trainer.device, memory_format=fmt)
-    loss_fn = create_loss(loss_cfg).to(s.trainer.device)
-    spe = _steps_per_epoch(s)
-    control = DistillControl(loss_fn, loss_cfg, total_steps, spe, None, s.cfg["seed"] + 1).to(s.trainer.device)
-    optimizer = build_optimizer(model.parameters(), s.cfg["optimizer"])
-    schedule = build_schedule(optimizer, s.cfg["scheduler"], total_steps, spe)
-    model = s.trainer.prepare(model)
-    d = s.data
+    model = s.trainer.prepare(student.to(s.trainer.device, memory_format=fmt))
+    seed = s.cfg["seed"] + 1  # the students' seed, as in a run
     tic = time.perf_counter()
-    feed = build_feed(loss_cfg.get("teacher_cache", "none") if loss_fn.needs_teacher else "none",
-                      feed_inputs(s, loss_fn.needs_teacher))
-    s.sync()
-    s.fill_seconds = time.perf_counter() - tic
-    plan = DataSchedule(torch.arange(len(d.train)), s.trainer.batch_size, s.cfg["seed"] + 1)
-    stage = Stage("bench", model, loss_fn, control, plan, optimizer, schedule, s.out, {}, feed)
-    model.train()
-    meter = _Meter()
-    for epoch in range(1, math.ceil(total_steps / spe) + 1):
-        first = (epoch - 1) * spe
-        steps = range(first, min(first + spe, total_steps))
-        for step, batch in zip(steps, d.train.batches(plan.batches(steps))):
-            train_step(stage, s.trainer, step, batch, meter, LossContext(epoch))
+    with build_stage(name="bench", out_dir=s.out, model=model, distill=distill, teachers=[kdcl_teacher(s)],
+                     plan=DataSchedule(torch.arange(len(s.data.train)), s.trainer.batch_size, seed),
+                     trainer=s.trainer, data=s.data, optimizer=s.optimizer, scheduler=s.scheduler,
+                     total_steps=total_steps, steps_per_epoch=_steps_per_epoch(s), seed=seed,
+                     cache_seed=s.cfg["seed"], cache_dir=s.out / "teacher_cache") as stage:
+        s.sync()
+        s.fill_seconds = time.perf_counter() - tic
+        for _ in train_steps(stage, s.data, s.trainer, total_steps):
             yield
 
 
@@ -188,21 +189,20 @@ def _steps_per_epoch(s: Setup) -> int:
     return math.ceil(len(s.data.train) / s.trainer.batch_size)
 
 
-def feed_inputs(s: Setup, teaches: bool) -> FeedInputs:
-    """A feed's inputs, with kdcl's frozen copy of the teacher when ``teaches``; the
-    augmentation restarts from the students' seed."""
-    teacher = Teachers([s.trainer.prepare(freeze(copy.deepcopy(s.teacher)))]) if teaches else None
-    d = s.data
-    d.preprocess.generator.manual_seed(s.cfg["seed"] + 1)
-    return FeedInputs(d.preprocess, d.train, (lambda step: teacher) if teacher else None, s.trainer.autocast,
-                      d.num_classes, s.trainer.batch_size, s.cfg["seed"], s.cfg["bench"]["views"],
-                      "memory", s.out / "teacher_cache", 512)
+def kdcl_teacher(s: Setup) -> nn.Module:
+    """kdcl's frozen copy of the teacher (BatchNorm folded; compiled with ``trainer.compile``)."""
+    return s.trainer.prepare(freeze(copy.deepcopy(s.teacher)))
 
 
 def teacher_steps(s: Setup, total_steps: int) -> Iterator[None]:
-    """The online feed's work alone: augment a batch and run kdcl's frozen teacher on it."""
+    """The online feed's work alone: augment a batch and run kdcl's frozen teacher on it
+    (the augmentation from the students' seed, as in ``kdcl``'s arm)."""
     d = s.data
-    feed = build_feed("none", feed_inputs(s, True))
+    teacher = Teachers([kdcl_teacher(s)])
+    d.preprocess.generator.manual_seed(s.cfg["seed"] + 1)
+    _, online = distill_parts({**s.cfg["distill"], "teacher_cache": "none"})
+    feed = teacher_feed(online, lambda step: teacher, [teacher], data=d, trainer=s.trainer, seed=s.cfg["seed"],
+                        directory=s.out / "teacher_cache", feeds={})
     plan = DataSchedule(torch.arange(len(d.train)), s.trainer.batch_size, s.cfg["seed"] + 1)
     for step, (idx, x, y) in zip(range(total_steps), d.train.batches(plan.batches(range(total_steps)))):
         feed(step, 1, idx, x, y)
@@ -216,12 +216,10 @@ def arm_steps(s: Setup, arm: str, student: nn.Module, total_steps: int) -> Itera
         return naive_steps(s, student, total_steps)
     if arm == "teacher":
         return teacher_steps(s, total_steps)
-    loss_cfg = {
-        "kdcl": {**distill, "teacher_cache": "none"},
-        "kdcl_cached": {**distill, "teacher_cache": f"views:{s.cfg['bench']['views']}"},
-        "student": {"name": "none"},
-    }[arm]
-    return kdcl_steps(s, student, total_steps, loss_cfg)
+    if arm == "student":
+        return kdcl_steps(s, student, total_steps, section_option("distill", "none"))  # cross-entropy alone
+    cache = {"kdcl": "none", "kdcl_cached": f"views:{s.cfg['bench']['views']}"}[arm]
+    return kdcl_steps(s, student, total_steps, {**distill, "teacher_cache": cache})
 
 
 # --------------------------------------------------------------------------- measuring
@@ -240,10 +238,10 @@ def time_arm(s: Setup, arm: str, warmup: int, steps: int) -> float:
 
 
 def setup(cfg: dict[str, Any], out: Path) -> Setup:
-    t = cfg["trainer"]
-    trainer = Trainer.from_config(t)
+    settings = typed(TrainerConfig, cfg["trainer"], "trainer")
+    trainer = Trainer.from_config(settings)
     device = trainer.device
-    data = load_data(cfg["dataset"], device, t["channels_last"], cfg["seed"])
+    data = load_data(cfg["dataset"], device, settings.channels_last, cfg["seed"])
     if not isinstance(data.train, TensorSource):
         raise KdclError(f"kdcl bench needs a dataset held in memory; {data.name!r} is read per sample",
                         fix="bench on an in-memory dataset (digits, cifar10, npz, mnist, ...)")
@@ -254,7 +252,9 @@ def setup(cfg: dict[str, Any], out: Path) -> Setup:
         torch.manual_seed(cfg["seed"])
         teacher = create_model(spec["name"], data.num_classes, data.input_shape, **spec["kwargs"])
     teacher = teacher.to(device).eval().requires_grad_(False)
-    return Setup(cfg, data, trainer, teacher, t["channels_last"], out)
+    return Setup(cfg=cfg, data=data, trainer=trainer, teacher=teacher, channels_last=settings.channels_last, out=out,
+                 optimizer=typed(OptimizerConfig, cfg["optimizer"], "optimizer"),
+                 scheduler=typed(SchedulerConfig, cfg["scheduler"], "scheduler"))
 
 
 def run_bench(cfg: dict[str, Any], out: Path) -> pd.DataFrame:

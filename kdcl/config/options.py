@@ -1,18 +1,23 @@
-"""Readers of the option files in ``conf/``: a group's option by name, the run's teacher
-specs, and an arm's distill and curriculum sections.
+"""Readers of the option files in ``conf/``: a group's option by name (alone, or as a whole
+section with its group's shared keys), the run's teacher specs, an arm's distill and
+curriculum sections, and a distill section split between the loss and the control.
 
 A model option is one file, ``conf/models/NAME.yaml``, and an option of both the ``teacher``
 and the ``student`` group (:mod:`kdcl.config.models` offers it to Hydra under both names)."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from kdcl.distill.losses import CONTROL_KEYS
+from kdcl.config.schema import ControlConfig, typed
+from kdcl.distill.losses import LOSSES
 from kdcl.errors import KdclError
 
 
@@ -56,6 +61,19 @@ def group_option(group: str, name: str) -> dict[str, Any]:
     return option
 
 
+def section_option(group: str, name: str) -> dict[str, Any]:
+    """Option ``name`` of ``group`` as a whole section, as composing ``group=name`` gives
+    it: the group's shared keys (``conf/base/<group>.yaml``) overridden by the option's.
+    ``section_option("distill", "none")`` is cross-entropy alone, with every control key."""
+    base = OmegaConf.load(Path(CONF_DIR) / "base" / f"{group}.yaml")
+    return OmegaConf.to_container(OmegaConf.merge(base, group_option(group, name)), resolve=True)
+
+
+def base_keys(group: str) -> list[str]:
+    """The keys every option of ``group`` shares (``conf/base/<group>.yaml``)."""
+    return list(OmegaConf.load(Path(CONF_DIR) / "base" / f"{group}.yaml"))
+
+
 def teacher_specs(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     """The run's teacher specs: ``teachers`` (model options, conf/models, or specs with
     ``name``, ``kwargs``, ``pretrained``, ``checkpoint``) when given, else ``teacher``."""
@@ -68,12 +86,29 @@ def teacher_specs(cfg: dict[str, Any]) -> list[dict[str, Any]]:
 
 def arm_config(cfg: dict[str, Any], arm: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """An arm's distill and curriculum: the run's, overridden by the arm. An arm that names
-    another loss starts from that loss's option (conf/distill/NAME.yaml) and keeps the run's
-    dynamic-control keys, so no key of the run's loss leaks into it."""
+    another loss starts from that loss's option (conf/distill/NAME.yaml, with its alpha and
+    temperature) and keeps the run's keys of conf/base/distill.yaml (the schedules, noise,
+    teachers and cache), so no key of the run's loss leaks into it."""
     base = {"distill": cfg["distill"], "curriculum": cfg["curriculum"]}
     name = (arm.get("distill") or {}).get("name", cfg["distill"]["name"])
     if name != cfg["distill"]["name"]:
-        control = {k: v for k, v in cfg["distill"].items() if k in CONTROL_KEYS}
-        base["distill"] = {**control, **group_option("distill", name)}
+        shared = {k: v for k, v in cfg["distill"].items() if k in base_keys("distill")}
+        base["distill"] = {**shared, **group_option("distill", name)}
     merged = OmegaConf.to_container(OmegaConf.merge(base, arm))
     return merged["distill"], merged["curriculum"]
+
+
+def control_keys() -> tuple[str, ...]:
+    """The keys of ``distill`` that are the control's, not the loss's: :class:`ControlConfig`'s fields."""
+    return tuple(f.name for f in dataclasses.fields(ControlConfig))
+
+
+def distill_parts(distill: Mapping[str, Any], where: str = "distill") -> tuple[dict[str, Any], ControlConfig]:
+    """A ``distill`` section split in two: the loss's spec (its ``name`` and its own keys,
+    what :func:`kdcl.distill.losses.create_loss` takes) and the control's keys, typed. A
+    loss whose constructor names a control key gets that key too: ``composed`` takes
+    ``alpha``, the α its weights are given at."""
+    keys = control_keys()
+    declared = inspect.signature(LOSSES.get(distill["name"])).parameters
+    loss = {k: v for k, v in distill.items() if k not in keys or k in declared}
+    return loss, typed(ControlConfig, {k: v for k, v in distill.items() if k in keys}, where)

@@ -28,6 +28,11 @@ model factory's arguments (checked by its signature) and accept new keys
 (``teacher.kwargs.cifar_stem=false``). In closed sections :func:`kdcl.config.checks.validate`
 refuses any key the schema does not list.
 
+How the code reads it: the sections a stage trains with (``trainer``, ``optimizer``,
+``scheduler``, ``curriculum`` and the control's keys of ``distill``) are instances of these
+classes (:func:`typed`), read by attribute; the run's config stays plain containers where
+it is saved or hashed (``done.json``, checkpoints, the stage cache's keys).
+
 Adding a config key: one field here (type, and ``key(allowed, check)`` for a range) plus
 its line, with the value and a comment, in the YAML file that sets it. A key whose value
 names a registry entry (``curriculum.order``, ``distill.teacher_cache_store``, …) has no
@@ -41,11 +46,17 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Dict, List, Optional, Union
+from typing import Any, Callable, ClassVar, Dict, List, Optional, TypeVar, Union
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, ValidationError
+
+from kdcl.errors import KdclError
+
+S = TypeVar("S")
 
 
 def key(allowed: str | None = None, check: Callable[[Any], bool] | None = None) -> Any:
@@ -182,13 +193,14 @@ class CurriculumConfig:
 
 
 @dataclass
-class DistillConfig:
-    """``distill``: the keys every loss option shares (``conf/base/distill.yaml``, ``name``,
-    ``alpha``, ``temperature``). Open: a loss's own keys are its constructor's arguments."""
+class ControlConfig:
+    """The keys of ``distill`` that are not the loss's, read by the engine around it: α and T
+    (their per-step schedules, CTKD's learnable T), per-example KD weights and noise
+    (:class:`kdcl.distill.control.DistillControl`), how several teachers combine and the
+    teacher's route (:class:`kdcl.distill.teachers.Teachers`), and the teacher cache
+    (:mod:`kdcl.distill.feeds`). ``alpha`` and ``temperature`` come from each loss option;
+    the others from ``conf/base/distill.yaml``, which every option shares."""
 
-    OPEN: ClassVar[bool] = True
-
-    name: str = key()
     alpha: float = key(*UNIT)
     temperature: float = key(*POSITIVE)
     alpha_start: Optional[float] = key(*_or_null(UNIT))
@@ -207,6 +219,17 @@ class DistillConfig:
     teacher_cache: str = key()
     teacher_cache_store: str = key()
     teacher_cache_shard_mb: float = key(*POSITIVE)
+
+
+@dataclass
+class DistillConfig(ControlConfig):
+    """``distill``: the loss's ``name`` and the control's keys (:class:`ControlConfig`).
+    Open: every other key is the loss's own, an argument of its constructor
+    (:func:`kdcl.config.options.distill_parts` splits a section between the two)."""
+
+    OPEN: ClassVar[bool] = True
+
+    name: str = key()
 
 
 @dataclass
@@ -447,6 +470,32 @@ def section_type(cls: type, path: str) -> type | None:
     entry = lookup(cls, path)
     return entry.type if entry is not None and dataclasses.is_dataclass(entry.type) else None
 
+
+
+def typed(cls: type[S], values: Mapping[str, Any] | DictConfig, where: str) -> S:
+    """Config section ``values`` (``where`` in the config) as an instance of schema class
+    ``cls``, for code to read by attribute. OmegaConf types every field; the keys an open
+    section adds beyond the schema (an optimizer's ``momentum``, a pacing function's ``c``)
+    become plain attributes beside the fields, so ``vars(section)`` holds every key. A
+    field without a value is a :class:`KdclError`."""
+    node = OmegaConf.structured(cls)
+    _open_sections(node, cls)
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(node, values))
+    except MissingMandatoryValue as err:
+        raise KdclError(f"{where}.{err.full_key} has no value",
+                        fix=f"set {where}.{err.full_key} (conf/ sets every key: was this config written by an older kdcl?)"
+                        ) from None
+    except ValidationError as err:
+        raise KdclError(f"{where}.{err.full_key}: {err.msg}", fix="see kdcl/config/schema.py for its type") from None
+
+
+def _open_sections(node: DictConfig, cls: type) -> None:
+    """Let the open sections of the structured ``node`` (of schema class ``cls``) take new keys."""
+    OmegaConf.set_struct(node, not is_open(cls))
+    for name, entry in entries(cls).items():
+        if dataclasses.is_dataclass(entry.type):
+            _open_sections(node._get_node(name), entry.type)
 
 # --------------------------------------------------------------------------- registration
 def _node(cls: type) -> DictConfig:

@@ -1,10 +1,12 @@
 """Dynamic distillation: α and T per optimizer step, CTKD's learnable temperature,
 per-example KD weights from the teacher, and noise ("denoising" distillation).
 
-:class:`DistillControl` gives the engine, at every step, the ``alpha`` (a scalar, or one
-value per example) and ``temperature`` (a float, or a learnable tensor) that the loss
-uses, the student's input and the teacher's logits with any configured noise, and the
-values to log per epoch.
+:class:`DistillControl` owns α and T: built from the control's keys of the ``distill``
+section (``alpha``, ``temperature``, their schedules, …; :class:`kdcl.config.schema.ControlConfig`),
+it gives the engine, at every step, the ``alpha`` (a scalar, or one value per example)
+and ``temperature`` (a float, or a learnable tensor) that the loss is called with, the
+student's input and the teacher's logits with any configured noise, and the values to
+log per epoch. The loss never holds them: they go one way, control → loss.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from kdcl.distill.losses import DistillLoss, Weight
+from kdcl.distill.losses import Weight
 from kdcl.optim import SCHEDULES
 from kdcl.registry import Registry
 
@@ -107,20 +109,20 @@ def value_schedule(end: float, start: float | None, shape: str, total_steps: int
 
 
 class DistillControl(nn.Module):
-    """α and T for every step of a training stage, from the ``distill`` config."""
+    """α and T for every step of a training stage, from the control's keys of ``distill``
+    (``cfg``: a :class:`kdcl.config.schema.ControlConfig`). ``rank``: each training
+    example's difficulty rank (``sample_weight=difficulty``); ``seed``: the noise's."""
 
-    def __init__(self, loss_fn: DistillLoss, cfg: dict[str, Any], total_steps: int, steps_per_epoch: int,
-                 rank: Tensor | None, seed: int = 0):
+    def __init__(self, cfg: Any, total_steps: int, steps_per_epoch: int, rank: Tensor | None, seed: int = 0):
         super().__init__()
-        self.alpha = value_schedule(loss_fn.alpha, cfg.get("alpha_start"), cfg.get("alpha_schedule", "linear"), total_steps)
-        self.temperature = value_schedule(loss_fn.temperature, cfg.get("temperature_start"),
-                                          cfg.get("temperature_schedule", "linear"), total_steps)
-        ctkd = cfg.get("learnable_temperature")
-        self.ctkd = LearnableTemperature(loss_fn.temperature, int(ctkd["ramp_epochs"] * steps_per_epoch)) if ctkd else None
-        self.sample_weight = SAMPLE_WEIGHTS.get(cfg.get("sample_weight", "none"))
+        self.alpha = value_schedule(cfg.alpha, cfg.alpha_start, cfg.alpha_schedule, total_steps)
+        self.temperature = value_schedule(cfg.temperature, cfg.temperature_start, cfg.temperature_schedule, total_steps)
+        ctkd = cfg.learnable_temperature
+        self.ctkd = LearnableTemperature(cfg.temperature, int(ctkd["ramp_epochs"] * steps_per_epoch)) if ctkd else None
+        self.sample_weight = SAMPLE_WEIGHTS.get(cfg.sample_weight)
         self.rank = rank
         self.step = 0
-        self.teacher_noise, self.input_noise = float(cfg.get("teacher_noise") or 0), float(cfg.get("input_noise") or 0)
+        self.teacher_noise, self.input_noise = float(cfg.teacher_noise), float(cfg.input_noise)
         self.seed = seed
         self._generator: torch.Generator | None = None
 
@@ -149,7 +151,7 @@ class DistillControl(nn.Module):
         return teacher_logits + self._noise(teacher_logits, self.teacher_noise)
 
     def knobs(self, step: int, idx: Tensor, target: Tensor, teacher_logits: Tensor | None) -> tuple[Weight, Weight]:
-        """(alpha, temperature) for this batch."""
+        """(alpha, temperature) for this batch, which the engine passes to the loss."""
         self.step = step
         alpha: Weight = self.alpha(step)
         if teacher_logits is not None:

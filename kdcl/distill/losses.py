@@ -6,9 +6,11 @@ dict of **per-example** tensors of shape (B,): ``"loss"`` (what the engine avera
 any per-example curriculum weights, and back-propagates) and one entry per term, which
 the engine logs as ``train_<term>`` columns of ``metrics.csv``.
 
-``alpha`` and ``temperature`` come from the engine each step (they may follow a
-schedule, ``alpha`` may differ per example, and the temperature may be a learnable
-tensor, as in CTKD); the loss's own ``alpha`` / ``temperature`` are the configured values.
+``alpha`` and ``temperature`` come from the engine's control each step
+(:class:`kdcl.distill.control.DistillControl`, which reads ``distill.alpha`` and
+``distill.temperature``): they may follow a schedule, ``alpha`` may differ per example,
+and the temperature may be a learnable tensor, as in CTKD. A loss is built from its own
+keys alone (:func:`create_loss`); it does not keep α or T.
 ``ctx`` (a :class:`LossContext`, optional) carries the epoch and the intermediate
 features that forward hooks kept during this step's forward passes (kdcl/distill/features.py).
 A loss that reads features resolves its layers and builds its adapters in ``bind``,
@@ -93,10 +95,8 @@ class DistillLoss(nn.Module):
 
     needs_teacher = True
 
-    def __init__(self, alpha: float = 0.0, temperature: float = 1.0):
+    def __init__(self) -> None:  # a loss's constructor takes its own keys alone (none here)
         super().__init__()
-        self.alpha = float(alpha)
-        self.temperature = float(temperature)
 
     def distill(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight,
                 ctx: LossContext) -> tuple[Tensor, dict[str, Tensor]]:
@@ -159,8 +159,8 @@ class LogitMSE(DistillLoss):
     with α = 1 this is the users' ``MSE(z_s, z_t) + λ·KL`` form.
     """
 
-    def __init__(self, alpha: float = 0.0, temperature: float = 1.0, kl_weight: float = 0.0):
-        super().__init__(alpha, temperature)
+    def __init__(self, kl_weight: float = 0.0):
+        super().__init__()
         self.kl_weight = float(kl_weight)
 
     def distill(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight,
@@ -222,8 +222,8 @@ class FocalKD(SoftCrossEntropy):
 
     term = "focal"
 
-    def __init__(self, alpha: float = 0.9, temperature: float = 4.0, gamma: float = 2.0):
-        super().__init__(alpha, temperature)
+    def __init__(self, gamma: float = 2.0):
+        super().__init__()
         self.gamma = float(gamma)
 
 
@@ -266,9 +266,8 @@ class DecoupledKD(DistillLoss):
     The CE weight is 1, as in mdistiller: ``distill.alpha`` is not used.
     """
 
-    def __init__(self, alpha: float = 0.0, temperature: float = 4.0, tckd_weight: float = 1.0,
-                 nckd_weight: float = 8.0, warmup_epochs: float = 20):
-        super().__init__(alpha, temperature)
+    def __init__(self, tckd_weight: float = 1.0, nckd_weight: float = 8.0, warmup_epochs: float = 20):
+        super().__init__()
         self.tckd_weight, self.nckd_weight, self.warmup_epochs = float(tckd_weight), float(nckd_weight), warmup_epochs
 
     def distill(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight,
@@ -297,8 +296,8 @@ class LearningWithoutForgetting(DistillLoss):
     with the CE weight at 1.
     """
 
-    def __init__(self, alpha: float = 0.0, temperature: float = 2.0, lam: float = 1.0):
-        super().__init__(alpha, temperature)
+    def __init__(self, lam: float = 1.0):
+        super().__init__()
         self.lam = float(lam)
 
     def distill(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight,
@@ -321,8 +320,8 @@ class FeatureLoss(DistillLoss):
     mdistiller's form; α > 0 adds Hinton's KD term.
     """
 
-    def __init__(self, alpha: float, temperature: float, beta: float, student_layer: Any, teacher_layer: Any):
-        super().__init__(alpha, temperature)
+    def __init__(self, beta: float, student_layer: Any, teacher_layer: Any):
+        super().__init__()
         self.beta = float(beta)
         self.student_layer, self.teacher_layer = student_layer, teacher_layer
         self.pairs: list[tuple[str, str]] = []
@@ -369,9 +368,9 @@ class FitNet(FeatureLoss):
     ``trainer.epochs``: the step budget and the LR schedule stay those of every other arm.
     """
 
-    def __init__(self, alpha: float = 0.0, temperature: float = 4.0, beta: float = 100.0,
-                 student_layer: Any = "auto:last_conv", teacher_layer: Any = "auto:last_conv", hint_epochs: int = 0):
-        super().__init__(alpha, temperature, beta, student_layer, teacher_layer)
+    def __init__(self, beta: float = 100.0, student_layer: Any = "auto:last_conv", teacher_layer: Any = "auto:last_conv",
+                 hint_epochs: int = 0):
+        super().__init__(beta, student_layer, teacher_layer)
         self.hint_epochs = int(hint_epochs)
         self.adapters = nn.ModuleList()
 
@@ -411,9 +410,9 @@ class AttentionTransfer(FeatureLoss):
     larger than its partner is average-pooled to its size first.
     """
 
-    def __init__(self, alpha: float = 0.0, temperature: float = 4.0, beta: float = 1000.0, p: float = 2.0,
-                 student_layer: Any = "auto:stages", teacher_layer: Any = "auto:stages"):
-        super().__init__(alpha, temperature, beta, student_layer, teacher_layer)
+    def __init__(self, beta: float = 1000.0, p: float = 2.0, student_layer: Any = "auto:stages",
+                 teacher_layer: Any = "auto:stages"):
+        super().__init__(beta, student_layer, teacher_layer)
         self.p = float(p)
 
     def connect(self, pairs: list[tuple[str, str]], shapes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> None:
@@ -444,12 +443,14 @@ class Composed(DistillLoss):
     (layers, γ, ...); every method uses this loss's temperature. At the configured α₀ =
     ``alpha`` the loss is ``(1 − α₀)·CE + Σ_k w_k·D_k``; when the dynamic control moves α
     (schedules, per-example ``sample_weight``) every term moves with it by ``α/α₀``
-    (by 1 when α₀ = 0). Every method's terms are logged, a repeated name with the
-    entry's position appended (``kd_1``).
+    (by 1 when α₀ = 0). α₀ is ``distill.alpha``, the one control key a loss takes as its
+    own (the control schedules α from it and passes α every step). Every method's terms
+    are logged, a repeated name with the entry's position appended (``kd_1``).
     """
 
-    def __init__(self, alpha: float = 0.9, temperature: float = 4.0, losses: Sequence[dict] = ()):
-        super().__init__(alpha, temperature)
+    def __init__(self, alpha: float, losses: Sequence[dict] = ()):
+        super().__init__()
+        self.alpha0 = float(alpha)
         if not losses:
             raise KdclError("distill=composed has no losses",
                             fix="list them: distill.losses='[{name: kd, weight: 0.9}, {name: fitnet, weight: 100}]'")
@@ -467,7 +468,7 @@ class Composed(DistillLoss):
         return total, terms
 
     def combine(self, ce: Tensor, d: Tensor, alpha: Weight) -> Tensor:
-        return (1 - alpha) * ce + (alpha / self.alpha if self.alpha else 1.0) * d
+        return (1 - alpha) * ce + (alpha / self.alpha0 if self.alpha0 else 1.0) * d
 
     def bind(self, student: nn.Module, teacher: nn.Module, example: Tensor) -> None:
         for part in self.parts:
@@ -482,21 +483,18 @@ class Composed(DistillLoss):
         return student, teacher
 
 
-# Keys of the distill group that configure the engine's dynamic control, the teachers'
-# combination and the noise, not the loss.
-CONTROL_KEYS = ("name", "alpha_start", "alpha_schedule", "temperature_start", "temperature_schedule",
-                "learnable_temperature", "sample_weight", "teacher_route", "teacher_noise", "input_noise",
-                "teacher_combine", "teacher_weights", "teacher_cache", "teacher_cache_store", "teacher_cache_shard_mb")
-
-
-def create_loss(cfg: dict) -> DistillLoss:
-    """Build the loss named ``cfg["name"]`` with its own parameters; a key it does not take is a :class:`KdclError`."""
-    cls = LOSSES.get(cfg["name"])
-    params = {k: v for k, v in cfg.items() if k not in CONTROL_KEYS}
+def create_loss(spec: dict) -> DistillLoss:
+    """Build the loss named ``spec["name"]`` with the rest of ``spec``, its own keys
+    (:func:`kdcl.config.options.distill_parts` takes them out of a ``distill`` section);
+    a key it does not take is a :class:`KdclError`."""
+    name = spec["name"]
+    cls = LOSSES.get(name)
+    params = {k: v for k, v in spec.items() if k != "name"}
     signature = inspect.signature(cls)
     try:
         signature.bind(**params)
     except TypeError as err:
-        raise KdclError(f"distill={cfg['name']}: {err}",
-                        fix=f"{cfg['name']} takes the keys: {', '.join(signature.parameters)}") from None
+        keys = ", ".join(signature.parameters)
+        raise KdclError(f"distill={name}: {err}",
+                        fix=f"{name} takes the keys: {keys}" if keys else f"{name} takes no keys of its own") from None
     return cls(**params)

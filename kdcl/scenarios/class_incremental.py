@@ -60,6 +60,7 @@ import torch
 from torch import Tensor, nn
 
 from kdcl import distributed
+from kdcl.config.options import section_option
 from kdcl.curricula import ORDERS, PLANS, class_difficulty
 from kdcl.data import Source, class_map, with_classes
 from kdcl.errors import KdclError
@@ -68,12 +69,12 @@ from kdcl.output.plots import heatmaps
 from kdcl.output.tables import print_table, write_csv
 from kdcl.registry import Registry
 from kdcl.scenarios.standard import (
-    CE_ONLY,
     Run,
+    ce_only,
     curriculum_stage,
     start_run,
     teacher_stage,
-    train,
+    train_stage,
 )
 from kdcl.train.engine import evaluate
 from kdcl.train.resume import graceful_stop
@@ -108,30 +109,32 @@ class Recipe:
     """How a strategy trains one task: on which examples, with which loss, taught by whom."""
 
     pool: np.ndarray
-    loss: dict[str, Any]  # a distill config (kdcl.distill.losses)
+    loss: dict[str, Any]  # a distill section (its loss and control keys)
     teachers: list[nn.Module] = field(default_factory=list)
 
 
 @register_strategy("finetune")
 def finetune(task: Task) -> Recipe:
     """Cross-entropy on the new classes' examples (and the memory's)."""
-    return Recipe(np.union1d(task.new, task.memory), CE_ONLY)
+    return Recipe(pool=np.union1d(task.new, task.memory), loss=ce_only())
 
 
 @register_strategy("lwf")
 def lwf(task: Task) -> Recipe:
     """Fine-tuning plus distillation from the previous task's model on the old classes'
-    outputs: ``CE + λ·KL(softmax(z_old/T) ‖ softmax(z[:, :C_old]/T))`` (Li & Hoiem 2016)."""
+    outputs: ``CE + λ·KL(softmax(z_old/T) ‖ softmax(z[:, :C_old]/T))`` (Li & Hoiem 2016):
+    ``distill=lwf``'s section with λ and T from ``scenario.lwf`` (the run's ``distill`` is not used)."""
     if task.previous is None:
         return finetune(task)
     teacher = freeze(copy.deepcopy(task.previous))  # freezing folds BatchNorm in place: a copy
-    return Recipe(np.union1d(task.new, task.memory), {"name": "lwf", **task.settings["lwf"]}, [teacher])
+    loss = {**section_option("distill", "lwf"), **task.settings["lwf"]}
+    return Recipe(pool=np.union1d(task.new, task.memory), loss=loss, teachers=[teacher])
 
 
 @register_strategy("joint")
 def joint(task: Task) -> Recipe:
     """Cross-entropy on the examples of every class seen so far: nothing to forget."""
-    return Recipe(task.seen, CE_ONLY)
+    return Recipe(pool=task.seen, loss=ce_only())
 
 
 # --------------------------------------------------------------------------- class orders
@@ -273,7 +276,8 @@ def learn(run: Run, arm: str, strategy: Callable[[Task], Recipe], tasks: list[li
     for k, classes in enumerate(tasks, start=1):
         seen = [c for task in tasks[:k] for c in task]
         new = np.flatnonzero(np.isin(labels, classes))
-        task = Task(k, new, np.flatnonzero(np.isin(labels, seen)), memory, model, settings)
+        task = Task(number=k, new=new, seen=np.flatnonzero(np.isin(labels, seen)), memory=memory, previous=model,
+                    settings=settings)
         recipe = strategy(task)
         seed = run.cfg["seed"] + k
         # A stage trains its init in place and ``shared`` keeps every stage's model for other
@@ -282,7 +286,7 @@ def learn(run: Run, arm: str, strategy: Callable[[Task], Recipe], tasks: list[li
             torch.manual_seed(seed)
             model = grow_head(copy.deepcopy(model), len(seen))
             if settings["warmup_epochs"]:
-                warm = Recipe(recipe.pool, CE_ONLY)
+                warm = Recipe(pool=recipe.pool, loss=ce_only())
                 with new_outputs_only(model, bounds[k - 1]):
                     lineage, model, _ = task_stage(run, f"{arm}/task_{k}_warmup", warm, seen, len(new), seed,
                                                    settings["warmup_epochs"], model, lineage, shared)
@@ -298,7 +302,7 @@ def learn(run: Run, arm: str, strategy: Callable[[Task], Recipe], tasks: list[li
                      **{f"avg_acc{suffix(p)}": float(np.mean(row[p])) for p in PROTOCOLS},
                      **{c: run.rows[stage][c] for c in ("test_acc", "best_val_acc", "best_epoch", "steps", "seconds")}})
         memory = np.union1d(memory, exemplars(labels, new, settings["memory_per_class"], run.cfg["seed"] + k))
-    return ArmResult(matrices, rows, model)
+    return ArmResult(matrices=matrices, tasks=rows, model=model)
 
 
 def suffix(protocol: str) -> str:
@@ -319,8 +323,8 @@ def task_stage(run: Run, stage: str, recipe: Recipe, seen: list[int], budget: in
         return key, model, name
     view = replace(run, data=with_classes(run.data, seen, train=recipe.pool), budget_examples=budget,
                    trainer=replace(run.trainer, epochs=epochs), scores={k: v[recipe.pool] for k, v in run.scores.items()})
-    model = train(view, stage, run.cfg["student"], recipe.loss, run.cfg["curriculum"], seed,
-                  teachers=recipe.teachers, init=init, select="last")
+    model = train_stage(view, stage, run.cfg["student"], recipe.loss, run.cfg["curriculum"], seed=seed,
+                        teachers=recipe.teachers, init=init, select="last")
     shared[key] = (stage, model)
     return key, model, stage
 

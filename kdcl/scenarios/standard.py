@@ -16,14 +16,28 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import pandas as pd
 import torch
 from torch import Tensor, nn
 
 from kdcl import distributed
-from kdcl.config.options import arm_config, model_option, teacher_specs
+from kdcl.config.options import (
+    arm_config,
+    distill_parts,
+    model_option,
+    section_option,
+    teacher_specs,
+)
+from kdcl.config.schema import (
+    ControlConfig,
+    CurriculumConfig,
+    OptimizerConfig,
+    SchedulerConfig,
+    TrainerConfig,
+    typed,
+)
 from kdcl.curricula import (
     PLANS,
     SCORERS,
@@ -37,22 +51,20 @@ from kdcl.curricula import (
     score_all,
 )
 from kdcl.data import DataBundle, load_data
-from kdcl.distill.control import DistillControl
-from kdcl.distill.features import FeatureTap
-from kdcl.distill.feeds import Feed, FeedInputs, build_feed, caches, parse
-from kdcl.distill.losses import create_loss
+from kdcl.distill.feeds import Feed, caches
+from kdcl.distill.losses import DistillLoss, create_loss
 from kdcl.distill.teachers import Teachers
 from kdcl.errors import KdclError
 from kdcl.models import count_params, create_model, freeze, size_mb
-from kdcl.optim import build_optimizer, build_schedule
 from kdcl.output.tables import print_table, write_csv
 from kdcl.scenarios.stage_cache import reuse_or_produce
+from kdcl.train.assemble import build_stage
 from kdcl.train.checkpoint import (
     check_compatible,
     load_checkpoint,
     model_from_checkpoint,
 )
-from kdcl.train.engine import Stage, Trainer, evaluate, fit
+from kdcl.train.engine import Trainer, evaluate, fit
 from kdcl.train.resume import check_same_config, graceful_stop, read_done, write_done
 
 log = logging.getLogger(__name__)
@@ -62,19 +74,31 @@ SUMMARY_COLUMNS = [
     "steps", "params", "size_mb", "seconds", "kd_gain", "teacher_agreement", "distill", "curriculum", "seed",
     "checkpoint",
 ]
-CE_ONLY = {"name": "none"}
-NO_CURRICULUM = {"type": "none"}
+
+
+def ce_only() -> dict[str, Any]:
+    """The distill section of a stage that trains with cross-entropy alone (``distill=none``)."""
+    return section_option("distill", "none")
+
+
+def no_curriculum() -> dict[str, Any]:
+    """The curriculum section of a stage that trains on all data at every step (``curriculum=none``)."""
+    return section_option("curriculum", "none")
 
 
 @dataclass
 class Run:
-    """State shared by the stages of one run."""
+    """State shared by the stages of one run. ``cfg`` is the run's config as plain containers
+    (what ``done.json``, checkpoints and the stage cache keep); the sections every stage
+    trains with are typed."""
 
     cfg: dict[str, Any]
     out: Path
     trainer: Trainer
     data: DataBundle
     channels_last: bool
+    optimizer: OptimizerConfig
+    scheduler: SchedulerConfig
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)
     test_logits: dict[str, Tensor] = field(default_factory=dict)  # per model, for teacher agreement
     teacher: nn.Module | None = None  # the first teacher: it scores the curriculum
@@ -118,7 +142,7 @@ def run_pipeline(cfg: dict[str, Any], out: Path) -> pd.DataFrame:
     with graceful_stop():
         teacher_stage(run)
         if cfg["baseline"]:
-            student_stage(run, "baseline", CE_ONLY, NO_CURRICULUM)
+            student_stage(run, "baseline", ce_only(), no_curriculum())
         curriculum_stage(run)
         assistant_stages(run)
         if cfg["born_again"]["generations"]:
@@ -132,13 +156,15 @@ def run_pipeline(cfg: dict[str, Any], out: Path) -> pd.DataFrame:
 
 def start_run(cfg: dict[str, Any], out: Path) -> Run:
     """The run's trainer and data (the validation split carved), before any stage."""
-    t = cfg["trainer"]
-    trainer = Trainer.from_config(t)
-    data = load_data(cfg["dataset"], trainer.device, t["channels_last"], cfg["seed"])
+    settings = typed(TrainerConfig, cfg["trainer"], "trainer")
+    trainer = Trainer.from_config(settings)
+    data = load_data(cfg["dataset"], trainer.device, settings.channels_last, cfg["seed"])
     distributed.check_splits({"train": len(data.train), "validation": len(data.val), "test": len(data.test)})
     log.info("data %s: %d train / %d val / %d test, %d classes, input %s, device %s", data.name, len(data.train),
              len(data.val), len(data.test), data.num_classes, data.input_shape, trainer.device)
-    return Run(cfg, out, trainer, data, t["channels_last"])
+    return Run(cfg=cfg, out=out, trainer=trainer, data=data, channels_last=settings.channels_last,
+               optimizer=typed(OptimizerConfig, cfg["optimizer"], "optimizer"),
+               scheduler=typed(SchedulerConfig, cfg["scheduler"], "scheduler"))
 
 
 # --------------------------------------------------------------------------- stages
@@ -166,29 +192,30 @@ def one_teacher(run: Run, stage: str, spec: dict, seed: int) -> nn.Module:
         run.rows[stage] = {**row, **test_columns(run, stage, model)}
         return model
     if stage != "teacher":  # the first teacher alone is cached, scores the data and keeps a route
-        return train(run, stage, spec, CE_ONLY, NO_CURRICULUM, seed=seed)
+        return train_stage(run, stage, spec, ce_only(), no_curriculum(), seed=seed)
     dynamics = LearnedEpochs(len(run.data.train), run.trainer.device)
-    points = spec.get("route_points", 0)
+    points = spec.get("route_points", 0)  # a spec of ``teachers`` has none
     keep = {round(run.trainer.epochs * k / (points + 1)) for k in range(1, points + 1)} - {0}
-    model = reuse_or_train(run, stage, lambda: train(run, stage, spec, CE_ONLY, NO_CURRICULUM, seed=seed,
-                                                     dynamics=dynamics, keep_epochs=keep))
+    model = reuse_or_train(run, stage, lambda: train_stage(run, stage, spec, ce_only(), no_curriculum(), seed=seed,
+                                                           dynamics=dynamics, keep_epochs=keep))
     run.learned_epoch = torch.tensor(pd.read_csv(run.out / stage / "dynamics.csv")["learned_epoch"].to_numpy())
     return model
 
 
 def curriculum_stage(run: Run) -> None:
     """Score the training data with every available scorer and record the pacing plan."""
-    spec = run.cfg["curriculum"]
+    spec = typed(CurriculumConfig, run.cfg["curriculum"], "curriculum")
     out = run.stage_dir("curriculum")
     train = evaluate(run.teacher, run.data.train, run.data, run.trainer)
-    ctx = ScoreContext(train.labels, train.logits, run.cfg["seed"], run.learned_epoch, self_taught_logits(run))
-    run.scores = score_all(ctx, spec["scorer"])
-    order = make_order(run.scores[spec["scorer"]], train.labels, spec["order"], spec["class_balanced"], run.cfg["seed"])
+    ctx = ScoreContext(labels=train.labels, teacher_logits=train.logits, seed=run.cfg["seed"],
+                       learned_epoch=run.learned_epoch, self_taught_logits=self_taught_logits(run))
+    run.scores = score_all(ctx, spec.scorer)
+    order = make_order(run.scores[spec.scorer], train.labels, spec.order, spec.class_balanced, run.cfg["seed"])
     rank = torch.empty_like(order)
     rank[order] = torch.arange(len(order))
     loss = torch.nn.functional.cross_entropy(train.logits, train.labels, reduction="none")
     columns = {"index": run.data.train.origin, "label": train.labels.numpy(),
-               "difficulty": run.scores[spec["scorer"]].numpy(), "rank": rank.numpy(),
+               "difficulty": run.scores[spec.scorer].numpy(), "rank": rank.numpy(),
                "teacher_loss": loss.numpy(), "teacher_confidence": torch.exp(-loss).numpy()}
     per_scorer = {f"d_{name}": d.numpy() for name, d in run.scores.items()}  # every scorer's difficulty
     plan, spe = build_plan(run, spec), run.steps_per_epoch
@@ -197,15 +224,15 @@ def curriculum_stage(run: Run) -> None:
         first, last = e * spe, (e + 1) * spe - 1
         rows.append({"epoch": e + 1, "first_step": first, "last_step": last,
                      "data_fraction_start": plan.fraction(first), "data_fraction_end": plan.fraction(last)})
-    scheduled = PLANS.trait(spec["type"], "scheduled")
-    info = {"curriculum": spec["name"], "type": spec["type"], "scheduled": scheduled, "scorer": spec["scorer"],
-            "order": spec["order"], "pacing": spec.get("pacing"), "scorers": sorted(run.scores),
+    scheduled = PLANS.trait(spec.type, "scheduled")
+    info = {"curriculum": spec.name, "type": spec.type, "scheduled": scheduled, "scorer": spec.scorer,
+            "order": spec.order, "pacing": run.cfg["curriculum"]["pacing"], "scorers": sorted(run.scores),
             "train_examples": len(run.data.train), "steps_per_epoch": spe, "total_steps": run.total_steps}
     if distributed.is_main():
         write_csv(pd.DataFrame({**columns, **per_scorer}), out / "scores.csv")
         write_csv(pd.DataFrame(rows), out / "pacing.csv")
         (out / "curriculum.json").write_text(json.dumps(info, indent=2) + "\n")
-    log.info("curriculum %s: %s", spec["name"], f"{spec['type']}, scored by {spec['scorer']}, {spec['order']}"
+    log.info("curriculum %s: %s", spec.name, f"{spec.type}, scored by {spec.scorer}, {spec.order}"
              if scheduled else "nothing scheduled (all data, every step)")
 
 
@@ -214,16 +241,17 @@ def assistant_stages(run: Run) -> None:
     from the current teachers and becomes the teacher of the next, then of the student."""
     for i, spec in enumerate(run.cfg.get("assistants") or [], start=1):
         spec = model_option(spec) if isinstance(spec, str) else {"kwargs": {}, "pretrained": False, **spec}
-        model = train(run, f"assistant_{i}", spec, run.cfg["distill"], run.cfg["curriculum"], seed=run.cfg["seed"] + 1 + i)
+        model = train_stage(run, f"assistant_{i}", spec, run.cfg["distill"], run.cfg["curriculum"],
+                            seed=run.cfg["seed"] + 1 + i)
         run.teachers = [freeze(model)]
 
 
-def student_stage(run: Run, name: str, loss_cfg: dict, curriculum: dict,
+def student_stage(run: Run, name: str, distill: dict, curriculum: dict,
                   teachers: list[nn.Module] | None = None) -> nn.Module:
     """Train the student (from ``teachers``, default the run's; the baseline may come from
     the cache); every student stage starts from the same initial weights."""
-    model = reuse_or_train(run, name, lambda: train(run, name, run.cfg["student"], loss_cfg, curriculum,
-                                                    seed=run.cfg["seed"] + 1, teachers=teachers))
+    model = reuse_or_train(run, name, lambda: train_stage(run, name, run.cfg["student"], distill, curriculum,
+                                                          seed=run.cfg["seed"] + 1, teachers=teachers))
     same = run.test_logits[name].argmax(1) == run.test_logits["teacher"].argmax(1)
     run.rows[name]["teacher_agreement"] = same.float().mean().item()
     return model
@@ -257,17 +285,28 @@ def reuse_or_train(run: Run, stage: str, produce: Callable[[], nn.Module]) -> nn
     return model
 
 
-def build_plan(run: Run, spec: dict[str, Any], seed: int | None = None) -> DataSchedule:
-    """The step-wise data plan a curriculum spec describes, from the run's scores."""
+def build_plan(run: Run, spec: CurriculumConfig, seed: int | None = None) -> DataSchedule:
+    """The step-wise data plan a curriculum section describes, from the run's scores."""
     labels = run.data.train.labels
-    scores = run.scores.get(spec.get("scorer"))
+    scores = run.scores.get(spec.scorer)
     if scores is None:  # before scoring (baseline): the plan ignores difficulty
         scores = torch.zeros(len(labels))
-    order = make_order(scores, labels, spec.get("order", "easy_first"), spec.get("class_balanced", False), run.cfg["seed"])
-    inputs = PlanInputs(spec, order, difficulty_rank(make_order(scores, labels, "easy_first", False, run.cfg["seed"])),
-                        labels, class_difficulty(scores, labels, run.data.num_classes), run.total_steps, run.steps_per_epoch, run.trainer.batch_size,
-                        run.cfg["seed"] if seed is None else seed)
-    return PLANS.create(spec["type"], inputs)
+    order = make_order(scores, labels, spec.order, spec.class_balanced, run.cfg["seed"])
+    rank = difficulty_rank(make_order(scores, labels, "easy_first", False, run.cfg["seed"]))
+    inputs = PlanInputs(spec=spec, order=order, rank=rank, labels=labels,
+                        class_difficulty=class_difficulty(scores, labels, run.data.num_classes),
+                        total_steps=run.total_steps, steps_per_epoch=run.steps_per_epoch,
+                        batch_size=run.trainer.batch_size, seed=run.cfg["seed"] if seed is None else seed)
+    return PLANS.create(spec.type, inputs)
+
+
+def example_ranks(run: Run, spec: CurriculumConfig) -> Tensor | None:
+    """Each training example's difficulty rank under the curriculum's scorer (0 easiest),
+    for ``distill.sample_weight=difficulty``; None before the data is scored."""
+    scores = run.scores.get(spec.scorer)
+    if scores is None:
+        return None
+    return difficulty_rank(make_order(scores, run.data.train.labels, "easy_first", False, run.cfg["seed"]))
 
 
 def check_losses(run: Run) -> None:
@@ -278,22 +317,23 @@ def check_losses(run: Run) -> None:
     teacher = model_from_checkpoint(load_checkpoint(spec["checkpoint"])) if spec["checkpoint"] else \
         create_model(spec["name"], run.data.num_classes, shape, **spec["kwargs"])
     student = create_model(cfg["student"]["name"], run.data.num_classes, shape, **cfg["student"]["kwargs"])
-    for loss_cfg in [cfg["distill"], *(arm_config(cfg, arm)[0] for arm in (cfg.get("arms") or {}).values())]:
-        loss_fn = create_loss(loss_cfg)
+    for distill in [cfg["distill"], *(arm_config(cfg, arm)[0] for arm in (cfg.get("arms") or {}).values())]:
+        loss_spec, control = distill_parts(distill)
+        loss_fn = create_loss(loss_spec)
         if loss_fn.needs_teacher:
             loss_fn.bind(student, teacher, torch.zeros(2, *shape))
-        check_teacher_cache(loss_cfg, loss_fn)
+        check_teacher_cache(loss_spec["name"], loss_fn, control)
 
 
-def check_teacher_cache(loss_cfg: dict, loss_fn: nn.Module) -> None:
+def check_teacher_cache(name: str, loss_fn: DistillLoss, control: ControlConfig) -> None:
     """A cache holds the (final) teacher's logits: nothing else of the teacher."""
-    spec = loss_cfg.get("teacher_cache", "none")
+    spec = control.teacher_cache
     if not caches(spec) or not loss_fn.needs_teacher:
         return
     needs = "its intermediate features" if loss_fn.layers()[1] else \
-        "a different teacher per phase" if loss_cfg.get("teacher_route") else None
+        "a different teacher per phase" if control.teacher_route else None
     if needs:
-        raise KdclError(f"distill.teacher_cache={spec} caches the teacher's logits, but distill={loss_cfg['name']} needs {needs}",
+        raise KdclError(f"distill.teacher_cache={spec} caches the teacher's logits, but distill={name} needs {needs}",
                         fix="set distill.teacher_cache=none for this loss")
 
 
@@ -302,41 +342,34 @@ def self_taught_logits(run: Run):
     if "baseline" not in run.rows:
         if not SCORERS.trait(run.cfg["curriculum"]["scorer"], "needs_student_model"):
             return None
-        return lambda: evaluate(train(run, "curriculum/self_taught", run.cfg["student"], CE_ONLY, NO_CURRICULUM,
-                                      seed=run.cfg["seed"] + 1), run.data.train, run.data, run.trainer).logits
+        return lambda: evaluate(train_stage(run, "curriculum/self_taught", run.cfg["student"], ce_only(), no_curriculum(),
+                                            seed=run.cfg["seed"] + 1), run.data.train, run.data, run.trainer).logits
     baseline = run.to_device(model_from_checkpoint(load_checkpoint(run.out / "baseline" / "best.pt")))
     return lambda: evaluate(baseline, run.data.train, run.data, run.trainer).logits
 
 
-def route_teacher(run: Run, final: Teachers) -> Callable[[int], nn.Module]:
+def route_checkpoints(run: Run) -> list[nn.Module]:
     """RCO (Jin et al. 2019): the teacher's checkpoints from its own training, early ones
-    first, then ``final`` (the trained teacher), each teaching an equal share of the steps."""
+    first, frozen; each teaches an equal share of the steps before the trained teacher."""
     paths = sorted((run.out / "teacher").glob("epoch_*.pt"))
     if not paths:
         raise KdclError("distill.teacher_route=true needs checkpoints saved during teacher training",
                         fix="set teacher.route_points=N (N ≥ 1) and train the teacher in this run")
-    anchors = [Teachers([freeze(run.to_device(model_from_checkpoint(load_checkpoint(p))))])
-               for p in paths]
-    return teacher_route([*anchors, final], run.total_steps)
+    return [freeze(run.to_device(model_from_checkpoint(load_checkpoint(p)))) for p in paths]
 
 
-def teacher_route(anchors: list[nn.Module], total_steps: int) -> Callable[[int], nn.Module]:
-    """Step → teacher: each anchor in turn for an equal share of the steps."""
-    phase = math.ceil(total_steps / len(anchors))
-    return lambda step: anchors[min(step // phase, len(anchors) - 1)]
-
-
-def train(run: Run, stage: str, spec: dict, loss_cfg: dict, curriculum: dict, seed: int,
-          dynamics: LearnedEpochs | None = None, keep_epochs: set[int] = frozenset(),
-          teachers: list[nn.Module] | None = None, init: nn.Module | None = None, select: str = "best") -> nn.Module:
+def train_stage(run: Run, stage: str, spec: dict, distill: dict, curriculum: dict, *, seed: int,
+                dynamics: LearnedEpochs | None = None, keep_epochs: Collection[int] = frozenset(),
+                teachers: list[nn.Module] | None = None, init: nn.Module | None = None, select: str = "best") -> nn.Module:
     """Train one model for the run's step budget; return its best (validation) weights,
     or with ``select="last"`` its last ones, which its summary row then reports.
 
     The model is ``spec``'s architecture, freshly initialised from ``seed``, or ``init``
-    trained on (class-incremental tasks continue the previous task's model).
+    trained on (class-incremental tasks continue the previous task's model). It learns
+    with the ``distill`` section's loss from ``teachers`` (default: the run's), on the plan
+    of the ``curriculum`` section; :func:`kdcl.train.assemble.build_stage` assembles the
+    stage and :func:`kdcl.train.engine.fit` trains it.
 
-    The distillation loss binds its layers to the student and the (first) teacher and its
-    adapters train with the student; the layers it reads are hooked while the stage trains.
     A stage that finished in an earlier run of the same run directory is not trained
     again, and one that was cut off continues where it stopped.
     """
@@ -350,45 +383,28 @@ def train(run: Run, stage: str, spec: dict, loss_cfg: dict, curriculum: dict, se
         test_columns(run, stage, chosen)
         run.rows[stage] = done["row"]
         return chosen
+    curriculum_cfg = typed(CurriculumConfig, curriculum, "curriculum")
     torch.manual_seed(seed)
-    data.preprocess.generator.manual_seed(seed)
     if init is None:
         init = create_model(spec["name"], data.num_classes, data.input_shape, pretrained=spec["pretrained"], **spec["kwargs"])
     model = run.trainer.prepare(run.to_device(init))
-    loss_fn = create_loss(loss_cfg)
-    teachers = run.teachers if teachers is None else teachers
-    teacher = Teachers(teachers, loss_cfg.get("teacher_combine", "mean"), loss_cfg.get("teacher_weights"),
-                       loss_cfg.get("temperature", 1.0)) if teachers else None
-    if teacher is not None and loss_fn.needs_teacher:
-        loss_fn.bind(model, teacher.lead, torch.zeros(2, *data.input_shape, device=run.trainer.device))
-    loss_fn.to(run.trainer.device)
-    scores = run.scores.get(curriculum.get("scorer"))
-    rank = None if scores is None else difficulty_rank(make_order(scores, data.train.labels, "easy_first", False,
-                                                                  run.cfg["seed"]))
-    # Under DDP each rank draws its own noise (seed + rank) for its part of the batch.
-    control = DistillControl(loss_fn, loss_cfg, run.total_steps, run.steps_per_epoch, rank,
-                             seed + distributed.rank()).to(run.trainer.device)
-    groups = [{"params": [*model.parameters(), *loss_fn.parameters()]},
-              {"params": control.parameters(), "weight_decay": 0.0}]
-    optimizer = build_optimizer(groups, run.cfg["optimizer"])
-    lr_schedule = build_schedule(optimizer, run.cfg["scheduler"], run.total_steps, run.steps_per_epoch)
-    teacher_at = None if teacher is None or not loss_fn.needs_teacher else \
-        route_teacher(run, teacher) if loss_cfg.get("teacher_route") else (lambda step: teacher)
     log.info("%s: %s, %s params, %d epochs × %d steps, loss %s, curriculum %s", stage, spec["name"],
-             f"{count_params(model):,}", run.trainer.epochs, run.steps_per_epoch, loss_cfg["name"], curriculum["type"])
-    student_layers, teacher_layers = loss_fn.layers()
-    with FeatureTap(model, student_layers) as student_features, \
-            FeatureTap(teacher.lead if teacher is not None else None, teacher_layers) as teacher_features:
-        parts = Stage(stage, model, loss_fn, control, build_plan(run, curriculum, seed), optimizer, lr_schedule, out,
-                      checkpoint_meta(run, stage, spec), teacher_feed(run, loss_cfg, teacher_at, teachers), dynamics,
-                      keep_epochs, (student_features, teacher_features), run.steps_per_epoch)
+             f"{count_params(model):,}", run.trainer.epochs, run.steps_per_epoch, distill["name"], curriculum_cfg.type)
+    with build_stage(name=stage, out_dir=out, model=model, distill=distill,
+                     teachers=run.teachers if teachers is None else teachers, route=lambda: route_checkpoints(run),
+                     plan=build_plan(run, curriculum_cfg, seed), rank=example_ranks(run, curriculum_cfg),
+                     trainer=run.trainer, data=data, optimizer=run.optimizer, scheduler=run.scheduler,
+                     total_steps=run.total_steps, steps_per_epoch=run.steps_per_epoch, seed=seed, cache_seed=run.cfg["seed"],
+                     cache_dir=run.out / "teacher_cache", feeds=run.feeds, meta=checkpoint_meta(run, stage, spec),
+                     dynamics=dynamics, keep_epochs=keep_epochs) as parts:
         result = fit(parts, data, run.trainer)
     path = result.best_path if select == "best" else result.last_path
     chosen = run.to_device(model_from_checkpoint(load_checkpoint(path)))
     columns = test_columns(run, stage, chosen)
     run.rows[stage] = {
-        "arch": spec["name"], "distill": loss_cfg["name"],
-        "curriculum": f"{curriculum['scorer']}/{curriculum['order']}" if curriculum["type"] == "paced" else curriculum["type"],
+        "arch": spec["name"], "distill": distill["name"],
+        "curriculum": f"{curriculum_cfg.scorer}/{curriculum_cfg.order}" if curriculum_cfg.type == "paced"
+        else curriculum_cfg.type,
         "best_val_acc": result.best_val_acc, "best_epoch": result.best_epoch,
         "last_epoch": result.last_epoch, "steps": result.steps, "seconds": round(result.seconds, 2),
         "checkpoint": str(path.resolve()), **columns,
@@ -402,29 +418,6 @@ def train(run: Run, stage: str, spec: dict, loss_cfg: dict, curriculum: dict, se
         (out / "resume.pt").unlink(missing_ok=True)
     distributed.barrier()  # the other ranks read these files next
     return chosen
-
-
-def teacher_feed(run: Run, loss_cfg: dict, teacher_at: Callable[[int], nn.Module] | None,
-                 teachers: list[nn.Module]) -> Feed:
-    """The stage's feed (``distill.teacher_cache``). A cache is filled once per run and
-    teacher set (with how several teachers' targets combine), and shared by every stage
-    those teachers teach."""
-    spec = loss_cfg.get("teacher_cache", "none") if teacher_at is not None else "none"
-    combined = [loss_cfg.get(k) for k in ("teacher_combine", "teacher_weights", "temperature")] if len(teachers) > 1 else []
-    key = (spec, tuple(id(m) for m in teachers), repr(combined))
-    if key in run.feeds:
-        return run.feeds[key]
-    d = run.data
-    inputs = FeedInputs(d.preprocess, d.train, teacher_at, run.trainer.autocast, d.num_classes,
-                        run.trainer.batch_size, run.cfg["seed"], parse(spec)[1],
-                        loss_cfg.get("teacher_cache_store", "memory"),
-                        run.out / "teacher_cache" / f"{spec.replace(':', '_')}-{len(run.feeds)}"
-                        / (f"rank{distributed.rank()}" if distributed.world() > 1 else ""),  # every rank fills its own
-                        loss_cfg.get("teacher_cache_shard_mb", 512))
-    feed = build_feed(spec, inputs)
-    if caches(spec):  # online feeds are per stage (the teacher may follow a route)
-        run.feeds[key] = feed
-    return feed
 
 
 def test_columns(run: Run, stage: str, model: nn.Module) -> dict[str, Any]:

@@ -15,12 +15,13 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Collection
+from typing import Any, Collection, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from kdcl import distributed
+from kdcl.config.schema import TrainerConfig
 from kdcl.curricula import DataSchedule, LearnedEpochs
 from kdcl.data import Batch, DataBundle, Source
 from kdcl.distill.control import DistillControl
@@ -70,16 +71,16 @@ class Trainer:
     compile: bool = False
 
     @classmethod
-    def from_config(cls, t: dict[str, Any]) -> Trainer:
-        """The ``trainer`` config group: resolves the device (``auto``: CUDA when there is
+    def from_config(cls, t: TrainerConfig) -> Trainer:
+        """The ``trainer`` section: resolves the device (``auto``: CUDA when there is
         one), bf16 autocast (``auto``: on CUDA) and the CPU thread count (``threads``)."""
-        device = distributed.device(resolve_device(t["device"]))
-        if t.get("threads"):
-            torch.set_num_threads(t["threads"])
-        return cls(device=device, epochs=t["epochs"], batch_size=t["batch_size"], eval_batch_size=t["eval_batch_size"],
-                   amp=device.type == "cuda" if t["amp"] == "auto" else bool(t["amp"]),
-                   early_stopping_patience=t.get("early_stopping_patience"),
-                   checkpoint_every_steps=t.get("checkpoint_every_steps"), compile=bool(t.get("compile")))
+        device = distributed.device(resolve_device(t.device))
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        return cls(device=device, epochs=t.epochs, batch_size=t.batch_size, eval_batch_size=t.eval_batch_size,
+                   amp=device.type == "cuda" if t.amp == "auto" else bool(t.amp),
+                   early_stopping_patience=t.early_stopping_patience,
+                   checkpoint_every_steps=t.checkpoint_every_steps, compile=t.compile)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """With ``trainer.compile``, compile the model's forward (its state_dict keeps its keys)."""
@@ -106,7 +107,7 @@ class FitResult:
 
 @dataclass
 class Stage:
-    """What one training stage trains, and with what."""
+    """What one training stage trains, and with what (:func:`kdcl.train.assemble.build_stage` builds it)."""
 
     name: str
     model: nn.Module
@@ -156,10 +157,10 @@ def evaluate(model: nn.Module, source: Source, data: DataBundle, trainer: Traine
     logits, y = (distributed.gather(torch.cat(parts), len(source)) for parts in (outputs, labels))
     loss = nn.functional.cross_entropy(logits, y).item()
     acc = (logits.argmax(1) == y).float().mean().item()
-    return Evaluation(loss, acc, logits.cpu(), y.cpu())
+    return Evaluation(loss=loss, acc=acc, logits=logits.cpu(), labels=y.cpu())
 
 
-class _Meter:
+class Meter:
     """Running sums of the loss terms and correct predictions, kept on the device.
 
     In one process each step adds straight to ``sums``. Under DDP each rank adds its part
@@ -200,7 +201,7 @@ def _added(sums: dict[str, Tensor], values: dict[str, Tensor]) -> dict[str, Tens
     return {**sums, **{k: sums.get(k, 0) + v for k, v in values.items()}}
 
 
-def train_step(s: Stage, trainer: Trainer, step: int, batch: Batch, meter: _Meter, ctx: LossContext,
+def train_step(s: Stage, trainer: Trainer, step: int, batch: Batch, meter: Meter, ctx: LossContext,
                part: Part | None = None) -> None:
     """One optimizer step: the feed gives the (augmented) input and the teacher's logits,
     the control sets α and T (and any noise), the loss gives per-example terms (features
@@ -274,14 +275,32 @@ def fit(s: Stage, data: DataBundle, trainer: Trainer) -> FitResult:
         if trainer.early_stopping_patience and cursor.stale >= trainer.early_stopping_patience:
             log.info("%s: early stop after %d epochs without a better val_acc", s.name, cursor.stale)
             cursor.finished = True
-        cursor.epoch, cursor.seconds, meter, start_state = epoch + 1, time.perf_counter() - started, _Meter(), None
+        cursor.epoch, cursor.seconds, meter, start_state = epoch + 1, time.perf_counter() - started, Meter(), None
         _save(s, data, cursor, meter, None)
     distributed.barrier()  # rank 0's checkpoints are on disk for every rank
-    return FitResult(cursor.best_epoch, cursor.best_acc, cursor.last_epoch, cursor.step, cursor.seconds,
-                     s.out_dir / "best.pt", s.out_dir / "last.pt")
+    return FitResult(best_epoch=cursor.best_epoch, best_val_acc=cursor.best_acc, last_epoch=cursor.last_epoch,
+                     steps=cursor.step, seconds=cursor.seconds, best_path=s.out_dir / "best.pt",
+                     last_path=s.out_dir / "last.pt")
 
 
-def _end_epoch(s: Stage, data: DataBundle, trainer: Trainer, cursor: Cursor, meter: _Meter, seconds: float) -> dict[str, Any]:
+def train_steps(s: Stage, data: DataBundle, trainer: Trainer, total_steps: int) -> Iterator[int]:
+    """``total_steps`` optimizer steps of ``s`` on its plan, epoch after epoch of
+    ``s.steps_per_epoch`` steps (default ``ceil(N / batch_size)``), with no validation,
+    checkpoint or resume state: the bare training steps (what ``kdcl bench`` times).
+    Yields each step's number once it is taken."""
+    spe = s.steps_per_epoch or math.ceil(len(data.train) / trainer.batch_size)
+    s.model.train()
+    meter = Meter()
+    for epoch in range(1, math.ceil(total_steps / spe) + 1):
+        first = (epoch - 1) * spe
+        steps = range(first, min(first + spe, total_steps))
+        ctx = LossContext(epoch, *s.features)
+        for step, batch in zip(steps, data.train.batches(s.plan.batches(steps))):
+            train_step(s, trainer, step, batch, meter, ctx)
+            yield step
+
+
+def _end_epoch(s: Stage, data: DataBundle, trainer: Trainer, cursor: Cursor, meter: Meter, seconds: float) -> dict[str, Any]:
     """Validate, keep the checkpoints, and return the epoch's metrics row."""
     epoch = cursor.epoch
     meter.collect()
@@ -319,7 +338,7 @@ def _generators(s: Stage, data: DataBundle) -> dict[str, torch.Generator]:
     return {"preprocess": data.preprocess.generator, **({"noise": noise} if noise is not None else {})}
 
 
-def _save(s: Stage, data: DataBundle, cursor: Cursor, meter: _Meter, start_state: dict | None) -> None:
+def _save(s: Stage, data: DataBundle, cursor: Cursor, meter: Meter, start_state: dict | None) -> None:
     """Write the stage's resume state (rank 0), first summing what the ranks counted apart."""
     meter.collect()
     s.plan.collect()
@@ -337,12 +356,12 @@ def _save(s: Stage, data: DataBundle, cursor: Cursor, meter: _Meter, start_state
     })
 
 
-def _restore(s: Stage, data: DataBundle) -> tuple[Cursor, _Meter, dict | None]:
+def _restore(s: Stage, data: DataBundle) -> tuple[Cursor, Meter, dict | None]:
     """The stage's saved state, loaded into its parts; a fresh start when there is none."""
     path = s.out_dir / "resume.pt"
     state = load_state(path)
     if state is None:
-        return Cursor(), _Meter(), None
+        return Cursor(), Meter(), None
     check_same_config(state["config"], s.meta["config"], path)
     for key, module in s.modules().items():
         module.load_state_dict(state["modules"][key])
@@ -352,5 +371,5 @@ def _restore(s: Stage, data: DataBundle) -> tuple[Cursor, _Meter, dict | None]:
     set_rng_states(state["rng"], _generators(s, data))
     cursor = Cursor(**state["cursor"])
     log.info("%s: resuming at epoch %d, step %d (from %s)", s.name, cursor.epoch, cursor.step, path)
-    meter = _Meter({k: v.to(data.preprocess.mean.device) for k, v in state["meter"]["sums"].items()}, state["meter"]["count"])
+    meter = Meter({k: v.to(data.preprocess.mean.device) for k, v in state["meter"]["sums"].items()}, state["meter"]["count"])
     return cursor, meter, state["plan_at_epoch_start"]
