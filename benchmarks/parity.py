@@ -35,21 +35,45 @@ ROWS = ["teacher", "baseline", "distill"]
 
 def kdcl_command(args: argparse.Namespace, seed: int, run_dir: Path) -> list[str]:
     teacher, student = MODELS[args.arch]
-    return [sys.executable, "-m", "kdcl", "train", "+experiment=cifar10_cpu", f"dataset.root={args.data}",
-            f"teacher={teacher}", f"student={student}", "curriculum=none", "distill=kd", "distill.alpha=0.9",
-            "distill.temperature=4", "dataset.max_train_samples=11112", "dataset.max_test_samples=null",
-            "trainer.epochs=10", "trainer.batch_size=128", f"dataset.crop_padding_mode={args.padding}",
-            f"seed={seed}", "cache=false", f"hydra.run.dir={run_dir}",
-            *([f"trainer.threads={args.threads}"] if args.threads else [])]
+    return [
+        sys.executable,
+        "-m",
+        "kdcl",
+        "train",
+        "+experiment=cifar10_cpu",
+        f"dataset.root={args.data}",
+        f"teacher={teacher}",
+        f"student={student}",
+        "curriculum=none",
+        "distill=kd",
+        "distill.alpha=0.9",
+        "distill.temperature=4",
+        "dataset.max_train_samples=11112",
+        "dataset.max_test_samples=null",
+        "trainer.epochs=10",
+        "trainer.batch_size=128",
+        f"dataset.crop_padding_mode={args.padding}",
+        f"seed={seed}",
+        "cache=false",
+        f"hydra.run.dir={run_dir}",
+        *([f"trainer.threads={args.threads}"] if args.threads else []),
+    ]
 
 
 def reference_command(args: argparse.Namespace, seed: int, out: Path, kdcl_run: Path) -> list[str]:
     """The reference on kdcl's training examples (the run's ``curriculum/scores.csv``): every seed of one
     side shares one split, so two independently drawn splits would bias every pair alike."""
-    return [sys.executable, str(HERE / "reference_kd.py"), f"--data={args.data}", f"--arch={args.arch}",
-            f"--padding={args.padding}", f"--seed={seed}", f"--out={out}",
-            f"--train-indices={kdcl_run / 'curriculum' / 'scores.csv'}",
-            *([f"--threads={args.threads}"] if args.threads else [])]
+    return [
+        sys.executable,
+        str(HERE / "reference_kd.py"),
+        f"--data={args.data}",
+        f"--arch={args.arch}",
+        f"--padding={args.padding}",
+        f"--seed={seed}",
+        f"--out={out}",
+        f"--train-indices={kdcl_run / 'curriculum' / 'scores.csv'}",
+        *([f"--threads={args.threads}"] if args.threads else []),
+    ]
 
 
 def run(command: list[str], done: Path, log: Path) -> None:
@@ -71,9 +95,18 @@ def paired(kdcl: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
             seeds = ours.index.intersection(theirs.index)
             d = ours[seeds] - theirs[seeds]
             se = d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else math.nan
-            rows.append({"model": model, "metric": metric, "seeds": len(d), "kdcl": ours[seeds].mean(),
-                         "reference": theirs[seeds].mean(), "diff": d.mean(), "se": se,
-                         "parity": bool(d.mean() >= 0 or abs(d.mean()) <= se)})
+            rows.append(
+                {
+                    "model": model,
+                    "metric": metric,
+                    "seeds": len(d),
+                    "kdcl": ours[seeds].mean(),
+                    "reference": theirs[seeds].mean(),
+                    "diff": d.mean(),
+                    "se": se,
+                    "parity": bool(d.mean() >= 0 or abs(d.mean()) <= se),
+                }
+            )
     return pd.DataFrame(rows)
 
 

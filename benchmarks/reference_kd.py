@@ -48,17 +48,32 @@ def conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
 
 def three_conv_cnn(width: int) -> nn.Sequential:
     """kdcl's ``cnn``: conv(w) · pool · conv(2w) · pool · conv(4w) · global average pool · fc."""
-    return nn.Sequential(*conv_bn_relu(3, width), nn.MaxPool2d(2), *conv_bn_relu(width, 2 * width), nn.MaxPool2d(2),
-                         *conv_bn_relu(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(4 * width, 10))
+    return nn.Sequential(
+        *conv_bn_relu(3, width),
+        nn.MaxPool2d(2),
+        *conv_bn_relu(width, 2 * width),
+        nn.MaxPool2d(2),
+        *conv_bn_relu(2 * width, 4 * width),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4 * width, 10),
+    )
 
 
 def vgg_cnn(width: int) -> nn.Sequential:
     """kdcl's ``vgg``: conv(w) · conv(w) at full resolution · pool · conv(2w) · pool · conv(4w) ·
     global average pool · fc."""
-    return nn.Sequential(*conv_bn_relu(3, width), *conv_bn_relu(width, width), nn.MaxPool2d(2),
-                         *conv_bn_relu(width, 2 * width), nn.MaxPool2d(2), *conv_bn_relu(2 * width, 4 * width),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, 10))
+    return nn.Sequential(
+        *conv_bn_relu(3, width),
+        *conv_bn_relu(width, width),
+        nn.MaxPool2d(2),
+        *conv_bn_relu(width, 2 * width),
+        nn.MaxPool2d(2),
+        *conv_bn_relu(2 * width, 4 * width),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4 * width, 10),
+    )
 
 
 ARCHS = {"cnn": three_conv_cnn, "vgg": vgg_cnn}
@@ -111,9 +126,11 @@ def load_splits(args: argparse.Namespace) -> dict[str, tuple[torch.Tensor, torch
         images = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255
         return (images - mean) / std, torch.from_numpy(y)
 
-    return {"train": tensors(x_train[np.sort(pool[~is_val])], y_train[np.sort(pool[~is_val])]),
-            "val": tensors(x_train[np.sort(pool[is_val])], y_train[np.sort(pool[is_val])]),
-            "test": tensors(x_test[test], y_test[test])}
+    return {
+        "train": tensors(x_train[np.sort(pool[~is_val])], y_train[np.sort(pool[~is_val])]),
+        "val": tensors(x_train[np.sort(pool[is_val])], y_train[np.sort(pool[is_val])]),
+        "test": tensors(x_test[test], y_test[test]),
+    }
 
 
 def augment(x: torch.Tensor, padding: str, generator: torch.Generator) -> torch.Tensor:
@@ -125,15 +142,18 @@ def augment(x: torch.Tensor, padding: str, generator: torch.Generator) -> torch.
     if padding == "reflect":
         padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
     else:  # pad with a per-channel constant: 0 after normalisation, or a black pixel's value
-        fill = torch.zeros(1, c, 1, 1) if padding == "mean" else \
-            (-torch.tensor(CIFAR_MEAN) / torch.tensor(CIFAR_STD)).view(1, c, 1, 1)
+        fill = (
+            torch.zeros(1, c, 1, 1)
+            if padding == "mean"
+            else (-torch.tensor(CIFAR_MEAN) / torch.tensor(CIFAR_STD)).view(1, c, 1, 1)
+        )
         padded = F.pad(x - fill, (4, 4, 4, 4)) + fill
     offsets = torch.randint(0, 9, (n, 2), generator=generator)
     flips = torch.rand(n, generator=generator) < 0.5
     out = torch.empty_like(x)
     for i in range(n):
         dy, dx = int(offsets[i, 0]), int(offsets[i, 1])
-        crop = padded[i, :, dy:dy + h, dx:dx + w]
+        crop = padded[i, :, dy : dy + h, dx : dx + w]
         out[i] = crop.flip(2) if flips[i] else crop
     return out
 
@@ -144,24 +164,28 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     model.eval()
     correct = 0
     for start in range(0, len(x), 512):
-        batch = x[start:start + 512].contiguous(memory_format=torch.channels_last)
-        correct += int((model(batch).argmax(1) == y[start:start + 512]).sum())
+        batch = x[start : start + 512].contiguous(memory_format=torch.channels_last)
+        correct += int((model(batch).argmax(1) == y[start : start + 512]).sum())
     return correct / len(x)
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, alpha: float, t: float) -> torch.Tensor:
-    soft = F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), reduction="batchmean", log_target=True)
+    soft = F.kl_div(
+        F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), reduction="batchmean", log_target=True
+    )
     return (1 - alpha) * F.cross_entropy(student, y) + alpha * t * t * soft
 
 
-def train(name: str, model: nn.Module, splits: dict, args: argparse.Namespace, seed: int,
-          teacher: nn.Module | None = None) -> tuple[nn.Module, dict]:
+def train(
+    name: str, model: nn.Module, splits: dict, args: argparse.Namespace, seed: int, teacher: nn.Module | None = None
+) -> tuple[nn.Module, dict]:
     """Train ``model`` for ``args.epochs``; return its best-validation copy and its row."""
     x, y = splits["train"]
     generator = torch.Generator().manual_seed(seed)
     model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay,
-                                nesterov=True)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay, nesterov=True
+    )
     steps = args.epochs * math.ceil(len(x) / args.batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     best, best_val, best_epoch, started = None, -1.0, 0, time.perf_counter()
@@ -169,7 +193,7 @@ def train(name: str, model: nn.Module, splits: dict, args: argparse.Namespace, s
         model.train()
         order = torch.randperm(len(x), generator=generator)
         for start in range(0, len(x), args.batch_size):
-            idx = order[start:start + args.batch_size]
+            idx = order[start : start + args.batch_size]
             inputs = augment(x[idx], args.padding, generator).contiguous(memory_format=torch.channels_last)
             logits = model(inputs)
             if teacher is None:
@@ -184,10 +208,17 @@ def train(name: str, model: nn.Module, splits: dict, args: argparse.Namespace, s
         if val > best_val:
             best, best_val, best_epoch = copy.deepcopy(model), val, epoch
         print(f"{name} epoch {epoch}/{args.epochs}  val_acc {val:.4f}", flush=True)
-    row = {"model": name, "test_acc": accuracy(best, *splits["test"]), "test_acc_last": accuracy(model, *splits["test"]),
-           "best_val_acc": best_val, "best_epoch": best_epoch, "steps": steps,
-           "params": sum(p.numel() for p in model.parameters()), "seconds": round(time.perf_counter() - started, 1),
-           "seed": args.seed}
+    row = {
+        "model": name,
+        "test_acc": accuracy(best, *splits["test"]),
+        "test_acc_last": accuracy(model, *splits["test"]),
+        "best_val_acc": best_val,
+        "best_epoch": best_epoch,
+        "steps": steps,
+        "params": sum(p.numel() for p in model.parameters()),
+        "seconds": round(time.perf_counter() - started, 1),
+        "seed": args.seed,
+    }
     print(row, flush=True)
     return best, row
 
@@ -216,10 +247,18 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=4.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
-    parser.add_argument("--teacher-checkpoint", type=Path, help="load the teacher's weights (a state_dict, or a "
-                        "file holding one under 'state_dict') instead of training it")
-    parser.add_argument("--train-indices", type=Path, help="CSV whose first column (after a header) lists the "
-                        "training examples (rows of train.npz), e.g. a kdcl run's curriculum/scores.csv")
+    parser.add_argument(
+        "--teacher-checkpoint",
+        type=Path,
+        help="load the teacher's weights (a state_dict, or a "
+        "file holding one under 'state_dict') instead of training it",
+    )
+    parser.add_argument(
+        "--train-indices",
+        type=Path,
+        help="CSV whose first column (after a header) lists the "
+        "training examples (rows of train.npz), e.g. a kdcl run's curriculum/scores.csv",
+    )
     parser.add_argument("--teacher-only", action="store_true", help="train the teacher alone")
     parser.add_argument("--out", type=Path, required=True, help="CSV, one row per model")
     args = parser.parse_args()

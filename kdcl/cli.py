@@ -12,9 +12,10 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import hydra
 from hydra._internal import utils as hydra_utils
@@ -175,8 +176,10 @@ def _check_writable(overrides: list[str]) -> None:
         path = Path(target).expanduser().absolute()
         existing = next(p for p in (path, *path.parents) if p.exists())
         if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-            raise KdclError(f"cannot create the output directory {path}: {existing} is not a writable directory",
-                            fix="choose a writable hydra.run.dir (or hydra.sweep.dir), or run from a writable directory")
+            raise KdclError(
+                f"cannot create the output directory {path}: {existing} is not a writable directory",
+                fix="choose a writable hydra.run.dir (or hydra.sweep.dir), or run from a writable directory",
+            )
 
 
 def _join_ranks(name: str, rest: list[str]) -> list[str]:
@@ -186,13 +189,20 @@ def _join_ranks(name: str, rest: list[str]) -> list[str]:
     if name != "train":
         raise KdclError(f"kdcl {name} runs in one process, not under torchrun", fix=f"run kdcl {name} without torchrun")
     if "-m" in rest or "--multirun" in rest:
-        raise KdclError("a sweep (-m) cannot run under torchrun",
-                        fix="run kdcl train -m ... trainer.devices=N without torchrun: each job starts its own N processes")
+        raise KdclError(
+            "a sweep (-m) cannot run under torchrun",
+            fix="run kdcl train -m ... trainer.devices=N without torchrun: each job starts its own N processes",
+        )
     distributed.init_from_env()
     if distributed.is_main():
         return rest
-    return [*rest, "hydra.output_subdir=null", "hydra.job_logging.root.level=WARNING",
-            "hydra.job_logging.root.handlers=[console]", "~hydra.job_logging.handlers.file"]
+    return [
+        *rest,
+        "hydra.output_subdir=null",
+        "hydra.job_logging.root.level=WARNING",
+        "hydra.job_logging.root.handlers=[console]",
+        "~hydra.job_logging.handlers.file",
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:

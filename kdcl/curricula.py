@@ -10,8 +10,9 @@ curriculum takes exactly as many steps, under the same LR schedule, as one witho
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -389,8 +390,11 @@ class SelfPacedSchedule(DataSchedule):
 
     def epoch_end(self, epoch: int, val_logits: Tensor, val_labels: Tensor) -> dict[str, Any]:
         self.collect()
-        columns = {**super().epoch_end(epoch, val_logits, val_labels), "spl_lambda": self.lam,
-                   "spl_active": self._active / max(self._seen, 1)}
+        columns = {
+            **super().epoch_end(epoch, val_logits, val_labels),
+            "spl_lambda": self.lam,
+            "spl_active": self._active / max(self._seen, 1),
+        }
         self.lam *= self.mu
         self._active, self._seen = 0.0, 0
         return columns
@@ -439,7 +443,11 @@ class ClassSchedule(DataSchedule):
         seen = self.class_order[: self.seen]
         mask = torch.isin(val_labels, seen)
         acc_seen = (val_logits[mask].argmax(1) == val_labels[mask]).float().mean().item()
-        columns = {**super().epoch_end(epoch, val_logits, val_labels), "seen_classes": self.seen, "val_acc_seen": acc_seen}
+        columns = {
+            **super().epoch_end(epoch, val_logits, val_labels),
+            "seen_classes": self.seen,
+            "val_acc_seen": acc_seen,
+        }
         self._since += 1
         due = self.every is not None and self._since >= self.every
         passed = self.threshold is not None and acc_seen >= self.threshold

@@ -14,9 +14,10 @@ it drives model selection. The test split is used for the final numbers only.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -100,8 +101,11 @@ class TensorSource:
 
     @classmethod
     def from_arrays(cls, x: np.ndarray, y: np.ndarray, origin: np.ndarray, device: torch.device) -> TensorSource:
-        return cls(torch.from_numpy(np.ascontiguousarray(x)).to(device), torch.from_numpy(y.astype(np.int64)).to(device),
-                   origin)
+        return cls(
+            torch.from_numpy(np.ascontiguousarray(x)).to(device),
+            torch.from_numpy(y.astype(np.int64)).to(device),
+            origin,
+        )
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -133,8 +137,15 @@ class LoaderSource:
     """A split read per sample through a ``DataLoader`` (data too large for memory).
     ``label_map`` (optional) replaces each label ``y`` the dataset gives by ``label_map[y]``."""
 
-    def __init__(self, dataset: Dataset, y: np.ndarray, origin: np.ndarray, device: torch.device, num_workers: int,
-                 label_map: Tensor | None = None):
+    def __init__(
+        self,
+        dataset: Dataset,
+        y: np.ndarray,
+        origin: np.ndarray,
+        device: torch.device,
+        num_workers: int,
+        label_map: Tensor | None = None,
+    ):
         self.dataset, self.raw_labels, self.label_map = dataset, y, label_map
         self.items = _Indexed(dataset, origin)
         labels = torch.from_numpy(y.astype(np.int64))
@@ -161,8 +172,9 @@ class LoaderSource:
         """The examples at ``positions``, each label ``y`` replaced by ``label_map[y]``."""
         label_map = label_map.cpu()
         composed = label_map if self.label_map is None else label_map[self.label_map]
-        return LoaderSource(self.dataset, self.raw_labels[positions], self.origin[positions], self.device,
-                            self.num_workers, composed)
+        return LoaderSource(
+            self.dataset, self.raw_labels[positions], self.origin[positions], self.device, self.num_workers, composed
+        )
 
 
 def make_source(split: RawSplit, indices: np.ndarray, device: torch.device, num_workers: int) -> Source:
@@ -201,26 +213,35 @@ class Padding:
     mirrors: bool = False
 
 
-PADDINGS.register("reflect")(Padding(
-    # Mirror about the border without repeating the edge pixel (airbench's augmentation): no artificial edge.
-    pad=lambda x, p, black: torch.nn.functional.pad(x, (p, p, p, p), mode="reflect"),
-    torchvision=lambda mean: {"padding_mode": "reflect"},
-    mirrors=True))
-PADDINGS.register("mean")(Padding(
-    # The dataset's mean colour: 0 after normalisation (torchvision: the nearest uint8 colour).
-    pad=lambda x, p, black: constant_padding(x, p, torch.zeros_like(black)),
-    torchvision=lambda mean: {"fill": tuple(round(255 * m) for m in mean)}))
-PADDINGS.register("zeros")(Padding(
-    # Black pixels, torchvision RandomCrop(padding=p)'s default.
-    pad=lambda x, p, black: constant_padding(x, p, black),
-    torchvision=lambda mean: {"fill": 0}))
+PADDINGS.register("reflect")(
+    Padding(
+        # Mirror about the border without repeating the edge pixel (airbench's augmentation): no artificial edge.
+        pad=lambda x, p, black: torch.nn.functional.pad(x, (p, p, p, p), mode="reflect"),
+        torchvision=lambda mean: {"padding_mode": "reflect"},
+        mirrors=True,
+    )
+)
+PADDINGS.register("mean")(
+    Padding(
+        # The dataset's mean colour: 0 after normalisation (torchvision: the nearest uint8 colour).
+        pad=lambda x, p, black: constant_padding(x, p, torch.zeros_like(black)),
+        torchvision=lambda mean: {"fill": tuple(round(255 * m) for m in mean)},
+    )
+)
+PADDINGS.register("zeros")(
+    Padding(
+        # Black pixels, torchvision RandomCrop(padding=p)'s default.
+        pad=lambda x, p, black: constant_padding(x, p, black),
+        torchvision=lambda mean: {"fill": 0},
+    )
+)
 
 
 def constant_padding(x: Tensor, p: int, fill: Tensor) -> Tensor:
     """``x`` (N, C, H, W) inside a border of ``p`` pixels of the colour ``fill`` (1, C, 1, 1)."""
     n, c, h, w = x.shape
     padded = fill.to(x.dtype).expand(n, c, h + 2 * p, w + 2 * p).clone()
-    padded[:, :, p:p + h, p:p + w] = x
+    padded[:, :, p : p + h, p : p + w] = x
     return padded
 
 
@@ -230,9 +251,11 @@ def check_padding(mode: str, crop_padding: int, input_shape: Sequence[int]) -> N
     h, w = input_shape[-2:]
     if PADDINGS.get(mode).mirrors and crop_padding >= min(h, w):
         other = next(name for name in PADDINGS if not PADDINGS.get(name).mirrors)
-        raise KdclError(f"dataset.crop_padding={crop_padding} cannot be reflected in {h}×{w} images "
-                        f"({mode} padding needs crop_padding < {min(h, w)})",
-                        fix=f"lower dataset.crop_padding below {min(h, w)} or set dataset.crop_padding_mode={other}")
+        raise KdclError(
+            f"dataset.crop_padding={crop_padding} cannot be reflected in {h}×{w} images "
+            f"({mode} padding needs crop_padding < {min(h, w)})",
+            fix=f"lower dataset.crop_padding below {min(h, w)} or set dataset.crop_padding_mode={other}",
+        )
 
 
 class Preprocess:
@@ -249,8 +272,17 @@ class Preprocess:
     and every rank's generator stays in the same state.
     """
 
-    def __init__(self, mean: list[float], std: list[float], crop_padding: int, flip: bool,
-                 device: torch.device, channels_last: bool, seed: int, padding_mode: str = "reflect"):
+    def __init__(
+        self,
+        mean: list[float],
+        std: list[float],
+        crop_padding: int,
+        flip: bool,
+        device: torch.device,
+        channels_last: bool,
+        seed: int,
+        padding_mode: str = "reflect",
+    ):
         shape = (1, len(mean), 1, 1)
         self.mean = torch.tensor(mean, device=device).view(shape) * 255
         self.inv_std = 1 / (torch.tensor(std, device=device).view(shape) * 255)
@@ -275,11 +307,17 @@ class Preprocess:
     def sample(self, n: int, generator: torch.Generator) -> Augment:
         """Random parameters for ``n`` examples (the flips are drawn before the offsets)."""
         device = generator.device
-        mirror = torch.rand(n, device=device, generator=generator) < 0.5 if self.flip else \
-            torch.zeros(n, dtype=torch.bool, device=device)
+        mirror = (
+            torch.rand(n, device=device, generator=generator) < 0.5
+            if self.flip
+            else torch.zeros(n, dtype=torch.bool, device=device)
+        )
         span = 2 * self.crop_padding + 1
-        dy, dx = torch.randint(0, span, (2, n), device=device, generator=generator) if self.crop_padding else \
-            torch.zeros(2, n, dtype=torch.long, device=device)
+        dy, dx = (
+            torch.randint(0, span, (2, n), device=device, generator=generator)
+            if self.crop_padding
+            else torch.zeros(2, n, dtype=torch.long, device=device)
+        )
         return Augment(dy, dx, mirror)
 
     def apply(self, x: Tensor, aug: Augment) -> Tensor:
@@ -352,9 +390,15 @@ def with_classes(data: DataBundle, classes: Sequence[int], train: np.ndarray | N
 
     ids = data.class_ids or list(range(data.num_classes))
     trained = np.unique(data.train.labels.numpy()[train])
-    return replace(data, train=data.train.subset(train, mapping), val=keep(data.val, trained),
-                   test=keep(data.test, classes), num_classes=len(classes),
-                   class_names=[data.class_names[c] for c in classes], class_ids=[ids[c] for c in classes])
+    return replace(
+        data,
+        train=data.train.subset(train, mapping),
+        val=keep(data.val, trained),
+        test=keep(data.test, classes),
+        num_classes=len(classes),
+        class_names=[data.class_names[c] for c in classes],
+        class_ids=[ids[c] for c in classes],
+    )
 
 
 def load_data(cfg: dict[str, Any], device: torch.device, channels_last: bool, seed: int) -> DataBundle:
@@ -391,18 +435,16 @@ def load_data(cfg: dict[str, Any], device: torch.device, channels_last: bool, se
         input_shape=tuple(int(s) for s in sample.shape[1:]),
         mean=[float(m) for m in mean],
         std=[float(s) for s in std],
-        preprocess=Preprocess(mean, std, cfg.get("crop_padding", 0), cfg.get("flip", False), device, channels_last, seed,
-                              padding_mode),
+        preprocess=Preprocess(
+            mean, std, cfg.get("crop_padding", 0), cfg.get("flip", False), device, channels_last, seed, padding_mode
+        ),
     )
 
 
 def channel_stats(split: RawSplit, indices: np.ndarray, limit: int = 4096) -> tuple[list[float], list[float]]:
     """Per-channel mean and std on the [0, 1] scale, from up to ``limit`` training images."""
     idx = indices[:limit]
-    if split.x is not None:
-        x = split.x[idx]
-    else:
-        x = np.stack([split.dataset[int(i)][0].numpy() for i in idx])
+    x = split.x[idx] if split.x is not None else np.stack([split.dataset[int(i)][0].numpy() for i in idx])
     x = x.astype(np.float64) / 255
     std = x.std(axis=(0, 2, 3))
     return x.mean(axis=(0, 2, 3)).tolist(), np.where(std > 0, std, 1.0).tolist()
@@ -484,7 +526,12 @@ def _register_torchvision(name: str, class_name: str) -> None:
     register_dataset(name)(load)
 
 
-for _name, _cls in (("cifar10", "CIFAR10"), ("cifar100", "CIFAR100"), ("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")):
+for _name, _cls in (
+    ("cifar10", "CIFAR10"),
+    ("cifar100", "CIFAR100"),
+    ("mnist", "MNIST"),
+    ("fashion_mnist", "FashionMNIST"),
+):
     _register_torchvision(_name, _cls)
 
 

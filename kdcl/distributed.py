@@ -36,11 +36,12 @@ import logging
 import os
 import signal
 import uuid
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -85,8 +86,10 @@ def init_from_env() -> None:
     CUDA ones when there is a GPU. Then take rank 0's clock as the run's start time, so
     every rank names the same run directory (:mod:`kdcl.clock`)."""
     if not dist.is_available() or not dist.is_gloo_available():
-        raise KdclError("this PyTorch build has no torch.distributed gloo backend, which distributed runs need",
-                        fix="install a PyTorch build with distributed support, or run in one process")
+        raise KdclError(
+            "this PyTorch build has no torch.distributed gloo backend, which distributed runs need",
+            fix="install a PyTorch build with distributed support, or run in one process",
+        )
     backend = "gloo"
     if torch.cuda.is_available() and dist.is_nccl_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -96,8 +99,10 @@ def init_from_env() -> None:
     try:
         dist.init_process_group(backend)
     except (RuntimeError, ValueError) as err:  # rendezvous and network errors
-        raise KdclError(f"could not join the distributed run ({str(err).splitlines()[0]})",
-                        fix="check torchrun's --rdzv-endpoint (or MASTER_ADDR / MASTER_PORT) and that every node reaches it") from None
+        raise KdclError(
+            f"could not join the distributed run ({str(err).splitlines()[0]})",
+            fix="check torchrun's --rdzv-endpoint (or MASTER_ADDR / MASTER_PORT) and that every node reaches it",
+        ) from None
     start = torch.tensor([datetime.now().timestamp()], dtype=torch.float64)
     dist.broadcast(start, 0)
     clock.agree(datetime.fromtimestamp(start.item()))
@@ -115,8 +120,10 @@ def device(chosen: torch.device) -> torch.device:
         return chosen
     local, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
     if any_rank(int(local >= count)):
-        raise KdclError(f"more processes per node ({os.environ.get('LOCAL_WORLD_SIZE')}) than GPUs on a node ({count})",
-                        fix="start one process per GPU (trainer.devices, or torchrun --nproc_per_node), or trainer.device=cpu")
+        raise KdclError(
+            f"more processes per node ({os.environ.get('LOCAL_WORLD_SIZE')}) than GPUs on a node ({count})",
+            fix="start one process per GPU (trainer.devices, or torchrun --nproc_per_node), or trainer.device=cpu",
+        )
     return torch.device("cuda", local)
 
 
@@ -126,22 +133,29 @@ def check_processes(devices: int, batch_size: int) -> None:
     processes, or a global batch smaller than the number of processes."""
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if active() and devices not in (1, per_node):
-        raise KdclError(f"trainer.devices={devices}, but torchrun started {per_node} process(es) per node",
-                        fix="leave trainer.devices at 1 under torchrun (--nproc_per_node sets the processes), "
-                            "or run kdcl without torchrun")
+        raise KdclError(
+            f"trainer.devices={devices}, but torchrun started {per_node} process(es) per node",
+            fix="leave trainer.devices at 1 under torchrun (--nproc_per_node sets the processes), "
+            "or run kdcl without torchrun",
+        )
     processes = world() if active() else devices
     if batch_size < processes:
-        raise KdclError(f"trainer.batch_size={batch_size} is the global batch, split across {processes} processes: "
-                        f"it must be at least {processes}", fix="raise trainer.batch_size or start fewer processes")
+        raise KdclError(
+            f"trainer.batch_size={batch_size} is the global batch, split across {processes} processes: "
+            f"it must be at least {processes}",
+            fix="raise trainer.batch_size or start fewer processes",
+        )
 
 
 def check_splits(sizes: dict[str, int]) -> None:
     """Every split needs at least one example per rank (evaluation is split across them)."""
     for name, n in sizes.items():
         if n < world():
-            raise KdclError(f"the {name} split has {n} example(s), fewer than the {world()} processes",
-                            fix="start fewer processes (trainer.devices, or torchrun --nproc_per_node) or use more data "
-                                "(dataset.max_train_samples, dataset.max_test_samples)")
+            raise KdclError(
+                f"the {name} split has {n} example(s), fewer than the {world()} processes",
+                fix="start fewer processes (trainer.devices, or torchrun --nproc_per_node) or use more data "
+                "(dataset.max_train_samples, dataset.max_test_samples)",
+            )
 
 
 def agree_on_run_dir(out: Path) -> None:
@@ -162,9 +176,11 @@ def agree_on_run_dir(out: Path) -> None:
     if is_main():
         (out / name).unlink()
     if unseen:
-        raise KdclError(f"not every process sees rank 0's run directory {out}",
-                        fix="pass hydra.run.dir=DIR, the same on every node (not built with ${now:...}), "
-                            "on a filesystem every node mounts")
+        raise KdclError(
+            f"not every process sees rank 0's run directory {out}",
+            fix="pass hydra.run.dir=DIR, the same on every node (not built with ${now:...}), "
+            "on a filesystem every node mounts",
+        )
 
 
 # --------------------------------------------------------------------------- a rank's share of a batch
@@ -256,8 +272,12 @@ def average_buffers(model: nn.Module) -> None:
     parts of the batches), so every replica evaluates the same model."""
     if world() == 1:
         return
-    stats = [buf for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-             for buf in (m.running_mean, m.running_var)]
+    stats = [
+        buf
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        for buf in (m.running_mean, m.running_var)
+    ]
     if stats:
         flat = all_sum(torch.cat([b.reshape(-1) for b in stats])) / world()
         for b, v in zip(stats, flat.split([b.numel() for b in stats])):
@@ -272,8 +292,11 @@ def wrap(model: nn.Module) -> nn.Module:
         return model
     ddp = nn.parallel.DistributedDataParallel
     dev = next(model.parameters()).device
-    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters \
-        else {"broadcast_buffers": False}  # its name in older PyTorch
+    no_sync = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(ddp).parameters
+        else {"broadcast_buffers": False}
+    )  # its name in older PyTorch
     return ddp(model, device_ids=[dev.index] if dev.type == "cuda" else None, **no_sync)
 
 
@@ -299,8 +322,11 @@ def gather(local: Tensor, n: int) -> Tensor:
 def _quiet_torchrun() -> Iterator[None]:
     """Silence torchrun's own log lines (rendezvous details, ``OMP_NUM_THREADS``, the
     failure summary): the ranks print what went wrong. Restore its signal handlers after."""
-    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
-               if name.startswith("torch.distributed")] + [logging.getLogger("torch.distributed")]
+    loggers = [
+        logging.getLogger(name)
+        for name in list(logging.root.manager.loggerDict)
+        if name.startswith("torch.distributed")
+    ] + [logging.getLogger("torch.distributed")]
     levels = [lg.level for lg in loggers]
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
     for lg in loggers:

@@ -41,10 +41,8 @@ def create_model(
     factory = MODELS.get(name)
     shape = tuple(int(d) for d in input_shape)
     if len(shape) != 3:
-        raise KdclError(
-            f"input_shape must be (channels, height, width), got {tuple(input_shape)}"
-        )
-    arguments = dict(num_classes=num_classes, input_shape=shape, pretrained=pretrained)
+        raise KdclError(f"input_shape must be (channels, height, width), got {tuple(input_shape)}")
+    arguments = {"num_classes": num_classes, "input_shape": shape, "pretrained": pretrained}
     signature = inspect.signature(factory)
     try:
         signature.bind(**arguments, **kwargs)
@@ -104,8 +102,10 @@ def classifier(model: nn.Module) -> tuple[str, nn.Linear]:
     ends in one; a test checks it)."""
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise KdclError(f"{type(model).__name__} has no nn.Linear output layer to grow",
-                        fix="use a model that ends in a linear classifier")
+        raise KdclError(
+            f"{type(model).__name__} has no nn.Linear output layer to grow",
+            fix="use a model that ends in a linear classifier",
+        )
     return linears[-1]
 
 
@@ -181,9 +181,7 @@ def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
 
 
 @register_model("cnn")
-def cnn(
-    num_classes: int, input_shape: InputShape, pretrained: bool = False, width: int = 32
-) -> nn.Module:
+def cnn(num_classes: int, input_shape: InputShape, pretrained: bool = False, width: int = 32) -> nn.Module:
     """Small CNN: three conv3x3-BN-ReLU blocks (w, 2w, 4w), max-pools, global average pool."""
     _no_pretrained("cnn", pretrained)
     model = nn.Sequential(
@@ -202,7 +200,10 @@ def cnn(
 
 @register_model("vgg")
 def vgg(
-    num_classes: int, input_shape: InputShape, pretrained: bool = False, width: int = 32,
+    num_classes: int,
+    input_shape: InputShape,
+    pretrained: bool = False,
+    width: int = 32,
     stage_convs: Sequence[int] = (2, 1, 1),
 ) -> nn.Module:
     """VGG-style CNN (Simonyan & Zisserman 2015) sized for a CPU: three stages of
@@ -219,8 +220,10 @@ def vgg(
     and 10M; pooling right after the first convolution costs ``cnn`` accuracy for its size."""
     _no_pretrained("vgg", pretrained)
     if len(stage_convs) != 3 or min(stage_convs) < 1:
-        raise KdclError(f"vgg: stage_convs={list(stage_convs)} must be three counts ≥ 1",
-                        fix="e.g. student.kwargs.stage_convs=[2,1,1] (convolutions at widths w, 2w, 4w)")
+        raise KdclError(
+            f"vgg: stage_convs={list(stage_convs)} must be three counts ≥ 1",
+            fix="e.g. student.kwargs.stage_convs=[2,1,1] (convolutions at widths w, 2w, 4w)",
+        )
     layers: list[nn.Module] = []
     channels = input_shape[0]
     for stage, convs in enumerate(stage_convs):
@@ -387,13 +390,13 @@ def _wants_cifar_stem(cifar_stem: CifarStem, input_shape: InputShape) -> bool:
 
 def _new_conv(conv: nn.Conv2d, in_channels: int, **overrides: Any) -> nn.Conv2d:
     """A freshly initialised copy of ``conv``'s layout with ``in_channels`` and overrides."""
-    layout: dict[str, Any] = dict(
-        kernel_size=conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        groups=conv.groups,
-        bias=conv.bias is not None,
-    )
+    layout: dict[str, Any] = {
+        "kernel_size": conv.kernel_size,
+        "stride": conv.stride,
+        "padding": conv.padding,
+        "groups": conv.groups,
+        "bias": conv.bias is not None,
+    }
     return nn.Conv2d(in_channels, conv.out_channels, **(layout | overrides))
 
 

@@ -7,7 +7,8 @@ schedule shapes also move α and T (``distill.alpha_schedule``) with their own d
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -38,7 +39,9 @@ def _with_warmup(factor: LrFactor, warmup_steps: int) -> LrFactor:
 @SCHEDULES.register("cosine")
 def cosine(total_steps: int, warmup_steps: int = 0, min_factor: float = 0.0) -> LrFactor:
     """Cosine decay (Loshchilov & Hutter 2017): ``m + (1 − m)·(1 + cos(π·t/T))/2``."""
-    return _with_warmup(lambda t: min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * t / total_steps)), warmup_steps)
+    return _with_warmup(
+        lambda t: min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * t / total_steps)), warmup_steps
+    )
 
 
 @SCHEDULES.register("linear")
@@ -48,7 +51,9 @@ def linear(total_steps: int, warmup_steps: int = 0) -> LrFactor:
 
 
 @SCHEDULES.register("step")
-def step(total_steps: int, milestones: tuple[float, ...] = (0.5, 0.75), gamma: float = 0.1, warmup_steps: int = 0) -> LrFactor:
+def step(
+    total_steps: int, milestones: tuple[float, ...] = (0.5, 0.75), gamma: float = 0.1, warmup_steps: int = 0
+) -> LrFactor:
     """Multiply by ``gamma`` at each milestone, given as fractions of the total steps."""
     marks = [m * total_steps for m in milestones]
     return _with_warmup(lambda t: gamma ** sum(t >= m for m in marks), warmup_steps)

@@ -25,7 +25,8 @@ may declare, with their defaults; code asks :meth:`Registry.trait`:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from kdcl.errors import KdclError
 
@@ -48,8 +49,10 @@ class Registry:
         unknown = sorted(set(traits) - set(self.defaults))
         if unknown:
             declared = ", ".join(sorted(self.defaults)) or "none"
-            raise ValueError(f"{self.kind} {name!r} declares unknown trait(s) {', '.join(unknown)} "
-                             f"(a {self.kind} may declare: {declared})")
+            raise ValueError(
+                f"{self.kind} {name!r} declares unknown trait(s) {', '.join(unknown)} "
+                f"(a {self.kind} may declare: {declared})"
+            )
 
         def decorator(fn: F) -> F:
             if name in self._entries:

@@ -60,8 +60,17 @@ def test_every_stage_of_a_run_is_assembled_by_it(monkeypatch, tmp_path):
     assert [kwargs["name"] for kwargs, _ in calls] == ["teacher", "baseline", "distill", "plain"]
     assert [kwargs["distill"]["name"] for kwargs, _ in calls] == ["none", "none", "kd", "kd"]
     calls.clear()
-    cfg = compose_config([*quick, "scenario=class_incremental", "scenario.tasks=2", "scenario.arms=[finetune,lwf]",
-                          "scenario.objective_arm=lwf", "scenario.warmup_epochs=0", "curriculum=none"])
+    cfg = compose_config(
+        [
+            *quick,
+            "scenario=class_incremental",
+            "scenario.tasks=2",
+            "scenario.arms=[finetune,lwf]",
+            "scenario.objective_arm=lwf",
+            "scenario.warmup_epochs=0",
+            "curriculum=none",
+        ]
+    )
     run_class_incremental(cfg, tmp_path / "lifelong")
     assert [kwargs["name"] for kwargs, _ in calls] == ["finetune/task_1", "finetune/task_2", "lwf/task_2"]
     lwf = calls[-1][0]["distill"]

@@ -36,29 +36,39 @@ def test_the_reference_builds_kdcls_architectures(arch: str, width: int):
 def test_the_reference_trains_on_the_given_examples(tmp_path):
     rng = np.random.default_rng(0)
     for part, n in (("train", 300), ("test", 50)):
-        np.savez(tmp_path / f"{part}.npz", x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
-                 y=np.arange(n) % 10)
+        np.savez(tmp_path / f"{part}.npz", x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), y=np.arange(n) % 10)
     chosen = np.sort(rng.choice(300, 120, replace=False))
     pd.DataFrame({"index": chosen, "label": chosen % 10}).to_csv(tmp_path / "scores.csv", index=False)
-    args = argparse.Namespace(data=str(tmp_path), split_seed=0, train_samples=150, val_fraction=0.2,
-                              test_samples=None, train_indices=tmp_path / "scores.csv")
+    args = argparse.Namespace(
+        data=str(tmp_path),
+        split_seed=0,
+        train_samples=150,
+        val_fraction=0.2,
+        test_samples=None,
+        train_indices=tmp_path / "scores.csv",
+    )
     splits = reference_kd.load_splits(args)
     x, y = splits["train"]
     assert torch.equal(y, torch.from_numpy(chosen % 10))
     pixels = np.load(tmp_path / "train.npz")["x"][chosen]
     mean, std = torch.tensor(reference_kd.CIFAR_MEAN), torch.tensor(reference_kd.CIFAR_STD)
-    assert torch.allclose(x, (torch.from_numpy(pixels).permute(0, 3, 1, 2) / 255 - mean.view(1, 3, 1, 1))
-                          / std.view(1, 3, 1, 1), atol=1e-6)
+    assert torch.allclose(
+        x,
+        (torch.from_numpy(pixels).permute(0, 3, 1, 2) / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1),
+        atol=1e-6,
+    )
     val = splits["val"][0]
     assert len(val) == round(150 * 0.2)
     assert not (val.flatten(1)[:, None] == x.flatten(1)[None]).all(2).any()  # validation: other examples
 
 
 def test_parity_is_the_mean_paired_difference_within_one_standard_error():
-    kdcl = pd.DataFrame({"model": "distill", "seed": [0, 1, 2], "test_acc": [0.50, 0.52, 0.51],
-                         "test_acc_last": [0.50, 0.50, 0.50]})
-    reference = pd.DataFrame({"model": "distill", "seed": [2, 0, 1], "test_acc": [0.52, 0.51, 0.52],
-                              "test_acc_last": [0.49, 0.49, 0.49]})
+    kdcl = pd.DataFrame(
+        {"model": "distill", "seed": [0, 1, 2], "test_acc": [0.50, 0.52, 0.51], "test_acc_last": [0.50, 0.50, 0.50]}
+    )
+    reference = pd.DataFrame(
+        {"model": "distill", "seed": [2, 0, 1], "test_acc": [0.52, 0.51, 0.52], "test_acc_last": [0.49, 0.49, 0.49]}
+    )
     table = parity.paired(kdcl, reference).set_index(["model", "metric"])
     best = table.loc[("distill", "test_acc")]
     # Paired by seed: differences −0.01, 0.00, −0.01; mean −0.02/3; sample std √(1/3)·0.01.

@@ -22,9 +22,9 @@ from conftest import compose_config
 from kdcl.errors import KdclError
 from kdcl.scenarios.stage_cache import StageCache, digest, stage_key
 from kdcl.scenarios.standard import run_pipeline
-from kdcl.train.engine import Trainer
+from kdcl.train.engine import TrainSettings
 
-CPU = Trainer(torch.device("cpu"), epochs=1, batch_size=64, eval_batch_size=512, amp=False)
+CPU = TrainSettings(torch.device("cpu"), epochs=1, batch_size=64, eval_batch_size=512, amp=False)
 TINY = ["trainer.epochs=1", "dataset.max_train_samples=300"]
 
 
@@ -33,25 +33,49 @@ def composed(*overrides: str) -> dict:
     return compose_config(list(overrides))
 
 
-def key(stage: str, *overrides: str, trainer: Trainer = CPU) -> str:
+def key(stage: str, *overrides: str, trainer: TrainSettings = CPU) -> str:
     return digest(stage_key(composed(*overrides), stage, trainer))
 
 
-@pytest.mark.parametrize("override", [
-    "distill.alpha=0.5", "distill.temperature=2", "distill=mse", "curriculum=none", "curriculum.pacing.start=0.5",
-    "baseline=false", "trainer.eval_batch_size=64", "trainer.device=cpu", "trainer.amp=false",
-    "dataset.num_workers=2", "cache_dir=elsewhere",
-])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "distill.alpha=0.5",
+        "distill.temperature=2",
+        "distill=mse",
+        "curriculum=none",
+        "curriculum.pacing.start=0.5",
+        "baseline=false",
+        "trainer.eval_batch_size=64",
+        "trainer.device=cpu",
+        "trainer.amp=false",
+        "dataset.num_workers=2",
+        "cache_dir=elsewhere",
+    ],
+)
 def test_distill_curriculum_and_speed_knobs_hit(override):
     for stage in ("teacher", "baseline"):
         assert key(stage, override) == key(stage)
 
 
-@pytest.mark.parametrize("override", [
-    "trainer.epochs=3", "trainer.batch_size=32", "optimizer.lr=0.1", "optimizer=adamw", "scheduler=step",
-    "seed=1", "dataset.max_train_samples=100", "dataset.max_test_samples=100", "dataset.split_seed=1",
-    "dataset.val_fraction=0.2", "dataset.flip=true", "trainer.channels_last=false", "dataset.crop_padding_mode=zeros",
-])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "trainer.epochs=3",
+        "trainer.batch_size=32",
+        "optimizer.lr=0.1",
+        "optimizer=adamw",
+        "scheduler=step",
+        "seed=1",
+        "dataset.max_train_samples=100",
+        "dataset.max_test_samples=100",
+        "dataset.split_seed=1",
+        "dataset.val_fraction=0.2",
+        "dataset.flip=true",
+        "trainer.channels_last=false",
+        "dataset.crop_padding_mode=zeros",
+    ],
+)
 def test_recipe_data_and_seed_changes_miss(override):
     for stage in ("teacher", "baseline"):
         assert key(stage, override) != key(stage)
@@ -61,7 +85,9 @@ def test_the_curriculum_experiment_reuses_the_cifar10_cpu_teacher_and_baseline()
     """``+experiment=cifar10_curriculum_cpu`` after ``+experiment=cifar10_cpu`` (same seeds) trains no teacher
     or baseline: only its distilled students differ."""
     for stage in ("teacher", "baseline"):
-        assert key(stage, "+experiment=cifar10_curriculum_cpu", "seed=1") == key(stage, "+experiment=cifar10_cpu", "seed=1")
+        assert key(stage, "+experiment=cifar10_curriculum_cpu", "seed=1") == key(
+            stage, "+experiment=cifar10_cpu", "seed=1"
+        )
 
 
 def test_each_stage_keys_on_its_own_model():
@@ -74,7 +100,7 @@ def test_each_stage_keys_on_its_own_model():
 
 
 def test_device_type_and_data_location_are_in_the_key(tmp_path, monkeypatch):
-    gpu = Trainer(torch.device("cuda"), epochs=1, batch_size=64, eval_batch_size=512, amp=True)
+    gpu = TrainSettings(torch.device("cuda"), epochs=1, batch_size=64, eval_batch_size=512, amp=True)
     assert key("teacher", trainer=gpu) != key("teacher")
     relative = composed("dataset=npz", "dataset.root=data")
     absolute = composed("dataset=npz", f"dataset.root={tmp_path / 'data'}")
@@ -122,7 +148,9 @@ def test_hits_misses_and_the_same_numbers(compose_cfg, tmp_path, caplog):
     # The same config again: every number, the distilled student's included, is the trained run's.
     again = cached_run(compose_cfg, cache, tmp_path / "again")
     assert cache_lines(caplog) == ["reused teacher", "reused baseline"]
-    pd.testing.assert_frame_equal(again.drop(columns=["checkpoint", "seconds"]), first.drop(columns=["checkpoint", "seconds"]))
+    pd.testing.assert_frame_equal(
+        again.drop(columns=["checkpoint", "seconds"]), first.drop(columns=["checkpoint", "seconds"])
+    )
 
     # Longer training misses both; cache=false neither reads nor writes.
     cached_run(compose_cfg, cache, tmp_path / "longer", "trainer.epochs=2")
@@ -189,8 +217,9 @@ def start_fills(tmp_path: Path, count: int, *flags: str) -> list[subprocess.Pope
     """Start ``count`` processes that fill entry ``teacher-k`` at the same moment."""
     work = tmp_path / "work"
     work.mkdir(exist_ok=True)
-    procs = [subprocess.Popen([sys.executable, "-c", FILL, str(tmp_path / "cache"), str(work), *flags])
-             for _ in range(count)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", FILL, str(tmp_path / "cache"), str(work), *flags]) for _ in range(count)
+    ]
     deadline = time.time() + 120
     while len(list(work.glob("ready-*"))) < count:
         assert time.time() < deadline and all(p.poll() is None for p in procs), "fill processes did not start"

@@ -54,8 +54,14 @@ def test_train_then_eval_matches_summary(cli, tmp_path):
 
 def test_multirun_writes_one_summary_per_job(cli, tmp_path):
     sweep = tmp_path / "sweep"
-    result = cli("train", "-m", "distill.alpha=0.1,0.9", "trainer.epochs=1", "dataset.max_train_samples=300",
-                 f"hydra.sweep.dir={sweep}")
+    result = cli(
+        "train",
+        "-m",
+        "distill.alpha=0.1,0.9",
+        "trainer.epochs=1",
+        "dataset.max_train_samples=300",
+        f"hydra.sweep.dir={sweep}",
+    )
     assert result.returncode == 0, result.stderr
     alphas = []
     for job in ("0", "1"):
@@ -66,8 +72,14 @@ def test_multirun_writes_one_summary_per_job(cli, tmp_path):
 
 def test_failed_sweep_job_lets_others_run_and_exits_nonzero(cli, tmp_path):
     sweep = tmp_path / "sweep"
-    result = cli("train", "-m", "distill.alpha=1.5,0.5", "trainer.epochs=1", "dataset.max_train_samples=300",
-                 f"hydra.sweep.dir={sweep}")
+    result = cli(
+        "train",
+        "-m",
+        "distill.alpha=1.5,0.5",
+        "trainer.epochs=1",
+        "dataset.max_train_samples=300",
+        f"hydra.sweep.dir={sweep}",
+    )
     assert_clean_error(result, "distill.alpha=1.5 is out of range", "1 job(s) failed")
     assert (sweep / "1" / "summary.csv").is_file() and not (sweep / "0" / "summary.csv").exists()
 
@@ -93,11 +105,18 @@ def test_bad_input_gives_one_clear_message(cli, tmp_path, args, needles):
     ("override", "needles"),
     [
         ("distill.alpha=1.5", ["distill.alpha=1.5 is out of range", "distill.alpha must be a number in [0, 1]"]),
-        ("distill.temperature=-2", ["distill.temperature=-2.0 is out of range", "distill.temperature must be a number > 0"]),
-        ("curriculum.pacing.start=0", ["curriculum.pacing.start=0.0 is out of range",
-                                       "curriculum.pacing.start must be a fraction in (0, 1]"]),
-        ("curriculum.pacing.full_at=1.5", ["curriculum.pacing.full_at=1.5 is out of range",
-                                           "curriculum.pacing.full_at must be a fraction in (0, 1]"]),
+        (
+            "distill.temperature=-2",
+            ["distill.temperature=-2.0 is out of range", "distill.temperature must be a number > 0"],
+        ),
+        (
+            "curriculum.pacing.start=0",
+            ["curriculum.pacing.start=0.0 is out of range", "curriculum.pacing.start must be a fraction in (0, 1]"],
+        ),
+        (
+            "curriculum.pacing.full_at=1.5",
+            ["curriculum.pacing.full_at=1.5 is out of range", "curriculum.pacing.full_at must be a fraction in (0, 1]"],
+        ),
         ("trainer.epochs=0", ["trainer.epochs=0 is out of range", "trainer.epochs must be an integer ≥ 1"]),
         ("optimizer.lr=0", ["optimizer.lr=0.0 is out of range", "optimizer.lr must be a number > 0"]),
         ("trainer.epochs=abc", ["trainer.epochs='abc' is not an integer", "trainer.epochs must be an integer ≥ 1"]),
@@ -127,17 +146,32 @@ def test_installed_wheel_ships_configs_and_runs_anywhere(tmp_path):
     subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", wheel_dir, ROOT], check=True)
     wheel = next(wheel_dir.glob("kdcl-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    for yaml in ("kdcl/conf/config.yaml", "kdcl/conf/eval.yaml", "kdcl/conf/models/resnet50.yaml",
-                 "kdcl/conf/experiment/resnet50_to_mobilenet.yaml", "kdcl/conf/hydra/job_logging/kdcl.yaml"):
+    for yaml in (
+        "kdcl/conf/config.yaml",
+        "kdcl/conf/eval.yaml",
+        "kdcl/conf/models/resnet50.yaml",
+        "kdcl/conf/experiment/resnet50_to_mobilenet.yaml",
+        "kdcl/conf/hydra/job_logging/kdcl.yaml",
+    ):
         assert yaml in names
     subprocess.run([*pip, "install", "--no-deps", "--target", target, wheel], check=True)
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
     env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, "-m", "kdcl", "train", "--cfg", "job", "+experiment=cifar10_cpu"],
-                            cwd=cwd, env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "kdcl", "train", "--cfg", "job", "+experiment=cifar10_cpu"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert "name: npz" in result.stdout
-    probe = subprocess.run([sys.executable, "-c", "import kdcl.cli; print(kdcl.cli.CONF_DIR)"],
-                           cwd=cwd, env=env, capture_output=True, text=True)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import kdcl.cli; print(kdcl.cli.CONF_DIR)"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert probe.stdout.strip().startswith(str(target))

@@ -78,15 +78,21 @@ def test_cifar10_cpu_student_has_at_most_a_tenth_of_the_teachers_parameters(comp
     from kdcl.models import count_params, create_model
 
     cfg = compose_cfg(["+experiment=cifar10_cpu"])
-    params = {role: count_params(create_model(cfg[role]["name"], 10, (3, 32, 32), **cfg[role]["kwargs"]))
-              for role in ("teacher", "student")}
+    params = {
+        role: count_params(create_model(cfg[role]["name"], 10, (3, 32, 32), **cfg[role]["kwargs"]))
+        for role in ("teacher", "student")
+    }
     assert params["student"] <= params["teacher"] / 10
     assert cfg["curriculum"]["type"] == "none" and cfg["dataset"]["max_test_samples"] is None
 
 
 def test_resnet50_to_mobilenet_recipe(compose_cfg):
     cfg = compose_cfg(["+experiment=resnet50_to_mobilenet"])
-    assert (cfg["teacher"]["name"], cfg["student"]["name"], cfg["dataset"]["name"]) == ("resnet50", "mobilenet_v2", "cifar10")
+    assert (cfg["teacher"]["name"], cfg["student"]["name"], cfg["dataset"]["name"]) == (
+        "resnet50",
+        "mobilenet_v2",
+        "cifar10",
+    )
     assert cfg["trainer"]["epochs"] == 200 and cfg["scheduler"]["name"] == "cosine"
     assert (cfg["distill"]["alpha"], cfg["distill"]["temperature"]) == (0.9, 4.0)
     assert cfg["dataset"]["crop_padding"] == 4 and cfg["dataset"]["flip"]
@@ -94,50 +100,119 @@ def test_resnet50_to_mobilenet_recipe(compose_cfg):
 
 @pytest.mark.parametrize(
     ("override", "key"),
-    [("distill.alpha=1.5", "distill.alpha"), ("distill.alpha=-0.1", "distill.alpha"),
-     ("distill.temperature=0", "distill.temperature"), ("distill.temperature=-1", "distill.temperature"),
-     ("trainer.epochs=0", "trainer.epochs"), ("optimizer.lr=0", "optimizer.lr"), ("optimizer.lr=-0.1", "optimizer.lr"),
-     ("dataset.val_fraction=1.0", "dataset.val_fraction"), ("curriculum.pacing.start=0", "curriculum.pacing.start"),
-     ("curriculum.pacing.full_at=1.5", "curriculum.pacing.full_at")],
+    [
+        ("distill.alpha=1.5", "distill.alpha"),
+        ("distill.alpha=-0.1", "distill.alpha"),
+        ("distill.temperature=0", "distill.temperature"),
+        ("distill.temperature=-1", "distill.temperature"),
+        ("trainer.epochs=0", "trainer.epochs"),
+        ("optimizer.lr=0", "optimizer.lr"),
+        ("optimizer.lr=-0.1", "optimizer.lr"),
+        ("dataset.val_fraction=1.0", "dataset.val_fraction"),
+        ("curriculum.pacing.start=0", "curriculum.pacing.start"),
+        ("curriculum.pacing.full_at=1.5", "curriculum.pacing.full_at"),
+    ],
 )
 def test_out_of_range_values_are_named(compose_cfg, override, key):
     with pytest.raises(KdclError, match=key.replace(".", r"\.")) as err:
         validate(OmegaConf.create(compose_cfg([override])))
     value = override.split("=")[1]
-    assert err.value.what == f"{key}={float(value)!r} is out of range" or err.value.what == f"{key}={value} is out of range"
+    assert (
+        err.value.what == f"{key}={float(value)!r} is out of range"
+        or err.value.what == f"{key}={value} is out of range"
+    )
     assert err.value.fix == f"{key} must be {schema.lookup(schema.TrainConfig, key).allowed}"
 
 
 # One value each rule refuses, for every key of the schemas with a range rule (option keys
 # included); a rule added without an entry here fails test_every_rule_is_listed.
 BAD = {
-    "seed": -1, "arms": {"a": {"distil": {}}}, "assistants": [3], "teachers": "resnet8",
-    "teacher.route_points": -1, "born_again.generations": -1,
-    "dataset.val_fraction": 0.0, "dataset.max_train_samples": 0, "dataset.max_test_samples": 0, "dataset.mean": "0.5",
-    "dataset.std": [0.0], "dataset.crop_padding": -1, "dataset.num_workers": -1,
-    "dataset.test_fraction": 1.0, "dataset.image_size": 0, "dataset.train_samples": 0, "dataset.test_samples": 0,
-    "dataset.image_shape": [3, 16], "dataset.num_classes": 1,
-    "curriculum.pacing.start": 0.0, "curriculum.pacing.full_at": 1.5, "curriculum.adaptive_delta": -0.1,
-    "curriculum.weight_start": 1.5, "curriculum.lambda_start": 0.0, "curriculum.mu": 0.0,
-    "curriculum.start_classes": 0, "curriculum.add_classes": 0, "curriculum.every_epochs": 0, "curriculum.threshold": 1.5,
-    "distill.alpha": 1.5, "distill.temperature": 0.0, "distill.alpha_start": -0.5, "distill.temperature_start": 0.0,
-    "distill.learnable_temperature": {"ramp": 5}, "distill.teacher_noise": -0.1, "distill.input_noise": -0.1,
-    "distill.teacher_weights": [1, -1], "distill.teacher_cache_shard_mb": 0.0,
-    "optimizer.lr": 0.0, "optimizer.weight_decay": -1e-4, "optimizer.momentum": 1.0, "optimizer.betas": [0.9],
-    "scheduler.warmup_epochs": -1.0, "scheduler.min_factor": 1.5, "scheduler.milestones": [0.5, 1.5], "scheduler.gamma": 0.0,
-    "trainer.epochs": 0, "trainer.batch_size": 0, "trainer.eval_batch_size": 0, "trainer.device": "gpu",
-    "trainer.amp": "maybe", "trainer.early_stopping_patience": 0, "trainer.checkpoint_every_steps": 0,
-    "trainer.threads": 0, "trainer.devices": 0,
-    "scenario.tasks": 1, "scenario.class_order": [1, 1], "scenario.arms": [], "scenario.memory_per_class": -1,
-    "scenario.warmup_epochs": -1, "scenario.lwf.lam": -1.0, "scenario.lwf.temperature": 0.0,
+    "seed": -1,
+    "arms": {"a": {"distil": {}}},
+    "assistants": [3],
+    "teachers": "resnet8",
+    "teacher.route_points": -1,
+    "born_again.generations": -1,
+    "dataset.val_fraction": 0.0,
+    "dataset.max_train_samples": 0,
+    "dataset.max_test_samples": 0,
+    "dataset.mean": "0.5",
+    "dataset.std": [0.0],
+    "dataset.crop_padding": -1,
+    "dataset.num_workers": -1,
+    "dataset.test_fraction": 1.0,
+    "dataset.image_size": 0,
+    "dataset.train_samples": 0,
+    "dataset.test_samples": 0,
+    "dataset.image_shape": [3, 16],
+    "dataset.num_classes": 1,
+    "curriculum.pacing.start": 0.0,
+    "curriculum.pacing.full_at": 1.5,
+    "curriculum.adaptive_delta": -0.1,
+    "curriculum.weight_start": 1.5,
+    "curriculum.lambda_start": 0.0,
+    "curriculum.mu": 0.0,
+    "curriculum.start_classes": 0,
+    "curriculum.add_classes": 0,
+    "curriculum.every_epochs": 0,
+    "curriculum.threshold": 1.5,
+    "distill.alpha": 1.5,
+    "distill.temperature": 0.0,
+    "distill.alpha_start": -0.5,
+    "distill.temperature_start": 0.0,
+    "distill.learnable_temperature": {"ramp": 5},
+    "distill.teacher_noise": -0.1,
+    "distill.input_noise": -0.1,
+    "distill.teacher_weights": [1, -1],
+    "distill.teacher_cache_shard_mb": 0.0,
+    "optimizer.lr": 0.0,
+    "optimizer.weight_decay": -1e-4,
+    "optimizer.momentum": 1.0,
+    "optimizer.betas": [0.9],
+    "scheduler.warmup_epochs": -1.0,
+    "scheduler.min_factor": 1.5,
+    "scheduler.milestones": [0.5, 1.5],
+    "scheduler.gamma": 0.0,
+    "trainer.epochs": 0,
+    "trainer.batch_size": 0,
+    "trainer.eval_batch_size": 0,
+    "trainer.device": "gpu",
+    "trainer.amp": "maybe",
+    "trainer.early_stopping_patience": 0,
+    "trainer.checkpoint_every_steps": 0,
+    "trainer.threads": 0,
+    "trainer.devices": 0,
+    "scenario.tasks": 1,
+    "scenario.class_order": [1, 1],
+    "scenario.arms": [],
+    "scenario.memory_per_class": -1,
+    "scenario.warmup_epochs": -1,
+    "scenario.lwf.lam": -1.0,
+    "scenario.lwf.temperature": 0.0,
 }
 # Options under which the option keys exist.
-WHERE = {"dataset.image_size": ["dataset=imagefolder", "dataset.root=/data"], "dataset.train_samples": ["dataset=fake"],
-         "dataset.test_samples": ["dataset=fake"], "dataset.image_shape": ["dataset=fake"], "dataset.num_classes": ["dataset=fake"],
-         "optimizer.betas": ["optimizer=adamw"], "scheduler.milestones": ["scheduler=step"], "scheduler.gamma": ["scheduler=step"],
-         **{key: ["scenario=class_incremental"] for key in ("scenario.tasks", "scenario.class_order", "scenario.arms",
-                                                            "scenario.memory_per_class", "scenario.warmup_epochs",
-                                                            "scenario.lwf.lam", "scenario.lwf.temperature")}}
+WHERE = {
+    "dataset.image_size": ["dataset=imagefolder", "dataset.root=/data"],
+    "dataset.train_samples": ["dataset=fake"],
+    "dataset.test_samples": ["dataset=fake"],
+    "dataset.image_shape": ["dataset=fake"],
+    "dataset.num_classes": ["dataset=fake"],
+    "optimizer.betas": ["optimizer=adamw"],
+    "scheduler.milestones": ["scheduler=step"],
+    "scheduler.gamma": ["scheduler=step"],
+    **{
+        key: ["scenario=class_incremental"]
+        for key in (
+            "scenario.tasks",
+            "scenario.class_order",
+            "scenario.arms",
+            "scenario.memory_per_class",
+            "scenario.warmup_epochs",
+            "scenario.lwf.lam",
+            "scenario.lwf.temperature",
+        )
+    },
+}
 
 
 def ruled_keys(cls: type, prefix: str = "") -> dict[str, schema.Entry]:
@@ -188,9 +263,11 @@ def test_eval_keys_and_rules():
 
 
 def composition_failure(overrides: list[str], config_name: str = "config") -> KdclError:
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        with pytest.raises(ConfigCompositionException) as raised:
-            compose(config_name=config_name, overrides=overrides)
+    with (
+        initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"),
+        pytest.raises(ConfigCompositionException) as raised,
+    ):
+        compose(config_name=config_name, overrides=overrides)
     err = composition_error(raised.value, schema.EvalConfig if config_name == "eval" else schema.TrainConfig)
     assert err is not None, raised.value
     return err
@@ -198,14 +275,19 @@ def composition_failure(overrides: list[str], config_name: str = "config") -> Kd
 
 @pytest.mark.parametrize(
     ("override", "what", "fix"),
-    [("trainer.epochs=abc", "trainer.epochs='abc' is not an integer", "trainer.epochs must be an integer ≥ 1"),
-     ("trainer.epochs=2.5", "trainer.epochs=2.5 is not an integer", "trainer.epochs must be an integer ≥ 1"),
-     ("distill.alpha=high", "distill.alpha='high' is not a number", "distill.alpha must be a number in [0, 1]"),
-     ("trainer.channels_last=maybe", "trainer.channels_last='maybe' is not true or false",
-      "trainer.channels_last must be true or false"),
-     ("trainer.epochz=3", "trainer.epochz=3: trainer has no key 'epochz'", "did you mean trainer.epochs?"),
-     ("distill.alpah=0.1", "distill.alpah=0.1: distill has no key 'alpah'", "did you mean distill.alpha?"),
-     ("seeed=1", "seeed=1: the config has no key 'seeed'", "did you mean seed?")],
+    [
+        ("trainer.epochs=abc", "trainer.epochs='abc' is not an integer", "trainer.epochs must be an integer ≥ 1"),
+        ("trainer.epochs=2.5", "trainer.epochs=2.5 is not an integer", "trainer.epochs must be an integer ≥ 1"),
+        ("distill.alpha=high", "distill.alpha='high' is not a number", "distill.alpha must be a number in [0, 1]"),
+        (
+            "trainer.channels_last=maybe",
+            "trainer.channels_last='maybe' is not true or false",
+            "trainer.channels_last must be true or false",
+        ),
+        ("trainer.epochz=3", "trainer.epochz=3: trainer has no key 'epochz'", "did you mean trainer.epochs?"),
+        ("distill.alpah=0.1", "distill.alpah=0.1: distill has no key 'alpah'", "did you mean distill.alpha?"),
+        ("seeed=1", "seeed=1: the config has no key 'seeed'", "did you mean seed?"),
+    ],
 )
 def test_composition_errors_name_key_value_and_what_is_allowed(override, what, fix):
     err = composition_failure([override])
@@ -217,7 +299,9 @@ def test_open_sections_keep_option_keys_and_refuse_others(compose_cfg):
     err = composition_failure(["distill=kd", "distill.tckd_weight=2"])  # a key of another loss
     assert "distill has no key 'tckd_weight'" in err.what and "distill=NAME" in err.fix
     # model kwargs are the factory's arguments: new ones need no "+"
-    assert compose_cfg(["teacher=resnet50", "teacher.kwargs.cifar_stem=false"])["teacher"]["kwargs"] == {"cifar_stem": False}
+    assert compose_cfg(["teacher=resnet50", "teacher.kwargs.cifar_stem=false"])["teacher"]["kwargs"] == {
+        "cifar_stem": False
+    }
 
 
 def test_closed_sections_refuse_keys_the_schema_does_not_list(compose_cfg):
@@ -247,11 +331,18 @@ def test_arms_are_checked_as_they_run(compose_cfg):
 
 @pytest.mark.parametrize(
     ("override", "key"),
-    [("curriculum.order=hardest_first", "curriculum.order"), ("curriculum.pacing.name=cubic", "curriculum.pacing.name"),
-     ("distill.sample_weight=trust", "distill.sample_weight"), ("curriculum.scorer=loss", "curriculum.scorer"),
-     ("curriculum.weights=medium", "curriculum.weights"), ("distill.teacher_cache_store=cloud", "distill.teacher_cache_store"),
-     ("distill.teacher_cache=views:0", "distill.teacher_cache"), ("distill.teacher_cache=views", "distill.teacher_cache"),
-     ("distill.teacher_cache=no_aug:2", "distill.teacher_cache"), ("distill.teacher_cache=online", "distill.teacher_cache")],
+    [
+        ("curriculum.order=hardest_first", "curriculum.order"),
+        ("curriculum.pacing.name=cubic", "curriculum.pacing.name"),
+        ("distill.sample_weight=trust", "distill.sample_weight"),
+        ("curriculum.scorer=loss", "curriculum.scorer"),
+        ("curriculum.weights=medium", "curriculum.weights"),
+        ("distill.teacher_cache_store=cloud", "distill.teacher_cache_store"),
+        ("distill.teacher_cache=views:0", "distill.teacher_cache"),
+        ("distill.teacher_cache=views", "distill.teacher_cache"),
+        ("distill.teacher_cache=no_aug:2", "distill.teacher_cache"),
+        ("distill.teacher_cache=online", "distill.teacher_cache"),
+    ],
 )
 def test_unknown_names_are_refused_before_training(compose_cfg, override, key):
     with pytest.raises(KdclError, match=key.replace(".", r"\.")) as err:

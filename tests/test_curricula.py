@@ -60,12 +60,25 @@ def plan_inputs(n=200, classes=4, spec=None, seed=0, total=100, bs=16):
     labels = torch.arange(n) % classes
     difficulty = torch.rand(n, generator=torch.Generator().manual_seed(7))
     order = make_order(difficulty, labels, "easy_first", False, seed)
-    spec = {**section_option("curriculum", "teacher_loss"), "pacing": {"name": "linear", "start": 0.2, "full_at": 0.5},
-            "adaptive_delta": None, "weight_start": None, **(spec or {})}
+    spec = {
+        **section_option("curriculum", "teacher_loss"),
+        "pacing": {"name": "linear", "start": 0.2, "full_at": 0.5},
+        "adaptive_delta": None,
+        "weight_start": None,
+        **(spec or {}),
+    }
     class_difficulty = torch.tensor([float(c) for c in range(classes)]).flip(0)  # class 3 easiest
-    return PlanInputs(spec=typed(CurriculumConfig, spec, "curriculum"), order=order, rank=difficulty_rank(order),
-                      labels=labels, class_difficulty=class_difficulty, total_steps=total,
-                      steps_per_epoch=math.ceil(n / bs), batch_size=bs, seed=seed), difficulty
+    return PlanInputs(
+        spec=typed(CurriculumConfig, spec, "curriculum"),
+        order=order,
+        rank=difficulty_rank(order),
+        labels=labels,
+        class_difficulty=class_difficulty,
+        total_steps=total,
+        steps_per_epoch=math.ceil(n / bs),
+        batch_size=bs,
+        seed=seed,
+    ), difficulty
 
 
 def test_full_data_schedule_is_one_permutation_per_epoch():
@@ -189,12 +202,15 @@ def noisy_toy():
     all_wrong = torch.nn.functional.one_hot((labels + 1) % c, c).float()
     for epoch in (1, 2, 3):  # the model learns the clean examples in epoch 2, never the flipped ones
         dynamics.update(torch.arange(n), logits if epoch > 1 else all_wrong, labels, epoch)
-    ctx = ScoreContext(labels, logits, seed=0, learned_epoch=dynamics.learned_epoch(),
-                       self_taught_logits=lambda: logits * 0.5)
+    ctx = ScoreContext(
+        labels, logits, seed=0, learned_epoch=dynamics.learned_epoch(), self_taught_logits=lambda: logits * 0.5
+    )
     return ctx, set(noisy.tolist())
 
 
-@pytest.mark.parametrize("scorer", ["teacher_loss", "teacher_confidence", "teacher_margin", "learned_epoch", "self_taught"])
+@pytest.mark.parametrize(
+    "scorer", ["teacher_loss", "teacher_confidence", "teacher_margin", "learned_epoch", "self_taught"]
+)
 def test_scorer_ranks_mislabelled_examples_hardest(noisy_toy, scorer):
     ctx, noisy = noisy_toy
     difficulty = SCORERS.create(scorer, ctx)

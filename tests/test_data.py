@@ -55,7 +55,7 @@ def test_empty_split_is_a_clear_error(compose_cfg):
 def test_batches_gather_by_index(compose_cfg):
     data = load_data(dataset_cfg(compose_cfg), CPU, channels_last=False, seed=0)
     idx = torch.tensor([5, 0, 17])
-    (got_idx, x, y), = data.train.batches([idx])
+    ((got_idx, x, y),) = data.train.batches([idx])
     assert torch.equal(got_idx, idx)
     assert torch.equal(x, data.train.x[idx]) and torch.equal(y, data.train.labels[idx])
     assert x.dtype == torch.uint8 and x.shape == (3, 1, 8, 8)
@@ -69,19 +69,32 @@ def test_preprocess_normalizes_without_augmentation_at_eval():
     assert torch.allclose(pre(x, train=False), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode, numpy_pad", [("reflect", dict(mode="reflect")),
-                                              ("zeros", dict(mode="constant", constant_values=0))])
+@pytest.mark.parametrize(
+    "mode, numpy_pad", [("reflect", {"mode": "reflect"}), ("zeros", {"mode": "constant", "constant_values": 0})]
+)
 def test_random_crop_is_a_window_of_the_padded_image(mode, numpy_pad):
     p = 2
     x = torch.randint(1, 256, (32, 2, 5, 7), dtype=torch.uint8)
-    pre = Preprocess([0, 0], [1 / 255, 1 / 255], crop_padding=p, flip=False, device=CPU, channels_last=False, seed=0,
-                     padding_mode=mode)
+    pre = Preprocess(
+        [0, 0],
+        [1 / 255, 1 / 255],
+        crop_padding=p,
+        flip=False,
+        device=CPU,
+        channels_last=False,
+        seed=0,
+        padding_mode=mode,
+    )
     out = pre(x, train=True).round().to(torch.uint8)  # mean 0, std 1/255: the raw pixel values
     padded = torch.from_numpy(np.pad(x.numpy(), ((0, 0), (0, 0), (p, p), (p, p)), **numpy_pad))
     offsets = set()
     for i in range(len(x)):
-        matches = [(dy, dx) for dy in range(2 * p + 1) for dx in range(2 * p + 1)
-                   if torch.equal(out[i], padded[i, :, dy:dy + 5, dx:dx + 7])]
+        matches = [
+            (dy, dx)
+            for dy in range(2 * p + 1)
+            for dx in range(2 * p + 1)
+            if torch.equal(out[i], padded[i, :, dy : dy + 5, dx : dx + 7])
+        ]
         assert matches, f"example {i} is not a crop of its padded image"
         offsets.add(matches[0])
     assert len(offsets) > 5  # the offsets vary per example
@@ -89,20 +102,25 @@ def test_random_crop_is_a_window_of_the_padded_image(mode, numpy_pad):
 
 IMAGE = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
 # The window at offset (0, 0) of IMAGE padded by 1 pixel, and at offset (2, 1).
-CORNER = {"reflect": [[5, 4, 5], [2, 1, 2], [5, 4, 5]],
-          "zeros": [[0, 0, 0], [0, 1, 2], [0, 4, 5]],
-          "mean": [[100, 100, 100], [100, 1, 2], [100, 4, 5]]}
-BOTTOM = {"reflect": [[4, 5, 6], [7, 8, 9], [4, 5, 6]],
-          "zeros": [[4, 5, 6], [7, 8, 9], [0, 0, 0]],
-          "mean": [[4, 5, 6], [7, 8, 9], [100, 100, 100]]}
+CORNER = {
+    "reflect": [[5, 4, 5], [2, 1, 2], [5, 4, 5]],
+    "zeros": [[0, 0, 0], [0, 1, 2], [0, 4, 5]],
+    "mean": [[100, 100, 100], [100, 1, 2], [100, 4, 5]],
+}
+BOTTOM = {
+    "reflect": [[4, 5, 6], [7, 8, 9], [4, 5, 6]],
+    "zeros": [[4, 5, 6], [7, 8, 9], [0, 0, 0]],
+    "mean": [[4, 5, 6], [7, 8, 9], [100, 100, 100]],
+}
 
 
 @pytest.mark.parametrize("mode", sorted(CORNER))
 def test_each_padding_mode_fills_the_border_with_its_pixels(mode):
     """Pixel values (mean 100/255, std 1/255: normalised value = pixel − 100) of two crops."""
     x = torch.tensor(IMAGE, dtype=torch.uint8).view(1, 1, 3, 3).repeat(2, 1, 1, 1)
-    pre = Preprocess([100 / 255], [1 / 255], crop_padding=1, flip=False, device=CPU, channels_last=False, seed=0,
-                     padding_mode=mode)
+    pre = Preprocess(
+        [100 / 255], [1 / 255], crop_padding=1, flip=False, device=CPU, channels_last=False, seed=0, padding_mode=mode
+    )
     out = pre.apply(x, Augment(torch.tensor([0, 2]), torch.tensor([0, 1]), torch.tensor([False, False])))
     pixels = (out + 100).round()[:, 0]
     assert torch.equal(pixels[0], torch.tensor(CORNER[mode], dtype=torch.float))
@@ -120,7 +138,7 @@ def test_torchvision_keywords_of_each_padding_mode_give_the_same_border(mode):
     padded = tvf.pil_to_tensor(tvf.pad(tvf.to_pil_image(x[0]), p, **PADDINGS.get(mode).torchvision(mean)))[None]
     for dy, dx in [(0, 0), (2 * p, 2 * p), (1, 3)]:
         ours = pre.apply(x, Augment(torch.tensor([dy]), torch.tensor([dx]), torch.tensor([False])))
-        theirs = pre.normalize(padded[:, :, dy:dy + 5, dx:dx + 6])
+        theirs = pre.normalize(padded[:, :, dy : dy + 5, dx : dx + 6])
         assert torch.allclose(ours, theirs, atol=0.5 / 255 / min(std) if mode == "mean" else 1e-5)
 
 
@@ -193,7 +211,7 @@ def test_imagefolder_reads_files_per_sample(tmp_path, compose_cfg):
     data = load_data(cfg, CPU, False, 0)
     assert data.class_names == ["cat", "dog"] and data.input_shape == (3, 16, 16)
     assert len(data.train) + len(data.val) == 24 and len(data.test) == 8
-    (_, x, y), = data.test.batches([torch.arange(8)])
+    ((_, x, y),) = data.test.batches([torch.arange(8)])
     assert x.shape == (8, 3, 16, 16) and x.dtype == torch.uint8 and y.tolist() == [0] * 4 + [1] * 4
 
 

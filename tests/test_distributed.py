@@ -40,11 +40,17 @@ from kdcl.distill.losses import LossContext, create_loss
 from kdcl.distill.teachers import Teachers
 from kdcl.distributed import Part
 from kdcl.models import create_model
-from kdcl.train.engine import Meter, Stage, Trainer, evaluate, train_step
+from kdcl.train.engine import Meter, Stage, TrainSettings, evaluate, train_step
 
 # Every stage long enough (3 epochs × 34 steps of 16) for a stop signal to land inside the run.
-ARGS = ["teacher=mlp", "trainer.epochs=3", "dataset.max_train_samples=900", "trainer.batch_size=16",
-        "trainer.checkpoint_every_steps=7", "cache=false"]
+ARGS = [
+    "teacher=mlp",
+    "trainer.epochs=3",
+    "dataset.max_train_samples=900",
+    "trainer.batch_size=16",
+    "trainer.checkpoint_every_steps=7",
+    "cache=false",
+]
 TEST_EXAMPLES = 359  # digits' test split
 TIMING = ["seconds", "samples_per_s", "checkpoint"]
 
@@ -64,8 +70,9 @@ def test_parts_cover_the_global_batch_and_give_its_mean(size):
 
 def test_augmenting_the_parts_augments_the_batch_as_one_process_does():
     x = torch.randint(0, 256, (11, 3, 8, 8), dtype=torch.uint8)
-    whole = Preprocess([0.5] * 3, [0.25] * 3, crop_padding=2, flip=True, device=torch.device("cpu"),
-                       channels_last=False, seed=7)
+    whole = Preprocess(
+        [0.5] * 3, [0.25] * 3, crop_padding=2, flip=True, device=torch.device("cpu"), channels_last=False, seed=7
+    )
     expected = whole(x, train=True)
     for r in range(3):  # each rank, from the same generator state
         rank = Preprocess([0.5] * 3, [0.25] * 3, 2, True, torch.device("cpu"), False, seed=7)
@@ -83,26 +90,46 @@ def _steps(dataset: dict, distill: dict) -> dict:
     data = load_data(dataset, torch.device("cpu"), False, seed=0)
     data.preprocess.crop_padding, data.preprocess.flip = 1, True
     model = create_model("mlp", data.num_classes, data.input_shape, hidden=[16])
-    teacher = Teachers([create_model("mlp", data.num_classes, data.input_shape, hidden=[8]).eval().requires_grad_(False)])
+    teacher = Teachers(
+        [create_model("mlp", data.num_classes, data.input_shape, hidden=[8]).eval().requires_grad_(False)]
+    )
     loss_spec, control_cfg = distill_parts(distill)
     loss_fn = create_loss(loss_spec)
     control = DistillControl(control_cfg, total_steps=2, steps_per_epoch=2, rank=None)
-    optimizer = torch.optim.SGD([{"params": model.parameters()}, {"params": control.parameters()}], lr=0.5, momentum=0.9)
-    feed = OnlineTeacher(SimpleNamespace(preprocess=data.preprocess, teacher_at=lambda step: teacher, autocast=nullcontext))
-    stage = Stage(name="test", model=model, loss_fn=loss_fn, control=control,
-                  plan=DataSchedule(torch.arange(len(data.train)), 11, 0), optimizer=optimizer,
-                  lr_schedule=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), out_dir=Path("unused"),
-                  meta={}, feed=feed)
-    trainer = Trainer(torch.device("cpu"), epochs=1, batch_size=11, eval_batch_size=7, amp=False)
+    optimizer = torch.optim.SGD(
+        [{"params": model.parameters()}, {"params": control.parameters()}], lr=0.5, momentum=0.9
+    )
+    feed = OnlineTeacher(
+        SimpleNamespace(preprocess=data.preprocess, teacher_at=lambda step: teacher, autocast=nullcontext)
+    )
+    stage = Stage(
+        name="test",
+        model=model,
+        loss_fn=loss_fn,
+        control=control,
+        plan=DataSchedule(torch.arange(len(data.train)), 11, 0),
+        optimizer=optimizer,
+        lr_schedule=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+        out_dir=Path("unused"),
+        meta={},
+        feed=feed,
+    )
+    trainer = TrainSettings(torch.device("cpu"), epochs=1, batch_size=11, eval_batch_size=7, amp=False)
     replica, meter = replace(stage, model=distributed.wrap(model)), Meter()
     for step, batch in enumerate([torch.arange(3, 36, 3), torch.tensor([40])]):
         part = distributed.parts([batch])[0]
         local = next(data.train.batches([part.take(batch)]))
         train_step(replica, trainer, step, local, meter, LossContext(), part)
     meter.collect()
-    return {"weights": model.state_dict(), "temperature": control.ctkd.value().detach(), "sums": meter.sums,
-            "count": meter.count, "val": evaluate(model, data.val, data, trainer).logits,
-            "rng": data.preprocess.generator.get_state(), "any": distributed.any_rank(distributed.rank())}
+    return {
+        "weights": model.state_dict(),
+        "temperature": control.ctkd.value().detach(),
+        "sums": meter.sums,
+        "count": meter.count,
+        "val": evaluate(model, data.val, data, trainer).logits,
+        "rng": data.preprocess.generator.get_state(),
+        "any": distributed.any_rank(distributed.rank()),
+    }
 
 
 def _rank(rank: int, world: int, init: str, dataset: dict, distill: dict, out: Path) -> None:
@@ -137,8 +164,14 @@ def _kdcl(args: list[str], cwd: Path, torchrun: bool = False) -> subprocess.Pope
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else []
-    return subprocess.Popen([sys.executable, *launcher, "-m", "kdcl", "train", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, *launcher, "-m", "kdcl", "train", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _finish(proc: subprocess.Popen) -> str:
@@ -160,8 +193,10 @@ def _table(run_dir: Path, name: str) -> pd.DataFrame:
 def runs(tmp_path_factory):
     """The same run in one process and, through trainer.devices=2, in two (started together)."""
     root = tmp_path_factory.mktemp("ddp")
-    single, ddp = _kdcl([*ARGS, f"hydra.run.dir={root / 'one'}"], root), \
-        _kdcl([*ARGS, "trainer.devices=2", f"hydra.run.dir={root / 'two'}"], root)
+    single, ddp = (
+        _kdcl([*ARGS, f"hydra.run.dir={root / 'one'}"], root),
+        _kdcl([*ARGS, "trainer.devices=2", f"hydra.run.dir={root / 'two'}"], root),
+    )
     return root / "one", root / "two", _finish(single), _finish(ddp)
 
 
@@ -202,8 +237,9 @@ def test_torchrun_stop_and_resume_gives_the_uninterrupted_results(runs, tmp_path
     assert _files(run_dir) == _files(reference)
     pd.testing.assert_frame_equal(_table(reference, "summary.csv"), _table(run_dir, "summary.csv"))
     for stage in ("teacher", "baseline", "distill"):  # the interrupted epoch's train_* sums add up in another order
-        pd.testing.assert_frame_equal(_table(reference, f"{stage}/metrics.csv"), _table(run_dir, f"{stage}/metrics.csv"),
-                                      rtol=1e-6)
+        pd.testing.assert_frame_equal(
+            _table(reference, f"{stage}/metrics.csv"), _table(run_dir, f"{stage}/metrics.csv"), rtol=1e-6
+        )
 
 
 # --------------------------------------------------------------------------- bad input
@@ -220,8 +256,13 @@ def test_a_global_batch_smaller_than_the_processes_is_refused_before_launch(cli)
     assert_clean_error(cli("train", "trainer.devices=2", "trainer.batch_size=1"), "must be at least 2")
 
 
-@pytest.mark.parametrize(("args", "needle"), [(["eval", "checkpoint=x.pt"], "kdcl eval runs in one process"),
-                                              (["train", "-m", "distill.alpha=0.1,0.9"], "cannot run under torchrun")])
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["eval", "checkpoint=x.pt"], "kdcl eval runs in one process"),
+        (["train", "-m", "distill.alpha=0.1,0.9"], "cannot run under torchrun"),
+    ],
+)
 def test_commands_torchrun_cannot_run_are_refused(monkeypatch, capsys, args, needle):
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun starts rank 0
     monkeypatch.setenv("RANK", "0")
@@ -237,8 +278,11 @@ def test_the_slurm_example_composes_one_task_with_four_gpus():
     from kdcl.config.options import CONF_DIR
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", return_hydra_config=True,
-                      overrides=["hydra/launcher=slurm_gpu", "hydra.launcher.gpus_per_node=4", "trainer.devices=4"])
+        cfg = compose(
+            config_name="config",
+            return_hydra_config=True,
+            overrides=["hydra/launcher=slurm_gpu", "hydra.launcher.gpus_per_node=4", "trainer.devices=4"],
+        )
     assert cfg.hydra.launcher.tasks_per_node == 1 and cfg.hydra.launcher.gpus_per_node == 4
     assert cfg.trainer.devices == 4
     assert "/.submitit/" in cfg.hydra.launcher.submitit_folder  # resolves ${kdcl_now:...} in the sweep dir

@@ -83,8 +83,9 @@ def test_ctkd_temperature_moves_and_stays_in_range():
     student = torch.nn.Linear(10, 5)
     teacher = torch.nn.Linear(10, 5)
     loss = create_loss({"name": "kd"})
-    control = DistillControl(control_config(alpha=0.9, temperature=4.0, learnable_temperature={"ramp_epochs": 1}),
-                             200, 20, None)
+    control = DistillControl(
+        control_config(alpha=0.9, temperature=4.0, learnable_temperature={"ramp_epochs": 1}), 200, 20, None
+    )
     opt = torch.optim.SGD([*student.parameters(), *control.parameters()], lr=0.5)
     seen = []
     for step in range(200):

@@ -43,8 +43,12 @@ def test_stages_skip_layers_inside_downsampling_blocks():
     """torchvision's ResNet-50 strides inside its bottlenecks and reuses one ReLU per block:
     the stage outputs are still layer1 … layer4."""
     model = create_model("resnet50", 10, (3, 32, 32))
-    assert resolve_layers(model, "auto:stages", "teacher", torch.zeros(2, 3, 32, 32)) == \
-        ["layer1", "layer2", "layer3", "layer4"]
+    assert resolve_layers(model, "auto:stages", "teacher", torch.zeros(2, 3, 32, 32)) == [
+        "layer1",
+        "layer2",
+        "layer3",
+        "layer4",
+    ]
 
 
 def test_unknown_layer_lists_the_module_paths():
@@ -88,10 +92,9 @@ def test_tap_copies_values_that_an_inplace_op_would_change():
 
 def test_hooks_come_off_after_an_error():
     model = create_model("cnn", 10, SHAPE, width=4)
-    with pytest.raises(RuntimeError, match="boom"):
-        with FeatureTap(model, ["2", "6"]):
-            assert hooks(model) == 2
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), FeatureTap(model, ["2", "6"]):
+        assert hooks(model) == 2
+        raise RuntimeError("boom")
     assert hooks(model) == 0
 
 
@@ -99,7 +102,9 @@ def test_gradients_reach_the_adapters_and_the_student_not_the_teacher():
     torch.manual_seed(0)
     student = create_model("cnn", 10, SHAPE, width=4)
     teacher = create_model("cnn", 10, SHAPE, width=8)
-    loss = create_loss({"name": "composed", "alpha": 0.9, "losses": [{"name": "fitnet", "weight": 100.0}, {"name": "at"}]})
+    loss = create_loss(
+        {"name": "composed", "alpha": 0.9, "losses": [{"name": "fitnet", "weight": 100.0}, {"name": "at"}]}
+    )
     loss.bind(student, teacher, example())
     fitnet = loss.parts[0]
     assert fitnet.pairs == [("10", "10")] and isinstance(fitnet.adapters[0], nn.Conv2d)

@@ -35,9 +35,7 @@ from kdcl.train.checkpoint import load_checkpoint
 
 # 5 tasks of 2 digits; long enough per task (10 epochs) that fine-tuning drifts.
 RUN = ["scenario=class_incremental", "curriculum=none", "student=mlp", "trainer.epochs=10"]
-A = np.array([[0.9, np.nan, np.nan],
-              [0.5, 0.8, np.nan],
-              [0.3, 0.6, 0.7]])
+A = np.array([[0.9, np.nan, np.nan], [0.5, 0.8, np.nan], [0.3, 0.6, 0.7]])
 
 
 # --------------------------------------------------------------------------- metrics
@@ -159,8 +157,13 @@ def class_run(tmp_path_factory):
 
 def test_the_run_writes_its_tables_and_every_task_stage(class_run):
     cfg, out, summary = class_run
-    for name in ("summary.csv", "accuracy_matrix.csv", "lifelong.csv", "accuracy_matrix.png",
-                 "accuracy_matrix_task_aware.png"):
+    for name in (
+        "summary.csv",
+        "accuracy_matrix.csv",
+        "lifelong.csv",
+        "accuracy_matrix.png",
+        "accuracy_matrix_task_aware.png",
+    ):
         assert (out / name).is_file(), name
     assert summary["model"].tolist() == ["finetune", "lwf", "joint"]  # no teacher without scores to compute
     tasks = pd.read_csv(out / "lifelong.csv")
@@ -246,8 +249,9 @@ def test_a_second_run_in_the_same_directory_trains_nothing_again(class_run, capl
 def test_lwf_with_lambda_zero_is_finetuning_exactly(tmp_path):
     """λ = 0 leaves LwF's cross-entropy alone: every task, warm-ups included, must train as
     fine-tuning does — also when the two arms share a stage (task 1, task 2's warm-up)."""
-    cfg = compose_config([*RUN, "trainer.epochs=2", "scenario.tasks=3", "scenario.arms=[finetune,lwf]",
-                          "scenario.lwf.lam=0"])
+    cfg = compose_config(
+        [*RUN, "trainer.epochs=2", "scenario.tasks=3", "scenario.arms=[finetune,lwf]", "scenario.lwf.lam=0"]
+    )
     summary = run_class_incremental(cfg, tmp_path).set_index("model")
     same = ["avg_acc", "avg_forgetting", "avg_acc_task_aware", "test_acc", "best_val_acc"]
     assert summary.loc["lwf", same].tolist() == summary.loc["finetune", same].tolist()
@@ -260,9 +264,19 @@ def test_lwf_with_lambda_zero_is_finetuning_exactly(tmp_path):
 def test_memory_curriculum_and_class_order_compose(tmp_path):
     """Exemplars enter the pool; class_order=easy_first orders the tasks by the teacher's
     scores; the curriculum paces each task's pool."""
-    cfg = compose_config(["scenario=class_incremental", "scenario.tasks=2", "scenario.arms=[finetune,lwf]",
-                          "scenario.memory_per_class=4", "scenario.class_order=easy_first", "scenario.warmup_epochs=0",
-                          "trainer.epochs=2", "dataset.max_train_samples=400", "teacher=mlp"])
+    cfg = compose_config(
+        [
+            "scenario=class_incremental",
+            "scenario.tasks=2",
+            "scenario.arms=[finetune,lwf]",
+            "scenario.memory_per_class=4",
+            "scenario.class_order=easy_first",
+            "scenario.warmup_epochs=0",
+            "trainer.epochs=2",
+            "dataset.max_train_samples=400",
+            "teacher=mlp",
+        ]
+    )
     summary = run_class_incremental(cfg, tmp_path).set_index("model")
     assert "teacher" in summary.index
     scores = pd.read_csv(tmp_path / "curriculum" / "scores.csv")
@@ -278,14 +292,17 @@ def test_memory_curriculum_and_class_order_compose(tmp_path):
     assert metrics["data_fraction"].iloc[0] < 1.0  # paced by the curriculum within the task
 
 
-@pytest.mark.parametrize(("override", "needle"), [
-    ("scenario.arms=[finetune,ewc]", "unknown class-incremental strategy 'ewc'"),
-    ("scenario.objective_arm=joint2", "scenario.objective_arm='joint2' is not one of scenario.arms"),
-    ("scenario.tasks=11", "scenario.tasks=11 is more than the 10 classes"),
-    ("scenario.class_order=[0,1,12]", "names class 12, but the dataset has 10 classes"),
-    ("scenario.class_order=alphabetical", "scenario.class_order='alphabetical' is not a known class order"),
-    ("scenario.lwf.lam=-1", "scenario.lwf.lam=-1 is out of range"),
-])
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("scenario.arms=[finetune,ewc]", "unknown class-incremental strategy 'ewc'"),
+        ("scenario.objective_arm=joint2", "scenario.objective_arm='joint2' is not one of scenario.arms"),
+        ("scenario.tasks=11", "scenario.tasks=11 is more than the 10 classes"),
+        ("scenario.class_order=[0,1,12]", "names class 12, but the dataset has 10 classes"),
+        ("scenario.class_order=alphabetical", "scenario.class_order='alphabetical' is not a known class order"),
+        ("scenario.lwf.lam=-1", "scenario.lwf.lam=-1 is out of range"),
+    ],
+)
 def test_bad_scenario_settings_are_one_clear_error(capsys, tmp_path, override, needle):
     with pytest.raises(SystemExit) as stop:
         kdcl_main(["train", "scenario=class_incremental", override, f"hydra.run.dir={tmp_path}"])
@@ -309,8 +326,9 @@ def test_two_processes_learn_the_tasks_as_one(tmp_path):
         result = run_cli(["train", *args, *extra, f"hydra.run.dir={tmp_path / name}"], tmp_path, timeout=600)
         assert result.returncode == 0, result.stdout + result.stderr
     one, two = tmp_path / "one", tmp_path / "two"
-    assert sorted(p.relative_to(two) for p in two.rglob("*") if p.is_file()) == \
-        sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
+    assert sorted(p.relative_to(two) for p in two.rglob("*") if p.is_file()) == sorted(
+        p.relative_to(one) for p in one.rglob("*") if p.is_file()
+    )
     for name in ("accuracy_matrix.csv", "lifelong.csv", "summary.csv"):
         a, b = (pd.read_csv(d / name).drop(columns=["seconds", "checkpoint"], errors="ignore") for d in (one, two))
         pd.testing.assert_frame_equal(a, b, atol=0.02)  # within one test example of a task

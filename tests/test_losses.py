@@ -54,7 +54,8 @@ def test_kd_per_example_alpha(logits):
     alpha = torch.linspace(0, 1, 16, dtype=torch.float64)
     out = create_loss({"name": "kd"})(s, t, y, alpha, 2.0)
     expected = (1 - alpha.numpy()) * cross_entropy(s.numpy(), y.numpy()) + alpha.numpy() * 4 * kl(
-        softmax(t.numpy() / 2), softmax(s.numpy() / 2))
+        softmax(t.numpy() / 2), softmax(s.numpy() / 2)
+    )
     assert out["loss"].numpy() == pytest.approx(expected, rel=1e-5)
 
 
@@ -128,7 +129,9 @@ def test_soft_ce_equals_formula(logits, temperature):
     p, q = soft_targets(t.numpy(), s.numpy(), temperature)
     soft = temperature**2 * -(p * np.log(q)).sum(axis=1)  # H(p_t, q_s), teacher → student
     assert out["soft_ce"].numpy() == pytest.approx(soft, rel=1e-5)
-    assert out["loss"].numpy() == pytest.approx((1 - alpha) * cross_entropy(s.numpy(), y.numpy()) + alpha * soft, rel=1e-5)
+    assert out["loss"].numpy() == pytest.approx(
+        (1 - alpha) * cross_entropy(s.numpy(), y.numpy()) + alpha * soft, rel=1e-5
+    )
     # H(p, q) = KL(p‖q) + H(p): the same gradients as kd, larger by the teacher's entropy.
     entropy = temperature**2 * -(p * np.log(p)).sum(axis=1)
     assert soft == pytest.approx(temperature**2 * kl(p, q) + entropy, rel=1e-6)
@@ -142,7 +145,9 @@ def test_focal_equals_formula(logits, gamma):
     p, q = soft_targets(t.numpy(), s.numpy(), T)
     focal = T * T * -(p * (1 - q) ** gamma * np.log(q)).sum(axis=1)
     assert out["focal"].numpy() == pytest.approx(focal, rel=1e-5)
-    assert out["loss"].numpy() == pytest.approx((1 - alpha) * cross_entropy(s.numpy(), y.numpy()) + alpha * focal, rel=1e-5)
+    assert out["loss"].numpy() == pytest.approx(
+        (1 - alpha) * cross_entropy(s.numpy(), y.numpy()) + alpha * focal, rel=1e-5
+    )
     if gamma == 0:  # γ = 0 is the soft cross-entropy
         soft = create_loss({"name": "soft_ce"})(s, t, y, alpha, T)["soft_ce"]
         assert out["focal"].numpy() == pytest.approx(soft.numpy(), rel=1e-6)
@@ -175,8 +180,7 @@ def dkd_terms(zs: np.ndarray, zt: np.ndarray, y: np.ndarray, T: float) -> tuple[
 def test_dkd_equals_formula_with_warmup(logits, epoch, warm):
     s, t, y = logits
     T, a, b = 4.0, 1.0, 8.0
-    loss = create_loss({"name": "dkd", "tckd_weight": a, "nckd_weight": b,
-                        "warmup_epochs": 4})
+    loss = create_loss({"name": "dkd", "tckd_weight": a, "nckd_weight": b, "warmup_epochs": 4})
     out = loss(s, t, y, 0.9, T, LossContext(epoch=epoch))
     tckd, nckd = dkd_terms(s.numpy(), t.numpy(), y.numpy(), T)
     # float32 KL of nearly equal binary distributions: an absolute tolerance
@@ -252,8 +256,9 @@ def test_attention_transfer_equals_formula(logits, feats):
     ctx = LossContext(1, {"a": feats["s_map"], "c": feats["s_map2"]}, {"b": feats["t_map"], "d": feats["t_map2"]})
     out = loss(s, t, y, alpha, T, ctx)
     pooled = feats["s_map"].numpy().reshape(16, 4, 4, 2, 4, 2).mean(axis=(3, 5))  # the larger map pooled
-    at = ((attention(pooled) - attention(feats["t_map"].numpy())) ** 2).mean(axis=1) + \
-        ((attention(feats["s_map2"].numpy()) - attention(feats["t_map2"].numpy())) ** 2).mean(axis=1)
+    at = ((attention(pooled) - attention(feats["t_map"].numpy())) ** 2).mean(axis=1) + (
+        (attention(feats["s_map2"].numpy()) - attention(feats["t_map2"].numpy())) ** 2
+    ).mean(axis=1)
     assert out["at"].numpy() == pytest.approx(at, rel=1e-5)
     assert out["loss"].numpy() == pytest.approx(cross_entropy(s.numpy(), y.numpy()) + beta * at, rel=1e-5)
 
@@ -269,9 +274,16 @@ def test_attention_transfer_refuses_vectors():
 def test_composed_sums_weighted_terms(logits, feats):
     s, t, y = logits
     alpha, T = 0.9, 4.0
-    spec = {"name": "composed", "alpha": alpha,
-            "losses": [{"name": "kd", "weight": 0.9}, {"name": "fitnet", "weight": 100.0},
-                       {"name": "dkd", "weight": 2.0, "warmup_epochs": 0}, {"name": "soft_ce", "weight": 0.5}]}
+    spec = {
+        "name": "composed",
+        "alpha": alpha,
+        "losses": [
+            {"name": "kd", "weight": 0.9},
+            {"name": "fitnet", "weight": 100.0},
+            {"name": "dkd", "weight": 2.0, "warmup_epochs": 0},
+            {"name": "soft_ce", "weight": 0.5},
+        ],
+    }
     loss = create_loss(spec)
     loss.parts[1].connect([("a", "b")], [((4, 8, 8), (6, 4, 4))])
     loss.double()

@@ -26,7 +26,7 @@ from kdcl.scenarios import standard as stages
 from kdcl.scenarios.standard import run_pipeline
 from kdcl.train import assemble
 from kdcl.train.checkpoint import load_checkpoint, model_from_checkpoint
-from kdcl.train.engine import Meter, Stage, Trainer, evaluate, train_step
+from kdcl.train.engine import Meter, Stage, TrainSettings, evaluate, train_step
 
 COMPOSED = "[{name: kd, weight: 0.9}, {name: fitnet, weight: 100}, {name: at}, {name: dkd, warmup_epochs: 0}]"
 
@@ -46,7 +46,7 @@ def run_patched(cfg: dict, out, module=stages, **patches) -> pd.DataFrame:
 def recomputed_ensemble_acc(cfg: dict, checkpoints: list) -> float:
     """Test accuracy of the mean softmax of the checkpoints' models, from scratch."""
     data = load_data(cfg["dataset"], torch.device("cpu"), True, cfg["seed"])
-    trainer = Trainer(torch.device("cpu"), 1, 64, 512, amp=False)
+    trainer = TrainSettings(torch.device("cpu"), 1, 64, 512, amp=False)
     probs = [evaluate(model_from_checkpoint(load_checkpoint(c)), data.test, data, trainer) for c in checkpoints]
     mean = torch.stack([torch.softmax(ev.logits, 1) for ev in probs]).mean(0)
     return (mean.argmax(1) == probs[0].labels).float().mean().item()
@@ -57,9 +57,18 @@ def methods_run(tmp_path_factory):
     """Two teachers (cnn_small, mlp) combined by confidence; a conv student distilled with KD +
     hints + attention + DKD; an arm with FitNets' hint-only first epoch. Every FeatureTap
     the stages open is recorded."""
-    cfg = compose_config([*QUICK, "student=cnn_small", "teachers=[cnn_small,mlp_small]", "distill=composed",
-                          f"distill.losses={COMPOSED}", "distill.teacher_combine=confidence", "baseline=false",
-                          "arms={hint: {distill: {name: fitnet, hint_epochs: 1}}}"])
+    cfg = compose_config(
+        [
+            *QUICK,
+            "student=cnn_small",
+            "teachers=[cnn_small,mlp_small]",
+            "distill=composed",
+            f"distill.losses={COMPOSED}",
+            "distill.teacher_combine=confidence",
+            "baseline=false",
+            "arms={hint: {distill: {name: fitnet, hint_epochs: 1}}}",
+        ]
+    )
     out = tmp_path_factory.mktemp("methods")
     taps = []
 
@@ -96,8 +105,9 @@ def test_hint_epochs_are_part_of_the_budget(methods_run):
     # epoch 1 trains on β·hint alone, epoch 2 on CE + β·hint (fitnet's own defaults: the
     # arm switched losses, so the composed loss's keys did not leak into it)
     assert hint["train_loss"].iloc[0] == pytest.approx(100 * hint["train_hint"].iloc[0], rel=1e-4)
-    assert hint["train_loss"].iloc[1] == pytest.approx(hint["train_ce"].iloc[1] + 100 * hint["train_hint"].iloc[1],
-                                                       rel=1e-4)
+    assert hint["train_loss"].iloc[1] == pytest.approx(
+        hint["train_ce"].iloc[1] + 100 * hint["train_hint"].iloc[1], rel=1e-4
+    )
 
 
 def test_adapters_are_saved_apart_from_the_deployable_student(methods_run):
@@ -107,7 +117,7 @@ def test_adapters_are_saved_apart_from_the_deployable_student(methods_run):
     assert not any("adapter" in key for key in ckpt["state_dict"])
     model = model_from_checkpoint(ckpt)  # what kdcl eval rebuilds: the weights alone
     data = load_data(cfg["dataset"], torch.device("cpu"), True, cfg["seed"])
-    acc = evaluate(model, data.test, data, Trainer(torch.device("cpu"), 1, 64, 512, amp=False)).acc
+    acc = evaluate(model, data.test, data, TrainSettings(torch.device("cpu"), 1, 64, 512, amp=False)).acc
     assert acc == pytest.approx(summary.loc["distill", "test_acc"])
     assert "loss_state" not in torch.load(out / "teacher" / "best.pt", weights_only=True)
 
@@ -129,11 +139,18 @@ def test_hooks_are_removed_when_a_stage_fails(methods_run, compose_cfg, tmp_path
         raise RuntimeError("stage failed")
 
     monkeypatch.setattr(stages, "fit", failing_fit)
-    cfg = compose_cfg([*QUICK, "student=cnn_small", "distill=at", f"teacher.checkpoint={out / 'teacher' / 'best.pt'}",
-                       "baseline=false"])
+    cfg = compose_cfg(
+        [
+            *QUICK,
+            "student=cnn_small",
+            "distill=at",
+            f"teacher.checkpoint={out / 'teacher' / 'best.pt'}",
+            "baseline=false",
+        ]
+    )
     with pytest.raises(RuntimeError, match="stage failed"):
         run_pipeline(cfg, tmp_path)
-    (count, student, teacher), = seen
+    ((count, student, teacher),) = seen
     assert count == 3  # hooked while it ran: the student's three stages
     assert hooks(student) == 0 and hooks(teacher) == 0
 
@@ -196,14 +213,31 @@ def one_step(control: DistillControl, x: torch.Tensor, y: torch.Tensor):
     torch.manual_seed(0)
     student, teacher = Recorder(nn.Linear(6, 3)), Recorder(nn.Linear(6, 3))
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
-    feed = OnlineTeacher(SimpleNamespace(preprocess=lambda x, train, part: x, teacher_at=lambda step: Teachers([teacher]),
-                                         autocast=nullcontext))
-    stage = Stage(name="step", model=student, loss_fn=create_loss({"name": "kd"}), control=control,
-                  plan=DataSchedule(torch.arange(len(x)), len(x), 0), optimizer=optimizer,
-                  lr_schedule=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), out_dir=Path("."), meta={},
-                  feed=feed)
-    train_step(stage, Trainer(torch.device("cpu"), 1, len(x), len(x), amp=False),
-               0, (torch.arange(len(x)), x, y), Meter(), LossContext())
+    feed = OnlineTeacher(
+        SimpleNamespace(
+            preprocess=lambda x, train, part: x, teacher_at=lambda step: Teachers([teacher]), autocast=nullcontext
+        )
+    )
+    stage = Stage(
+        name="step",
+        model=student,
+        loss_fn=create_loss({"name": "kd"}),
+        control=control,
+        plan=DataSchedule(torch.arange(len(x)), len(x), 0),
+        optimizer=optimizer,
+        lr_schedule=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+        out_dir=Path("."),
+        meta={},
+        feed=feed,
+    )
+    train_step(
+        stage,
+        TrainSettings(torch.device("cpu"), 1, len(x), len(x), amp=False),
+        0,
+        (torch.arange(len(x)), x, y),
+        Meter(),
+        LossContext(),
+    )
     return student.inputs[0], teacher.inputs[0]
 
 
@@ -231,8 +265,16 @@ def test_teacher_noise_is_gaussian_on_the_logits_and_seeded():
 def test_method_sweep_shares_the_teacher(cli, tmp_path):
     """``kdcl train -m distill=kd,dkd,fitnet,at``: one job per method, the same teacher in each."""
     sweep = tmp_path / "sweep"
-    result = cli("train", "-m", "distill=kd,dkd,fitnet,at", "student=cnn_small", "trainer.epochs=1",
-                 "dataset.max_train_samples=300", f"hydra.sweep.dir={sweep}", timeout=600)
+    result = cli(
+        "train",
+        "-m",
+        "distill=kd,dkd,fitnet,at",
+        "student=cnn_small",
+        "trainer.epochs=1",
+        "dataset.max_train_samples=300",
+        f"hydra.sweep.dir={sweep}",
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     table = pd.concat([pd.read_csv(sweep / str(k) / "summary.csv") for k in range(4)], ignore_index=True)
     students = table[table["model"] == "distill"]

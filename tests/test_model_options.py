@@ -63,7 +63,9 @@ def test_the_model_folder_is_no_key_of_a_command(compose_cfg):
     cfg = compose_cfg(["checkpoint=weights.pth", "model=cnn", "model_kwargs={width: 8}"], config_name="eval")
     assert (cfg["model"], cfg["model_kwargs"]) == ("cnn", {"width": 8})
     for command in ("config", "bench", "eval"):
-        assert MODEL_FOLDER not in compose_cfg(["checkpoint=weights.pth"] if command == "eval" else [], config_name=command)
+        assert MODEL_FOLDER not in compose_cfg(
+            ["checkpoint=weights.pth"] if command == "eval" else [], config_name=command
+        )
 
 
 def test_experiments_override_the_model_groups(compose_cfg):
@@ -73,16 +75,23 @@ def test_experiments_override_the_model_groups(compose_cfg):
 
 
 def test_an_unknown_model_option_lists_the_model_options():
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        with pytest.raises(ConfigCompositionException) as err:
-            compose(config_name="config", overrides=["student=resnet51"])
+    with (
+        initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"),
+        pytest.raises(ConfigCompositionException) as err,
+    ):
+        compose(config_name="config", overrides=["student=resnet51"])
     assert "Could not find 'student/resnet51'" in str(err.value)
     assert all(f"\t{name}\n" in str(err.value) + "\n" for name in NAMES)
 
 
-@pytest.mark.parametrize(("sweep", "expected"), [("student=mlp,vgg_small", ["mlp", "vgg_small"]),
-                                                  ("student=glob(vgg*)", ["vgg", "vgg_small"]),
-                                                  ("student=glob(*)", NAMES)])
+@pytest.mark.parametrize(
+    ("sweep", "expected"),
+    [
+        ("student=mlp,vgg_small", ["mlp", "vgg_small"]),
+        ("student=glob(vgg*)", ["vgg", "vgg_small"]),
+        ("student=glob(*)", NAMES),
+    ],
+)
 def test_a_sweep_over_model_options_expands_to_one_job_per_option(sweep, expected):
     """``kdcl train -m student=...``: Hydra's basic sweeper expands the overrides (a glob
     lists the group's options) into one job per model option, and each job composes."""
@@ -128,13 +137,14 @@ def test_a_file_dropped_in_conf_model_is_an_option_of_both_groups(tmp_path):
     shutil.copytree(ROOT / "kdcl", checkout / "kdcl", ignore=ignore)
     shutil.copytree(ROOT / "conf", checkout / "conf", ignore=ignore)
     shutil.copy(ROOT / "pyproject.toml", checkout / "pyproject.toml")
-    (checkout / "conf" / "models" / "wide_mlp.yaml").write_text(
-        "# A wide MLP.\nname: mlp\nkwargs: {hidden: [512]}\n")
+    (checkout / "conf" / "models" / "wide_mlp.yaml").write_text("# A wide MLP.\nname: mlp\nkwargs: {hidden: [512]}\n")
     env = {**os.environ, "PYTHONPATH": str(checkout)}
     env.pop("HYDRA_FULL_ERROR", None)
 
     def kdcl(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        )
 
     help_text = kdcl("-m", "kdcl", "train", "--help").stdout
     assert listed(help_text, "teacher") == sorted([*NAMES, "wide_mlp"]) == listed(help_text, "student")
@@ -142,8 +152,11 @@ def test_a_file_dropped_in_conf_model_is_an_option_of_both_groups(tmp_path):
     assert result.returncode == 0, result.stderr
     cfg = OmegaConf.create(result.stdout)
     assert cfg.teacher.kwargs.hidden == [512] == cfg.student.kwargs.hidden
-    probe = kdcl("-c", "from kdcl.config.options import CONF_DIR, teacher_specs; "
-                       "print(CONF_DIR); print(teacher_specs({'teachers': ['wide_mlp']}))")
+    probe = kdcl(
+        "-c",
+        "from kdcl.config.options import CONF_DIR, teacher_specs; "
+        "print(CONF_DIR); print(teacher_specs({'teachers': ['wide_mlp']}))",
+    )
     assert probe.returncode == 0, probe.stderr
     conf_dir, specs = probe.stdout.splitlines()
     assert conf_dir == str(checkout / "conf")

@@ -70,9 +70,7 @@ def test_mobilenet_v2_cifar_stem_only_for_small_inputs():
     assert _first_conv_mobilenet(small).stride == (1, 1)
     large = create_model("mobilenet_v2", num_classes=10, input_shape=(3, 224, 224))
     assert _first_conv_mobilenet(large).stride == (2, 2)
-    forced = create_model(
-        "mobilenet_v2", num_classes=10, input_shape=(3, 224, 224), cifar_stem=True
-    )
+    forced = create_model("mobilenet_v2", num_classes=10, input_shape=(3, 224, 224), cifar_stem=True)
     assert _first_conv_mobilenet(forced).stride == (1, 1)
 
 
@@ -144,9 +142,7 @@ def test_model_option_builds_with_stated_parameter_count(option: str):
     config = yaml.safe_load(text)
     assert set(config) == {"name", "kwargs"}
     assert config["name"] in MODELS
-    model = create_model(
-        config["name"], num_classes=10, input_shape=(3, 32, 32), **config["kwargs"]
-    )
+    model = create_model(config["name"], num_classes=10, input_shape=(3, 32, 32), **config["kwargs"])
     # The comment states the count at 10 classes, 3x32x32, rounded to its last digit.
     stated = re.search(r"([\d.]+)([KM]) parameters at 10 classes, 3x32x32 input", text)
     assert stated, f"{option}: no parameter count in the comment"

@@ -63,7 +63,9 @@ def test_curriculum_scores_and_pacing(quick_run):
     scorers = {"teacher_loss", "teacher_confidence", "teacher_margin", "learned_epoch", "self_taught", "random"}
     assert {c[2:] for c in scores.columns[6:]} == scorers  # the baseline enables self_taught
     assert scores["difficulty"].tolist() == pytest.approx(scores["teacher_loss"].tolist())
-    assert scores["d_teacher_confidence"].tolist() == pytest.approx((1 - scores["teacher_confidence"]).tolist(), abs=1e-6)
+    assert scores["d_teacher_confidence"].tolist() == pytest.approx(
+        (1 - scores["teacher_confidence"]).tolist(), abs=1e-6
+    )
     dynamics = pd.read_csv(out / "teacher" / "dynamics.csv")
     assert dynamics["index"].tolist() == scores["index"].tolist()
     assert dynamics["learned_epoch"].between(1, cfg["trainer"]["epochs"] + 1).all()
@@ -89,7 +91,9 @@ def test_summary_rows_and_derived_columns(quick_run):
     on_disk = pd.read_csv(out / "summary.csv")
     assert on_disk["model"].tolist() == ["teacher", "baseline", "distill"]
     rows = on_disk.set_index("model")
-    assert rows.loc["distill", "kd_gain"] == pytest.approx(rows.loc["distill", "test_acc"] - rows.loc["baseline", "test_acc"])
+    assert rows.loc["distill", "kd_gain"] == pytest.approx(
+        rows.loc["distill", "test_acc"] - rows.loc["baseline", "test_acc"]
+    )
     assert (rows["seed"] == cfg["seed"]).all()
     assert rows.loc["teacher", "params"] > rows.loc["distill", "params"] == rows.loc["baseline", "params"]
     assert rows.loc["teacher", "test_acc"] > 0.6  # the digits teacher learns in two short epochs
@@ -98,10 +102,10 @@ def test_summary_rows_and_derived_columns(quick_run):
 def test_teacher_agreement_recomputed_from_checkpoints(quick_run):
     cfg, out, summary = quick_run
     from kdcl.data import load_data
-    from kdcl.train.engine import Trainer, evaluate
+    from kdcl.train.engine import TrainSettings, evaluate
 
     data = load_data(cfg["dataset"], torch.device("cpu"), True, cfg["seed"])
-    trainer = Trainer(torch.device("cpu"), 1, 64, 512, amp=False)
+    trainer = TrainSettings(torch.device("cpu"), 1, 64, 512, amp=False)
     preds = {
         m: evaluate(model_from_checkpoint(load_checkpoint(out / m / "best.pt")), data.test, data, trainer)
         for m in ("teacher", "distill")
@@ -158,8 +162,17 @@ def test_teacher_checkpoint_of_other_dataset_is_refused(quick_run, compose_cfg, 
 
 def test_loader_path_runs_the_pipeline(compose_cfg, tmp_path):
     """Data read per sample through a DataLoader goes through every stage too."""
-    cfg = compose_cfg(["trainer.epochs=1", "dataset=fake", "dataset.in_memory=false", "dataset.train_samples=64",
-                       "dataset.test_samples=16", "teacher=cnn_small", "student=mlp_small"])
+    cfg = compose_cfg(
+        [
+            "trainer.epochs=1",
+            "dataset=fake",
+            "dataset.in_memory=false",
+            "dataset.train_samples=64",
+            "dataset.test_samples=16",
+            "teacher=cnn_small",
+            "student=mlp_small",
+        ]
+    )
     summary = run_pipeline(cfg, tmp_path)
     assert summary["model"].tolist() == ["teacher", "baseline", "distill"]
     scores = pd.read_csv(tmp_path / "curriculum" / "scores.csv")
@@ -184,7 +197,9 @@ def test_arms_share_teacher_and_budget(compose_cfg, tmp_path):
     assert summary.loc["kd_random", "curriculum"] == "teacher_loss/random"
     assert summary.loc["kd_plain", "curriculum"] == "none"
     for arm in ("kd_plain", "kd_hard_first", "kd_random"):
-        assert summary.loc[arm, "kd_gain"] == pytest.approx(summary.loc[arm, "test_acc"] - summary.loc["baseline", "test_acc"])
+        assert summary.loc[arm, "kd_gain"] == pytest.approx(
+            summary.loc[arm, "test_acc"] - summary.loc["baseline", "test_acc"]
+        )
     hard = pd.read_csv(tmp_path / "kd_hard_first" / "metrics.csv")
     easy = pd.read_csv(tmp_path / "distill" / "metrics.csv")
     assert hard["data_fraction"].tolist() == easy["data_fraction"].tolist()  # same pacing, other order
@@ -192,9 +207,18 @@ def test_arms_share_teacher_and_budget(compose_cfg, tmp_path):
 
 
 def test_class_curriculum_run_logs_seen_classes(compose_cfg, tmp_path):
-    cfg = compose_cfg([*QUICK, "trainer.epochs=3", "curriculum=classes", "curriculum.every_epochs=1",
-                       "curriculum.threshold=null", "curriculum.start_classes=4", "curriculum.add_classes=3",
-                       "baseline=false"])
+    cfg = compose_cfg(
+        [
+            *QUICK,
+            "trainer.epochs=3",
+            "curriculum=classes",
+            "curriculum.every_epochs=1",
+            "curriculum.threshold=null",
+            "curriculum.start_classes=4",
+            "curriculum.add_classes=3",
+            "baseline=false",
+        ]
+    )
     run_pipeline(cfg, tmp_path)
     metrics = pd.read_csv(tmp_path / "distill" / "metrics.csv")
     assert metrics["seen_classes"].tolist() == [4, 7, 10]
@@ -203,8 +227,15 @@ def test_class_curriculum_run_logs_seen_classes(compose_cfg, tmp_path):
 
 
 def test_self_paced_and_ctkd_columns(compose_cfg, tmp_path):
-    cfg = compose_cfg([*QUICK, "curriculum=self_paced", "distill=ctkd", "distill.learnable_temperature.ramp_epochs=1",
-                       "baseline=false"])
+    cfg = compose_cfg(
+        [
+            *QUICK,
+            "curriculum=self_paced",
+            "distill=ctkd",
+            "distill.learnable_temperature.ramp_epochs=1",
+            "baseline=false",
+        ]
+    )
     run_pipeline(cfg, tmp_path)
     metrics = pd.read_csv(tmp_path / "distill" / "metrics.csv")
     assert metrics["spl_lambda"].tolist() == pytest.approx([2.5, 2.5 * 1.15])
@@ -228,12 +259,27 @@ def test_learned_epoch_needs_a_trained_teacher(quick_run, compose_cfg, tmp_path)
 
 
 def test_teacher_route_and_assistants(compose_cfg, tmp_path):
-    cfg = compose_cfg([*QUICK, "trainer.epochs=4", "teacher.route_points=3", "distill.teacher_route=true",
-                       "assistants=[cnn_small]", "baseline=false"])
+    cfg = compose_cfg(
+        [
+            *QUICK,
+            "trainer.epochs=4",
+            "teacher.route_points=3",
+            "distill.teacher_route=true",
+            "assistants=[cnn_small]",
+            "baseline=false",
+        ]
+    )
     summary = run_pipeline(cfg, tmp_path).set_index("model")
-    assert sorted(p.name for p in (tmp_path / "teacher").glob("epoch_*.pt")) == ["epoch_001.pt", "epoch_002.pt", "epoch_003.pt"]
+    assert sorted(p.name for p in (tmp_path / "teacher").glob("epoch_*.pt")) == [
+        "epoch_001.pt",
+        "epoch_002.pt",
+        "epoch_003.pt",
+    ]
     assert list(summary.index) == ["teacher", "assistant_1", "distill"]
-    assert summary.loc["assistant_1", "arch"] == "cnn" and summary.loc["assistant_1", "params"] < summary.loc["teacher", "params"]
+    assert (
+        summary.loc["assistant_1", "arch"] == "cnn"
+        and summary.loc["assistant_1", "params"] < summary.loc["teacher", "params"]
+    )
     assert summary["steps"].nunique() == 1
 
 
@@ -253,7 +299,14 @@ def test_route_without_checkpoints_is_a_clear_error(compose_cfg, quick_run, tmp_
     with pytest.raises(KdclError, match="teacher.route_points"):
         validate(OmegaConf.create(compose_cfg([*QUICK, "distill.teacher_route=true"])))
     _, out, _ = quick_run  # a teacher from a checkpoint has no route either
-    cfg = compose_cfg([*QUICK, "distill.teacher_route=true", "teacher.route_points=2", "baseline=false",
-                       f"teacher.checkpoint={out / 'teacher' / 'best.pt'}"])
+    cfg = compose_cfg(
+        [
+            *QUICK,
+            "distill.teacher_route=true",
+            "teacher.route_points=2",
+            "baseline=false",
+            f"teacher.checkpoint={out / 'teacher' / 'best.pt'}",
+        ]
+    )
     with pytest.raises(KdclError, match="teacher.route_points"):
         run_pipeline(cfg, tmp_path)

@@ -19,15 +19,28 @@ from kdcl.train import engine
 from kdcl.train.resume import STOP, Interrupted
 
 # Enough steps per epoch that a kill lands inside a stage, few enough to stay quick.
-ARGS = ["trainer.epochs=3", "dataset.max_train_samples=900", "trainer.batch_size=16", "trainer.checkpoint_every_steps=7",
-        "distill=ctkd", "curriculum=self_paced", "cache=false"]  # resume alone, not the stage cache
+ARGS = [
+    "trainer.epochs=3",
+    "dataset.max_train_samples=900",
+    "trainer.batch_size=16",
+    "trainer.checkpoint_every_steps=7",
+    "distill=ctkd",
+    "curriculum=self_paced",
+    "cache=false",
+]  # resume alone, not the stage cache
 TIMING = ["seconds", "samples_per_s"]
 
 
 def start(run_dir: Path, cwd: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "kdcl", "train", *ARGS, *extra, f"hydra.run.dir={run_dir}"],
-                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "kdcl", "train", *ARGS, *extra, f"hydra.run.dir={run_dir}"],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -54,8 +67,11 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_when", ["teacher/resume.pt", "curriculum/pacing.csv", "distill/metrics.csv"],
-                         ids=["mid-teacher", "stage-boundary", "mid-distill"])
+@pytest.mark.parametrize(
+    "kill_when",
+    ["teacher/resume.pt", "curriculum/pacing.csv", "distill/metrics.csv"],
+    ids=["mid-teacher", "stage-boundary", "mid-distill"],
+)
 def test_sigkill_then_rerun_gives_the_same_results(reference, tmp_path, kill_when):
     run_dir = tmp_path / "run"
     proc = start(run_dir, tmp_path)
@@ -71,7 +87,9 @@ def test_sigkill_then_rerun_gives_the_same_results(reference, tmp_path, kill_whe
     assert "not trained again" in out or "resuming" in out
     pd.testing.assert_frame_equal(comparable(reference, "summary.csv"), comparable(run_dir, "summary.csv"))
     for stage in ("teacher", "baseline", "distill"):  # one row per epoch, no duplicates, same values
-        pd.testing.assert_frame_equal(comparable(reference, f"{stage}/metrics.csv"), comparable(run_dir, f"{stage}/metrics.csv"))
+        pd.testing.assert_frame_equal(
+            comparable(reference, f"{stage}/metrics.csv"), comparable(run_dir, f"{stage}/metrics.csv")
+        )
     assert not list(run_dir.rglob("resume.pt"))
 
 
@@ -85,8 +103,12 @@ def test_sigterm_saves_and_exits_and_resume_finishes(reference, tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, out
     assert "SIGTERM" in out and f"resume={run_dir}" in out and "Traceback" not in out
     assert (run_dir / "baseline" / "resume.pt").is_file()
-    resumed = subprocess.run([sys.executable, "-m", "kdcl", "train", f"resume={run_dir}",
-                              f"hydra.run.dir={tmp_path / 'resume-log'}"], cwd=tmp_path, capture_output=True, text=True)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "kdcl", "train", f"resume={run_dir}", f"hydra.run.dir={tmp_path / 'resume-log'}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert resumed.returncode == 0, resumed.stderr
     pd.testing.assert_frame_equal(comparable(reference, "summary.csv"), comparable(run_dir, "summary.csv"))
 
@@ -105,8 +127,18 @@ def stop_after(stage: str, step: int):
 
 def test_noise_resumes_exactly(tmp_path, monkeypatch):
     """The noise generator of distill.input_noise / teacher_noise is part of the resume state."""
-    cfg = compose_config([*QUICK, "dataset.max_train_samples=300", "distill.input_noise=0.1", "distill.teacher_noise=0.5",
-                          "baseline=false", "curriculum=none", "cache=true", f"cache_dir={tmp_path / 'cache'}"])
+    cfg = compose_config(
+        [
+            *QUICK,
+            "dataset.max_train_samples=300",
+            "distill.input_noise=0.1",
+            "distill.teacher_noise=0.5",
+            "baseline=false",
+            "curriculum=none",
+            "cache=true",
+            f"cache_dir={tmp_path / 'cache'}",
+        ]
+    )
     reference = tmp_path / "reference"
     run_pipeline(cfg, reference)  # the teacher trains once: the second run takes it from the cache
     run_dir = tmp_path / "run"
@@ -126,7 +158,10 @@ def test_interrupt_in_a_nested_stage_names_the_run_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "train_step", stop_after("curriculum/self_taught", 3))
     with pytest.raises(Interrupted) as stopped:
         run_pipeline(cfg, tmp_path)
-    assert stopped.value.fix == f"run the same command again with hydra.run.dir={tmp_path}, or: kdcl train resume={tmp_path}"
+    assert (
+        stopped.value.fix
+        == f"run the same command again with hydra.run.dir={tmp_path}, or: kdcl train resume={tmp_path}"
+    )
     assert str(tmp_path / "curriculum" / "self_taught" / "resume.pt") in stopped.value.what
     assert (tmp_path / "curriculum" / "self_taught" / "resume.pt").is_file()
 
@@ -160,8 +195,11 @@ def test_malicious_checkpoint_is_refused_and_runs_nothing(cli, tmp_path, command
     sentinel, evil = tmp_path / "pwned", tmp_path / "evil.pt"
     torch.save({"format": "kdcl-checkpoint/1", "state_dict": _Payload(sentinel)}, evil)
     assert not sentinel.exists()
-    args = (["eval", f"checkpoint={evil}"] if command == "eval"
-            else ["train", f"teacher.checkpoint={evil}", "trainer.epochs=1"])
+    args = (
+        ["eval", f"checkpoint={evil}"]
+        if command == "eval"
+        else ["train", f"teacher.checkpoint={evil}", "trainer.epochs=1"]
+    )
     result = cli(*args, f"hydra.run.dir={tmp_path / 'out'}")
     assert result.returncode == 2, result.stderr
     assert "safe loading refuses" in result.stderr and "Traceback" not in result.stderr
@@ -173,13 +211,21 @@ def test_plain_state_dict_loads_with_model_named(cli, tmp_path):
 
     model = create_model("cnn", num_classes=10, input_shape=(1, 8, 8), width=8)
     torch.save(model.state_dict(), tmp_path / "plain.pth")
-    ok = cli("eval", f"checkpoint={tmp_path / 'plain.pth'}", "model=cnn", "model_kwargs={width: 8}", "dataset=digits",
-             f"hydra.run.dir={tmp_path / 'ok'}")
+    ok = cli(
+        "eval",
+        f"checkpoint={tmp_path / 'plain.pth'}",
+        "model=cnn",
+        "model_kwargs={width: 8}",
+        "dataset=digits",
+        f"hydra.run.dir={tmp_path / 'ok'}",
+    )
     assert ok.returncode == 0, ok.stderr
     assert pd.read_csv(tmp_path / "ok" / "eval.csv")["stage"].iloc[0] == "state_dict"
     unnamed = cli("eval", f"checkpoint={tmp_path / 'plain.pth'}", f"hydra.run.dir={tmp_path / 'x'}")
     assert unnamed.returncode == 2 and "model=NAME" in unnamed.stderr
-    wrong = cli("eval", f"checkpoint={tmp_path / 'plain.pth'}", "model=cnn", "dataset=digits", f"hydra.run.dir={tmp_path / 'y'}")
+    wrong = cli(
+        "eval", f"checkpoint={tmp_path / 'plain.pth'}", "model=cnn", "dataset=digits", f"hydra.run.dir={tmp_path / 'y'}"
+    )
     assert wrong.returncode == 2 and "do not fit" in wrong.stderr and "of another shape" in wrong.stderr
 
 

@@ -17,9 +17,19 @@ T_975_DF1 = 12.706204736174707  # the same, 1 degree of freedom
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def fake_job(folder: Path, overrides: list[str], distill: float, baseline: float, val: float, *,
-             teacher: float = 0.95, last: dict[str, float] | None = None, arms: dict[str, float] | None = None,
-             seed: int | None = None, without: tuple[str, ...] = ()) -> None:
+def fake_job(
+    folder: Path,
+    overrides: list[str],
+    distill: float,
+    baseline: float,
+    val: float,
+    *,
+    teacher: float = 0.95,
+    last: dict[str, float] | None = None,
+    arms: dict[str, float] | None = None,
+    seed: int | None = None,
+    without: tuple[str, ...] = (),
+) -> None:
     """A finished job folder: overrides, a summary and a distill metrics table.
 
     ``last``: test_acc_last per model; ``arms``: extra summary rows (model -> test_acc, after distill);
@@ -29,12 +39,28 @@ def fake_job(folder: Path, overrides: list[str], distill: float, baseline: float
     (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
     rows = [
         {"model": "teacher", "test_acc": teacher, "best_val_acc": 0.96, "steps": 10, "seconds": 1.0, "params": 900},
-        {"model": "baseline", "test_acc": baseline, "best_val_acc": val - 0.05, "steps": 10, "seconds": 1.0,
-         "params": 100},
-        {"model": "distill", "test_acc": distill, "best_val_acc": val, "steps": 10, "seconds": 1.0, "params": 100,
-         "kd_gain": distill - baseline, "teacher_agreement": 0.9},
-        *({"model": arm, "test_acc": acc, "best_val_acc": val + 0.01, "steps": 12, "seconds": 1.0, "params": 100}
-          for arm, acc in (arms or {}).items()),
+        {
+            "model": "baseline",
+            "test_acc": baseline,
+            "best_val_acc": val - 0.05,
+            "steps": 10,
+            "seconds": 1.0,
+            "params": 100,
+        },
+        {
+            "model": "distill",
+            "test_acc": distill,
+            "best_val_acc": val,
+            "steps": 10,
+            "seconds": 1.0,
+            "params": 100,
+            "kd_gain": distill - baseline,
+            "teacher_agreement": 0.9,
+        },
+        *(
+            {"model": arm, "test_acc": acc, "best_val_acc": val + 0.01, "steps": 12, "seconds": 1.0, "params": 100}
+            for arm, acc in (arms or {}).items()
+        ),
     ]
     for row in rows:
         row["test_acc_last"] = (last or {}).get(row["model"], math.nan)
@@ -57,7 +83,9 @@ def seeded_sweep(tmp_path):
     job = 0
     for alpha, seeds in values.items():
         for seed, (distill, baseline, val) in enumerate(seeds):
-            fake_job(sweep / str(job), ["+experiment=x", f"distill.alpha={alpha}", f"seed={seed}"], distill, baseline, val)
+            fake_job(
+                sweep / str(job), ["+experiment=x", f"distill.alpha={alpha}", f"seed={seed}"], distill, baseline, val
+            )
             job += 1
     (sweep / "multirun.yaml").write_text("{}\n")
     return sweep
@@ -99,18 +127,29 @@ def test_t_interval_edge_cases():
     assert (mean, std) == (2.0, 1.0) and half == pytest.approx(T_975_DF2 / math.sqrt(3))
 
 
-@pytest.mark.parametrize(("make", "needles"), [
-    (lambda tmp: tmp / "missing", ["is not a folder"]),
-    (lambda tmp: tmp, ["no finished runs"]),
-], ids=["missing-folder", "no-runs"])
+@pytest.mark.parametrize(
+    ("make", "needles"),
+    [
+        (lambda tmp: tmp / "missing", ["is not a folder"]),
+        (lambda tmp: tmp, ["no finished runs"]),
+    ],
+    ids=["missing-folder", "no-runs"],
+)
 def test_report_without_runs_is_one_clear_error(cli, tmp_path, make, needles):
     assert_clean_error(cli("report", str(make(tmp_path))), *needles)
 
 
 def test_report_on_a_real_two_by_two_sweep(cli, tmp_path):
     sweep = tmp_path / "sweep"
-    train = cli("train", "-m", "distill.alpha=0.5,0.9", "distill.temperature=2,4", "trainer.epochs=2",
-                "dataset.max_train_samples=300", f"hydra.sweep.dir={sweep}")
+    train = cli(
+        "train",
+        "-m",
+        "distill.alpha=0.5,0.9",
+        "distill.temperature=2,4",
+        "trainer.epochs=2",
+        "dataset.max_train_samples=300",
+        f"hydra.sweep.dir={sweep}",
+    )
     assert train.returncode == 0, train.stderr
     logs = "".join((sweep / str(job) / "train.log").read_text() for job in range(4))
     assert logs.count("stored teacher") == 1 and logs.count("reused teacher from cache") == 3
@@ -156,9 +195,18 @@ def arm_sweep(folder: Path, order: list[int], without: dict[int, tuple[str, ...]
     """One job per seed of ARM_SEEDS, job k holding seed ``order[k]`` (the seed in overrides and summary)."""
     for job, seed in enumerate(order):
         models = ARM_SEEDS[seed]
-        fake_job(folder / str(job), ["+experiment=x", f"seed={seed}"], models["distill"][0], models["baseline"][0],
-                 0.85, teacher=models["teacher"][0], arms={"kd": models["kd"][0]},
-                 last={m: acc[1] for m, acc in models.items()}, seed=seed, without=(without or {}).get(seed, ()))
+        fake_job(
+            folder / str(job),
+            ["+experiment=x", f"seed={seed}"],
+            models["distill"][0],
+            models["baseline"][0],
+            0.85,
+            teacher=models["teacher"][0],
+            arms={"kd": models["kd"][0]},
+            last={m: acc[1] for m, acc in models.items()},
+            seed=seed,
+            without=(without or {}).get(seed, ()),
+        )
     return folder
 
 
@@ -270,7 +318,13 @@ def test_arms_per_config_in_a_sweep_over_alpha(seeded_sweep, cli):
     assert all((seeded_sweep / name).is_file() for name in ("report.csv", "seeds.csv", "arms.csv"))
     arms = pd.read_csv(seeded_sweep / "arms.csv")
     assert list(zip(arms["distill.alpha"], arms["arm"])) == [
-        (0.5, "teacher"), (0.5, "baseline"), (0.5, "distill"), (0.9, "teacher"), (0.9, "baseline"), (0.9, "distill")]
+        (0.5, "teacher"),
+        (0.5, "baseline"),
+        (0.5, "distill"),
+        (0.9, "teacher"),
+        (0.9, "baseline"),
+        (0.9, "distill"),
+    ]
     arms = arms.set_index(["distill.alpha", "arm"])
     assert arms.at[(0.5, "distill"), "gain_mean"] == pytest.approx(0.04)  # 0.02, 0.03, 0.07
     assert arms.at[(0.9, "distill"), "gain_mean"] == pytest.approx(0.12)  # 0.12, 0.12, 0.12

@@ -22,10 +22,13 @@ def hydra_node(*overrides: str):
         return compose(config_name="config", overrides=list(overrides), return_hydra_config=True).hydra
 
 
-@pytest.mark.parametrize(("launcher", "target"), [
-    ("joblib", "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"),
-    ("slurm_gpu", "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"),
-])
+@pytest.mark.parametrize(
+    ("launcher", "target"),
+    [
+        ("joblib", "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"),
+        ("slurm_gpu", "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"),
+    ],
+)
 def test_launchers_compose(launcher, target):
     node = hydra_node(f"hydra/launcher={launcher}")
     assert node.launcher._target_ == target
@@ -47,14 +50,23 @@ def test_cfg_hydra_shows_the_launcher(cli):
 
 def test_joblib_jobs_share_one_teacher(cli, tmp_path):
     sweep = tmp_path / "sweep"
-    result = cli("train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "distill.alpha=0.5,0.9", *TINY,
-                 f"hydra.sweep.dir={sweep}")
+    result = cli(
+        "train",
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "distill.alpha=0.5,0.9",
+        *TINY,
+        f"hydra.sweep.dir={sweep}",
+    )
     assert result.returncode == 0, result.stderr
     alphas = [pd.read_csv(sweep / job / "distill" / "metrics.csv")["alpha"].iloc[0] for job in ("0", "1")]
     assert alphas == [0.5, 0.9]
     logs = "".join((sweep / job / "train.log").read_text() for job in ("0", "1"))
     assert logs.count("stored teacher") == 1 and logs.count("reused teacher from cache") == 1
-    teachers = [pd.read_csv(sweep / job / "summary.csv").set_index("model").loc["teacher", "test_acc"] for job in ("0", "1")]
+    teachers = [
+        pd.read_csv(sweep / job / "summary.csv").set_index("model").loc["teacher", "test_acc"] for job in ("0", "1")
+    ]
     assert teachers[0] == teachers[1]
 
 
@@ -85,8 +97,15 @@ def test_optuna_trials_return_the_validation_objective(cli, tmp_path):
     import optuna  # here, so that the warning filter covers its import
 
     sweep, storage = tmp_path / "sweep", f"sqlite:///{tmp_path / 'study.db'}"
-    result = cli("train", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", f"hydra.sweeper.storage={storage}",
-                 *TINY, f"hydra.sweep.dir={sweep}")
+    result = cli(
+        "train",
+        "-m",
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=3",
+        f"hydra.sweeper.storage={storage}",
+        *TINY,
+        f"hydra.sweep.dir={sweep}",
+    )
     assert result.returncode == 0, result.stderr
     study = optuna.load_study(study_name="kdcl", storage=storage)
     assert len(study.trials) == 3
@@ -94,6 +113,7 @@ def test_optuna_trials_return_the_validation_objective(cli, tmp_path):
         summary = pd.read_csv(sweep / str(trial.number) / "summary.csv").set_index("model")
         assert trial.value == summary.loc["distill", "best_val_acc"]
         assert trial.params["distill.alpha"] == pytest.approx(
-            pd.read_csv(sweep / str(trial.number) / "distill" / "metrics.csv")["alpha"].iloc[0])
+            pd.read_csv(sweep / str(trial.number) / "distill" / "metrics.csv")["alpha"].iloc[0]
+        )
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert best["best_value"] == max(t.value for t in study.trials)

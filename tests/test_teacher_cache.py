@@ -58,8 +58,19 @@ def setting():
 
 
 def feed_inputs(source, pre, teacher, store="memory", directory=Path("."), shard_mb=512.0, views=K, seed=0):
-    return FeedInputs(preprocess=pre, train=source, teacher_at=lambda step: teacher, autocast=nullcontext, num_classes=4,
-                      batch_size=16, seed=seed, views=views, store=store, directory=directory, shard_mb=shard_mb)
+    return FeedInputs(
+        preprocess=pre,
+        train=source,
+        teacher_at=lambda step: teacher,
+        autocast=nullcontext,
+        num_classes=4,
+        batch_size=16,
+        seed=seed,
+        views=views,
+        store=store,
+        directory=directory,
+        shard_mb=shard_mb,
+    )
 
 
 def test_augmentation_is_deterministic_for_a_seed():
@@ -99,7 +110,7 @@ def test_cached_logits_equal_online_logits_for_the_same_view(setting):
     feed = build_feed(f"views:{K}", feed_inputs(source, pre, teacher))
     assert teacher.seen == K * N  # one teacher pass per view and example
     idx = torch.arange(N)
-    (_, x, y), = source.batches([idx])
+    ((_, x, y),) = source.batches([idx])
     for k in range(K):
         v = torch.full((N,), k)
         with torch.inference_mode():
@@ -113,7 +124,7 @@ def test_the_student_always_sees_a_cached_view(setting):
     source, pre, teacher = setting
     feed = build_feed(f"views:{K}", feed_inputs(source, pre, teacher))
     idx = torch.tensor([3, 17, 0, 29, 11])
-    (_, x, y), = source.batches([idx])
+    ((_, x, y),) = source.batches([idx])
     views = torch.stack([feed.pixels(x, idx, torch.full_like(idx, k)) for k in range(K)])  # (K, B, C, H, W)
     seen = []
     for epoch in range(1, K + 1):
@@ -133,7 +144,7 @@ def test_no_aug_caches_the_plain_images_once(setting):
     feed = build_feed("no_aug", feed_inputs(source, plain, teacher))
     assert teacher.seen == N
     idx = torch.arange(N)
-    (_, x, y), = source.batches([idx])
+    ((_, x, y),) = source.batches([idx])
     shown, logits = feed(7, 4, idx, x, y)
     assert torch.equal(shown, plain(x, train=False))
     with torch.inference_mode():
@@ -162,7 +173,7 @@ def test_online_feed_runs_the_teacher_every_step_in_eval_mode(setting):
     teacher.train()
     feed = build_feed("none", feed_inputs(source, pre, teacher))
     idx = torch.arange(8)
-    (_, x, y), = source.batches([idx])
+    ((_, x, y),) = source.batches([idx])
     a, la = feed(0, 1, idx, x, y)
     b, lb = feed(1, 1, idx, x, y)
     assert not teacher.training and teacher.seen == 16
@@ -172,8 +183,9 @@ def test_online_feed_runs_the_teacher_every_step_in_eval_mode(setting):
 
 # --------------------------------------------------------------------------- in a run
 def test_a_run_fills_one_cache_for_every_stage_the_teacher_teaches(tmp_path, caplog):
-    cfg = compose_config([*QUICK, "distill.teacher_cache=views:2", "baseline=false",
-                          "+arms={plain: {curriculum: {type: none}}}"])
+    cfg = compose_config(
+        [*QUICK, "distill.teacher_cache=views:2", "baseline=false", "+arms={plain: {curriculum: {type: none}}}"]
+    )
     with caplog.at_level(logging.INFO, logger="kdcl.distill.feeds"):
         summary = run_pipeline(cfg, tmp_path).set_index("model")
     fills = [r for r in caplog.records if r.getMessage().startswith("teacher cache:")]
@@ -183,8 +195,10 @@ def test_a_run_fills_one_cache_for_every_stage_the_teacher_teaches(tmp_path, cap
     assert metrics["train_kd"].notna().all() and len(metrics) == 2
 
 
-@pytest.mark.parametrize("override, needs", [("distill=fitnet", "intermediate features"),
-                                             ("distill.teacher_route=true", "a different teacher per phase")])
+@pytest.mark.parametrize(
+    "override, needs",
+    [("distill=fitnet", "intermediate features"), ("distill.teacher_route=true", "a different teacher per phase")],
+)
 def test_a_cache_refuses_what_it_cannot_hold(override, needs, tmp_path):
     extra = ["teacher.route_points=1"] if "route" in override else ["student=cnn_small"]
     cfg = compose_config([*QUICK, "distill.teacher_cache=views:2", override, *extra])
@@ -224,25 +238,48 @@ def test_fold_batchnorm_leaves_untraceable_models_alone():
 # --------------------------------------------------------------------------- kdcl bench
 def test_bench_writes_its_table(cli, tmp_path):
     out = tmp_path / "bench"
-    result = cli("bench", "dataset.max_train_samples=300", "bench.steps=2", "bench.warmup=1", "bench.repeats=1",
-                 "bench.views=2", f"hydra.run.dir={out}")
+    result = cli(
+        "bench",
+        "dataset.max_train_samples=300",
+        "bench.steps=2",
+        "bench.warmup=1",
+        "bench.repeats=1",
+        "bench.views=2",
+        f"hydra.run.dir={out}",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     table = pd.read_csv(out / "bench.csv").set_index("arm")
-    assert list(table.index) == ["naive", "kdcl", "kdcl_cached", "student", "teacher", "kdcl_cached_amortised",
-                                 "online_floor"]
+    assert list(table.index) == [
+        "naive",
+        "kdcl",
+        "kdcl_cached",
+        "student",
+        "teacher",
+        "kdcl_cached_amortised",
+        "online_floor",
+    ]
     assert (table["images_per_s"] > 0).all()
-    assert table.loc["naive", "vs_naive"] == pytest.approx(1) and table.loc["student", "vs_student_time"] == pytest.approx(1)
+    assert table.loc["naive", "vs_naive"] == pytest.approx(1) and table.loc[
+        "student", "vs_student_time"
+    ] == pytest.approx(1)
     ratio = table.loc["naive", "seconds_per_step"] / table.loc["kdcl", "seconds_per_step"]
     assert table.loc["kdcl", "vs_naive"] == pytest.approx(ratio)
     assert table.loc["kdcl_cached_amortised", "seconds_per_step"] > table.loc["kdcl_cached", "seconds_per_step"]
     assert table.loc["online_floor", "seconds_per_step"] == pytest.approx(
-        table.loc["student", "seconds_per_step"] + table.loc["teacher", "seconds_per_step"])
+        table.loc["student", "seconds_per_step"] + table.loc["teacher", "seconds_per_step"]
+    )
     assert "kdcl / naive" in result.stdout + result.stderr
 
 
 def test_bench_parity_needs_a_trained_teacher(cli, tmp_path):
-    result = cli("bench", "dataset.max_train_samples=300", "bench.steps=1", "bench.repeats=1", "bench.parity_epochs=1",
-                 f"hydra.run.dir={tmp_path / 'b'}")
+    result = cli(
+        "bench",
+        "dataset.max_train_samples=300",
+        "bench.steps=1",
+        "bench.repeats=1",
+        "bench.parity_epochs=1",
+        f"hydra.run.dir={tmp_path / 'b'}",
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 2
     assert "needs a trained teacher" in output and "Traceback" not in output
@@ -261,11 +298,20 @@ def test_compiled_models_train_and_save_plain_checkpoints(tmp_path):
 
 def test_bench_parity_tests_the_students_it_trained(cli, tmp_path):
     teacher_run = tmp_path / "teacher_run"
-    run_pipeline(compose_config([*QUICK, "trainer.epochs=4", "baseline=false", "curriculum=none", "distill=none"]),
-                 teacher_run)
-    result = cli("bench", *QUICK, "trainer.epochs=4", "bench.steps=1", "bench.repeats=1", "bench.views=2",
-                 "bench.parity_epochs=4", f"teacher.checkpoint={teacher_run / 'teacher' / 'best.pt'}",
-                 f"hydra.run.dir={tmp_path / 'b'}")
+    run_pipeline(
+        compose_config([*QUICK, "trainer.epochs=4", "baseline=false", "curriculum=none", "distill=none"]), teacher_run
+    )
+    result = cli(
+        "bench",
+        *QUICK,
+        "trainer.epochs=4",
+        "bench.steps=1",
+        "bench.repeats=1",
+        "bench.views=2",
+        "bench.parity_epochs=4",
+        f"teacher.checkpoint={teacher_run / 'teacher' / 'best.pt'}",
+        f"hydra.run.dir={tmp_path / 'b'}",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     parity = pd.read_csv(tmp_path / "b" / "parity.csv").set_index("arm")
     assert list(parity.index) == ["naive", "kdcl", "kdcl_cached"]

@@ -37,9 +37,10 @@ import logging
 import math
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -68,7 +69,7 @@ from kdcl.optim import build_optimizer, build_schedule
 from kdcl.output.tables import print_table, write_csv
 from kdcl.train.assemble import build_stage, teacher_feed
 from kdcl.train.checkpoint import load_checkpoint, model_from_checkpoint
-from kdcl.train.engine import Trainer, evaluate, train_steps
+from kdcl.train.engine import TrainSettings, evaluate, train_steps
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ ARMS = {
 class Setup:
     cfg: dict[str, Any]
     data: DataBundle
-    trainer: Trainer
+    trainer: TrainSettings
     teacher: nn.Module
     channels_last: bool
     out: Path
@@ -126,14 +127,23 @@ def naive_loader(s: Setup) -> torch.utils.data.DataLoader:
 
     d, spec = s.data, s.cfg["dataset"]
     border = PADDINGS.get(spec["crop_padding_mode"]).torchvision(d.mean)
-    steps = [transforms.RandomCrop(d.input_shape[1:], padding=spec["crop_padding"], **border)] if spec["crop_padding"] else []
+    steps = (
+        [transforms.RandomCrop(d.input_shape[1:], padding=spec["crop_padding"], **border)]
+        if spec["crop_padding"]
+        else []
+    )
     steps += [transforms.RandomHorizontalFlip()] if spec["flip"] else []
     steps += [transforms.ToTensor(), transforms.Normalize(d.mean, d.std)]
     images = _PilImages(d.train.x.cpu().numpy(), d.train.labels.numpy(), transforms.Compose(steps))
-    return torch.utils.data.DataLoader(images, batch_size=s.trainer.batch_size, shuffle=True, drop_last=False,
-                                       num_workers=s.cfg["bench"]["naive_workers"],
-                                       generator=torch.Generator().manual_seed(s.cfg["seed"]),
-                                       persistent_workers=s.cfg["bench"]["naive_workers"] > 0)
+    return torch.utils.data.DataLoader(
+        images,
+        batch_size=s.trainer.batch_size,
+        shuffle=True,
+        drop_last=False,
+        num_workers=s.cfg["bench"]["naive_workers"],
+        generator=torch.Generator().manual_seed(s.cfg["seed"]),
+        persistent_workers=s.cfg["bench"]["naive_workers"] > 0,
+    )
 
 
 def naive_steps(s: Setup, student: nn.Module, total_steps: int) -> Iterator[None]:
@@ -152,8 +162,10 @@ def naive_steps(s: Setup, student: nn.Module, total_steps: int) -> Iterator[None
             with torch.no_grad():
                 teacher_logits = s.teacher(x)
             logits = student(x)
-            loss = ((1 - alpha) * F.cross_entropy(logits, y, reduction="none")
-                    + alpha * kl_teacher_student(logits, teacher_logits, t)).mean()
+            loss = (
+                (1 - alpha) * F.cross_entropy(logits, y, reduction="none")
+                + alpha * kl_teacher_student(logits, teacher_logits, t)
+            ).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -174,11 +186,23 @@ def kdcl_steps(s: Setup, student: nn.Module, total_steps: int, distill: dict[str
     model = s.trainer.prepare(student.to(s.trainer.device, memory_format=fmt))
     seed = s.cfg["seed"] + 1  # the students' seed, as in a run
     tic = time.perf_counter()
-    with build_stage(name="bench", out_dir=s.out, model=model, distill=distill, teachers=[kdcl_teacher(s)],
-                     plan=DataSchedule(torch.arange(len(s.data.train)), s.trainer.batch_size, seed),
-                     trainer=s.trainer, data=s.data, optimizer=s.optimizer, scheduler=s.scheduler,
-                     total_steps=total_steps, steps_per_epoch=_steps_per_epoch(s), seed=seed,
-                     cache_seed=s.cfg["seed"], cache_dir=s.out / "teacher_cache") as stage:
+    with build_stage(
+        name="bench",
+        out_dir=s.out,
+        model=model,
+        distill=distill,
+        teachers=[kdcl_teacher(s)],
+        plan=DataSchedule(torch.arange(len(s.data.train)), s.trainer.batch_size, seed),
+        trainer=s.trainer,
+        data=s.data,
+        optimizer=s.optimizer,
+        scheduler=s.scheduler,
+        total_steps=total_steps,
+        steps_per_epoch=_steps_per_epoch(s),
+        seed=seed,
+        cache_seed=s.cfg["seed"],
+        cache_dir=s.out / "teacher_cache",
+    ) as stage:
         s.sync()
         s.fill_seconds = time.perf_counter() - tic
         for _ in train_steps(stage, s.data, s.trainer, total_steps):
@@ -201,8 +225,16 @@ def teacher_steps(s: Setup, total_steps: int) -> Iterator[None]:
     teacher = Teachers([kdcl_teacher(s)])
     d.preprocess.generator.manual_seed(s.cfg["seed"] + 1)
     _, online = distill_parts({**s.cfg["distill"], "teacher_cache": "none"})
-    feed = teacher_feed(online, lambda step: teacher, [teacher], data=d, trainer=s.trainer, seed=s.cfg["seed"],
-                        directory=s.out / "teacher_cache", feeds={})
+    feed = teacher_feed(
+        online,
+        lambda step: teacher,
+        [teacher],
+        data=d,
+        trainer=s.trainer,
+        seed=s.cfg["seed"],
+        directory=s.out / "teacher_cache",
+        feeds={},
+    )
     plan = DataSchedule(torch.arange(len(d.train)), s.trainer.batch_size, s.cfg["seed"] + 1)
     for step, (idx, x, y) in zip(range(total_steps), d.train.batches(plan.batches(range(total_steps)))):
         feed(step, 1, idx, x, y)
@@ -239,12 +271,14 @@ def time_arm(s: Setup, arm: str, warmup: int, steps: int) -> float:
 
 def setup(cfg: dict[str, Any], out: Path) -> Setup:
     settings = typed(TrainerConfig, cfg["trainer"], "trainer")
-    trainer = Trainer.from_config(settings)
+    trainer = TrainSettings.from_config(settings)
     device = trainer.device
     data = load_data(cfg["dataset"], device, settings.channels_last, cfg["seed"])
     if not isinstance(data.train, TensorSource):
-        raise KdclError(f"kdcl bench needs a dataset held in memory; {data.name!r} is read per sample",
-                        fix="bench on an in-memory dataset (digits, cifar10, npz, mnist, ...)")
+        raise KdclError(
+            f"kdcl bench needs a dataset held in memory; {data.name!r} is read per sample",
+            fix="bench on an in-memory dataset (digits, cifar10, npz, mnist, ...)",
+        )
     spec = teacher_specs(cfg)[0]
     if spec["checkpoint"]:
         teacher = model_from_checkpoint(load_checkpoint(spec["checkpoint"]))
@@ -252,20 +286,36 @@ def setup(cfg: dict[str, Any], out: Path) -> Setup:
         torch.manual_seed(cfg["seed"])
         teacher = create_model(spec["name"], data.num_classes, data.input_shape, **spec["kwargs"])
     teacher = teacher.to(device).eval().requires_grad_(False)
-    return Setup(cfg=cfg, data=data, trainer=trainer, teacher=teacher, channels_last=settings.channels_last, out=out,
-                 optimizer=typed(OptimizerConfig, cfg["optimizer"], "optimizer"),
-                 scheduler=typed(SchedulerConfig, cfg["scheduler"], "scheduler"))
+    return Setup(
+        cfg=cfg,
+        data=data,
+        trainer=trainer,
+        teacher=teacher,
+        channels_last=settings.channels_last,
+        out=out,
+        optimizer=typed(OptimizerConfig, cfg["optimizer"], "optimizer"),
+        scheduler=typed(SchedulerConfig, cfg["scheduler"], "scheduler"),
+    )
 
 
 def run_bench(cfg: dict[str, Any], out: Path) -> pd.DataFrame:
     """Time the arms, print and write ``bench.csv`` (and ``parity.csv``)."""
     b = cfg["bench"]
     if b["parity_epochs"] and not teacher_specs(cfg)[0]["checkpoint"]:
-        raise KdclError("bench.parity_epochs needs a trained teacher",
-                        fix="train one (kdcl train ...) and pass teacher.checkpoint=RUN/teacher/best.pt")
+        raise KdclError(
+            "bench.parity_epochs needs a trained teacher",
+            fix="train one (kdcl train ...) and pass teacher.checkpoint=RUN/teacher/best.pt",
+        )
     s = setup(cfg, out)
-    log.info("bench on %s: %d train images, batch %d, teacher %s, student %s, device %s", s.data.name,
-             len(s.data.train), s.trainer.batch_size, cfg["teacher"]["name"], cfg["student"]["name"], s.trainer.device)
+    log.info(
+        "bench on %s: %d train images, batch %d, teacher %s, student %s, device %s",
+        s.data.name,
+        len(s.data.train),
+        s.trainer.batch_size,
+        cfg["teacher"]["name"],
+        cfg["student"]["name"],
+        s.trainer.device,
+    )
     seconds: dict[str, list[float]] = {arm: [] for arm in ARMS}
     fill: list[float] = []
     for repeat in range(b["repeats"]):
@@ -273,21 +323,42 @@ def run_bench(cfg: dict[str, Any], out: Path) -> pd.DataFrame:
             seconds[arm].append(time_arm(s, arm, b["warmup"], b["steps"]))
             if arm == "kdcl_cached":
                 fill.append(s.fill_seconds)
-            log.info("repeat %d/%d  %-12s %.1f img/s", repeat + 1, b["repeats"], arm,
-                     s.trainer.batch_size / seconds[arm][-1])
+            log.info(
+                "repeat %d/%d  %-12s %.1f img/s", repeat + 1, b["repeats"], arm, s.trainer.batch_size / seconds[arm][-1]
+            )
     per_step = {arm: statistics.median(v) for arm, v in seconds.items()}
     epoch_steps = _steps_per_epoch(s)
     amortised = per_step["kdcl_cached"] + statistics.median(fill) / (epoch_steps * s.trainer.epochs)
-    rows = [{"arm": arm, "what": text, "images_per_s": s.trainer.batch_size / per_step[arm],
-             "seconds_per_step": per_step[arm], "vs_naive": per_step["naive"] / per_step[arm],
-             "vs_student_time": per_step[arm] / per_step["student"]} for arm, text in ARMS.items()]
+    rows = [
+        {
+            "arm": arm,
+            "what": text,
+            "images_per_s": s.trainer.batch_size / per_step[arm],
+            "seconds_per_step": per_step[arm],
+            "vs_naive": per_step["naive"] / per_step[arm],
+            "vs_student_time": per_step[arm] / per_step["student"],
+        }
+        for arm, text in ARMS.items()
+    ]
     floor = per_step["student"] + per_step["teacher"]
-    derived = {"kdcl_cached_amortised": (f"(c) plus the cache fill spread over the recipe's {s.trainer.epochs} epochs",
-                                         amortised),
-               "online_floor": ("(d) + (e): the fastest an online distillation step can be", floor)}
-    rows += [{"arm": arm, "what": text, "images_per_s": s.trainer.batch_size / t, "seconds_per_step": t,
-              "vs_naive": per_step["naive"] / t, "vs_student_time": t / per_step["student"]}
-             for arm, (text, t) in derived.items()]
+    derived = {
+        "kdcl_cached_amortised": (
+            f"(c) plus the cache fill spread over the recipe's {s.trainer.epochs} epochs",
+            amortised,
+        ),
+        "online_floor": ("(d) + (e): the fastest an online distillation step can be", floor),
+    }
+    rows += [
+        {
+            "arm": arm,
+            "what": text,
+            "images_per_s": s.trainer.batch_size / t,
+            "seconds_per_step": t,
+            "vs_naive": per_step["naive"] / t,
+            "vs_student_time": t / per_step["student"],
+        }
+        for arm, (text, t) in derived.items()
+    ]
     frame = pd.DataFrame(rows)
     for key in ("steps", "warmup", "repeats", "views"):
         frame[key] = b[key]
@@ -295,11 +366,20 @@ def run_bench(cfg: dict[str, Any], out: Path) -> pd.DataFrame:
     frame["batch_size"], frame["device"] = s.trainer.batch_size, str(s.trainer.device)
     frame["dataset"], frame["teacher"], frame["student"] = s.data.name, cfg["teacher"]["name"], cfg["student"]["name"]
     write_csv(frame, out / "bench.csv")
-    print_table(frame.round(3), f"kdcl bench — {out}", ["arm", "images_per_s", "seconds_per_step", "vs_naive", "vs_student_time"])
-    log.info("kdcl / naive = %.2f× (at most %.2f× with this teacher: naive / (student + teacher))   "
-             "kdcl_cached / student time = %.2f (amortised %.2f)   kdcl / student time = %.2f",
-             per_step["naive"] / per_step["kdcl"], per_step["naive"] / floor, per_step["kdcl_cached"] / per_step["student"],
-             amortised / per_step["student"], per_step["kdcl"] / per_step["student"])
+    print_table(
+        frame.round(3),
+        f"kdcl bench — {out}",
+        ["arm", "images_per_s", "seconds_per_step", "vs_naive", "vs_student_time"],
+    )
+    log.info(
+        "kdcl / naive = %.2f× (at most %.2f× with this teacher: naive / (student + teacher))   "
+        "kdcl_cached / student time = %.2f (amortised %.2f)   kdcl / student time = %.2f",
+        per_step["naive"] / per_step["kdcl"],
+        per_step["naive"] / floor,
+        per_step["kdcl_cached"] / per_step["student"],
+        amortised / per_step["student"],
+        per_step["kdcl"] / per_step["student"],
+    )
     if b["parity_epochs"]:
         parity(s, b["parity_epochs"])
     return frame
@@ -318,8 +398,17 @@ def parity(s: Setup, epochs: int) -> pd.DataFrame:
         s.sync()
         fmt = torch.channels_last if s.channels_last else torch.contiguous_format
         test = evaluate(student.to(memory_format=fmt), s.data.test, s.data, s.trainer)
-        rows.append({"arm": arm, "epochs": epochs, "steps": total, "test_acc": test.acc, "test_loss": test.loss,
-                     "seconds": time.perf_counter() - tic, "seed": s.cfg["seed"]})
+        rows.append(
+            {
+                "arm": arm,
+                "epochs": epochs,
+                "steps": total,
+                "test_acc": test.acc,
+                "test_loss": test.loss,
+                "seconds": time.perf_counter() - tic,
+                "seed": s.cfg["seed"],
+            }
+        )
         log.info("parity %-12s test_acc %.4f (%d steps, %.0f s)", arm, test.acc, total, rows[-1]["seconds"])
     frame = pd.DataFrame(rows)
     write_csv(frame, s.out / "parity.csv")

@@ -25,13 +25,19 @@ from kdcl.train.checkpoint import (
     model_from_checkpoint,
     read_checkpoint,
 )
-from kdcl.train.engine import Trainer, evaluate, resolve_device
+from kdcl.train.engine import TrainSettings, evaluate, resolve_device
 
 log = logging.getLogger(__name__)
 
 
-def run_eval(checkpoint: str, dataset: dict[str, Any] | None, device_name: str, batch_size: int, out: Path,
-             model_spec: dict[str, Any] | None = None) -> pd.DataFrame:
+def run_eval(
+    checkpoint: str,
+    dataset: dict[str, Any] | None,
+    device_name: str,
+    batch_size: int,
+    out: Path,
+    model_spec: dict[str, Any] | None = None,
+) -> pd.DataFrame:
     """Evaluate ``checkpoint`` and write ``eval.csv``, ``eval_per_class.csv`` and ``confusion.csv``.
 
     A checkpoint of a class-incremental task (its ``classes``: the dataset class of each
@@ -51,38 +57,63 @@ def run_eval(checkpoint: str, dataset: dict[str, Any] | None, device_name: str, 
         name, stage = ckpt["model"]["name"], ckpt.get("stage")
     else:
         if not model_spec or not dataset:
-            raise KdclError(f"{checkpoint} is a plain state_dict, which does not say what model or data it is for",
-                            fix="add model=NAME (e.g. resnet18) and dataset=NAME to the command")
+            raise KdclError(
+                f"{checkpoint} is a plain state_dict, which does not say what model or data it is for",
+                fix="add model=NAME (e.g. resnet18) and dataset=NAME to the command",
+            )
         data = load_data(dataset, device, False, 0)
         name, stage = model_spec["name"], "state_dict"
         model = create_model(name, data.num_classes, data.input_shape, **model_spec["kwargs"])
         load_weights(model, ckpt, f"{checkpoint} as model {name!r}")
         model = model.to(device)
-    trainer = Trainer(device, epochs=0, batch_size=batch_size, eval_batch_size=batch_size, amp=device.type == "cuda")
+    trainer = TrainSettings(
+        device, epochs=0, batch_size=batch_size, eval_batch_size=batch_size, amp=device.type == "cuda"
+    )
     result = evaluate(model, data.test, data, trainer)
     preds, labels = result.logits.argmax(1).numpy(), result.labels.numpy()
     classes = list(range(data.num_classes))
     precision, recall, f1, support = precision_recall_fscore_support(labels, preds, labels=classes, zero_division=0)
-    per_class = pd.DataFrame({"class": data.class_names, "precision": precision, "recall": recall, "f1": f1, "support": support})
-    confusion = pd.DataFrame(confusion_matrix(labels, preds, labels=classes), index=data.class_names, columns=data.class_names)
-    summary = pd.DataFrame([{
-        "checkpoint": str(Path(checkpoint).resolve()), "model": name, "stage": stage,
-        "dataset": data.name, "split": "test", "examples": len(labels), "acc": result.acc, "loss": result.loss,
-        "macro_f1": float(f1.mean()), "params": count_params(model), "size_mb": round(size_mb(model), 4),
-        "batch_size": batch_size, "latency_ms_per_batch": latency_ms(model, data, trainer), "device": str(device),
-    }])
+    per_class = pd.DataFrame(
+        {"class": data.class_names, "precision": precision, "recall": recall, "f1": f1, "support": support}
+    )
+    confusion = pd.DataFrame(
+        confusion_matrix(labels, preds, labels=classes), index=data.class_names, columns=data.class_names
+    )
+    summary = pd.DataFrame(
+        [
+            {
+                "checkpoint": str(Path(checkpoint).resolve()),
+                "model": name,
+                "stage": stage,
+                "dataset": data.name,
+                "split": "test",
+                "examples": len(labels),
+                "acc": result.acc,
+                "loss": result.loss,
+                "macro_f1": float(f1.mean()),
+                "params": count_params(model),
+                "size_mb": round(size_mb(model), 4),
+                "batch_size": batch_size,
+                "latency_ms_per_batch": latency_ms(model, data, trainer),
+                "device": str(device),
+            }
+        ]
+    )
     write_csv(summary, out / "eval.csv")
     write_csv(per_class, out / "eval_per_class.csv")
     confusion.rename_axis("true \\ predicted").to_csv(out / "confusion.csv")
-    print_table(summary, f"kdcl eval — {checkpoint}",
-                ["model", "stage", "dataset", "examples", "acc", "loss", "macro_f1", "params", "latency_ms_per_batch"])
+    print_table(
+        summary,
+        f"kdcl eval — {checkpoint}",
+        ["model", "stage", "dataset", "examples", "acc", "loss", "macro_f1", "params", "latency_ms_per_batch"],
+    )
     print_table(per_class, "per class (test)")
     print_table(confusion.reset_index(names="true \\ pred"), "confusion matrix (rows: true, columns: predicted)")
     return summary
 
 
 @torch.inference_mode()
-def latency_ms(model: torch.nn.Module, data, trainer: Trainer, repeats: int = 10) -> float:
+def latency_ms(model: torch.nn.Module, data, trainer: TrainSettings, repeats: int = 10) -> float:
     """Mean forward time of one test batch (after one warm-up pass), in milliseconds."""
     model.eval()
     idx = torch.arange(min(len(data.test), trainer.eval_batch_size))

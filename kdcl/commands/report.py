@@ -105,7 +105,9 @@ def find_jobs(path: Path) -> tuple[list[Path], list[str]]:
     """Job folders under ``path`` with a summary, and a note for each job folder without one."""
     if not path.is_dir():
         raise KdclError(f"{path} is not a folder", fix="pass run or sweep folders, e.g. outputs/multirun/DATE/TIME")
-    folders = {p.parent.parent for p in path.rglob(".hydra/overrides.yaml")} | {p.parent for p in path.rglob("summary.csv")}
+    folders = {p.parent.parent for p in path.rglob(".hydra/overrides.yaml")} | {
+        p.parent for p in path.rglob("summary.csv")
+    }
     done, skipped = [], []
     for job in sorted(folders, key=_natural):
         if (job / "summary.csv").is_file():
@@ -133,8 +135,10 @@ def read_overrides(job: Path, parser: OverridesParser) -> dict[str, Any]:
 def job_metrics(summary: pd.DataFrame) -> dict[str, Any]:
     """The report's metric columns (METRICS) from a job's ``summary.csv``."""
     summary = summary.set_index("model")
-    return {col: summary.at[model, field] if model in summary.index and field in summary.columns else math.nan
-            for col, (model, field) in METRICS.items()}
+    return {
+        col: summary.at[model, field] if model in summary.index and field in summary.columns else math.nan
+        for col, (model, field) in METRICS.items()
+    }
 
 
 def model_rows(summary: pd.DataFrame, seed: Any, run: str) -> pd.DataFrame:
@@ -167,8 +171,10 @@ def collect(paths: list[Path]) -> Report:
             if (job / "distill" / "metrics.csv").is_file():
                 curves[run] = pd.read_csv(job / "distill" / "metrics.csv")
     if not rows:
-        raise KdclError(f"no finished runs (summary.csv) under {', '.join(map(str, paths))}",
-                        fix="pass the folder of a kdcl train run or sweep (outputs/train/... or outputs/multirun/...)")
+        raise KdclError(
+            f"no finished runs (summary.csv) under {', '.join(map(str, paths))}",
+            fix="pass the folder of a kdcl train run or sweep (outputs/train/... or outputs/multirun/...)",
+        )
     jobs = pd.DataFrame(rows).reindex(columns=["run", *keys, *METRICS])
     models = pd.concat(models, ignore_index=True).reindex(columns=["run", *keys, "arm", PAIR, *ARM_COLUMNS])
     return Report(jobs, models, list(keys), curves, skipped)
@@ -185,8 +191,10 @@ def pivot_keys(report: Report, requested: list[str] | None) -> tuple[str, str] |
     if requested:
         wrong = [k for k in requested if k not in report.factors]
         if wrong:
-            raise KdclError(f"--pivot {' '.join(wrong)}: not a swept key of these runs",
-                            fix=f"choose two of: {', '.join(report.factors) or '(nothing was swept)'}")
+            raise KdclError(
+                f"--pivot {' '.join(wrong)}: not a swept key of these runs",
+                fix=f"choose two of: {', '.join(report.factors) or '(nothing was swept)'}",
+            )
         return requested[0], requested[1]
     if set(DEFAULT_PIVOT) <= set(report.factors):
         return DEFAULT_PIVOT
@@ -214,8 +222,10 @@ def selection_text(report: Report) -> str:
     best = report.selected()
     seeds = int(best["seeds"])
     over = f", mean over {seeds} seeds" if seeds > 1 else ""
-    text = (f"selected on validation ({SELECT_BY} of the distilled student{over}): {report.label(best, report.factors)} — "
-            f"best_val_acc {best[f'{SELECT_BY}_mean']:.4f}, test_acc {best['test_acc_mean']:.4f}")
+    text = (
+        f"selected on validation ({SELECT_BY} of the distilled student{over}): {report.label(best, report.factors)} — "
+        f"best_val_acc {best[f'{SELECT_BY}_mean']:.4f}, test_acc {best['test_acc_mean']:.4f}"
+    )
     if seeds > 1:
         text += f" ± {best['test_acc_std']:.4f} ({LEVEL:.0%} CI ±{best['test_acc_ci95']:.4f})"
     return text
@@ -249,8 +259,10 @@ def arm_stats(runs: pd.DataFrame, baseline: pd.DataFrame | None) -> dict[str, An
     the seeds s both have (``pairs`` of them), NaN for the baseline itself or without one;
     ``best_val_acc_mean``; ``params`` and ``steps`` of the first run.
     """
-    gains = {gain: paired_differences(runs, baseline, metric) if baseline is not None else pd.Series([math.nan])
-             for gain, metric in GAINS.items()}
+    gains = {
+        gain: paired_differences(runs, baseline, metric) if baseline is not None else pd.Series([math.nan])
+        for gain, metric in GAINS.items()
+    }
     row: dict[str, Any] = {"seeds": len(runs), "pairs": int(gains["gain"].notna().sum())}
     for metric in ARM_ACCURACIES:
         row.update(spread(metric, runs[metric]))
@@ -328,14 +340,21 @@ def arm_section(report: Report, out: Path) -> list[str]:
     arms = arm_table(report)
     write_csv(arms, out / "arms.csv")
     shown = arm_display(report, arms)
-    print_table(shown, f"arms over seeds: mean ± std and {LEVEL:.0%} t-interval, in %; "
-                       "gain = arm − baseline of the same seed")
-    return ["## Arms over seeds", "",
-            "Every model of the summaries, per config, over its seeds. Test accuracy in % at the epoch of best "
-            "validation accuracy (best) and at the last epoch (last): mean ± sample std and the "
-            f"{LEVEL:.0%} t-interval mean ± t(0.975, n−1)·s/√n (— with one seed). Gain: the paired difference "
-            "arm − baseline of the same seed, in percentage points, its mean and 95% t-interval over the seeds "
-            "both have.", "", markdown_table(shown), ""]
+    print_table(
+        shown, f"arms over seeds: mean ± std and {LEVEL:.0%} t-interval, in %; gain = arm − baseline of the same seed"
+    )
+    return [
+        "## Arms over seeds",
+        "",
+        "Every model of the summaries, per config, over its seeds. Test accuracy in % at the epoch of best "
+        "validation accuracy (best) and at the last epoch (last): mean ± sample std and the "
+        f"{LEVEL:.0%} t-interval mean ± t(0.975, n−1)·s/√n (— with one seed). Gain: the paired difference "
+        "arm − baseline of the same seed, in percentage points, its mean and 95% t-interval over the seeds "
+        "both have.",
+        "",
+        markdown_table(shown),
+        "",
+    ]
 
 
 # --------------------------------------------------------------------------- output
@@ -345,8 +364,13 @@ def write_report(report: Report, out: Path, keys: tuple[str, str] | None) -> lis
     files = [out / "report.csv", out / "report.md"]
     write_csv(report.jobs, files[0])
     print_table(report.jobs, f"kdcl report — {len(report.jobs)} jobs", ["run", *report.swept, *SHOWN])
-    md = ["# kdcl report", "", f"{len(report.jobs)} jobs. Unprefixed metrics are the distilled student's; "
-          "`kd_gain` = distill − baseline test_acc of the same seed.", ""]
+    md = [
+        "# kdcl report",
+        "",
+        f"{len(report.jobs)} jobs. Unprefixed metrics are the distilled student's; "
+        "`kd_gain` = distill − baseline test_acc of the same seed.",
+        "",
+    ]
     selection = selection_text(report)
     md += ["## Selected on validation", "", selection, "", "## Jobs", "", markdown_table(report.jobs), ""]
 
@@ -356,8 +380,14 @@ def write_report(report: Report, out: Path, keys: tuple[str, str] | None) -> lis
         write_csv(configs, out / "seeds.csv")
         files.append(out / "seeds.csv")
         print_table(seeds, f"over seeds: mean ± std and {LEVEL:.0%} t-interval (kd_gain: paired, distill − baseline)")
-        md += ["## Over seeds", "", f"Mean ± std and {LEVEL:.0%} t-interval; `kd_gain` is the paired difference "
-               "distill − baseline per seed.", "", markdown_table(seeds), ""]
+        md += [
+            "## Over seeds",
+            "",
+            f"Mean ± std and {LEVEL:.0%} t-interval; `kd_gain` is the paired difference distill − baseline per seed.",
+            "",
+            markdown_table(seeds),
+            "",
+        ]
     md += arm_section(report, out)
     files.append(out / "arms.csv")
 
@@ -374,8 +404,11 @@ def write_report(report: Report, out: Path, keys: tuple[str, str] | None) -> lis
         files.append(out / "heatmap.png")
         md += ["![heatmaps](heatmap.png)", ""]
 
-    curves = {f"{row['run']} {report.label(row, report.swept, short=True)}": report.curves[row["run"]]
-              for _, row in report.jobs.iterrows() if row["run"] in report.curves}
+    curves = {
+        f"{row['run']} {report.label(row, report.swept, short=True)}": report.curves[row["run"]]
+        for _, row in report.jobs.iterrows()
+        if row["run"] in report.curves
+    }
     if curves:
         learning_curves(curves, out / "curves.png", "distilled student: validation accuracy per epoch")
         files.append(out / "curves.png")
@@ -395,12 +428,22 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="kdcl report",
         description="One table over kdcl runs and sweeps: overrides next to metrics, an alpha × temperature "
-                    "pivot, seed statistics, learning curves. The best config is chosen on validation accuracy.")
-    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH",
-                        help="run or sweep folders (searched for job folders holding summary.csv)")
+        "pivot, seed statistics, learning curves. The best config is chosen on validation accuracy.",
+    )
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        type=Path,
+        metavar="PATH",
+        help="run or sweep folders (searched for job folders holding summary.csv)",
+    )
     parser.add_argument("--out", type=Path, metavar="DIR", help="where the report goes (default: the first PATH)")
-    parser.add_argument("--pivot", nargs=2, metavar=("ROW", "COL"),
-                        help="two swept keys for the heatmap (default: distill.alpha distill.temperature)")
+    parser.add_argument(
+        "--pivot",
+        nargs=2,
+        metavar=("ROW", "COL"),
+        help="two swept keys for the heatmap (default: distill.alpha distill.temperature)",
+    )
     args = parser.parse_args(argv)
     report = collect(args.paths)
     write_report(report, args.out or args.paths[0], pivot_keys(report, args.pivot))

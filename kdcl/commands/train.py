@@ -29,8 +29,10 @@ def train_command(cfg: DictConfig) -> float:
         out = Path(cfg.resume)
         saved = out / ".hydra" / "config.yaml"
         if not saved.is_file():
-            raise KdclError(f"resume={cfg.resume}: no kdcl run there ({saved} is missing)",
-                            fix="pass the run directory of an earlier kdcl train (the one holding summary.csv or teacher/)")
+            raise KdclError(
+                f"resume={cfg.resume}: no kdcl run there ({saved} is missing)",
+                fix="pass the run directory of an earlier kdcl train (the one holding summary.csv or teacher/)",
+            )
         log.info("resuming the run in %s with its own config", out)
         cfg = OmegaConf.load(saved)
     validate(cfg, registries=REGISTERED_NAMES)
@@ -53,8 +55,10 @@ def launch(cfg: DictConfig, devices: int) -> None:
     standalone mode), with the same overrides, into this job's directory (whose ``.hydra/``
     this process has written), and wait for them."""
     if resolve_device(cfg.trainer.device).type == "cuda" and devices > torch.cuda.device_count():
-        raise KdclError(f"trainer.devices={devices}, but this machine has {torch.cuda.device_count()} GPU(s)",
-                        fix="set trainer.devices to at most the number of GPUs, or trainer.device=cpu")
+        raise KdclError(
+            f"trainer.devices={devices}, but this machine has {torch.cuda.device_count()} GPU(s)",
+            fix="set trainer.devices to at most the number of GPUs, or trainer.device=cpu",
+        )
     hc = HydraConfig.get()
     run_dir = hc.runtime.output_dir
     flags = [f"--config-dir={source.path}" for source in hc.runtime.config_sources if source.provider == "command-line"]
@@ -62,8 +66,9 @@ def launch(cfg: DictConfig, devices: int) -> None:
         flags.append(f"--config-name={hc.job.config_name}")
     quoted = f"'{run_dir}'" if "'" not in run_dir else f'"{run_dir}"'
     log.info("training with %d processes (torchrun, standalone) into %s", devices, run_dir)
-    code = distributed.launch(devices, ["train", *flags, *hc.overrides.task, f"hydra.run.dir={quoted}",
-                                        "hydra.output_subdir=null"])
+    code = distributed.launch(
+        devices, ["train", *flags, *hc.overrides.task, f"hydra.run.dir={quoted}", "hydra.output_subdir=null"]
+    )
     if code and code < 128 and hc.mode == RunMode.MULTIRUN:  # a failed job: the sweep goes on
         raise KdclError(f"the job's {devices} processes stopped with exit code {code} (the error is printed above)")
     if code:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
@@ -42,13 +43,24 @@ def _registered_names() -> dict[str, Any]:
     from kdcl.optim import OPTIMIZERS, SCHEDULES
 
     return {
-        "teacher.name": MODELS, "student.name": MODELS, "dataset.name": DATASETS,
-        "dataset.crop_padding_mode": PADDINGS, "distill.name": LOSSES,
-        "distill.sample_weight": SAMPLE_WEIGHTS, "distill.alpha_schedule": SCHEDULES,
-        "distill.temperature_schedule": SCHEDULES, "curriculum.type": PLANS, "curriculum.scorer": SCORERS,
-        "curriculum.order": ORDERS, "curriculum.pacing.name": PACINGS, "curriculum.weights": SELF_PACED_WEIGHTS,
-        "optimizer.name": OPTIMIZERS, "scheduler.name": SCHEDULES, "distill.teacher_combine": COMBINATIONS,
-        "distill.teacher_cache": TEACHER_CACHES, "distill.teacher_cache_store": STORES,
+        "teacher.name": MODELS,
+        "student.name": MODELS,
+        "dataset.name": DATASETS,
+        "dataset.crop_padding_mode": PADDINGS,
+        "distill.name": LOSSES,
+        "distill.sample_weight": SAMPLE_WEIGHTS,
+        "distill.alpha_schedule": SCHEDULES,
+        "distill.temperature_schedule": SCHEDULES,
+        "curriculum.type": PLANS,
+        "curriculum.scorer": SCORERS,
+        "curriculum.order": ORDERS,
+        "curriculum.pacing.name": PACINGS,
+        "curriculum.weights": SELF_PACED_WEIGHTS,
+        "optimizer.name": OPTIMIZERS,
+        "scheduler.name": SCHEDULES,
+        "distill.teacher_combine": COMBINATIONS,
+        "distill.teacher_cache": TEACHER_CACHES,
+        "distill.teacher_cache_store": STORES,
     }
 
 
@@ -63,11 +75,12 @@ def validate(cfg: Any, schema: type = TrainConfig, registries: dict[str, Registr
     plain = _container(cfg)
     check(plain, schema)
     if plain.get("distill", {}).get("teacher_route") and not plain.get("teacher", {}).get("route_points"):
-        raise KdclError("distill.teacher_route=true needs checkpoints saved during teacher training",
-                        fix="set teacher.route_points=N (N ≥ 1) and train the teacher in this run")
+        raise KdclError(
+            "distill.teacher_route=true needs checkpoints saved during teacher training",
+            fix="set teacher.route_points=N (N ≥ 1) and train the teacher in this run",
+        )
     _check_names(plain, {**_registered_names(), **(registries or {})})
     if isinstance(plain.get("arms"), dict):
-
         for name, arm in plain["arms"].items():
             distill, curriculum = arm_config(plain, arm)
             arm_cfg = {"distill": distill, "curriculum": curriculum}
@@ -95,8 +108,10 @@ def _check_names(cfg: dict[str, Any], registries: dict[str, Any], prefix: str = 
     for key, registry in registries.items():  # before any training, not when first used
         value = OmegaConf.select(OmegaConf.create(cfg), key, default=None)
         if isinstance(value, str) and value not in registry:
-            raise KdclError(f"{prefix}{key}={_shown(value)} is not a known {registry.kind}",
-                            fix=f"choose one of: {', '.join(registry)}")
+            raise KdclError(
+                f"{prefix}{key}={_shown(value)} is not a known {registry.kind}",
+                fix=f"choose one of: {', '.join(registry)}",
+            )
 
 
 def check(cfg: dict[str, Any], schema: type, prefix: str = "") -> None:
@@ -119,7 +134,9 @@ def _problems(cfg: dict[str, Any], cls: type, prefix: str):
         value, path = cfg[name], prefix + name
         if dataclasses.is_dataclass(entry.type):
             if not isinstance(value, dict):
-                yield KdclError(f"{path}={_shown(value)} is not a mapping", fix=f"{path} must be a mapping of {path}.* keys")
+                yield KdclError(
+                    f"{path}={_shown(value)} is not a mapping", fix=f"{path} must be a mapping of {path}.* keys"
+                )
             else:
                 yield from _problems(value, entry.type, path + ".")
             continue
@@ -145,7 +162,9 @@ def out_of_range(path: str, value: Any, entry: Entry) -> KdclError:
     return KdclError(f"{path}={_shown(value)} {verdict}", fix=f"{path} must be {entry.allowed}")
 
 
-def unknown_key(path: str, value: str | None, cls: type | None, prefix: str, known: list[str] | None = None) -> KdclError:
+def unknown_key(
+    path: str, value: str | None, cls: type | None, prefix: str, known: list[str] | None = None
+) -> KdclError:
     """``trainer.epochz=3``: the closest known key, and the section's keys (``known``, else
     the schema's)."""
     section, _, name = path.rpartition(".")
@@ -188,6 +207,6 @@ def composition_error(err: Exception, schema: type) -> KdclError | None:
     value = line.group(1).partition("=")[2] if line else None
     section = path.rpartition(".")[0]
     parent = cause.parent_node
-    known = [str(k) for k in parent.keys()] if isinstance(parent, DictConfig) and not parent._is_missing() else None
+    known = [str(k) for k in parent] if isinstance(parent, DictConfig) and not parent._is_missing() else None
     error = unknown_key(path, value, section_type(schema, section), section + "." if section else "", known)
     return KdclError(where + error.what, fix=error.fix)

@@ -20,8 +20,8 @@ would be merged onto kdcl's, with a deprecation warning, instead of being a file
 
 from __future__ import annotations
 
+import builtins
 from pathlib import Path
-from typing import List, Optional
 
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.core.object_type import ObjectType
@@ -55,8 +55,12 @@ class ModelOptions(ConfigSource):
         if path is None or not path.is_file():
             raise ConfigLoadError(f"Config not found : {config_path} (model options are in {self.path})")
         text = path.read_text(encoding="utf-8")
-        return ConfigResult(config=OmegaConf.create(text), path=self.full_path(), provider=self.provider,
-                            header=ConfigSource._get_header_dict(text[:512]))
+        return ConfigResult(
+            config=OmegaConf.create(text),
+            path=self.full_path(),
+            provider=self.provider,
+            header=ConfigSource._get_header_dict(text[:512]),
+        )
 
     def available(self) -> bool:
         return Path(self.path).is_dir()
@@ -68,7 +72,7 @@ class ModelOptions(ConfigSource):
         path = self._file(config_path)
         return path is not None and path.is_file()
 
-    def list(self, config_path: str, results_filter: Optional[ObjectType]) -> List[str]:
+    def list(self, config_path: str, results_filter: ObjectType | None) -> builtins.list[str]:
         group = config_path.strip("/")
         if not self.is_group(group):
             return []

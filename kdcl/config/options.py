@@ -54,8 +54,10 @@ def group_option(group: str, name: str) -> dict[str, Any]:
     folder = option_folder(group)
     path = folder / f"{name}.yaml"
     if not path.is_file():
-        raise KdclError(f"{group} has no option {name!r}",
-                        fix=f"choose from: {', '.join(sorted(p.stem for p in folder.glob('*.yaml')))}")
+        raise KdclError(
+            f"{group} has no option {name!r}",
+            fix=f"choose from: {', '.join(sorted(p.stem for p in folder.glob('*.yaml')))}",
+        )
     option = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     option.pop("defaults", None)
     return option

@@ -133,8 +133,9 @@ class DatasetOptionKeys:
     image_size: int = key(*COUNT)
     train_samples: int = key(*COUNT)
     test_samples: int = key(*COUNT)
-    image_shape: List[int] = key("a list [channels, height, width] of integers ≥ 1",
-                                 lambda v: len(v) == 3 and all(x >= 1 for x in v))
+    image_shape: List[int] = key(
+        "a list [channels, height, width] of integers ≥ 1", lambda v: len(v) == 3 and all(x >= 1 for x in v)
+    )
     num_classes: int = key("an integer ≥ 2", lambda v: v >= 2)
     in_memory: bool = key()
 
@@ -152,7 +153,9 @@ class DatasetConfig:
     max_train_samples: Optional[int] = key(*_or_null(COUNT))
     max_test_samples: Optional[int] = key(*_or_null(COUNT))
     mean: Any = key("null or a list of numbers (one per channel)", lambda v: v is None or _numbers(v))
-    std: Any = key("null or a list of numbers > 0 (one per channel)", lambda v: v is None or _numbers(v, lambda x: x > 0))
+    std: Any = key(
+        "null or a list of numbers > 0 (one per channel)", lambda v: v is None or _numbers(v, lambda x: x > 0)
+    )
     crop_padding: int = key(*COUNT_OR_ZERO)
     crop_padding_mode: str = key()
     flip: bool = key()
@@ -207,15 +210,26 @@ class ControlConfig:
     alpha_schedule: str = key()
     temperature_start: Optional[float] = key(*_or_null(POSITIVE))
     temperature_schedule: str = key()
-    learnable_temperature: Any = key("null or {ramp_epochs: N} with N ≥ 0", lambda v: v is None or (
-        isinstance(v, dict) and set(v) == {"ramp_epochs"} and _number(v["ramp_epochs"]) and v["ramp_epochs"] >= 0))
+    learnable_temperature: Any = key(
+        "null or {ramp_epochs: N} with N ≥ 0",
+        lambda v: (
+            v is None
+            or (
+                isinstance(v, dict)
+                and set(v) == {"ramp_epochs"}
+                and _number(v["ramp_epochs"])
+                and v["ramp_epochs"] >= 0
+            )
+        ),
+    )
     sample_weight: str = key()
     teacher_route: bool = key()
     teacher_noise: float = key(*NON_NEGATIVE)
     input_noise: float = key(*NON_NEGATIVE)
     teacher_combine: str = key()
-    teacher_weights: Any = key("null or a list of numbers ≥ 0 (one per teacher)",
-                               lambda v: v is None or _numbers(v, lambda x: x >= 0))
+    teacher_weights: Any = key(
+        "null or a list of numbers ≥ 0 (one per teacher)", lambda v: v is None or _numbers(v, lambda x: x >= 0)
+    )
     teacher_cache: str = key()
     teacher_cache_store: str = key()
     teacher_cache_shard_mb: float = key(*POSITIVE)
@@ -341,15 +355,25 @@ class TrainConfig:
     seed: int = key(*COUNT_OR_ZERO)
     resume: Optional[str] = key()
     baseline: bool = key()
-    arms: Any = key("null or a mapping name → {distill: {...}, curriculum: {...}}", lambda v: v is None or (
-        isinstance(v, dict) and all(isinstance(a, dict) and set(a) <= {"distill", "curriculum"} for a in v.values())))
+    arms: Any = key(
+        "null or a mapping name → {distill: {...}, curriculum: {...}}",
+        lambda v: (
+            v is None
+            or (
+                isinstance(v, dict)
+                and all(isinstance(a, dict) and set(a) <= {"distill", "curriculum"} for a in v.values())
+            )
+        ),
+    )
     assistants: List[Any] = key("a list of teacher options or {name, kwargs} specs", lambda v: all(_spec(s) for s in v))
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
     student: ModelSpec = field(default_factory=ModelSpec)
     cache: bool = key()
     cache_dir: str = key()
-    teachers: Any = key("null or a list of teacher options or {name, kwargs, pretrained, checkpoint} specs",
-                        lambda v: v is None or (isinstance(v, list) and all(_spec(s) for s in v)))
+    teachers: Any = key(
+        "null or a list of teacher options or {name, kwargs, pretrained, checkpoint} specs",
+        lambda v: v is None or (isinstance(v, list) and all(_spec(s) for s in v)),
+    )
     born_again: BornAgainConfig = field(default_factory=BornAgainConfig)
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -389,7 +413,9 @@ class EvalConfig:
     device: str = key(*DEVICE)
     batch_size: int = key(*COUNT)
     model: Optional[str] = key()
-    model_kwargs: Any = key("null or a mapping of the model's keyword arguments", lambda v: v is None or isinstance(v, dict))
+    model_kwargs: Any = key(
+        "null or a mapping of the model's keyword arguments", lambda v: v is None or isinstance(v, dict)
+    )
 
 
 # --------------------------------------------------------------------------- reading the schema
@@ -406,8 +432,12 @@ class Entry:
 def entries(cls: type) -> dict[str, Entry]:
     """The keys of schema class ``cls`` by name."""
     hints = typing.get_type_hints(cls)
-    return {f.name: Entry(f.name, hints[f.name], f.metadata.get("allowed") or describe(hints[f.name]), f.metadata.get("check"))
-            for f in dataclasses.fields(cls)}
+    return {
+        f.name: Entry(
+            f.name, hints[f.name], f.metadata.get("allowed") or describe(hints[f.name]), f.metadata.get("check")
+        )
+        for f in dataclasses.fields(cls)
+    }
 
 
 def is_open(cls: type) -> bool:
@@ -471,7 +501,6 @@ def section_type(cls: type, path: str) -> type | None:
     return entry.type if entry is not None and dataclasses.is_dataclass(entry.type) else None
 
 
-
 def typed(cls: type[S], values: Mapping[str, Any] | DictConfig, where: str) -> S:
     """Config section ``values`` (``where`` in the config) as an instance of schema class
     ``cls``, for code to read by attribute. OmegaConf types every field; the keys an open
@@ -483,9 +512,10 @@ def typed(cls: type[S], values: Mapping[str, Any] | DictConfig, where: str) -> S
     try:
         return OmegaConf.to_object(OmegaConf.merge(node, values))
     except MissingMandatoryValue as err:
-        raise KdclError(f"{where}.{err.full_key} has no value",
-                        fix=f"set {where}.{err.full_key} (conf/ sets every key: was this config written by an older kdcl?)"
-                        ) from None
+        raise KdclError(
+            f"{where}.{err.full_key} has no value",
+            fix=f"set {where}.{err.full_key} (conf/ sets every key: was this config written by an older kdcl?)",
+        ) from None
     except ValidationError as err:
         raise KdclError(f"{where}.{err.full_key}: {err.msg}", fix="see kdcl/config/schema.py for its type") from None
 
@@ -496,6 +526,7 @@ def _open_sections(node: DictConfig, cls: type) -> None:
     for name, entry in entries(cls).items():
         if dataclasses.is_dataclass(entry.type):
             _open_sections(node._get_node(name), entry.type)
+
 
 # --------------------------------------------------------------------------- registration
 def _node(cls: type) -> DictConfig:

@@ -12,7 +12,8 @@ log per epoch. The loss never holds them: they go one way, control → loss.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn

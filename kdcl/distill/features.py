@@ -25,10 +25,10 @@ the resolution (``nn.Sequential`` containers are transparent):
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,7 @@ from kdcl.registry import Registry
 
 ALIASES = Registry("layer alias")
 register_alias = ALIASES.register
+
 
 class FeatureTap:
     """Hooks on ``model`` that keep the latest output (``PATH:input``: input) of each layer.
@@ -80,8 +81,10 @@ class FeatureTap:
         def hook(module: nn.Module, args: tuple, output: Any = None) -> None:
             value = pick(args, output)
             if not isinstance(value, Tensor):
-                raise KdclError(f"layer {ref!r} gives a {type(value).__name__}, not a tensor",
-                                fix="choose a module whose output is one tensor")
+                raise KdclError(
+                    f"layer {ref!r} gives a {type(value).__name__}, not a tensor",
+                    fix="choose a module whose output is one tensor",
+                )
             self.features[ref] = value.clone()
 
         return hook
@@ -110,11 +113,19 @@ def _map_outputs(model: nn.Module, calls: list[Call]) -> list[Call]:
     called once, outside any block that changes the resolution (a non-``nn.Sequential``
     module whose output size differs from its input's, e.g. a strided bottleneck)."""
     counts = Counter(call.path for call in calls)
-    blocks = [call.path + "." for call in calls
-              if call.input is not None and call.output is not None and call.input[1:] != call.output[1:]
-              and not isinstance(model.get_submodule(call.path), nn.Sequential)]
-    return [call for call in calls if call.is_map and counts[call.path] == 1
-            and not any(call.path.startswith(block) for block in blocks)]
+    blocks = [
+        call.path + "."
+        for call in calls
+        if call.input is not None
+        and call.output is not None
+        and call.input[1:] != call.output[1:]
+        and not isinstance(model.get_submodule(call.path), nn.Sequential)
+    ]
+    return [
+        call
+        for call in calls
+        if call.is_map and counts[call.path] == 1 and not any(call.path.startswith(block) for block in blocks)
+    ]
 
 
 @register_alias("auto:last_conv")
@@ -192,17 +203,19 @@ def resolve_layers(model: nn.Module, spec: str | Sequence[str], role: str, examp
             try:
                 refs += ALIASES.get(item)(model, probe(model, example))
             except AliasUnavailable as why:
-                raise KdclError(f"{role} layer {item!r}: {type(model).__name__} has {why}",
-                                fix=f"name a layer of the {role} ({', '.join(names)}), another alias "
-                                    f"({', '.join(a for a in ALIASES.names() if a != item)}), or use a "
-                                    f"convolutional {role} (e.g. {role}=cnn_small)") from None
+                raise KdclError(
+                    f"{role} layer {item!r}: {type(model).__name__} has {why}",
+                    fix=f"name a layer of the {role} ({', '.join(names)}), another alias "
+                    f"({', '.join(a for a in ALIASES.names() if a != item)}), or use a "
+                    f"convolutional {role} (e.g. {role}=cnn_small)",
+                ) from None
             continue
         path, _, point = str(item).partition(":")
         if path not in names or point not in ("", "input"):
             raise KdclError(
                 f"the {role} model ({type(model).__name__}) has no layer {item!r}",
                 fix=f"use a module path of the {role} (optionally PATH:input): {', '.join(names)}; "
-                    f"or an alias: {', '.join(ALIASES.names())}",
+                f"or an alias: {', '.join(ALIASES.names())}",
             )
         refs.append(str(item))
     return refs
@@ -218,7 +231,7 @@ def pair_layers(student: list[str], teacher: list[str], student_spec: Any, teach
                 fix="give both as lists of the same length (one student layer per teacher layer)",
             )
         n = min(len(student), len(teacher))
-        student, teacher = student[len(student) - n:], teacher[len(teacher) - n:]
+        student, teacher = student[len(student) - n :], teacher[len(teacher) - n :]
     return list(zip(student, teacher))
 
 
@@ -240,7 +253,7 @@ def adapter(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], pair
     raise KdclError(
         f"student layer {pair[0]!r} gives shape {student_shape} but teacher layer {pair[1]!r} gives {teacher_shape}",
         fix="pair maps with maps (B, C, H, W) or vectors with vectors (B, D), "
-            "e.g. distill.student_layer=auto:penultimate distill.teacher_layer=auto:penultimate",
+        "e.g. distill.student_layer=auto:penultimate distill.teacher_layer=auto:penultimate",
     )
 
 
@@ -252,8 +265,8 @@ def require_maps(shapes: Sequence[tuple[int, ...]], refs: Sequence[str], role: s
                 f"distill={method} needs spatial feature maps (B, C, H, W), but {role} layer {ref!r} gives (B, "
                 f"{', '.join(map(str, shape))})",
                 fix=f"choose convolutional {role} layers, or a convolutional {role} (e.g. student=cnn_small, or "
-                    "+experiment=cifar10_cpu); fitnet also takes vectors: "
-                    "distill.student_layer=auto:penultimate distill.teacher_layer=auto:penultimate",
+                "+experiment=cifar10_cpu); fitnet also takes vectors: "
+                "distill.student_layer=auto:penultimate distill.teacher_layer=auto:penultimate",
             )
 
 

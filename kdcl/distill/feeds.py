@@ -31,10 +31,11 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -61,8 +62,9 @@ class Feed(Protocol):
 
     teaches: bool
 
-    def __call__(self, step: int, epoch: int, idx: Tensor, x: Tensor, y: Tensor,
-                 part: Part) -> tuple[Tensor, Tensor | None]: ...
+    def __call__(
+        self, step: int, epoch: int, idx: Tensor, x: Tensor, y: Tensor, part: Part
+    ) -> tuple[Tensor, Tensor | None]: ...
 
 
 @dataclass
@@ -86,8 +88,9 @@ def parse(spec: str) -> tuple[str, int]:
     """``"views:8"`` → ("views", 8); ``"none"`` / ``"no_aug"`` → (name, 1)."""
     name, _, k = str(spec).partition(":")
     if name not in FEEDS or FEEDS.trait(name, "counted") != bool(k) or (k and (not k.isdigit() or int(k) < 1)):
-        raise KdclError(f"distill.teacher_cache={spec!r} is not a teacher cache",
-                        fix=f"choose one of: {', '.join(TEACHER_CACHES)}")
+        raise KdclError(
+            f"distill.teacher_cache={spec!r} is not a teacher cache", fix=f"choose one of: {', '.join(TEACHER_CACHES)}"
+        )
     return name, int(k or 1)
 
 
@@ -133,8 +136,9 @@ class OnlineTeacher:
         if self.teaches:
             inputs.teacher_at(0).eval()  # once: the step's teacher is a frozen model (kdcl.models.freeze)
 
-    def __call__(self, step: int, epoch: int, idx: Tensor, x: Tensor, y: Tensor,
-                 part: Part | None = None) -> tuple[Tensor, Tensor | None]:
+    def __call__(
+        self, step: int, epoch: int, idx: Tensor, x: Tensor, y: Tensor, part: Part | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         x = self.preprocess(x, train=True, part=part)
         if self.teacher_at is None:
             return x, None
@@ -155,22 +159,26 @@ class CachedViews:
         self.k = params.dy.shape[1]
         self.teaches = True
         if inputs.teacher_at is None:
-            raise KdclError("distill.teacher_cache needs a teacher", fix="set distill.teacher_cache=none for this stage")
+            raise KdclError(
+                "distill.teacher_cache needs a teacher", fix="set distill.teacher_cache=none for this stage"
+            )
         self.logits = _fill(inputs, self)
 
     def view(self, idx: Tensor, epoch: int) -> Tensor:
         """The view of each example in ``idx`` the student trains on in ``epoch`` (1-based)."""
         return (self.phase[idx] + epoch - 1) % self.k
 
-    def __call__(self, step: int, epoch: int, idx: Tensor, x: Tensor, y: Tensor,
-                 part: Part | None = None) -> tuple[Tensor, Tensor | None]:
+    def __call__(
+        self, step: int, epoch: int, idx: Tensor, x: Tensor, y: Tensor, part: Part | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         v = self.view(idx, epoch)  # a function of the example and the epoch: the same on every rank
         return self.pixels(x, idx, v), self.logits.get(idx, v)
 
     def pixels(self, x: Tensor, idx: Tensor, v: Tensor) -> Tensor:
         """View ``v[j]`` of example ``idx[j]`` (``x[j]`` its uint8 image), normalised."""
-        return self.preprocess.apply(x, Augment(self.params.dy[idx, v], self.params.dx[idx, v],
-                                                self.params.mirror[idx, v]))
+        return self.preprocess.apply(
+            x, Augment(self.params.dy[idx, v], self.params.dx[idx, v], self.params.mirror[idx, v])
+        )
 
 
 @register_feed("views", counted=True)
@@ -191,9 +199,11 @@ def unaugmented(inputs: FeedInputs) -> CachedViews:
     """One view per example, the image itself (a centred crop, no flip)."""
     pre, n = inputs.preprocess, len(inputs.train)
     if pre.augments:
-        raise KdclError("distill.teacher_cache=no_aug is for runs without augmentation, but this dataset "
-                        f"augments (crop_padding={pre.crop_padding}, flip={pre.flip})",
-                        fix="use distill.teacher_cache=views:K, or set dataset.crop_padding=0 dataset.flip=false")
+        raise KdclError(
+            "distill.teacher_cache=no_aug is for runs without augmentation, but this dataset "
+            f"augments (crop_padding={pre.crop_padding}, flip={pre.flip})",
+            fix="use distill.teacher_cache=views:K, or set dataset.crop_padding=0 dataset.flip=false",
+        )
     device = pre.mean.device
     centre = torch.full((n, 1), pre.crop_padding, dtype=torch.long, device=device)
     params = Augment(centre, centre.clone(), torch.zeros(n, 1, dtype=torch.bool, device=device))
@@ -228,8 +238,12 @@ class DiskLogits:
         self.rows = max(1, int(inputs.shard_mb * 2**20 // (k * c * 2)))
         self.device = inputs.preprocess.mean.device
         self.shards = [
-            np.lib.format.open_memmap(directory / f"shard_{s:04d}.npy", mode="w+", dtype=np.float16,
-                                      shape=(min(self.rows, n - s * self.rows), k, c))
+            np.lib.format.open_memmap(
+                directory / f"shard_{s:04d}.npy",
+                mode="w+",
+                dtype=np.float16,
+                shape=(min(self.rows, n - s * self.rows), k, c),
+            )
             for s in range(math.ceil(n / self.rows))
         ]
 

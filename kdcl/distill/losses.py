@@ -98,8 +98,9 @@ class DistillLoss(nn.Module):
     def __init__(self) -> None:  # a loss's constructor takes its own keys alone (none here)
         super().__init__()
 
-    def distill(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight,
-                ctx: LossContext) -> tuple[Tensor, dict[str, Tensor]]:
+    def distill(
+        self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight, ctx: LossContext
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """D per example, and the raw terms to log (``train_<term>`` columns)."""
         raise NotImplementedError
 
@@ -107,8 +108,15 @@ class DistillLoss(nn.Module):
         """The per-example loss from the hard-label CE and the distillation term D."""
         return (1 - alpha) * ce + alpha * d
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, alpha: Weight,
-                temperature: Weight, ctx: LossContext | None = None) -> dict[str, Tensor]:
+    def forward(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor,
+        target: Tensor,
+        alpha: Weight,
+        temperature: Weight,
+        ctx: LossContext | None = None,
+    ) -> dict[str, Tensor]:
         ce = cross_entropy(student_logits, target)
         d, terms = self.distill(student_logits, teacher_logits, target, temperature, ctx or LossContext())
         return {"loss": self.combine(ce, d, alpha), "ce": ce, **terms}
@@ -128,8 +136,15 @@ class CrossEntropyOnly(DistillLoss):
 
     needs_teacher = False
 
-    def forward(self, student_logits: Tensor, teacher_logits: Any, target: Tensor, alpha: Weight = 0.0,
-                temperature: Weight = 1.0, ctx: LossContext | None = None) -> dict[str, Tensor]:
+    def forward(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Any,
+        target: Tensor,
+        alpha: Weight = 0.0,
+        temperature: Weight = 1.0,
+        ctx: LossContext | None = None,
+    ) -> dict[str, Tensor]:
         ce = cross_entropy(student_logits, target)
         return {"loss": ce, "ce": ce}
 
@@ -143,8 +158,9 @@ class HintonKD(DistillLoss):
     ``alpha`` (α) weighs the soft KD term; ``temperature`` is T.
     """
 
-    def distill(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight,
-                ctx: LossContext) -> tuple[Tensor, dict[str, Tensor]]:
+    def distill(
+        self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight, ctx: LossContext
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         kd = kl_teacher_student(student_logits, teacher_logits, temperature)
         return kd, {"kd": kd}
 
@@ -163,8 +179,9 @@ class LogitMSE(DistillLoss):
         super().__init__()
         self.kl_weight = float(kl_weight)
 
-    def distill(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight,
-                ctx: LossContext) -> tuple[Tensor, dict[str, Tensor]]:
+    def distill(
+        self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight, ctx: LossContext
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         mse = (student_logits.float() - teacher_logits.float()).pow(2).mean(1)
         terms = {"mse": mse}
         if not self.kl_weight:
@@ -173,8 +190,9 @@ class LogitMSE(DistillLoss):
         return mse + self.kl_weight * terms["kd"], terms
 
 
-def soft_cross_entropy(student_logits: Tensor, teacher_logits: Tensor, temperature: Weight,
-                       gamma: float = 0.0) -> Tensor:
+def soft_cross_entropy(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: Weight, gamma: float = 0.0
+) -> Tensor:
     """Per example, ``T²·Σ_c −p_c·(1 − q_c)^γ·log q_c`` with ``p = softmax(z_t/T)``,
     ``q = softmax(z_s/T)``; γ = 0 gives the soft cross-entropy ``T²·H(p, q)``."""
     t = temperature
@@ -200,8 +218,9 @@ class SoftCrossEntropy(DistillLoss):
     term = "soft_ce"
     gamma = 0.0
 
-    def distill(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight,
-                ctx: LossContext) -> tuple[Tensor, dict[str, Tensor]]:
+    def distill(
+        self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight, ctx: LossContext
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         soft = soft_cross_entropy(student_logits, teacher_logits, temperature, self.gamma)
         return soft, {self.term: soft}
 
@@ -227,8 +246,9 @@ class FocalKD(SoftCrossEntropy):
         self.gamma = float(gamma)
 
 
-def decoupled_kl(student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
-                 temperature: Weight) -> tuple[Tensor, Tensor]:
+def decoupled_kl(
+    student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight
+) -> tuple[Tensor, Tensor]:
     """Per example, DKD's two parts of ``T²·KL(p_t ‖ p_s)`` at temperature T (Zhao et al. 2022):
 
     - TCKD ``= T²·KL(b_t ‖ b_s)``, ``b = (p_y, 1 − p_y)``: the target class against all others;
@@ -243,7 +263,9 @@ def decoupled_kl(student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
 
     def target_vs_rest(z: Tensor) -> Tensor:  # log (p_y, 1 − p_y)
         log_p = F.log_softmax(z, dim=1)
-        return torch.cat([log_p.gather(1, target[:, None]), log_p.masked_fill(gt, -math.inf).logsumexp(1, keepdim=True)], 1)
+        return torch.cat(
+            [log_p.gather(1, target[:, None]), log_p.masked_fill(gt, -math.inf).logsumexp(1, keepdim=True)], 1
+        )
 
     def kl(log_p: Tensor, log_q: Tensor) -> Tensor:
         return (log_p.exp() * (log_p - log_q)).sum(1) * (t * t)
@@ -270,8 +292,9 @@ class DecoupledKD(DistillLoss):
         super().__init__()
         self.tckd_weight, self.nckd_weight, self.warmup_epochs = float(tckd_weight), float(nckd_weight), warmup_epochs
 
-    def distill(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight,
-                ctx: LossContext) -> tuple[Tensor, dict[str, Tensor]]:
+    def distill(
+        self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight, ctx: LossContext
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         tckd, nckd = decoupled_kl(student_logits, teacher_logits, target, temperature)
         warm = min(ctx.epoch / self.warmup_epochs, 1.0) if self.warmup_epochs else 1.0
         return warm * (self.tckd_weight * tckd + self.nckd_weight * nckd), {"tckd": tckd, "nckd": nckd}
@@ -300,8 +323,9 @@ class LearningWithoutForgetting(DistillLoss):
         super().__init__()
         self.lam = float(lam)
 
-    def distill(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight,
-                ctx: LossContext) -> tuple[Tensor, dict[str, Tensor]]:
+    def distill(
+        self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight, ctx: LossContext
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         old = teacher_logits.shape[1]
         kl = kl_teacher_student(student_logits[:, :old], teacher_logits, temperature) / (temperature * temperature)
         return kl, {"lwf": kl}
@@ -330,8 +354,10 @@ class FeatureLoss(DistillLoss):
         student_refs = resolve_layers(student, self.student_layer, "student", example)
         teacher_refs = resolve_layers(teacher, self.teacher_layer, "teacher", example)
         pairs = pair_layers(student_refs, teacher_refs, self.student_layer, self.teacher_layer)
-        shapes = zip(feature_shapes(student, [s for s, _ in pairs], example),
-                     feature_shapes(teacher, [t for _, t in pairs], example))
+        shapes = zip(
+            feature_shapes(student, [s for s, _ in pairs], example),
+            feature_shapes(teacher, [t for _, t in pairs], example),
+        )
         self.connect(pairs, list(shapes))
 
     def connect(self, pairs: list[tuple[str, str]], shapes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> None:
@@ -345,8 +371,15 @@ class FeatureLoss(DistillLoss):
         """This step's (student, teacher) feature of every pair."""
         return [(ctx.student_features[s], ctx.teacher_features[t]) for s, t in self.pairs]
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, alpha: Weight,
-                temperature: Weight, ctx: LossContext | None = None) -> dict[str, Tensor]:
+    def forward(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor,
+        target: Tensor,
+        alpha: Weight,
+        temperature: Weight,
+        ctx: LossContext | None = None,
+    ) -> dict[str, Tensor]:
         ce = cross_entropy(student_logits, target)
         kd = kl_teacher_student(student_logits, teacher_logits, temperature)
         f, terms = self.distill(student_logits, teacher_logits, target, temperature, ctx or LossContext())
@@ -368,8 +401,13 @@ class FitNet(FeatureLoss):
     ``trainer.epochs``: the step budget and the LR schedule stay those of every other arm.
     """
 
-    def __init__(self, beta: float = 100.0, student_layer: Any = "auto:last_conv", teacher_layer: Any = "auto:last_conv",
-                 hint_epochs: int = 0):
+    def __init__(
+        self,
+        beta: float = 100.0,
+        student_layer: Any = "auto:last_conv",
+        teacher_layer: Any = "auto:last_conv",
+        hint_epochs: int = 0,
+    ):
         super().__init__(beta, student_layer, teacher_layer)
         self.hint_epochs = int(hint_epochs)
         self.adapters = nn.ModuleList()
@@ -378,16 +416,24 @@ class FitNet(FeatureLoss):
         super().connect(pairs, shapes)
         self.adapters = nn.ModuleList(adapter(s, t, pair) for pair, (s, t) in zip(pairs, shapes))
 
-    def distill(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight,
-                ctx: LossContext) -> tuple[Tensor, dict[str, Tensor]]:
+    def distill(
+        self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight, ctx: LossContext
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         hint = 0
         for regressor, (fs, ft) in zip(self.adapters, self.features(ctx)):
             fs, ft = match_spatial(regressor(fs.to(regressor.weight.dtype)), ft)  # under bf16 autocast too
             hint = hint + (fs - ft.float()).pow(2).flatten(1).mean(1)
         return hint, {"hint": hint}
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, alpha: Weight,
-                temperature: Weight, ctx: LossContext | None = None) -> dict[str, Tensor]:
+    def forward(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor,
+        target: Tensor,
+        alpha: Weight,
+        temperature: Weight,
+        ctx: LossContext | None = None,
+    ) -> dict[str, Tensor]:
         ctx = ctx or LossContext()
         out = super().forward(student_logits, teacher_logits, target, alpha, temperature, ctx)
         if ctx.epoch <= self.hint_epochs:
@@ -410,8 +456,13 @@ class AttentionTransfer(FeatureLoss):
     larger than its partner is average-pooled to its size first.
     """
 
-    def __init__(self, beta: float = 1000.0, p: float = 2.0, student_layer: Any = "auto:stages",
-                 teacher_layer: Any = "auto:stages"):
+    def __init__(
+        self,
+        beta: float = 1000.0,
+        p: float = 2.0,
+        student_layer: Any = "auto:stages",
+        teacher_layer: Any = "auto:stages",
+    ):
         super().__init__(beta, student_layer, teacher_layer)
         self.p = float(p)
 
@@ -420,8 +471,9 @@ class AttentionTransfer(FeatureLoss):
         require_maps([t for _, t in shapes], [t for _, t in pairs], "teacher", "at")
         super().connect(pairs, shapes)
 
-    def distill(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight,
-                ctx: LossContext) -> tuple[Tensor, dict[str, Tensor]]:
+    def distill(
+        self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight, ctx: LossContext
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         at = 0
         for fs, ft in self.features(ctx):
             fs, ft = match_spatial(fs, ft)
@@ -452,14 +504,17 @@ class Composed(DistillLoss):
         super().__init__()
         self.alpha0 = float(alpha)
         if not losses:
-            raise KdclError("distill=composed has no losses",
-                            fix="list them: distill.losses='[{name: kd, weight: 0.9}, {name: fitnet, weight: 100}]'")
+            raise KdclError(
+                "distill=composed has no losses",
+                fix="list them: distill.losses='[{name: kd, weight: 0.9}, {name: fitnet, weight: 100}]'",
+            )
         self.parts = nn.ModuleList(create_loss({k: v for k, v in spec.items() if k != "weight"}) for spec in losses)
         self.weights = [float(spec.get("weight", 1.0)) for spec in losses]
         self.needs_teacher = any(part.needs_teacher for part in self.parts)
 
-    def distill(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight,
-                ctx: LossContext) -> tuple[Tensor, dict[str, Tensor]]:
+    def distill(
+        self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight, ctx: LossContext
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         total, terms = 0, {}
         for k, (part, weight) in enumerate(zip(self.parts, self.weights)):
             d, part_terms = part.distill(student_logits, teacher_logits, target, temperature, ctx)
@@ -495,6 +550,8 @@ def create_loss(spec: dict) -> DistillLoss:
         signature.bind(**params)
     except TypeError as err:
         keys = ", ".join(signature.parameters)
-        raise KdclError(f"distill={name}: {err}",
-                        fix=f"{name} takes the keys: {keys}" if keys else f"{name} takes no keys of its own") from None
+        raise KdclError(
+            f"distill={name}: {err}",
+            fix=f"{name} takes the keys: {keys}" if keys else f"{name} takes no keys of its own",
+        ) from None
     return cls(**params)

@@ -38,9 +38,11 @@ def mean(logits: Tensor, target: Tensor | None, weights: Sequence[float] | None)
 def fixed(logits: Tensor, target: Tensor | None, weights: Sequence[float] | None) -> Tensor:
     """``w_k = c_k / Σ_j c_j`` with ``c = distill.teacher_weights``, the same on every example."""
     if weights is None or len(weights) != len(logits) or min(weights) < 0 or sum(weights) <= 0:
-        raise KdclError(f"distill.teacher_combine=weights needs one weight ≥ 0 per teacher ({len(logits)}), "
-                        f"got distill.teacher_weights={weights}",
-                        fix=f"e.g. distill.teacher_weights=[{', '.join(['1'] * len(logits))}]")
+        raise KdclError(
+            f"distill.teacher_combine=weights needs one weight ≥ 0 per teacher ({len(logits)}), "
+            f"got distill.teacher_weights={weights}",
+            fix=f"e.g. distill.teacher_weights=[{', '.join(['1'] * len(logits))}]",
+        )
     w = torch.tensor([float(c) for c in weights], dtype=logits.dtype, device=logits.device)
     return (w / w.sum())[:, None].expand(logits.shape[:2])
 
@@ -64,8 +66,13 @@ class Teachers(nn.Module):
     One model: its logits, untouched.
     """
 
-    def __init__(self, models: Sequence[nn.Module], combine: str = "mean", weights: Sequence[float] | None = None,
-                 temperature: float = 1.0):
+    def __init__(
+        self,
+        models: Sequence[nn.Module],
+        combine: str = "mean",
+        weights: Sequence[float] | None = None,
+        temperature: float = 1.0,
+    ):
         super().__init__()
         self.models = nn.ModuleList(models)
         self.combination = COMBINATIONS.get(combine)

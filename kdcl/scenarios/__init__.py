@@ -14,9 +14,10 @@ Adding one: a module here with its run function, one line in :data:`SCENARIOS`, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 
@@ -37,10 +38,13 @@ class Scenario:
     objective: Callable[[dict[str, Any]], str]  # cfg → the summary row a sweep optimises
 
 
-SCENARIOS = Registry("scenario", {
-    "standard": Scenario(run_pipeline, objective=distilled_student),
-    "class_incremental": Scenario(run_class_incremental, objective=objective_arm),
-})
+SCENARIOS = Registry(
+    "scenario",
+    {
+        "standard": Scenario(run_pipeline, objective=distilled_student),
+        "class_incremental": Scenario(run_class_incremental, objective=objective_arm),
+    },
+)
 
 # Config keys that name an entry of a registry of this layer: checked with the rest of the
 # config before anything trains (kdcl.config.checks.validate's ``registries``).

@@ -49,10 +49,11 @@ import copy
 import hashlib
 import json
 import logging
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -86,8 +87,22 @@ register_strategy = STRATEGIES.register
 
 PROTOCOLS = ("class_incremental", "task_aware")
 SUMMARY_COLUMNS = [
-    "model", "arch", "avg_acc", "avg_forgetting", "bwt", "avg_acc_task_aware", "avg_forgetting_task_aware",
-    "bwt_task_aware", "test_acc", "best_val_acc", "steps", "params", "seconds", "memory_per_class", "seed", "checkpoint",
+    "model",
+    "arch",
+    "avg_acc",
+    "avg_forgetting",
+    "bwt",
+    "avg_acc_task_aware",
+    "avg_forgetting_task_aware",
+    "bwt_task_aware",
+    "test_acc",
+    "best_val_acc",
+    "steps",
+    "params",
+    "seconds",
+    "memory_per_class",
+    "seed",
+    "checkpoint",
 ]
 
 
@@ -213,22 +228,30 @@ def run_class_incremental(cfg: dict[str, Any], out: Path) -> pd.DataFrame:
     settings = cfg["scenario"]
     strategies = {name: STRATEGIES.get(name) for name in settings["arms"]}
     if settings["objective_arm"] not in strategies:
-        raise KdclError(f"scenario.objective_arm={settings['objective_arm']!r} is not one of scenario.arms "
-                        f"{settings['arms']}", fix="name one of the arms")
+        raise KdclError(
+            f"scenario.objective_arm={settings['objective_arm']!r} is not one of scenario.arms {settings['arms']}",
+            fix="name one of the arms",
+        )
     run = start_run(cfg, out)
     data = run.data
     classes = check_order(settings["class_order"], data.num_classes)
     if settings["tasks"] > len(classes):
-        raise KdclError(f"scenario.tasks={settings['tasks']} is more than the {len(classes)} classes to learn",
-                        fix=f"set scenario.tasks to at most {len(classes)}")
+        raise KdclError(
+            f"scenario.tasks={settings['tasks']} is more than the {len(classes)} classes to learn",
+            fix=f"set scenario.tasks to at most {len(classes)}",
+        )
     with graceful_stop():
         if PLANS.trait(cfg["curriculum"]["type"], "scheduled") or uses_difficulty(settings["class_order"]):
             teacher_stage(run)
             curriculum_stage(run)
         order = class_order(run, classes)
         tasks = [chunk.tolist() for chunk in np.array_split(np.array(order), settings["tasks"])]
-        log.info("class-incremental: %d tasks, classes %s; arms %s", len(tasks),
-                 " | ".join(",".join(data.class_names[c] for c in task) for task in tasks), ", ".join(strategies))
+        log.info(
+            "class-incremental: %d tasks, classes %s; arms %s",
+            len(tasks),
+            " | ".join(",".join(data.class_names[c] for c in task) for task in tasks),
+            ", ".join(strategies),
+        )
         shared: dict[str, tuple[str, nn.Module]] = {}
         results = {name: learn(run, name, strategy, tasks, shared) for name, strategy in strategies.items()}
     final_val = with_classes(data, order).val
@@ -240,8 +263,10 @@ def check_order(spec: Any, num_classes: int) -> list[int]:
     if not isinstance(spec, list):
         return list(range(num_classes))
     if max(spec) >= num_classes:
-        raise KdclError(f"scenario.class_order={spec} names class {max(spec)}, but the dataset has {num_classes} classes",
-                        fix=f"list distinct class indices in 0..{num_classes - 1}")
+        raise KdclError(
+            f"scenario.class_order={spec} names class {max(spec)}, but the dataset has {num_classes} classes",
+            fix=f"list distinct class indices in 0..{num_classes - 1}",
+        )
     return list(spec)
 
 
@@ -263,8 +288,13 @@ def class_order(run: Run, classes: list[int]) -> list[int]:
     return [classes[i] for i in ranked.tolist()]
 
 
-def learn(run: Run, arm: str, strategy: Callable[[Task], Recipe], tasks: list[list[int]],
-          shared: dict[str, tuple[str, nn.Module]]) -> ArmResult:
+def learn(
+    run: Run,
+    arm: str,
+    strategy: Callable[[Task], Recipe],
+    tasks: list[list[int]],
+    shared: dict[str, tuple[str, nn.Module]],
+) -> ArmResult:
     """Train ``arm`` through the task sequence; ``shared`` holds the task stages trained so
     far by any arm, by what determines them, so an identical one is trained once."""
     settings, labels = run.cfg["scenario"], run.data.train.labels.numpy()
@@ -276,8 +306,14 @@ def learn(run: Run, arm: str, strategy: Callable[[Task], Recipe], tasks: list[li
     for k, classes in enumerate(tasks, start=1):
         seen = [c for task in tasks[:k] for c in task]
         new = np.flatnonzero(np.isin(labels, classes))
-        task = Task(number=k, new=new, seen=np.flatnonzero(np.isin(labels, seen)), memory=memory, previous=model,
-                    settings=settings)
+        task = Task(
+            number=k,
+            new=new,
+            seen=np.flatnonzero(np.isin(labels, seen)),
+            memory=memory,
+            previous=model,
+            settings=settings,
+        )
         recipe = strategy(task)
         seed = run.cfg["seed"] + k
         # A stage trains its init in place and ``shared`` keeps every stage's model for other
@@ -288,19 +324,38 @@ def learn(run: Run, arm: str, strategy: Callable[[Task], Recipe], tasks: list[li
             if settings["warmup_epochs"]:
                 warm = Recipe(pool=recipe.pool, loss=ce_only())
                 with new_outputs_only(model, bounds[k - 1]):
-                    lineage, model, _ = task_stage(run, f"{arm}/task_{k}_warmup", warm, seen, len(new), seed,
-                                                   settings["warmup_epochs"], model, lineage, shared)
+                    lineage, model, _ = task_stage(
+                        run,
+                        f"{arm}/task_{k}_warmup",
+                        warm,
+                        seen,
+                        len(new),
+                        seed,
+                        settings["warmup_epochs"],
+                        model,
+                        lineage,
+                        shared,
+                    )
                 model = copy.deepcopy(model)
-        lineage, model, stage = task_stage(run, f"{arm}/task_{k}", recipe, seen, len(new), seed,
-                                           run.trainer.epochs, model, lineage, shared)
+        lineage, model, stage = task_stage(
+            run, f"{arm}/task_{k}", recipe, seen, len(new), seed, run.trainer.epochs, model, lineage, shared
+        )
         test_labels = class_map(seen, run.data.num_classes)[run.data.test.labels]  # as the stage's test split
         row = accuracy_row(run.test_logits[stage], test_labels[test_labels >= 0], bounds[: k + 1])
         for p in PROTOCOLS:
             matrices[p][k - 1, :k] = row[p]
-        rows.append({"arm": arm, "task": k, "classes": " ".join(run.data.class_names[c] for c in classes),
-                     "stage": stage, "pool": len(recipe.pool), "loss": recipe.loss["name"],
-                     **{f"avg_acc{suffix(p)}": float(np.mean(row[p])) for p in PROTOCOLS},
-                     **{c: run.rows[stage][c] for c in ("test_acc", "best_val_acc", "best_epoch", "steps", "seconds")}})
+        rows.append(
+            {
+                "arm": arm,
+                "task": k,
+                "classes": " ".join(run.data.class_names[c] for c in classes),
+                "stage": stage,
+                "pool": len(recipe.pool),
+                "loss": recipe.loss["name"],
+                **{f"avg_acc{suffix(p)}": float(np.mean(row[p])) for p in PROTOCOLS},
+                **{c: run.rows[stage][c] for c in ("test_acc", "best_val_acc", "best_epoch", "steps", "seconds")},
+            }
+        )
         memory = np.union1d(memory, exemplars(labels, new, settings["memory_per_class"], run.cfg["seed"] + k))
     return ArmResult(matrices=matrices, tasks=rows, model=model)
 
@@ -309,22 +364,53 @@ def suffix(protocol: str) -> str:
     return "" if protocol == "class_incremental" else f"_{protocol}"
 
 
-def task_stage(run: Run, stage: str, recipe: Recipe, seen: list[int], budget: int, seed: int, epochs: int,
-               init: nn.Module | None, lineage: str, shared: dict[str, tuple[str, nn.Module]]) -> tuple[str, nn.Module, str]:
+def task_stage(
+    run: Run,
+    stage: str,
+    recipe: Recipe,
+    seen: list[int],
+    budget: int,
+    seed: int,
+    epochs: int,
+    init: nn.Module | None,
+    lineage: str,
+    shared: dict[str, tuple[str, nn.Module]],
+) -> tuple[str, nn.Module, str]:
     """Train (or take from ``shared``) one stage of a task on ``recipe``, continuing ``init``
     (None: a new student), for ``epochs`` epochs of ``ceil(budget / batch_size)`` steps.
     Returns the stage's lineage key (what determines it), its model and its folder name."""
-    what = {"after": lineage, "pool": hashlib.sha256(recipe.pool.tobytes()).hexdigest(), "loss": recipe.loss,
-            "teachers": len(recipe.teachers), "epochs": epochs, "seed": seed, "warmup": stage.endswith("_warmup")}
+    what = {
+        "after": lineage,
+        "pool": hashlib.sha256(recipe.pool.tobytes()).hexdigest(),
+        "loss": recipe.loss,
+        "teachers": len(recipe.teachers),
+        "epochs": epochs,
+        "seed": seed,
+        "warmup": stage.endswith("_warmup"),
+    }
     key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
     if key in shared:
         name, model = shared[key]
         log.info("%s: the same training as %s, which it shares", stage, name)
         return key, model, name
-    view = replace(run, data=with_classes(run.data, seen, train=recipe.pool), budget_examples=budget,
-                   trainer=replace(run.trainer, epochs=epochs), scores={k: v[recipe.pool] for k, v in run.scores.items()})
-    model = train_stage(view, stage, run.cfg["student"], recipe.loss, run.cfg["curriculum"], seed=seed,
-                        teachers=recipe.teachers, init=init, select="last")
+    view = replace(
+        run,
+        data=with_classes(run.data, seen, train=recipe.pool),
+        budget_examples=budget,
+        trainer=replace(run.trainer, epochs=epochs),
+        scores={k: v[recipe.pool] for k, v in run.scores.items()},
+    )
+    model = train_stage(
+        view,
+        stage,
+        run.cfg["student"],
+        recipe.loss,
+        run.cfg["curriculum"],
+        seed=seed,
+        teachers=recipe.teachers,
+        init=init,
+        select="last",
+    )
     shared[key] = (stage, model)
     return key, model, stage
 
@@ -371,17 +457,23 @@ def write_tables(run: Run, tasks: list[list[int]], results: dict[str, ArmResult]
             for i, values in enumerate(result.matrices[p], start=1):
                 matrix_rows.append({"arm": arm, "protocol": p, "after_task": i, **dict(zip(names, values))})
         last = result.tasks[-1]
-        summary_rows.append({
-            "model": arm, "arch": run.cfg["student"]["name"],
-            **{f"avg_acc{suffix(p)}": average_accuracy(result.matrices[p])[-1] for p in PROTOCOLS},
-            **{f"avg_forgetting{suffix(p)}": forgetting(result.matrices[p]) for p in PROTOCOLS},
-            **{f"bwt{suffix(p)}": backward_transfer(result.matrices[p]) for p in PROTOCOLS},
-            "test_acc": last["test_acc"], "best_val_acc": evaluate(result.model, final_val, run.data, run.trainer).acc,
-            "steps": sum(r["steps"] for r in result.tasks), "params": count_params(result.model),
-            "seconds": sum(r["seconds"] for r in result.tasks),
-            "memory_per_class": run.cfg["scenario"]["memory_per_class"], "seed": run.cfg["seed"],
-            "checkpoint": run.rows[last["stage"]]["checkpoint"],
-        })
+        summary_rows.append(
+            {
+                "model": arm,
+                "arch": run.cfg["student"]["name"],
+                **{f"avg_acc{suffix(p)}": average_accuracy(result.matrices[p])[-1] for p in PROTOCOLS},
+                **{f"avg_forgetting{suffix(p)}": forgetting(result.matrices[p]) for p in PROTOCOLS},
+                **{f"bwt{suffix(p)}": backward_transfer(result.matrices[p]) for p in PROTOCOLS},
+                "test_acc": last["test_acc"],
+                "best_val_acc": evaluate(result.model, final_val, run.data, run.trainer).acc,
+                "steps": sum(r["steps"] for r in result.tasks),
+                "params": count_params(result.model),
+                "seconds": sum(r["seconds"] for r in result.tasks),
+                "memory_per_class": run.cfg["scenario"]["memory_per_class"],
+                "seed": run.cfg["seed"],
+                "checkpoint": run.rows[last["stage"]]["checkpoint"],
+            }
+        )
     teacher = [{"model": "teacher", **run.rows["teacher"], "seed": run.cfg["seed"]}] if "teacher" in run.rows else []
     summary = pd.DataFrame(summary_rows + teacher).reindex(columns=SUMMARY_COLUMNS)
     matrix = pd.DataFrame(matrix_rows)
@@ -391,13 +483,34 @@ def write_tables(run: Run, tasks: list[list[int]], results: dict[str, ArmResult]
         write_csv(per_task, run.out / "lifelong.csv")
         write_csv(summary, run.out / "summary.csv")
         for p in PROTOCOLS:
-            grids = {arm: matrix[(matrix.arm == arm) & (matrix.protocol == p)].set_index("after_task")[names]
-                     .rename_axis(index="after task", columns="accuracy on") for arm in results}
-            heatmaps(grids, run.out / f"accuracy_matrix{suffix(p)}.png", f"A[i][j], {p.replace('_', '-')} ({run.out.name})")
+            grids = {
+                arm: matrix[(matrix.arm == arm) & (matrix.protocol == p)]
+                .set_index("after_task")[names]
+                .rename_axis(index="after task", columns="accuracy on")
+                for arm in results
+            }
+            heatmaps(
+                grids, run.out / f"accuracy_matrix{suffix(p)}.png", f"A[i][j], {p.replace('_', '-')} ({run.out.name})"
+            )
         for arm in results:
             shown = matrix[(matrix.arm == arm) & (matrix.protocol == "class_incremental")]
-            print_table(shown.round(4), f"{arm}: accuracy on task j after task i (class-incremental)", ["after_task", *names])
-        print_table(summary, f"kdcl class-incremental summary — {run.out}",
-                    ["model", "avg_acc", "avg_forgetting", "bwt", "avg_acc_task_aware", "avg_forgetting_task_aware",
-                     "test_acc", "best_val_acc", "steps", "seconds"])
+            print_table(
+                shown.round(4), f"{arm}: accuracy on task j after task i (class-incremental)", ["after_task", *names]
+            )
+        print_table(
+            summary,
+            f"kdcl class-incremental summary — {run.out}",
+            [
+                "model",
+                "avg_acc",
+                "avg_forgetting",
+                "bwt",
+                "avg_acc_task_aware",
+                "avg_forgetting_task_aware",
+                "test_acc",
+                "best_val_acc",
+                "steps",
+                "seconds",
+            ],
+        )
     return summary

@@ -24,13 +24,14 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 from kdcl import distributed
 from kdcl.errors import KdclError
-from kdcl.train.engine import Trainer
+from kdcl.train.engine import TrainSettings
 from kdcl.train.resume import write_done
 
 log = logging.getLogger(__name__)
@@ -46,24 +47,33 @@ CACHED_STAGES = {"teacher": "teacher", "baseline": "student"}
 # Keys that change speed, not results; left out of the key. trainer.device and
 # trainer.amp are replaced by the resolved device type and precision, trainer.devices
 # by the number of processes when there are several (DDP's results differ slightly).
-NOT_IN_KEY = {"trainer": ("device", "amp", "eval_batch_size", "checkpoint_every_steps", "devices"),
-              "dataset": ("num_workers", "download")}
+NOT_IN_KEY = {
+    "trainer": ("device", "amp", "eval_batch_size", "checkpoint_every_steps", "devices"),
+    "dataset": ("num_workers", "download"),
+}
 
 ENTRY_FILE = "entry.json"
 
 
-def stage_key(cfg: dict[str, Any], stage: str, trainer: Trainer) -> dict[str, Any]:
+def stage_key(cfg: dict[str, Any], stage: str, trainer: TrainSettings) -> dict[str, Any]:
     """The config that determines ``stage``'s result: what the cache key hashes."""
-    sections = {name: {k: v for k, v in cfg[name].items() if k not in NOT_IN_KEY.get(name, ())}
-                for name in ("dataset", "trainer", "optimizer", "scheduler")}
+    sections = {
+        name: {k: v for k, v in cfg[name].items() if k not in NOT_IN_KEY.get(name, ())}
+        for name in ("dataset", "trainer", "optimizer", "scheduler")
+    }
     root = sections["dataset"].get("root")
     if isinstance(root, str):  # relative roots resolve against the working directory
         sections["dataset"]["root"] = str(Path(root).expanduser().resolve())
     sections["trainer"].update(device_type=trainer.device.type, amp=trainer.amp)
     if distributed.world() > 1:
         sections["trainer"]["processes"] = distributed.world()
-    return {"stage": stage, "stage_version": STAGE_VERSION, "model": cfg[CACHED_STAGES[stage]],
-            **sections, "seed": cfg["seed"]}
+    return {
+        "stage": stage,
+        "stage_version": STAGE_VERSION,
+        "model": cfg[CACHED_STAGES[stage]],
+        **sections,
+        "seed": cfg["seed"],
+    }
 
 
 def digest(key: dict[str, Any]) -> str:
@@ -91,8 +101,10 @@ class StageCache:
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise KdclError(f"cannot create cache_dir {root} ({err.strerror})",
-                            fix="set cache_dir=DIR to a writable folder, or cache=false") from None
+            raise KdclError(
+                f"cannot create cache_dir {root} ({err.strerror})",
+                fix="set cache_dir=DIR to a writable folder, or cache=false",
+            ) from None
 
     @contextmanager
     def claim(self, name: str) -> Iterator[Entry | None]:
@@ -132,8 +144,14 @@ def open_cache(cfg: dict[str, Any]) -> StageCache:
     return StageCache(Path(cfg["cache_dir"]).expanduser().resolve())
 
 
-def reuse_or_produce(cfg: dict[str, Any], stage: str, trainer: Trainer, stage_dir: Path,
-                     produce: Callable[[], T], produced_row: Callable[[], dict[str, Any]]) -> tuple[T | None, dict | None]:
+def reuse_or_produce(
+    cfg: dict[str, Any],
+    stage: str,
+    trainer: TrainSettings,
+    stage_dir: Path,
+    produce: Callable[[], T],
+    produced_row: Callable[[], dict[str, Any]],
+) -> tuple[T | None, dict | None]:
     """Restore ``stage``'s cached folder into ``stage_dir``, or ``produce`` it (train it into
     that folder) and store it with ``produced_row()``, its summary row.
 

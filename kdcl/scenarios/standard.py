@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Collection
+from typing import Any
 
 import pandas as pd
 import torch
@@ -64,14 +65,29 @@ from kdcl.train.checkpoint import (
     load_checkpoint,
     model_from_checkpoint,
 )
-from kdcl.train.engine import Trainer, evaluate, fit
+from kdcl.train.engine import TrainSettings, evaluate, fit
 from kdcl.train.resume import check_same_config, graceful_stop, read_done, write_done
 
 log = logging.getLogger(__name__)
 
 SUMMARY_COLUMNS = [
-    "model", "arch", "test_acc", "test_loss", "test_acc_last", "best_val_acc", "best_epoch", "last_epoch",
-    "steps", "params", "size_mb", "seconds", "kd_gain", "teacher_agreement", "distill", "curriculum", "seed",
+    "model",
+    "arch",
+    "test_acc",
+    "test_loss",
+    "test_acc_last",
+    "best_val_acc",
+    "best_epoch",
+    "last_epoch",
+    "steps",
+    "params",
+    "size_mb",
+    "seconds",
+    "kd_gain",
+    "teacher_agreement",
+    "distill",
+    "curriculum",
+    "seed",
     "checkpoint",
 ]
 
@@ -94,7 +110,7 @@ class Run:
 
     cfg: dict[str, Any]
     out: Path
-    trainer: Trainer
+    trainer: TrainSettings
     data: DataBundle
     channels_last: bool
     optimizer: OptimizerConfig
@@ -157,14 +173,28 @@ def run_pipeline(cfg: dict[str, Any], out: Path) -> pd.DataFrame:
 def start_run(cfg: dict[str, Any], out: Path) -> Run:
     """The run's trainer and data (the validation split carved), before any stage."""
     settings = typed(TrainerConfig, cfg["trainer"], "trainer")
-    trainer = Trainer.from_config(settings)
+    trainer = TrainSettings.from_config(settings)
     data = load_data(cfg["dataset"], trainer.device, settings.channels_last, cfg["seed"])
     distributed.check_splits({"train": len(data.train), "validation": len(data.val), "test": len(data.test)})
-    log.info("data %s: %d train / %d val / %d test, %d classes, input %s, device %s", data.name, len(data.train),
-             len(data.val), len(data.test), data.num_classes, data.input_shape, trainer.device)
-    return Run(cfg=cfg, out=out, trainer=trainer, data=data, channels_last=settings.channels_last,
-               optimizer=typed(OptimizerConfig, cfg["optimizer"], "optimizer"),
-               scheduler=typed(SchedulerConfig, cfg["scheduler"], "scheduler"))
+    log.info(
+        "data %s: %d train / %d val / %d test, %d classes, input %s, device %s",
+        data.name,
+        len(data.train),
+        len(data.val),
+        len(data.test),
+        data.num_classes,
+        data.input_shape,
+        trainer.device,
+    )
+    return Run(
+        cfg=cfg,
+        out=out,
+        trainer=trainer,
+        data=data,
+        channels_last=settings.channels_last,
+        optimizer=typed(OptimizerConfig, cfg["optimizer"], "optimizer"),
+        scheduler=typed(SchedulerConfig, cfg["scheduler"], "scheduler"),
+    )
 
 
 # --------------------------------------------------------------------------- stages
@@ -186,9 +216,15 @@ def one_teacher(run: Run, stage: str, spec: dict, seed: int) -> nn.Module:
         model = run.to_device(model_from_checkpoint(ckpt))
         log.info("%s: loaded %s (%s) from %s", stage, ckpt["model"]["name"], ckpt.get("stage"), spec["checkpoint"])
         val = evaluate(model, run.data.val, run.data, run.trainer)
-        row = {"arch": ckpt["model"]["name"], "best_val_acc": val.acc, "best_epoch": ckpt.get("epoch"),
-               "last_epoch": ckpt.get("epoch"), "steps": ckpt.get("step"), "seconds": 0.0,
-               "checkpoint": str(Path(spec["checkpoint"]).resolve())}
+        row = {
+            "arch": ckpt["model"]["name"],
+            "best_val_acc": val.acc,
+            "best_epoch": ckpt.get("epoch"),
+            "last_epoch": ckpt.get("epoch"),
+            "steps": ckpt.get("step"),
+            "seconds": 0.0,
+            "checkpoint": str(Path(spec["checkpoint"]).resolve()),
+        }
         run.rows[stage] = {**row, **test_columns(run, stage, model)}
         return model
     if stage != "teacher":  # the first teacher alone is cached, scores the data and keeps a route
@@ -196,8 +232,13 @@ def one_teacher(run: Run, stage: str, spec: dict, seed: int) -> nn.Module:
     dynamics = LearnedEpochs(len(run.data.train), run.trainer.device)
     points = spec.get("route_points", 0)  # a spec of ``teachers`` has none
     keep = {round(run.trainer.epochs * k / (points + 1)) for k in range(1, points + 1)} - {0}
-    model = reuse_or_train(run, stage, lambda: train_stage(run, stage, spec, ce_only(), no_curriculum(), seed=seed,
-                                                           dynamics=dynamics, keep_epochs=keep))
+    model = reuse_or_train(
+        run,
+        stage,
+        lambda: train_stage(
+            run, stage, spec, ce_only(), no_curriculum(), seed=seed, dynamics=dynamics, keep_epochs=keep
+        ),
+    )
     run.learned_epoch = torch.tensor(pd.read_csv(run.out / stage / "dynamics.csv")["learned_epoch"].to_numpy())
     return model
 
@@ -207,33 +248,64 @@ def curriculum_stage(run: Run) -> None:
     spec = typed(CurriculumConfig, run.cfg["curriculum"], "curriculum")
     out = run.stage_dir("curriculum")
     train = evaluate(run.teacher, run.data.train, run.data, run.trainer)
-    ctx = ScoreContext(labels=train.labels, teacher_logits=train.logits, seed=run.cfg["seed"],
-                       learned_epoch=run.learned_epoch, self_taught_logits=self_taught_logits(run))
+    ctx = ScoreContext(
+        labels=train.labels,
+        teacher_logits=train.logits,
+        seed=run.cfg["seed"],
+        learned_epoch=run.learned_epoch,
+        self_taught_logits=self_taught_logits(run),
+    )
     run.scores = score_all(ctx, spec.scorer)
     order = make_order(run.scores[spec.scorer], train.labels, spec.order, spec.class_balanced, run.cfg["seed"])
     rank = torch.empty_like(order)
     rank[order] = torch.arange(len(order))
     loss = torch.nn.functional.cross_entropy(train.logits, train.labels, reduction="none")
-    columns = {"index": run.data.train.origin, "label": train.labels.numpy(),
-               "difficulty": run.scores[spec.scorer].numpy(), "rank": rank.numpy(),
-               "teacher_loss": loss.numpy(), "teacher_confidence": torch.exp(-loss).numpy()}
+    columns = {
+        "index": run.data.train.origin,
+        "label": train.labels.numpy(),
+        "difficulty": run.scores[spec.scorer].numpy(),
+        "rank": rank.numpy(),
+        "teacher_loss": loss.numpy(),
+        "teacher_confidence": torch.exp(-loss).numpy(),
+    }
     per_scorer = {f"d_{name}": d.numpy() for name, d in run.scores.items()}  # every scorer's difficulty
     plan, spe = build_plan(run, spec), run.steps_per_epoch
     rows = []
     for e in range(run.trainer.epochs):  # the schedule as planned (adaptive curricula may hold later)
         first, last = e * spe, (e + 1) * spe - 1
-        rows.append({"epoch": e + 1, "first_step": first, "last_step": last,
-                     "data_fraction_start": plan.fraction(first), "data_fraction_end": plan.fraction(last)})
+        rows.append(
+            {
+                "epoch": e + 1,
+                "first_step": first,
+                "last_step": last,
+                "data_fraction_start": plan.fraction(first),
+                "data_fraction_end": plan.fraction(last),
+            }
+        )
     scheduled = PLANS.trait(spec.type, "scheduled")
-    info = {"curriculum": spec.name, "type": spec.type, "scheduled": scheduled, "scorer": spec.scorer,
-            "order": spec.order, "pacing": run.cfg["curriculum"]["pacing"], "scorers": sorted(run.scores),
-            "train_examples": len(run.data.train), "steps_per_epoch": spe, "total_steps": run.total_steps}
+    info = {
+        "curriculum": spec.name,
+        "type": spec.type,
+        "scheduled": scheduled,
+        "scorer": spec.scorer,
+        "order": spec.order,
+        "pacing": run.cfg["curriculum"]["pacing"],
+        "scorers": sorted(run.scores),
+        "train_examples": len(run.data.train),
+        "steps_per_epoch": spe,
+        "total_steps": run.total_steps,
+    }
     if distributed.is_main():
         write_csv(pd.DataFrame({**columns, **per_scorer}), out / "scores.csv")
         write_csv(pd.DataFrame(rows), out / "pacing.csv")
         (out / "curriculum.json").write_text(json.dumps(info, indent=2) + "\n")
-    log.info("curriculum %s: %s", spec.name, f"{spec.type}, scored by {spec.scorer}, {spec.order}"
-             if scheduled else "nothing scheduled (all data, every step)")
+    log.info(
+        "curriculum %s: %s",
+        spec.name,
+        f"{spec.type}, scored by {spec.scorer}, {spec.order}"
+        if scheduled
+        else "nothing scheduled (all data, every step)",
+    )
 
 
 def assistant_stages(run: Run) -> None:
@@ -241,17 +313,24 @@ def assistant_stages(run: Run) -> None:
     from the current teachers and becomes the teacher of the next, then of the student."""
     for i, spec in enumerate(run.cfg.get("assistants") or [], start=1):
         spec = model_option(spec) if isinstance(spec, str) else {"kwargs": {}, "pretrained": False, **spec}
-        model = train_stage(run, f"assistant_{i}", spec, run.cfg["distill"], run.cfg["curriculum"],
-                            seed=run.cfg["seed"] + 1 + i)
+        model = train_stage(
+            run, f"assistant_{i}", spec, run.cfg["distill"], run.cfg["curriculum"], seed=run.cfg["seed"] + 1 + i
+        )
         run.teachers = [freeze(model)]
 
 
-def student_stage(run: Run, name: str, distill: dict, curriculum: dict,
-                  teachers: list[nn.Module] | None = None) -> nn.Module:
+def student_stage(
+    run: Run, name: str, distill: dict, curriculum: dict, teachers: list[nn.Module] | None = None
+) -> nn.Module:
     """Train the student (from ``teachers``, default the run's; the baseline may come from
     the cache); every student stage starts from the same initial weights."""
-    model = reuse_or_train(run, name, lambda: train_stage(run, name, run.cfg["student"], distill, curriculum,
-                                                          seed=run.cfg["seed"] + 1, teachers=teachers))
+    model = reuse_or_train(
+        run,
+        name,
+        lambda: train_stage(
+            run, name, run.cfg["student"], distill, curriculum, seed=run.cfg["seed"] + 1, teachers=teachers
+        ),
+    )
     same = run.test_logits[name].argmax(1) == run.test_logits["teacher"].argmax(1)
     run.rows[name]["teacher_agreement"] = same.float().mean().item()
     return model
@@ -275,8 +354,9 @@ def reuse_or_train(run: Run, stage: str, produce: Callable[[], nn.Module]) -> nn
     """``stage`` from the stage cache (:mod:`kdcl.scenarios.stage_cache`), or trained by
     ``produce``. On a hit the run gets the cached folder, the cached summary row and the
     test logits of the cached best model."""
-    model, cached_row = reuse_or_produce(run.cfg, stage, run.trainer, run.stage_dir(stage), produce,
-                                         lambda: run.rows[stage])
+    model, cached_row = reuse_or_produce(
+        run.cfg, stage, run.trainer, run.stage_dir(stage), produce, lambda: run.rows[stage]
+    )
     if cached_row is None:
         return model
     run.rows[stage] = cached_row
@@ -293,10 +373,17 @@ def build_plan(run: Run, spec: CurriculumConfig, seed: int | None = None) -> Dat
         scores = torch.zeros(len(labels))
     order = make_order(scores, labels, spec.order, spec.class_balanced, run.cfg["seed"])
     rank = difficulty_rank(make_order(scores, labels, "easy_first", False, run.cfg["seed"]))
-    inputs = PlanInputs(spec=spec, order=order, rank=rank, labels=labels,
-                        class_difficulty=class_difficulty(scores, labels, run.data.num_classes),
-                        total_steps=run.total_steps, steps_per_epoch=run.steps_per_epoch,
-                        batch_size=run.trainer.batch_size, seed=run.cfg["seed"] if seed is None else seed)
+    inputs = PlanInputs(
+        spec=spec,
+        order=order,
+        rank=rank,
+        labels=labels,
+        class_difficulty=class_difficulty(scores, labels, run.data.num_classes),
+        total_steps=run.total_steps,
+        steps_per_epoch=run.steps_per_epoch,
+        batch_size=run.trainer.batch_size,
+        seed=run.cfg["seed"] if seed is None else seed,
+    )
     return PLANS.create(spec.type, inputs)
 
 
@@ -314,8 +401,11 @@ def check_losses(run: Run) -> None:
     student and teacher models, so a bad key or layer name stops the run before anything trains."""
     cfg, shape = run.cfg, run.data.input_shape
     spec = teacher_specs(cfg)[0]
-    teacher = model_from_checkpoint(load_checkpoint(spec["checkpoint"])) if spec["checkpoint"] else \
-        create_model(spec["name"], run.data.num_classes, shape, **spec["kwargs"])
+    teacher = (
+        model_from_checkpoint(load_checkpoint(spec["checkpoint"]))
+        if spec["checkpoint"]
+        else create_model(spec["name"], run.data.num_classes, shape, **spec["kwargs"])
+    )
     student = create_model(cfg["student"]["name"], run.data.num_classes, shape, **cfg["student"]["kwargs"])
     for distill in [cfg["distill"], *(arm_config(cfg, arm)[0] for arm in (cfg.get("arms") or {}).values())]:
         loss_spec, control = distill_parts(distill)
@@ -330,11 +420,18 @@ def check_teacher_cache(name: str, loss_fn: DistillLoss, control: ControlConfig)
     spec = control.teacher_cache
     if not caches(spec) or not loss_fn.needs_teacher:
         return
-    needs = "its intermediate features" if loss_fn.layers()[1] else \
-        "a different teacher per phase" if control.teacher_route else None
+    needs = (
+        "its intermediate features"
+        if loss_fn.layers()[1]
+        else "a different teacher per phase"
+        if control.teacher_route
+        else None
+    )
     if needs:
-        raise KdclError(f"distill.teacher_cache={spec} caches the teacher's logits, but distill={name} needs {needs}",
-                        fix="set distill.teacher_cache=none for this loss")
+        raise KdclError(
+            f"distill.teacher_cache={spec} caches the teacher's logits, but distill={name} needs {needs}",
+            fix="set distill.teacher_cache=none for this loss",
+        )
 
 
 def self_taught_logits(run: Run):
@@ -342,8 +439,21 @@ def self_taught_logits(run: Run):
     if "baseline" not in run.rows:
         if not SCORERS.trait(run.cfg["curriculum"]["scorer"], "needs_student_model"):
             return None
-        return lambda: evaluate(train_stage(run, "curriculum/self_taught", run.cfg["student"], ce_only(), no_curriculum(),
-                                            seed=run.cfg["seed"] + 1), run.data.train, run.data, run.trainer).logits
+        return lambda: (
+            evaluate(
+                train_stage(
+                    run,
+                    "curriculum/self_taught",
+                    run.cfg["student"],
+                    ce_only(),
+                    no_curriculum(),
+                    seed=run.cfg["seed"] + 1,
+                ),
+                run.data.train,
+                run.data,
+                run.trainer,
+            ).logits
+        )
     baseline = run.to_device(model_from_checkpoint(load_checkpoint(run.out / "baseline" / "best.pt")))
     return lambda: evaluate(baseline, run.data.train, run.data, run.trainer).logits
 
@@ -353,14 +463,27 @@ def route_checkpoints(run: Run) -> list[nn.Module]:
     first, frozen; each teaches an equal share of the steps before the trained teacher."""
     paths = sorted((run.out / "teacher").glob("epoch_*.pt"))
     if not paths:
-        raise KdclError("distill.teacher_route=true needs checkpoints saved during teacher training",
-                        fix="set teacher.route_points=N (N ≥ 1) and train the teacher in this run")
+        raise KdclError(
+            "distill.teacher_route=true needs checkpoints saved during teacher training",
+            fix="set teacher.route_points=N (N ≥ 1) and train the teacher in this run",
+        )
     return [freeze(run.to_device(model_from_checkpoint(load_checkpoint(p)))) for p in paths]
 
 
-def train_stage(run: Run, stage: str, spec: dict, distill: dict, curriculum: dict, *, seed: int,
-                dynamics: LearnedEpochs | None = None, keep_epochs: Collection[int] = frozenset(),
-                teachers: list[nn.Module] | None = None, init: nn.Module | None = None, select: str = "best") -> nn.Module:
+def train_stage(
+    run: Run,
+    stage: str,
+    spec: dict,
+    distill: dict,
+    curriculum: dict,
+    *,
+    seed: int,
+    dynamics: LearnedEpochs | None = None,
+    keep_epochs: Collection[int] = frozenset(),
+    teachers: list[nn.Module] | None = None,
+    init: nn.Module | None = None,
+    select: str = "best",
+) -> nn.Module:
     """Train one model for the run's step budget; return its best (validation) weights,
     or with ``select="last"`` its last ones, which its summary row then reports.
 
@@ -386,28 +509,60 @@ def train_stage(run: Run, stage: str, spec: dict, distill: dict, curriculum: dic
     curriculum_cfg = typed(CurriculumConfig, curriculum, "curriculum")
     torch.manual_seed(seed)
     if init is None:
-        init = create_model(spec["name"], data.num_classes, data.input_shape, pretrained=spec["pretrained"], **spec["kwargs"])
+        init = create_model(
+            spec["name"], data.num_classes, data.input_shape, pretrained=spec["pretrained"], **spec["kwargs"]
+        )
     model = run.trainer.prepare(run.to_device(init))
-    log.info("%s: %s, %s params, %d epochs × %d steps, loss %s, curriculum %s", stage, spec["name"],
-             f"{count_params(model):,}", run.trainer.epochs, run.steps_per_epoch, distill["name"], curriculum_cfg.type)
-    with build_stage(name=stage, out_dir=out, model=model, distill=distill,
-                     teachers=run.teachers if teachers is None else teachers, route=lambda: route_checkpoints(run),
-                     plan=build_plan(run, curriculum_cfg, seed), rank=example_ranks(run, curriculum_cfg),
-                     trainer=run.trainer, data=data, optimizer=run.optimizer, scheduler=run.scheduler,
-                     total_steps=run.total_steps, steps_per_epoch=run.steps_per_epoch, seed=seed, cache_seed=run.cfg["seed"],
-                     cache_dir=run.out / "teacher_cache", feeds=run.feeds, meta=checkpoint_meta(run, stage, spec),
-                     dynamics=dynamics, keep_epochs=keep_epochs) as parts:
+    log.info(
+        "%s: %s, %s params, %d epochs × %d steps, loss %s, curriculum %s",
+        stage,
+        spec["name"],
+        f"{count_params(model):,}",
+        run.trainer.epochs,
+        run.steps_per_epoch,
+        distill["name"],
+        curriculum_cfg.type,
+    )
+    with build_stage(
+        name=stage,
+        out_dir=out,
+        model=model,
+        distill=distill,
+        teachers=run.teachers if teachers is None else teachers,
+        route=lambda: route_checkpoints(run),
+        plan=build_plan(run, curriculum_cfg, seed),
+        rank=example_ranks(run, curriculum_cfg),
+        trainer=run.trainer,
+        data=data,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        total_steps=run.total_steps,
+        steps_per_epoch=run.steps_per_epoch,
+        seed=seed,
+        cache_seed=run.cfg["seed"],
+        cache_dir=run.out / "teacher_cache",
+        feeds=run.feeds,
+        meta=checkpoint_meta(run, stage, spec),
+        dynamics=dynamics,
+        keep_epochs=keep_epochs,
+    ) as parts:
         result = fit(parts, data, run.trainer)
     path = result.best_path if select == "best" else result.last_path
     chosen = run.to_device(model_from_checkpoint(load_checkpoint(path)))
     columns = test_columns(run, stage, chosen)
     run.rows[stage] = {
-        "arch": spec["name"], "distill": distill["name"],
-        "curriculum": f"{curriculum_cfg.scorer}/{curriculum_cfg.order}" if curriculum_cfg.type == "paced"
+        "arch": spec["name"],
+        "distill": distill["name"],
+        "curriculum": f"{curriculum_cfg.scorer}/{curriculum_cfg.order}"
+        if curriculum_cfg.type == "paced"
         else curriculum_cfg.type,
-        "best_val_acc": result.best_val_acc, "best_epoch": result.best_epoch,
-        "last_epoch": result.last_epoch, "steps": result.steps, "seconds": round(result.seconds, 2),
-        "checkpoint": str(path.resolve()), **columns,
+        "best_val_acc": result.best_val_acc,
+        "best_epoch": result.best_epoch,
+        "last_epoch": result.last_epoch,
+        "steps": result.steps,
+        "seconds": round(result.seconds, 2),
+        "checkpoint": str(path.resolve()),
+        **columns,
         "test_acc_last": columns["test_acc"] if select == "last" else evaluate(model, data.test, data, run.trainer).acc,
     }
     if distributed.is_main():
@@ -424,7 +579,12 @@ def test_columns(run: Run, stage: str, model: nn.Module) -> dict[str, Any]:
     """Test-split numbers of a stage's selected model; keeps its logits for agreement."""
     ev = evaluate(model, run.data.test, run.data, run.trainer)
     run.test_logits[stage] = ev.logits
-    return {"test_acc": ev.acc, "test_loss": ev.loss, "params": count_params(model), "size_mb": round(size_mb(model), 4)}
+    return {
+        "test_acc": ev.acc,
+        "test_loss": ev.loss,
+        "params": count_params(model),
+        "size_mb": round(size_mb(model), 4),
+    }
 
 
 def ensemble_row(run: Run, name: str, models: list[nn.Module], **columns: Any) -> None:
@@ -435,9 +595,14 @@ def ensemble_row(run: Run, name: str, models: list[nn.Module], **columns: Any) -
 def checkpoint_meta(run: Run, stage: str, spec: dict) -> dict[str, Any]:
     d = run.data
     return {
-        "stage": stage, "model": {"name": spec["name"], "kwargs": dict(spec["kwargs"])},
-        "num_classes": d.num_classes, "input_shape": list(d.input_shape), "class_names": d.class_names,
-        "normalization": {"mean": d.mean, "std": d.std}, "dataset": d.name, "config": run.cfg,
+        "stage": stage,
+        "model": {"name": spec["name"], "kwargs": dict(spec["kwargs"])},
+        "num_classes": d.num_classes,
+        "input_shape": list(d.input_shape),
+        "class_names": d.class_names,
+        "normalization": {"mean": d.mean, "std": d.std},
+        "dataset": d.name,
+        "config": run.cfg,
         **({"classes": d.class_ids} if d.class_ids is not None else {}),
     }
 
@@ -453,7 +618,20 @@ def summarize(run: Run) -> pd.DataFrame:
     frame = frame.reindex(columns=SUMMARY_COLUMNS)
     if distributed.is_main():
         write_csv(frame, run.out / "summary.csv")
-        shown = ["model", "arch", "distill", "curriculum", "test_acc", "test_acc_last", "best_val_acc", "best_epoch",
-                 "steps", "params", "seconds", "kd_gain", "teacher_agreement"]
+        shown = [
+            "model",
+            "arch",
+            "distill",
+            "curriculum",
+            "test_acc",
+            "test_acc_last",
+            "best_val_acc",
+            "best_epoch",
+            "steps",
+            "params",
+            "seconds",
+            "kd_gain",
+            "teacher_agreement",
+        ]
         print_table(frame, f"kdcl summary — {run.out}", shown)
     return frame

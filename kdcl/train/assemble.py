@@ -5,9 +5,10 @@ with, built in one place before the engine (:mod:`kdcl.train.engine`) trains it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -23,19 +24,36 @@ from kdcl.distill.feeds import Feed, FeedInputs, build_feed, caches, parse
 from kdcl.distill.losses import create_loss
 from kdcl.distill.teachers import Teachers
 from kdcl.optim import build_optimizer, build_schedule
-from kdcl.train.engine import Stage, Trainer
+from kdcl.train.engine import Stage, TrainSettings
 
 TeacherAt = Callable[[int], nn.Module]  # optimizer step → the teacher of that step
 
 
 @contextmanager
-def build_stage(*, name: str, out_dir: Path, model: nn.Module, distill: Mapping[str, Any],
-                teachers: Sequence[nn.Module], plan: DataSchedule, trainer: Trainer, data: DataBundle,
-                optimizer: OptimizerConfig, scheduler: SchedulerConfig, total_steps: int, steps_per_epoch: int,
-                seed: int, cache_seed: int, cache_dir: Path, rank: Tensor | None = None,
-                route: Callable[[], Sequence[nn.Module]] | None = None, feeds: dict[tuple, Feed] | None = None,
-                meta: dict[str, Any] | None = None, dynamics: LearnedEpochs | None = None,
-                keep_epochs: Collection[int] = ()) -> Iterator[Stage]:
+def build_stage(
+    *,
+    name: str,
+    out_dir: Path,
+    model: nn.Module,
+    distill: Mapping[str, Any],
+    teachers: Sequence[nn.Module],
+    plan: DataSchedule,
+    trainer: TrainSettings,
+    data: DataBundle,
+    optimizer: OptimizerConfig,
+    scheduler: SchedulerConfig,
+    total_steps: int,
+    steps_per_epoch: int,
+    seed: int,
+    cache_seed: int,
+    cache_dir: Path,
+    rank: Tensor | None = None,
+    route: Callable[[], Sequence[nn.Module]] | None = None,
+    feeds: dict[tuple, Feed] | None = None,
+    meta: dict[str, Any] | None = None,
+    dynamics: LearnedEpochs | None = None,
+    keep_epochs: Collection[int] = (),
+) -> Iterator[Stage]:
     """The stage ``name`` (files in ``out_dir``) that trains ``model``, already on
     ``trainer.device``, on ``plan`` with the loss and control of the ``distill`` section,
     taught by ``teachers`` (frozen; none: no teacher). The layers the loss reads are hooked
@@ -55,15 +73,22 @@ def build_stage(*, name: str, out_dir: Path, model: nn.Module, distill: Mapping[
     loss_spec, control_cfg = distill_parts(distill)
     data.preprocess.generator.manual_seed(seed)
     loss_fn = create_loss(loss_spec)
-    teacher = Teachers(teachers, control_cfg.teacher_combine, control_cfg.teacher_weights,
-                       control_cfg.temperature) if teachers else None
+    teacher = (
+        Teachers(teachers, control_cfg.teacher_combine, control_cfg.teacher_weights, control_cfg.temperature)
+        if teachers
+        else None
+    )
     if teacher is not None and loss_fn.needs_teacher:
         loss_fn.bind(model, teacher.lead, torch.zeros(2, *data.input_shape, device=trainer.device))
     loss_fn.to(trainer.device)
     # Under DDP each rank draws its own noise (seed + rank) for its part of the batch.
-    control = DistillControl(control_cfg, total_steps, steps_per_epoch, rank, seed + distributed.rank()).to(trainer.device)
-    groups = [{"params": [*model.parameters(), *loss_fn.parameters()]},
-              {"params": control.parameters(), "weight_decay": 0.0}]
+    control = DistillControl(control_cfg, total_steps, steps_per_epoch, rank, seed + distributed.rank()).to(
+        trainer.device
+    )
+    groups = [
+        {"params": [*model.parameters(), *loss_fn.parameters()]},
+        {"params": control.parameters(), "weight_decay": 0.0},
+    ]
     stage_optimizer = build_optimizer(groups, optimizer)
     lr_schedule = build_schedule(stage_optimizer, scheduler, total_steps, steps_per_epoch)
     if teacher is None or not loss_fn.needs_teacher:
@@ -73,14 +98,36 @@ def build_stage(*, name: str, out_dir: Path, model: nn.Module, distill: Mapping[
     else:
         teacher_at = lambda step: teacher  # noqa: E731
     student_layers, teacher_layers = loss_fn.layers()
-    with FeatureTap(model, student_layers) as student_features, \
-            FeatureTap(teacher.lead if teacher is not None else None, teacher_layers) as teacher_features:
-        feed = teacher_feed(control_cfg, teacher_at, teachers, data=data, trainer=trainer, seed=cache_seed,
-                            directory=cache_dir, feeds={} if feeds is None else feeds)
-        yield Stage(name=name, model=model, loss_fn=loss_fn, control=control, plan=plan, optimizer=stage_optimizer,
-                    lr_schedule=lr_schedule, out_dir=out_dir, meta={} if meta is None else meta, feed=feed,
-                    dynamics=dynamics, keep_epochs=keep_epochs, features=(student_features, teacher_features),
-                    steps_per_epoch=steps_per_epoch)
+    with (
+        FeatureTap(model, student_layers) as student_features,
+        FeatureTap(teacher.lead if teacher is not None else None, teacher_layers) as teacher_features,
+    ):
+        feed = teacher_feed(
+            control_cfg,
+            teacher_at,
+            teachers,
+            data=data,
+            trainer=trainer,
+            seed=cache_seed,
+            directory=cache_dir,
+            feeds={} if feeds is None else feeds,
+        )
+        yield Stage(
+            name=name,
+            model=model,
+            loss_fn=loss_fn,
+            control=control,
+            plan=plan,
+            optimizer=stage_optimizer,
+            lr_schedule=lr_schedule,
+            out_dir=out_dir,
+            meta={} if meta is None else meta,
+            feed=feed,
+            dynamics=dynamics,
+            keep_epochs=keep_epochs,
+            features=(student_features, teacher_features),
+            steps_per_epoch=steps_per_epoch,
+        )
 
 
 def teacher_route(anchors: Sequence[nn.Module], total_steps: int) -> TeacherAt:
@@ -90,8 +137,17 @@ def teacher_route(anchors: Sequence[nn.Module], total_steps: int) -> TeacherAt:
     return lambda step: anchors[min(step // phase, len(anchors) - 1)]
 
 
-def teacher_feed(control: ControlConfig, teacher_at: TeacherAt | None, teachers: Sequence[nn.Module], *,
-                 data: DataBundle, trainer: Trainer, seed: int, directory: Path, feeds: dict[tuple, Feed]) -> Feed:
+def teacher_feed(
+    control: ControlConfig,
+    teacher_at: TeacherAt | None,
+    teachers: Sequence[nn.Module],
+    *,
+    data: DataBundle,
+    trainer: TrainSettings,
+    seed: int,
+    directory: Path,
+    feeds: dict[tuple, Feed],
+) -> Feed:
     """A stage's feed (``distill.teacher_cache``; online without a teacher). A cache is filled
     once per teacher set (and how several teachers' targets combine), kept in ``feeds`` and
     shared by every stage those teachers teach; its views are drawn from ``seed`` and a disk
@@ -102,11 +158,19 @@ def teacher_feed(control: ControlConfig, teacher_at: TeacherAt | None, teachers:
     if key in feeds:
         return feeds[key]
     rank = f"rank{distributed.rank()}" if distributed.world() > 1 else ""  # every rank fills its own
-    inputs = FeedInputs(preprocess=data.preprocess, train=data.train, teacher_at=teacher_at, autocast=trainer.autocast,
-                        num_classes=data.num_classes, batch_size=trainer.batch_size, seed=seed, views=parse(spec)[1],
-                        store=control.teacher_cache_store,
-                        directory=directory / f"{spec.replace(':', '_')}-{len(feeds)}" / rank,
-                        shard_mb=control.teacher_cache_shard_mb)
+    inputs = FeedInputs(
+        preprocess=data.preprocess,
+        train=data.train,
+        teacher_at=teacher_at,
+        autocast=trainer.autocast,
+        num_classes=data.num_classes,
+        batch_size=trainer.batch_size,
+        seed=seed,
+        views=parse(spec)[1],
+        store=control.teacher_cache_store,
+        directory=directory / f"{spec.replace(':', '_')}-{len(feeds)}" / rank,
+        shard_mb=control.teacher_cache_shard_mb,
+    )
     feed = build_feed(spec, inputs)
     if caches(spec):  # online feeds are per stage (the teacher may follow a route)
         feeds[key] = feed

@@ -45,9 +45,13 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             fix="only load checkpoints written by kdcl or plain state_dict files; nothing in this one was run",
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-        raise KdclError(f"checkpoint {path} is truncated or corrupt ({err})", fix="use another copy of the file") from None
+        raise KdclError(
+            f"checkpoint {path} is truncated or corrupt ({err})", fix="use another copy of the file"
+        ) from None
     if not isinstance(ckpt, dict):
-        raise KdclError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint", fix="pass a best.pt written by kdcl train")
+        raise KdclError(
+            f"{path} holds a {type(ckpt).__name__}, not a checkpoint", fix="pass a best.pt written by kdcl train"
+        )
     return ckpt
 
 
@@ -68,15 +72,21 @@ def load_weights(model: nn.Module, state_dict: dict[str, Any], what: str) -> Non
     expected, found = model.state_dict(), state_dict
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
-    shapes = [f"{k} {tuple(found[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-              if k in found and hasattr(found[k], "shape") and tuple(found[k].shape) != tuple(v.shape)]
+    shapes = [
+        f"{k} {tuple(found[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in found and hasattr(found[k], "shape") and tuple(found[k].shape) != tuple(v.shape)
+    ]
     if missing or unexpected or shapes:
+
         def some(keys: list[str]) -> str:
             return ", ".join(keys[:4]) + (f" … (+{len(keys) - 4})" if len(keys) > 4 else "")
 
-        parts = [f"{len(missing)} missing ({some(missing)})" if missing else "",
-                 f"{len(unexpected)} unexpected ({some(unexpected)})" if unexpected else "",
-                 f"{len(shapes)} of another shape (file vs model: {some(shapes)})" if shapes else ""]
+        parts = [
+            f"{len(missing)} missing ({some(missing)})" if missing else "",
+            f"{len(unexpected)} unexpected ({some(unexpected)})" if unexpected else "",
+            f"{len(shapes)} of another shape (file vs model: {some(shapes)})" if shapes else "",
+        ]
         raise KdclError(
             f"{what}: the weights do not fit the model — it expects {len(expected)} tensors, the file has "
             f"{len(found)}; " + "; ".join(p for p in parts if p),

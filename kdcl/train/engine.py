@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Collection, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Collection, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -58,7 +59,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 @dataclass
-class Trainer:
+class TrainSettings:
     """How to train: device, precision, batch sizes, budget."""
 
     device: torch.device
@@ -71,16 +72,22 @@ class Trainer:
     compile: bool = False
 
     @classmethod
-    def from_config(cls, t: TrainerConfig) -> Trainer:
+    def from_config(cls, t: TrainerConfig) -> TrainSettings:
         """The ``trainer`` section: resolves the device (``auto``: CUDA when there is
         one), bf16 autocast (``auto``: on CUDA) and the CPU thread count (``threads``)."""
         device = distributed.device(resolve_device(t.device))
         if t.threads:
             torch.set_num_threads(t.threads)
-        return cls(device=device, epochs=t.epochs, batch_size=t.batch_size, eval_batch_size=t.eval_batch_size,
-                   amp=device.type == "cuda" if t.amp == "auto" else bool(t.amp),
-                   early_stopping_patience=t.early_stopping_patience,
-                   checkpoint_every_steps=t.checkpoint_every_steps, compile=t.compile)
+        return cls(
+            device=device,
+            epochs=t.epochs,
+            batch_size=t.batch_size,
+            eval_batch_size=t.eval_batch_size,
+            amp=device.type == "cuda" if t.amp == "auto" else bool(t.amp),
+            early_stopping_patience=t.early_stopping_patience,
+            checkpoint_every_steps=t.checkpoint_every_steps,
+            compile=t.compile,
+        )
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """With ``trainer.compile``, compile the model's forward (its state_dict keeps its keys)."""
@@ -131,8 +138,13 @@ class Stage:
         return self.out_dir.parents[len(Path(self.name).parts) - 1]
 
     def modules(self) -> dict[str, Any]:
-        return {"model": self.model, "loss": self.loss_fn, "control": self.control,
-                "optimizer": self.optimizer, "lr_schedule": self.lr_schedule}
+        return {
+            "model": self.model,
+            "loss": self.loss_fn,
+            "control": self.control,
+            "optimizer": self.optimizer,
+            "lr_schedule": self.lr_schedule,
+        }
 
 
 @dataclass
@@ -144,7 +156,7 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, source: Source, data: DataBundle, trainer: Trainer) -> Evaluation:
+def evaluate(model: nn.Module, source: Source, data: DataBundle, trainer: TrainSettings) -> Evaluation:
     """Loss, accuracy and logits of ``model`` on every example of ``source`` (no augmentation).
     Under DDP each rank evaluates one chunk of the examples and every rank gets all the logits."""
     model.eval()
@@ -201,8 +213,9 @@ def _added(sums: dict[str, Tensor], values: dict[str, Tensor]) -> dict[str, Tens
     return {**sums, **{k: sums.get(k, 0) + v for k, v in values.items()}}
 
 
-def train_step(s: Stage, trainer: Trainer, step: int, batch: Batch, meter: Meter, ctx: LossContext,
-               part: Part | None = None) -> None:
+def train_step(
+    s: Stage, trainer: TrainSettings, step: int, batch: Batch, meter: Meter, ctx: LossContext, part: Part | None = None
+) -> None:
     """One optimizer step: the feed gives the (augmented) input and the teacher's logits,
     the control sets α and T (and any noise), the loss gives per-example terms (features
     from ``ctx``), the plan may weight them (judging each example by its cross-entropy),
@@ -235,7 +248,7 @@ def train_step(s: Stage, trainer: Trainer, step: int, batch: Batch, meter: Meter
         s.dynamics.update(idx, logits, y, ctx.epoch)
 
 
-def fit(s: Stage, data: DataBundle, trainer: Trainer) -> FitResult:
+def fit(s: Stage, data: DataBundle, trainer: TrainSettings) -> FitResult:
     """Train for ``trainer.epochs`` epochs of ``s.steps_per_epoch`` steps (default
     ``ceil(N / batch_size)``), evaluate on the validation split after each, keep ``best.pt`` /
     ``last.pt`` (and ``epoch_NNN.pt`` for ``keep_epochs``), and continue from ``resume.pt``
@@ -270,20 +283,35 @@ def fit(s: Stage, data: DataBundle, trainer: Trainer) -> FitResult:
         row = _end_epoch(s, data, trainer, cursor, meter, time.perf_counter() - tic)
         if distributed.is_main():
             table.append(row)
-        log.info("%s epoch %d/%d  loss %.4f  acc %.4f  val_loss %.4f  val_acc %.4f  %.0f img/s", s.name, epoch,
-                 trainer.epochs, row["train_loss"], row["train_acc"], row["val_loss"], row["val_acc"], row["samples_per_s"])
+        log.info(
+            "%s epoch %d/%d  loss %.4f  acc %.4f  val_loss %.4f  val_acc %.4f  %.0f img/s",
+            s.name,
+            epoch,
+            trainer.epochs,
+            row["train_loss"],
+            row["train_acc"],
+            row["val_loss"],
+            row["val_acc"],
+            row["samples_per_s"],
+        )
         if trainer.early_stopping_patience and cursor.stale >= trainer.early_stopping_patience:
             log.info("%s: early stop after %d epochs without a better val_acc", s.name, cursor.stale)
             cursor.finished = True
         cursor.epoch, cursor.seconds, meter, start_state = epoch + 1, time.perf_counter() - started, Meter(), None
         _save(s, data, cursor, meter, None)
     distributed.barrier()  # rank 0's checkpoints are on disk for every rank
-    return FitResult(best_epoch=cursor.best_epoch, best_val_acc=cursor.best_acc, last_epoch=cursor.last_epoch,
-                     steps=cursor.step, seconds=cursor.seconds, best_path=s.out_dir / "best.pt",
-                     last_path=s.out_dir / "last.pt")
+    return FitResult(
+        best_epoch=cursor.best_epoch,
+        best_val_acc=cursor.best_acc,
+        last_epoch=cursor.last_epoch,
+        steps=cursor.step,
+        seconds=cursor.seconds,
+        best_path=s.out_dir / "best.pt",
+        last_path=s.out_dir / "last.pt",
+    )
 
 
-def train_steps(s: Stage, data: DataBundle, trainer: Trainer, total_steps: int) -> Iterator[int]:
+def train_steps(s: Stage, data: DataBundle, trainer: TrainSettings, total_steps: int) -> Iterator[int]:
     """``total_steps`` optimizer steps of ``s`` on its plan, epoch after epoch of
     ``s.steps_per_epoch`` steps (default ``ceil(N / batch_size)``), with no validation,
     checkpoint or resume state: the bare training steps (what ``kdcl bench`` times).
@@ -300,7 +328,9 @@ def train_steps(s: Stage, data: DataBundle, trainer: Trainer, total_steps: int) 
             yield step
 
 
-def _end_epoch(s: Stage, data: DataBundle, trainer: Trainer, cursor: Cursor, meter: Meter, seconds: float) -> dict[str, Any]:
+def _end_epoch(
+    s: Stage, data: DataBundle, trainer: TrainSettings, cursor: Cursor, meter: Meter, seconds: float
+) -> dict[str, Any]:
     """Validate, keep the checkpoints, and return the epoch's metrics row."""
     epoch = cursor.epoch
     meter.collect()
@@ -308,18 +338,28 @@ def _end_epoch(s: Stage, data: DataBundle, trainer: Trainer, cursor: Cursor, met
     distributed.average_buffers(s.model)
     val = evaluate(s.model, data.val, data, trainer)
     row = {
-        "epoch": epoch, "step": cursor.step, "lr": s.optimizer.param_groups[0]["lr"],
-        "train_loss": train.pop("loss"), "train_acc": train.pop("correct"),
-        "val_loss": val.loss, "val_acc": val.acc,
-        "seconds": round(seconds, 3), "samples_per_s": round(meter.count / seconds, 1),
+        "epoch": epoch,
+        "step": cursor.step,
+        "lr": s.optimizer.param_groups[0]["lr"],
+        "train_loss": train.pop("loss"),
+        "train_acc": train.pop("correct"),
+        "val_loss": val.loss,
+        "val_acc": val.acc,
+        "seconds": round(seconds, 3),
+        "samples_per_s": round(meter.count / seconds, 1),
         **(s.control.columns() if s.feed.teaches else {}),
         **s.plan.epoch_end(epoch, val.logits, val.labels),
         **{f"train_{k}": v for k, v in train.items()},
     }
     # The loss's own trained state (adapters) travels beside the model's weights, not in them.
     loss_state = {k: v.detach().cpu() for k, v in s.loss_fn.state_dict().items()}
-    state = {**s.meta, "epoch": epoch, "step": cursor.step, "val_acc": val.acc,
-             **({"loss_state": loss_state} if loss_state else {})}
+    state = {
+        **s.meta,
+        "epoch": epoch,
+        "step": cursor.step,
+        "val_acc": val.acc,
+        **({"loss_state": loss_state} if loss_state else {}),
+    }
     paths = ["last.pt", *([f"epoch_{epoch:03d}.pt"] if epoch in s.keep_epochs else [])]
     cursor.last_epoch = epoch
     if val.acc > cursor.best_acc:
@@ -346,14 +386,19 @@ def _save(s: Stage, data: DataBundle, cursor: Cursor, meter: Meter, start_state:
         distributed.all_max(s.dynamics.last_wrong)
     if not distributed.is_main():
         return
-    save_state(s.out_dir / "resume.pt", {
-        "config": s.meta["config"], "cursor": cursor_state(cursor),
-        "modules": {k: m.state_dict() for k, m in s.modules().items()},
-        "plan": s.plan.state_dict(), "plan_at_epoch_start": start_state,
-        "meter": {"sums": meter.sums, "count": meter.count},
-        "dynamics": s.dynamics.last_wrong if s.dynamics is not None else None,
-        "rng": rng_states(_generators(s, data)),
-    })
+    save_state(
+        s.out_dir / "resume.pt",
+        {
+            "config": s.meta["config"],
+            "cursor": cursor_state(cursor),
+            "modules": {k: m.state_dict() for k, m in s.modules().items()},
+            "plan": s.plan.state_dict(),
+            "plan_at_epoch_start": start_state,
+            "meter": {"sums": meter.sums, "count": meter.count},
+            "dynamics": s.dynamics.last_wrong if s.dynamics is not None else None,
+            "rng": rng_states(_generators(s, data)),
+        },
+    )
 
 
 def _restore(s: Stage, data: DataBundle) -> tuple[Cursor, Meter, dict | None]:
@@ -371,5 +416,7 @@ def _restore(s: Stage, data: DataBundle) -> tuple[Cursor, Meter, dict | None]:
     set_rng_states(state["rng"], _generators(s, data))
     cursor = Cursor(**state["cursor"])
     log.info("%s: resuming at epoch %d, step %d (from %s)", s.name, cursor.epoch, cursor.step, path)
-    meter = Meter({k: v.to(data.preprocess.mean.device) for k, v in state["meter"]["sums"].items()}, state["meter"]["count"])
+    meter = Meter(
+        {k: v.to(data.preprocess.mean.device) for k, v in state["meter"]["sums"].items()}, state["meter"]["count"]
+    )
     return cursor, meter, state["plan_at_epoch_start"]

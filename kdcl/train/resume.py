@@ -15,10 +15,11 @@ import json
 import os
 import random
 import signal
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -90,8 +91,12 @@ def rng_states(generators: dict[str, torch.Generator]) -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "gauss": float(np_state[4]),
+        },
         "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
         "generators": {k: g.get_state() for k, g in generators.items()},
     }
@@ -124,7 +129,9 @@ def load_state(path: Path) -> dict[str, Any] | None:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a state file is always written atomically; anything else is damage
-        raise KdclError(f"{path} is unreadable ({err})", fix=f"delete {path} to restart that stage from scratch") from None
+        raise KdclError(
+            f"{path} is unreadable ({err})", fix=f"delete {path} to restart that stage from scratch"
+        ) from None
 
 
 def cursor_state(cursor: Cursor) -> dict[str, Any]:
