@@ -32,8 +32,9 @@ ORDERS = Registry("curriculum order", traits={"uses_difficulty": True})
 register_order = ORDERS.register
 PACINGS = Registry("pacing function")
 register_pacing = PACINGS.register
-# scheduled: the plan changes what a step draws or how much an example counts (none does not).
-PLANS = Registry("curriculum type", traits={"scheduled": True})
+# scheduled: the plan changes what a step draws or how much an example counts (none does not);
+# ranked: it feeds examples in the order a scorer ranks them (a summary row names it scorer/order).
+PLANS = Registry("curriculum type", traits={"scheduled": True, "ranked": False})
 register_plan = PLANS.register
 # curriculum.weights of type self_paced: the weight v_i of an example of loss ℓ_i under threshold λ.
 SELF_PACED_WEIGHTS = Registry("self-paced weighting")
@@ -359,7 +360,7 @@ class PacedSchedule(DataSchedule):
         return columns
 
 
-register_plan("paced")(PacedSchedule)
+register_plan("paced", ranked=True)(PacedSchedule)
 
 
 class SelfPacedSchedule(DataSchedule):

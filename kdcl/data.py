@@ -406,25 +406,25 @@ def load_data(cfg: dict[str, Any], device: torch.device, channels_last: bool, se
     loader = DATASETS.get(cfg["name"])
     train, test, class_names = loader(cfg)
     split_seed = cfg["split_seed"]
-    pool = stratified_subset(train.y, cfg.get("max_train_samples"), split_seed)
+    pool = stratified_subset(train.y, cfg["max_train_samples"], split_seed)
     order = stratified_order(train.y[pool], split_seed)
     n_val = int(round(len(pool) * cfg["val_fraction"]))
     val_idx, train_idx = np.sort(pool[order[:n_val]]), np.sort(pool[order[n_val:]])
-    test_idx = stratified_subset(test.y, cfg.get("max_test_samples"), split_seed)
+    test_idx = stratified_subset(test.y, cfg["max_test_samples"], split_seed)
     for split_name, idx in (("train", train_idx), ("validation", val_idx), ("test", test_idx)):
         if len(idx) == 0:
             raise KdclError(
                 f"the {split_name} split of dataset {cfg['name']!r} is empty",
                 fix="raise dataset.max_train_samples / dataset.max_test_samples or lower dataset.val_fraction",
             )
-    num_workers = cfg.get("num_workers", 0)
+    num_workers = cfg["num_workers"]
     sample = train.x[train_idx[:1]] if train.x is not None else train.dataset[0][0][None].numpy()
-    mean, std = cfg.get("mean"), cfg.get("std")
+    mean, std = cfg["mean"], cfg["std"]
     if mean is None or std is None:
         mean, std = channel_stats(train, train_idx)
     num_classes = len(class_names)
-    padding_mode = cfg.get("crop_padding_mode", "reflect")
-    check_padding(padding_mode, cfg.get("crop_padding", 0), sample.shape[1:])
+    padding_mode = cfg["crop_padding_mode"]
+    check_padding(padding_mode, cfg["crop_padding"], sample.shape[1:])
     return DataBundle(
         name=cfg["name"],
         train=make_source(train, train_idx, device, num_workers),
@@ -435,9 +435,7 @@ def load_data(cfg: dict[str, Any], device: torch.device, channels_last: bool, se
         input_shape=tuple(int(s) for s in sample.shape[1:]),
         mean=[float(m) for m in mean],
         std=[float(s) for s in std],
-        preprocess=Preprocess(
-            mean, std, cfg.get("crop_padding", 0), cfg.get("flip", False), device, channels_last, seed, padding_mode
-        ),
+        preprocess=Preprocess(mean, std, cfg["crop_padding"], cfg["flip"], device, channels_last, seed, padding_mode),
     )
 
 

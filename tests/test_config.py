@@ -15,7 +15,15 @@ from omegaconf import OmegaConf
 
 from kdcl.config import checks, schema
 from kdcl.config.checks import composition_error, validate, validate_eval
-from kdcl.config.options import CONF_DIR, base_keys, control_keys, distill_parts, option_folder, section_option
+from kdcl.config.options import (
+    CONF_DIR,
+    base_keys,
+    control_keys,
+    distill_parts,
+    option_folder,
+    section_option,
+    with_base_keys,
+)
 from kdcl.curricula import ORDERS, PACINGS, SCORERS
 from kdcl.data import DATASETS
 from kdcl.distill.losses import LOSSES
@@ -429,3 +437,13 @@ def test_bench_keys_are_checked():
             validate({**cfg, "bench": {**cfg["bench"], key: value}}, schema.BenchConfig)
     with pytest.raises(KdclError, match="has no key 'bench'"):
         validate(cfg)  # a train config has no bench section
+
+
+def test_a_section_saved_before_a_shared_key_existed_gets_the_base_value():
+    """An older checkpoint's dataset (no crop_padding_mode) reads as one composed today; its own values win."""
+    base = OmegaConf.load(Path(CONF_DIR) / "base" / "dataset.yaml")
+    saved = {"name": "digits", "flip": not base.flip}
+    completed = with_base_keys("dataset", saved)
+    assert completed["crop_padding_mode"] == base.crop_padding_mode
+    assert completed["flip"] is (not base.flip) and completed["name"] == "digits"
+    assert set(completed) == set(base) | {"name"}

@@ -14,6 +14,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from kdcl.commands.job import output_dir, plain_config
 from kdcl.config.checks import validate_eval
+from kdcl.config.options import with_base_keys
 from kdcl.data import load_data, with_classes
 from kdcl.errors import KdclError
 from kdcl.models import count_params, create_model, size_mb
@@ -49,7 +50,8 @@ def run_eval(
     device = resolve_device(device_name)
     if is_kdcl(ckpt):
         # The model was trained with its checkpoint's normalisation: keep it on any dataset.
-        data = load_data({**(dataset or ckpt["config"]["dataset"]), **ckpt["normalization"]}, device, False, 0)
+        saved = with_base_keys("dataset", dataset or ckpt["config"]["dataset"])
+        data = load_data({**saved, **ckpt["normalization"]}, device, False, 0)
         if "classes" in ckpt:  # a class-incremental task's model: tested on the classes it has learnt
             data = with_classes(data, ckpt["classes"])
         check_compatible(ckpt, data, "checkpoint")

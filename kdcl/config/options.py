@@ -71,6 +71,14 @@ def section_option(group: str, name: str) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.merge(base, group_option(group, name)), resolve=True)
 
 
+def with_base_keys(group: str, section: Mapping[str, Any]) -> dict[str, Any]:
+    """``section`` completed with the shared keys of ``group`` it lacks, at their values in
+    ``conf/base/<group>.yaml``: a section saved before a shared key existed (an older
+    checkpoint's dataset) reads as a section composed today."""
+    base = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "base" / f"{group}.yaml"), resolve=True)
+    return {**base, **section}
+
+
 def base_keys(group: str) -> list[str]:
     """The keys every option of ``group`` shares (``conf/base/<group>.yaml``)."""
     return list(OmegaConf.load(Path(CONF_DIR) / "base" / f"{group}.yaml"))

@@ -554,7 +554,7 @@ def train_stage(
         "arch": spec["name"],
         "distill": distill["name"],
         "curriculum": f"{curriculum_cfg.scorer}/{curriculum_cfg.order}"
-        if curriculum_cfg.type == "paced"
+        if PLANS.trait(curriculum_cfg.type, "ranked")
         else curriculum_cfg.type,
         "best_val_acc": result.best_val_acc,
         "best_epoch": result.best_epoch,
