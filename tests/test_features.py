@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from kdcl.config.options import loss_spec
 from kdcl.distill.features import FeatureTap, resolve_layers
 from kdcl.distill.losses import LossContext, create_loss
 from kdcl.errors import KdclError
@@ -103,7 +104,7 @@ def test_gradients_reach_the_adapters_and_the_student_not_the_teacher():
     student = create_model("cnn", 10, SHAPE, width=4)
     teacher = create_model("cnn", 10, SHAPE, width=8)
     loss = create_loss(
-        {"name": "composed", "alpha": 0.9, "losses": [{"name": "fitnet", "weight": 100.0}, {"name": "at"}]}
+        loss_spec({"name": "composed", "alpha": 0.9, "losses": [{"name": "fitnet", "weight": 100.0}, {"name": "at"}]})
     )
     loss.bind(student, teacher, example())
     fitnet = loss.parts[0]

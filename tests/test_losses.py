@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from kdcl.config.options import loss_option, loss_spec
 from kdcl.distill.losses import LOSSES, LossContext, create_loss, kl_teacher_student
 from kdcl.errors import KdclError
 
@@ -38,7 +39,7 @@ def logits():
 @pytest.mark.parametrize("alpha", [0.0, 0.1, 0.9, 1.0])
 def test_kd_equals_hinton_formula(logits, alpha, temperature):
     s, t, y = logits
-    out = create_loss({"name": "kd"})(s, t, y, alpha, temperature)
+    out = create_loss(loss_option("kd"))(s, t, y, alpha, temperature)
     zs, zt, yy = s.numpy(), t.numpy(), y.numpy()
     soft = temperature**2 * kl(softmax(zt / temperature), softmax(zs / temperature))
     expected = (1 - alpha) * cross_entropy(zs, yy) + alpha * soft
@@ -52,7 +53,7 @@ def test_kd_per_example_alpha(logits):
     """A per-example α (from teacher trust) mixes CE and KD example by example."""
     s, t, y = logits
     alpha = torch.linspace(0, 1, 16, dtype=torch.float64)
-    out = create_loss({"name": "kd"})(s, t, y, alpha, 2.0)
+    out = create_loss(loss_option("kd"))(s, t, y, alpha, 2.0)
     expected = (1 - alpha.numpy()) * cross_entropy(s.numpy(), y.numpy()) + alpha.numpy() * 4 * kl(
         softmax(t.numpy() / 2), softmax(s.numpy() / 2)
     )
@@ -89,7 +90,7 @@ def test_kd_is_zero_when_student_equals_teacher(logits):
 def test_mse_equals_formula(logits, kl_weight):
     s, t, y = logits
     alpha, T = 0.7, 3.0
-    out = create_loss({"name": "mse", "kl_weight": kl_weight})(s, t, y, alpha, T)
+    out = create_loss({**loss_option("mse"), "kl_weight": kl_weight})(s, t, y, alpha, T)
     zs, zt = s.numpy(), t.numpy()
     soft = ((zs - zt) ** 2).mean(axis=1) + kl_weight * T * T * kl(softmax(zt / T), softmax(zs / T))
     expected = (1 - alpha) * cross_entropy(zs, y.numpy()) + alpha * soft
@@ -99,7 +100,7 @@ def test_mse_equals_formula(logits, kl_weight):
 
 def test_none_is_cross_entropy_and_needs_no_teacher(logits):
     s, _, y = logits
-    loss = create_loss({"name": "none"})
+    loss = create_loss(loss_option("none"))
     assert not loss.needs_teacher
     assert loss(s, None, y)["loss"].numpy() == pytest.approx(cross_entropy(s.numpy(), y.numpy()), rel=1e-6)
 
@@ -125,7 +126,7 @@ def soft_targets(zt: np.ndarray, zs: np.ndarray, T: float) -> tuple[np.ndarray, 
 def test_soft_ce_equals_formula(logits, temperature):
     s, t, y = logits
     alpha = 0.7
-    out = create_loss({"name": "soft_ce"})(s, t, y, alpha, temperature)
+    out = create_loss(loss_option("soft_ce"))(s, t, y, alpha, temperature)
     p, q = soft_targets(t.numpy(), s.numpy(), temperature)
     soft = temperature**2 * -(p * np.log(q)).sum(axis=1)  # H(p_t, q_s), teacher → student
     assert out["soft_ce"].numpy() == pytest.approx(soft, rel=1e-5)
@@ -141,7 +142,7 @@ def test_soft_ce_equals_formula(logits, temperature):
 def test_focal_equals_formula(logits, gamma):
     s, t, y = logits
     alpha, T = 0.8, 3.0
-    out = create_loss({"name": "focal", "gamma": gamma})(s, t, y, alpha, T)
+    out = create_loss({**loss_option("focal"), "gamma": gamma})(s, t, y, alpha, T)
     p, q = soft_targets(t.numpy(), s.numpy(), T)
     focal = T * T * -(p * (1 - q) ** gamma * np.log(q)).sum(axis=1)
     assert out["focal"].numpy() == pytest.approx(focal, rel=1e-5)
@@ -149,7 +150,7 @@ def test_focal_equals_formula(logits, gamma):
         (1 - alpha) * cross_entropy(s.numpy(), y.numpy()) + alpha * focal, rel=1e-5
     )
     if gamma == 0:  # γ = 0 is the soft cross-entropy
-        soft = create_loss({"name": "soft_ce"})(s, t, y, alpha, T)["soft_ce"]
+        soft = create_loss(loss_option("soft_ce"))(s, t, y, alpha, T)["soft_ce"]
         assert out["focal"].numpy() == pytest.approx(soft.numpy(), rel=1e-6)
 
 
@@ -159,7 +160,7 @@ def test_focal_with_one_hot_targets_is_lin_et_al():
     y = torch.arange(8) % 5
     one_hot = torch.nn.functional.one_hot(y, 5).double() * 200  # softmax ≈ one-hot
     q = softmax(s.numpy())[np.arange(8), y.numpy()]
-    out = create_loss({"name": "focal", "gamma": 2.0})(s, one_hot, y, 1.0, 1.0)
+    out = create_loss({**loss_option("focal"), "gamma": 2.0})(s, one_hot, y, 1.0, 1.0)
     assert out["focal"].numpy() == pytest.approx(-((1 - q) ** 2) * np.log(q), rel=1e-5)
 
 
@@ -180,7 +181,7 @@ def dkd_terms(zs: np.ndarray, zt: np.ndarray, y: np.ndarray, T: float) -> tuple[
 def test_dkd_equals_formula_with_warmup(logits, epoch, warm):
     s, t, y = logits
     T, a, b = 4.0, 1.0, 8.0
-    loss = create_loss({"name": "dkd", "tckd_weight": a, "nckd_weight": b, "warmup_epochs": 4})
+    loss = create_loss({**loss_option("dkd"), "tckd_weight": a, "nckd_weight": b, "warmup_epochs": 4})
     out = loss(s, t, y, 0.9, T, LossContext(epoch=epoch))
     tckd, nckd = dkd_terms(s.numpy(), t.numpy(), y.numpy(), T)
     # float32 KL of nearly equal binary distributions: an absolute tolerance
@@ -195,7 +196,7 @@ def test_dkd_decomposes_kd(logits):
     """Zhao et al. (2022), Eq. 4: KD = TCKD + (1 − p_t,y)·NCKD (at the same T, with T²)."""
     s, t, y = logits
     T = 2.0
-    out = create_loss({"name": "dkd", "warmup_epochs": 0})(s, t, y, 0.0, T)
+    out = create_loss({**loss_option("dkd"), "warmup_epochs": 0})(s, t, y, 0.0, T)
     pt_y = softmax(t.numpy() / T)[np.arange(16), y.numpy()]
     kd = kl_teacher_student(s, t, T).numpy()
     assert kd == pytest.approx(out["tckd"].numpy() + (1 - pt_y) * out["nckd"].numpy(), rel=1e-5, abs=1e-5)
@@ -216,7 +217,7 @@ def feats():
 def test_fitnet_equals_formula(logits, feats):
     s, t, y = logits
     alpha, T, beta = 0.3, 4.0, 100.0
-    loss = create_loss({"name": "fitnet", "beta": beta})
+    loss = create_loss({**loss_option("fitnet"), "beta": beta})
     loss.connect([("a", "b")], [((4, 8, 8), (6, 4, 4))])
     loss.double()
     ctx = LossContext(2, {"a": feats["s_map"]}, {"b": feats["t_map"]})
@@ -234,7 +235,7 @@ def test_fitnet_equals_formula(logits, feats):
 
 def test_fitnet_hint_epochs_train_on_the_hint_alone(logits, feats):
     s, t, y = logits
-    loss = create_loss({"name": "fitnet", "beta": 10.0, "hint_epochs": 2})
+    loss = create_loss({**loss_option("fitnet"), "beta": 10.0, "hint_epochs": 2})
     loss.connect([("a", "b")], [((4, 8, 8), (6, 4, 4))])
     loss.double()
     for epoch in (1, 2, 3):
@@ -251,7 +252,7 @@ def attention(a: np.ndarray, p: float = 2.0) -> np.ndarray:
 def test_attention_transfer_equals_formula(logits, feats):
     s, t, y = logits
     alpha, T, beta = 0.0, 4.0, 1000.0
-    loss = create_loss({"name": "at", "beta": beta})
+    loss = create_loss({**loss_option("at"), "beta": beta})
     loss.connect([("a", "b"), ("c", "d")], [((4, 8, 8), (6, 4, 4)), ((3, 4, 4), (5, 4, 4))])
     ctx = LossContext(1, {"a": feats["s_map"], "c": feats["s_map2"]}, {"b": feats["t_map"], "d": feats["t_map2"]})
     out = loss(s, t, y, alpha, T, ctx)
@@ -264,7 +265,7 @@ def test_attention_transfer_equals_formula(logits, feats):
 
 
 def test_attention_transfer_refuses_vectors():
-    loss = create_loss({"name": "at"})
+    loss = create_loss(loss_option("at"))
     with pytest.raises(KdclError, match="needs spatial feature maps") as err:
         loss.connect([("5:input", "10")], [((100,), (32, 8, 8))])
     assert "5:input" in str(err.value) and "cnn_small" in err.value.fix
@@ -284,7 +285,7 @@ def test_composed_sums_weighted_terms(logits, feats):
             {"name": "soft_ce", "weight": 0.5},
         ],
     }
-    loss = create_loss(spec)
+    loss = create_loss(loss_spec(spec))
     loss.parts[1].connect([("a", "b")], [((4, 8, 8), (6, 4, 4))])
     loss.double()
     ctx = LossContext(1, {"a": feats["s_map"]}, {"b": feats["t_map"]})
@@ -304,7 +305,9 @@ def test_composed_sums_weighted_terms(logits, feats):
 
 def test_composed_repeated_terms_get_their_position(logits):
     s, t, y = logits
-    loss = create_loss({"name": "composed", "alpha": 0.9, "losses": [{"name": "kd"}, {"name": "kd", "weight": 2.0}]})
+    loss = create_loss(
+        loss_spec({"name": "composed", "alpha": 0.9, "losses": [{"name": "kd"}, {"name": "kd", "weight": 2.0}]})
+    )
     out = loss(s, t, y, 0.9, 2.0)
     assert set(out) == {"loss", "ce", "kd", "kd_1"}
     assert torch.allclose(out["kd"], out["kd_1"])
@@ -312,9 +315,9 @@ def test_composed_repeated_terms_get_their_position(logits):
 
 def test_composed_needs_losses_and_bad_keys_are_named():
     with pytest.raises(KdclError, match="no losses"):
-        create_loss({"name": "composed", "alpha": 0.9, "losses": []})
+        create_loss(loss_spec({"name": "composed", "alpha": 0.9, "losses": []}))
     with pytest.raises(KdclError, match="distill=dkd") as err:
-        create_loss({"name": "dkd", "kl_weight": 1.0})
+        create_loss({**loss_option("dkd"), "kl_weight": 1.0})
     assert "nckd_weight" in err.value.fix
 
 
@@ -322,10 +325,10 @@ def test_alpha_and_temperature_are_not_the_loss_keys():
     """The control owns α and T and passes them every step: a loss takes neither (composed
     alone takes alpha, the α₀ its weights are given at)."""
     with pytest.raises(KdclError, match=r"distill=kd: .*alpha") as err:
-        create_loss({"name": "kd", "alpha": 0.9})
+        create_loss({**loss_option("kd"), "alpha": 0.9})
     assert err.value.fix == "kd takes no keys of its own"
     with pytest.raises(KdclError, match=r"distill=lwf: .*temperature"):
-        create_loss({"name": "lwf", "lam": 1.0, "temperature": 2.0})
+        create_loss({**loss_option("lwf"), "lam": 1.0, "temperature": 2.0})
     for name in LOSSES.names():
-        loss = create_loss({"name": name, **({"alpha": 0.9, "losses": [{"name": "kd"}]} if name == "composed" else {})})
+        loss = create_loss(loss_option(name))
         assert not hasattr(loss, "alpha") and not hasattr(loss, "temperature"), name

@@ -114,11 +114,26 @@ def control_keys() -> tuple[str, ...]:
 
 
 def distill_parts(distill: Mapping[str, Any], where: str = "distill") -> tuple[dict[str, Any], ControlConfig]:
-    """A ``distill`` section split in two: the loss's spec (its ``name`` and its own keys,
-    what :func:`kdcl.distill.losses.create_loss` takes) and the control's keys, typed. A
-    loss whose constructor names a control key gets that key too: ``composed`` takes
-    ``alpha``, the α its weights are given at."""
+    """A ``distill`` section split in two: the loss's spec (:func:`loss_spec`) and the
+    control's keys, typed."""
+    keys = control_keys()
+    return loss_spec(distill), typed(ControlConfig, {k: v for k, v in distill.items() if k in keys}, where)
+
+
+def loss_spec(distill: Mapping[str, Any]) -> dict[str, Any]:
+    """What :func:`kdcl.distill.losses.create_loss` takes from a ``distill`` section: its
+    ``name`` and the loss's own keys. A loss whose constructor names a control key gets that
+    key too: ``composed`` takes ``alpha``, the α its weights are given at; each entry of
+    composed's ``losses`` starts from its own loss's option file."""
     keys = control_keys()
     declared = inspect.signature(LOSSES.get(distill["name"])).parameters
     loss = {k: v for k, v in distill.items() if k not in keys or k in declared}
-    return loss, typed(ControlConfig, {k: v for k, v in distill.items() if k in keys}, where)
+    if "losses" in loss:
+        loss["losses"] = [{**loss_option(entry["name"]), **entry} for entry in loss["losses"]]
+    return loss
+
+
+def loss_option(name: str) -> dict[str, Any]:
+    """The loss spec of ``conf/distill/<name>.yaml``: its ``name`` and its own keys, at the
+    option's values (where every loss's defaults live)."""
+    return loss_spec(section_option("distill", name))

@@ -175,7 +175,7 @@ class LogitMSE(DistillLoss):
     with α = 1 this is the users' ``MSE(z_s, z_t) + λ·KL`` form.
     """
 
-    def __init__(self, kl_weight: float = 0.0):
+    def __init__(self, kl_weight: float):
         super().__init__()
         self.kl_weight = float(kl_weight)
 
@@ -241,7 +241,7 @@ class FocalKD(SoftCrossEntropy):
 
     term = "focal"
 
-    def __init__(self, gamma: float = 2.0):
+    def __init__(self, gamma: float):
         super().__init__()
         self.gamma = float(gamma)
 
@@ -288,7 +288,7 @@ class DecoupledKD(DistillLoss):
     The CE weight is 1, as in mdistiller: ``distill.alpha`` is not used.
     """
 
-    def __init__(self, tckd_weight: float = 1.0, nckd_weight: float = 8.0, warmup_epochs: float = 20):
+    def __init__(self, tckd_weight: float, nckd_weight: float, warmup_epochs: float):
         super().__init__()
         self.tckd_weight, self.nckd_weight, self.warmup_epochs = float(tckd_weight), float(nckd_weight), warmup_epochs
 
@@ -319,7 +319,7 @@ class LearningWithoutForgetting(DistillLoss):
     with the CE weight at 1.
     """
 
-    def __init__(self, lam: float = 1.0):
+    def __init__(self, lam: float):
         super().__init__()
         self.lam = float(lam)
 
@@ -403,10 +403,10 @@ class FitNet(FeatureLoss):
 
     def __init__(
         self,
-        beta: float = 100.0,
-        student_layer: Any = "auto:last_conv",
-        teacher_layer: Any = "auto:last_conv",
-        hint_epochs: int = 0,
+        beta: float,
+        student_layer: Any,
+        teacher_layer: Any,
+        hint_epochs: int,
     ):
         super().__init__(beta, student_layer, teacher_layer)
         self.hint_epochs = int(hint_epochs)
@@ -458,10 +458,10 @@ class AttentionTransfer(FeatureLoss):
 
     def __init__(
         self,
-        beta: float = 1000.0,
-        p: float = 2.0,
-        student_layer: Any = "auto:stages",
-        teacher_layer: Any = "auto:stages",
+        beta: float,
+        p: float,
+        student_layer: Any,
+        teacher_layer: Any,
     ):
         super().__init__(beta, student_layer, teacher_layer)
         self.p = float(p)
@@ -500,7 +500,7 @@ class Composed(DistillLoss):
     are logged, a repeated name with the entry's position appended (``kd_1``).
     """
 
-    def __init__(self, alpha: float, losses: Sequence[dict] = ()):
+    def __init__(self, alpha: float, losses: Sequence[dict]):
         super().__init__()
         self.alpha0 = float(alpha)
         if not losses:
