@@ -164,9 +164,12 @@ class LoaderSource:
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
         )
-        for x, y, idx in loader:
-            y = y if self.label_map is None else self.label_map[y]
-            yield idx.to(self.device), x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        try:
+            for x, y, idx in loader:
+                y = y if self.label_map is None else self.label_map[y]
+                yield idx.to(self.device), x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        except KdclError as err:
+            raise from_worker(err) from None
 
     def subset(self, positions: np.ndarray, label_map: Tensor) -> LoaderSource:
         """The examples at ``positions``, each label ``y`` replaced by ``label_map[y]``."""
@@ -175,6 +178,15 @@ class LoaderSource:
         return LoaderSource(
             self.dataset, self.raw_labels[positions], self.origin[positions], self.device, self.num_workers, composed
         )
+
+
+def from_worker(err: KdclError) -> KdclError:
+    """The error a DataLoader worker raised, as raised there: a worker's exception comes back
+    rebuilt from its formatted traceback, which would otherwise be the message."""
+    if err.fix is not None or "Original Traceback" not in err.what:
+        return err
+    what, _, fix = err.what.rsplit("KdclError: ", 1)[-1].partition("\n  fix: ")
+    return KdclError(what.strip(), fix=fix.strip() or None)
 
 
 def make_source(split: RawSplit, indices: np.ndarray, device: torch.device, num_workers: int) -> Source:
@@ -405,6 +417,8 @@ def load_data(cfg: dict[str, Any], device: torch.device, channels_last: bool, se
     """Load ``cfg["name"]``, carve the validation split and build the sources."""
     loader = DATASETS.get(cfg["name"])
     train, test, class_names = loader(cfg)
+    check_labels(cfg["name"], train.y, test.y, class_names)
+    check_shapes(cfg["name"], image_shape(train), image_shape(test))
     split_seed = cfg["split_seed"]
     pool = stratified_subset(train.y, cfg["max_train_samples"], split_seed)
     order = stratified_order(train.y[pool], split_seed)
@@ -417,6 +431,7 @@ def load_data(cfg: dict[str, Any], device: torch.device, channels_last: bool, se
                 f"the {split_name} split of dataset {cfg['name']!r} is empty",
                 fix="raise dataset.max_train_samples / dataset.max_test_samples or lower dataset.val_fraction",
             )
+    check_carve(cfg, train.y, pool, train_idx, class_names)
     num_workers = cfg["num_workers"]
     sample = train.x[train_idx[:1]] if train.x is not None else train.dataset[0][0][None].numpy()
     mean, std = cfg["mean"], cfg["std"]
@@ -437,6 +452,112 @@ def load_data(cfg: dict[str, Any], device: torch.device, channels_last: bool, se
         std=[float(s) for s in std],
         preprocess=Preprocess(mean, std, cfg["crop_padding"], cfg["flip"], device, channels_last, seed, padding_mode),
     )
+
+
+# --------------------------------------------------------------------------- checks
+# Each loaded dataset is checked before anything trains: a problem is one KdclError.
+
+
+def _some(values: Iterable[Any], limit: int = 6) -> str:
+    values = list(values)
+    shown = ", ".join(str(v) for v in values[:limit])
+    return shown + (f" … (+{len(values) - limit})" if len(values) > limit else "")
+
+
+def check_arrays(name: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Images ``x`` and labels ``y`` read from ``name`` must pair up: one integer label per
+    image. Returns the labels as int64."""
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise KdclError(
+            f"{name}: y must be one label per image (shape (N,)), found shape {y.shape}",
+            fix="store y as a 1-D array of class indices 0..C-1",
+        )
+    if len(x) != len(y):
+        raise KdclError(
+            f"{name}: x holds {len(x)} images but y holds {len(y)} labels",
+            fix="store exactly one label in y for each image in x",
+        )
+    whole = y.dtype.kind in "biu" or (y.dtype.kind == "f" and np.all(np.isfinite(y)) and np.all(y == np.round(y)))
+    if not whole:
+        bad = y if y.dtype.kind != "f" else y[~(np.isfinite(y) & (y == np.round(y)))]
+        raise KdclError(
+            f"{name}: labels must be integer class indices, found {y.dtype} labels such as {_some(np.unique(bad), 3)}",
+            fix="store y as integers 0..C-1 (one per class)",
+        )
+    return y.astype(np.int64)
+
+
+def check_labels(name: str, train_y: np.ndarray, test_y: np.ndarray, class_names: Sequence[str]) -> None:
+    """Labels are class indices 0..C−1 (C: the number of class names), and every class the
+    test split has is one the training split has."""
+    c = len(class_names)
+    for split, y in (("train", train_y), ("test", test_y)):
+        bad = np.unique(y[(y < 0) | (y >= c)])
+        if len(bad):
+            raise KdclError(
+                f"dataset {name!r}: the {split} split has labels {_some(bad)} outside 0..{c - 1} "
+                f"(the dataset has {c} classes: {_some(class_names)})",
+                fix="store labels as class indices 0..C-1, with one class name per class (dataset.class_names)",
+            )
+    unseen = np.setdiff1d(np.unique(test_y), np.unique(train_y))
+    if len(unseen):
+        raise KdclError(
+            f"dataset {name!r}: the test split has classes the training split never has: "
+            f"{_some(class_names[k] for k in unseen)} ({len(unseen)} of {c})",
+            fix="add training examples of those classes, or remove them from the test split",
+        )
+
+
+def image_shape(split: RawSplit) -> tuple[int, ...]:
+    """(C, H, W) of a split's images (its first image, when read per sample)."""
+    if split.x is not None:
+        return tuple(int(s) for s in split.x.shape[1:])
+    return tuple(int(s) for s in split.dataset[0][0].shape) if len(split.y) else ()
+
+
+def check_shapes(name: str, train_shape: Sequence[int], test_shape: Sequence[int]) -> None:
+    """Train and test images have the same channels and size."""
+    if train_shape and test_shape and tuple(train_shape) != tuple(test_shape):
+        raise KdclError(
+            f"dataset {name!r}: train images are {_shape(train_shape)} but test images are {_shape(test_shape)}",
+            fix="store both splits at the same size and number of channels",
+        )
+
+
+def _shape(shape: Sequence[int]) -> str:
+    c, h, w = shape
+    return f"{h}×{w} with {c} channel{'s' if c != 1 else ''}"
+
+
+def check_carve(
+    cfg: dict[str, Any], labels: np.ndarray, pool: np.ndarray, train_idx: np.ndarray, class_names: Sequence[str]
+) -> None:
+    """Every class of the training data keeps at least one example to train on.
+
+    The validation carve takes the first ``val_fraction`` of :func:`stratified_order`, which
+    spreads each class evenly along the order: a class of n examples gives about
+    ``val_fraction``·n of them to validation, and a class of one example goes wholly to one
+    side. A class the carve (or ``max_train_samples`` before it) leaves without a training
+    example would be validated and tested but never trained on.
+    """
+    kept = np.bincount(labels[train_idx], minlength=len(class_names))
+    for k in np.unique(labels):
+        if kept[k]:
+            continue
+        n, m = int(np.sum(labels == k)), int(np.sum(labels[pool] == k))
+        plural = "s" if n != 1 else ""
+        subset = cfg["max_train_samples"]
+        what = f"dataset {cfg['name']!r}: class {class_names[k]!r} has {n} training example{plural}"
+        if m < n:
+            what += f", dataset.max_train_samples={subset} keeps {m or 'none'} of them"
+        if m:
+            what += f", and the validation carve (dataset.val_fraction={cfg['val_fraction']}) takes all {m}"
+        raise KdclError(
+            what + ": none is left to train on",
+            fix=f"give class {class_names[k]!r} more training examples (at least 2: one to train on, one to "
+            "validate with), lower dataset.val_fraction" + (" or raise dataset.max_train_samples" if m < n else ""),
+        )
 
 
 def channel_stats(split: RawSplit, indices: np.ndarray, limit: int = 4096) -> tuple[list[float], list[float]]:
@@ -491,11 +612,30 @@ def npz(cfg: dict) -> tuple[RawSplit, RawSplit, list[str]]:
                 f"{path} not found",
                 fix="point dataset.root at a directory holding train.npz and test.npz (arrays x and y)",
             )
-        with np.load(path) as arrays:
-            splits.append(RawSplit(arrays["y"].astype(np.int64), to_nchw(arrays["x"])))
+        splits.append(read_npz(path))
     num_classes = int(max(s.y.max() for s in splits)) + 1
     names = cfg.get("class_names") or [str(c) for c in range(num_classes)]
     return splits[0], splits[1], list(names)
+
+
+def read_npz(path: Path) -> RawSplit:
+    """One split from an ``.npz`` file holding images ``x`` and labels ``y``."""
+    try:
+        arrays = np.load(path)
+    except (OSError, ValueError) as err:
+        raise KdclError(
+            f"{path} is not a readable .npz file ({err})", fix="save it with np.savez(path, x=images, y=labels)"
+        ) from None
+    with arrays:
+        missing = [key for key in ("x", "y") if key not in arrays.files]
+        if missing:
+            raise KdclError(
+                f"{path} has no array {' or '.join(repr(k) for k in missing)} "
+                f"(it holds: {_some(arrays.files) or 'nothing'})",
+                fix="save images as x and labels as y: np.savez(path, x=images, y=labels)",
+            )
+        x = to_nchw(arrays["x"])
+        return RawSplit(check_arrays(str(path), x, arrays["y"]), x)
 
 
 def _torchvision(cfg: dict, cls: type) -> tuple[RawSplit, RawSplit, list[str]]:
@@ -564,6 +704,22 @@ def fake(cfg: dict) -> tuple[RawSplit, RawSplit, list[str]]:
     return splits[0], splits[1], [f"class_{c}" for c in range(k)]
 
 
+def read_image(path: str) -> Any:
+    """An image file as an RGB PIL image (torchvision's default loader); a file that cannot be
+    decoded is a :class:`KdclError` naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, SyntaxError, ValueError) as err:  # PIL.UnidentifiedImageError and truncated files: OSError
+        reason = "not an image file PIL can identify" if isinstance(err, UnidentifiedImageError) else err
+        raise KdclError(
+            f"cannot decode image file {path} ({reason})",
+            fix="replace the file with a readable image, or remove it from the dataset folder",
+        ) from None
+
+
 @register_dataset("imagefolder")
 def imagefolder(cfg: dict) -> tuple[RawSplit, RawSplit, list[str]]:
     """Image files in ``root/train/<class>/*`` and ``root/test/<class>/*``, read per sample
@@ -577,7 +733,7 @@ def imagefolder(cfg: dict) -> tuple[RawSplit, RawSplit, list[str]]:
     for part in ("train", "test"):
         folder = Path(cfg["root"]).expanduser() / part
         try:
-            ds = ImageFolder(str(folder), transform=to_tensor)
+            ds = ImageFolder(str(folder), transform=to_tensor, loader=read_image)
         except (FileNotFoundError, OSError) as err:
             raise KdclError(
                 f"no images under {folder} ({err})",

@@ -138,6 +138,48 @@ def test_corrupt_checkpoint_is_refused(cli, tmp_path):
     assert_clean_error(cli("eval", f"checkpoint={bad}", f"hydra.run.dir={tmp_path / 'out'}"), "corrupt")
 
 
+def test_bad_data_is_refused_before_training(cli, tmp_path):
+    """Data that cannot train is one message, exit 2, and the run directory holds only Hydra's files."""
+    import numpy as np
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    x = np.zeros((20, 4, 4), dtype=np.uint8)
+    np.savez(data / "train.npz", x=x, y=np.arange(20) % 2)
+    np.savez(data / "test.npz", x=x, labels=np.arange(20) % 2)
+    result = cli("train", "dataset=npz", f"dataset.root={data}", f"hydra.run.dir={out}")
+    assert_clean_error(result, "test.npz has no array 'y' (it holds: x, labels)", "fix: save images as x")
+    assert result.returncode == 2
+    assert sorted(p.name for p in out.iterdir()) == [".hydra", "train.log"]
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        ("text", "not a kdcl checkpoint"),
+        ("pickled-list", "safe loading refuses what it holds"),
+        ("dict", "it holds a dict of 1 entries, not all tensors (epoch (int))"),
+    ],
+)
+def test_eval_of_a_file_that_is_no_checkpoint(cli, tmp_path, content, needle):
+    import pickle
+
+    import torch
+
+    path = tmp_path / "model.pt"
+    if content == "text":
+        path.write_text("weights: none\n")
+    elif content == "pickled-list":
+        path.write_bytes(pickle.dumps([1, 2, 3]))
+    else:
+        torch.save({"epoch": 3}, path)
+    result = cli("eval", f"checkpoint={path}", "model=mlp", "dataset=digits", f"hydra.run.dir={tmp_path / 'out'}")
+    assert_clean_error(
+        result, f"{path} is not a kdcl checkpoint nor a state_dict", needle, "torch.save(model.state_dict()"
+    )
+    assert result.returncode == 2 and len([line for line in result.stderr.splitlines() if line.strip()]) == 2
+
+
 @pytest.mark.slow
 def test_installed_wheel_ships_configs_and_runs_anywhere(tmp_path):
     """``pip install .`` (not editable): the configs travel as package data."""

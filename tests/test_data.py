@@ -219,3 +219,124 @@ def test_imagefolder_missing_names_dataset_root(tmp_path, compose_cfg):
     cfg = dataset_cfg(compose_cfg, "dataset=imagefolder", f"dataset.root={tmp_path}")
     with pytest.raises(KdclError, match="dataset.root"):
         load_data(cfg, CPU, False, 0)
+
+
+# --------------------------------------------------------------------------- checks on load
+def write_npz(root, train: dict, test: dict | None = None) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    np.savez(root / "train.npz", **train)
+    np.savez(root / "test.npz", **(train if test is None else test))
+
+
+def images(n: int, shape=(6, 6)) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (n, *shape), dtype=np.uint8)
+
+
+def load_npz(compose_cfg, root, *overrides: str):
+    cfg = dataset_cfg(compose_cfg, "dataset=npz", f"dataset.root={root}", *overrides)
+    return load_data(cfg, CPU, False, 0)
+
+
+def test_npz_without_x_or_y_names_the_file_and_its_arrays(tmp_path, compose_cfg):
+    write_npz(tmp_path, {"images": images(30), "y": np.arange(30) % 3})
+    with pytest.raises(KdclError, match=r"train\.npz has no array 'x' \(it holds: images, y\)"):
+        load_npz(compose_cfg, tmp_path)
+
+
+def test_npz_x_and_y_of_different_lengths(tmp_path, compose_cfg):
+    write_npz(tmp_path, {"x": images(30), "y": np.arange(29) % 3})
+    with pytest.raises(KdclError, match=r"train\.npz: x holds 30 images but y holds 29 labels"):
+        load_npz(compose_cfg, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("labels", "overrides", "message"),
+    [
+        (np.arange(30) % 3 - 1, [], r"the train split has labels -1 outside 0\.\.1"),
+        (
+            np.arange(30) % 3,
+            ["dataset.class_names=[a,b]"],
+            r"labels 2 outside 0\.\.1 \(the dataset has 2 classes: a, b\)",
+        ),
+        ((np.arange(30) % 3) + 0.5, [], r"labels must be integer class indices, found float64 labels such as 0\.5"),
+    ],
+    ids=["negative", "beyond-class-names", "non-integer"],
+)
+def test_labels_outside_the_classes_are_refused(tmp_path, compose_cfg, labels, overrides, message):
+    write_npz(tmp_path, {"x": images(30), "y": labels})
+    with pytest.raises(KdclError, match=message):
+        load_npz(compose_cfg, tmp_path, *overrides)
+
+
+def test_whole_float_labels_still_load(tmp_path, compose_cfg):
+    write_npz(tmp_path, {"x": images(30), "y": (np.arange(30) % 3).astype(np.float32)})
+    assert load_npz(compose_cfg, tmp_path).num_classes == 3
+
+
+def test_test_classes_the_training_split_never_has(tmp_path, compose_cfg):
+    write_npz(tmp_path, {"x": images(30), "y": np.arange(30) % 2}, {"x": images(30), "y": np.arange(30) % 3})
+    with pytest.raises(KdclError, match="the test split has classes the training split never has: 2"):
+        load_npz(compose_cfg, tmp_path)
+
+
+def test_train_and_test_images_of_different_shapes(tmp_path, compose_cfg):
+    y = np.arange(30) % 3
+    write_npz(tmp_path, {"x": images(30), "y": y}, {"x": images(30, (8, 8, 3)), "y": y})
+    with pytest.raises(KdclError, match="train images are 6×6 with 1 channel but test images are 8×8 with 3 channels"):
+        load_npz(compose_cfg, tmp_path)
+
+
+def test_class_too_small_for_the_validation_carve(tmp_path, compose_cfg):
+    """A class of one example goes wholly to one side of the carve: with val_fraction 0.6, to validation."""
+    y = np.concatenate([np.arange(40) % 2, [2]])
+    write_npz(tmp_path, {"x": images(41), "y": y})
+    with pytest.raises(KdclError, match="class '2' has 1 training example, and the validation carve") as err:
+        load_npz(compose_cfg, tmp_path, "dataset.val_fraction=0.6")
+    assert "takes all 1: none is left to train on" in err.value.what and "at least 2" in err.value.fix
+    assert len(load_npz(compose_cfg, tmp_path).train) == 37  # val_fraction 0.1: the class trains, as before
+
+
+def test_max_train_samples_too_small_for_every_class(compose_cfg):
+    cfg = dataset_cfg(compose_cfg, "dataset.max_train_samples=10", "dataset.val_fraction=0.1")  # digits: 1 per class
+    with pytest.raises(KdclError, match="dataset.max_train_samples=10 keeps 1 of them") as err:
+        load_data(cfg, CPU, False, 0)
+    assert "raise dataset.max_train_samples" in err.value.fix
+
+
+def image_folder(root, corrupt: str | None = None) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for part, n in (("train", 6), ("test", 2)):
+        for cls in ("cat", "dog"):
+            (root / part / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (10, 10, 3), dtype=np.uint8)).save(root / part / cls / f"{i}.png")
+    if corrupt:
+        (root / corrupt).write_bytes(b"not an image")
+
+
+def test_imagefolder_undecodable_training_image_is_named_on_load(tmp_path, compose_cfg):
+    image_folder(tmp_path, corrupt="train/dog/4.png")
+    cfg = dataset_cfg(compose_cfg, "dataset=imagefolder", f"dataset.root={tmp_path}", "dataset.image_size=8")
+    with pytest.raises(
+        KdclError, match=r"cannot decode image file .*train/dog/4\.png \(not an image file PIL can identify\)"
+    ):
+        load_data(cfg, CPU, False, 0)  # the channel statistics read the training images
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_imagefolder_undecodable_image_read_later_is_named(tmp_path, compose_cfg, workers):
+    image_folder(tmp_path, corrupt="test/dog/1.png")
+    cfg = dataset_cfg(
+        compose_cfg,
+        "dataset=imagefolder",
+        f"dataset.root={tmp_path}",
+        "dataset.image_size=8",
+        f"dataset.num_workers={workers}",
+    )
+    data = load_data(cfg, CPU, False, 0)
+    with pytest.raises(KdclError) as err:
+        list(data.test.batches([torch.arange(4)]))
+    assert err.value.what.startswith("cannot decode image file") and "test/dog/1.png" in err.value.what
+    assert "Traceback" not in err.value.what and "remove it" in err.value.fix

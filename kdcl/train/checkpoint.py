@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,9 @@ from kdcl.errors import KdclError
 from kdcl.models import create_model
 
 FORMAT = "kdcl-checkpoint/1"
+NOT_A_CHECKPOINT_FIX = (
+    "pass a best.pt or last.pt written by kdcl train, or a state_dict saved with torch.save(model.state_dict(), PATH)"
+)
 
 
 def save_checkpoint(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
@@ -38,25 +42,47 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise KdclError(f"checkpoint {str(path)!r} does not exist", fix="pass the path of a best.pt or last.pt file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. a pickle protocol the safe loader names before refusing it
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        reason = str(err).partition("WeightsUnpickler error:")[2].partition("Check the documentation")[0].strip()
         raise KdclError(
-            f"checkpoint {path} holds objects that safe loading refuses ({str(err).splitlines()[0]})",
-            fix="only load checkpoints written by kdcl or plain state_dict files; nothing in this one was run",
+            f"{path} is not a kdcl checkpoint nor a state_dict: safe loading refuses what it holds "
+            f"({reason or str(err).splitlines()[0]})",
+            fix=NOT_A_CHECKPOINT_FIX + "; nothing in this file was run",
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
         raise KdclError(
             f"checkpoint {path} is truncated or corrupt ({err})", fix="use another copy of the file"
         ) from None
+    except (KeyError, ValueError, UnicodeDecodeError):  # not written by torch.save (a text file, say)
+        raise KdclError(
+            f"{path} is not a kdcl checkpoint nor a state_dict: it was not written by torch.save",
+            fix=NOT_A_CHECKPOINT_FIX,
+        ) from None
     if not isinstance(ckpt, dict):
         raise KdclError(
-            f"{path} holds a {type(ckpt).__name__}, not a checkpoint", fix="pass a best.pt written by kdcl train"
+            f"{path} is not a kdcl checkpoint nor a state_dict: it holds a {type(ckpt).__name__}",
+            fix=NOT_A_CHECKPOINT_FIX,
+        )
+    if not is_kdcl(ckpt) and not is_state_dict(ckpt):
+        others = [f"{k} ({type(v).__name__})" for k, v in ckpt.items() if not isinstance(v, torch.Tensor)]
+        raise KdclError(
+            f"{path} is not a kdcl checkpoint nor a state_dict: it holds a dict of {len(ckpt)} entries, "
+            f"not all tensors ({', '.join(others[:4])}{' …' if len(others) > 4 else ''})",
+            fix=NOT_A_CHECKPOINT_FIX,
         )
     return ckpt
 
 
 def is_kdcl(ckpt: dict[str, Any]) -> bool:
     return ckpt.get("format") == FORMAT
+
+
+def is_state_dict(ckpt: dict[str, Any]) -> bool:
+    """A plain ``model.state_dict()``: parameter names to tensors."""
+    return bool(ckpt) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt.items())
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
