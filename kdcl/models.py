@@ -65,6 +65,33 @@ def size_mb(model: nn.Module) -> float:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e6
 
 
+def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
+    """Multiply-accumulates of one forward pass on one example of shape ``input_shape``.
+
+    One MAC is one multiplication added to an accumulator; the count is half the FLOPs that
+    ``torch.utils.flop_counter.FlopCounterMode`` reports, which counts a multiply-add as two
+    FLOPs. It covers the ops that counter knows: convolutions, linear layers and matrix
+    products (mm, addmm, bmm, attention); elementwise ops (BatchNorm, activations, pooling,
+    additions, softmax) are not counted. The pass runs in eval mode under ``torch.no_grad``
+    on a zero input on the model's device; every module's train/eval mode is restored and
+    no BatchNorm running statistic changes."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    tensor = next(iter(model.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(model.buffers()), None)
+    device = tensor.device if tensor is not None else torch.device("cpu")
+    modes = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, *input_shape, device=device))
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+    return counter.get_total_flops() // 2
+
+
 def freeze(model: nn.Module) -> nn.Module:
     """A model as a teacher: eval mode, no gradients, BatchNorm folded into its convolutions."""
     return fold_batchnorm(model.eval().requires_grad_(False))

@@ -46,6 +46,7 @@ def test_train_then_eval_matches_summary(cli, tmp_path):
     ev = pd.read_csv(eval_dir / "eval.csv").iloc[0]
     assert ev["acc"] == pytest.approx(summary.loc["distill", "test_acc"], abs=1e-9)
     assert ev["loss"] == pytest.approx(summary.loc["distill", "test_loss"], rel=1e-5)
+    assert ev["macs"] == summary.loc["distill", "macs"] > 0
     per_class = pd.read_csv(eval_dir / "eval_per_class.csv")
     assert len(per_class) == 10 and per_class["support"].sum() == ev["examples"]
     confusion = pd.read_csv(eval_dir / "confusion.csv", index_col=0)

@@ -88,6 +88,8 @@ def test_several_teachers_train_into_their_folders(methods_run):
         assert (out / folder / "best.pt").is_file() and (out / folder / "metrics.csv").is_file()
     expected = recomputed_ensemble_acc(cfg, [out / "teacher" / "best.pt", out / "teacher_1" / "best.pt"])
     assert summary.loc["teacher_ensemble", "test_acc"] == pytest.approx(expected)
+    # an ensemble's MACs: the sum over its members
+    assert summary.loc["teacher_ensemble", "macs"] == summary.loc[["teacher", "teacher_1"], "macs"].sum()
 
 
 def test_composed_loss_logs_every_term(methods_run):
@@ -183,6 +185,7 @@ def test_born_again_runs_generations_and_their_ensemble(born_again_run):
     assert list(summary.index) == ["teacher", "gen_1", "gen_2", "ensemble"]
     assert (summary.loc[["teacher", "gen_1", "gen_2"], "arch"] == "cnn").all()  # the teacher's architecture
     assert summary.loc["gen_1", "params"] == summary.loc["teacher", "params"]
+    assert summary.loc["ensemble", "macs"] == 2 * summary.loc["teacher", "macs"]
     assert summary.loc["gen_2", "steps"] == summary.loc["teacher", "steps"]
     expected = recomputed_ensemble_acc(cfg, [out / "gen_1" / "best.pt", out / "gen_2" / "best.pt"])
     assert summary.loc["ensemble", "test_acc"] == pytest.approx(expected)

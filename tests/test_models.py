@@ -13,7 +13,7 @@ import yaml
 from torch import nn
 
 from kdcl.errors import KdclError
-from kdcl.models import MODELS, count_params, create_model, size_mb
+from kdcl.models import MODELS, count_macs, count_params, create_model, size_mb
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
@@ -44,6 +44,34 @@ def test_count_params_and_size_mb():
     model = create_model("mlp", num_classes=3, input_shape=(1, 2, 2), hidden=[5])
     assert count_params(model) == (4 * 5 + 5) + (5 * 3 + 3)
     assert size_mb(model) == pytest.approx(count_params(model) * 4 / 1e6)
+
+
+def test_count_macs_of_one_layer():
+    assert count_macs(nn.Linear(8, 4), (8,)) == 8 * 4
+    assert count_macs(nn.Conv2d(3, 16, 3, padding=1, bias=False), (3, 32, 32)) == 3 * 16 * 9 * 32 * 32
+
+
+def test_count_macs_of_vgg_is_the_sum_over_its_convs_and_linear():
+    w, classes = 8, 10
+    model = create_model("vgg", num_classes=classes, input_shape=(3, 32, 32), width=w)
+    # stage_convs (2, 1, 1) at resolutions 32, 16, 8 (ceil-mode pooling), then 4w -> K
+    convs = [(3, w, 32), (w, w, 32), (w, 2 * w, 16), (2 * w, 4 * w, 8)]
+    expected = sum(c_in * c_out * 9 * side * side for c_in, c_out, side in convs) + 4 * w * classes
+    assert count_macs(model, (3, 32, 32)) == expected
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_count_macs_leaves_the_model_as_it_was(training: bool):
+    model = create_model("vgg", num_classes=10, input_shape=(3, 32, 32), width=8).train(training)
+    with torch.no_grad():  # non-trivial BatchNorm statistics, which a train-mode pass would move
+        model(torch.randn(4, 3, 32, 32) * 3 + 1)
+    model.train(training)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    count_macs(model, (3, 32, 32))
+    assert all(m.training == training for m in model.modules())
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def _first_conv_resnet(model: nn.Module) -> nn.Conv2d:

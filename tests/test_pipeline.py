@@ -10,6 +10,7 @@ import torch
 from conftest import QUICK
 
 from kdcl.errors import KdclError
+from kdcl.models import count_macs
 from kdcl.scenarios.standard import run_pipeline
 from kdcl.train.checkpoint import load_checkpoint, model_from_checkpoint
 
@@ -96,6 +97,12 @@ def test_summary_rows_and_derived_columns(quick_run):
     )
     assert (rows["seed"] == cfg["seed"]).all()
     assert rows.loc["teacher", "params"] > rows.loc["distill", "params"] == rows.loc["baseline", "params"]
+    assert on_disk.columns.get_loc("macs") == on_disk.columns.get_loc("params") + 1
+    shape = tuple(load_checkpoint(out / "distill" / "best.pt")["input_shape"])
+    for stage in ("teacher", "baseline", "distill"):
+        model = model_from_checkpoint(load_checkpoint(out / stage / "best.pt"))
+        assert rows.loc[stage, "macs"] == count_macs(model, shape)
+    assert rows.loc["teacher", "macs"] > rows.loc["distill", "macs"] > 0
     assert rows.loc["teacher", "test_acc"] > 0.6  # the digits teacher learns in two short epochs
 
 

@@ -284,3 +284,28 @@ def test_an_error_mid_fill_leaves_no_entry(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["teacher-k.lock"]
     with store.claim("teacher-k") as entry:
         assert entry is None
+
+
+def test_rows_stored_before_the_macs_column_still_serve(compose_cfg, tmp_path):
+    import json
+
+    cache = tmp_path / "cache"
+    first = cached_run(compose_cfg, cache, tmp_path / "first")
+    for entry in (cache / name for name in entries(cache)):  # entries from before macs was a column
+        meta = json.loads((entry / "entry.json").read_text())
+        del meta["row"]["macs"]
+        (entry / "entry.json").write_text(json.dumps(meta))
+    old = cached_run(compose_cfg, cache, tmp_path / "old")
+    pd.testing.assert_frame_equal(
+        old.drop(columns=["checkpoint", "seconds"]), first.drop(columns=["checkpoint", "seconds"])
+    )
+
+    for done in (tmp_path / "old").glob("*/done.json"):  # and finished stages of such a run
+        meta = json.loads(done.read_text())
+        meta["row"].pop("macs", None)
+        done.write_text(json.dumps(meta))
+    resumed = cached_run(compose_cfg, cache, tmp_path / "old")
+    pd.testing.assert_frame_equal(
+        resumed.drop(columns=["checkpoint", "seconds"]), old.drop(columns=["checkpoint", "seconds"])
+    )
+    assert (resumed["macs"] > 0).all()

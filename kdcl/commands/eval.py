@@ -17,7 +17,7 @@ from kdcl.config.checks import validate_eval
 from kdcl.config.options import with_base_keys
 from kdcl.data import load_data, with_classes
 from kdcl.errors import KdclError
-from kdcl.models import count_params, create_model, size_mb
+from kdcl.models import count_macs, count_params, create_model, size_mb
 from kdcl.output.tables import print_table, write_csv
 from kdcl.train.checkpoint import (
     check_compatible,
@@ -94,6 +94,7 @@ def run_eval(
                 "loss": result.loss,
                 "macro_f1": float(f1.mean()),
                 "params": count_params(model),
+                "macs": count_macs(model, data.input_shape),
                 "size_mb": round(size_mb(model), 4),
                 "batch_size": batch_size,
                 "latency_ms_per_batch": latency_ms(model, data, trainer),
@@ -107,7 +108,7 @@ def run_eval(
     print_table(
         summary,
         f"kdcl eval — {checkpoint}",
-        ["model", "stage", "dataset", "examples", "acc", "loss", "macro_f1", "params", "latency_ms_per_batch"],
+        ["model", "stage", "dataset", "examples", "acc", "loss", "macro_f1", "params", "macs", "latency_ms_per_batch"],
     )
     print_table(per_class, "per class (test)")
     print_table(confusion.reset_index(names="true \\ pred"), "confusion matrix (rows: true, columns: predicted)")

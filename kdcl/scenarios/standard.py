@@ -56,7 +56,7 @@ from kdcl.distill.feeds import Feed, caches
 from kdcl.distill.losses import DistillLoss, create_loss
 from kdcl.distill.teachers import Teachers
 from kdcl.errors import KdclError
-from kdcl.models import count_params, create_model, freeze, size_mb
+from kdcl.models import count_macs, count_params, create_model, freeze, size_mb
 from kdcl.output.tables import print_table, write_csv
 from kdcl.scenarios.stage_cache import reuse_or_produce
 from kdcl.train.assemble import build_stage
@@ -81,6 +81,7 @@ SUMMARY_COLUMNS = [
     "last_epoch",
     "steps",
     "params",
+    "macs",
     "size_mb",
     "seconds",
     "kd_gain",
@@ -359,8 +360,9 @@ def reuse_or_train(run: Run, stage: str, produce: Callable[[], nn.Module]) -> nn
     )
     if cached_row is None:
         return model
-    run.rows[stage] = cached_row
     model = run.to_device(model_from_checkpoint(load_checkpoint(cached_row["checkpoint"])))
+    # entries stored before macs was a column lack it
+    run.rows[stage] = {"macs": count_macs(model, run.data.input_shape), **cached_row}
     run.test_logits[stage] = evaluate(model, run.data.test, run.data, run.trainer).logits
     return model
 
@@ -503,8 +505,8 @@ def train_stage(
         check_same_config(done["config"], run.cfg, out / "done.json")
         log.info("%s: finished in an earlier run (%s), not trained again", stage, out / "done.json")
         chosen = run.to_device(model_from_checkpoint(load_checkpoint(out / f"{select}.pt")))
-        test_columns(run, stage, chosen)
-        run.rows[stage] = done["row"]
+        columns = test_columns(run, stage, chosen)
+        run.rows[stage] = {"macs": columns["macs"], **done["row"]}  # rows written before macs was a column
         return chosen
     curriculum_cfg = typed(CurriculumConfig, curriculum, "curriculum")
     torch.manual_seed(seed)
@@ -583,6 +585,7 @@ def test_columns(run: Run, stage: str, model: nn.Module) -> dict[str, Any]:
         "test_acc": ev.acc,
         "test_loss": ev.loss,
         "params": count_params(model),
+        "macs": count_macs(model, run.data.input_shape),
         "size_mb": round(size_mb(model), 4),
     }
 
@@ -629,6 +632,7 @@ def summarize(run: Run) -> pd.DataFrame:
             "best_epoch",
             "steps",
             "params",
+            "macs",
             "seconds",
             "kd_gain",
             "teacher_agreement",
