@@ -418,7 +418,8 @@ def load_data(cfg: dict[str, Any], device: torch.device, channels_last: bool, se
     loader = DATASETS.get(cfg["name"])
     train, test, class_names = loader(cfg)
     check_labels(cfg["name"], train.y, test.y, class_names)
-    check_shapes(cfg["name"], image_shape(train), image_shape(test))
+    input_shape = image_shape(train)
+    check_shapes(cfg["name"], input_shape, image_shape(test))
     split_seed = cfg["split_seed"]
     pool = stratified_subset(train.y, cfg["max_train_samples"], split_seed)
     order = stratified_order(train.y[pool], split_seed)
@@ -433,13 +434,12 @@ def load_data(cfg: dict[str, Any], device: torch.device, channels_last: bool, se
             )
     check_carve(cfg, train.y, pool, train_idx, class_names)
     num_workers = cfg["num_workers"]
-    sample = train.x[train_idx[:1]] if train.x is not None else train.dataset[0][0][None].numpy()
     mean, std = cfg["mean"], cfg["std"]
     if mean is None or std is None:
         mean, std = channel_stats(train, train_idx)
     num_classes = len(class_names)
     padding_mode = cfg["crop_padding_mode"]
-    check_padding(padding_mode, cfg["crop_padding"], sample.shape[1:])
+    check_padding(padding_mode, cfg["crop_padding"], input_shape)
     return DataBundle(
         name=cfg["name"],
         train=make_source(train, train_idx, device, num_workers),
@@ -447,7 +447,7 @@ def load_data(cfg: dict[str, Any], device: torch.device, channels_last: bool, se
         test=make_source(test, test_idx, device, num_workers),
         num_classes=num_classes,
         class_names=list(class_names),
-        input_shape=tuple(int(s) for s in sample.shape[1:]),
+        input_shape=input_shape,
         mean=[float(m) for m in mean],
         std=[float(s) for s in std],
         preprocess=Preprocess(mean, std, cfg["crop_padding"], cfg["flip"], device, channels_last, seed, padding_mode),

@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from kdcl.config.schema import ControlConfig, typed
 from kdcl.distill.losses import LOSSES
@@ -67,21 +67,23 @@ def section_option(group: str, name: str) -> dict[str, Any]:
     """Option ``name`` of ``group`` as a whole section, as composing ``group=name`` gives
     it: the group's shared keys (``conf/base/<group>.yaml``) overridden by the option's.
     ``section_option("distill", "none")`` is cross-entropy alone, with every control key."""
-    base = OmegaConf.load(Path(CONF_DIR) / "base" / f"{group}.yaml")
-    return OmegaConf.to_container(OmegaConf.merge(base, group_option(group, name)), resolve=True)
+    return with_base_keys(group, group_option(group, name))
 
 
 def with_base_keys(group: str, section: Mapping[str, Any]) -> dict[str, Any]:
-    """``section`` completed with the shared keys of ``group`` it lacks, at their values in
-    ``conf/base/<group>.yaml``: a section saved before a shared key existed (an older
-    checkpoint's dataset) reads as a section composed today."""
-    base = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "base" / f"{group}.yaml"), resolve=True)
-    return {**base, **section}
+    """``section`` over the shared keys of ``group`` (``conf/base/<group>.yaml``): a section
+    saved before a shared key existed (an older checkpoint's dataset) reads as a section
+    composed today."""
+    return OmegaConf.to_container(OmegaConf.merge(_base(group), section), resolve=True)
 
 
 def base_keys(group: str) -> list[str]:
     """The keys every option of ``group`` shares (``conf/base/<group>.yaml``)."""
-    return list(OmegaConf.load(Path(CONF_DIR) / "base" / f"{group}.yaml"))
+    return list(_base(group))
+
+
+def _base(group: str) -> DictConfig:
+    return OmegaConf.load(Path(CONF_DIR) / "base" / f"{group}.yaml")
 
 
 def teacher_specs(cfg: dict[str, Any]) -> list[dict[str, Any]]:
@@ -102,7 +104,8 @@ def arm_config(cfg: dict[str, Any], arm: dict[str, Any]) -> tuple[dict[str, Any]
     base = {"distill": cfg["distill"], "curriculum": cfg["curriculum"]}
     name = (arm.get("distill") or {}).get("name", cfg["distill"]["name"])
     if name != cfg["distill"]["name"]:
-        shared = {k: v for k, v in cfg["distill"].items() if k in base_keys("distill")}
+        keys = base_keys("distill")
+        shared = {k: v for k, v in cfg["distill"].items() if k in keys}
         base["distill"] = {**shared, **group_option("distill", name)}
     merged = OmegaConf.to_container(OmegaConf.merge(base, arm))
     return merged["distill"], merged["curriculum"]

@@ -361,9 +361,8 @@ def reuse_or_train(run: Run, stage: str, produce: Callable[[], nn.Module]) -> nn
     if cached_row is None:
         return model
     model = run.to_device(model_from_checkpoint(load_checkpoint(cached_row["checkpoint"])))
-    # entries stored before macs was a column lack it
-    run.rows[stage] = {"macs": count_macs(model, run.data.input_shape), **cached_row}
-    run.test_logits[stage] = evaluate(model, run.data.test, run.data, run.trainer).logits
+    columns = test_columns(run, stage, model)
+    run.rows[stage] = {"macs": columns["macs"], **cached_row}  # entries stored before macs was a column
     return model
 
 

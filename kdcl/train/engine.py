@@ -255,7 +255,7 @@ def fit(s: Stage, data: DataBundle, trainer: TrainSettings) -> FitResult:
     when an earlier run was cut off.
     Under DDP the ranks train ``s.model`` inside ``DistributedDataParallel``, each on its part
     of every global batch, and stop together when any of them is asked to stop."""
-    spe = s.steps_per_epoch or math.ceil(len(data.train) / trainer.batch_size)
+    spe = _epoch_steps(s, data, trainer)
     cursor, meter, start_state = _restore(s, data)
     table = MetricsTable(s.out_dir / "metrics.csv", keep_before_epoch=cursor.epoch)
     started = time.perf_counter() - cursor.seconds
@@ -311,12 +311,17 @@ def fit(s: Stage, data: DataBundle, trainer: TrainSettings) -> FitResult:
     )
 
 
+def _epoch_steps(s: Stage, data: DataBundle, trainer: TrainSettings) -> int:
+    """The stage's steps per epoch: its budget's, else ``ceil(N_train / batch_size)``."""
+    return s.steps_per_epoch or math.ceil(len(data.train) / trainer.batch_size)
+
+
 def train_steps(s: Stage, data: DataBundle, trainer: TrainSettings, total_steps: int) -> Iterator[int]:
     """``total_steps`` optimizer steps of ``s`` on its plan, epoch after epoch of
     ``s.steps_per_epoch`` steps (default ``ceil(N / batch_size)``), with no validation,
     checkpoint or resume state: the bare training steps (what ``kdcl bench`` times).
     Yields each step's number once it is taken."""
-    spe = s.steps_per_epoch or math.ceil(len(data.train) / trainer.batch_size)
+    spe = _epoch_steps(s, data, trainer)
     s.model.train()
     meter = Meter()
     for epoch in range(1, math.ceil(total_steps / spe) + 1):
