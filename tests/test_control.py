@@ -101,3 +101,17 @@ def test_ctkd_temperature_moves_and_stays_in_range():
         seen.append(control.columns()["temperature"])
     assert all(1 < v < 21 for v in seen)
     assert abs(seen[-1] - 4.0) > 0.5  # the adversarial temperature moved
+
+
+@pytest.mark.parametrize("standardize", [False, True])
+def test_control_hands_the_loss_its_logit_standardization(standardize):
+    """``distill.logit_standardization`` reaches the loss through the step's context: the KD
+    term is the z-scored one exactly when it is set."""
+    control = DistillControl(control_config(logit_standardization=standardize), 10, 5, None)
+    ctx = control.context(3, ({}, {}))
+    assert (ctx.epoch, ctx.logit_standardization) == (3, standardize)
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(8, 5, generator=g) * 4, torch.randn(8, 5, generator=g) * 4
+    kd = create_loss({"name": "kd"})(s, t, torch.zeros(8, dtype=torch.long), 0.5, 2.0, ctx)["kd"]
+    z = (lambda v: (v - v.mean(1, keepdim=True)) / (v.std(1, keepdim=True) + 1e-7)) if standardize else (lambda v: v)
+    assert torch.allclose(kd, kl_teacher_student(z(s), z(t), 2.0), rtol=1e-5)

@@ -332,3 +332,50 @@ def test_alpha_and_temperature_are_not_the_loss_keys():
     for name in LOSSES.names():
         loss = create_loss(loss_option(name))
         assert not hasattr(loss, "alpha") and not hasattr(loss, "temperature"), name
+
+
+def z_score(z: np.ndarray) -> np.ndarray:
+    """Sun et al. (2024): (z − mean) / (std + 1e-7) per row, std with Bessel's correction."""
+    return (z - z.mean(axis=1, keepdims=True)) / (z.std(axis=1, ddof=1, keepdims=True) + 1e-7)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
+def test_kd_with_logit_standardization_equals_formula(logits, temperature):
+    """KD + LS: T²·KL(softmax(Z(z_t)/T) ‖ softmax(Z(z_s)/T)); the CE keeps the raw logits."""
+    s, t, y = logits
+    out = create_loss(loss_option("kd"))(s, t, y, 0.9, temperature, LossContext(logit_standardization=True))
+    zs, zt, yy = s.numpy(), t.numpy(), y.numpy()
+    soft = temperature**2 * kl(softmax(z_score(zt) / temperature), softmax(z_score(zs) / temperature))
+    assert out["kd"].numpy() == pytest.approx(soft, rel=1e-5)
+    assert out["ce"].numpy() == pytest.approx(cross_entropy(zs, yy), rel=1e-5)
+    assert out["loss"].numpy() == pytest.approx(0.1 * cross_entropy(zs, yy) + 0.9 * soft, rel=1e-5)
+    plain = create_loss(loss_option("kd"))(s, t, y, 0.9, temperature)["kd"]
+    assert np.abs(plain.numpy() - soft).max() > 1e-2  # standardization changes the term on these logits
+
+
+def test_logit_standardization_ignores_each_models_logit_scale(logits):
+    """Z-scored, the distillation term depends only on the logits' relations: scaling and
+    shifting either model's logits per example leaves it unchanged (plain KD changes)."""
+    s, t, y = logits
+    scale = torch.linspace(0.5, 4, 16, dtype=torch.float64)[:, None]
+    moved_t, moved_s = t * scale + 3.0, s * scale.flip(0) - 1.0
+    loss = create_loss(loss_option("dkd"))
+    ls = LossContext(epoch=100, logit_standardization=True)
+    before, after = loss(s, t, y, 0.0, 2.0, ls), loss(moved_s, moved_t, y, 0.0, 2.0, ls)
+    for term in ("tckd", "nckd"):
+        assert after[term].numpy() == pytest.approx(before[term].numpy(), rel=1e-4, abs=1e-6)
+    assert (
+        np.abs(loss(moved_s, moved_t, y, 0.0, 2.0)["nckd"].numpy() - loss(s, t, y, 0.0, 2.0)["nckd"].numpy()).max()
+        > 1e-2
+    )
+
+
+def test_logit_standardization_reaches_the_kd_term_of_feature_methods(logits, feats):
+    s, t, y = logits
+    loss = create_loss({**loss_option("fitnet"), "student_layer": "a", "teacher_layer": "b"})
+    loss.connect([("a", "b")], [((4, 8, 8), (6, 4, 4))])
+    loss.double()
+    ctx = LossContext(2, {"a": feats["s_map"]}, {"b": feats["t_map"]}, logit_standardization=True)
+    out = loss(s, t, y, 0.5, 4.0, ctx)
+    expected = 16 * kl(softmax(z_score(t.numpy()) / 4), softmax(z_score(s.numpy()) / 4))
+    assert out["kd"].detach().numpy() == pytest.approx(expected, rel=1e-5)

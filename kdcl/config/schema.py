@@ -223,6 +223,7 @@ class ControlConfig:
         ),
     )
     sample_weight: str = key()
+    logit_standardization: bool = key()
     teacher_route: bool = key()
     teacher_noise: float = key(*NON_NEGATIVE)
     input_noise: float = key(*NON_NEGATIVE)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdcl.distill.losses import Weight
+from kdcl.distill.losses import LossContext, Weight
 from kdcl.optim import SCHEDULES
 from kdcl.registry import Registry
 
@@ -125,6 +125,7 @@ class DistillControl(nn.Module):
         self.step = 0
         self.teacher_noise, self.input_noise = float(cfg.teacher_noise), float(cfg.input_noise)
         self.seed = seed
+        self.logit_standardization = bool(cfg.logit_standardization)
         self._generator: torch.Generator | None = None
 
     def noise_generator(self, device: torch.device) -> torch.Generator | None:
@@ -160,6 +161,11 @@ class DistillControl(nn.Module):
             alpha = alpha * self.sample_weight(teacher_logits, target, rank)
         temperature = self.ctkd(step) if self.ctkd is not None else self.temperature(step)
         return alpha, temperature
+
+    def context(self, epoch: int, features: tuple[dict[str, Tensor], dict[str, Tensor]]) -> LossContext:
+        """What the loss reads besides the logits in ``epoch``: the hooks' ``features``
+        (student's, teacher's) and whether to standardize the logits it distills."""
+        return LossContext(epoch, *features, logit_standardization=self.logit_standardization)
 
     def columns(self) -> dict[str, float]:
         """The scheduled α and the temperature now, for the epoch's metrics row."""

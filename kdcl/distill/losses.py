@@ -18,7 +18,8 @@ once per stage, before the optimizer is built (so the adapters train with the st
 and lists the layers to hook in ``layers``.
 
 Every method has a *distillation term* D (``distill``): what it adds to the hard-label
-cross-entropy. ``composed`` sums several methods' D.
+cross-entropy. ``composed`` sums several methods' D. With ``distill.logit_standardization``
+every logit-based D compares z-scored logits (:func:`standardize`; Sun et al. 2024).
 
 Convention: ``alpha`` weighs the *distillation* (soft) terms and ``1 - alpha`` the
 hard-label cross-entropy, ``L = (1 − α)·CE + α·D``, as in Hinton et al. (2015),
@@ -70,6 +71,20 @@ def kl_teacher_student(student_logits: Tensor, teacher_logits: Tensor, temperatu
     return F.kl_div(log_q, p, reduction="none").sum(1) * (t * t)
 
 
+def standardize(logits: Tensor) -> Tensor:
+    """Each example's logits z-scored over the classes, Sun et al. (CVPR 2024), "Logit
+    Standardization in Knowledge Distillation":
+
+    ``Z(z) = (z − mean(z)) / (std(z) + 1e-7)``, std with Bessel's correction, as in the paper's code.
+
+    Softmax ignores the shift, so ``softmax(Z(z)/T) = softmax(z / (T·std(z)))``: each model
+    and example gets its own temperature, and the student matches the teacher's logit
+    *relations* rather than their range.
+    """
+    z = logits.float()
+    return (z - z.mean(1, keepdim=True)) / (z.std(1, keepdim=True) + 1e-7)
+
+
 def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     """Per-example cross-entropy with the hard labels."""
     return F.cross_entropy(logits.float(), target, reduction="none")
@@ -78,11 +93,20 @@ def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
 @dataclass
 class LossContext:
     """What a loss may read besides the logits: the 1-based epoch of the step (for
-    warm-ups) and the features the forward hooks kept in this step, by layer reference."""
+    warm-ups), the features the forward hooks kept in this step, by layer reference, and
+    whether the distillation terms see standardized logits (``distill.logit_standardization``)."""
 
     epoch: int = 1
     student_features: dict[str, Tensor] = field(default_factory=dict)
     teacher_features: dict[str, Tensor] = field(default_factory=dict)
+    logit_standardization: bool = False
+
+    def soft_logits(self, student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
+        """The logits the distillation terms compare: as they are, or each passed through :func:`standardize`.
+        The hard-label cross-entropy always takes the student's own logits."""
+        if not self.logit_standardization:
+            return student_logits, teacher_logits
+        return standardize(student_logits), standardize(teacher_logits)
 
 
 class DistillLoss(nn.Module):
@@ -117,8 +141,9 @@ class DistillLoss(nn.Module):
         temperature: Weight,
         ctx: LossContext | None = None,
     ) -> dict[str, Tensor]:
+        ctx = ctx or LossContext()
         ce = cross_entropy(student_logits, target)
-        d, terms = self.distill(student_logits, teacher_logits, target, temperature, ctx or LossContext())
+        d, terms = self.distill(*ctx.soft_logits(student_logits, teacher_logits), target, temperature, ctx)
         return {"loss": self.combine(ce, d, alpha), "ce": ce, **terms}
 
     def bind(self, student: nn.Module, teacher: nn.Module, example: Tensor) -> None:
@@ -380,9 +405,10 @@ class FeatureLoss(DistillLoss):
         temperature: Weight,
         ctx: LossContext | None = None,
     ) -> dict[str, Tensor]:
+        ctx = ctx or LossContext()
         ce = cross_entropy(student_logits, target)
-        kd = kl_teacher_student(student_logits, teacher_logits, temperature)
-        f, terms = self.distill(student_logits, teacher_logits, target, temperature, ctx or LossContext())
+        kd = kl_teacher_student(*ctx.soft_logits(student_logits, teacher_logits), temperature)
+        f, terms = self.distill(student_logits, teacher_logits, target, temperature, ctx)
         return {"loss": (1 - alpha) * ce + alpha * kd + self.beta * f, "ce": ce, "kd": kd, **terms}
 
 

@@ -266,7 +266,7 @@ def fit(s: Stage, data: DataBundle, trainer: TrainSettings) -> FitResult:
         snapshot = s.plan.state_dict() if start_state is None else start_state  # the plan as the epoch began
         batches = s.plan.epoch_batches(range(first, first + spe), start_state)[cursor.step - first :]
         start_state = snapshot
-        tic, ctx = time.perf_counter(), LossContext(epoch, *s.features)
+        tic, ctx = time.perf_counter(), s.control.context(epoch, s.features)
         parts = distributed.parts(batches)
         with progress_bar(f"{s.name} {epoch}/{trainer.epochs}", spe) as advance:
             for part, batch in zip(parts, data.train.batches(p.take(b) for p, b in zip(parts, batches))):
@@ -327,7 +327,7 @@ def train_steps(s: Stage, data: DataBundle, trainer: TrainSettings, total_steps:
     for epoch in range(1, math.ceil(total_steps / spe) + 1):
         first = (epoch - 1) * spe
         steps = range(first, min(first + spe, total_steps))
-        ctx = LossContext(epoch, *s.features)
+        ctx = s.control.context(epoch, s.features)
         for step, batch in zip(steps, data.train.batches(s.plan.batches(steps))):
             train_step(s, trainer, step, batch, meter, ctx)
             yield step
