@@ -379,3 +379,30 @@ def test_logit_standardization_reaches_the_kd_term_of_feature_methods(logits, fe
     out = loss(s, t, y, 0.5, 4.0, ctx)
     expected = 16 * kl(softmax(z_score(t.numpy()) / 4), softmax(z_score(s.numpy()) / 4))
     assert out["kd"].detach().numpy() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_dist_equals_formula(logits, temperature):
+    """DIST (Huang et al. 2022): CE + β·T²·(1 − ρ per example) + γ·T²·(1 − mean over classes
+    of ρ across the batch), ρ Pearson's correlation, here from numpy's corrcoef."""
+    s, t, y = logits
+    beta, gamma = 2.0, 3.0
+    out = create_loss({"name": "dist", "beta": beta, "gamma": gamma})(s, t, y, 0.7, temperature)
+    ps, pt = softmax(s.numpy() / temperature), softmax(t.numpy() / temperature)
+    inter = temperature**2 * np.array([1 - np.corrcoef(a, b)[0, 1] for a, b in zip(ps, pt)])
+    intra = temperature**2 * (1 - np.mean([np.corrcoef(ps[:, c], pt[:, c])[0, 1] for c in range(7)]))
+    assert out["inter"].numpy() == pytest.approx(inter, rel=1e-4, abs=1e-6)
+    assert out["intra"].numpy() == pytest.approx(np.full(16, intra), rel=1e-4)
+    expected = cross_entropy(s.numpy(), y.numpy()) + beta * inter + gamma * intra  # α unused: CE weight 1
+    assert out["loss"].numpy() == pytest.approx(expected, rel=1e-4)
+
+
+def test_dist_matches_relations_not_values(logits):
+    """Both relation terms vanish when the student's probabilities are an affine image of
+    the teacher's (here a mix with the uniform distribution), where KD does not."""
+    _, t, y = logits
+    pt = torch.softmax(t / 4, 1)
+    s = torch.log(0.5 * pt + 0.5 / 7) * 4  # softmax(s/4) = 0.5·p_t + 0.5·uniform
+    out = create_loss({"name": "dist", "beta": 1.0, "gamma": 1.0})(s, t, y, 0.0, 4.0)
+    assert out["inter"].abs().max() < 2e-4 and out["intra"].abs().max() < 2e-4  # float32 rounding, times T²
+    assert kl_teacher_student(s, t, 4.0).min() > 1e-2
