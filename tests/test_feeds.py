@@ -18,9 +18,12 @@ from kdcl.data import Preprocess, TensorSource
 from kdcl.distill.feeds import (
     FEEDS,
     TEACHER_CACHES,
+    AllLogits,
     DiskLogits,
     FeedInputs,
+    TopKLogits,
     build_feed,
+    bytes_per_view,
     caches,
     parse,
 )
@@ -57,7 +60,7 @@ def setting():
     return source, pre, teacher
 
 
-def feed_inputs(source, pre, teacher, store="memory", directory=Path("."), shard_mb=512.0, views=K, seed=0):
+def feed_inputs(source, pre, teacher, store="memory", directory=Path("."), shard_mb=512.0, views=K, seed=0, topk=None):
     return FeedInputs(
         preprocess=pre,
         train=source,
@@ -70,6 +73,7 @@ def feed_inputs(source, pre, teacher, store="memory", directory=Path("."), shard
         store=store,
         directory=directory,
         shard_mb=shard_mb,
+        topk=topk,
     )
 
 
@@ -162,7 +166,7 @@ def test_disk_store_is_sharded_and_equals_memory(setting, tmp_path):
     row_mb = K * 4 * 2 / 2**20
     disk = build_feed(f"views:{K}", feed_inputs(source, pre, teacher, "disk", tmp_path, shard_mb=7 * row_mb))
     assert isinstance(disk.logits, DiskLogits)
-    assert len(list(tmp_path.glob("shard_*.npy"))) == -(-N // 7)  # 7 examples a shard
+    assert len(list(tmp_path.glob("shard_*_logits.npy"))) == -(-N // 7)  # 7 examples a shard
     idx = torch.tensor([39, 0, 8, 21, 7, 6])
     v = torch.tensor([0, 2, 1, 1, 0, 2])
     assert torch.equal(disk.logits.get(idx, v), memory.logits.get(idx, v))
@@ -181,15 +185,69 @@ def test_online_feed_runs_the_teacher_every_step_in_eval_mode(setting):
     assert not la.is_inference() and not la.requires_grad
 
 
+# --------------------------------------------------------------------------- top-K logits
+def test_topk_keeps_the_top_probabilities_and_the_rest_mass():
+    """At T = 1 the decoded logits give the top-K classes their probabilities and the
+    other classes equal shares of exactly the rest of the mass (FKD / ReLabel)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(32, 100, generator=g) * 3
+    codec = TopKLogits(10, 100)
+    decoded = codec.decode(codec.encode(logits))
+    p, q = logits.softmax(1), decoded.softmax(1)
+    top = logits.topk(10, dim=1).indices
+    assert torch.allclose(q.gather(1, top), p.gather(1, top), atol=2e-3)  # fp16 logits
+    rest = torch.ones_like(p, dtype=torch.bool).scatter(1, top, False)
+    q_rest = q[rest].view(32, 90)
+    assert torch.allclose(q_rest.sum(1), p[rest].view(32, 90).sum(1), atol=2e-3)
+    assert torch.allclose(q_rest, q_rest[:, :1].expand(-1, 90))  # shared out evenly
+    assert {k: v.dtype for k, v in codec.encode(logits).items()} == {
+        "values": torch.float16,
+        "classes": torch.int16,
+        "rest": torch.float16,
+    }
+
+
+@pytest.mark.parametrize("store", ["memory", "disk"])
+def test_topk_with_every_class_equals_the_full_cache(setting, tmp_path, store):
+    """K = C keeps everything: the loss sees the full cache's logits, in either store;
+    the values take K/C of the full cache's bytes (the classes and the rest come on top)."""
+    source, pre, teacher = setting
+    full = build_feed(f"views:{K}", feed_inputs(source, pre, teacher, store, tmp_path / "full"))
+    topk = build_feed(f"views:{K}", feed_inputs(source, pre, teacher, store, tmp_path / "top", topk=4))
+    idx, v = torch.tensor([39, 0, 8, 21, 7, 6]), torch.tensor([0, 2, 1, 1, 0, 2])
+    assert torch.equal(topk.logits.get(idx, v), full.logits.get(idx, v))
+    short = TopKLogits(10, 1000)
+    assert bytes_per_view(short) == 10 * 2 + 10 * 2 + 2  # values, classes, rest
+    assert short.fields["values"][0][0] * 2 == bytes_per_view(AllLogits(1000)) * 10 // 1000
+
+
+def test_topk_is_checked_before_training(tmp_path):
+    for override, message in [
+        ("distill.teacher_cache=none", "keeps part of a teacher cache"),
+        ("distill.teacher_cache=views:2", "must be between 1 and the number of classes"),
+    ]:
+        cfg = compose_config([*QUICK, override, "distill.teacher_cache_topk=11"])
+        with pytest.raises(KdclError, match=message):
+            run_pipeline(cfg, tmp_path)
+        assert not (tmp_path / "teacher").exists()
+
+
 # --------------------------------------------------------------------------- in a run
-def test_a_run_fills_one_cache_for_every_stage_the_teacher_teaches(tmp_path, caplog):
+@pytest.mark.parametrize(("topk", "kept"), [("null", "all logits"), ("3", "top-3 logits")])
+def test_a_run_fills_one_cache_for_every_stage_the_teacher_teaches(tmp_path, caplog, topk, kept):
     cfg = compose_config(
-        [*QUICK, "distill.teacher_cache=views:2", "baseline=false", "+arms={plain: {curriculum: {type: none}}}"]
+        [
+            *QUICK,
+            "distill.teacher_cache=views:2",
+            f"distill.teacher_cache_topk={topk}",
+            "baseline=false",
+            "+arms={plain: {curriculum: {type: none}}}",
+        ]
     )
     with caplog.at_level(logging.INFO, logger="kdcl.distill.feeds"):
         summary = run_pipeline(cfg, tmp_path).set_index("model")
     fills = [r for r in caplog.records if r.getMessage().startswith("teacher cache:")]
-    assert len(fills) == 1 and "2 view(s) × 540 examples" in fills[0].getMessage()
+    assert len(fills) == 1 and f"2 view(s) × 540 examples, {kept}" in fills[0].getMessage()
     assert summary.loc["distill", "steps"] == summary.loc["plain", "steps"] == summary.loc["teacher", "steps"]
     metrics = pd.read_csv(tmp_path / "distill" / "metrics.csv")
     assert metrics["train_kd"].notna().all() and len(metrics) == 2

@@ -234,6 +234,7 @@ class ControlConfig:
     teacher_cache: str = key()
     teacher_cache_store: str = key()
     teacher_cache_shard_mb: float = key(*POSITIVE)
+    teacher_cache_topk: Optional[int] = key(*_or_null(COUNT))
 
 
 @dataclass

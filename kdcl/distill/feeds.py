@@ -25,6 +25,14 @@ new view.
 Cached logits are fp16: in memory on the training device, or with
 ``distill.teacher_cache_store=disk`` in ``.npy`` shards of at most
 ``distill.teacher_cache_shard_mb`` MB each, read through memory maps.
+
+For many classes, ``distill.teacher_cache_topk=K`` keeps only each view's K largest
+logits (fp16), their classes (int16, or int32 past 32,767 classes) and the log of the
+softmax mass of all the other classes (:class:`TopKLogits`), as FKD (Shen & Xing 2022) and
+ReLabel (Yun et al. 2021) store soft labels. The loss gets the logits back with every other
+class at the logit that spreads that mass evenly: at T = 1 the teacher's top-K
+probabilities and the total of the rest are exact and only how the rest is shared out is
+lost; at other temperatures the rest is an approximation. K = C is exact.
 """
 
 from __future__ import annotations
@@ -82,6 +90,7 @@ class FeedInputs:
     store: str  # one of STORES
     directory: Path  # where disk shards go
     shard_mb: float
+    topk: int | None = None  # keep each view's K largest logits only (None: all)
 
 
 def parse(spec: str) -> tuple[str, int]:
@@ -210,40 +219,111 @@ def unaugmented(inputs: FeedInputs) -> CachedViews:
     return CachedViews(inputs, params, torch.zeros(n, dtype=torch.long, device=device))
 
 
+# --------------------------------------------------------------------------- what a view keeps
+class AllLogits:
+    """A view's C logits, fp16."""
+
+    def __init__(self, num_classes: int):
+        self.fields = {"logits": ((num_classes,), torch.float16)}
+
+    def encode(self, logits: Tensor) -> dict[str, Tensor]:
+        return {"logits": logits.to(torch.float16)}
+
+    def decode(self, fields: dict[str, Tensor]) -> Tensor:
+        return fields["logits"].float()
+
+
+class TopKLogits:
+    """A view's K largest logits ``z_(1) ≥ … ≥ z_(K)`` (fp16), their classes, and
+    ``r = log Σ_{j ∉ top-K} exp(z_j) − z_(1)``, the log of the other classes' softmax mass
+    relative to the largest logit (fp16, −inf when K = C).
+
+    Decoded, class j outside the top K gets ``z_(1) + r − log(C − K)``, so
+    ``softmax`` gives the top-K classes their exact probabilities and the others equal
+    shares of exactly the remaining mass (FKD / ReLabel's uniform rest).
+    """
+
+    def __init__(self, k: int, num_classes: int):
+        if not 1 <= k <= num_classes:
+            raise KdclError(
+                f"distill.teacher_cache_topk={k} must be between 1 and the number of classes ({num_classes})",
+                fix=f"set distill.teacher_cache_topk to at most {num_classes}, or null to keep every logit",
+            )
+        self.k, self.num_classes = k, num_classes
+        index_type = torch.int16 if num_classes <= torch.iinfo(torch.int16).max else torch.int32
+        self.fields = {"values": ((k,), torch.float16), "classes": ((k,), index_type), "rest": ((), torch.float16)}
+
+    def encode(self, logits: Tensor) -> dict[str, Tensor]:
+        z = logits.float()
+        values, classes = z.topk(self.k, dim=1)
+        others = z.scatter(1, classes, -math.inf)
+        rest = others.logsumexp(1) - values[:, 0]
+        dtype = self.fields["classes"][1]
+        return {"values": values.to(torch.float16), "classes": classes.to(dtype), "rest": rest.to(torch.float16)}
+
+    def decode(self, fields: dict[str, Tensor]) -> Tensor:
+        values, classes = fields["values"].float(), fields["classes"].long()
+        if self.k == self.num_classes:
+            return torch.empty_like(values).scatter_(1, classes, values)
+        spread = values[:, :1] + fields["rest"].float()[:, None] - math.log(self.num_classes - self.k)
+        return spread.expand(-1, self.num_classes).clone().scatter_(1, classes, values)
+
+
+def view_codec(inputs: FeedInputs) -> AllLogits | TopKLogits:
+    """What the cache keeps of a view's logits: all of them, or the top K."""
+    return AllLogits(inputs.num_classes) if inputs.topk is None else TopKLogits(inputs.topk, inputs.num_classes)
+
+
+def bytes_per_view(codec: AllLogits | TopKLogits) -> int:
+    """The bytes one view of one example takes in the cache."""
+    return sum(math.prod(shape) * dtype.itemsize for shape, dtype in codec.fields.values())
+
+
 # --------------------------------------------------------------------------- storage
 @STORES.register("memory")
 class MemoryLogits:
-    """(N, K, C) fp16 logits on the training device."""
+    """The (N, K) views' encoded logits on the training device, a tensor per field."""
 
     def __init__(self, n: int, k: int, inputs: FeedInputs):
         self.where = "in memory"
-        self.table = torch.empty(n, k, inputs.num_classes, dtype=torch.float16, device=inputs.preprocess.mean.device)
+        self.codec = view_codec(inputs)
+        device = inputs.preprocess.mean.device
+        self.tables = {
+            name: torch.empty(n, k, *shape, dtype=dtype, device=device)
+            for name, (shape, dtype) in self.codec.fields.items()
+        }
 
     def put(self, idx: Tensor, v: int, logits: Tensor) -> None:
-        self.table[idx, v] = logits.to(torch.float16)
+        for name, values in self.codec.encode(logits).items():
+            self.tables[name][idx, v] = values
 
     def get(self, idx: Tensor, v: Tensor) -> Tensor:
-        return self.table[idx, v].float()
+        return self.codec.decode({name: table[idx, v] for name, table in self.tables.items()})
 
 
 @STORES.register("disk")
 class DiskLogits:
-    """(N, K, C) fp16 logits in ``.npy`` shards of whole examples, at most ``shard_mb`` MB
-    each, read through memory maps (for caches larger than memory)."""
+    """The (N, K) views' encoded logits in ``.npy`` shards of whole examples, at most
+    ``shard_mb`` MB each (a file per field), read through memory maps (for caches larger
+    than memory)."""
 
     def __init__(self, n: int, k: int, inputs: FeedInputs):
-        directory, c = inputs.directory, inputs.num_classes
+        directory = inputs.directory
         directory.mkdir(parents=True, exist_ok=True)
         self.where = f"on disk in {directory}"
-        self.rows = max(1, int(inputs.shard_mb * 2**20 // (k * c * 2)))
+        self.codec = view_codec(inputs)
+        self.rows = max(1, int(inputs.shard_mb * 2**20 // (k * bytes_per_view(self.codec))))
         self.device = inputs.preprocess.mean.device
         self.shards = [
-            np.lib.format.open_memmap(
-                directory / f"shard_{s:04d}.npy",
-                mode="w+",
-                dtype=np.float16,
-                shape=(min(self.rows, n - s * self.rows), k, c),
-            )
+            {
+                name: np.lib.format.open_memmap(
+                    directory / f"shard_{s:04d}_{name}.npy",
+                    mode="w+",
+                    dtype=torch.empty(0, dtype=dtype).numpy().dtype,
+                    shape=(min(self.rows, n - s * self.rows), k, *shape),
+                )
+                for name, (shape, dtype) in self.codec.fields.items()
+            }
             for s in range(math.ceil(n / self.rows))
         ]
 
@@ -253,17 +333,21 @@ class DiskLogits:
 
     def put(self, idx: Tensor, v: int, logits: Tensor) -> None:
         shard, row = self._locate(idx)
-        values = logits.to(torch.float16).cpu().numpy()
-        for s in np.unique(shard):
-            self.shards[s][row[shard == s], v] = values[shard == s]
+        for name, values in self.codec.encode(logits).items():
+            values = values.cpu().numpy()
+            for s in np.unique(shard):
+                self.shards[s][name][row[shard == s], v] = values[shard == s]
 
     def get(self, idx: Tensor, v: Tensor) -> Tensor:
         shard, row = self._locate(idx)
         view = v.cpu().numpy()
-        out = np.empty((len(row), self.shards[0].shape[2]), dtype=np.float16)
-        for s in np.unique(shard):
-            out[shard == s] = self.shards[s][row[shard == s], view[shard == s]]
-        return torch.from_numpy(out).to(self.device, non_blocking=True).float()
+        fields = {}
+        for name, table in self.shards[0].items():
+            out = np.empty((len(row), *table.shape[2:]), dtype=table.dtype)
+            for s in np.unique(shard):
+                out[shard == s] = self.shards[s][name][row[shard == s], view[shard == s]]
+            fields[name] = torch.from_numpy(out).to(self.device, non_blocking=True)
+        return self.codec.decode(fields)
 
 
 def _fill(inputs: FeedInputs, views: CachedViews) -> MemoryLogits | DiskLogits:
@@ -278,5 +362,6 @@ def _fill(inputs: FeedInputs, views: CachedViews) -> MemoryLogits | DiskLogits:
                 idx = idx.to(device)
                 with inputs.autocast():
                     store.put(idx, v, teacher(views.pixels(x, idx, torch.full_like(idx, v)), y).float())
-    log.info("teacher cache: %d view(s) × %d examples, fp16 %s", views.k, n, store.where)
+    kept = "all logits" if inputs.topk is None else f"top-{inputs.topk} logits"
+    log.info("teacher cache: %d view(s) × %d examples, %s (fp16) %s", views.k, n, kept, store.where)
     return store

@@ -52,7 +52,7 @@ from kdcl.curricula import (
     score_all,
 )
 from kdcl.data import DataBundle, load_data
-from kdcl.distill.feeds import Feed, caches
+from kdcl.distill.feeds import Feed, TopKLogits, caches
 from kdcl.distill.losses import DistillLoss, create_loss
 from kdcl.distill.teachers import Teachers
 from kdcl.errors import KdclError
@@ -413,12 +413,20 @@ def check_losses(run: Run) -> None:
         loss_fn = create_loss(loss_spec)
         if loss_fn.needs_teacher:
             loss_fn.bind(student, teacher, torch.zeros(2, *shape))
-        check_teacher_cache(loss_spec["name"], loss_fn, control)
+        check_teacher_cache(loss_spec["name"], loss_fn, control, run.data.num_classes)
 
 
-def check_teacher_cache(name: str, loss_fn: DistillLoss, control: ControlConfig) -> None:
-    """A cache holds the (final) teacher's logits: nothing else of the teacher."""
-    spec = control.teacher_cache
+def check_teacher_cache(name: str, loss_fn: DistillLoss, control: ControlConfig, num_classes: int) -> None:
+    """A cache holds the (final) teacher's logits: nothing else of the teacher; only a
+    cache keeps top-K logits, and K is at most the number of classes."""
+    spec, topk = control.teacher_cache, control.teacher_cache_topk
+    if topk is not None:
+        if not caches(spec):
+            raise KdclError(
+                f"distill.teacher_cache_topk={topk} keeps part of a teacher cache, but distill.teacher_cache={spec}",
+                fix="set distill.teacher_cache=views:K (or no_aug), or distill.teacher_cache_topk=null",
+            )
+        TopKLogits(topk, num_classes)  # raises when K is out of range
     if not caches(spec) or not loss_fn.needs_teacher:
         return
     needs = (

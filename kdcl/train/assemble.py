@@ -154,7 +154,7 @@ def teacher_feed(
     store writes under ``directory``."""
     spec = control.teacher_cache if teacher_at is not None else "none"
     combined = [control.teacher_combine, control.teacher_weights, control.temperature] if len(teachers) > 1 else []
-    key = (spec, tuple(id(m) for m in teachers), repr(combined))
+    key = (spec, control.teacher_cache_topk, tuple(id(m) for m in teachers), repr(combined))
     if key in feeds:
         return feeds[key]
     rank = f"rank{distributed.rank()}" if distributed.world() > 1 else ""  # every rank fills its own
@@ -170,6 +170,7 @@ def teacher_feed(
         store=control.teacher_cache_store,
         directory=directory / f"{spec.replace(':', '_')}-{len(feeds)}" / rank,
         shard_mb=control.teacher_cache_shard_mb,
+        topk=control.teacher_cache_topk,
     )
     feed = build_feed(spec, inputs)
     if caches(spec):  # online feeds are per stage (the teacher may follow a route)
