@@ -106,7 +106,7 @@ def test_gradients_reach_the_adapters_and_the_student_not_the_teacher():
     loss = create_loss(
         loss_spec({"name": "composed", "alpha": 0.9, "losses": [{"name": "fitnet", "weight": 100.0}, {"name": "at"}]})
     )
-    loss.bind(student, teacher, example())
+    loss.bind(student, teacher, example(), num_examples=4)
     fitnet = loss.parts[0]
     assert fitnet.pairs == [("10", "10")] and isinstance(fitnet.adapters[0], nn.Conv2d)
     assert fitnet.adapters[0].in_channels == 16 and fitnet.adapters[0].out_channels == 32

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kdcl.config.options import loss_option, loss_spec
-from kdcl.distill.losses import LOSSES, LossContext, create_loss, kl_teacher_student
+from kdcl.distill.losses import LOSSES, LossContext, create_loss, kl_teacher_student, nce_loss
 from kdcl.errors import KdclError
 
 
@@ -406,3 +407,75 @@ def test_dist_matches_relations_not_values(logits):
     out = create_loss({"name": "dist", "beta": 1.0, "gamma": 1.0})(s, t, y, 0.0, 4.0)
     assert out["inter"].abs().max() < 2e-4 and out["intra"].abs().max() < 2e-4  # float32 rounding, times T²
     assert kl_teacher_student(s, t, 4.0).min() > 1e-2
+
+
+# --------------------------------------------------------------------------- CRD
+def test_nce_loss_equals_formula():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(5, 9, generator=g, dtype=torch.float64) * 2
+    n, k = 1000, 8
+    s = scores.numpy()
+    expected = -(np.log(s[:, 0] / (s[:, 0] + k / n + 1e-7)) + np.log((k / n) / (s[:, 1:] + k / n + 1e-7)).sum(1))
+    assert nce_loss(scores, n).numpy() == pytest.approx(expected, rel=1e-10)
+
+
+def crd_setup(negatives=5, n=20):
+    torch.manual_seed(0)
+    loss = create_loss(
+        {**loss_option("crd"), "negatives": negatives, "feat_dim": 6, "student_layer": "a", "teacher_layer": "b"}
+    )
+    loss.connect([("a", "b")], [((4,), (3,))])
+    loss.register_buffer("student_bank", F.normalize(torch.randn(n, 6), dim=1))
+    loss.register_buffer("teacher_bank", F.normalize(torch.randn(n, 6), dim=1))
+    loss.register_buffer("normaliser", torch.full((2,), -1.0))
+    loss.register_buffer("negatives_seed", torch.tensor(7))
+    return loss
+
+
+def test_crd_equals_formula_and_moves_the_banks():
+    """Tian et al. (2020): each side's embedding scored against the other side's bank,
+    exp(e·m/τ)/Z with Z fixed on the first batch, the NCE loss of the positive; then
+    m_i ← normalise(μ·m_i + (1 − μ)·e_i)."""
+    loss = crd_setup()
+    g = torch.Generator().manual_seed(1)
+    fs, ft = torch.randn(3, 4, generator=g), torch.randn(3, 3, generator=g)
+    idx = torch.tensor([4, 0, 19])
+    banks = {name: getattr(loss, name).clone() for name in ("student_bank", "teacher_bank")}
+    ctx = LossContext(1, {"a": fs}, {"b": ft}, step=3, indices=idx)
+    out = loss(torch.zeros(3, 5), torch.zeros(3, 5), torch.zeros(3, dtype=torch.long), 0.0, 4.0, ctx)
+    contrast = loss.contrast_indices(idx, 3)
+    assert torch.equal(contrast[:, 0], idx) and not (contrast[:, 1:] == idx[:, None]).any()
+    e_s = F.normalize(fs @ loss.heads[0].weight.T + loss.heads[0].bias, dim=1).detach()
+    e_t = F.normalize(ft @ loss.heads[1].weight.T + loss.heads[1].bias, dim=1).detach()
+
+    def side(e, bank):
+        raw = torch.exp((bank[contrast] * e[:, None]).sum(2) / 0.07)
+        return nce_loss(raw / (raw.mean() * 20), 20)
+
+    expected = side(e_s, banks["teacher_bank"]) + side(e_t, banks["student_bank"])
+    assert out["crd"].detach().numpy() == pytest.approx(expected.numpy(), rel=1e-4)
+    assert torch.allclose(loss.student_bank[idx], F.normalize(banks["student_bank"][idx] * 0.5 + e_s * 0.5, dim=1))
+    assert torch.equal(loss.teacher_bank[1:4], banks["teacher_bank"][1:4])  # entries outside the batch stay
+    assert (loss.normaliser > 0).all()
+
+
+def test_crd_state_makes_the_next_step_exact():
+    """The banks, Z and the negatives' seed are the loss's state: a copy loaded from it
+    computes the next step exactly as the original does (what resume.pt relies on)."""
+    loss = crd_setup()
+    g = torch.Generator().manual_seed(2)
+    batches = [
+        (torch.randn(4, 4, generator=g), torch.randn(4, 3, generator=g), torch.randperm(20)[:4]) for _ in range(3)
+    ]
+    zeros, y = torch.zeros(4, 5), torch.zeros(4, dtype=torch.long)
+
+    def step(module, t):
+        fs, ft, idx = batches[t]
+        return module(zeros, zeros, y, 0.0, 4.0, LossContext(1, {"a": fs}, {"b": ft}, step=t, indices=idx))["crd"]
+
+    step(loss, 0)
+    copy = crd_setup()
+    copy.load_state_dict(loss.state_dict())
+    for t in (1, 2):
+        assert torch.equal(step(copy, t), step(loss, t))
+    assert not torch.equal(loss.contrast_indices(batches[1][2], 1), loss.contrast_indices(batches[1][2], 2))

@@ -125,14 +125,22 @@ def stop_after(stage: str, step: int):
     return train_step
 
 
-def test_noise_resumes_exactly(tmp_path, monkeypatch):
-    """The noise generator of distill.input_noise / teacher_noise is part of the resume state."""
+@pytest.mark.parametrize(
+    "distill",
+    [
+        ["distill.input_noise=0.1", "distill.teacher_noise=0.5"],
+        ["distill=crd", "distill.negatives=64", "student=cnn_small"],
+    ],
+    ids=["noise", "crd"],
+)
+def test_stateful_distillation_resumes_exactly(tmp_path, monkeypatch, distill):
+    """What a distillation carries from step to step is part of the resume state: the noise
+    generator of distill.input_noise / teacher_noise, CRD's memory banks and normalisers."""
     cfg = compose_config(
         [
             *QUICK,
             "dataset.max_train_samples=300",
-            "distill.input_noise=0.1",
-            "distill.teacher_noise=0.5",
+            *distill,
             "baseline=false",
             "curriculum=none",
             "cache=true",

@@ -93,13 +93,16 @@ def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
 @dataclass
 class LossContext:
     """What a loss may read besides the logits: the 1-based epoch of the step (for
-    warm-ups), the features the forward hooks kept in this step, by layer reference, and
-    whether the distillation terms see standardized logits (``distill.logit_standardization``)."""
+    warm-ups), the features the forward hooks kept in this step, by layer reference,
+    whether the distillation terms see standardized logits (``distill.logit_standardization``),
+    and the step with its examples' indices (for a per-example memory)."""
 
     epoch: int = 1
     student_features: dict[str, Tensor] = field(default_factory=dict)
     teacher_features: dict[str, Tensor] = field(default_factory=dict)
     logit_standardization: bool = False
+    step: int = 0  # the optimizer step
+    indices: Tensor | None = None  # the batch's training-example indices
 
     def soft_logits(self, student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
         """The logits the distillation terms compare: as they are, or each passed through :func:`standardize`.
@@ -146,9 +149,10 @@ class DistillLoss(nn.Module):
         d, terms = self.distill(*ctx.soft_logits(student_logits, teacher_logits), target, temperature, ctx)
         return {"loss": self.combine(ce, d, alpha), "ce": ce, **terms}
 
-    def bind(self, student: nn.Module, teacher: nn.Module, example: Tensor) -> None:
+    def bind(self, student: nn.Module, teacher: nn.Module, example: Tensor, num_examples: int) -> None:
         """Called once per stage before the optimizer is built: feature methods resolve
-        their layers on the models (``example``: an input batch) and build their adapters."""
+        their layers on the models (``example``: an input batch) and build their adapters;
+        ``num_examples``: the training examples (the size of a per-example memory)."""
 
     def layers(self) -> tuple[list[str], list[str]]:
         """The student's and the teacher's layers this loss reads from ``ctx`` (after :meth:`bind`)."""
@@ -416,7 +420,7 @@ class FeatureLoss(DistillLoss):
         self.student_layer, self.teacher_layer = student_layer, teacher_layer
         self.pairs: list[tuple[str, str]] = []
 
-    def bind(self, student: nn.Module, teacher: nn.Module, example: Tensor) -> None:
+    def bind(self, student: nn.Module, teacher: nn.Module, example: Tensor, num_examples: int) -> None:
         student_refs = resolve_layers(student, self.student_layer, "student", example)
         teacher_refs = resolve_layers(teacher, self.teacher_layer, "teacher", example)
         pairs = pair_layers(student_refs, teacher_refs, self.student_layer, self.teacher_layer)
@@ -508,6 +512,129 @@ class FitNet(FeatureLoss):
         return out
 
 
+def nce_loss(scores: Tensor, num_examples: int, eps: float = 1e-7) -> Tensor:
+    """Per example, the NCE loss of a positive ``scores[:, 0]`` among K negatives
+    ``scores[:, 1:]`` drawn uniformly from N examples (noise probability ``P_n = 1/N``):
+
+    ``−log(s₀ / (s₀ + K·P_n)) − Σ_k log(K·P_n / (s_k + K·P_n))`` (Tian et al. 2020, Eq. 18-19;
+    Wu et al. 2018), ``eps`` added to each denominator as in their code."""
+    k_pn = (scores.shape[1] - 1) / num_examples
+    positive = torch.log(scores[:, 0] / (scores[:, 0] + k_pn + eps))
+    negative = torch.log(k_pn / (scores[:, 1:] + k_pn + eps)).sum(1)
+    return -(positive + negative)
+
+
+@register_loss("crd")
+class ContrastiveRepresentation(FeatureLoss):
+    """CRD, Tian, Krishnan & Isola (ICLR 2020), "Contrastive Representation Distillation".
+
+    ``L = (1 − α)·CE + α·T²·KL(p_t ‖ p_s) + β·(NCE(s → t) + NCE(t → s))``
+
+    The student's and the teacher's features at ``student_layer`` / ``teacher_layer``
+    (penultimate by default) are embedded, ``e = g(f) / ‖g(f)‖₂`` with g a linear head per
+    side (``feat_dim`` wide) trained with the student. Each side has a memory bank of one
+    unit vector per training example. Example i's student embedding is scored against the
+    *teacher* bank's entry i (its positive) and K = ``negatives`` other entries drawn
+    uniformly, ``s = exp(e·m / τ) / Z`` (τ = ``nce_temperature``; Z the mean of the first
+    batch's scores times N, then fixed, as in the authors' code), and :func:`nce_loss` makes
+    the positive stand out; the teacher's embedding is scored against the student bank the
+    same way. After the step each bank entry i moves to its side's new embedding,
+    ``m ← normalise(μ·m + (1 − μ)·e)`` (μ = ``momentum``). Defaults are the paper's:
+    ``feat_dim`` 128, K = 16,384, τ = 0.07, μ = 0.5, β = 0.8, α = 0 (RepDistiller's CIFAR-100
+    setting).
+
+    The banks, Z and the seed of the negatives live in the loss's state, which checkpoints
+    and ``resume.pt`` keep; the negatives of step t are drawn from that seed and t, so a
+    resumed run draws exactly what the uninterrupted one would. Negatives are drawn from
+    all other examples, not only other classes (the authors' CIFAR code samples from other
+    classes). Under DDP each rank's banks see its part of every batch.
+    """
+
+    def __init__(
+        self,
+        beta: float,
+        student_layer: Any,
+        teacher_layer: Any,
+        feat_dim: int,
+        negatives: int,
+        nce_temperature: float,
+        momentum: float,
+    ):
+        super().__init__(beta, student_layer, teacher_layer)
+        self.feat_dim, self.negatives = int(feat_dim), int(negatives)
+        self.nce_temperature, self.momentum = float(nce_temperature), float(momentum)
+        self.heads = nn.ModuleList()
+
+    def connect(self, pairs: list[tuple[str, str]], shapes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> None:
+        if len(pairs) != 1:
+            raise KdclError(
+                f"distill=crd contrasts one student layer with one teacher layer, got {len(pairs)} pairs",
+                fix="give one layer each: distill.student_layer=auto:penultimate distill.teacher_layer=auto:penultimate",
+            )
+        super().connect(pairs, shapes)
+        (s, t) = shapes[0]
+        self.heads = nn.ModuleList(nn.Linear(math.prod(shape), self.feat_dim) for shape in (s, t))
+
+    def bind(self, student: nn.Module, teacher: nn.Module, example: Tensor, num_examples: int) -> None:
+        super().bind(student, teacher, example, num_examples)
+        if num_examples < 2:
+            raise KdclError("distill=crd needs at least 2 training examples", fix="use more training data")
+        self.negatives = min(self.negatives, num_examples - 1)
+        bound = 1 / math.sqrt(self.feat_dim / 3)  # the authors' uniform initialisation
+        for side in ("student_bank", "teacher_bank"):
+            bank = torch.rand(num_examples, self.feat_dim) * 2 * bound - bound
+            self.register_buffer(side, bank)
+        self.register_buffer("normaliser", torch.full((2,), -1.0))  # Z of each side, set on the first batch
+        self.register_buffer("negatives_seed", torch.randint(0, 2**31 - 1, ()))
+
+    def embed(self, ctx: LossContext) -> tuple[Tensor, Tensor]:
+        """The batch's unit-length student and teacher embeddings."""
+        ((fs, ft),) = self.features(ctx)
+        head_s, head_t = self.heads
+        return (
+            F.normalize(head_s(fs.flatten(1).to(head_s.weight.dtype)), dim=1),
+            # the teacher ran under inference_mode: a normal copy, which its head's gradient can save
+            F.normalize(head_t(ft.flatten(1).to(head_t.weight.dtype).clone()), dim=1),
+        )
+
+    def contrast_indices(self, idx: Tensor, step: int) -> Tensor:
+        """(B, 1 + K): each example's own index, then K others drawn uniformly, from a
+        generator seeded by the loss's seed and the step."""
+        n = len(self.student_bank)
+        generator = torch.Generator().manual_seed(int(self.negatives_seed) + 1_000_003 * step)
+        drawn = torch.randint(0, n - 1, (len(idx), self.negatives), generator=generator).to(idx.device)
+        others = drawn + (drawn >= idx[:, None]).long()  # skip the example itself
+        return torch.cat([idx[:, None], others], 1)
+
+    def scores(self, embedding: Tensor, bank: Tensor, contrast: Tensor, side: int) -> Tensor:
+        """``exp(e·m / τ) / Z`` of each embedding against its contrast entries of ``bank``."""
+        raw = torch.exp(torch.einsum("bkd,bd->bk", bank[contrast], embedding) / self.nce_temperature)
+        if self.normaliser[side] < 0:
+            self.normaliser[side] = raw.detach().mean() * len(bank)
+        return raw / self.normaliser[side].clone()  # a copy: the other side may set its Z in place
+
+    @torch.no_grad()
+    def update_banks(self, idx: Tensor, student: Tensor, teacher: Tensor) -> None:
+        for bank, embedding in ((self.student_bank, student), (self.teacher_bank, teacher)):
+            bank[idx] = F.normalize(bank[idx] * self.momentum + embedding.detach() * (1 - self.momentum), dim=1)
+
+    def distill(
+        self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight, ctx: LossContext
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        if ctx.indices is None:
+            raise KdclError("distill=crd needs each example's index", fix="train it through kdcl's training loop")
+        idx = ctx.indices
+        e_s, e_t = self.embed(ctx)
+        contrast = self.contrast_indices(idx, ctx.step)
+        n = len(self.student_bank)
+        to_teacher = nce_loss(self.scores(e_s, self.teacher_bank, contrast, 0), n)
+        to_student = nce_loss(self.scores(e_t, self.student_bank, contrast, 1), n)
+        if self.training:
+            self.update_banks(idx, e_s, e_t)
+        crd = to_teacher + to_student
+        return crd, {"crd": crd}
+
+
 @register_loss("at")
 class AttentionTransfer(FeatureLoss):
     """Attention transfer, Zagoruyko & Komodakis (ICLR 2017), "Paying More Attention to Attention".
@@ -592,9 +719,9 @@ class Composed(DistillLoss):
     def combine(self, ce: Tensor, d: Tensor, alpha: Weight) -> Tensor:
         return (1 - alpha) * ce + (alpha / self.alpha0 if self.alpha0 else 1.0) * d
 
-    def bind(self, student: nn.Module, teacher: nn.Module, example: Tensor) -> None:
+    def bind(self, student: nn.Module, teacher: nn.Module, example: Tensor, num_examples: int) -> None:
         for part in self.parts:
-            part.bind(student, teacher, example)
+            part.bind(student, teacher, example, num_examples)
 
     def layers(self) -> tuple[list[str], list[str]]:
         student, teacher = [], []

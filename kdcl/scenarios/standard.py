@@ -412,7 +412,7 @@ def check_losses(run: Run) -> None:
         loss_spec, control = distill_parts(distill)
         loss_fn = create_loss(loss_spec)
         if loss_fn.needs_teacher:
-            loss_fn.bind(student, teacher, torch.zeros(2, *shape))
+            loss_fn.bind(student, teacher, torch.zeros(2, *shape), len(run.data.train))
         check_teacher_cache(loss_spec["name"], loss_fn, control, run.data.num_classes)
 
 

@@ -79,7 +79,8 @@ def build_stage(
         else None
     )
     if teacher is not None and loss_fn.needs_teacher:
-        loss_fn.bind(model, teacher.lead, torch.zeros(2, *data.input_shape, device=trainer.device))
+        example = torch.zeros(2, *data.input_shape, device=trainer.device)
+        loss_fn.bind(model, teacher.lead, example, len(data.train))
     loss_fn.to(trainer.device)
     # Under DDP each rank draws its own noise (seed + rank) for its part of the batch.
     control = DistillControl(control_cfg, total_steps, steps_per_epoch, rank, seed + distributed.rank()).to(

@@ -228,7 +228,7 @@ def train_step(
         logits = s.model(s.control.student_input(x))
     teacher_logits = s.control.teacher_output(teacher_logits)
     alpha, temperature = s.control.knobs(step, idx, y, teacher_logits)
-    terms = s.loss_fn(logits, teacher_logits, y, alpha, temperature, ctx)
+    terms = s.loss_fn(logits, teacher_logits, y, alpha, temperature, replace(ctx, step=step, indices=idx))
     weights = s.plan.sample_weights(idx, terms.get("ce", terms["loss"]).detach(), step)
     loss = part.mean(terms["loss"] if weights is None else terms["loss"] * weights)
     total = distributed.all_sum(loss.detach().clone())  # the global batch's loss: every rank stops together
