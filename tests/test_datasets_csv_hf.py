@@ -303,6 +303,13 @@ def test_hf_bad_split_or_column_is_one_clear_message(tmp_path, compose_cfg, hf, 
     assert fix in err.value.fix
 
 
+def test_hf_single_saved_dataset_asks_for_a_dataset_dict(tmp_path, compose_cfg, hf):
+    hf.Dataset.from_dict({"label": [0, 1]}).save_to_disk(str(tmp_path / "one"))
+    with pytest.raises(KdclError, match="holds a single Dataset saved with save_to_disk, not a DatasetDict") as err:
+        load_hf(compose_cfg, tmp_path / "one")
+    assert "DatasetDict(train=..., test=...)" in err.value.fix
+
+
 def test_hf_undecodable_image_names_its_row(tmp_path, compose_cfg, hf):
     features = hf.Features({"image": hf.Image(), "label": hf.ClassLabel(names=list(CLASSES))})
     rows = [{"bytes": b"not an image", "path": None}] + [

@@ -47,9 +47,8 @@ def import_datasets() -> Any:
     return datasets
 
 
-def load_splits(cfg: dict) -> Any:
+def load_splits(datasets: Any, cfg: dict) -> Any:
     """The DatasetDict ``dataset.path`` names (see the module's docstring)."""
-    datasets = import_datasets()
     path = cfg["path"]
     folder = Path(path).expanduser()
     if (folder / SAVED_DATASET).is_file():
@@ -83,11 +82,14 @@ class ImageColumn:
 
     def __call__(self, i: int) -> Any:
         value = self.dataset[i][self.column]
-        path = value if isinstance(value, str) else value["path"]
+        stored = value if isinstance(value, dict) else {"bytes": None, "path": value}
         fix = f"replace or remove row {i} of {self.described}"
-        if isinstance(value, dict) and value["bytes"] is not None:
-            return decode_image(io.BytesIO(value["bytes"]), f"the image of row {i} of {self.described}", fix)
-        return decode_image(str(self.base / path), f"image file {self.base / path} (row {i} of {self.described})", fix)
+        if stored["bytes"] is not None:
+            return decode_image(io.BytesIO(stored["bytes"]), f"the image of row {i} of {self.described}", fix)
+        if not stored["path"]:
+            raise KdclError(f"row {i} of {self.described} has no image", fix=fix)
+        file = self.base / stored["path"]  # an absolute path stays as it is
+        return decode_image(str(file), f"image file {file} (row {i} of {self.described})", fix)
 
 
 def image_column(datasets: Any, split: Any, column: str, described: str, base: Path) -> ImageColumn:
@@ -104,30 +106,33 @@ def image_column(datasets: Any, split: Any, column: str, described: str, base: P
     )
 
 
+def split_of(loaded: Any, role: str, cfg: dict) -> Any:
+    """The split ``dataset.{role}_split`` of ``loaded``, checked to have the image and label columns."""
+    path, name = cfg["path"], cfg[f"{role}_split"]
+    if name not in loaded:
+        raise KdclError(
+            f"Hugging Face dataset {path!r} has no split {name!r} (its splits: {abbreviated(loaded)})",
+            fix=f"set dataset.{role}_split to one of them",
+        )
+    split = loaded[name]
+    missing = [key for key in (cfg["image_column"], cfg["label_column"]) if key not in split.column_names]
+    if missing:
+        raise KdclError(
+            f"split {name!r} of Hugging Face dataset {path!r} has no column "
+            f"{' or '.join(repr(k) for k in missing)} (its columns: {abbreviated(split.column_names)})",
+            fix="set dataset.image_column and dataset.label_column to the columns of its images and labels",
+        )
+    return split
+
+
 @register_dataset("hf")
 def hugging_face(cfg: dict) -> tuple[RawSplit, RawSplit, list[str]]:
     """A Hugging Face dataset's train and test splits, resized to ``dataset.image_size``; held
     in memory unless ``dataset.in_memory=false``."""
     datasets = import_datasets()
-    loaded = load_splits(cfg)
+    loaded = load_splits(datasets, cfg)
     path, image_key, label_key = cfg["path"], cfg["image_column"], cfg["label_column"]
-    splits = {}
-    for role in ("train", "test"):
-        name = cfg[f"{role}_split"]
-        if name not in loaded:
-            raise KdclError(
-                f"Hugging Face dataset {path!r} has no split {name!r} (its splits: {abbreviated(loaded)})",
-                fix=f"set dataset.{role}_split to one of them",
-            )
-        split = loaded[name]
-        missing = [key for key in (image_key, label_key) if key not in split.column_names]
-        if missing:
-            raise KdclError(
-                f"split {name!r} of Hugging Face dataset {path!r} has no column "
-                f"{' or '.join(repr(k) for k in missing)} (its columns: {abbreviated(split.column_names)})",
-                fix="set dataset.image_column and dataset.label_column to the columns of its images and labels",
-            )
-        splits[role] = (name, split)
+    splits = {role: (cfg[f"{role}_split"], split_of(loaded, role, cfg)) for role in ("train", "test")}
     label_feature = splits["train"][1].features[label_key]
     names = cfg["class_names"] or (label_feature.names if isinstance(label_feature, datasets.ClassLabel) else None)
     labels, class_names = class_indices(
