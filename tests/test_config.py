@@ -52,7 +52,9 @@ def check_names(cfg: dict) -> None:
 def test_every_group_is_a_folder_of_options():
     for group in [*GROUPS, "experiment"]:
         assert options(group), group
-    assert {"digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "npz", "fake"} <= set(options("dataset"))
+    assert {"digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "npz", "fake", "csv", "hf"} <= set(
+        options("dataset")
+    )
     assert {"kd", "mse", "none"} <= set(options("distill"))
     assert {"none", "teacher_loss"} <= set(options("curriculum"))
     assert {"resnet50_to_mobilenet", "cifar10_cpu"} <= set(EXPERIMENTS)
@@ -65,10 +67,19 @@ def missing_keys(cfg, path=""):
     return [path[:-1]] if cfg == "???" else []
 
 
+# The keys a dataset option leaves for the user to set (``???``).
+REQUIRED = {
+    "npz": ["dataset.root=/data"],
+    "imagefolder": ["dataset.root=/data"],
+    "csv": ["dataset.root=/data"],
+    "hf": ["dataset.path=/data"],
+}
+
+
 @pytest.mark.parametrize("group", GROUPS)
 def test_every_option_composes(compose_cfg, group):
     for option in options(group):
-        overrides = [f"{group}={option}"] + (["dataset.root=/data"] if option in ("npz", "imagefolder") else [])
+        overrides = [f"{group}={option}", *REQUIRED.get(option, [])]
         cfg = compose_cfg(overrides)
         check_names(cfg)
         assert not missing_keys(cfg), (option, missing_keys(cfg))
@@ -150,6 +161,8 @@ BAD = {
     "dataset.num_workers": -1,
     "dataset.test_fraction": 1.0,
     "dataset.image_size": 0,
+    "dataset.max_memory_gb": 0.0,
+    "dataset.data_files": 5,
     "dataset.train_samples": 0,
     "dataset.test_samples": 0,
     "dataset.image_shape": [3, 16],
@@ -201,6 +214,8 @@ BAD = {
 # Options under which the option keys exist.
 WHERE = {
     "dataset.image_size": ["dataset=imagefolder", "dataset.root=/data"],
+    "dataset.max_memory_gb": ["dataset=csv", "dataset.root=/data"],
+    "dataset.data_files": ["dataset=hf", "dataset.path=/data"],
     "dataset.train_samples": ["dataset=fake"],
     "dataset.test_samples": ["dataset=fake"],
     "dataset.image_shape": ["dataset=fake"],

@@ -112,6 +112,17 @@ def test_device_type_and_data_location_are_in_the_key(tmp_path, monkeypatch):
     assert digest(stage_key(relative, "teacher", CPU)) != here
 
 
+def test_hf_path_resolves_when_it_is_a_local_folder(tmp_path, monkeypatch):
+    (tmp_path / "saved").mkdir()
+    monkeypatch.chdir(tmp_path)
+    local = stage_key(composed("dataset=hf", "dataset.path=saved", "dataset.data_dir=files"), "teacher", CPU)
+    assert local["dataset"]["path"] == str(tmp_path / "saved")
+    assert local["dataset"]["data_dir"] == str(tmp_path / "files")
+    assert stage_key(composed("dataset=hf", "dataset.path=user/images"), "teacher", CPU)["dataset"]["path"] == (
+        "user/images"
+    )  # a Hub id stays as it is
+
+
 # --------------------------------------------------------------------------- in a run
 def cached_run(compose_cfg, cache: Path, out: Path, *overrides: str) -> pd.DataFrame:
     cfg = compose_cfg([*TINY, "cache=true", f"cache_dir={cache}", *overrides])

@@ -138,6 +138,19 @@ class DatasetOptionKeys:
     )
     num_classes: int = key("an integer ≥ 2", lambda v: v >= 2)
     in_memory: bool = key()
+    max_memory_gb: float = key(*POSITIVE)  # image datasets held in memory: the most their images may take
+    train_manifest: str = key()  # csv: the manifests, relative to root
+    test_manifest: str = key()
+    path: str = key()  # hf: a save_to_disk folder, a builder or a Hub id
+    data_dir: Optional[str] = key()
+    data_files: Any = key(
+        "null, a file, a list of files or a mapping split → file(s)",
+        lambda v: v is None or isinstance(v, (str, list, dict)),
+    )
+    train_split: str = key()
+    test_split: str = key()
+    image_column: str = key()  # csv and hf: the column of the images (or their paths) and of the labels
+    label_column: str = key()
 
 
 @dataclass

@@ -49,8 +49,12 @@ CACHED_STAGES = {"teacher": "teacher", "baseline": "student"}
 # by the number of processes when there are several (DDP's results differ slightly).
 NOT_IN_KEY = {
     "trainer": ("device", "amp", "eval_batch_size", "checkpoint_every_steps", "devices"),
-    "dataset": ("num_workers", "download"),
+    "dataset": ("num_workers", "download", "max_memory_gb"),
 }
+
+# Dataset keys that hold a local path: a relative one resolves against the working directory.
+# dataset.path (hf) may instead name a builder or a Hub id: it resolves only when it exists here.
+LOCAL_PATHS = ("root", "data_dir")
 
 ENTRY_FILE = "entry.json"
 
@@ -61,9 +65,11 @@ def stage_key(cfg: dict[str, Any], stage: str, trainer: TrainSettings) -> dict[s
         name: {k: v for k, v in cfg[name].items() if k not in NOT_IN_KEY.get(name, ())}
         for name in ("dataset", "trainer", "optimizer", "scheduler")
     }
-    root = sections["dataset"].get("root")
-    if isinstance(root, str):  # relative roots resolve against the working directory
-        sections["dataset"]["root"] = str(Path(root).expanduser().resolve())
+    data = sections["dataset"]
+    for name, value in data.items():
+        local = name in LOCAL_PATHS or (name == "path" and Path(str(value)).expanduser().exists())
+        if isinstance(value, str) and local:
+            data[name] = str(Path(value).expanduser().resolve())
     sections["trainer"].update(device_type=trainer.device.type, amp=trainer.amp)
     if distributed.world() > 1:
         sections["trainer"]["processes"] = distributed.world()
