@@ -133,9 +133,25 @@ def test_export_refuses_a_mismatch_and_removes_the_file(run_dir, tmp_path, monke
     checkpoint = run_dir / "distill" / "best.pt"
     model = export.Exportable("distill", checkpoint, load_checkpoint(checkpoint))
     settings = {"tolerance": 1e-4, "check_examples": 16, "warmup": 0, "repeats": 1}
-    with pytest.raises(KdclError, match=r"does not reproduce PyTorch: its outputs differ by up to 0\.001 on 16 test"):
+    with pytest.raises(
+        KdclError, match=r"does not reproduce PyTorch: its outputs differ by up to 0\.001 on 16 test"
+    ) as err:
         export.export_model(model, "torchscript", out_file, settings)
+    assert err.value.fix.startswith("try format=onnx")
     assert not out_file.exists()
+
+
+def test_an_exporter_failure_is_one_message(run_dir, tmp_path, monkeypatch):
+    def unsupported(model, example, path):
+        raise torch.onnx.errors.OnnxExporterError("an operator the exporter does not support")
+
+    monkeypatch.setitem(export.FORMATS, "onnx", replace(export.FORMATS["onnx"], save=unsupported))
+    checkpoint = run_dir / "distill" / "best.pt"
+    model = export.Exportable("distill", checkpoint, load_checkpoint(checkpoint))
+    settings = {"tolerance": 1e-4, "check_examples": 16, "warmup": 0, "repeats": 1}
+    with pytest.raises(KdclError, match="PyTorch cannot export .* to onnx: an operator the exporter") as err:
+        export.export_model(model, "onnx", tmp_path / "distill.onnx", settings)
+    assert err.value.fix == "try format=torchscript"
 
 
 def test_a_dataset_that_does_not_load_gives_random_inputs(run_dir, tmp_path):

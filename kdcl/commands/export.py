@@ -189,9 +189,15 @@ def export_model(model: Exportable, fmt: str, out_file: Path, settings: dict[str
     net = model_from_checkpoint(ckpt).eval()
     x, inputs = check_inputs(ckpt, settings["check_examples"])
     log.info("exporting %s (%s) to %s", model.path, ckpt["model"]["name"], out_file)
-    backend = FORMATS[fmt]
+    backend, other = FORMATS[fmt], next(f for f in FORMATS if f != fmt)
     with torch.no_grad():
-        backend.save(net, x[:2], out_file)
+        try:
+            backend.save(net, x[:2], out_file)
+        except RuntimeError as err:  # an op the exporter does not support, a forward pass it cannot trace
+            raise KdclError(
+                f"PyTorch cannot export {model.path} (model {ckpt['model']['name']!r}) to {fmt}: {err}",
+                fix=f"try format={other}",
+            ) from None
         expected = net(x)
     diff = (backend.load(out_file, all_threads())(x) - expected).abs().max().item()
     if not diff <= settings["tolerance"]:  # also refuses NaN
@@ -199,7 +205,7 @@ def export_model(model: Exportable, fmt: str, out_file: Path, settings: dict[str
         raise KdclError(
             f"the {fmt} export of {model.path} does not reproduce PyTorch: its outputs differ by up to {diff:.3g} "
             f"on {len(x)} {inputs} inputs, over tolerance={settings['tolerance']:g} (the file was removed)",
-            fix="try the other format (format=onnx or format=torchscript), or raise tolerance=… if the difference is acceptable",
+            fix=f"try format={other}, or raise tolerance=… if that difference is acceptable",
         )
     row = {
         "model": model.name,
