@@ -75,7 +75,7 @@ def _save_onnx(model: nn.Module, example: Tensor, path: Path) -> None:
     """The TorchScript-based exporter (``dynamo=False``): it needs ``onnx`` alone, where the
     ``torch.export``-based one also needs ``onnxscript``. The batch axis stays free."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PyTorch's notice that this exporter is the older one
+        warnings.simplefilter("ignore", DeprecationWarning)  # PyTorch's notice that this exporter is the older one
         torch.onnx.export(
             model,
             (example,),
@@ -100,14 +100,14 @@ def _load_onnx(path: Path, threads: int) -> Runner:
 def _save_torchscript(model: nn.Module, example: Tensor, path: Path) -> None:
     """A trace of the forward pass (every registered model has one path through it)."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PyTorch's deprecation notice for torch.jit
+        warnings.simplefilter("ignore", FutureWarning)  # PyTorch's deprecation notice for torch.jit
         torch.jit.save(torch.jit.trace(model, example), str(path))
 
 
 def _load_torchscript(path: Path, threads: int) -> Runner:
     """A TorchScript module; its threads are PyTorch's, set around the timing (:func:`torch_threads`)."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore", FutureWarning)
         module = torch.jit.load(str(path))
 
     def run(x: Tensor) -> Tensor:
