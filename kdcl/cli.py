@@ -1,4 +1,4 @@
-"""The ``kdcl`` command: ``kdcl train|eval [Hydra overrides]`` and ``kdcl report PATH ...``.
+"""The ``kdcl`` command: ``kdcl train|eval|bench|export [Hydra overrides]`` and ``kdcl report PATH ...``.
 
 Hydra parses ``sys.argv[1:]``, so the dispatcher takes the subcommand off first and
 calls that subcommand's Hydra entry point with the rest (``--help``, ``--cfg job`` and
@@ -29,7 +29,7 @@ from kdcl import distributed
 from kdcl.commands.failures import failed, record_failure
 from kdcl.config.checks import composition_error
 from kdcl.config.options import CONF_DIR
-from kdcl.config.schema import BenchConfig, EvalConfig, TrainConfig
+from kdcl.config.schema import BenchConfig, EvalConfig, ExportConfig, TrainConfig
 from kdcl.errors import KdclError
 from kdcl.output.console import console
 from kdcl.train.resume import Interrupted
@@ -129,6 +129,12 @@ def _bench(cfg: DictConfig) -> None:
     bench_command(cfg)
 
 
+def _export(cfg: DictConfig) -> None:
+    from kdcl.commands.export import export_command
+
+    export_command(cfg)
+
+
 def report() -> None:
     """``kdcl report``: plain arguments (argparse), not a Hydra app."""
     from kdcl.commands.report import main as report_main
@@ -143,12 +149,14 @@ def report() -> None:
 hydra_train = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(_guarded(_train))
 hydra_eval = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")(_guarded(_eval))
 hydra_bench = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="bench")(_guarded(_bench))
+hydra_export = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="export")(_guarded(_export))
 
-SCHEMAS = {"train": TrainConfig, "eval": EvalConfig, "bench": BenchConfig}
+SCHEMAS = {"train": TrainConfig, "eval": EvalConfig, "bench": BenchConfig, "export": ExportConfig}
 COMMANDS: dict[str, tuple[Callable[[], Any], str]] = {
     "train": (hydra_train, "teacher → curriculum → baseline → distill; writes metrics tables and summary.csv"),
     "eval": (hydra_eval, "test a checkpoint: kdcl eval checkpoint=PATH [dataset=...]; writes eval.csv"),
     "bench": (hydra_bench, "time naive KD loop vs kdcl (online, teacher cache) vs student alone; writes bench.csv"),
+    "export": (hydra_export, "a checkpoint (or every model of a run) as ONNX or TorchScript, checked and timed"),
     "report": (report, "one table over runs and sweeps: kdcl report PATH [PATH ...]; writes report.csv/.md, PNGs"),
 }
 
@@ -164,6 +172,8 @@ examples:
   kdcl report outputs/multirun/DATE/TIME       # table, alpha × T heatmap, seeds, curves
   kdcl eval checkpoint=outputs/train/.../distill/best.pt
   kdcl bench +experiment=cifar10_cpu           # images/s: naive loop vs kdcl vs teacher cache
+  kdcl export checkpoint=outputs/train/.../distill/best.pt format=onnx
+  kdcl export run=outputs/train/DATE/TIME      # every model: size, latency, ratios vs the teacher
   kdcl train --help                            # config groups and options
   kdcl train --cfg job                         # print the composed config
 """

@@ -14,13 +14,12 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from kdcl.commands.job import output_dir, plain_config
 from kdcl.config.checks import validate_eval
-from kdcl.config.options import with_base_keys
-from kdcl.data import load_data, with_classes
+from kdcl.data import load_data
 from kdcl.errors import KdclError
 from kdcl.models import count_macs, count_params, create_model, size_mb
 from kdcl.output.tables import print_table, write_csv
 from kdcl.train.checkpoint import (
-    check_compatible,
+    checkpoint_data,
     is_kdcl,
     load_weights,
     model_from_checkpoint,
@@ -49,12 +48,7 @@ def run_eval(
     ckpt = read_checkpoint(checkpoint)
     device = resolve_device(device_name)
     if is_kdcl(ckpt):
-        # The model was trained with its checkpoint's normalisation: keep it on any dataset.
-        saved = with_base_keys("dataset", dataset or ckpt["config"]["dataset"])
-        data = load_data({**saved, **ckpt["normalization"]}, device, False, 0)
-        if "classes" in ckpt:  # a class-incremental task's model: tested on the classes it has learnt
-            data = with_classes(data, ckpt["classes"])
-        check_compatible(ckpt, data, "checkpoint")
+        data = checkpoint_data(ckpt, dataset, device)
         model = model_from_checkpoint(ckpt).to(device)
         name, stage = ckpt["model"]["name"], ckpt.get("stage")
     else:

@@ -3,5 +3,5 @@
 and the checks run before anything trains (:mod:`.checks`)."""
 
 # Registered with Hydra on import: the teacher and student groups (models) and
-# schema/train, schema/eval, schema/bench (schema).
+# schema/train, schema/eval, schema/bench, schema/export (schema).
 from kdcl.config import models, schema  # noqa: F401

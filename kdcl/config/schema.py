@@ -433,6 +433,20 @@ class EvalConfig:
     )
 
 
+@dataclass
+class ExportConfig:
+    """``kdcl export`` (``conf/export.yaml``): one of ``checkpoint`` and ``run`` (the command
+    refuses both or neither), the file format, the output check and the timing."""
+
+    checkpoint: Optional[str] = key()
+    run: Optional[str] = key()
+    format: str = key("onnx or torchscript", lambda v: v in ("onnx", "torchscript"))
+    tolerance: float = key(*NON_NEGATIVE)
+    check_examples: int = key(*COUNT)
+    warmup: int = key(*COUNT_OR_ZERO)
+    repeats: int = key(*COUNT)
+
+
 # --------------------------------------------------------------------------- reading the schema
 @dataclass(frozen=True)
 class Entry:
@@ -556,11 +570,12 @@ def _node(cls: type) -> DictConfig:
 
 
 def register() -> None:
-    """``schema/train``, ``schema/bench`` and ``schema/eval`` in Hydra's ConfigStore (done on import)."""
+    """``schema/train``, ``schema/bench``, ``schema/eval`` and ``schema/export`` in Hydra's ConfigStore (done on import)."""
     store = ConfigStore.instance()
     store.store(group="schema", name="train", node=_node(TrainConfig))
     store.store(group="schema", name="eval", node=_node(EvalConfig))
     store.store(group="schema", name="bench", node=_node(BenchConfig))
+    store.store(group="schema", name="export", node=_node(ExportConfig))
 
 
 register()

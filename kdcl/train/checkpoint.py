@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdcl.data import DataBundle
+from kdcl.config.options import with_base_keys
+from kdcl.data import DataBundle, load_data, with_classes
 from kdcl.errors import KdclError
 from kdcl.models import create_model
 
@@ -127,6 +128,19 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
     model = create_model(arch["name"], ckpt["num_classes"], tuple(ckpt["input_shape"]), **arch["kwargs"])
     load_weights(model, ckpt["state_dict"], f"checkpoint of model {arch['name']!r}")
     return model
+
+
+def checkpoint_data(ckpt: dict[str, Any], dataset: dict[str, Any] | None, device: torch.device) -> DataBundle:
+    """The data to test a kdcl checkpoint's model on: ``dataset`` (a dataset section), or the
+    one it was trained on, always with the checkpoint's normalisation (the model was trained
+    with it). A class-incremental task's model (its ``classes``) gets the examples of the
+    classes it has learnt. The data must fit the model (:func:`check_compatible`)."""
+    saved = with_base_keys("dataset", dataset or ckpt["config"]["dataset"])
+    data = load_data({**saved, **ckpt["normalization"]}, device, False, 0)
+    if "classes" in ckpt:
+        data = with_classes(data, ckpt["classes"])
+    check_compatible(ckpt, data, "checkpoint")
+    return data
 
 
 def check_compatible(ckpt: dict[str, Any], data: DataBundle, key: str) -> None:
