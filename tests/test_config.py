@@ -186,6 +186,7 @@ BAD = {
     "distill.input_noise": -0.1,
     "distill.teacher_weights": [1, -1],
     "distill.teacher_cache_shard_mb": 0.0,
+    "distill.teacher_cache_topk": 0,
     "optimizer.lr": 0.0,
     "optimizer.weight_decay": -1e-4,
     "optimizer.momentum": 1.0,
