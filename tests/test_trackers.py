@@ -17,7 +17,7 @@ from test_cli import assert_clean_error
 from kdcl.config.options import CONF_DIR
 from kdcl.errors import KdclError
 from kdcl.output.tables import append_row
-from kdcl.output.trackers import LOGGERS, TrackedRun, check_loggers, open_loggers
+from kdcl.output.trackers import LOGGERS, TrackedRun, check_loggers, open_loggers, wandb_logged_in
 
 STAGES = ("teacher", "baseline", "distill")
 TRACKERS = "logger=[csv,tensorboard,mlflow,wandb]"
@@ -152,6 +152,17 @@ def test_only_rank_0_logs(monkeypatch, tmp_path):
     with open_loggers({"csv": {}, "tensorboard": {}}, TrackedRun(tmp_path, {})) as loggers:
         loggers.log_epoch("distill", tmp_path, {"epoch": 1, "step": 5, "val_acc": 0.5})
     assert not loggers.loggers and list(tmp_path.iterdir()) == []
+
+
+def test_wandb_goes_online_only_when_logged_in(offline, monkeypatch, tmp_path):
+    assert not wandb_logged_in()  # no key, no netrc: offline
+    netrc_file = tmp_path / "netrc"
+    netrc_file.write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    netrc_file.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc_file))
+    assert wandb_logged_in()
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")  # a login for another host does not count
+    assert not wandb_logged_in()
 
 
 def test_a_run_that_fails_ends_its_mlflow_run_as_failed(offline, tmp_path):
