@@ -150,6 +150,7 @@ BAD = {
     "arms": {"a": {"distil": {}}},
     "assistants": [3],
     "teachers": "resnet8",
+    "logger": ["csv"],  # the names are the keys of a mapping (logger=[csv] on the command line)
     "teacher.route_points": -1,
     "born_again.generations": -1,
     "dataset.val_fraction": 0.0,

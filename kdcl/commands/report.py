@@ -50,6 +50,7 @@ PIVOTED = ["best_val_acc", "test_acc", "kd_gain"]
 PLOTTED = ["test_acc", "kd_gain"]
 DEFAULT_PIVOT = ("distill.alpha", "distill.temperature")
 SEED = "seed"
+STAGE_CURVES = "stage_curves.png"  # a run's own figure (run_figures), beside the report's curves.png
 
 # per arm: the summary columns kept, the accuracies aggregated over seeds, and the paired gains
 ARM_COLUMNS = ["test_acc", "test_acc_last", "best_val_acc", "params", "steps"]
@@ -422,6 +423,19 @@ def write_report(report: Report, out: Path, keys: tuple[str, str] | None) -> lis
         stdout.print(f"skipped: {note}", highlight=False, soft_wrap=True)
     stdout.print(f"wrote {', '.join(f.name for f in files)} in {out}", highlight=False, soft_wrap=True)
     return files
+
+
+def run_figures(run_dir: Path) -> list[Path]:
+    """The figures of one run, for its experiment trackers: ``stage_curves.png``, the validation
+    accuracy per epoch of each of its stages (from their ``metrics.csv``), and every PNG the
+    run wrote in its directory."""
+    curves = {
+        str(path.parent.relative_to(run_dir)): pd.read_csv(path)
+        for path in sorted(run_dir.rglob("metrics.csv"), key=_natural)
+    }
+    if curves:
+        learning_curves(curves, run_dir / STAGE_CURVES, f"validation accuracy per epoch — {run_dir.name}")
+    return sorted(run_dir.glob("*.png"))
 
 
 def main(argv: list[str] | None = None) -> None:

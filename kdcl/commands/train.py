@@ -1,5 +1,5 @@
 """``kdcl train``: check the config, then run its scenario in this process or as
-``trainer.devices`` DDP processes."""
+``trainer.devices`` DDP processes, with the loggers of ``logger=[...]``."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdcl import distributed
 from kdcl.commands.job import output_dir, plain_config
+from kdcl.commands.report import run_figures
 from kdcl.config.checks import validate
 from kdcl.errors import KdclError
+from kdcl.output.trackers import Loggers, TrackedRun, check_loggers, open_loggers
 from kdcl.scenarios import REGISTERED_NAMES, SCENARIOS
 from kdcl.train.engine import resolve_device
 
@@ -37,6 +39,8 @@ def train_command(cfg: DictConfig) -> float:
         cfg = OmegaConf.load(saved)
     validate(cfg, registries=REGISTERED_NAMES)
     plain = plain_config(cfg)
+    loggers = plain.get("logger", {"csv": {}})  # absent from configs saved before it existed
+    check_loggers(loggers)
     scenario = SCENARIOS.get(plain.get("scenario", {}).get("name", "standard"))  # absent from configs saved before it
     devices = cfg.trainer.get("devices", 1)  # absent from configs saved before it existed
     distributed.check_processes(devices, cfg.trainer.batch_size)
@@ -45,9 +49,20 @@ def train_command(cfg: DictConfig) -> float:
         summary = pd.read_csv(out / "summary.csv")
     else:
         distributed.agree_on_run_dir(out)
-        summary = scenario.run(plain, out)
+        with open_loggers(loggers, TrackedRun(out, plain)) as run_loggers:
+            summary = scenario.run(plain, out, run_loggers)
+            log_results(run_loggers, summary, out)
         log.info("wrote %s", out / "summary.csv")
     return float(summary.set_index("model").loc[scenario.objective(plain), "best_val_acc"])
+
+
+def log_results(loggers: Loggers, summary: pd.DataFrame, out: Path) -> None:
+    """The end of a run for its loggers: the summary table, and the run's figures (drawn
+    only when a logger stores them): the learning curves of its stages and any PNG the
+    scenario wrote."""
+    loggers.log_summary(summary)
+    if loggers.take_figures:
+        loggers.log_figures(run_figures(out))
 
 
 def launch(cfg: DictConfig, devices: int) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
-from kdcl.config.options import arm_config
+from kdcl.config.options import arm_config, group_option, option_folder
 from kdcl.config.schema import (
     DatasetConfig,
     Entry,
@@ -189,7 +189,14 @@ def _shown(value: Any) -> str:
 def composition_error(err: Exception, schema: type) -> KdclError | None:
     """One message for a config Hydra could not compose against ``schema`` (an override
     or a config file setting an unknown key or a value of the wrong type); None for other
-    errors, which Hydra reports itself (an unknown option lists the group's options)."""
+    errors, which Hydra reports itself (an unknown option lists the group's options, but
+    not an unknown option in a list of options, ``logger=[csv,tensorbord]``: that one is ours)."""
+    listed = re.search(r"Could not load '(\w+)/([^'/]+)'", str(err))
+    if listed and option_folder(listed[1]).is_dir():
+        try:
+            group_option(listed[1], listed[2])
+        except KdclError as unknown:
+            return unknown
     cause = err.__cause__ or err.__context__
     if not isinstance(cause, (ValidationError, ConfigAttributeError, ConfigKeyError)) or not cause.full_key:
         return None

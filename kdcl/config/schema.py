@@ -390,6 +390,12 @@ class TrainConfig:
         lambda v: v is None or (isinstance(v, list) and all(_spec(s) for s in v)),
     )
     born_again: BornAgainConfig = field(default_factory=BornAgainConfig)
+    # Selected by ``logger=[csv,tensorboard,...]``: each option adds its own name → settings;
+    # the names and settings are checked against kdcl.output.trackers.LOGGERS before training.
+    logger: Any = key(
+        "a mapping logger name → its settings (choose them with logger=[csv,tensorboard,mlflow,wandb])",
+        lambda v: isinstance(v, dict) and all(isinstance(s, dict) for s in v.values()),
+    )
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)

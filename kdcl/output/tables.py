@@ -16,24 +16,15 @@ if not stdout.is_terminal:
     stdout = Console(width=200)  # files and CI: no wrapping of wide tables
 
 
-class MetricsTable:
-    """A per-epoch CSV, rewritten atomically after every row (a killed run keeps whole rows).
-
-    ``keep_before_epoch`` keeps the rows of epochs a resumed stage has already finished
-    and drops any later ones, so resuming never duplicates a row.
-    """
-
-    def __init__(self, path: Path, keep_before_epoch: int = 1):
-        self.path = path
-        self.frame = pd.DataFrame()
-        if keep_before_epoch > 1 and path.is_file():
-            old = pd.read_csv(path)
-            self.frame = old[old["epoch"] < keep_before_epoch]
-
-    def append(self, row: dict[str, Any]) -> None:
-        new = pd.DataFrame([row])
-        self.frame = new if self.frame.empty else pd.concat([self.frame, new], ignore_index=True)
-        write_csv(self.frame, self.path)
+def append_row(path: Path, row: dict[str, Any]) -> None:
+    """Add the row of epoch ``row["epoch"]`` to the per-epoch CSV ``path``, rewritten
+    atomically (a killed run keeps whole rows). Rows of that epoch and later ones are
+    dropped first, so a resumed stage never duplicates a row."""
+    frame = pd.DataFrame([row])
+    if path.is_file():
+        earlier = pd.read_csv(path).query(f"epoch < {int(row['epoch'])}")
+        frame = frame if earlier.empty else pd.concat([earlier, frame], ignore_index=True)
+    write_csv(frame, path)
 
 
 def write_csv(frame: pd.DataFrame, path: Path) -> None:

@@ -1,7 +1,8 @@
 """What ``kdcl train`` trains: the ``scenario`` config group.
 
-A scenario is a function ``run(cfg, out) -> summary`` that trains into the run directory
-``out`` and returns the table it wrote as ``summary.csv``, plus the summary row whose
+A scenario is a function ``run(cfg, out, loggers) -> summary`` that trains into the run
+directory ``out``, gives each epoch's metrics to ``loggers`` (:mod:`kdcl.output.trackers`),
+and returns the table it wrote as ``summary.csv``, plus the summary row whose
 ``best_val_acc`` a sweep's objective reads (an Optuna search maximises it):
 
 - ``standard`` (:mod:`kdcl.scenarios.standard`): teacher → baseline → curriculum → distill;
@@ -21,6 +22,7 @@ from typing import Any
 
 import pandas as pd
 
+from kdcl.output.trackers import Loggers
 from kdcl.registry import Registry
 from kdcl.scenarios.class_incremental import (
     CLASS_ORDERS,
@@ -29,7 +31,7 @@ from kdcl.scenarios.class_incremental import (
 )
 from kdcl.scenarios.standard import distilled_student, run_pipeline
 
-RunFn = Callable[[dict[str, Any], Path], pd.DataFrame]
+RunFn = Callable[[dict[str, Any], Path, Loggers], pd.DataFrame]
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,7 @@ from kdcl.errors import KdclError
 from kdcl.models import classifier, count_params, freeze, grow_head
 from kdcl.output.plots import heatmaps
 from kdcl.output.tables import print_table, write_csv
+from kdcl.output.trackers import CSV_ONLY, Loggers
 from kdcl.registry import Registry
 from kdcl.scenarios.standard import (
     Run,
@@ -223,8 +224,9 @@ def objective_arm(cfg: dict[str, Any]) -> str:
     return cfg["scenario"]["objective_arm"]
 
 
-def run_class_incremental(cfg: dict[str, Any], out: Path) -> pd.DataFrame:
-    """Learn the task sequence with every arm of ``scenario.arms``; write the tables."""
+def run_class_incremental(cfg: dict[str, Any], out: Path, loggers: Loggers = CSV_ONLY) -> pd.DataFrame:
+    """Learn the task sequence with every arm of ``scenario.arms`` (each epoch's metrics to
+    ``loggers``); write the tables."""
     settings = cfg["scenario"]
     strategies = {name: STRATEGIES.get(name) for name in settings["arms"]}
     if settings["objective_arm"] not in strategies:
@@ -232,7 +234,7 @@ def run_class_incremental(cfg: dict[str, Any], out: Path) -> pd.DataFrame:
             f"scenario.objective_arm={settings['objective_arm']!r} is not one of scenario.arms {settings['arms']}",
             fix="name one of the arms",
         )
-    run = start_run(cfg, out)
+    run = start_run(cfg, out, loggers)
     data = run.data
     classes = check_order(settings["class_order"], data.num_classes)
     if settings["tasks"] > len(classes):

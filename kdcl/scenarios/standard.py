@@ -58,6 +58,7 @@ from kdcl.distill.teachers import Teachers
 from kdcl.errors import KdclError
 from kdcl.models import count_macs, count_params, create_model, freeze, size_mb
 from kdcl.output.tables import print_table, write_csv
+from kdcl.output.trackers import CSV_ONLY, Loggers
 from kdcl.scenarios.stage_cache import reuse_or_produce
 from kdcl.train.assemble import build_stage
 from kdcl.train.checkpoint import (
@@ -124,6 +125,7 @@ class Run:
     scores: dict[str, Tensor] = field(default_factory=dict)  # per scorer, one difficulty per example
     feeds: dict[tuple, Feed] = field(default_factory=dict)  # filled teacher caches, per spec and teacher set
     budget_examples: int | None = None  # the examples an epoch's steps are counted for (None: the train split's)
+    loggers: Loggers = CSV_ONLY  # where the stages' per-epoch metrics go
 
     @property
     def steps_per_epoch(self) -> int:
@@ -149,12 +151,13 @@ def distilled_student(cfg: dict[str, Any]) -> str:
     return f"gen_{generations}" if generations else "distill"
 
 
-def run_pipeline(cfg: dict[str, Any], out: Path) -> pd.DataFrame:
-    """Run every stage of ``cfg`` into ``out`` and return the summary table."""
+def run_pipeline(cfg: dict[str, Any], out: Path, loggers: Loggers = CSV_ONLY) -> pd.DataFrame:
+    """Run every stage of ``cfg`` into ``out``, each epoch's metrics to ``loggers``, and
+    return the summary table."""
     if cfg["born_again"]["generations"]:
         cfg = {**cfg, "student": {k: teacher_specs(cfg)[0][k] for k in ("name", "kwargs", "pretrained")}}
         log.info("born-again: the student takes the teacher's architecture, %s", cfg["student"]["name"])
-    run = start_run(cfg, out)
+    run = start_run(cfg, out, loggers)
     check_losses(run)
     with graceful_stop():
         teacher_stage(run)
@@ -171,7 +174,7 @@ def run_pipeline(cfg: dict[str, Any], out: Path) -> pd.DataFrame:
     return summarize(run)
 
 
-def start_run(cfg: dict[str, Any], out: Path) -> Run:
+def start_run(cfg: dict[str, Any], out: Path, loggers: Loggers = CSV_ONLY) -> Run:
     """The run's trainer and data (the validation split carved), before any stage."""
     settings = typed(TrainerConfig, cfg["trainer"], "trainer")
     trainer = TrainSettings.from_config(settings)
@@ -195,6 +198,7 @@ def start_run(cfg: dict[str, Any], out: Path) -> Run:
         channels_last=settings.channels_last,
         optimizer=typed(OptimizerConfig, cfg["optimizer"], "optimizer"),
         scheduler=typed(SchedulerConfig, cfg["scheduler"], "scheduler"),
+        loggers=loggers,
     )
 
 
@@ -360,6 +364,7 @@ def reuse_or_train(run: Run, stage: str, produce: Callable[[], nn.Module]) -> nn
     )
     if cached_row is None:
         return model
+    run.loggers.log_past_epochs(stage, run.out / stage)
     model = run.to_device(model_from_checkpoint(load_checkpoint(cached_row["checkpoint"])))
     columns = test_columns(run, stage, model)
     run.rows[stage] = {"macs": columns["macs"], **cached_row}  # entries stored before macs was a column
@@ -511,6 +516,7 @@ def train_stage(
     if done is not None:
         check_same_config(done["config"], run.cfg, out / "done.json")
         log.info("%s: finished in an earlier run (%s), not trained again", stage, out / "done.json")
+        run.loggers.log_past_epochs(stage, out)
         chosen = run.to_device(model_from_checkpoint(load_checkpoint(out / f"{select}.pt")))
         columns = test_columns(run, stage, chosen)
         run.rows[stage] = {"macs": columns["macs"], **done["row"]}  # rows written before macs was a column
@@ -554,6 +560,7 @@ def train_stage(
         meta=checkpoint_meta(run, stage, spec),
         dynamics=dynamics,
         keep_epochs=keep_epochs,
+        loggers=run.loggers,
     ) as parts:
         result = fit(parts, data, run.trainer)
     path = result.best_path if select == "best" else result.last_path

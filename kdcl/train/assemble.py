@@ -24,6 +24,7 @@ from kdcl.distill.feeds import Feed, FeedInputs, build_feed, caches, parse
 from kdcl.distill.losses import create_loss
 from kdcl.distill.teachers import Teachers
 from kdcl.optim import build_optimizer, build_schedule
+from kdcl.output.trackers import CSV_ONLY, Loggers
 from kdcl.train.engine import Stage, TrainSettings
 
 TeacherAt = Callable[[int], nn.Module]  # optimizer step → the teacher of that step
@@ -53,6 +54,7 @@ def build_stage(
     meta: dict[str, Any] | None = None,
     dynamics: LearnedEpochs | None = None,
     keep_epochs: Collection[int] = (),
+    loggers: Loggers = CSV_ONLY,
 ) -> Iterator[Stage]:
     """The stage ``name`` (files in ``out_dir``) that trains ``model``, already on
     ``trainer.device``, on ``plan`` with the loss and control of the ``distill`` section,
@@ -67,8 +69,8 @@ def build_stage(
     step's teacher is the teachers combined, or with ``distill.teacher_route`` the earlier
     teachers ``route()`` loads, then the final one (:func:`teacher_route`); the feed gives
     each step's input and the teacher's logits (:func:`teacher_feed`). ``meta`` goes into
-    every checkpoint, ``dynamics`` records when each example is learnt, and the epochs of
-    ``keep_epochs`` keep their checkpoints.
+    every checkpoint, ``dynamics`` records when each example is learnt, the epochs of
+    ``keep_epochs`` keep their checkpoints, and ``loggers`` receive each epoch's metrics.
     """
     loss_spec, control_cfg = distill_parts(distill)
     data.preprocess.generator.manual_seed(seed)
@@ -128,6 +130,7 @@ def build_stage(
             keep_epochs=keep_epochs,
             features=(student_features, teacher_features),
             steps_per_epoch=steps_per_epoch,
+            loggers=loggers,
         )
 
 

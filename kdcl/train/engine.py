@@ -1,7 +1,8 @@
 """The training loop and evaluation, shared by every stage.
 
 ``fit`` trains one model for a fixed number of optimizer steps, evaluates on the
-validation split after every epoch, writes one metrics row per epoch, keeps
+validation split after every epoch, gives one metrics row per epoch to the stage's
+loggers (``metrics.csv`` and any experiment tracker), keeps
 ``best.pt`` (highest validation accuracy) and ``last.pt``, and can be cut off and
 resumed at any step boundary (``kdcl.train.resume``). Under DDP every rank runs it on its share
 of each global batch (``kdcl.distributed``); rank 0 writes the files.
@@ -31,7 +32,7 @@ from kdcl.distill.losses import DistillLoss, LossContext
 from kdcl.distributed import Part
 from kdcl.errors import KdclError
 from kdcl.output.console import progress_bar
-from kdcl.output.tables import MetricsTable
+from kdcl.output.trackers import CSV_ONLY, Loggers
 from kdcl.train.checkpoint import save_checkpoint
 from kdcl.train.resume import (
     STOP,
@@ -130,6 +131,7 @@ class Stage:
     keep_epochs: Collection[int] = ()
     features: tuple[dict[str, Tensor], dict[str, Tensor]] = ({}, {})  # hooked student / teacher layers
     steps_per_epoch: int | None = None  # the budget's steps per epoch; None: ceil(N_train / batch_size)
+    loggers: Loggers = CSV_ONLY  # where each epoch's metrics row goes (kdcl/output/trackers.py)
 
     @property
     def run_dir(self) -> Path:
@@ -257,7 +259,8 @@ def fit(s: Stage, data: DataBundle, trainer: TrainSettings) -> FitResult:
     of every global batch, and stop together when any of them is asked to stop."""
     spe = _epoch_steps(s, data, trainer)
     cursor, meter, start_state = _restore(s, data)
-    table = MetricsTable(s.out_dir / "metrics.csv", keep_before_epoch=cursor.epoch)
+    if cursor.epoch > 1 and distributed.is_main():  # resumed: this run's trackers get the earlier epochs too
+        s.loggers.log_past_epochs(s.name, s.out_dir, before_epoch=cursor.epoch)
     started = time.perf_counter() - cursor.seconds
     replica = replace(s, model=distributed.wrap(s.model))  # the stage as the training steps see it
     while not cursor.finished and cursor.epoch <= trainer.epochs:
@@ -282,7 +285,7 @@ def fit(s: Stage, data: DataBundle, trainer: TrainSettings) -> FitResult:
                         raise Interrupted(stop, s.name, cursor.step, s.run_dir)
         row = _end_epoch(s, data, trainer, cursor, meter, time.perf_counter() - tic)
         if distributed.is_main():
-            table.append(row)
+            s.loggers.log_epoch(s.name, s.out_dir, row)
         log.info(
             "%s epoch %d/%d  loss %.4f  acc %.4f  val_loss %.4f  val_acc %.4f  %.0f img/s",
             s.name,
