@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -16,8 +17,8 @@ from kdcl import distributed
 from kdcl.commands.job import output_dir, plain_config
 from kdcl.config.checks import validate
 from kdcl.errors import KdclError
-from kdcl.scenarios import REGISTERED_NAMES, SCENARIOS
-from kdcl.train.engine import resolve_device
+from kdcl.scenarios import REGISTERED_NAMES, SCENARIOS, Scenario
+from kdcl.train.engine import EpochHook, resolve_device
 
 log = logging.getLogger("kdcl")
 
@@ -37,17 +38,31 @@ def train_command(cfg: DictConfig) -> float:
         cfg = OmegaConf.load(saved)
     validate(cfg, registries=REGISTERED_NAMES)
     plain = plain_config(cfg)
-    scenario = SCENARIOS.get(plain.get("scenario", {}).get("name", "standard"))  # absent from configs saved before it
     devices = cfg.trainer.get("devices", 1)  # absent from configs saved before it existed
     distributed.check_processes(devices, cfg.trainer.batch_size)
     if devices > 1 and not distributed.active():
         launch(cfg, devices)
-        summary = pd.read_csv(out / "summary.csv")
-    else:
-        distributed.agree_on_run_dir(out)
-        summary = scenario.run(plain, out)
-        log.info("wrote %s", out / "summary.csv")
-    return float(summary.set_index("model").loc[scenario.objective(plain), "best_val_acc"])
+        return objective(plain, pd.read_csv(out / "summary.csv"))
+    return train_here(plain, out)
+
+
+def scenario_of(cfg: dict[str, Any]) -> Scenario:
+    """The config's scenario (``scenario.name``; ``standard`` in configs saved before it existed)."""
+    return SCENARIOS.get(cfg.get("scenario", {}).get("name", "standard"))
+
+
+def objective(cfg: dict[str, Any], summary: pd.DataFrame) -> float:
+    """What a search maximises: the validation accuracy of the scenario's objective row."""
+    return float(summary.set_index("model").loc[scenario_of(cfg).objective(cfg), "best_val_acc"])
+
+
+def train_here(cfg: dict[str, Any], out: Path, on_epoch: EpochHook | None = None) -> float:
+    """Run the scenario of the checked, plain config ``cfg`` in this process into ``out``
+    (``on_epoch`` sees each epoch of each stage); the objective."""
+    distributed.agree_on_run_dir(out)
+    summary = scenario_of(cfg).run(cfg, out, on_epoch)
+    log.info("wrote %s", out / "summary.csv")
+    return objective(cfg, summary)
 
 
 def launch(cfg: DictConfig, devices: int) -> None:

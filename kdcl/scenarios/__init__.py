@@ -1,8 +1,9 @@
 """What ``kdcl train`` trains: the ``scenario`` config group.
 
-A scenario is a function ``run(cfg, out) -> summary`` that trains into the run directory
-``out`` and returns the table it wrote as ``summary.csv``, plus the summary row whose
-``best_val_acc`` a sweep's objective reads (an Optuna search maximises it):
+A scenario is a function ``run(cfg, out, on_epoch=None) -> summary`` that trains into the
+run directory ``out`` and returns the table it wrote as ``summary.csv`` (``on_epoch`` sees
+each epoch of each stage: :data:`kdcl.train.engine.EpochHook`), plus the summary row whose
+``best_val_acc`` a sweep's objective reads (``kdcl tune`` maximises it):
 
 - ``standard`` (:mod:`kdcl.scenarios.standard`): teacher → baseline → curriculum → distill;
 - ``class_incremental`` (:mod:`kdcl.scenarios.class_incremental`): the classes arrive in
@@ -28,8 +29,9 @@ from kdcl.scenarios.class_incremental import (
     run_class_incremental,
 )
 from kdcl.scenarios.standard import distilled_student, run_pipeline
+from kdcl.train.engine import EpochHook
 
-RunFn = Callable[[dict[str, Any], Path], pd.DataFrame]
+RunFn = Callable[[dict[str, Any], Path, EpochHook | None], pd.DataFrame]
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,7 @@ from kdcl.scenarios.standard import (
     teacher_stage,
     train_stage,
 )
-from kdcl.train.engine import evaluate
+from kdcl.train.engine import EpochHook, evaluate
 from kdcl.train.resume import graceful_stop
 
 log = logging.getLogger(__name__)
@@ -223,8 +223,9 @@ def objective_arm(cfg: dict[str, Any]) -> str:
     return cfg["scenario"]["objective_arm"]
 
 
-def run_class_incremental(cfg: dict[str, Any], out: Path) -> pd.DataFrame:
-    """Learn the task sequence with every arm of ``scenario.arms``; write the tables."""
+def run_class_incremental(cfg: dict[str, Any], out: Path, on_epoch: EpochHook | None = None) -> pd.DataFrame:
+    """Learn the task sequence with every arm of ``scenario.arms``; write the tables.
+    ``on_epoch`` (optional) sees each epoch of each task's stage (``ARM/task_K``)."""
     settings = cfg["scenario"]
     strategies = {name: STRATEGIES.get(name) for name in settings["arms"]}
     if settings["objective_arm"] not in strategies:
@@ -232,7 +233,7 @@ def run_class_incremental(cfg: dict[str, Any], out: Path) -> pd.DataFrame:
             f"scenario.objective_arm={settings['objective_arm']!r} is not one of scenario.arms {settings['arms']}",
             fix="name one of the arms",
         )
-    run = start_run(cfg, out)
+    run = start_run(cfg, out, on_epoch)
     data = run.data
     classes = check_order(settings["class_order"], data.num_classes)
     if settings["tasks"] > len(classes):

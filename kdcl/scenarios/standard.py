@@ -65,7 +65,7 @@ from kdcl.train.checkpoint import (
     load_checkpoint,
     model_from_checkpoint,
 )
-from kdcl.train.engine import TrainSettings, evaluate, fit
+from kdcl.train.engine import EpochHook, TrainSettings, evaluate, fit
 from kdcl.train.resume import check_same_config, graceful_stop, read_done, write_done
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,7 @@ class Run:
     scores: dict[str, Tensor] = field(default_factory=dict)  # per scorer, one difficulty per example
     feeds: dict[tuple, Feed] = field(default_factory=dict)  # filled teacher caches, per spec and teacher set
     budget_examples: int | None = None  # the examples an epoch's steps are counted for (None: the train split's)
+    on_epoch: EpochHook | None = None  # sees every epoch of every stage (kdcl tune prunes with it)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -149,12 +150,13 @@ def distilled_student(cfg: dict[str, Any]) -> str:
     return f"gen_{generations}" if generations else "distill"
 
 
-def run_pipeline(cfg: dict[str, Any], out: Path) -> pd.DataFrame:
-    """Run every stage of ``cfg`` into ``out`` and return the summary table."""
+def run_pipeline(cfg: dict[str, Any], out: Path, on_epoch: EpochHook | None = None) -> pd.DataFrame:
+    """Run every stage of ``cfg`` into ``out`` and return the summary table; ``on_epoch``
+    (optional) sees each epoch of each stage it trains."""
     if cfg["born_again"]["generations"]:
         cfg = {**cfg, "student": {k: teacher_specs(cfg)[0][k] for k in ("name", "kwargs", "pretrained")}}
         log.info("born-again: the student takes the teacher's architecture, %s", cfg["student"]["name"])
-    run = start_run(cfg, out)
+    run = start_run(cfg, out, on_epoch)
     check_losses(run)
     with graceful_stop():
         teacher_stage(run)
@@ -171,7 +173,7 @@ def run_pipeline(cfg: dict[str, Any], out: Path) -> pd.DataFrame:
     return summarize(run)
 
 
-def start_run(cfg: dict[str, Any], out: Path) -> Run:
+def start_run(cfg: dict[str, Any], out: Path, on_epoch: EpochHook | None = None) -> Run:
     """The run's trainer and data (the validation split carved), before any stage."""
     settings = typed(TrainerConfig, cfg["trainer"], "trainer")
     trainer = TrainSettings.from_config(settings)
@@ -195,6 +197,7 @@ def start_run(cfg: dict[str, Any], out: Path) -> Run:
         channels_last=settings.channels_last,
         optimizer=typed(OptimizerConfig, cfg["optimizer"], "optimizer"),
         scheduler=typed(SchedulerConfig, cfg["scheduler"], "scheduler"),
+        on_epoch=on_epoch,
     )
 
 
@@ -547,7 +550,7 @@ def train_stage(
         dynamics=dynamics,
         keep_epochs=keep_epochs,
     ) as parts:
-        result = fit(parts, data, run.trainer)
+        result = fit(parts, data, run.trainer, run.on_epoch)
     path = result.best_path if select == "best" else result.last_path
     chosen = run.to_device(model_from_checkpoint(load_checkpoint(path)))
     columns = test_columns(run, stage, chosen)
