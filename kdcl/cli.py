@@ -1,4 +1,4 @@
-"""The ``kdcl`` command: ``kdcl train|eval|bench|export [Hydra overrides]`` and ``kdcl report PATH ...``.
+"""The ``kdcl`` command: ``kdcl train|eval|bench|export|tune [Hydra overrides]`` and ``kdcl report PATH ...``.
 
 Hydra parses ``sys.argv[1:]``, so the dispatcher takes the subcommand off first and
 calls that subcommand's Hydra entry point with the rest (``--help``, ``--cfg job`` and
@@ -29,7 +29,7 @@ from kdcl import distributed
 from kdcl.commands.failures import failed, record_failure
 from kdcl.config.checks import composition_error
 from kdcl.config.options import CONF_DIR
-from kdcl.config.schema import BenchConfig, EvalConfig, ExportConfig, TrainConfig
+from kdcl.config.schema import BenchConfig, EvalConfig, ExportConfig, TrainConfig, TuneConfig
 from kdcl.errors import KdclError
 from kdcl.output.console import console
 from kdcl.train.resume import Interrupted
@@ -60,7 +60,7 @@ def _report(err: KdclError) -> None:
 def _guarded(job: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     """Turn a :class:`KdclError` into one message: exit 2 for a single run; in a sweep,
     record the failed job (see :mod:`kdcl.commands.failures`), let the others run, and exit 1 at
-    the end. A failed job returns None, which an Optuna search records as a failed trial."""
+    the end (a failed job returns None)."""
 
     def task(cfg: DictConfig) -> Any:
         try:
@@ -135,6 +135,12 @@ def _export(cfg: DictConfig) -> None:
     export_command(cfg)
 
 
+def _tune(cfg: DictConfig) -> None:
+    from kdcl.commands.tune import tune_command  # imported when run: optuna is slow to import
+
+    tune_command(cfg)
+
+
 def report() -> None:
     """``kdcl report``: plain arguments (argparse), not a Hydra app."""
     from kdcl.commands.report import main as report_main
@@ -150,13 +156,15 @@ hydra_train = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="
 hydra_eval = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")(_guarded(_eval))
 hydra_bench = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="bench")(_guarded(_bench))
 hydra_export = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="export")(_guarded(_export))
+hydra_tune = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="tune")(_guarded(_tune))
 
-SCHEMAS = {"train": TrainConfig, "eval": EvalConfig, "bench": BenchConfig, "export": ExportConfig}
+SCHEMAS = {"train": TrainConfig, "eval": EvalConfig, "bench": BenchConfig, "export": ExportConfig, "tune": TuneConfig}
 COMMANDS: dict[str, tuple[Callable[[], Any], str]] = {
     "train": (hydra_train, "teacher → curriculum → baseline → distill; writes metrics tables and summary.csv"),
     "eval": (hydra_eval, "test a checkpoint: kdcl eval checkpoint=PATH [dataset=...]; writes eval.csv"),
     "bench": (hydra_bench, "time naive KD loop vs kdcl (online, teacher cache) vs student alone; writes bench.csv"),
     "export": (hydra_export, "a checkpoint (or every model of a run) as ONNX or TorchScript, checked and timed"),
+    "tune": (hydra_tune, "Optuna search (TPE, pruning) over conf/search/NAME.yaml; trials are train runs"),
     "report": (report, "one table over runs and sweeps: kdcl report PATH [PATH ...]; writes report.csv/.md, PNGs"),
 }
 
@@ -169,6 +177,7 @@ examples:
   kdcl train                                   # offline default: digits, every stage
   kdcl train +experiment=cifar10_cpu           # CIFAR-10 from ../shared/data/cifar10
   kdcl train -m distill.alpha=0.1,0.9 distill.temperature=1,4
+  kdcl tune tune.trials=20                     # search alpha and T (conf/search/kd.yaml), with pruning
   kdcl report outputs/multirun/DATE/TIME       # table, alpha × T heatmap, seeds, curves
   kdcl eval checkpoint=outputs/train/.../distill/best.pt
   kdcl bench +experiment=cifar10_cpu           # images/s: naive loop vs kdcl vs teacher cache

@@ -5,6 +5,10 @@ another machine (Slurm), so a failure is recorded as a file: a job that stops wi
 :class:`KdclError` writes ``failed.txt`` into its own output folder. The
 :class:`FailedJobs` callback, which Hydra runs in the process that launched the sweep,
 clears old records when the sweep starts and collects the new ones when it ends.
+
+A trial that ``kdcl tune`` stopped early (pruned) failed in nothing: its folder holds
+``pruned.json`` instead (the stage, epoch and best validation accuracy where it stopped),
+which ``kdcl report`` shows as a pruned row.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from omegaconf import DictConfig
 from kdcl.errors import KdclError
 
 FAILED_FILE = "failed.txt"
+PRUNED_FILE = "pruned.json"
 
 failed: list[str] = []  # "job N (overrides): what went wrong", filled when a sweep ends
 

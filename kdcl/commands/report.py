@@ -1,7 +1,10 @@
 """``kdcl report PATH [PATH ...]``: one table over runs and sweeps, with pivots, seeds and plots.
 
 Every job folder under a PATH that holds a ``summary.csv`` is one row: its command-line
-overrides (``.hydra/overrides.yaml``) as columns, next to its summary metrics. Jobs that
+overrides (``.hydra/overrides.yaml``) as columns, next to its summary metrics. A trial that
+``kdcl tune`` pruned is a row too, its ``status`` ``pruned``: the best validation accuracy
+it reached before it stopped, and no test metrics (it was never tested); it takes no part
+in the selection, the seed statistics, the pivots or the arms. Jobs that
 differ only in ``seed`` are aggregated (mean ± std and a 95% t-interval). The best
 config is chosen on validation accuracy (the distilled student's ``best_val_acc``); its
 test accuracy is reported, and nothing is ranked by test accuracy.
@@ -14,6 +17,7 @@ baseline of the same seed.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -24,7 +28,7 @@ import pandas as pd
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from kdcl.commands.failures import FAILED_FILE
+from kdcl.commands.failures import FAILED_FILE, PRUNED_FILE
 from kdcl.errors import KdclError
 from kdcl.output.plots import heatmaps, learning_curves
 from kdcl.output.stats import LEVEL, aggregate, t_interval
@@ -51,6 +55,7 @@ PLOTTED = ["test_acc", "kd_gain"]
 DEFAULT_PIVOT = ("distill.alpha", "distill.temperature")
 SEED = "seed"
 STAGE_CURVES = "stage_curves.png"  # a run's own figure (run_figures), beside the report's curves.png
+STATUS = "status"  # finished, or pruned (a kdcl tune trial stopped early)
 
 # per arm: the summary columns kept, the accuracies aggregated over seeds, and the paired gains
 ARM_COLUMNS = ["test_acc", "test_acc_last", "best_val_acc", "params", "steps"]
@@ -65,7 +70,7 @@ PAIR = "pair"  # what pairs an arm with the baseline: the seed
 class Report:
     """The jobs found under the report's paths."""
 
-    jobs: pd.DataFrame  # one row per job: run, override keys, METRICS
+    jobs: pd.DataFrame  # one row per job: run, override keys, STATUS, METRICS
     models: pd.DataFrame  # one row per job and summary row: run, override keys, arm, pair, ARM_COLUMNS
     keys: list[str]  # the override columns
     curves: dict[str, pd.DataFrame]  # run -> its distill/metrics.csv
@@ -81,9 +86,18 @@ class Report:
         """The swept keys that make a config: all but the seed."""
         return [k for k in self.swept if k != SEED]
 
+    @property
+    def finished(self) -> pd.DataFrame:
+        """The jobs that ran to the end (all but pruned trials)."""
+        return self.jobs[self.jobs[STATUS] == "finished"]
+
+    @property
+    def pruned(self) -> int:
+        return int((self.jobs[STATUS] == "pruned").sum())
+
     def configs(self) -> pd.DataFrame:
-        """One row per config (all overrides but the seed): mean, std and interval over its seeds."""
-        return aggregate(self.jobs, [k for k in self.keys if k != SEED], AGGREGATED)
+        """One row per finished config (all overrides but the seed): mean, std and interval over its seeds."""
+        return aggregate(self.finished, [k for k in self.keys if k != SEED], AGGREGATED)
 
     def selected(self) -> pd.Series:
         """The config with the highest mean validation accuracy (the first one on ties)."""
@@ -103,7 +117,7 @@ def _natural(path: Path) -> list[Any]:
 
 
 def find_jobs(path: Path) -> tuple[list[Path], list[str]]:
-    """Job folders under ``path`` with a summary, and a note for each job folder without one."""
+    """Job folders under ``path`` with a summary (or pruned), and a note for each other job folder."""
     if not path.is_dir():
         raise KdclError(f"{path} is not a folder", fix="pass run or sweep folders, e.g. outputs/multirun/DATE/TIME")
     folders = {p.parent.parent for p in path.rglob(".hydra/overrides.yaml")} | {
@@ -111,7 +125,7 @@ def find_jobs(path: Path) -> tuple[list[Path], list[str]]:
     }
     done, skipped = [], []
     for job in sorted(folders, key=_natural):
-        if (job / "summary.csv").is_file():
+        if (job / "summary.csv").is_file() or (job / PRUNED_FILE).is_file():
             done.append(job)
         else:
             failed = job / FAILED_FILE
@@ -142,6 +156,13 @@ def job_metrics(summary: pd.DataFrame) -> dict[str, Any]:
     }
 
 
+def pruned_metrics(job: Path) -> dict[str, Any]:
+    """A pruned trial's metric columns: the best validation accuracy of its distilled student
+    when it stopped (``pruned.json``); nothing else was measured."""
+    record = json.loads((job / PRUNED_FILE).read_text())
+    return {**dict.fromkeys(METRICS, math.nan), "best_val_acc": record["best_val_acc"]}
+
+
 def model_rows(summary: pd.DataFrame, seed: Any, run: str) -> pd.DataFrame:
     """Every model row of a job's ``summary.csv``: ``arm``, ``pair`` and ARM_COLUMNS (NaN where absent).
 
@@ -166,17 +187,21 @@ def collect(paths: list[Path]) -> Report:
             run = str(job.relative_to(base.parent))
             overrides = read_overrides(job, parser)
             keys.update(dict.fromkeys(overrides))
-            summary = pd.read_csv(job / "summary.csv")
-            rows.append({"run": run, **overrides, **job_metrics(summary)})
-            models.append(model_rows(summary, overrides.get(SEED), run).assign(**{"run": run, **overrides}))
+            if (job / "summary.csv").is_file():
+                summary = pd.read_csv(job / "summary.csv")
+                rows.append({"run": run, **overrides, STATUS: "finished", **job_metrics(summary)})
+                models.append(model_rows(summary, overrides.get(SEED), run).assign(**{"run": run, **overrides}))
+            else:
+                rows.append({"run": run, **overrides, STATUS: "pruned", **pruned_metrics(job)})
             if (job / "distill" / "metrics.csv").is_file():
                 curves[run] = pd.read_csv(job / "distill" / "metrics.csv")
-    if not rows:
+    if not models:
+        pruned = f" ({len(rows)} pruned trials)" if rows else ""
         raise KdclError(
-            f"no finished runs (summary.csv) under {', '.join(map(str, paths))}",
-            fix="pass the folder of a kdcl train run or sweep (outputs/train/... or outputs/multirun/...)",
+            f"no finished runs (summary.csv) under {', '.join(map(str, paths))}{pruned}",
+            fix="pass the folder of a kdcl train run, sweep or search (outputs/train/..., outputs/multirun/..., outputs/tune/...)",
         )
-    jobs = pd.DataFrame(rows).reindex(columns=["run", *keys, *METRICS])
+    jobs = pd.DataFrame(rows).reindex(columns=["run", *keys, STATUS, *METRICS])
     models = pd.concat(models, ignore_index=True).reindex(columns=["run", *keys, "arm", PAIR, *ARM_COLUMNS])
     return Report(jobs, models, list(keys), curves, skipped)
 
@@ -364,12 +389,15 @@ def write_report(report: Report, out: Path, keys: tuple[str, str] | None) -> lis
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "report.csv", out / "report.md"]
     write_csv(report.jobs, files[0])
-    print_table(report.jobs, f"kdcl report — {len(report.jobs)} jobs", ["run", *report.swept, *SHOWN])
+    pruned = f", {report.pruned} of them pruned" if report.pruned else ""
+    status = [STATUS] if report.pruned else []
+    print_table(report.jobs, f"kdcl report — {len(report.jobs)} jobs{pruned}", ["run", *report.swept, *status, *SHOWN])
     md = [
         "# kdcl report",
         "",
-        f"{len(report.jobs)} jobs. Unprefixed metrics are the distilled student's; "
-        "`kd_gain` = distill − baseline test_acc of the same seed.",
+        f"{len(report.jobs)} jobs{pruned}. Unprefixed metrics are the distilled student's; "
+        "`kd_gain` = distill − baseline test_acc of the same seed."
+        + (" A pruned trial stopped early: its best_val_acc so far, no test metrics." if pruned else ""),
         "",
     ]
     selection = selection_text(report)
@@ -394,7 +422,7 @@ def write_report(report: Report, out: Path, keys: tuple[str, str] | None) -> lis
 
     if keys:
         rows, cols = keys
-        grids = {m: pivot(report.jobs, rows, cols, m) for m in PIVOTED}
+        grids = {m: pivot(report.finished, rows, cols, m) for m in PIVOTED}
         grids = {m: g for m, g in grids.items() if g.size}
         md += [f"## {rows} × {cols}", "", "Mean over the jobs in each cell (seeds and other swept keys).", ""]
         for m, grid in grids.items():
@@ -406,7 +434,9 @@ def write_report(report: Report, out: Path, keys: tuple[str, str] | None) -> lis
         md += ["![heatmaps](heatmap.png)", ""]
 
     curves = {
-        f"{row['run']} {report.label(row, report.swept, short=True)}": report.curves[row["run"]]
+        f"{row['run']} {report.label(row, report.swept, short=True)}{' (pruned)' * (row[STATUS] == 'pruned')}": report.curves[
+            row["run"]
+        ]
         for _, row in report.jobs.iterrows()
         if row["run"] in report.curves
     }

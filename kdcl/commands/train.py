@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -18,8 +19,8 @@ from kdcl.commands.report import run_figures
 from kdcl.config.checks import validate
 from kdcl.errors import KdclError
 from kdcl.output.trackers import Loggers, TrackedRun, check_loggers, open_loggers
-from kdcl.scenarios import REGISTERED_NAMES, SCENARIOS
-from kdcl.train.engine import resolve_device
+from kdcl.scenarios import REGISTERED_NAMES, SCENARIOS, Scenario
+from kdcl.train.engine import EpochHook, resolve_device
 
 log = logging.getLogger("kdcl")
 
@@ -39,21 +40,39 @@ def train_command(cfg: DictConfig) -> float:
         cfg = OmegaConf.load(saved)
     validate(cfg, registries=REGISTERED_NAMES)
     plain = plain_config(cfg)
-    loggers = plain.get("logger", {"csv": {}})  # absent from configs saved before it existed
-    check_loggers(loggers)
-    scenario = SCENARIOS.get(plain.get("scenario", {}).get("name", "standard"))  # absent from configs saved before it
+    check_loggers(loggers_of(plain))
     devices = cfg.trainer.get("devices", 1)  # absent from configs saved before it existed
     distributed.check_processes(devices, cfg.trainer.batch_size)
     if devices > 1 and not distributed.active():
         launch(cfg, devices)
-        summary = pd.read_csv(out / "summary.csv")
-    else:
-        distributed.agree_on_run_dir(out)
-        with open_loggers(loggers, TrackedRun(out, plain)) as run_loggers:
-            summary = scenario.run(plain, out, run_loggers)
-            log_results(run_loggers, summary, out)
-        log.info("wrote %s", out / "summary.csv")
-    return float(summary.set_index("model").loc[scenario.objective(plain), "best_val_acc"])
+        return objective(plain, pd.read_csv(out / "summary.csv"))
+    return train_here(plain, out)
+
+
+def scenario_of(cfg: dict[str, Any]) -> Scenario:
+    """The config's scenario (``scenario.name``; ``standard`` in configs saved before it existed)."""
+    return SCENARIOS.get(cfg.get("scenario", {}).get("name", "standard"))
+
+
+def loggers_of(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The config's loggers (``logger``; csv alone in configs saved before it existed)."""
+    return cfg.get("logger", {"csv": {}})
+
+
+def objective(cfg: dict[str, Any], summary: pd.DataFrame) -> float:
+    """What a search maximises: the validation accuracy of the scenario's objective row."""
+    return float(summary.set_index("model").loc[scenario_of(cfg).objective(cfg), "best_val_acc"])
+
+
+def train_here(cfg: dict[str, Any], out: Path, on_epoch: EpochHook | None = None) -> float:
+    """Run the scenario of the checked, plain config ``cfg`` in this process into ``out``,
+    each epoch's metrics to its loggers (``on_epoch`` also sees each epoch of each stage); the objective."""
+    distributed.agree_on_run_dir(out)
+    with open_loggers(loggers_of(cfg), TrackedRun(out, cfg)) as run_loggers:
+        summary = scenario_of(cfg).run(cfg, out, run_loggers, on_epoch)
+        log_results(run_loggers, summary, out)
+    log.info("wrote %s", out / "summary.csv")
+    return objective(cfg, summary)
 
 
 def log_results(loggers: Loggers, summary: pd.DataFrame, out: Path) -> None:

@@ -45,6 +45,7 @@ container field would replace the null.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -425,6 +426,29 @@ class BenchConfig(TrainConfig):
 
 
 @dataclass
+class TuneSettings:
+    """``tune``: how ``kdcl tune`` searches (``conf/tune.yaml``); ``sampler`` and ``pruner``
+    name entries of their registries (``kdcl/commands/tune.py``)."""
+
+    study: str = key("a name of letters, digits, '.', '_' or '-'", lambda v: re.fullmatch(r"[\w.-]+", v) is not None)
+    trials: int = key(*COUNT)
+    sampler: str = key()
+    pruner: str = key()
+    startup_trials: int = key(*COUNT_OR_ZERO)
+    warmup_epochs: int = key(*COUNT_OR_ZERO)
+    prune_below: float = key(*UNIT)
+
+
+@dataclass
+class TuneConfig(TrainConfig):
+    """``kdcl tune``: a run config plus ``tune`` and the search space ``search``
+    (``conf/search/``: config key → how to sample it, checked by ``kdcl/commands/search_space.py``)."""
+
+    tune: TuneSettings = field(default_factory=TuneSettings)
+    search: Dict[str, Any] = key()
+
+
+@dataclass
 class EvalConfig:
     """``kdcl eval`` (``conf/eval.yaml``). Its optional ``dataset`` is checked against
     :class:`DatasetConfig` by ``kdcl eval`` itself: a group that may be absent cannot be a
@@ -576,12 +600,13 @@ def _node(cls: type) -> DictConfig:
 
 
 def register() -> None:
-    """``schema/train``, ``schema/bench``, ``schema/eval`` and ``schema/export`` in Hydra's ConfigStore (done on import)."""
+    """``schema/train``, ``schema/bench``, ``schema/eval``, ``schema/export`` and ``schema/tune`` in Hydra's ConfigStore (done on import)."""
     store = ConfigStore.instance()
     store.store(group="schema", name="train", node=_node(TrainConfig))
     store.store(group="schema", name="eval", node=_node(EvalConfig))
     store.store(group="schema", name="bench", node=_node(BenchConfig))
     store.store(group="schema", name="export", node=_node(ExportConfig))
+    store.store(group="schema", name="tune", node=_node(TuneConfig))
 
 
 register()

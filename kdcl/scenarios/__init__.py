@@ -1,9 +1,10 @@
 """What ``kdcl train`` trains: the ``scenario`` config group.
 
-A scenario is a function ``run(cfg, out, loggers) -> summary`` that trains into the run
-directory ``out``, gives each epoch's metrics to ``loggers`` (:mod:`kdcl.output.trackers`),
+A scenario is a function ``run(cfg, out, loggers, on_epoch=None) -> summary`` that trains
+into the run directory ``out``, gives each epoch's metrics to ``loggers``
+(:mod:`kdcl.output.trackers`) and to ``on_epoch`` if given (:data:`kdcl.train.engine.EpochHook`),
 and returns the table it wrote as ``summary.csv``, plus the summary row whose
-``best_val_acc`` a sweep's objective reads (an Optuna search maximises it):
+``best_val_acc`` a sweep's objective reads (``kdcl tune`` maximises it):
 
 - ``standard`` (:mod:`kdcl.scenarios.standard`): teacher → baseline → curriculum → distill;
 - ``class_incremental`` (:mod:`kdcl.scenarios.class_incremental`): the classes arrive in
@@ -30,8 +31,9 @@ from kdcl.scenarios.class_incremental import (
     run_class_incremental,
 )
 from kdcl.scenarios.standard import distilled_student, run_pipeline
+from kdcl.train.engine import EpochHook
 
-RunFn = Callable[[dict[str, Any], Path, Loggers], pd.DataFrame]
+RunFn = Callable[[dict[str, Any], Path, Loggers, EpochHook | None], pd.DataFrame]
 
 
 @dataclass(frozen=True)

@@ -78,7 +78,7 @@ from kdcl.scenarios.standard import (
     teacher_stage,
     train_stage,
 )
-from kdcl.train.engine import evaluate
+from kdcl.train.engine import EpochHook, evaluate
 from kdcl.train.resume import graceful_stop
 
 log = logging.getLogger(__name__)
@@ -224,9 +224,11 @@ def objective_arm(cfg: dict[str, Any]) -> str:
     return cfg["scenario"]["objective_arm"]
 
 
-def run_class_incremental(cfg: dict[str, Any], out: Path, loggers: Loggers = CSV_ONLY) -> pd.DataFrame:
+def run_class_incremental(
+    cfg: dict[str, Any], out: Path, loggers: Loggers = CSV_ONLY, on_epoch: EpochHook | None = None
+) -> pd.DataFrame:
     """Learn the task sequence with every arm of ``scenario.arms`` (each epoch's metrics to
-    ``loggers``); write the tables."""
+    ``loggers``, and to ``on_epoch`` if given, as ``ARM/task_K``); write the tables."""
     settings = cfg["scenario"]
     strategies = {name: STRATEGIES.get(name) for name in settings["arms"]}
     if settings["objective_arm"] not in strategies:
@@ -234,7 +236,7 @@ def run_class_incremental(cfg: dict[str, Any], out: Path, loggers: Loggers = CSV
             f"scenario.objective_arm={settings['objective_arm']!r} is not one of scenario.arms {settings['arms']}",
             fix="name one of the arms",
         )
-    run = start_run(cfg, out, loggers)
+    run = start_run(cfg, out, loggers, on_epoch)
     data = run.data
     classes = check_order(settings["class_order"], data.num_classes)
     if settings["tasks"] > len(classes):

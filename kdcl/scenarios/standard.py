@@ -66,7 +66,7 @@ from kdcl.train.checkpoint import (
     load_checkpoint,
     model_from_checkpoint,
 )
-from kdcl.train.engine import TrainSettings, evaluate, fit
+from kdcl.train.engine import EpochHook, TrainSettings, evaluate, fit
 from kdcl.train.resume import check_same_config, graceful_stop, read_done, write_done
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,7 @@ class Run:
     feeds: dict[tuple, Feed] = field(default_factory=dict)  # filled teacher caches, per spec and teacher set
     budget_examples: int | None = None  # the examples an epoch's steps are counted for (None: the train split's)
     loggers: Loggers = CSV_ONLY  # where the stages' per-epoch metrics go
+    on_epoch: EpochHook | None = None  # sees every epoch of every stage (kdcl tune prunes with it)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -151,13 +152,15 @@ def distilled_student(cfg: dict[str, Any]) -> str:
     return f"gen_{generations}" if generations else "distill"
 
 
-def run_pipeline(cfg: dict[str, Any], out: Path, loggers: Loggers = CSV_ONLY) -> pd.DataFrame:
-    """Run every stage of ``cfg`` into ``out``, each epoch's metrics to ``loggers``, and
-    return the summary table."""
+def run_pipeline(
+    cfg: dict[str, Any], out: Path, loggers: Loggers = CSV_ONLY, on_epoch: EpochHook | None = None
+) -> pd.DataFrame:
+    """Run every stage of ``cfg`` into ``out``, each epoch's metrics to ``loggers`` (and to
+    ``on_epoch`` if given), and return the summary table."""
     if cfg["born_again"]["generations"]:
         cfg = {**cfg, "student": {k: teacher_specs(cfg)[0][k] for k in ("name", "kwargs", "pretrained")}}
         log.info("born-again: the student takes the teacher's architecture, %s", cfg["student"]["name"])
-    run = start_run(cfg, out, loggers)
+    run = start_run(cfg, out, loggers, on_epoch)
     check_losses(run)
     with graceful_stop():
         teacher_stage(run)
@@ -174,7 +177,7 @@ def run_pipeline(cfg: dict[str, Any], out: Path, loggers: Loggers = CSV_ONLY) ->
     return summarize(run)
 
 
-def start_run(cfg: dict[str, Any], out: Path, loggers: Loggers = CSV_ONLY) -> Run:
+def start_run(cfg: dict[str, Any], out: Path, loggers: Loggers = CSV_ONLY, on_epoch: EpochHook | None = None) -> Run:
     """The run's trainer and data (the validation split carved), before any stage."""
     settings = typed(TrainerConfig, cfg["trainer"], "trainer")
     trainer = TrainSettings.from_config(settings)
@@ -199,6 +202,7 @@ def start_run(cfg: dict[str, Any], out: Path, loggers: Loggers = CSV_ONLY) -> Ru
         optimizer=typed(OptimizerConfig, cfg["optimizer"], "optimizer"),
         scheduler=typed(SchedulerConfig, cfg["scheduler"], "scheduler"),
         loggers=loggers,
+        on_epoch=on_epoch,
     )
 
 
@@ -562,7 +566,7 @@ def train_stage(
         keep_epochs=keep_epochs,
         loggers=run.loggers,
     ) as parts:
-        result = fit(parts, data, run.trainer)
+        result = fit(parts, data, run.trainer, run.on_epoch)
     path = result.best_path if select == "best" else result.last_path
     chosen = run.to_device(model_from_checkpoint(load_checkpoint(path)))
     columns = test_columns(run, stage, chosen)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -47,6 +47,11 @@ from kdcl.train.resume import (
 )
 
 log = logging.getLogger(__name__)
+
+# Called after every epoch of a stage, once its checkpoints and resume state are written,
+# with the stage's name and the epoch's metrics row (``epoch``, ``val_acc``, ...). It may
+# raise to end the training there (``kdcl tune`` stops a trial its pruner gives up on).
+EpochHook = Callable[[str, dict[str, Any]], None]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -250,11 +255,11 @@ def train_step(
         s.dynamics.update(idx, logits, y, ctx.epoch)
 
 
-def fit(s: Stage, data: DataBundle, trainer: TrainSettings) -> FitResult:
+def fit(s: Stage, data: DataBundle, trainer: TrainSettings, on_epoch: EpochHook | None = None) -> FitResult:
     """Train for ``trainer.epochs`` epochs of ``s.steps_per_epoch`` steps (default
     ``ceil(N / batch_size)``), evaluate on the validation split after each, keep ``best.pt`` /
     ``last.pt`` (and ``epoch_NNN.pt`` for ``keep_epochs``), and continue from ``resume.pt``
-    when an earlier run was cut off.
+    when an earlier run was cut off. ``on_epoch`` (optional) sees each epoch's metrics row.
     Under DDP the ranks train ``s.model`` inside ``DistributedDataParallel``, each on its part
     of every global batch, and stop together when any of them is asked to stop."""
     spe = _epoch_steps(s, data, trainer)
@@ -302,6 +307,8 @@ def fit(s: Stage, data: DataBundle, trainer: TrainSettings) -> FitResult:
             cursor.finished = True
         cursor.epoch, cursor.seconds, meter, start_state = epoch + 1, time.perf_counter() - started, Meter(), None
         _save(s, data, cursor, meter, None)
+        if on_epoch is not None:
+            on_epoch(s.name, row)
     distributed.barrier()  # rank 0's checkpoints are on disk for every rank
     return FitResult(
         best_epoch=cursor.best_epoch,
