@@ -346,7 +346,9 @@ class PacedSchedule(DataSchedule):
         if self.weight_start is None:
             return None
         s = self.weight_start + (1 - self.weight_start) * step / self.total_steps
-        return 1 - (1 - s) * self.rank.to(idx.device)[idx]
+        if self.rank.device != idx.device:
+            self.rank = self.rank.to(idx.device)  # once per stage
+        return 1 - (1 - s) * self.rank[idx]
 
     def epoch_end(self, epoch: int, val_logits: Tensor, val_labels: Tensor) -> dict[str, Any]:
         columns = super().epoch_end(epoch, val_logits, val_labels)
@@ -380,12 +382,12 @@ class SelfPacedSchedule(DataSchedule):
 
     def sample_weights(self, idx: Tensor, losses: Tensor, step: int) -> Tensor:
         v = self.weigh(losses, self.lam)
-        self._new_active += (v > 0).sum().item()
+        self._new_active = self._new_active + (v > 0).sum()  # on the device, read at collect
         self._new_seen += len(v)
         return v
 
     def collect(self) -> None:
-        active, seen = distributed.sum_values(self._new_active, self._new_seen)
+        active, seen = distributed.sum_values(float(self._new_active), self._new_seen)
         self._active, self._seen = self._active + active, self._seen + int(seen)
         self._new_active, self._new_seen = 0.0, 0
 

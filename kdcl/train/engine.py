@@ -53,6 +53,10 @@ log = logging.getLogger(__name__)
 # raise to end the training there (``kdcl tune`` stops a trial its pruner gives up on).
 EpochHook = Callable[[str, dict[str, Any]], None]
 
+# Steps between the host's reads of the non-finite-loss note (each read waits for the device:
+# the only sync of the step loop on a GPU besides the epoch's end and the saves).
+FINITE_CHECK_EVERY = 50
+
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` → cuda when available, else cpu; ``cuda`` without a GPU is an error."""
@@ -193,6 +197,38 @@ class Meter:
         self.count = count
         self.new: dict[str, Tensor] = {}
         self.new_count = 0
+        # The first step whose loss was not finite (−1: none yet), its loss (total) and mean terms,
+        # all on the device; and the learning rate of every step since the last check.
+        self.first_bad: Tensor | None = None
+        self.bad_values: dict[str, Tensor] = {}
+        self.lrs: dict[int, float] = {}
+
+    def watch(self, step: int, lr: float, total: Tensor, terms: dict[str, Tensor]) -> None:
+        """Note, without reading it on the host, whether this step's loss ``total`` is finite;
+        the first step where it is not keeps its loss and mean terms. :meth:`check_finite`
+        reads the note (a sync) every ``FINITE_CHECK_EVERY`` steps and before anything is saved."""
+        if self.first_bad is None:
+            self.first_bad = torch.full((), -1, dtype=torch.long, device=total.device)
+        first = ~torch.isfinite(total) & (self.first_bad < 0)
+        self.first_bad = torch.where(first, step, self.first_bad)
+        values = {"total": total.float(), **{k: v.detach().float().mean() for k, v in terms.items() if k != "loss"}}
+        self.bad_values = {k: torch.where(first, v, self.bad_values.get(k, v)) for k, v in values.items()}
+        self.lrs[step] = lr
+
+    def check_finite(self, stage: str, out_dir: Path) -> None:
+        """Stop with one clear message if a step since the last check had a non-finite loss."""
+        if self.first_bad is None:
+            return
+        step = int(self.first_bad)
+        lrs, self.lrs = self.lrs, {}
+        if step < 0:
+            return
+        values = {k: float(v) for k, v in self.bad_values.items()}
+        terms = ", ".join(f"{k}={v:.4g}" for k, v in values.items() if k != "total")
+        raise KdclError(
+            f"stage {stage}: the loss is {values['total']} at step {step} (lr {lrs[step]:.4g}; {terms})",
+            fix=f"lower optimizer.lr or check the data; {out_dir}/last.pt and best.pt keep the last finite epoch",
+        )
 
     def add(self, terms: dict[str, Tensor], logits: Tensor, y: Tensor) -> None:
         values = {**{k: v.detach().sum() for k, v in terms.items()}, "correct": (logits.argmax(1) == y).sum()}
@@ -239,12 +275,7 @@ def train_step(
     weights = s.plan.sample_weights(idx, terms.get("ce", terms["loss"]).detach(), step)
     loss = part.mean(terms["loss"] if weights is None else terms["loss"] * weights)
     total = distributed.all_sum(loss.detach().clone())  # the global batch's loss: every rank stops together
-    if not torch.isfinite(total):
-        bad = ", ".join(f"{k}={v.detach().float().mean().item():.4g}" for k, v in terms.items())
-        raise KdclError(
-            f"stage {s.name}: the loss is {total.item()} at step {step} (lr {s.optimizer.param_groups[0]['lr']:.4g}; {bad})",
-            fix=f"lower optimizer.lr or check the data; {s.out_dir}/last.pt and best.pt keep the last finite epoch",
-        )
+    meter.watch(step, s.optimizer.param_groups[0]["lr"], total, terms)
     s.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     distributed.average_gradients([*s.loss_fn.parameters(), *s.control.parameters()])  # outside the DDP model
@@ -283,11 +314,15 @@ def fit(s: Stage, data: DataBundle, trainer: TrainSettings, on_epoch: EpochHook 
                 advance()
                 every = trainer.checkpoint_every_steps
                 stop = distributed.any_rank(STOP.signum or 0)
-                if stop or (every and cursor.step % every == 0 and cursor.step < first + spe):
+                save = stop or (every and cursor.step % every == 0 and cursor.step < first + spe)
+                if save or cursor.step % FINITE_CHECK_EVERY == 0:
+                    meter.check_finite(s.name, s.out_dir)
+                if save:
                     cursor.seconds = time.perf_counter() - started
                     _save(s, data, cursor, meter, start_state)
                     if stop:
                         raise Interrupted(stop, s.name, cursor.step, s.run_dir)
+        meter.check_finite(s.name, s.out_dir)
         row = _end_epoch(s, data, trainer, cursor, meter, time.perf_counter() - tic)
         if distributed.is_main():
             s.loggers.log_epoch(s.name, s.out_dir, row)
@@ -340,7 +375,10 @@ def train_steps(s: Stage, data: DataBundle, trainer: TrainSettings, total_steps:
         ctx = s.control.context(epoch, s.features)
         for step, batch in zip(steps, data.train.batches(s.plan.batches(steps))):
             train_step(s, trainer, step, batch, meter, ctx)
+            if (step + 1) % FINITE_CHECK_EVERY == 0:
+                meter.check_finite(s.name, s.out_dir)
             yield step
+        meter.check_finite(s.name, s.out_dir)
 
 
 def _end_epoch(
