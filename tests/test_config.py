@@ -67,8 +67,9 @@ def missing_keys(cfg, path=""):
 
 @pytest.mark.parametrize("group", GROUPS)
 def test_every_option_composes(compose_cfg, group):
+    needs = {"npz": ["dataset.root=/data"], "imagefolder": ["dataset.root=/data"], "custom": [f"{group}.name=cnn"]}
     for option in options(group):
-        overrides = [f"{group}={option}"] + (["dataset.root=/data"] if option in ("npz", "imagefolder") else [])
+        overrides = [f"{group}={option}", *needs.get(option, [])]
         cfg = compose_cfg(overrides)
         check_names(cfg)
         assert not missing_keys(cfg), (option, missing_keys(cfg))
@@ -140,6 +141,8 @@ BAD = {
     "assistants": [3],
     "teachers": "resnet8",
     "teacher.route_points": -1,
+    "teacher._target_": "build",
+    "student._target_": "build",
     "born_again.generations": -1,
     "dataset.val_fraction": 0.0,
     "dataset.max_train_samples": 0,
