@@ -21,7 +21,7 @@ from kdcl.models import build_model, count_params, create_model, model_ref, save
 from kdcl.scenarios.standard import check_losses, start_run, teacher_stage
 from kdcl.train.checkpoint import model_from_checkpoint
 from kdcl.train.engine import evaluate
-from kdcl.train.weights import load_teacher
+from kdcl.train.weights import load_teacher, safetensors_file
 
 TESTS = Path(__file__).resolve().parent
 DIGITS = (1, 8, 8)  # the default dataset's images
@@ -104,6 +104,10 @@ def test_unknown_source_and_missing_packages(monkeypatch, tmp_path):
     for name in ("timm:test_resnet", f"hf:{tmp_path}"):
         with pytest.raises(KdclError, match=r"needs the package (timm|transformers)(.|\n)*kdcl\[models\]"):
             create_model(name, 10, DIGITS)
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    with pytest.raises(KdclError, match=r"w.safetensors needs the package safetensors,(.|\n)*kdcl\[models\]"):
+        safetensors_file(tmp_path / "w.safetensors", TORCHVISION, None, "teacher.checkpoint")
 
 
 def test_target_that_cannot_be_imported_or_built(tmp_path):
@@ -260,7 +264,7 @@ def test_mismatched_weights_are_one_message_expected_vs_found(compose_cfg, tmp_p
 def test_cli_trains_each_source_and_eval_reproduces_it(cli, tmp_path, hf_dir, target_importable, models):
     run_dir = tmp_path / "run"
     overrides = [m.replace("HF_DIR", str(hf_dir)) for m in models]
-    train = cli("train", *QUICK, "baseline=false", *overrides, f"hydra.run.dir={run_dir}")
+    train = cli("train", *QUICK, "trainer.epochs=1", "baseline=false", *overrides, f"hydra.run.dir={run_dir}")
     assert train.returncode == 0, train.stderr
     summary = pd.read_csv(run_dir / "summary.csv").set_index("model")
     assert summary.loc["teacher", "arch"] in " ".join(overrides)

@@ -118,15 +118,14 @@ def saved_spec(spec: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
     return {**saved, TARGET: ref.ref} if ref.source == TARGET else saved
 
 
-def optional_import(package: str, label: str) -> ModuleType:
-    """``import package`` for the model ``label``; missing, it is one :class:`KdclError`
-    naming the extra that installs it."""
+def optional_import(module: str, user: str) -> ModuleType:
+    """``import module`` for ``user`` (``model timm:resnet18``); missing, it is one
+    :class:`KdclError` naming its package and the extra that installs it."""
     try:
-        return importlib.import_module(package)
+        return importlib.import_module(module)
     except ImportError:
-        raise KdclError(
-            f"model {label} needs the package {package}, which is not installed", fix=MODELS_EXTRA
-        ) from None
+        package = module.partition(".")[0]
+        raise KdclError(f"{user} needs the package {package}, which is not installed", fix=MODELS_EXTRA) from None
 
 
 @contextlib.contextmanager
@@ -170,7 +169,7 @@ def torchvision_model(
 def timm_model(ref: str, num_classes: int, input_shape: InputShape, pretrained: bool, **kwargs: Any) -> nn.Module:
     """``timm.create_model(ref, pretrained=..., num_classes=C, in_chans=channels, **kwargs)``;
     its pretrained weights come from the Hugging Face hub."""
-    timm = optional_import("timm", f"timm:{ref}")
+    timm = optional_import("timm", f"model timm:{ref}")
     if not timm.is_model(ref):
         close = ", ".join(timm.list_models(f"*{ref.split('.')[0][:6]}*")[:8])
         raise KdclError(
@@ -221,7 +220,7 @@ def hf_model(
     weights, a new head where the classes differ), else fresh weights for ``ref``'s config.
     ``config`` (what a checkpoint saves) rebuilds the architecture without ``ref``'s files.
     Other ``kwargs`` go to the config (``hidden_sizes``, ``depths``, ...)."""
-    transformers = optional_import("transformers", f"hf:{ref}")
+    transformers = optional_import("transformers", f"model hf:{ref}")
     auto = transformers.AutoModelForImageClassification
     if config is not None:
         saved = dict(config)
@@ -238,7 +237,7 @@ def hf_model(
 def load_hf_directory(path: Path, num_classes: int, input_shape: InputShape) -> HFImageClassifier:
     """A trained HF image classifier saved with ``save_pretrained`` in ``path``, as it is:
     its head must already have ``num_classes`` outputs (a new head would be untrained)."""
-    transformers = optional_import("transformers", f"hf:{path}")
+    transformers = optional_import("transformers", f"the Hugging Face model directory {path}")
     with hub_files(f"hf:{path}", "the config"):
         config = transformers.AutoConfig.from_pretrained(path)
     found = {"classes": config.num_labels, "channels": getattr(config, "num_channels", input_shape[0])}

@@ -115,7 +115,7 @@ def torch_save_file(file: Path, spec: Mapping[str, Any], data: DataBundle, key: 
 @register_format("safetensors", matches=lambda file: file.is_file() and file.suffix == ".safetensors")
 def safetensors_file(file: Path, spec: Mapping[str, Any], data: DataBundle, key: str) -> LoadedTeacher:
     """A ``.safetensors`` file of tensors into the spec's architecture."""
-    safetensors_torch = optional_import("safetensors.torch", f"weights {file}")
+    safetensors_torch = optional_import("safetensors.torch", f"the weights file {file}")
     try:
         state_dict = safetensors_torch.load_file(str(file), device="cpu")
     except Exception as e:  # safetensors' own error type for a bad header or a truncated file
