@@ -18,9 +18,10 @@ from kdcl.config.checks import validate
 from kdcl.data import load_data
 from kdcl.errors import KdclError
 from kdcl.models import build_model, count_params, create_model, model_ref, saved_spec
+from kdcl.scenarios.stage_cache import stage_key
 from kdcl.scenarios.standard import check_losses, start_run, teacher_stage
 from kdcl.train.checkpoint import model_from_checkpoint
-from kdcl.train.engine import evaluate
+from kdcl.train.engine import TrainSettings, evaluate
 from kdcl.train.weights import load_teacher, safetensors_file
 
 TESTS = Path(__file__).resolve().parent
@@ -275,3 +276,12 @@ def test_cli_trains_each_source_and_eval_reproduces_it(cli, tmp_path, hf_dir, ta
         ev = pd.read_csv(eval_dir / "eval.csv").iloc[0]
         assert ev["acc"] == pytest.approx(summary.loc[stage, "test_acc"], abs=1e-9)
         assert ev["model"] == summary.loc[stage, "arch"]
+
+
+def test_stage_cache_key_has_a_target_only_when_one_is_set(compose_cfg):
+    """Entries stored before _target_ existed still hit: a null _target_ is not in the key."""
+    cpu = TrainSettings(torch.device("cpu"), epochs=1, batch_size=64, eval_batch_size=512, amp=False)
+    plain = stage_key(compose_cfg([]), "teacher", cpu)["model"]
+    assert "_target_" not in plain and plain["name"] == "cnn"
+    custom = stage_key(compose_cfg(["teacher._target_=tiny_nets.tiny_cnn"]), "teacher", cpu)["model"]
+    assert custom["_target_"] == "tiny_nets.tiny_cnn"

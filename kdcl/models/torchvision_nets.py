@@ -22,8 +22,7 @@ from torch import nn
 from torchvision.models import MobileNetV2, MobileNetV3, ResNet
 
 from kdcl.errors import KdclError
-from kdcl.models.operations import call_with_kwargs as _call
-from kdcl.models.operations import set_outputs
+from kdcl.models.operations import call_with_kwargs, set_outputs
 
 InputShape = tuple[int, int, int]
 CifarStem = bool | Literal["auto"]
@@ -81,10 +80,10 @@ def _download(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
             fix="choose a name of torchvision.models.list_models(), e.g. torchvision:resnet18",
         )
     if not pretrained:
-        return _call(f"torchvision:{name}", torchvision.models.get_model, name, weights=None, **kwargs)
+        return call_with_kwargs(f"torchvision:{name}", torchvision.models.get_model, name, weights=None, **kwargs)
     weights = torchvision.models.get_model_weights(name).DEFAULT
     try:
-        return _call(f"torchvision:{name}", torchvision.models.get_model, name, weights=weights, **kwargs)
+        return call_with_kwargs(f"torchvision:{name}", torchvision.models.get_model, name, weights=weights, **kwargs)
     except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
         # URLError is an OSError; ValueError/UnpicklingError come from a damaged file.
         # torch.hub downloads to a temporary file and deletes it on failure, so no
