@@ -19,7 +19,7 @@ from kdcl.data import load_data
 from kdcl.errors import KdclError
 from kdcl.models import build_model, count_params, create_model, model_ref, saved_spec
 from kdcl.scenarios.stage_cache import stage_key
-from kdcl.scenarios.standard import check_losses, start_run, teacher_stage
+from kdcl.scenarios.standard import check_losses, run_pipeline, start_run, teacher_stage
 from kdcl.train.checkpoint import model_from_checkpoint
 from kdcl.train.engine import TrainSettings, evaluate
 from kdcl.train.weights import load_teacher, safetensors_file
@@ -243,6 +243,15 @@ def test_mismatched_weights_are_one_message_expected_vs_found(compose_cfg, tmp_p
         load_teacher(tmp_path / "three", spec, data, "teacher.checkpoint")
     with pytest.raises(KdclError, match="directory without config.json(.|\n)*safetensors"):
         load_teacher(tmp_path, spec, data, "teacher.checkpoint")
+
+
+def test_a_teacher_that_does_not_fit_stops_the_run_before_anything_trains(compose_cfg, tmp_path):
+    save_state_dict(build_model(TORCHVISION, 5, DIGITS), tmp_path / "five.pth")
+    cfg = compose_cfg(QUICK)
+    cfg["teachers"] = ["cnn_small", {**TORCHVISION, "checkpoint": str(tmp_path / "five.pth")}]  # the second
+    with pytest.raises(KdclError, match="five.pth as model torchvision:mobilenet_v3_small(.|\n)*do not fit"):
+        run_pipeline(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "teacher" / "metrics.csv").exists()
 
 
 # --------------------------------------------------------------------------- the CLI, end to end

@@ -410,28 +410,34 @@ def example_ranks(run: Run, spec: CurriculumConfig) -> Tensor | None:
 
 
 def check_losses(run: Run) -> None:
-    """Build the first teacher (from its weights file when it has one) and the student, as
-    the stages will (pretrained weights included: a failed download stops the run here),
-    check that each takes the data's inputs and gives one logit per class, then build every
-    distillation loss of the run (distill and arms) and bind it to them, so a bad key or
-    layer name stops the run before anything trains."""
-    cfg, shape, classes = run.cfg, run.data.input_shape, run.data.num_classes
-    spec = teacher_specs(cfg)[0]
-    teacher = (
-        load_teacher(spec["checkpoint"], spec, run.data, "teacher.checkpoint").model
-        if spec["checkpoint"]
-        else build_model(spec, classes, shape, pretrained=spec["pretrained"])
-    )
-    student = build_model(cfg["student"], classes, shape, pretrained=cfg["student"]["pretrained"])
-    for role, model, model_spec in (("teacher", teacher, spec), ("student", student, cfg["student"])):
-        if not (role == "teacher" and spec["checkpoint"]):  # a loaded teacher was checked as it loaded
-            check_forward(model, shape, classes, f"{model_ref(model_spec).label} ({role})")
+    """Build every teacher (from its weights file when it has one) and the student as the
+    stages will (pretrained weights included: a failed download stops the run here), each
+    checked to take the data's inputs and give one logit per class; then build every
+    distillation loss of the run (distill and arms) and bind it to the student and the
+    first teacher, so a bad key or layer name stops the run before anything trains."""
+    cfg, shape = run.cfg, run.data.input_shape
+    first, *others = teacher_specs(cfg)
+    teacher = checked_model(run, first, "teacher")
+    for k, spec in enumerate(others, start=1):  # one at a time: each is dropped once checked
+        checked_model(run, spec, f"teacher_{k}")
+    student = checked_model(run, cfg["student"], "student")
     for distill in [cfg["distill"], *(arm_config(cfg, arm)[0] for arm in (cfg.get("arms") or {}).values())]:
         loss_spec, control = distill_parts(distill)
         loss_fn = create_loss(loss_spec)
         if loss_fn.needs_teacher:
             loss_fn.bind(student, teacher, torch.zeros(2, *shape))
         check_teacher_cache(loss_spec["name"], loss_fn, control)
+
+
+def checked_model(run: Run, spec: dict, role: str) -> nn.Module:
+    """The model of ``spec`` as its stage starts from it: loaded from its weights file
+    (``checkpoint``, checked as it loads), or built with its pretrained weights and checked
+    by one forward pass on the data's input shape."""
+    if spec.get("checkpoint"):
+        return load_teacher(spec["checkpoint"], spec, run.data, f"{role}.checkpoint").model
+    model = build_model(spec, run.data.num_classes, run.data.input_shape, pretrained=spec["pretrained"])
+    check_forward(model, run.data.input_shape, run.data.num_classes, f"{model_ref(spec).label} ({role})")
+    return model
 
 
 def check_teacher_cache(name: str, loss_fn: DistillLoss, control: ControlConfig) -> None:
