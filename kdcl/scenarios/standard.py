@@ -159,7 +159,7 @@ def distilled_student(cfg: dict[str, Any]) -> str:
 def run_pipeline(cfg: dict[str, Any], out: Path) -> pd.DataFrame:
     """Run every stage of ``cfg`` into ``out`` and return the summary table."""
     if cfg["born_again"]["generations"]:
-        cfg = {**cfg, "student": {k: teacher_specs(cfg)[0][k] for k in ("name", "kwargs", "pretrained", TARGET)}}
+        cfg = {**cfg, "student": {k: teacher_specs(cfg)[0].get(k) for k in ("name", "kwargs", "pretrained", TARGET)}}
         log.info("born-again: the student takes the teacher's architecture, %s", model_ref(cfg["student"]).label)
     run = start_run(cfg, out)
     check_losses(run)
