@@ -78,8 +78,9 @@ REQUIRED = {
 
 @pytest.mark.parametrize("group", GROUPS)
 def test_every_option_composes(compose_cfg, group):
+    needs = {**REQUIRED, "custom": [f"{group}.name=cnn"]}
     for option in options(group):
-        overrides = [f"{group}={option}", *REQUIRED.get(option, [])]
+        overrides = [f"{group}={option}", *needs.get(option, [])]
         cfg = compose_cfg(overrides)
         check_names(cfg)
         assert not missing_keys(cfg), (option, missing_keys(cfg))
@@ -152,6 +153,8 @@ BAD = {
     "teachers": "resnet8",
     "logger": ["csv"],  # the names are the keys of a mapping (logger=[csv] on the command line)
     "teacher.route_points": -1,
+    "teacher._target_": "build",
+    "student._target_": "build",
     "born_again.generations": -1,
     "dataset.val_fraction": 0.0,
     "dataset.max_train_samples": 0,

@@ -126,7 +126,7 @@ def test_teacher_agreement_recomputed_from_checkpoints(quick_run):
 def test_checkpoint_is_self_describing_and_safe(quick_run):
     cfg, out, _ = quick_run
     ckpt = torch.load(out / "distill" / "best.pt", weights_only=True)
-    assert ckpt["model"] == {"name": cfg["student"]["name"], "kwargs": cfg["student"]["kwargs"]}
+    assert ckpt["model"] == {"source": "kdcl", "name": cfg["student"]["name"], "kwargs": cfg["student"]["kwargs"]}
     assert ckpt["num_classes"] == 10 and ckpt["input_shape"] == [1, 8, 8]
     assert ckpt["class_names"] == [str(i) for i in range(10)]
     assert set(ckpt["normalization"]) == {"mean", "std"}

@@ -64,12 +64,12 @@ from kdcl.data import PADDINGS, DataBundle, TensorSource, load_data
 from kdcl.distill.losses import kl_teacher_student
 from kdcl.distill.teachers import Teachers
 from kdcl.errors import KdclError
-from kdcl.models import create_model, freeze
+from kdcl.models import build_model, freeze
 from kdcl.optim import build_optimizer, build_schedule
 from kdcl.output.tables import print_table, write_csv
 from kdcl.train.assemble import build_stage, teacher_feed
-from kdcl.train.checkpoint import load_checkpoint, model_from_checkpoint
 from kdcl.train.engine import TrainSettings, evaluate, train_steps
+from kdcl.train.weights import load_teacher
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class Setup:
         """The student with the run's initial weights (seed + 1, as every student stage)."""
         torch.manual_seed(self.cfg["seed"] + 1)
         spec = self.cfg["student"]
-        return create_model(spec["name"], self.data.num_classes, self.data.input_shape, **spec["kwargs"])
+        return build_model(spec, self.data.num_classes, self.data.input_shape)
 
     def sync(self) -> None:
         if self.trainer.device.type == "cuda":
@@ -281,10 +281,10 @@ def setup(cfg: dict[str, Any], out: Path) -> Setup:
         )
     spec = teacher_specs(cfg)[0]
     if spec["checkpoint"]:
-        teacher = model_from_checkpoint(load_checkpoint(spec["checkpoint"]))
+        teacher = load_teacher(spec["checkpoint"], spec, data, "teacher.checkpoint").model
     else:
         torch.manual_seed(cfg["seed"])
-        teacher = create_model(spec["name"], data.num_classes, data.input_shape, **spec["kwargs"])
+        teacher = build_model(spec, data.num_classes, data.input_shape)
     teacher = teacher.to(device).eval().requires_grad_(False)
     return Setup(
         cfg=cfg,

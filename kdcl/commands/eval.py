@@ -16,7 +16,7 @@ from kdcl.commands.job import output_dir, plain_config
 from kdcl.config.checks import validate_eval
 from kdcl.data import load_data
 from kdcl.errors import KdclError
-from kdcl.models import count_macs, count_params, create_model, size_mb
+from kdcl.models import build_model, count_macs, count_params, model_ref, size_mb
 from kdcl.output.tables import print_table, write_csv
 from kdcl.train.checkpoint import (
     checkpoint_data,
@@ -43,8 +43,9 @@ def run_eval(
     A checkpoint of a class-incremental task (its ``classes``: the dataset class of each
     output) is tested on the examples of those classes.
 
-    A kdcl checkpoint describes itself; a plain ``state_dict`` file (torchvision's, say)
-    needs ``model_spec`` (name and kwargs) and a dataset."""
+    A kdcl checkpoint describes itself (a model of any source; one of ``_target_`` needs its
+    package importable); a plain ``state_dict`` file (torchvision's, say) needs
+    ``model_spec`` (name, of any source, and kwargs) and a dataset."""
     ckpt = read_checkpoint(checkpoint)
     device = resolve_device(device_name)
     if is_kdcl(ckpt):
@@ -58,8 +59,8 @@ def run_eval(
                 fix="add model=NAME (e.g. resnet18) and dataset=NAME to the command",
             )
         data = load_data(dataset, device, False, 0)
-        name, stage = model_spec["name"], "state_dict"
-        model = create_model(name, data.num_classes, data.input_shape, **model_spec["kwargs"])
+        name, stage = model_ref(model_spec).label, "state_dict"
+        model = build_model(model_spec, data.num_classes, data.input_shape)
         load_weights(model, ckpt, f"{checkpoint} as model {name!r}")
         model = model.to(device)
     trainer = TrainSettings(

@@ -12,7 +12,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
-from kdcl.config.options import arm_config, group_option, option_folder
+from kdcl.config.options import arm_config, group_option, option_folder, teacher_specs
 from kdcl.config.schema import (
     DatasetConfig,
     Entry,
@@ -39,12 +39,9 @@ def _registered_names() -> dict[str, Any]:
     from kdcl.distill.feeds import STORES, TEACHER_CACHES
     from kdcl.distill.losses import LOSSES
     from kdcl.distill.teachers import COMBINATIONS
-    from kdcl.models import MODELS
     from kdcl.optim import OPTIMIZERS, SCHEDULES
 
     return {
-        "teacher.name": MODELS,
-        "student.name": MODELS,
         "dataset.name": DATASETS,
         "dataset.crop_padding_mode": PADDINGS,
         "distill.name": LOSSES,
@@ -80,12 +77,25 @@ def validate(cfg: Any, schema: type = TrainConfig, registries: dict[str, Registr
             fix="set teacher.route_points=N (N ≥ 1) and train the teacher in this run",
         )
     _check_names(plain, {**_registered_names(), **(registries or {})})
+    _check_models(plain)
     if isinstance(plain.get("arms"), dict):
         for name, arm in plain["arms"].items():
             distill, curriculum = arm_config(plain, arm)
             arm_cfg = {"distill": distill, "curriculum": curriculum}
             check(arm_cfg, TrainConfig, prefix=f"arms.{name}.")
             _check_names(arm_cfg, _registered_names(), prefix=f"arms.{name}.")
+
+
+def _check_models(cfg: dict[str, Any]) -> None:
+    """Every model spec names a known source and, without a prefix, a kdcl model
+    (:func:`kdcl.models.model_ref`; nothing is imported or built)."""
+    from kdcl.models import model_ref  # heavy: torch and torchvision
+
+    specs = [cfg[role] for role in ("teacher", "student") if isinstance(cfg.get(role), dict) and "name" in cfg[role]]
+    if cfg.get("teachers") and isinstance(cfg.get("teacher"), dict):
+        specs += teacher_specs(cfg)
+    for spec in specs:
+        model_ref(spec)
 
 
 def validate_eval(cfg: Any) -> None:

@@ -44,7 +44,7 @@ def option_folder(group: str) -> Path:
 
 def model_option(name: str) -> dict[str, Any]:
     """The model spec of a model option, ``conf/models/NAME.yaml`` (``cnn_small`` → name cnn, width 8)."""
-    return {"pretrained": False, **group_option("teacher", name)}
+    return {"pretrained": False, "_target_": None, **group_option("teacher", name)}
 
 
 def group_option(group: str, name: str) -> dict[str, Any]:
@@ -88,11 +88,11 @@ def _base(group: str) -> DictConfig:
 
 def teacher_specs(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     """The run's teacher specs: ``teachers`` (model options, conf/models, or specs with
-    ``name``, ``kwargs``, ``pretrained``, ``checkpoint``) when given, else ``teacher``."""
+    ``name`` or ``_target_``, ``kwargs``, ``pretrained``, ``checkpoint``) when given, else ``teacher``."""
     entries = cfg.get("teachers")
     if not entries:
         return [cfg["teacher"]]
-    common = {"kwargs": {}, "pretrained": False, "checkpoint": None}
+    common = {"kwargs": {}, "pretrained": False, "_target_": None, "checkpoint": None}
     return [{**common, **(group_option("teacher", entry) if isinstance(entry, str) else entry)} for entry in entries]
 
 

@@ -75,8 +75,8 @@ def _numbers(v: Any, ok: Callable[[float], bool] = lambda x: True) -> bool:
 
 
 def _spec(v: Any) -> bool:
-    """A model given as an option name (``resnet8``) or a spec mapping with a ``name``."""
-    return isinstance(v, str) or (isinstance(v, dict) and isinstance(v.get("name"), str))
+    """A model given as an option name (``resnet8``) or a spec mapping with a ``name`` or a ``_target_``."""
+    return isinstance(v, str) or (isinstance(v, dict) and any(isinstance(v.get(k), str) for k in ("name", "_target_")))
 
 
 def _device(v: str) -> bool:
@@ -108,16 +108,23 @@ def _or_null(rule: tuple[str, Callable[[Any], bool]]) -> tuple[str, Callable[[An
 # --------------------------------------------------------------------------- sections
 @dataclass
 class ModelSpec:
-    """``student``: a registered model, its factory's keyword arguments, ImageNet weights."""
+    """``student``: a model (a kdcl name, ``torchvision:NAME``, ``timm:NAME``,
+    ``hf:PATH_OR_ID``, or a callable of your own, ``_target_``), its keyword arguments, its
+    source's pretrained weights (:mod:`kdcl.models.sources`). ``_target_`` is read by kdcl,
+    never instantiated by Hydra: kdcl does not call ``hydra.utils.instantiate`` on the run's
+    config."""
 
-    name: str = key()
+    name: Optional[str] = key()
     kwargs: Dict[str, Any] = key()
     pretrained: bool = key()
+    _target_: Optional[str] = key("null or an import path pkg.module.function", lambda v: v is None or "." in v)
 
 
 @dataclass
 class TeacherSpec(ModelSpec):
-    """``teacher``: a model spec, or a kdcl checkpoint to load instead of training."""
+    """``teacher``: a model spec, and trained weights to load instead of training
+    (``checkpoint``: a kdcl checkpoint, state_dict, ``.safetensors``, TorchScript file or HF
+    model directory; :mod:`kdcl.train.weights`)."""
 
     checkpoint: Optional[str] = key()
     route_points: int = key(*COUNT_OR_ZERO)
@@ -387,7 +394,7 @@ class TrainConfig:
     cache: bool = key()
     cache_dir: str = key()
     teachers: Any = key(
-        "null or a list of teacher options or {name, kwargs, pretrained, checkpoint} specs",
+        "null or a list of teacher options or {name or _target_, kwargs, pretrained, checkpoint} specs",
         lambda v: v is None or (isinstance(v, list) and all(_spec(s) for s in v)),
     )
     born_again: BornAgainConfig = field(default_factory=BornAgainConfig)

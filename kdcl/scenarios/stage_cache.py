@@ -73,10 +73,12 @@ def stage_key(cfg: dict[str, Any], stage: str, trainer: TrainSettings) -> dict[s
     sections["trainer"].update(device_type=trainer.device.type, amp=trainer.amp)
     if distributed.world() > 1:
         sections["trainer"]["processes"] = distributed.world()
+    spec = cfg[CACHED_STAGES[stage]]
     return {
         "stage": stage,
         "stage_version": STAGE_VERSION,
-        "model": cfg[CACHED_STAGES[stage]],
+        # without a callable of its own (_target_ null), the key a spec had before _target_ existed
+        "model": {k: v for k, v in spec.items() if k != "_target_" or v is not None},
         **sections,
         "seed": cfg["seed"],
     }

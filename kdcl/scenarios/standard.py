@@ -56,18 +56,28 @@ from kdcl.distill.feeds import Feed, TopKLogits, caches
 from kdcl.distill.losses import DistillLoss, create_loss
 from kdcl.distill.teachers import Teachers
 from kdcl.errors import KdclError
-from kdcl.models import count_macs, count_params, create_model, freeze, size_mb
+from kdcl.models import (
+    TARGET,
+    build_model,
+    check_forward,
+    count_macs,
+    count_params,
+    freeze,
+    model_ref,
+    saved_spec,
+    size_mb,
+)
 from kdcl.output.tables import print_table, write_csv
 from kdcl.output.trackers import CSV_ONLY, Loggers
 from kdcl.scenarios.stage_cache import reuse_or_produce
 from kdcl.train.assemble import build_stage
 from kdcl.train.checkpoint import (
-    check_compatible,
     load_checkpoint,
     model_from_checkpoint,
 )
 from kdcl.train.engine import EpochHook, TrainSettings, evaluate, fit
 from kdcl.train.resume import check_same_config, graceful_stop, read_done, write_done
+from kdcl.train.weights import load_teacher
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +168,8 @@ def run_pipeline(
     """Run every stage of ``cfg`` into ``out``, each epoch's metrics to ``loggers`` (and to
     ``on_epoch`` if given), and return the summary table."""
     if cfg["born_again"]["generations"]:
-        cfg = {**cfg, "student": {k: teacher_specs(cfg)[0][k] for k in ("name", "kwargs", "pretrained")}}
-        log.info("born-again: the student takes the teacher's architecture, %s", cfg["student"]["name"])
+        cfg = {**cfg, "student": {k: teacher_specs(cfg)[0].get(k) for k in ("name", "kwargs", "pretrained", TARGET)}}
+        log.info("born-again: the student takes the teacher's architecture, %s", model_ref(cfg["student"]).label)
     run = start_run(cfg, out, loggers, on_epoch)
     check_losses(run)
     with graceful_stop():
@@ -220,22 +230,7 @@ def teacher_stage(run: Run) -> None:
 
 def one_teacher(run: Run, stage: str, spec: dict, seed: int) -> nn.Module:
     if spec["checkpoint"]:
-        ckpt = load_checkpoint(spec["checkpoint"])
-        check_compatible(ckpt, run.data, f"{stage}.checkpoint")
-        model = run.to_device(model_from_checkpoint(ckpt))
-        log.info("%s: loaded %s (%s) from %s", stage, ckpt["model"]["name"], ckpt.get("stage"), spec["checkpoint"])
-        val = evaluate(model, run.data.val, run.data, run.trainer)
-        row = {
-            "arch": ckpt["model"]["name"],
-            "best_val_acc": val.acc,
-            "best_epoch": ckpt.get("epoch"),
-            "last_epoch": ckpt.get("epoch"),
-            "steps": ckpt.get("step"),
-            "seconds": 0.0,
-            "checkpoint": str(Path(spec["checkpoint"]).resolve()),
-        }
-        run.rows[stage] = {**row, **test_columns(run, stage, model)}
-        return model
+        return evaluate_teacher(run, stage, spec)
     if stage != "teacher":  # the first teacher alone is cached, scores the data and keeps a route
         return train_stage(run, stage, spec, ce_only(), no_curriculum(), seed=seed)
     dynamics = LearnedEpochs(len(run.data.train), run.trainer.device)
@@ -249,6 +244,26 @@ def one_teacher(run: Run, stage: str, spec: dict, seed: int) -> nn.Module:
         ),
     )
     run.learned_epoch = torch.tensor(pd.read_csv(run.out / stage / "dynamics.csv")["learned_epoch"].to_numpy())
+    return model
+
+
+def evaluate_teacher(run: Run, stage: str, spec: dict) -> nn.Module:
+    """A teacher given as trained weights (``checkpoint``: a kdcl checkpoint, a state_dict,
+    ``.safetensors``, TorchScript or an HF model directory, :mod:`kdcl.train.weights`) is
+    evaluated, not trained: its row holds its validation and test numbers."""
+    loaded = load_teacher(spec["checkpoint"], spec, run.data, f"{stage}.checkpoint")
+    model = run.to_device(loaded.model)
+    log.info("%s: loaded %s (%s) from %s", stage, loaded.arch, loaded.stage or loaded.format, spec["checkpoint"])
+    row = {
+        "arch": loaded.arch,
+        "best_val_acc": evaluate(model, run.data.val, run.data, run.trainer).acc,
+        "best_epoch": loaded.epoch,
+        "last_epoch": loaded.epoch,
+        "steps": loaded.step,
+        "seconds": 0.0,
+        "checkpoint": str(Path(spec["checkpoint"]).expanduser().resolve()),
+    }
+    run.rows[stage] = {**row, **test_columns(run, stage, model)}
     return model
 
 
@@ -407,22 +422,34 @@ def example_ranks(run: Run, spec: CurriculumConfig) -> Tensor | None:
 
 
 def check_losses(run: Run) -> None:
-    """Build every distillation loss of the run (distill and arms) and bind it to untrained
-    student and teacher models, so a bad key or layer name stops the run before anything trains."""
+    """Build every teacher (from its weights file when it has one) and the student as the
+    stages will (pretrained weights included: a failed download stops the run here), each
+    checked to take the data's inputs and give one logit per class; then build every
+    distillation loss of the run (distill and arms) and bind it to the student and the
+    first teacher, so a bad key or layer name stops the run before anything trains."""
     cfg, shape = run.cfg, run.data.input_shape
-    spec = teacher_specs(cfg)[0]
-    teacher = (
-        model_from_checkpoint(load_checkpoint(spec["checkpoint"]))
-        if spec["checkpoint"]
-        else create_model(spec["name"], run.data.num_classes, shape, **spec["kwargs"])
-    )
-    student = create_model(cfg["student"]["name"], run.data.num_classes, shape, **cfg["student"]["kwargs"])
+    first, *others = teacher_specs(cfg)
+    teacher = checked_model(run, first, "teacher")
+    for k, spec in enumerate(others, start=1):  # one at a time: each is dropped once checked
+        checked_model(run, spec, f"teacher_{k}")
+    student = checked_model(run, cfg["student"], "student")
     for distill in [cfg["distill"], *(arm_config(cfg, arm)[0] for arm in (cfg.get("arms") or {}).values())]:
         loss_spec, control = distill_parts(distill)
         loss_fn = create_loss(loss_spec)
         if loss_fn.needs_teacher:
             loss_fn.bind(student, teacher, torch.zeros(2, *shape), len(run.data.train))
         check_teacher_cache(loss_spec["name"], loss_fn, control, run.data.num_classes)
+
+
+def checked_model(run: Run, spec: dict, role: str) -> nn.Module:
+    """The model of ``spec`` as its stage starts from it: loaded from its weights file
+    (``checkpoint``, checked as it loads), or built with its pretrained weights and checked
+    by one forward pass on the data's input shape."""
+    if spec.get("checkpoint"):
+        return load_teacher(spec["checkpoint"], spec, run.data, f"{role}.checkpoint").model
+    model = build_model(spec, run.data.num_classes, run.data.input_shape, pretrained=spec["pretrained"])
+    check_forward(model, run.data.input_shape, run.data.num_classes, f"{model_ref(spec).label} ({role})")
+    return model
 
 
 def check_teacher_cache(name: str, loss_fn: DistillLoss, control: ControlConfig, num_classes: int) -> None:
@@ -528,14 +555,12 @@ def train_stage(
     curriculum_cfg = typed(CurriculumConfig, curriculum, "curriculum")
     torch.manual_seed(seed)
     if init is None:
-        init = create_model(
-            spec["name"], data.num_classes, data.input_shape, pretrained=spec["pretrained"], **spec["kwargs"]
-        )
+        init = build_model(spec, data.num_classes, data.input_shape, pretrained=spec["pretrained"])
     model = run.trainer.prepare(run.to_device(init))
     log.info(
         "%s: %s, %s params, %d epochs × %d steps, loss %s, curriculum %s",
         stage,
-        spec["name"],
+        model_ref(spec).label,
         f"{count_params(model):,}",
         run.trainer.epochs,
         run.steps_per_epoch,
@@ -561,7 +586,7 @@ def train_stage(
         cache_seed=run.cfg["seed"],
         cache_dir=run.out / "teacher_cache",
         feeds=run.feeds,
-        meta=checkpoint_meta(run, stage, spec),
+        meta=checkpoint_meta(run, stage, spec, init),
         dynamics=dynamics,
         keep_epochs=keep_epochs,
         loggers=run.loggers,
@@ -571,7 +596,7 @@ def train_stage(
     chosen = run.to_device(model_from_checkpoint(load_checkpoint(path)))
     columns = test_columns(run, stage, chosen)
     run.rows[stage] = {
-        "arch": spec["name"],
+        "arch": model_ref(spec).label,
         "distill": distill["name"],
         "curriculum": f"{curriculum_cfg.scorer}/{curriculum_cfg.order}"
         if PLANS.trait(curriculum_cfg.type, "ranked")
@@ -613,11 +638,14 @@ def ensemble_row(run: Run, name: str, models: list[nn.Module], **columns: Any) -
     run.rows[name] = {"arch": f"ensemble of {len(models)}", **test_columns(run, name, Teachers(models)), **columns}
 
 
-def checkpoint_meta(run: Run, stage: str, spec: dict) -> dict[str, Any]:
+def checkpoint_meta(run: Run, stage: str, spec: dict, model: nn.Module) -> dict[str, Any]:
+    """What a stage's checkpoints hold beside the weights: the model's spec (source, name or
+    ``_target_``, kwargs; :func:`kdcl.models.saved_spec`), the data's classes, shape and
+    normalisation, and the run's config."""
     d = run.data
     return {
         "stage": stage,
-        "model": {"name": spec["name"], "kwargs": dict(spec["kwargs"])},
+        "model": saved_spec(spec, model),
         "num_classes": d.num_classes,
         "input_shape": list(d.input_shape),
         "class_names": d.class_names,

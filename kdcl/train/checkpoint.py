@@ -21,7 +21,7 @@ from torch import nn
 from kdcl.config.options import with_base_keys
 from kdcl.data import DataBundle, load_data, with_classes
 from kdcl.errors import KdclError
-from kdcl.models import create_model
+from kdcl.models import build_model
 
 FORMAT = "kdcl-checkpoint/1"
 NOT_A_CHECKPOINT_FIX = (
@@ -94,7 +94,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def load_weights(model: nn.Module, state_dict: dict[str, Any], what: str) -> None:
+def load_weights(
+    model: nn.Module,
+    state_dict: dict[str, Any],
+    what: str,
+    fix: str = "name the model the weights were saved from (and its kwargs / num_classes)",
+) -> None:
     """Load ``state_dict`` into ``model``; a mismatch is summarised as expected vs found keys."""
     expected, found = model.state_dict(), state_dict
     missing = [k for k in expected if k not in found]
@@ -117,15 +122,16 @@ def load_weights(model: nn.Module, state_dict: dict[str, Any], what: str) -> Non
         raise KdclError(
             f"{what}: the weights do not fit the model — it expects {len(expected)} tensors, the file has "
             f"{len(found)}; " + "; ".join(p for p in parts if p),
-            fix="name the model the weights were saved from (and its kwargs / num_classes)",
+            fix=fix,
         )
     model.load_state_dict(state_dict)
 
 
 def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
-    """Rebuild the model a kdcl checkpoint describes and load its weights."""
+    """Rebuild the model a kdcl checkpoint describes (its ``model`` spec: source, name or
+    ``_target_``, kwargs) and load its weights."""
     arch = ckpt["model"]
-    model = create_model(arch["name"], ckpt["num_classes"], tuple(ckpt["input_shape"]), **arch["kwargs"])
+    model = build_model(arch, ckpt["num_classes"], tuple(ckpt["input_shape"]))
     load_weights(model, ckpt["state_dict"], f"checkpoint of model {arch['name']!r}")
     return model
 

@@ -1,0 +1,303 @@
+"""Model sources: where the network of a model spec comes from.
+
+A model spec (the ``teacher`` and ``student`` sections, an entry of ``teachers`` or
+``assistants``, a checkpoint's ``model``) names its network by ``name``, whose prefix
+chooses the source, or by ``_target_``:
+
+- ``resnet20`` (no prefix): a kdcl model (:data:`kdcl.models.registered.MODELS`);
+- ``torchvision:NAME``: ``torchvision.models.get_model(NAME, ...)``, with kdcl's CIFAR stem
+  where the family has one;
+- ``timm:NAME``: ``timm.create_model(NAME, pretrained=..., num_classes=C, in_chans=...)``;
+- ``hf:PATH_OR_ID``: ``transformers.AutoModelForImageClassification`` from a local
+  directory or a hub id, wrapped so that ``forward(x)`` returns the logits tensor;
+- ``_target_: pkg.module.fn``: your own callable, given ``num_classes``, ``input_shape``
+  and the spec's ``kwargs``, returning an ``nn.Module``.
+
+Each source is an entry of :data:`SOURCES`, called as ``fn(ref, num_classes=...,
+input_shape=(C, H, W), pretrained=..., **kwargs)``. timm and transformers are optional
+(the ``models`` extra); a source that needs a missing one says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from torch import nn
+
+from kdcl.errors import KdclError
+from kdcl.models.operations import KWARGS_FIX, call_with_kwargs
+from kdcl.models.registered import MODELS, create_registered
+from kdcl.models.torchvision_nets import InputShape, torchvision_network
+from kdcl.registry import Registry
+
+SOURCES = Registry("model source", traits={"check": None})
+register_source = SOURCES.register
+
+BUILTIN = "kdcl"  # the source of a name without a prefix
+TARGET = "_target_"  # the spec key, and the source, of a callable of your own
+MODELS_EXTRA = 'pip install "kdcl[models]" (timm, transformers, safetensors)'
+NAME_FORMS = "a kdcl model (resnet20, ...), torchvision:NAME, timm:NAME, hf:PATH_OR_ID, or _target_=pkg.module.fn"
+OFFLINE_FIX = (
+    "download them once where there is internet (they are cached: ~/.cache/huggingface, "
+    "~/.cache/torch), or give local weights instead: teacher.checkpoint=PATH (a state_dict, "
+    ".safetensors, TorchScript file or Hugging Face model directory) or name=hf:LOCAL_DIR; "
+    "or set pretrained=false. HF_HUB_OFFLINE=1 makes an offline attempt fail at once"
+)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which source builds a spec's network, and what the source calls it."""
+
+    source: str
+    ref: str
+
+    @property
+    def label(self) -> str:
+        """The model as the summary's ``arch`` column and the messages show it."""
+        return self.ref if self.source in (BUILTIN, TARGET) else f"{self.source}:{self.ref}"
+
+
+def model_ref(spec: Mapping[str, Any]) -> ModelRef:
+    """The source and reference of a model spec: its ``_target_`` when set, else its
+    ``name`` (``timm:resnet18`` → timm, resnet18; ``resnet20`` → kdcl, resnet20). An unknown
+    prefix or kdcl model is one :class:`KdclError`, found without building anything."""
+    if spec.get(TARGET):
+        return ModelRef(TARGET, spec[TARGET])
+    if not spec.get("name"):
+        raise KdclError(
+            "a model spec names no model: it has neither a name nor a _target_",
+            fix=f"name it as {NAME_FORMS}, e.g. student=custom student.name=timm:resnet18",
+        )
+    prefix, colon, rest = spec["name"].partition(":")
+    found = ModelRef(prefix, rest) if colon else ModelRef(BUILTIN, spec["name"])
+    if found.source not in SOURCES or found.source == TARGET:  # a callable is given as _target_, not as a name
+        raise KdclError(
+            f"model {spec['name']!r}: unknown model source {found.source!r}",
+            fix=f"name a model as {NAME_FORMS}",
+        )
+    check = SOURCES.trait(found.source, "check")
+    if check is not None:
+        check(found.ref)
+    return found
+
+
+def build_model(
+    spec: Mapping[str, Any], num_classes: int, input_shape: tuple[int, ...], pretrained: bool = False
+) -> nn.Module:
+    """The network of model ``spec`` (``name`` or ``_target_``, and ``kwargs``) for
+    ``input_shape`` = (C, H, W) images and ``num_classes`` outputs, with its source's
+    pretrained weights when ``pretrained``. Every bad name, keyword, missing package or
+    failed download is one :class:`KdclError`."""
+    ref = model_ref(spec)
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) != 3:
+        raise KdclError(f"input_shape must be (channels, height, width), got {tuple(input_shape)}")
+    return SOURCES.get(ref.source)(ref.ref, num_classes, shape, pretrained, **dict(spec.get("kwargs") or {}))
+
+
+def saved_spec(spec: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
+    """What a checkpoint records of the model ``spec`` built: its source, name (the
+    ``_target_`` path for a callable), kwargs and ``_target_``, enough to rebuild it without
+    the run. A model that needs more than its spec to be rebuilt without its source's files
+    (an HF model: its config) says so in ``rebuild_kwargs``, added to the kwargs."""
+    ref = model_ref(spec)
+    saved = {
+        "source": ref.source,
+        "name": ref.label,
+        "kwargs": {**dict(spec.get("kwargs") or {}), **getattr(model, "rebuild_kwargs", {})},
+    }
+    return {**saved, TARGET: ref.ref} if ref.source == TARGET else saved
+
+
+def optional_import(module: str, user: str) -> ModuleType:
+    """``import module`` for ``user`` (``model timm:resnet18``); missing, it is one
+    :class:`KdclError` naming its package and the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        package = module.partition(".")[0]
+        raise KdclError(f"{user} needs the package {package}, which is not installed", fix=MODELS_EXTRA) from None
+
+
+@contextlib.contextmanager
+def hub_files(label: str, what: str) -> Iterator[None]:
+    """Turn a failure to download or find ``what`` of model ``label`` (offline, an unknown
+    id, a missing file) into one :class:`KdclError`."""
+    try:
+        yield
+    except OSError as e:  # requests' and huggingface_hub's errors are OSErrors
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise KdclError(
+            f"{what} of model {label} could not be downloaded or found locally ({type(e).__name__}: {reason})",
+            fix=OFFLINE_FIX,
+        ) from None
+
+
+# --------------------------------------------------------------------------- the sources
+def _known_model(name: str) -> None:
+    if name not in MODELS:
+        raise KdclError(
+            f"unknown model {name!r}",
+            fix=f"choose one of: {', '.join(MODELS)}; or a model of another source: {NAME_FORMS}",
+        )
+
+
+@register_source(BUILTIN, check=_known_model)
+def kdcl_model(ref: str, num_classes: int, input_shape: InputShape, pretrained: bool, **kwargs: Any) -> nn.Module:
+    """A registered kdcl model."""
+    return create_registered(ref, num_classes, input_shape, pretrained, **kwargs)
+
+
+@register_source("torchvision")
+def torchvision_model(
+    ref: str, num_classes: int, input_shape: InputShape, pretrained: bool, **kwargs: Any
+) -> nn.Module:
+    """``torchvision.models.get_model(ref, ...)`` (:func:`torchvision_network`)."""
+    return torchvision_network(ref, num_classes, input_shape, pretrained, **kwargs)
+
+
+@register_source("timm")
+def timm_model(ref: str, num_classes: int, input_shape: InputShape, pretrained: bool, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(ref, pretrained=..., num_classes=C, in_chans=channels, **kwargs)``;
+    its pretrained weights come from the Hugging Face hub."""
+    timm = optional_import("timm", f"model timm:{ref}")
+    if not timm.is_model(ref):
+        close = ", ".join(timm.list_models(f"*{ref.split('.')[0][:6]}*")[:8])
+        raise KdclError(
+            f"timm has no model {ref!r}",
+            fix="choose a name of timm.list_models()" + (f", e.g. {close}" if close else ""),
+        )
+    with hub_files(f"timm:{ref}", "the pretrained weights"):
+        return call_with_kwargs(
+            f"timm:{ref}",
+            timm.create_model,
+            ref,
+            pretrained=pretrained,
+            num_classes=num_classes,
+            in_chans=input_shape[0],
+            **kwargs,
+        )
+
+
+class HFImageClassifier(nn.Module):
+    """A ``transformers`` image classifier as a kdcl model: ``forward(x)`` returns the logits
+    tensor. Its modules are the HF model's under ``model.`` (``model.resnet.encoder.stages.1``)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    @property
+    def rebuild_kwargs(self) -> dict[str, Any]:
+        """The HF config, as plain JSON values: a checkpoint rebuilds the network from it,
+        without the directory or the hub."""
+        return {"config": json.loads(self.model.config.to_json_string())}
+
+    def forward(self, x):
+        return self.model(pixel_values=x).logits
+
+
+@register_source("hf")
+def hf_model(
+    ref: str,
+    num_classes: int,
+    input_shape: InputShape,
+    pretrained: bool,
+    config: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """``AutoModelForImageClassification`` of the local directory or hub id ``ref``: with
+    ``pretrained`` ``from_pretrained(ref, num_labels=C, ignore_mismatched_sizes=True)`` (the
+    weights, a new head where the classes differ), else fresh weights for ``ref``'s config.
+    ``config`` (what a checkpoint saves) rebuilds the architecture without ``ref``'s files.
+    Other ``kwargs`` go to the config (``hidden_sizes``, ``depths``, ...)."""
+    transformers = optional_import("transformers", f"model hf:{ref}")
+    auto = transformers.AutoModelForImageClassification
+    if config is not None:
+        saved = dict(config)
+        return HFImageClassifier(auto.from_config(transformers.AutoConfig.for_model(saved.pop("model_type"), **saved)))
+    sizes = {"num_labels": num_classes, "num_channels": input_shape[0]}
+    with hub_files(f"hf:{ref}", "the weights" if pretrained else "the config"):
+        if pretrained:
+            model = auto.from_pretrained(ref, ignore_mismatched_sizes=True, **sizes, **kwargs)
+        else:
+            model = auto.from_config(transformers.AutoConfig.from_pretrained(ref, **sizes, **kwargs))
+    return HFImageClassifier(model)
+
+
+def load_hf_directory(path: Path, num_classes: int, input_shape: InputShape) -> HFImageClassifier:
+    """A trained HF image classifier saved with ``save_pretrained`` in ``path``, as it is:
+    its head must already have ``num_classes`` outputs (a new head would be untrained)."""
+    transformers = optional_import("transformers", f"the Hugging Face model directory {path}")
+    with hub_files(f"hf:{path}", "the config"):
+        config = transformers.AutoConfig.from_pretrained(path)
+    found = {"classes": config.num_labels, "channels": getattr(config, "num_channels", input_shape[0])}
+    wanted = {"classes": num_classes, "channels": input_shape[0]}
+    if found != wanted:
+        raise KdclError(
+            f"the Hugging Face model in {path} does not fit the data: it has "
+            f"{found['classes']} classes and {found['channels']} input channels, the data "
+            f"{wanted['classes']} and {wanted['channels']}",
+            fix="fine-tune it for this dataset first (as a student: student.name=hf:DIR "
+            "student.pretrained=true), or choose the dataset it was trained on",
+        )
+    with hub_files(f"hf:{path}", "the weights"):
+        return HFImageClassifier(transformers.AutoModelForImageClassification.from_pretrained(path))
+
+
+@register_source(TARGET)
+def target_model(ref: str, num_classes: int, input_shape: InputShape, pretrained: bool, **kwargs: Any) -> nn.Module:
+    """Your callable ``ref`` (``pkg.module.fn``), called as ``fn(num_classes=C,
+    input_shape=(C, H, W), **kwargs)`` (and ``pretrained=True`` when asked, if it takes it);
+    it must return an ``nn.Module``."""
+    build = locate(ref)
+    arguments = {"num_classes": num_classes, "input_shape": input_shape, **kwargs}
+    if pretrained:
+        arguments["pretrained"] = True
+    try:
+        inspect.signature(build).bind(**arguments)
+    except TypeError as e:
+        raise KdclError(
+            f"_target_={ref}: {e}",
+            fix=f"{ref} must take num_classes, input_shape"
+            + (", pretrained (or set pretrained=false)" if pretrained else "")
+            + f" and the spec's kwargs ({', '.join(kwargs) or 'none'}); or {KWARGS_FIX}",
+        ) from None
+    model = build(**arguments)
+    if not isinstance(model, nn.Module):
+        raise KdclError(
+            f"_target_={ref} returned a {type(model).__name__}, not an nn.Module",
+            fix=f"make {ref} return the network (a torch.nn.Module)",
+        )
+    return model
+
+
+def locate(path: str) -> Any:
+    """The object at import path ``pkg.module.name``; one :class:`KdclError` if its module
+    cannot be imported (the package is not installed or not on ``PYTHONPATH``) or lacks it."""
+    module_name, _, attribute = path.rpartition(".")
+    if not module_name:
+        raise KdclError(f"_target_={path!r} is not an import path", fix="write it as pkg.module.function")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise KdclError(
+            f"_target_={path}: the module {module_name!r} cannot be imported ({e})",
+            fix="install the package that holds it, or add its folder to PYTHONPATH "
+            "(kdcl eval needs it too, to rebuild the model from a checkpoint)",
+        ) from None
+    if not callable(getattr(module, attribute, None)):
+        raise KdclError(
+            f"_target_={path}: module {module_name!r} has no callable {attribute!r}",
+            fix=f"name a function or class defined in {module_name}",
+        )
+    return getattr(module, attribute)
