@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from kdcl.config.options import loss_spec
+from kdcl.config.options import loss_option, loss_spec
 from kdcl.distill.features import FeatureTap, resolve_layers
-from kdcl.distill.losses import LossContext, create_loss
+from kdcl.distill.losses import LossContext, create_loss, hierarchical_context_loss
 from kdcl.errors import KdclError
 from kdcl.models import create_model
 
@@ -125,3 +126,60 @@ def test_gradients_reach_the_adapters_and_the_student_not_the_teacher():
     assert all(p.grad is not None for p in student.parameters())
     assert all(p.grad is None for p in teacher.parameters())
     assert list(loss.parameters()) == list(adapter.parameters())  # what the optimizer gets besides the student
+
+
+# --------------------------------------------------------------------------- ReviewKD
+def hcl_reference(fs: np.ndarray, ft: np.ndarray) -> np.ndarray:
+    """Chen et al. (2021): full-resolution MSE plus the 4×4, 2×2, 1×1 pooled MSEs below H,
+    weighted 1/2, 1/4, 1/8, over the sum of the weights; per example."""
+
+    def pool(x, level):
+        n, c, h, w = x.shape
+        return x.reshape(n, c, level, h // level, level, w // level).mean(axis=(3, 5))
+
+    loss, total, weight = ((fs - ft) ** 2).reshape(len(fs), -1).mean(1), 1.0, 1.0
+    for level in (4, 2, 1):
+        if level < fs.shape[2]:
+            weight /= 2
+            loss = loss + weight * ((pool(fs, level) - pool(ft, level)) ** 2).reshape(len(fs), -1).mean(1)
+            total += weight
+    return loss / total
+
+
+@pytest.mark.parametrize("size", [8, 2])
+def test_hierarchical_context_loss_equals_formula(size):
+    g = torch.Generator().manual_seed(size)
+    fs, ft = torch.randn(3, 5, size, size, generator=g), torch.randn(3, 5, size, size, generator=g)
+    expected = hcl_reference(fs.numpy().astype(np.float64), ft.numpy().astype(np.float64))
+    assert hierarchical_context_loss(fs, ft).numpy() == pytest.approx(expected, rel=1e-5)
+
+
+def test_reviewkd_reviews_from_the_deepest_level_and_trains_its_fusions():
+    """Every student level is fused with the deeper ones (the deepest alone has no attention),
+    resized and widened to its teacher map; the loss is the warmed-up sum of the levels' HCL,
+    and the gradient reaches the fusions and the student, not the teacher."""
+    torch.manual_seed(0)
+    student = create_model("cnn", 10, SHAPE, width=4)
+    teacher = create_model("cnn", 10, SHAPE, width=8)
+    loss = create_loss({**loss_option("reviewkd"), "warmup_epochs": 4})
+    loss.bind(student, teacher, example(), num_examples=4)
+    assert [f.attention is None for f in loss.fusions] == [False, False, True]
+    x, y = example(), torch.arange(4)
+    s_layers, t_layers = loss.layers()
+    with FeatureTap(student, s_layers) as fs, FeatureTap(teacher, t_layers) as ft:
+        logits = student(x)
+        with torch.no_grad():
+            teacher_logits = teacher(x)
+        out = loss(logits, teacher_logits, y, 0.0, 4.0, LossContext(1, fs, ft))
+        reviewed, deeper, expected = {}, None, 0
+        for j in (2, 1, 0):
+            reviewed[j], deeper = loss.fusions[j](fs[s_layers[j]], deeper, tuple(ft[t_layers[j]].shape[2:]))
+            assert reviewed[j].shape == ft[t_layers[j]].shape
+            expected = expected + hierarchical_context_loss(reviewed[j], ft[t_layers[j]])
+        out["loss"].mean().backward()
+    assert torch.allclose(out["hcl"], expected)
+    ce = nn.functional.cross_entropy(logits, y, reduction="none")
+    assert torch.allclose(out["loss"], ce + 0.25 * expected)  # β = 1, epoch 1 of a 4-epoch warm-up
+    assert all(p.grad is not None for p in loss.fusions.parameters())
+    assert all(p.grad is not None for p in student.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
