@@ -1,5 +1,7 @@
 """kdcl's own models, looked up by name in :data:`MODELS` (``mlp``, ``cnn``, ``vgg``, the CIFAR
-ResNets, and torchvision's ResNets and MobileNets adapted to small images).
+ResNets, the other networks of the CIFAR-100 distillation benchmark (``wrn``, ``vgg_cifar``,
+``shufflenet_v1``, ``shufflenet_v2``, ``mobilenet_v2_cifar``: :mod:`kdcl.models.cifar_nets`),
+and torchvision's ResNets and MobileNets adapted to small images).
 
 Every factory is called as ``fn(num_classes=..., input_shape=(C, H, W), pretrained=...,
 **kwargs)`` and returns an ``nn.Module`` mapping ``(B, C, H, W)`` images to
