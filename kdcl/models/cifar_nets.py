@@ -19,14 +19,13 @@ from torch import nn
 
 
 def init_weights(model: nn.Module) -> None:
-    """He-normal convolutions, unit BatchNorm, zero linear biases (as torchvision and RepDistiller do)."""
+    """He-normal convolutions, unit BatchNorm (as torchvision and RepDistiller do); linear
+    layers keep PyTorch's default initialisation."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
 
