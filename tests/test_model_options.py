@@ -90,7 +90,7 @@ def test_an_unknown_model_option_lists_the_model_options():
     ("sweep", "expected"),
     [
         ("student=mlp,vgg_small", ["mlp", "vgg_small"]),
-        ("student=glob(vgg*)", ["vgg", "vgg_small"]),
+        ("student=glob(vgg*)", ["vgg", "vgg13", "vgg8", "vgg_small"]),
         ("student=glob(*)", NAMES),
     ],
 )

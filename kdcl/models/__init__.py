@@ -6,6 +6,7 @@ A model spec names a network by ``name`` (a kdcl model, ``torchvision:NAME``,
 ``(B, C, H, W)`` images to ``(B, num_classes)`` logits.
 
 - :mod:`kdcl.models.registered`: kdcl's own models, the :data:`MODELS` registry;
+- :mod:`kdcl.models.cifar_nets`: the CIFAR networks of the distillation benchmarks (WRN, VGG, ShuffleNet, MobileNetV2);
 - :mod:`kdcl.models.torchvision_nets`: torchvision's networks adapted to the data (CIFAR stem);
 - :mod:`kdcl.models.sources`: the model sources, the :data:`SOURCES` registry;
 - :mod:`kdcl.models.operations`: what works on any model (counts, freezing, the output layer).

@@ -1,5 +1,7 @@
 """kdcl's own models, looked up by name in :data:`MODELS` (``mlp``, ``cnn``, ``vgg``, the CIFAR
-ResNets, and torchvision's ResNets and MobileNets adapted to small images).
+ResNets, the other networks of the CIFAR-100 distillation benchmark (``wrn``, ``vgg_cifar``,
+``shufflenet_v1``, ``shufflenet_v2``, ``mobilenet_v2_cifar``: :mod:`kdcl.models.cifar_nets`),
+and torchvision's ResNets and MobileNets adapted to small images).
 
 Every factory is called as ``fn(num_classes=..., input_shape=(C, H, W), pretrained=...,
 **kwargs)`` and returns an ``nn.Module`` mapping ``(B, C, H, W)`` images to
@@ -18,6 +20,8 @@ import torch
 from torch import nn
 
 from kdcl.errors import KdclError
+from kdcl.models import cifar_nets
+from kdcl.models.cifar_nets import init_weights as _init_weights
 from kdcl.models.torchvision_nets import CifarStem, InputShape, registered_network
 from kdcl.registry import Registry
 
@@ -50,16 +54,6 @@ def _no_pretrained(name: str, pretrained: bool) -> None:
             f"no pretrained weights exist for model {name!r}",
             fix="set teacher.pretrained=false / student.pretrained=false",
         )
-
-
-def _init_weights(model: nn.Module) -> None:
-    """He-normal convolutions, unit BatchNorm (as torchvision and RepDistiller do)."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 # --- small models ----------------------------------------------------------------
@@ -230,34 +224,104 @@ def _cifar_resnet(
     return CifarResNet(depth, stem_width, widths, num_classes, input_shape[0])
 
 
-@register_model("resnet8")
-def resnet8(num_classes: int, input_shape: InputShape, pretrained: bool = False) -> nn.Module:
-    """CIFAR ResNet-8 (He et al. 2016), widths 16-32-64."""
-    return _cifar_resnet("resnet8", 8, num_classes, input_shape, pretrained)
+def _register_cifar_resnet(name: str, depth: int, wide: bool, doc: str) -> None:
+    def factory(num_classes: int, input_shape: InputShape, pretrained: bool = False) -> nn.Module:
+        return _cifar_resnet(name, depth, num_classes, input_shape, pretrained, wide=wide)
+
+    factory.__doc__ = doc
+    register_model(name)(factory)
 
 
-@register_model("resnet20")
-def resnet20(num_classes: int, input_shape: InputShape, pretrained: bool = False) -> nn.Module:
-    """CIFAR ResNet-20 (He et al. 2016), widths 16-32-64."""
-    return _cifar_resnet("resnet20", 20, num_classes, input_shape, pretrained)
+for _name, _depth, _wide, _doc in (
+    ("resnet8", 8, False, "CIFAR ResNet-8 (He et al. 2016), widths 16-32-64."),
+    ("resnet20", 20, False, "CIFAR ResNet-20 (He et al. 2016), widths 16-32-64."),
+    ("resnet32", 32, False, "CIFAR ResNet-32 (He et al. 2016), widths 16-32-64."),
+    ("resnet56", 56, False, "CIFAR ResNet-56 (He et al. 2016), widths 16-32-64."),
+    ("resnet110", 110, False, "CIFAR ResNet-110 (He et al. 2016), widths 16-32-64."),
+    ("resnet8x4", 8, True, "CIFAR ResNet-8 with 4x widths 64-128-256 (Tian et al. 2020, CRD/RepDistiller)."),
+    ("resnet32x4", 32, True, "CIFAR ResNet-32 with 4x widths 64-128-256 (Tian et al. 2020, CRD/RepDistiller)."),
+):
+    _register_cifar_resnet(_name, _depth, _wide, _doc)
 
 
-@register_model("resnet56")
-def resnet56(num_classes: int, input_shape: InputShape, pretrained: bool = False) -> nn.Module:
-    """CIFAR ResNet-56 (He et al. 2016), widths 16-32-64."""
-    return _cifar_resnet("resnet56", 56, num_classes, input_shape, pretrained)
+# --- the other CIFAR networks of the distillation benchmarks (kdcl.models.cifar_nets) ----
 
 
-@register_model("resnet8x4")
-def resnet8x4(num_classes: int, input_shape: InputShape, pretrained: bool = False) -> nn.Module:
-    """CIFAR ResNet-8 with 4x widths 64-128-256 (Tian et al. 2020, CRD/RepDistiller)."""
-    return _cifar_resnet("resnet8x4", 8, num_classes, input_shape, pretrained, wide=True)
+@register_model("wrn")
+def wrn(
+    num_classes: int,
+    input_shape: InputShape,
+    pretrained: bool = False,
+    depth: int = 40,
+    widen_factor: int = 2,
+    dropout: float = 0.0,
+) -> nn.Module:
+    """Wide ResNet WRN-depth-k (Zagoruyko & Komodakis 2016), pre-activation blocks at widths
+    16k-32k-64k; the CRD/RepDistiller teachers and students are WRN-40-2, WRN-16-2, WRN-40-1."""
+    _no_pretrained("wrn", pretrained)
+    _check_choice("wrn", "depth", depth, [d for d in range(10, 101) if (d - 4) % 6 == 0])
+    return cifar_nets.wide_resnet(depth, widen_factor, num_classes, input_shape[0], dropout)
 
 
-@register_model("resnet32x4")
-def resnet32x4(num_classes: int, input_shape: InputShape, pretrained: bool = False) -> nn.Module:
-    """CIFAR ResNet-32 with 4x widths 64-128-256 (Tian et al. 2020, CRD/RepDistiller)."""
-    return _cifar_resnet("resnet32x4", 32, num_classes, input_shape, pretrained, wide=True)
+@register_model("vgg_cifar")
+def vgg_cifar(num_classes: int, input_shape: InputShape, pretrained: bool = False, depth: int = 13) -> nn.Module:
+    """VGG-depth with BatchNorm (Simonyan & Zisserman 2015) in the CIFAR layout of
+    CRD/RepDistiller (Tian et al. 2020): five conv stages of 64-512 channels, one linear layer."""
+    _no_pretrained("vgg_cifar", pretrained)
+    _check_choice("vgg_cifar", "depth", depth, sorted(cifar_nets.VGG_STAGE_CONVS))
+    return cifar_nets.vgg_bn(depth, num_classes, input_shape[0], min(input_shape[1:]))
+
+
+@register_model("mobilenet_v2_cifar")
+def mobilenet_v2_cifar(
+    num_classes: int,
+    input_shape: InputShape,
+    pretrained: bool = False,
+    width_mult: float = 0.5,
+    expansion: int = 6,
+) -> nn.Module:
+    """MobileNetV2 (Sandler et al. 2018) for 32 px images as in CRD/RepDistiller (Tian et al.
+    2020): stride-1 second stage, ``width_mult`` = 0.5 and expansion 6 are their ``mobile_half``."""
+    _no_pretrained("mobilenet_v2_cifar", pretrained)
+    return cifar_nets.mobilenet_v2_cifar(width_mult, expansion, num_classes, input_shape[0])
+
+
+@register_model("shufflenet_v1")
+def shufflenet_v1(
+    num_classes: int,
+    input_shape: InputShape,
+    pretrained: bool = False,
+    widths: Sequence[int] = (240, 480, 960),
+    blocks: Sequence[int] = (4, 8, 4),
+    groups: int = 3,
+) -> nn.Module:
+    """ShuffleNetV1 (Zhang et al. 2018) for 32 px images as in CRD/RepDistiller (Tian et al.
+    2020): a 1x1 stem, no max-pool; by default g = 3 at widths 240-480-960 (the paper's 1x)."""
+    _no_pretrained("shufflenet_v1", pretrained)
+    return cifar_nets.shufflenet_v1(widths, blocks, groups, num_classes, input_shape[0])
+
+
+@register_model("shufflenet_v2")
+def shufflenet_v2(
+    num_classes: int,
+    input_shape: InputShape,
+    pretrained: bool = False,
+    net_size: float = 1.0,
+    blocks: Sequence[int] = (3, 7, 3),
+) -> nn.Module:
+    """ShuffleNetV2 (Ma et al. 2018) for 32 px images as in CRD/RepDistiller (Tian et al.
+    2020): a 3x3 stride-1 stem, no max-pool; ``net_size`` 1.0 is the paper's 1x."""
+    _no_pretrained("shufflenet_v2", pretrained)
+    _check_choice("shufflenet_v2", "net_size", net_size, sorted(cifar_nets.SHUFFLENET_V2_WIDTHS))
+    return cifar_nets.shufflenet_v2(net_size, blocks, num_classes, input_shape[0])
+
+
+def _check_choice(model: str, key: str, value: object, choices: Sequence[object]) -> None:
+    if value not in choices:
+        raise KdclError(
+            f"model {model!r}: {key}={value!r} is not one of {list(choices)}",
+            fix=f"set kwargs.{key} to one of {list(choices)}",
+        )
 
 
 # --- torchvision ImageNet models, adapted to the input and number of classes ------
