@@ -43,9 +43,9 @@ if [[ $mode == gpu ]]; then
     device=cuda
     # Each phase's time limit (s), the batch, bench steps / warm-up / repeats, the naive
     # loop's workers, training images (null: all) and time-to-accuracy epochs.
-    limit_tests=140 limit_bench=(50 60 80) limit_compiled=60 limit_tta=80
+    limit_tests=160 limit_bench=(45 55 75) limit_compiled=55 limit_tta=90
     batch=256 steps=50 warmup=5 repeats=3 workers=${NAIVE_WORKERS:-8}
-    bench_train=null tta_train=null tta_epochs=15
+    bench_train=null tta_train=null tta_epochs=12
 else
     data=benchmarks/data/cifar10_tiny
     device=cpu

@@ -141,7 +141,7 @@ def time_to_accuracy(work: Path, out: Path) -> list[str]:
     stages = pd.DataFrame(rows)
     stages.to_csv(out / "tta_stages.csv", index=False)
     lines = [
-        f"time to accuracy ({stages['epochs'].max()} epochs per stage; train: the training loop with its "
+        f"time to accuracy (epochs per stage: {stages['epochs'].max()}; train: the training loop with its "
         "validation; wall: the whole stage, teacher cache fill and test included):",
         f"  {'stage':<12} {'arch':<12} {'params':>9} {'test_acc':>8} {'train s':>8} {'wall s':>8} {'img/s':>8}"
         f" {'peak MiB':>8}",
