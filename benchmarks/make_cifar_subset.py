@@ -2,8 +2,8 @@
 
 The full copy (``train.npz`` and ``test.npz``, about 170 MB) is too big to hand to a
 machine that gets the repository and a few carried folders only; CIFAR's pixels barely
-compress, so the subset's size is what sets the limit: about 2.9 MB per 1,000 images
-(10,000 train + 2,000 test: about 34 MB). It is written with ``np.savez_compressed`` as
+compress, so the subset's size is what sets the limit: about 2.7 MiB per 1,000 images
+(10,000 train + 2,000 test: 32.5 MiB). It is written with ``np.savez_compressed`` as
 the ``npz`` dataset reads it (``x`` uint8 N×H×W×C, ``y`` int64), under an ignored folder.
 
     python benchmarks/make_cifar_subset.py                      # 10,000 train, 2,000 test
