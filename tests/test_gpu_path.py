@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch._dynamo
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import QUICK, compose_config
@@ -141,18 +142,24 @@ def trained_copies(device: torch.device, steps: int = 3) -> tuple[list[float], l
 )
 def test_compiled_student_and_teacher_match_eager(device):
     """Compiled kernels fuse and reorder float arithmetic: the same losses and weights within
-    rounding, and a compiled frozen teacher gives the eager teacher's logits."""
+    rounding, and a compiled frozen teacher gives the eager teacher's logits. (On a GPU the
+    convolutions may round their inputs to TF32, cuDNN's default, if the two pick different
+    kernels: a looser bound, still far below what a wrong kernel gives.)"""
+    rel = {"cpu": 1e-4, "cuda": 1e-3}[device]
     device = torch.device(device)
+    torch._dynamo.reset()  # compile afresh, and count the graphs it captures here
+    torch._dynamo.utils.counters.clear()
     eager_losses, compiled_losses, eager, compiled = trained_copies(device)
-    assert compiled_losses == pytest.approx(eager_losses, rel=1e-4, abs=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the compiled path did compile
+    assert compiled_losses == pytest.approx(eager_losses, rel=rel, abs=rel / 10)
     for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
-        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=name)
+        torch.testing.assert_close(b, a, rtol=10 * rel, atol=rel, msg=name)
     teacher = freeze(copy.deepcopy(eager))
     settings = TrainSettings(device, epochs=1, batch_size=32, eval_batch_size=32, amp=False, compile=True)
     compiled_teacher = settings.prepare(freeze(copy.deepcopy(eager)))
     x = torch.randn(64, 3, 16, 16, device=device).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        torch.testing.assert_close(compiled_teacher(x), teacher(x), rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(compiled_teacher(x), teacher(x), rtol=10 * rel, atol=rel)
 
 
 # --------------------------------------------------------------------------- DDP over NCCL
