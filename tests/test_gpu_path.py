@@ -8,6 +8,7 @@ a GPU machine. The rest check on the CPU what the CPU can show of the same featu
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import socket
 import warnings
@@ -160,6 +161,21 @@ def test_compiled_student_and_teacher_match_eager(device):
     x = torch.randn(64, 3, 16, 16, device=device).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         torch.testing.assert_close(compiled_teacher(x), teacher(x), rtol=10 * rel, atol=rel)
+
+
+def test_every_compiled_model_keeps_its_own_compiled_variants(monkeypatch):
+    """torch.compile keeps at most ``recompile_limit`` compiled variants per call frame, and
+    models whose forward torch defines (``nn.Sequential``) would share one: past the limit
+    they run uncompiled. Each model ``trainer.compile`` prepares has a frame of its own.
+    (Dynamo's tracing alone, without Inductor's code generation: the frames are the point.)"""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    settings = TrainSettings(torch.device("cpu"), epochs=1, batch_size=2, eval_batch_size=2, amp=False, compile=True)
+    models = torch._dynamo.config.recompile_limit + 2
+    for width in range(1, models + 1):
+        settings.prepare(nn.Sequential(nn.Linear(4, width), nn.ReLU()))(torch.randn(2, 4))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == models  # every one compiled
 
 
 # --------------------------------------------------------------------------- DDP over NCCL

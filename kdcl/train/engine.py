@@ -115,15 +115,30 @@ class TrainSettings:
         )
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """With ``trainer.compile``, compile the model's forward (its state_dict keeps its keys)."""
+        """With ``trainer.compile``, compile the model's forward (its state_dict keeps its keys),
+        in a call frame of the model's own: torch.compile keeps a few compiled variants per
+        frame (``torch._dynamo.config.recompile_limit``, 8), and forwards defined in torch
+        itself (``nn.Sequential``'s) would otherwise share one frame, so that the stages of a
+        run used up its variants and the later ones ran uncompiled."""
         if self.compile:
-            model.forward = torch.compile(model.forward)
+            model.forward = torch.compile(_own_frame(model.forward))
         return model
 
     def autocast(self):
         if not self.amp:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+
+def _own_frame(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``forward`` called from a function whose code object is its own (torch.compile keeps
+    its compiled variants per code object; every closure of one ``def`` shares one)."""
+
+    def call(*args: Any, **kwargs: Any) -> Tensor:
+        return forward(*args, **kwargs)
+
+    call.__code__ = call.__code__.replace()
+    return call
 
 
 @dataclass
