@@ -83,7 +83,7 @@ def bench(work: Path, out: Path) -> list[str]:
         for name, column, sense, bound, _ in TARGETS:
             value = arm.loc[name, column]
             met = value >= bound if sense == ">=" else value <= bound
-            marks.append(f"{value:.2f}{'' if met else ' MISS'}")
+            marks.append(f"{value:.3f}{'' if met else ' MISS'}")
         peak = arm["max_memory_mb"].max()
         lines.append(
             f"  {PAIRS[label]:<28} {rate['naive']:>8.0f} {rate['kdcl']:>8.0f} {rate['kdcl_cached']:>8.0f} "
