@@ -17,8 +17,9 @@
 #
 # Environment: PYTHON (default python3), OUT (default outputs/gpu_check), CIFAR_SRC (the full
 # copy, for --cpu-smoke; default ../shared/data/cifar10), NAIVE_WORKERS (the naive loop's
-# DataLoader workers; default 8 on the GPU). $OUT gets: gpu_check.log (everything printed),
-# tests.xml, bench.csv (every pair's arms), tta_stages.csv, summary.txt.
+# DataLoader workers; default 8 on the GPU), KEEP_WORK=1 (keep the runs' folders under /tmp,
+# checkpoints and logs; by default they are removed at the end). $OUT gets gpu_check.log
+# (everything printed), tests.xml, bench.csv (every pair's arms), tta_stages.csv, summary.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -36,7 +37,8 @@ python=${PYTHON:-python3}
 out=${OUT:-outputs/gpu_check}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-work=$(mktemp -d /tmp/kdcl_gpu_check.XXXXXX)
+work=$(mktemp -d /tmp/kdcl_gpu_check.XXXXXX) # the runs' own folders; KEEP_WORK=1 keeps it
+[[ ${KEEP_WORK:-0} == 1 ]] || trap 'rm -rf "$work"' EXIT
 
 if [[ $mode == gpu ]]; then
     data=benchmarks/data/cifar10_subset
