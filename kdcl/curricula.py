@@ -347,7 +347,7 @@ class PacedSchedule(DataSchedule):
             return None
         s = self.weight_start + (1 - self.weight_start) * step / self.total_steps
         if self.rank.device != idx.device:
-            self.rank = self.rank.to(idx.device)  # once per stage
+            self.rank = self.rank.to(idx.device, non_blocking=True)  # once per stage; a blocking copy waits for the GPU
         return 1 - (1 - s) * self.rank[idx]
 
     def epoch_end(self, epoch: int, val_logits: Tensor, val_labels: Tensor) -> dict[str, Any]:

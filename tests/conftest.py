@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -43,6 +44,17 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Comple
 def control_config(name: str = "kd", **keys: Any) -> ControlConfig:
     """The control's keys of ``distill=NAME`` (its option over conf/base/distill.yaml), ``keys`` overriding them."""
     return distill_parts({**section_option("distill", name), **keys})[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need a CUDA device: skipped without one (benchmarks/gpu_check.sh
+    runs them on a GPU machine)."""
+    if torch.cuda.is_available():
+        return
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(no_gpu)
 
 
 @pytest.fixture

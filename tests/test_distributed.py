@@ -52,7 +52,7 @@ ARGS = [
     "cache=false",
 ]
 TEST_EXAMPLES = 359  # digits' test split
-TIMING = ["seconds", "samples_per_s", "checkpoint"]
+TIMING = ["seconds", "samples_per_s", "max_memory_mb", "checkpoint"]
 
 
 # --------------------------------------------------------------------------- a rank's share

@@ -317,6 +317,8 @@ def test_bench_writes_its_table(cli, tmp_path):
         "online_floor",
     ]
     assert (table["images_per_s"] > 0).all()
+    peaks = table["max_memory_mb"]  # each measured arm's peak GPU memory: none on a CPU
+    assert (peaks.iloc[:5] > 0).all() if torch.cuda.is_available() else peaks.isna().all()
     assert table.loc["naive", "vs_naive"] == pytest.approx(1) and table.loc[
         "student", "vs_student_time"
     ] == pytest.approx(1)

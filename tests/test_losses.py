@@ -428,8 +428,19 @@ def crd_setup(negatives=5, n=20):
     loss.register_buffer("student_bank", F.normalize(torch.randn(n, 6), dim=1))
     loss.register_buffer("teacher_bank", F.normalize(torch.randn(n, 6), dim=1))
     loss.register_buffer("normaliser", torch.full((2,), -1.0))
-    loss.register_buffer("negatives_seed", torch.tensor(7))
+    loss.register_buffer("negatives_seed", torch.tensor(0))
+    loss.load_state_dict({**loss.state_dict(), "negatives_seed": torch.tensor(7)})  # also the host's copy
     return loss
+
+
+def test_crd_draws_its_negatives_from_the_seed_it_loaded():
+    """Each step reads the seed's host copy (no sync), which loading a state sets again."""
+    loss, other = crd_setup(), crd_setup()
+    other.load_state_dict({**other.state_dict(), "negatives_seed": torch.tensor(8)})
+    idx = torch.arange(4)
+    assert not torch.equal(other.contrast_indices(idx, 1), loss.contrast_indices(idx, 1))
+    loss.load_state_dict(other.state_dict())
+    assert torch.equal(loss.contrast_indices(idx, 1), other.contrast_indices(idx, 1))
 
 
 def test_crd_equals_formula_and_moves_the_banks():

@@ -14,7 +14,18 @@ from kdcl.models import count_macs
 from kdcl.scenarios.standard import run_pipeline
 from kdcl.train.checkpoint import load_checkpoint, model_from_checkpoint
 
-STAGE_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "samples_per_s"]
+STAGE_COLUMNS = [
+    "epoch",
+    "step",
+    "lr",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "seconds",
+    "samples_per_s",
+    "max_memory_mb",
+]
 TIMING = ["seconds", "checkpoint"]
 
 

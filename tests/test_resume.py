@@ -28,7 +28,7 @@ ARGS = [
     "curriculum=self_paced",
     "cache=false",
 ]  # resume alone, not the stage cache
-TIMING = ["seconds", "samples_per_s"]
+TIMING = ["seconds", "samples_per_s", "max_memory_mb"]  # measurements of the machine
 
 
 def start(run_dir: Path, cwd: Path, *extra: str) -> subprocess.Popen:

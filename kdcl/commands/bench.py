@@ -22,7 +22,7 @@ path's own overhead.
 The arms run in turn ``bench.repeats`` times, after ``bench.warmup`` untimed steps each,
 and the median time of each arm is kept, so that slow spells of a noisy machine hit
 every arm alike. It prints images/s and the ratios kdcl/naive, kdcl_cached/student and
-kdcl/student, and writes ``bench.csv``.
+kdcl/student, and writes ``bench.csv`` (with each arm's peak GPU memory, ``max_memory_mb``).
 
 ``bench.parity_epochs=E`` (with ``teacher.checkpoint``) trains the student for E epochs
 with the naive loop, with kdcl online and with kdcl cached, from the same initial
@@ -68,7 +68,7 @@ from kdcl.models import build_model, freeze
 from kdcl.optim import build_optimizer, build_schedule
 from kdcl.output.tables import print_table, write_csv
 from kdcl.train.assemble import build_stage, teacher_feed
-from kdcl.train.engine import TrainSettings, evaluate, train_steps
+from kdcl.train.engine import TrainSettings, evaluate, peak_memory_mb, reset_peak_memory, train_steps
 from kdcl.train.weights import load_teacher
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,7 @@ class Setup:
     optimizer: OptimizerConfig
     scheduler: SchedulerConfig
     fill_seconds: float = 0.0  # the last cache fill
+    peak_mb: float = math.nan  # the last timed arm's peak GPU memory (NaN on a CPU)
 
     def student(self) -> nn.Module:
         """The student with the run's initial weights (seed + 1, as every student stage)."""
@@ -256,8 +257,11 @@ def arm_steps(s: Setup, arm: str, student: nn.Module, total_steps: int) -> Itera
 
 # --------------------------------------------------------------------------- measuring
 def time_arm(s: Setup, arm: str, warmup: int, steps: int) -> float:
-    """Seconds per step of ``arm`` over ``steps`` steps after ``warmup`` untimed ones."""
+    """Seconds per step of ``arm`` over ``steps`` steps after ``warmup`` untimed ones (which
+    also take ``torch.compile``'s compilation, with ``trainer.compile``). ``s.peak_mb``: the
+    arm's peak GPU memory, its teacher cache included."""
     s.fill_seconds = 0.0
+    reset_peak_memory(s.trainer.device)
     it = arm_steps(s, arm, s.student(), warmup + steps)
     for _ in range(warmup):
         next(it)
@@ -266,6 +270,7 @@ def time_arm(s: Setup, arm: str, warmup: int, steps: int) -> float:
     for _ in it:
         pass
     s.sync()
+    s.peak_mb = peak_memory_mb(s.trainer.device)
     return (time.perf_counter() - tic) / steps
 
 
@@ -317,10 +322,12 @@ def run_bench(cfg: dict[str, Any], out: Path) -> pd.DataFrame:
         s.trainer.device,
     )
     seconds: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    memory: dict[str, list[float]] = {arm: [] for arm in ARMS}
     fill: list[float] = []
     for repeat in range(b["repeats"]):
         for arm in ARMS:
             seconds[arm].append(time_arm(s, arm, b["warmup"], b["steps"]))
+            memory[arm].append(s.peak_mb)
             if arm == "kdcl_cached":
                 fill.append(s.fill_seconds)
             log.info(
@@ -337,6 +344,7 @@ def run_bench(cfg: dict[str, Any], out: Path) -> pd.DataFrame:
             "seconds_per_step": per_step[arm],
             "vs_naive": per_step["naive"] / per_step[arm],
             "vs_student_time": per_step[arm] / per_step["student"],
+            "max_memory_mb": max(memory[arm]),
         }
         for arm, text in ARMS.items()
     ]
@@ -369,7 +377,7 @@ def run_bench(cfg: dict[str, Any], out: Path) -> pd.DataFrame:
     print_table(
         frame.round(3),
         f"kdcl bench — {out}",
-        ["arm", "images_per_s", "seconds_per_step", "vs_naive", "vs_student_time"],
+        ["arm", "images_per_s", "seconds_per_step", "vs_naive", "vs_student_time", "max_memory_mb"],
     )
     log.info(
         "kdcl / naive = %.2f× (at most %.2f× with this teacher: naive / (student + teacher))   "

@@ -107,7 +107,11 @@ class LoaderSource:
         try:
             for x, y, idx in loader:
                 y = y if self.label_map is None else self.label_map[y]
-                yield idx.to(self.device), x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                yield (
+                    idx.to(self.device, non_blocking=True),
+                    x.to(self.device, non_blocking=True),
+                    y.to(self.device, non_blocking=True),
+                )
         except KdclError as err:
             raise from_worker(err) from None
 

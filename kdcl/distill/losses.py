@@ -564,6 +564,10 @@ class ContrastiveRepresentation(FeatureLoss):
         self.feat_dim, self.negatives = int(feat_dim), int(negatives)
         self.nce_temperature, self.momentum = float(nce_temperature), float(momentum)
         self.heads = nn.ModuleList()
+        # The negatives' seed (a buffer, once bound) as a number on the host too, which every
+        # step reads without waiting for the device; loading a state sets it again.
+        self.host_seed: int | None = None
+        self.register_load_state_dict_post_hook(_seed_to_host)
 
     def connect(self, pairs: list[tuple[str, str]], shapes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> None:
         if len(pairs) != 1:
@@ -586,6 +590,7 @@ class ContrastiveRepresentation(FeatureLoss):
             self.register_buffer(side, bank)
         self.register_buffer("normaliser", torch.full((2,), -1.0))  # Z of each side, set on the first batch
         self.register_buffer("negatives_seed", torch.randint(0, 2**31 - 1, ()))
+        self.host_seed = int(self.negatives_seed)
 
     def embed(self, ctx: LossContext) -> tuple[Tensor, Tensor]:
         """The batch's unit-length student and teacher embeddings."""
@@ -601,17 +606,19 @@ class ContrastiveRepresentation(FeatureLoss):
         """(B, 1 + K): each example's own index, then K others drawn uniformly, from a
         generator seeded by the loss's seed and the step."""
         n = len(self.student_bank)
-        generator = torch.Generator().manual_seed(int(self.negatives_seed) + 1_000_003 * step)
-        drawn = torch.randint(0, n - 1, (len(idx), self.negatives), generator=generator).to(idx.device)
+        generator = torch.Generator().manual_seed(self.host_seed + 1_000_003 * step)
+        drawn = torch.randint(0, n - 1, (len(idx), self.negatives), generator=generator)
+        drawn = drawn.to(idx.device, non_blocking=True)  # a blocking copy would wait for the GPU's queue
         others = drawn + (drawn >= idx[:, None]).long()  # skip the example itself
         return torch.cat([idx[:, None], others], 1)
 
     def scores(self, embedding: Tensor, bank: Tensor, contrast: Tensor, side: int) -> Tensor:
         """``exp(e·m / τ) / Z`` of each embedding against its contrast entries of ``bank``."""
         raw = torch.exp(torch.einsum("bkd,bd->bk", bank[contrast], embedding) / self.nce_temperature)
-        if self.normaliser[side] < 0:
-            self.normaliser[side] = raw.detach().mean() * len(bank)
-        return raw / self.normaliser[side].clone()  # a copy: the other side may set its Z in place
+        # Z is set on the first batch (still −1 until then), chosen on the device: no sync
+        z = torch.where(self.normaliser[side] < 0, raw.detach().mean() * len(bank), self.normaliser[side])
+        self.normaliser[side] = z
+        return raw / z
 
     @torch.no_grad()
     def update_banks(self, idx: Tensor, student: Tensor, teacher: Tensor) -> None:
@@ -633,6 +640,12 @@ class ContrastiveRepresentation(FeatureLoss):
             self.update_banks(idx, e_s, e_t)
         crd = to_teacher + to_student
         return crd, {"crd": crd}
+
+
+def _seed_to_host(loss: ContrastiveRepresentation, incompatible_keys: Any) -> None:
+    """After a state is loaded into ``loss``: its negatives' seed, read once, on the host."""
+    if hasattr(loss, "negatives_seed"):
+        loss.host_seed = int(loss.negatives_seed)
 
 
 @register_loss("at")

@@ -43,7 +43,8 @@ def fixed(logits: Tensor, target: Tensor | None, weights: Sequence[float] | None
             f"got distill.teacher_weights={weights}",
             fix=f"e.g. distill.teacher_weights=[{', '.join(['1'] * len(logits))}]",
         )
-    w = torch.tensor([float(c) for c in weights], dtype=logits.dtype, device=logits.device)
+    # built on the CPU and copied without blocking: made on the GPU directly, it would wait for the queue
+    w = torch.tensor([float(c) for c in weights], dtype=logits.dtype).to(logits.device, non_blocking=True)
     return (w / w.sum())[:, None].expand(logits.shape[:2])
 
 

@@ -68,6 +68,21 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Count the device's peak memory afresh from here (each stage's ``max_memory_mb``)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """The most memory tensors held on ``device`` since :func:`reset_peak_memory`, in MiB
+    (``torch.cuda.max_memory_allocated``: the allocator's count, no sync); NaN on a CPU,
+    which keeps no such count."""
+    if device.type != "cuda":
+        return math.nan
+    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+
+
 @dataclass
 class TrainSettings:
     """How to train: device, precision, batch sizes, budget."""
@@ -100,15 +115,30 @@ class TrainSettings:
         )
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """With ``trainer.compile``, compile the model's forward (its state_dict keeps its keys)."""
+        """With ``trainer.compile``, compile the model's forward (its state_dict keeps its keys),
+        in a call frame of the model's own: torch.compile keeps a few compiled variants per
+        frame (``torch._dynamo.config.recompile_limit``, 8), and forwards defined in torch
+        itself (``nn.Sequential``'s) would otherwise share one frame, so that the stages of a
+        run used up its variants and the later ones ran uncompiled."""
         if self.compile:
-            model.forward = torch.compile(model.forward)
+            model.forward = torch.compile(_own_frame(model.forward))
         return model
 
     def autocast(self):
         if not self.amp:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+
+def _own_frame(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``forward`` called from a function whose code object is its own (torch.compile keeps
+    its compiled variants per code object; every closure of one ``def`` shares one)."""
+
+    def call(*args: Any, **kwargs: Any) -> Tensor:
+        return forward(*args, **kwargs)
+
+    call.__code__ = call.__code__.replace()
+    return call
 
 
 @dataclass
@@ -290,10 +320,12 @@ def fit(s: Stage, data: DataBundle, trainer: TrainSettings, on_epoch: EpochHook 
     """Train for ``trainer.epochs`` epochs of ``s.steps_per_epoch`` steps (default
     ``ceil(N / batch_size)``), evaluate on the validation split after each, keep ``best.pt`` /
     ``last.pt`` (and ``epoch_NNN.pt`` for ``keep_epochs``), and continue from ``resume.pt``
-    when an earlier run was cut off. ``on_epoch`` (optional) sees each epoch's metrics row.
+    when an earlier run was cut off. ``on_epoch`` (optional) sees each epoch's metrics row,
+    whose ``max_memory_mb`` is the GPU's peak memory since the stage began (NaN on a CPU).
     Under DDP the ranks train ``s.model`` inside ``DistributedDataParallel``, each on its part
     of every global batch, and stop together when any of them is asked to stop."""
     spe = _epoch_steps(s, data, trainer)
+    reset_peak_memory(trainer.device)
     cursor, meter, start_state = _restore(s, data)
     if cursor.epoch > 1 and distributed.is_main():  # resumed: this run's trackers get the earlier epochs too
         s.loggers.log_past_epochs(s.name, s.out_dir, before_epoch=cursor.epoch)
@@ -400,6 +432,7 @@ def _end_epoch(
         "val_acc": val.acc,
         "seconds": round(seconds, 3),
         "samples_per_s": round(meter.count / seconds, 1),
+        "max_memory_mb": peak_memory_mb(trainer.device),  # since the stage (or its resumed run) began
         **(s.control.columns() if s.feed.teaches else {}),
         **s.plan.epoch_end(epoch, val.logits, val.labels),
         **{f"train_{k}": v for k, v in train.items()},
