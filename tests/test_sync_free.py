@@ -56,8 +56,9 @@ def count_reads(monkeypatch):
         ["distill.sample_weight=teacher_confidence", "distill.teacher_cache=views:2", "curriculum=none"],
         ["distill=dkd", "distill.logit_standardization=true", "curriculum=none"],
         ["distill=crd", "student=cnn_small", "curriculum=none"],
+        ["distill=reviewkd", "distill.warmup_epochs=1", "student=cnn_small", "curriculum=none"],
     ],
-    ids=["plain", "paced_weights", "self_paced", "cached_teacher", "dkd_ls", "crd"],
+    ids=["plain", "paced_weights", "self_paced", "cached_teacher", "dkd_ls", "crd", "reviewkd"],
 )
 def test_no_step_reads_the_device(tmp_path, count_reads, overrides):
     run_pipeline(compose_config([*QUICK, *overrides]), tmp_path)
