@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -284,3 +285,14 @@ def test_image_views_cache_with_text_is_refused(text_root, tmp_path):
     cfg = text_cfg(text_root, *TINY_RUN, "distill.teacher_cache=views:4")
     with pytest.raises(KdclError, match="caches augmented views of images, but dataset 'text_csv' is text"):
         run_pipeline(cfg, tmp_path)
+
+
+def test_text_without_the_extra_names_it(text_root, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # import tokenizers → ImportError
+    with pytest.raises(KdclError, match="needs the package tokenizers") as info:
+        load(text_root)
+    assert 'pip install "kdcl[text]"' in info.value.fix
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(KdclError, match="model bert needs the package transformers") as info:
+        create_model("bert", 3, (8,), vocab_size=20, pad_id=0)
+    assert "kdcl[text]" in info.value.fix
