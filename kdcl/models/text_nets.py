@@ -40,6 +40,18 @@ class TokenModel(nn.Module):
         return ids, ids != self.pad_id
 
 
+def token_embedding(vocab_size: int, width: int, pad_id: int) -> nn.Embedding:
+    """Token embeddings drawn from N(0, 1/width) (unit expected norm; the pad row 0), not
+    ``nn.Embedding``'s N(0, 1): vectors √width times smaller move √width times further
+    per optimizer step, so a student trained from scratch learns its vocabulary in a few
+    epochs at the learning rate its teacher trains with."""
+    embedding = nn.Embedding(vocab_size, width, padding_idx=pad_id)
+    with torch.no_grad():
+        embedding.weight.normal_(0, width**-0.5)
+        embedding.weight[pad_id].zero_()
+    return embedding
+
+
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     """(B, L, D) → (B, D): the mean over the unmasked positions (0 for an all-padding row)."""
     weights = mask.unsqueeze(-1).to(x.dtype)
@@ -115,7 +127,7 @@ class BiLSTMClassifier(TokenModel):
 
     def __init__(self, num_classes: int, vocab_size: int, pad_id: int, embed: int, hidden: int, dropout: float):
         super().__init__(vocab_size, pad_id)
-        self.embedding = nn.Embedding(vocab_size, embed, padding_idx=pad_id)
+        self.embedding = token_embedding(vocab_size, embed, pad_id)
         self.lstm = nn.LSTM(embed, hidden, batch_first=True, bidirectional=True)
         self.head = nn.Sequential(
             nn.Dropout(dropout), nn.Linear(2 * hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)
@@ -162,7 +174,7 @@ class TextCNN(TokenModel):
         dropout: float,
     ):
         super().__init__(vocab_size, pad_id)
-        self.embedding = nn.Embedding(vocab_size, embed, padding_idx=pad_id)
+        self.embedding = token_embedding(vocab_size, embed, pad_id)
         self.convs = nn.ModuleList(nn.Conv1d(embed, filters, int(w), padding=int(w) // 2) for w in widths)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(filters * len(widths), num_classes)
@@ -197,7 +209,7 @@ class BagOfEmbeddings(TokenModel):
 
     def __init__(self, num_classes: int, vocab_size: int, pad_id: int, embed: int):
         super().__init__(vocab_size, pad_id)
-        self.embedding = nn.Embedding(vocab_size, embed, padding_idx=pad_id)
+        self.embedding = token_embedding(vocab_size, embed, pad_id)
         self.classifier = nn.Linear(embed, num_classes)
 
     def forward(self, ids: Tensor) -> Tensor:
