@@ -296,3 +296,18 @@ def test_text_without_the_extra_names_it(text_root, monkeypatch):
     with pytest.raises(KdclError, match="model bert needs the package transformers") as info:
         create_model("bert", 3, (8,), vocab_size=20, pad_id=0)
     assert "kdcl[text]" in info.value.fix
+
+
+def test_feature_tap_takes_the_first_element_of_a_tuple_output():
+    from torch import nn
+
+    from kdcl.distill.features import FeatureTap
+
+    class PairLayer(nn.Module):  # returns (hidden states, attention) as Hugging Face layers may
+        def forward(self, x):
+            return x * 2, x.sum()
+
+    model = nn.Sequential(PairLayer())
+    with FeatureTap(model, ["0"]) as features:
+        model[0](torch.ones(2, 3, 4))
+        assert torch.equal(features["0"], torch.full((2, 3, 4), 2.0))
