@@ -13,7 +13,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --disable-pip-version-check -q --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[test,sweep,docs,data,export,trackers,tune,models]"
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[test,sweep,docs,data,export,trackers,tune,models,text]"
 	touch $@
 
 run: setup

@@ -58,6 +58,15 @@ class ScoreContext:
     seed: int
     learned_epoch: Tensor | None = None  # logged while the teacher trained in this run
     self_taught_logits: Callable[[], Tensor] | None = None  # a student-architecture model's logits
+    tokens: Tensor | None = None  # text data: the training split's (N, L) token ids, right-padded
+    pad_id: int = 0
+
+    def token_mask(self, scorer: str) -> tuple[Tensor, Tensor]:
+        """The training ids (on the CPU) and their mask (True: not padding); images have none."""
+        if self.tokens is None:
+            raise ScoreUnavailable(f"{scorer} scores texts, and this run's data is images")
+        tokens = self.tokens.cpu()
+        return tokens, tokens != self.pad_id
 
     def teacher_probs(self) -> Tensor:
         return torch.softmax(self.teacher_logits.float(), 1)
@@ -103,6 +112,26 @@ def self_taught(ctx: ScoreContext) -> Tensor:
     if ctx.self_taught_logits is None:
         raise ScoreUnavailable("self_taught needs the baseline stage or curriculum.scorer=self_taught")
     return F.cross_entropy(ctx.self_taught_logits().float(), ctx.labels, reduction="none")
+
+
+@register_scorer("length")
+def token_length(ctx: ScoreContext) -> Tensor:
+    """``d_i = |x_i|``: the number of tokens of text i (after truncation, ``[CLS]`` and
+    ``[SEP]`` included): longer texts are harder (the sentence-length curriculum of
+    Spitkovsky et al. 2010 and Platanios et al. 2019)."""
+    _, mask = ctx.token_mask("length")
+    return mask.sum(1).float()
+
+
+@register_scorer("rarity")
+def token_rarity(ctx: ScoreContext) -> Tensor:
+    """``d_i = (1/|x_i|) Σ_{w ∈ x_i} 1 / c(w)``: the mean inverse frequency of text i's
+    tokens, ``c(w)`` counting token ``w`` over the whole training split: texts of rare
+    words are harder (word rarity, Platanios et al. 2019, with inverse counts)."""
+    tokens, mask = ctx.token_mask("rarity")
+    counts = torch.bincount(tokens[mask], minlength=int(tokens.max()) + 1).float()
+    inverse = torch.where(mask, 1 / counts.clamp(min=1)[tokens], torch.zeros(()))
+    return inverse.sum(1) / mask.sum(1).clamp(min=1)
 
 
 @register_scorer("random")

@@ -16,3 +16,7 @@ class KdclError(Exception):
         self.what = what
         self.fix = fix
         super().__init__(what if fix is None else f"{what}\n  fix: {fix}")
+
+
+# How to install the packages text data and text models need (the ``text`` extra).
+TEXT_EXTRA = 'pip install "kdcl[text]" (transformers, tokenizers)'

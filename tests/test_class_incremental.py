@@ -19,7 +19,8 @@ from kdcl.curricula import ORDERS
 from kdcl.data import TensorSource, class_map, load_data, with_classes
 from kdcl.distill.losses import create_loss
 from kdcl.errors import KdclError
-from kdcl.models import MODELS, classifier, create_model, grow_head
+from kdcl.models import classifier, create_model, grow_head
+from kdcl.models.registered import models_of
 from kdcl.scenarios.class_incremental import (
     CLASS_ORDERS,
     accuracy_row,
@@ -71,7 +72,7 @@ def test_exemplars_keep_per_class_a_seeded_random_sample():
 
 
 # --------------------------------------------------------------------------- head and loss
-@pytest.mark.parametrize("name", MODELS.names())
+@pytest.mark.parametrize("name", models_of("images"))
 def test_every_model_ends_in_the_linear_head_that_grows(name):
     shape = (3, 32, 32)
     torch.manual_seed(0)

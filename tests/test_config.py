@@ -72,6 +72,7 @@ REQUIRED = {
     "npz": ["dataset.root=/data"],
     "imagefolder": ["dataset.root=/data"],
     "csv": ["dataset.root=/data"],
+    "text_csv": ["dataset.root=/data"],
     "hf": ["dataset.path=/data"],
 }
 
@@ -166,6 +167,7 @@ BAD = {
     "dataset.test_fraction": 1.0,
     "dataset.image_size": 0,
     "dataset.max_memory_gb": 0.0,
+    "dataset.vocab_size": 0,
     "dataset.data_files": 5,
     "dataset.train_samples": 0,
     "dataset.test_samples": 0,
@@ -220,6 +222,7 @@ BAD = {
 WHERE = {
     "dataset.image_size": ["dataset=imagefolder", "dataset.root=/data"],
     "dataset.max_memory_gb": ["dataset=csv", "dataset.root=/data"],
+    "dataset.vocab_size": ["dataset=text_csv", "dataset.root=/data"],
     "dataset.data_files": ["dataset=hf", "dataset.path=/data"],
     "dataset.train_samples": ["dataset=fake"],
     "dataset.test_samples": ["dataset=fake"],

@@ -14,13 +14,14 @@ from torch import nn
 
 from kdcl.errors import KdclError
 from kdcl.models import MODELS, count_macs, count_params, create_model, size_mb
+from kdcl.models.registered import models_of
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
 @pytest.mark.parametrize("num_classes", [10, 7])
 @pytest.mark.parametrize("input_shape", [(1, 8, 8), (3, 32, 32)], ids=["1x8x8", "3x32x32"])
-@pytest.mark.parametrize("name", MODELS.names())
+@pytest.mark.parametrize("name", models_of("images"))
 def test_model_gives_logits(name: str, input_shape: tuple[int, int, int], num_classes: int):
     model = create_model(name, num_classes=num_classes, input_shape=input_shape).eval()
     with torch.no_grad():
@@ -173,9 +174,14 @@ def test_model_option_builds_with_stated_parameter_count(option: str):
     config = yaml.safe_load(text)
     assert set(config) == {"name", "kwargs"}
     assert config["name"] in MODELS
-    model = create_model(config["name"], num_classes=10, input_shape=(3, 32, 32), **config["kwargs"])
-    # The comment states the count at 10 classes, 3x32x32, rounded to its last digit.
-    stated = re.search(r"([\d.]+)([KM]) parameters at 10 classes, 3x32x32 input", text)
+    # The comment states the count at 10 classes, 3x32x32 images or a vocabulary of 8000
+    # tokens (64 per text), rounded to its last digit.
+    shape, data_kwargs, inputs = {
+        "images": ((3, 32, 32), {}, "3x32x32 input"),
+        "tokens": ((64,), {"vocab_size": 8000, "pad_id": 0}, "8000-token vocabulary"),
+    }[MODELS.trait(config["name"], "inputs")]
+    model = create_model(config["name"], num_classes=10, input_shape=shape, **data_kwargs, **config["kwargs"])
+    stated = re.search(rf"([\d.]+)([KM]) parameters at 10 classes, {inputs}", text)
     assert stated, f"{option}: no parameter count in the comment"
     number, unit = Decimal(stated[1]), {"K": 10**3, "M": 10**6}[stated[2]]
     half_digit = Decimal(1).scaleb(number.as_tuple().exponent) / 2

@@ -60,7 +60,7 @@ def run_eval(
             )
         data = load_data(dataset, device, False, 0)
         name, stage = model_ref(model_spec).label, "state_dict"
-        model = build_model(model_spec, data.num_classes, data.input_shape)
+        model = build_model(model_spec, data.num_classes, data.input_shape, data_kwargs=data.model_kwargs)
         load_weights(model, ckpt, f"{checkpoint} as model {name!r}")
         model = model.to(device)
     trainer = TrainSettings(

@@ -159,6 +159,16 @@ class DatasetOptionKeys:
     test_split: str = key()
     image_column: str = key()  # csv and hf: the column of the images (or their paths) and of the labels
     label_column: str = key()
+    train_file: str = key()  # text_csv: the files, relative to root
+    test_file: str = key()
+    text_columns: List[str] = key()  # text_csv: the column(s) of the text, joined with text_separator
+    text_separator: str = key()
+    delimiter: Optional[str] = key()  # text_csv: the field separator (null: tab for .tsv, else comma)
+    tokenizer: Optional[str] = key()  # text: an HF model directory's tokenizer (null: trained on train)
+    vocab_size: int = key(*COUNT)  # text: the most pieces a trained tokenizer has
+    max_length: int = key()  # text: the most token ids an example keeps (checked as the data loads)
+    lowercase: bool = key()
+    trained_tokenizer: Optional[Dict[str, Any]] = key()  # kdcl eval: a checkpoint's tokenizer, as saved
 
 
 @dataclass

@@ -15,16 +15,18 @@ The modules, by concern: :mod:`.splits` (splits as loaded, stratified subsets),
 augmentation on the device), :mod:`.checks` (of loaded data, before training),
 :mod:`.bundle` (:func:`load_data`), and the loaders, registered in :data:`DATASETS`:
 :mod:`.loaders` (the datasets kdcl knows by name, ``.npz`` arrays), :mod:`.images`
-(image files: ``imagefolder``), :mod:`.manifest` (``csv``) and :mod:`.huggingface` (``hf``).
+(image files: ``imagefolder``), :mod:`.manifest` (``csv``), :mod:`.huggingface` (``hf``) and :mod:`.text` (``text_csv``:
+labelled texts, as token ids (:mod:`.tokens`) held in memory as an (N, L) int64 tensor).
 """
 
 # The loader modules register their datasets on import.
-from kdcl.data import huggingface, images, manifest  # noqa: F401
+from kdcl.data import huggingface, images, manifest, text  # noqa: F401
 from kdcl.data.bundle import DataBundle, class_map, load_data, with_classes
 from kdcl.data.loaders import DATASETS, register_dataset
 from kdcl.data.preprocess import PADDINGS, Augment, Preprocess
 from kdcl.data.sources import Batch, LoaderSource, Source, TensorSource
 from kdcl.data.splits import RawSplit, interleave_classes, stratified_order, stratified_subset
+from kdcl.data.tokens import TextEncoding, TextPreprocess
 
 __all__ = [
     "DATASETS",
@@ -37,6 +39,8 @@ __all__ = [
     "RawSplit",
     "Source",
     "TensorSource",
+    "TextEncoding",
+    "TextPreprocess",
     "class_map",
     "interleave_classes",
     "load_data",

@@ -16,6 +16,7 @@ from kdcl.data.loaders import DATASETS
 from kdcl.data.preprocess import Preprocess, check_padding
 from kdcl.data.sources import Source, make_source
 from kdcl.data.splits import RawSplit, stratified_order, stratified_subset
+from kdcl.data.tokens import TextEncoding, TextPreprocess
 from kdcl.errors import KdclError
 
 
@@ -29,11 +30,18 @@ class DataBundle:
     test: Source
     num_classes: int
     class_names: list[str]
-    input_shape: tuple[int, int, int]
-    mean: list[float]
+    input_shape: tuple[int, ...]  # images: (C, H, W); text: (max_length,)
+    mean: list[float]  # images: per-channel normalisation; text: empty
     std: list[float]
-    preprocess: Preprocess
+    preprocess: Preprocess | TextPreprocess
     class_ids: list[int] | None = None  # the dataset's class of each label (None: label = class)
+    text: TextEncoding | None = None  # text data: its tokenizer (None: images)
+
+    @property
+    def model_kwargs(self) -> dict[str, Any]:
+        """Keywords every model of this data is built with: text models take the
+        vocabulary's size and the pad id; image models nothing."""
+        return {} if self.text is None else {"vocab_size": self.text.vocab_size, "pad_id": self.text.pad_id}
 
 
 def class_map(classes: Sequence[int], num_classes: int) -> Tensor:
@@ -73,7 +81,8 @@ def with_classes(data: DataBundle, classes: Sequence[int], train: np.ndarray | N
 
 
 def load_data(cfg: dict[str, Any], device: torch.device, channels_last: bool, seed: int) -> DataBundle:
-    """Load ``cfg["name"]``, carve the validation split and build the sources."""
+    """Load ``cfg["name"]``, carve the validation split and build the sources (images or
+    token ids: :func:`image_inputs`, :func:`text_inputs`)."""
     loader = DATASETS.get(cfg["name"])
     train, test, class_names = loader(cfg)
     check_labels(cfg["name"], train.y, test.y, class_names)
@@ -93,24 +102,62 @@ def load_data(cfg: dict[str, Any], device: torch.device, channels_last: bool, se
             )
     check_carve(cfg, train.y, pool, train_idx, class_names)
     num_workers = cfg["num_workers"]
-    mean, std = cfg["mean"], cfg["std"]
-    if mean is None or std is None:
-        mean, std = channel_stats(train, train_idx)
-    num_classes = len(class_names)
-    padding_mode = cfg["crop_padding_mode"]
-    check_padding(padding_mode, cfg["crop_padding"], input_shape)
+    inputs = image_inputs if train.text is None else text_inputs
+    mean, std, preprocess = inputs(cfg, train, train_idx, input_shape, device, channels_last, seed)
     return DataBundle(
         name=cfg["name"],
         train=make_source(train, train_idx, device, num_workers),
         val=make_source(train, val_idx, device, num_workers),
         test=make_source(test, test_idx, device, num_workers),
-        num_classes=num_classes,
+        num_classes=len(class_names),
         class_names=list(class_names),
         input_shape=input_shape,
         mean=[float(m) for m in mean],
         std=[float(s) for s in std],
-        preprocess=Preprocess(mean, std, cfg["crop_padding"], cfg["flip"], device, channels_last, seed, padding_mode),
+        preprocess=preprocess,
+        text=train.text,
     )
+
+
+def image_inputs(
+    cfg: dict[str, Any],
+    train: RawSplit,
+    train_idx: np.ndarray,
+    input_shape: tuple[int, ...],
+    device: torch.device,
+    channels_last: bool,
+    seed: int,
+) -> tuple[list[float], list[float], Preprocess]:
+    """Images: the normalisation (``dataset.mean``/``std``, or measured on the training
+    split) and the batch step that normalises and augments."""
+    mean, std = cfg["mean"], cfg["std"]
+    if mean is None or std is None:
+        mean, std = channel_stats(train, train_idx)
+    padding_mode = cfg["crop_padding_mode"]
+    check_padding(padding_mode, cfg["crop_padding"], input_shape)
+    preprocess = Preprocess(mean, std, cfg["crop_padding"], cfg["flip"], device, channels_last, seed, padding_mode)
+    return mean, std, preprocess
+
+
+def text_inputs(
+    cfg: dict[str, Any],
+    train: RawSplit,
+    train_idx: np.ndarray,
+    input_shape: tuple[int, ...],
+    device: torch.device,
+    channels_last: bool,
+    seed: int,
+) -> tuple[list[float], list[float], TextPreprocess]:
+    """Token ids: no normalisation; the batch step cuts padding. The image augmentations
+    are refused."""
+    image_only = {key: cfg[key] for key in ("crop_padding", "flip") if cfg[key]}
+    if image_only:
+        raise KdclError(
+            f"dataset {cfg['name']!r} is text, but {', '.join(f'dataset.{k}={v}' for k, v in image_only.items())} "
+            "augments images",
+            fix="set dataset.crop_padding=0 dataset.flip=false",
+        )
+    return [], [], TextPreprocess(train.text.pad_id, device, seed)
 
 
 def channel_stats(split: RawSplit, indices: np.ndarray, limit: int = 4096) -> tuple[list[float], list[float]]:

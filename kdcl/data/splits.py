@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from torch.utils.data import Dataset
 
+if TYPE_CHECKING:
+    from kdcl.data.tokens import TextEncoding
+
 
 @dataclass
 class RawSplit:
-    """One split as loaded: labels, plus images in memory (``x``) or a ``dataset``."""
+    """One split as loaded: labels, plus images in memory (``x``) or a ``dataset``; or
+    token ids in memory (``x``) and how they were made (``text``)."""
 
     y: np.ndarray
-    x: np.ndarray | None = None  # uint8 (N, C, H, W)
+    x: np.ndarray | None = None  # uint8 (N, C, H, W); text: int64 ids (N, L)
     dataset: Dataset | None = None  # item i -> (uint8 tensor (C, H, W), label)
+    text: TextEncoding | None = None
 
     def __len__(self) -> int:
         return len(self.y)

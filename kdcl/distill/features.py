@@ -48,7 +48,8 @@ class FeatureTap:
     ``features[ref]`` holds the value of the last forward pass, and leaving the block
     (normally or by an exception) removes every hook. Values are copies, so an in-place
     operation that follows the layer (``ReLU(inplace=True)``) cannot change them.
-    With no model or no layers it does nothing.
+    A layer that returns a tuple (a Hugging Face Transformer layer: hidden states first)
+    gives its first element. With no model or no layers it does nothing.
     """
 
     def __init__(self, model: nn.Module | None, refs: Sequence[str]):
@@ -80,6 +81,8 @@ class FeatureTap:
     def _keep(self, ref: str, pick: Callable[[tuple, Any], Any]) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, output: Any = None) -> None:
             value = pick(args, output)
+            if isinstance(value, (tuple, list)) and value and isinstance(value[0], Tensor):
+                value = value[0]
             if not isinstance(value, Tensor):
                 raise KdclError(
                     f"layer {ref!r} gives a {type(value).__name__}, not a tensor",
@@ -245,14 +248,16 @@ def feature_shapes(model: nn.Module, refs: Sequence[str], example: Tensor) -> li
 # --------------------------------------------------------------------------- adapters and maps
 def adapter(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], pair: tuple[str, str]) -> nn.Module:
     """The regressor from a student feature to the teacher's width (FitNets' "regressor"):
-    a 1×1 convolution between maps, a linear layer between vectors."""
+    a 1×1 convolution between maps, a linear layer between vectors, and between token
+    sequences (L, D) a linear layer per token (TinyBERT's ``H_s W_h``, Jiao et al. 2020)."""
     if len(student_shape) == len(teacher_shape) == 3:
         return nn.Conv2d(student_shape[0], teacher_shape[0], kernel_size=1)
-    if len(student_shape) == len(teacher_shape) == 1:
-        return nn.Linear(student_shape[0], teacher_shape[0])
+    if len(student_shape) == len(teacher_shape) in (1, 2):
+        return nn.Linear(student_shape[-1], teacher_shape[-1])
     raise KdclError(
         f"student layer {pair[0]!r} gives shape {student_shape} but teacher layer {pair[1]!r} gives {teacher_shape}",
-        fix="pair maps with maps (B, C, H, W) or vectors with vectors (B, D), "
+        fix="pair maps with maps (B, C, H, W), token sequences with token sequences (B, L, D) or vectors "
+        "with vectors (B, D), "
         "e.g. distill.student_layer=auto:penultimate distill.teacher_layer=auto:penultimate",
     )
 

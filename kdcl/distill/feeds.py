@@ -58,8 +58,9 @@ log = logging.getLogger(__name__)
 
 # caches: the feed computes the teacher's logits once, before the first step, and a stage
 # reuses them (none runs the teacher every step). counted: the feed is named NAME:K, K ≥ 1
-# (views:K); the others by their name alone.
-FEEDS = Registry("teacher cache", traits={"caches": True, "counted": False})
+# (views:K); the others by their name alone. augments: the feed draws augmented views of
+# images (crop and flip), which text does not have.
+FEEDS = Registry("teacher cache", traits={"caches": True, "counted": False, "augments": False})
 register_feed = FEEDS.register
 STORES = Registry("teacher cache store")
 
@@ -106,6 +107,11 @@ def parse(spec: str) -> tuple[str, int]:
 def caches(spec: str) -> bool:
     """Whether the feed ``spec`` names computes the teacher's logits once (a cache)."""
     return FEEDS.trait(parse(spec)[0], "caches")
+
+
+def augments(spec: str) -> bool:
+    """Whether the feed ``spec`` names draws augmented views of images."""
+    return FEEDS.trait(parse(spec)[0], "augments")
 
 
 class FeedSpecs:
@@ -190,14 +196,14 @@ class CachedViews:
         )
 
 
-@register_feed("views", counted=True)
+@register_feed("views", counted=True, augments=True)
 def fixed_views(inputs: FeedInputs) -> CachedViews:
     """K views per example, crop offsets and flips drawn once from the run seed (on the CPU,
     so a seed gives the same views on every device)."""
     pre, n, k = inputs.preprocess, len(inputs.train), inputs.views
     generator = torch.Generator().manual_seed(inputs.seed)
     table = pre.sample(n * k, generator)
-    device = pre.mean.device
+    device = pre.generator.device
     params = Augment(*(t.view(n, k).to(device) for t in (table.dy, table.dx, table.mirror)))
     phase = torch.randint(0, k, (n,), generator=generator).to(device)
     return CachedViews(inputs, params, phase)
@@ -213,7 +219,7 @@ def unaugmented(inputs: FeedInputs) -> CachedViews:
             f"augments (crop_padding={pre.crop_padding}, flip={pre.flip})",
             fix="use distill.teacher_cache=views:K, or set dataset.crop_padding=0 dataset.flip=false",
         )
-    device = pre.mean.device
+    device = pre.generator.device
     centre = torch.full((n, 1), pre.crop_padding, dtype=torch.long, device=device)
     params = Augment(centre, centre.clone(), torch.zeros(n, 1, dtype=torch.bool, device=device))
     return CachedViews(inputs, params, torch.zeros(n, dtype=torch.long, device=device))
@@ -287,7 +293,7 @@ class MemoryLogits:
     def __init__(self, n: int, k: int, inputs: FeedInputs):
         self.where = "in memory"
         self.codec = view_codec(inputs)
-        device = inputs.preprocess.mean.device
+        device = inputs.preprocess.generator.device
         self.tables = {
             name: torch.empty(n, k, *shape, dtype=dtype, device=device)
             for name, (shape, dtype) in self.codec.fields.items()
@@ -313,7 +319,7 @@ class DiskLogits:
         self.where = f"on disk in {directory}"
         self.codec = view_codec(inputs)
         self.rows = max(1, int(inputs.shard_mb * 2**20 // (k * bytes_per_view(self.codec))))
-        self.device = inputs.preprocess.mean.device
+        self.device = inputs.preprocess.generator.device
         self.shards = [
             {
                 name: np.lib.format.open_memmap(
@@ -353,7 +359,7 @@ class DiskLogits:
 def _fill(inputs: FeedInputs, views: CachedViews) -> MemoryLogits | DiskLogits:
     """Run the teacher once over every view of every training example."""
     teacher = inputs.teacher_at(0).eval()
-    n, device = len(inputs.train), inputs.preprocess.mean.device
+    n, device = len(inputs.train), inputs.preprocess.generator.device
     store = STORES.create(inputs.store, n, views.k, inputs)
     batches = torch.arange(n).split(inputs.batch_size)
     with torch.inference_mode():

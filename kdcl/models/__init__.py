@@ -3,10 +3,11 @@
 A model spec names a network by ``name`` (a kdcl model, ``torchvision:NAME``,
 ``timm:NAME``, ``hf:PATH_OR_ID``) or ``_target_`` (a callable of your own);
 :func:`build_model` builds it for the data (:mod:`kdcl.models.sources`). Every network maps
-``(B, C, H, W)`` images to ``(B, num_classes)`` logits.
+``(B, C, H, W)`` images, or (B, L) token ids for text, to ``(B, num_classes)`` logits.
 
 - :mod:`kdcl.models.registered`: kdcl's own models, the :data:`MODELS` registry;
 - :mod:`kdcl.models.cifar_nets`: the CIFAR networks of the distillation benchmarks (WRN, VGG, ShuffleNet, MobileNetV2);
+- :mod:`kdcl.models.text_nets`: text models over token ids (``bert``, ``bilstm``, ``text_cnn``, ``bow``);
 - :mod:`kdcl.models.torchvision_nets`: torchvision's networks adapted to the data (CIFAR stem);
 - :mod:`kdcl.models.sources`: the model sources, the :data:`SOURCES` registry;
 - :mod:`kdcl.models.operations`: what works on any model (counts, freezing, the output layer).
@@ -19,6 +20,7 @@ from typing import Any
 
 from torch import nn
 
+from kdcl.models import text_nets  # noqa: F401  (registers the text models)
 from kdcl.models.operations import (
     check_forward,
     classifier,

@@ -25,16 +25,29 @@ from kdcl.models.cifar_nets import init_weights as _init_weights
 from kdcl.models.torchvision_nets import CifarStem, InputShape, registered_network
 from kdcl.registry import Registry
 
-MODELS = Registry("model")
+# inputs: what the model reads, images (B, C, H, W) or tokens (B, L) (kdcl.models.text_nets).
+MODELS = Registry("model", traits={"inputs": "images"})
 register_model = MODELS.register
+
+
+def models_of(inputs: str) -> list[str]:
+    """The registered models that read ``inputs`` (images or tokens)."""
+    return [name for name in MODELS.names() if MODELS.trait(name, "inputs") == inputs]
 
 
 def create_registered(
     name: str, num_classes: int, input_shape: InputShape, pretrained: bool = False, **kwargs: Any
 ) -> nn.Module:
-    """Build the registered model ``name``; a keyword its factory does not take is one
-    :class:`KdclError` listing the ones it does."""
+    """Build the registered model ``name``; a model of other inputs than the data's (images
+    for text, or the reverse), or a keyword its factory does not take, is one
+    :class:`KdclError`."""
     factory = MODELS.get(name)
+    inputs = "tokens" if len(input_shape) == 1 else "images"
+    if MODELS.trait(name, "inputs") != inputs:
+        raise KdclError(
+            f"model {name!r} reads {MODELS.trait(name, 'inputs')}, but the data gives {inputs}",
+            fix=f"choose a model of {inputs}: {', '.join(models_of(inputs))}",
+        )
     arguments = {"num_classes": num_classes, "input_shape": input_shape, "pretrained": pretrained}
     signature = inspect.signature(factory)
     try:

@@ -91,17 +91,23 @@ def model_ref(spec: Mapping[str, Any]) -> ModelRef:
 
 
 def build_model(
-    spec: Mapping[str, Any], num_classes: int, input_shape: tuple[int, ...], pretrained: bool = False
+    spec: Mapping[str, Any],
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    pretrained: bool = False,
+    data_kwargs: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """The network of model ``spec`` (``name`` or ``_target_``, and ``kwargs``) for
-    ``input_shape`` = (C, H, W) images and ``num_classes`` outputs, with its source's
-    pretrained weights when ``pretrained``. Every bad name, keyword, missing package or
-    failed download is one :class:`KdclError`."""
+    ``input_shape`` = (C, H, W) images or (L,) token ids and ``num_classes`` outputs, with
+    its source's pretrained weights when ``pretrained``. ``data_kwargs``: keywords the data
+    gives every model (text: ``vocab_size``, ``pad_id``; the spec's own kwargs win). Every
+    bad name, keyword, missing package or failed download is one :class:`KdclError`."""
     ref = model_ref(spec)
     shape = tuple(int(d) for d in input_shape)
-    if len(shape) != 3:
-        raise KdclError(f"input_shape must be (channels, height, width), got {tuple(input_shape)}")
-    return SOURCES.get(ref.source)(ref.ref, num_classes, shape, pretrained, **dict(spec.get("kwargs") or {}))
+    if len(shape) not in (1, 3):
+        raise KdclError(f"input_shape must be (channels, height, width) or (length,), got {tuple(input_shape)}")
+    kwargs = {**dict(data_kwargs or {}), **dict(spec.get("kwargs") or {})}
+    return SOURCES.get(ref.source)(ref.ref, num_classes, shape, pretrained, **kwargs)
 
 
 def saved_spec(spec: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
@@ -118,14 +124,14 @@ def saved_spec(spec: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
     return {**saved, TARGET: ref.ref} if ref.source == TARGET else saved
 
 
-def optional_import(module: str, user: str) -> ModuleType:
+def optional_import(module: str, user: str, extra: str = MODELS_EXTRA) -> ModuleType:
     """``import module`` for ``user`` (``model timm:resnet18``); missing, it is one
-    :class:`KdclError` naming its package and the extra that installs it."""
+    :class:`KdclError` naming its package and the ``extra`` that installs it."""
     try:
         return importlib.import_module(module)
     except ImportError:
         package = module.partition(".")[0]
-        raise KdclError(f"{user} needs the package {package}, which is not installed", fix=MODELS_EXTRA) from None
+        raise KdclError(f"{user} needs the package {package}, which is not installed", fix=extra) from None
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ from kdcl.curricula import (
     score_all,
 )
 from kdcl.data import DataBundle, load_data
-from kdcl.distill.feeds import Feed, TopKLogits, caches
+from kdcl.distill.feeds import Feed, TopKLogits, augments, caches
 from kdcl.distill.losses import DistillLoss, create_loss
 from kdcl.distill.teachers import Teachers
 from kdcl.errors import KdclError
@@ -188,10 +188,15 @@ def run_pipeline(
 
 
 def start_run(cfg: dict[str, Any], out: Path, loggers: Loggers = CSV_ONLY, on_epoch: EpochHook | None = None) -> Run:
-    """The run's trainer and data (the validation split carved), before any stage."""
+    """The run's trainer and data (the validation split carved), before any stage. Text
+    data's tokenizer is saved as ``tokenizer.json`` in the run's directory (its
+    checkpoints hold it too)."""
     settings = typed(TrainerConfig, cfg["trainer"], "trainer")
     trainer = TrainSettings.from_config(settings)
     data = load_data(cfg["dataset"], trainer.device, settings.channels_last, cfg["seed"])
+    if data.text is not None and distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "tokenizer.json").write_text(data.text.tokenizer_json)
     distributed.check_splits({"train": len(data.train), "validation": len(data.val), "test": len(data.test)})
     log.info(
         "data %s: %d train / %d val / %d test, %d classes, input %s, device %s",
@@ -278,6 +283,7 @@ def curriculum_stage(run: Run) -> None:
         seed=run.cfg["seed"],
         learned_epoch=run.learned_epoch,
         self_taught_logits=self_taught_logits(run),
+        **({"tokens": run.data.train.x, "pad_id": run.data.text.pad_id} if run.data.text is not None else {}),
     )
     run.scores = score_all(ctx, spec.scorer)
     order = make_order(run.scores[spec.scorer], train.labels, spec.order, spec.class_balanced, run.cfg["seed"])
@@ -438,7 +444,7 @@ def check_losses(run: Run) -> None:
         loss_fn = create_loss(loss_spec)
         if loss_fn.needs_teacher:
             loss_fn.bind(student, teacher, torch.zeros(2, *shape), len(run.data.train))
-        check_teacher_cache(loss_spec["name"], loss_fn, control, run.data.num_classes)
+        check_teacher_cache(loss_spec["name"], loss_fn, control, run.data)
 
 
 def checked_model(run: Run, spec: dict, role: str) -> nn.Module:
@@ -447,15 +453,21 @@ def checked_model(run: Run, spec: dict, role: str) -> nn.Module:
     by one forward pass on the data's input shape."""
     if spec.get("checkpoint"):
         return load_teacher(spec["checkpoint"], spec, run.data, f"{role}.checkpoint").model
-    model = build_model(spec, run.data.num_classes, run.data.input_shape, pretrained=spec["pretrained"])
+    model = build_model(spec, run.data.num_classes, run.data.input_shape, spec["pretrained"], run.data.model_kwargs)
     check_forward(model, run.data.input_shape, run.data.num_classes, f"{model_ref(spec).label} ({role})")
     return model
 
 
-def check_teacher_cache(name: str, loss_fn: DistillLoss, control: ControlConfig, num_classes: int) -> None:
+def check_teacher_cache(name: str, loss_fn: DistillLoss, control: ControlConfig, data: DataBundle) -> None:
     """A cache holds the (final) teacher's logits: nothing else of the teacher; only a
-    cache keeps top-K logits, and K is at most the number of classes."""
-    spec, topk = control.teacher_cache, control.teacher_cache_topk
+    cache keeps top-K logits, and K is at most the number of classes; text has no
+    augmented views to cache."""
+    spec, topk, num_classes = control.teacher_cache, control.teacher_cache_topk, data.num_classes
+    if data.text is not None and augments(spec):
+        raise KdclError(
+            f"distill.teacher_cache={spec} caches augmented views of images, but dataset {data.name!r} is text",
+            fix="set distill.teacher_cache=no_aug (the teacher's logits on each text, computed once) or none",
+        )
     if topk is not None:
         if not caches(spec):
             raise KdclError(
@@ -555,7 +567,7 @@ def train_stage(
     curriculum_cfg = typed(CurriculumConfig, curriculum, "curriculum")
     torch.manual_seed(seed)
     if init is None:
-        init = build_model(spec, data.num_classes, data.input_shape, pretrained=spec["pretrained"])
+        init = build_model(spec, data.num_classes, data.input_shape, spec["pretrained"], data.model_kwargs)
     model = run.trainer.prepare(run.to_device(init))
     log.info(
         "%s: %s, %s params, %d epochs × %d steps, loss %s, curriculum %s",
@@ -650,6 +662,7 @@ def checkpoint_meta(run: Run, stage: str, spec: dict, model: nn.Module) -> dict[
         "input_shape": list(d.input_shape),
         "class_names": d.class_names,
         "normalization": {"mean": d.mean, "std": d.std},
+        **({"tokenizer": asdict(d.text)} if d.text is not None else {}),
         "dataset": d.name,
         "config": run.cfg,
         **({"classes": d.class_ids} if d.class_ids is not None else {}),

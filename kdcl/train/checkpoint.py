@@ -138,11 +138,12 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
 
 def checkpoint_data(ckpt: dict[str, Any], dataset: dict[str, Any] | None, device: torch.device) -> DataBundle:
     """The data to test a kdcl checkpoint's model on: ``dataset`` (a dataset section), or the
-    one it was trained on, always with the checkpoint's normalisation (the model was trained
-    with it). A class-incremental task's model (its ``classes``) gets the examples of the
+    one it was trained on, always with the checkpoint's normalisation and, for text, its
+    tokenizer (the model was trained with them). A class-incremental task's model (its ``classes``) gets the examples of the
     classes it has learnt. The data must fit the model (:func:`check_compatible`)."""
     saved = with_base_keys("dataset", dataset or ckpt["config"]["dataset"])
-    data = load_data({**saved, **ckpt["normalization"]}, device, False, 0)
+    tokenizer = {"trained_tokenizer": ckpt["tokenizer"]} if "tokenizer" in ckpt else {}
+    data = load_data({**saved, **ckpt["normalization"], **tokenizer}, device, False, 0)
     if "classes" in ckpt:
         data = with_classes(data, ckpt["classes"])
     check_compatible(ckpt, data, "checkpoint")

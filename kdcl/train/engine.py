@@ -503,6 +503,6 @@ def _restore(s: Stage, data: DataBundle) -> tuple[Cursor, Meter, dict | None]:
     cursor = Cursor(**state["cursor"])
     log.info("%s: resuming at epoch %d, step %d (from %s)", s.name, cursor.epoch, cursor.step, path)
     meter = Meter(
-        {k: v.to(data.preprocess.mean.device) for k, v in state["meter"]["sums"].items()}, state["meter"]["count"]
+        {k: v.to(data.preprocess.generator.device) for k, v in state["meter"]["sums"].items()}, state["meter"]["count"]
     )
     return cursor, meter, state["plan_at_epoch_start"]

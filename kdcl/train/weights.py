@@ -83,7 +83,7 @@ def _is_torch_save(file: Path) -> bool:
 
 def weights_into_spec(state_dict: dict[str, Any], spec: Mapping[str, Any], data: DataBundle, what: str) -> nn.Module:
     """The teacher spec's architecture, built for ``data``, with ``state_dict`` loaded."""
-    model = build_model(spec, data.num_classes, data.input_shape)
+    model = build_model(spec, data.num_classes, data.input_shape, data_kwargs=data.model_kwargs)
     label = model_ref(spec).label
     load_weights(
         model,

@@ -1,0 +1,100 @@
+"""The ``text_csv`` dataset: labelled texts in a CSV (or TSV) file per split.
+
+``root/train.csv`` and ``root/test.csv`` (``dataset.train_file``, ``dataset.test_file``;
+a ``.tsv`` file is read tab-separated unless ``dataset.delimiter`` says otherwise) hold a
+header line and one example per row. The text is the ``dataset.text_columns`` joined with
+``dataset.text_separator`` (AG News: title and description); labels are class names or
+class indices 0..C−1 (:func:`kdcl.data.images.class_indices`, as for image manifests).
+
+The texts become ids (:mod:`kdcl.data.tokens`) with a BPE tokenizer trained on the
+training file, or with ``dataset.tokenizer`` (an HF model directory's); a checkpoint's
+tokenizer (``dataset.trained_tokenizer``, set by ``kdcl eval``) is used as it is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from kdcl.data.checks import abbreviated
+from kdcl.data.images import class_indices
+from kdcl.data.loaders import register_dataset
+from kdcl.data.splits import RawSplit
+from kdcl.data.tokens import TextEncoding, check_max_length, model_tokenizer, trained_tokenizer
+from kdcl.errors import KdclError
+
+
+@register_dataset("text_csv")
+def text_csv(cfg: dict) -> tuple[RawSplit, RawSplit, list[str]]:
+    """Texts and labels of ``root/train.csv`` and ``root/test.csv`` as (N, max_length) ids."""
+    check_max_length(cfg["max_length"])
+    root = Path(cfg["root"]).expanduser()
+    columns = list(cfg["text_columns"])
+    if not columns:
+        raise KdclError("dataset.text_columns is empty", fix="name the column(s) holding the text, e.g. [text]")
+    rows = {
+        split: read_texts(root / cfg[f"{split}_file"], columns, cfg["label_column"], cfg["text_separator"], cfg)
+        for split in ("train", "test")
+    }
+    labels, class_names = class_indices(
+        f"{root} (train and test files)", {split: y for split, (_, y) in rows.items()}, cfg["class_names"]
+    )
+    encoding = text_encoding(cfg, rows["train"][0])
+    train, test = (
+        RawSplit(labels[split], encoding.encode(rows[split][0]), text=encoding) for split in ("train", "test")
+    )
+    return train, test, class_names
+
+
+def text_encoding(cfg: dict, train_texts: list[str]) -> TextEncoding:
+    """A checkpoint's tokenizer as saved, an HF model's, or one trained on ``train_texts``."""
+    if cfg.get("trained_tokenizer"):
+        return TextEncoding(**cfg["trained_tokenizer"])
+    if cfg["tokenizer"]:
+        return model_tokenizer(cfg["tokenizer"], cfg["max_length"])
+    return trained_tokenizer(train_texts, cfg["vocab_size"], cfg["lowercase"], cfg["max_length"])
+
+
+def read_texts(path: Path, text_columns: list[str], label_column: str, separator: str, cfg: dict):
+    """The texts (the text columns joined) and labels of one file; a file that is missing,
+    unreadable, without its columns, empty, or with a row without text or label, is one
+    :class:`KdclError`."""
+    import pandas as pd
+
+    header = ",".join([label_column, *text_columns])
+    if not path.is_file():
+        raise KdclError(
+            f"{path} not found",
+            fix=f"point dataset.root at a folder holding {cfg['train_file']} and {cfg['test_file']} "
+            f"(header line {header}), or name the files with dataset.train_file and dataset.test_file",
+        )
+    delimiter = cfg["delimiter"] or ("\t" if path.suffix.lower() == ".tsv" else ",")
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, sep=delimiter)
+    except pd.errors.EmptyDataError:
+        table = pd.DataFrame()
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise KdclError(
+            f"{path} is not a readable CSV file ({err})",
+            fix=f"write it as UTF-8 text: a header line {header}, then one row per example",
+        ) from None
+    missing = [c for c in (label_column, *text_columns) if c not in table.columns]
+    if missing:
+        raise KdclError(
+            f"{path} has no column {' or '.join(repr(c) for c in missing)} "
+            f"(its columns: {abbreviated(table.columns) or 'none'})",
+            fix="set dataset.text_columns and dataset.label_column to the names of its columns",
+        )
+    if table.empty:
+        raise KdclError(f"{path} holds no examples", fix=f"write a header line {header}, then one row per example")
+    texts = table[text_columns].apply(lambda row: separator.join(v.strip() for v in row if v.strip()), axis=1)
+    for what, values in (("text", texts), (label_column, table[label_column].str.strip())):
+        blank = np.flatnonzero(values.to_numpy() == "") + 2  # line numbers: the header is line 1
+        if len(blank):
+            several = len(blank) > 1
+            raise KdclError(
+                f"{path}: line{'s' if several else ''} {abbreviated(blank)} ha{'ve' if several else 's'} no {what}",
+                fix=f"give every row a {what}, or remove the rows without one",
+            )
+    return texts.tolist(), table[label_column].str.strip().tolist()

@@ -1,0 +1,152 @@
+"""Text as token ids: the tokenizer (trained on the training split, or an HF model's),
+the encoding of texts into an (N, L) id array, and the batch step on the device
+(:class:`TextPreprocess`).
+
+A trained tokenizer is byte-pair encoding (BPE, Sennrich et al. 2016) with BERT's
+normalisation (Unicode clean-up, accents stripped, lowercased unless
+``dataset.lowercase=false``) and pre-tokenisation (whitespace and punctuation), each word
+marked at its start with ``▁`` (SentencePiece's Metaspace, Kudo & Richardson 2018), a
+vocabulary of at most ``dataset.vocab_size`` pieces learnt from the training texts with the
+``tokenizers`` package, offline; every text is framed as ``[CLS] … [SEP]`` and ``[PAD]`` is
+id 0. Training is deterministic: the same texts give the same pieces and ids. (WordPiece's
+trainer is not: it numbers its ``##`` pieces in hash order, which changes how it breaks ties
+between equally frequent merges, so the vocabulary differs from one call to the next.)
+
+Each example is truncated to ``dataset.max_length`` ids (the frame included) and
+right-padded with the pad id to that length in memory; a batch is cut to its longest
+example when it reaches the model, whose attention mask (or sequence lengths) is
+``ids != pad_id``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kdcl.distributed import Part
+from kdcl.errors import TEXT_EXTRA, KdclError
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")  # [PAD] first: pad id 0
+
+
+def text_import(module: str, user: str) -> ModuleType:
+    """``import module`` for ``user``; missing, one :class:`KdclError` naming the ``text`` extra."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise KdclError(f"{user} needs the package {module}, which is not installed", fix=TEXT_EXTRA) from None
+
+
+@dataclass(frozen=True)
+class TextEncoding:
+    """How a text dataset's examples became ids: the tokenizer (``tokenizers`` JSON, saved
+    with the run and in its checkpoints), its pad id and vocabulary size, and the most ids
+    an example keeps."""
+
+    tokenizer_json: str
+    pad_id: int
+    vocab_size: int
+    max_length: int
+
+    def tokenizer(self):
+        """The ``tokenizers.Tokenizer`` itself, truncating to ``max_length`` ids, not padding."""
+        tokenizers = text_import("tokenizers", "text data")
+        tokenizer = tokenizers.Tokenizer.from_str(self.tokenizer_json)
+        tokenizer.no_padding()
+        tokenizer.enable_truncation(self.max_length)
+        return tokenizer
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """int64 ids (N, max_length): each text's ids, right-padded with ``pad_id``."""
+        ids = np.full((len(texts), self.max_length), self.pad_id, dtype=np.int64)
+        for row, encoded in enumerate(self.tokenizer().encode_batch(list(texts))):
+            ids[row, : len(encoded.ids)] = encoded.ids
+        return ids
+
+
+def check_max_length(max_length: int) -> None:
+    if max_length <= 0:
+        raise KdclError(
+            f"dataset.max_length={max_length}: an example must keep at least one token",
+            fix="set dataset.max_length to a positive number of tokens, e.g. 64",
+        )
+
+
+def trained_tokenizer(texts: Sequence[str], vocab_size: int, lowercase: bool, max_length: int) -> TextEncoding:
+    """A BPE tokenizer of at most ``vocab_size`` pieces learnt from ``texts``."""
+    tokenizers = text_import("tokenizers", "a tokenizer trained on the data")
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    if vocab_size <= len(SPECIAL_TOKENS):
+        raise KdclError(
+            f"dataset.vocab_size={vocab_size} leaves no room beside the {len(SPECIAL_TOKENS)} special tokens",
+            fix="set dataset.vocab_size to a few thousand, e.g. 8000",
+        )
+    tokenizer = tokenizers.Tokenizer(models.BPE(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.BertPreTokenizer(), pre_tokenizers.Metaspace()])
+    tokenizer.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
+    cls, sep = (tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]"))
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    return TextEncoding(tokenizer.to_str(), tokenizer.token_to_id("[PAD]"), tokenizer.get_vocab_size(), max_length)
+
+
+def model_tokenizer(path: str, max_length: int) -> TextEncoding:
+    """The (fast) tokenizer of the Hugging Face model directory ``path``, read offline."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise KdclError(
+            f"dataset.tokenizer={path}: no such directory",
+            fix="point dataset.tokenizer at a Hugging Face model directory holding its tokenizer files, "
+            "or set dataset.tokenizer=null to train one on the training split",
+        )
+    transformers = text_import("transformers", f"dataset.tokenizer={path}")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise KdclError(
+            f"dataset.tokenizer={path}: no tokenizer could be read from it ({str(err).splitlines()[0]})",
+            fix="save one there with tokenizer.save_pretrained(path), or set dataset.tokenizer=null",
+        ) from None
+    if not tokenizer.is_fast or tokenizer.pad_token_id is None:
+        raise KdclError(
+            f"dataset.tokenizer={path}: its tokenizer is {'not a fast one' if not tokenizer.is_fast else 'without a pad token'}",
+            fix="use a model directory with a fast tokenizer (tokenizer.json) that has a pad token",
+        )
+    backend = tokenizer.backend_tokenizer
+    return TextEncoding(backend.to_str(), int(tokenizer.pad_token_id), len(tokenizer), max_length)
+
+
+class TextPreprocess:
+    """The batch step for token ids: a batch of (B, max_length) ids is cut to its longest
+    example (the rest is padding). Text has no augmentation: training and evaluation see
+    the same ids, and the ``no_aug`` teacher cache (whose view is the example itself) works
+    as for images. ``generator`` is the seeded generator every preprocess has (the run
+    seeds and saves it)."""
+
+    crop_padding = 0  # no crop: the no_aug cache's centred view is the text itself
+    flip = False
+    augments = False
+
+    def __init__(self, pad_id: int, device: torch.device, seed: int):
+        self.pad_id = pad_id
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self, x: Tensor, train: bool, part: Part | None = None) -> Tensor:
+        longest = int((x != self.pad_id).sum(1).max()) if len(x) else 1
+        return x[:, : max(longest, 1)]
+
+    def apply(self, x: Tensor, aug: object) -> Tensor:
+        """The ids of a fixed view (text has one view: itself)."""
+        return self(x, train=False)

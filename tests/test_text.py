@@ -1,0 +1,313 @@
+"""Text data and models: tokenizer, padding and masks, the text_csv dataset, the text
+scorers, a BERT → BiLSTM run in-process and its evaluation, and the errors of bad input.
+All on generated sentences whose topic words depend on the class."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from conftest import compose_config
+
+pytest.importorskip("tokenizers")
+pytest.importorskip("transformers")
+
+from kdcl.commands.eval import run_eval  # noqa: E402
+from kdcl.curricula import SCORERS, ScoreContext  # noqa: E402
+from kdcl.data import TextPreprocess, load_data  # noqa: E402
+from kdcl.data.tokens import trained_tokenizer  # noqa: E402
+from kdcl.errors import KdclError  # noqa: E402
+from kdcl.models import create_model  # noqa: E402
+from kdcl.scenarios.standard import run_pipeline  # noqa: E402
+from kdcl.train.checkpoint import load_checkpoint  # noqa: E402
+
+TOPICS = {
+    "sports": ["goal", "match", "team", "score", "win", "coach", "league"],
+    "money": ["stock", "market", "price", "bank", "trade", "profit", "shares"],
+    "space": ["rocket", "planet", "orbit", "star", "launch", "moon", "telescope"],
+}
+COMMON = ["the", "a", "of", "and", "to", "in", "on", "with", "for", "new"]
+
+
+def sentences(n: int, seed: int) -> list[tuple[str, str, str]]:
+    """``n`` (label, title, body) rows: the class's topic words among common ones."""
+    r = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = list(TOPICS)[i % len(TOPICS)]
+        words = [r.choice(TOPICS[label] + COMMON) for _ in range(r.randint(4, 14))]
+        rows.append((label, words[0].title(), " ".join(words)))
+    return rows
+
+
+def write_table(
+    path: Path, rows: list[tuple], header: tuple = ("label", "title", "body"), delimiter: str = ","
+) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f, delimiter=delimiter)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+@pytest.fixture(scope="module")
+def text_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("texts")
+    write_table(root / "train.csv", sentences(200, seed=0))
+    write_table(root / "test.csv", sentences(60, seed=1))
+    return root
+
+
+def text_cfg(root: Path, *overrides: str) -> dict:
+    return compose_config(
+        [
+            "dataset=text_csv",
+            f"dataset.root={root}",
+            "dataset.text_columns=[title,body]",
+            "dataset.vocab_size=120",
+            "dataset.max_length=12",
+            *overrides,
+        ]
+    )
+
+
+def load(root: Path, *overrides: str):
+    return load_data(text_cfg(root, *overrides)["dataset"], torch.device("cpu"), False, 0)
+
+
+# --------------------------------------------------------------------------- tokenizer, padding, masks
+def test_tokenizer_training_is_deterministic_and_frames_each_text():
+    texts = [" ".join(row[1:]) for row in sentences(50, seed=3)]
+    first, second = (trained_tokenizer(texts, 200, True, 8) for _ in range(2))
+    assert first == second  # the same vocabulary, ids and pad id
+    assert first.pad_id == 0 and first.vocab_size <= 200
+    ids = first.encode(["Goal goal GOAL", "the"])
+    tokenizer = first.tokenizer()
+    cls, sep, goal = (tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]", "▁goal"))
+    assert ids.shape == (2, 8)
+    assert ids[0, :5].tolist() == [cls, goal, goal, goal, sep]  # lowercased, framed
+    assert (ids[0, 5:] == 0).all() and ids[1, 3:].tolist() == [0] * 5  # right-padded with the pad id
+    long = first.encode(["goal " * 30])
+    assert long.shape == (1, 8) and long[0, -1] == sep  # truncated to max_length, the frame kept
+
+
+def test_batch_is_cut_to_its_longest_example():
+    pre = TextPreprocess(pad_id=0, device=torch.device("cpu"), seed=0)
+    x = torch.tensor([[2, 5, 6, 3, 0, 0, 0], [2, 7, 3, 0, 0, 0, 0]])
+    assert pre(x, train=True).tolist() == [[2, 5, 6, 3], [2, 7, 3, 0]]
+    assert pre(x, train=False).tolist() == pre.apply(x, None).tolist()
+
+
+@pytest.mark.parametrize("name", ["bert", "bilstm", "text_cnn", "bow"])
+def test_padding_does_not_change_a_models_logits(name):
+    torch.manual_seed(0)
+    kwargs = {"layers": 1, "hidden": 16, "heads": 2, "intermediate": 32} if name == "bert" else {}
+    model = create_model(name, 3, (10,), vocab_size=30, pad_id=0, **kwargs).eval()
+    ids = torch.tensor([[2, 5, 6, 7, 3], [2, 9, 3, 0, 0]])
+    padded = torch.cat([ids, torch.zeros(2, 5, dtype=torch.long)], 1)
+    with torch.no_grad():
+        logits = model(ids)
+        assert logits.shape == (2, 3)
+        assert torch.allclose(model(padded), logits, atol=1e-5)
+        assert not torch.allclose(model(ids[:, :3]), logits, atol=1e-5)  # the tokens do count
+
+
+def test_image_model_on_text_is_refused():
+    with pytest.raises(KdclError, match="reads images, but the data gives tokens"):
+        create_model("resnet8", 3, (12,), vocab_size=30, pad_id=0)
+
+
+# --------------------------------------------------------------------------- the dataset
+def test_text_csv_loads_ids_labels_and_vocabulary(text_root):
+    data = load(text_root)
+    assert data.class_names == ["money", "space", "sports"]  # names, sorted
+    assert data.input_shape == (12,) and data.text.max_length == 12
+    assert data.model_kwargs == {"vocab_size": data.text.vocab_size, "pad_id": 0}
+    assert len(data.train) + len(data.val) == 200 and len(data.test) == 60
+    ids = data.train.x
+    assert ids.dtype == torch.int64 and ids.shape[1] == 12 and int(ids.max()) < data.text.vocab_size
+    raw = pd.read_csv(text_root / "train.csv")
+    first = int(data.train.origin[0])
+    row = raw.iloc[first]
+    expected = data.text.encode([f"{row['title']} {row['body']}"])[0]
+    assert ids[0].tolist() == expected.tolist()  # title and body joined with the separator
+    assert data.class_names[int(data.train.y[0])] == row["label"]
+
+
+def test_tsv_file_and_index_labels(tmp_path):
+    rows = [(i % 2, text) for i, (_, _, text) in enumerate(sentences(20, seed=2))]
+    for part in ("train", "test"):
+        write_table(tmp_path / f"{part}.tsv", rows, header=("y", "text"), delimiter="\t")
+    data = load(
+        tmp_path,
+        "dataset.train_file=train.tsv",
+        "dataset.test_file=test.tsv",
+        "dataset.text_columns=[text]",
+        "dataset.label_column=y",
+    )
+    assert data.num_classes == 2 and data.class_names == ["0", "1"]
+
+
+@pytest.mark.parametrize(
+    ("change", "overrides", "message"),
+    [
+        (None, ["dataset.text_columns=[headline]"], "has no column 'headline'"),
+        ("empty_text", [], r"line 3 has no text"),
+        (None, ["dataset.class_names=[money,space]"], r"labels sports are not among dataset.class_names"),
+        ("index_labels", ["dataset.class_names=[a,b]"], r"labels 2 outside 0..1"),
+        (
+            None,
+            ["dataset.tokenizer=/nonexistent/tokenizer"],
+            "dataset.tokenizer=/nonexistent/tokenizer: no such directory",
+        ),
+        (None, ["dataset.max_length=0"], r"dataset.max_length=0: an example must keep at least one token"),
+        (None, ["dataset.flip=true"], r"is text, but dataset.flip=True augments images"),
+        (None, ["dataset.train_file=missing.csv"], "missing.csv not found"),
+    ],
+)
+def test_bad_input_is_one_clear_error(tmp_path, change, overrides, message):
+    rows = sentences(12, seed=4)
+    if change == "empty_text":
+        rows[1] = (rows[1][0], " ", "")
+    if change == "index_labels":
+        rows = [(i % 3, title, body) for i, (_, title, body) in enumerate(rows)]
+    write_table(tmp_path / "train.csv", rows)
+    write_table(tmp_path / "test.csv", rows)
+    with pytest.raises(KdclError, match=message) as info:
+        load(tmp_path, *overrides)
+    assert info.value.fix
+
+
+def test_tokenizer_of_a_model_directory(tmp_path, text_root):
+    from transformers import PreTrainedTokenizerFast
+
+    encoding = trained_tokenizer([" ".join(r[1:]) for r in sentences(50, seed=5)], 80, True, 10)
+    fast = PreTrainedTokenizerFast(tokenizer_object=encoding.tokenizer(), pad_token="[PAD]", unk_token="[UNK]")
+    fast.save_pretrained(tmp_path / "model")
+    data = load(text_root, f"dataset.tokenizer={tmp_path / 'model'}")
+    assert data.text.vocab_size == encoding.vocab_size and data.text.pad_id == 0
+    with pytest.raises(KdclError, match="no tokenizer could be read"):
+        load(text_root, f"dataset.tokenizer={tmp_path}")
+
+
+# --------------------------------------------------------------------------- scorers
+def test_length_and_rarity_rank_planted_examples():
+    # Token 5 is in every text; 9 in one only: the text holding it is the rarest.
+    tokens = torch.tensor([[2, 5, 5, 3, 0, 0], [2, 5, 9, 3, 0, 0], [2, 5, 5, 5, 5, 3], [2, 3, 0, 0, 0, 0]])
+    ctx = ScoreContext(labels=torch.zeros(4, dtype=torch.long), teacher_logits=torch.zeros(4, 2), seed=0, tokens=tokens)
+    assert SCORERS.get("length")(ctx).tolist() == [4, 4, 6, 2]
+    rarity = SCORERS.get("rarity")(ctx)
+    counts = {2: 4, 3: 4, 5: 7, 9: 1}
+    assert rarity[1].item() == pytest.approx((1 / 4 + 1 / 7 + 1 / 1 + 1 / 4) / 4)
+    assert rarity.argmax().item() == 1 and rarity[3].item() == pytest.approx(1 / counts[2])
+    images = ScoreContext(labels=torch.zeros(2, dtype=torch.long), teacher_logits=torch.zeros(2, 2), seed=0)
+    from kdcl.curricula import ScoreUnavailable
+
+    with pytest.raises(ScoreUnavailable, match="this run's data is images"):
+        SCORERS.get("length")(images)
+
+
+# --------------------------------------------------------------------------- a run
+TINY_RUN = [
+    "teacher=bert_tiny4",
+    "teacher.kwargs={layers: 2, hidden: 32, heads: 2, intermediate: 64, dropout: 0.0}",
+    "student=bilstm",
+    "student.kwargs={embed: 16, hidden: 16, dropout: 0.0}",
+    "optimizer=adamw",
+    "optimizer.lr=3e-3",
+    "trainer.epochs=4",
+    "trainer.batch_size=16",
+    "curriculum=length",
+    "distill.teacher_cache=no_aug",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(text_root, tmp_path_factory):
+    cfg = text_cfg(text_root, *TINY_RUN)
+    out = tmp_path_factory.mktemp("run")
+    return cfg, out, run_pipeline(cfg, out).set_index("model")
+
+
+@pytest.mark.slow
+def test_bert_teacher_to_bilstm_student_run(tiny_run):
+    cfg, out, summary = tiny_run
+    assert list(summary.index) == ["teacher", "baseline", "distill"]
+    assert summary.loc["teacher", "arch"] == "bert" and summary.loc["distill", "arch"] == "bilstm"
+    assert summary.loc["teacher", "test_acc"] > 0.6  # topic words: learnable in 4 epochs
+    for stage in ("teacher", "baseline", "distill"):
+        metrics = pd.read_csv(out / stage / "metrics.csv")
+        assert metrics["epoch"].tolist() == [1, 2, 3, 4]
+        ckpt = load_checkpoint(out / stage / "best.pt")
+        assert ckpt["input_shape"] == [12] and ckpt["tokenizer"]["max_length"] == 12
+        assert ckpt["model"]["kwargs"]["vocab_size"] == ckpt["tokenizer"]["vocab_size"]
+    assert json.loads((out / "tokenizer.json").read_text()) == json.loads(ckpt["tokenizer"]["tokenizer_json"])
+    scores = pd.read_csv(out / "curriculum" / "scores.csv")
+    assert (scores["difficulty"] == scores["d_length"]).all()  # the length curriculum ranks by tokens
+    assert scores["d_length"].between(3, 12).all()
+    distill = pd.read_csv(out / "distill" / "metrics.csv")
+    assert {"train_ce", "train_kd"} <= set(distill.columns) and distill["train_kd"].notna().all()
+
+
+@pytest.mark.slow
+def test_eval_reproduces_the_summarys_test_accuracy(tiny_run, tmp_path):
+    _, out, summary = tiny_run
+    frame = run_eval(str(out / "distill" / "best.pt"), None, "cpu", 64, tmp_path, None)
+    assert frame["acc"].iloc[0] == pytest.approx(summary.loc["distill", "test_acc"])
+
+
+@pytest.mark.slow
+def test_hidden_state_distillation_from_bert_layers(text_root, tmp_path):
+    """TinyBERT-style: the student BERT's layer 0 regressed onto the teacher's layer 1."""
+    cfg = text_cfg(
+        text_root,
+        *TINY_RUN[:2],
+        "student=bert_tiny1",
+        "student.kwargs={layers: 1, hidden: 16, heads: 2, intermediate: 32, dropout: 0.0}",
+        "trainer.epochs=1",
+        "baseline=false",
+        "curriculum=none",
+        "distill=fitnet",
+        "distill.student_layer=bert.encoder.layer.0",
+        "distill.teacher_layer=bert.encoder.layer.1",
+    )
+    run_pipeline(cfg, tmp_path)
+    metrics = pd.read_csv(tmp_path / "distill" / "metrics.csv")
+    assert metrics["train_hint"].iloc[0] > 0
+
+
+def test_image_views_cache_with_text_is_refused(text_root, tmp_path):
+    cfg = text_cfg(text_root, *TINY_RUN, "distill.teacher_cache=views:4")
+    with pytest.raises(KdclError, match="caches augmented views of images, but dataset 'text_csv' is text"):
+        run_pipeline(cfg, tmp_path)
+
+
+def test_text_without_the_extra_names_it(text_root, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # import tokenizers → ImportError
+    with pytest.raises(KdclError, match="needs the package tokenizers") as info:
+        load(text_root)
+    assert 'pip install "kdcl[text]"' in info.value.fix
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(KdclError, match="model bert needs the package transformers") as info:
+        create_model("bert", 3, (8,), vocab_size=20, pad_id=0)
+    assert "kdcl[text]" in info.value.fix
+
+
+def test_feature_tap_takes_the_first_element_of_a_tuple_output():
+    from torch import nn
+
+    from kdcl.distill.features import FeatureTap
+
+    class PairLayer(nn.Module):  # returns (hidden states, attention) as Hugging Face layers may
+        def forward(self, x):
+            return x * 2, x.sum()
+
+    model = nn.Sequential(PairLayer())
+    with FeatureTap(model, ["0"]) as features:
+        model[0](torch.ones(2, 3, 4))
+        assert torch.equal(features["0"], torch.full((2, 3, 4), 2.0))
