@@ -225,9 +225,14 @@ def test_learned_epoch_values(noisy_toy):
     assert all(learned[i] == 2 for i in range(300) if i not in noisy)  # wrong in epoch 1 only
 
 
+TEXT_SCORERS = {"length", "rarity"}  # they read token ids: unavailable on images
+
+
 def test_score_all_and_unavailable_scorer(noisy_toy):
     ctx, _ = noisy_toy
-    assert set(score_all(ctx, "teacher_loss")) == set(SCORERS.names())
+    assert set(score_all(ctx, "teacher_loss")) == set(SCORERS.names()) - TEXT_SCORERS
+    with pytest.raises(KdclError, match="length is unavailable"):
+        score_all(ctx, "length")
     no_dynamics = ScoreContext(ctx.labels, ctx.teacher_logits, seed=0)
     assert "learned_epoch" not in score_all(no_dynamics, "teacher_loss")
     with pytest.raises(KdclError, match="learned_epoch"):
@@ -242,7 +247,7 @@ def test_entries_declare_what_sets_them_apart(noisy_toy):
     assert SELF_PACED_WEIGHTS.names() == ["hard", "soft"]
     ctx, _ = noisy_toy
     without = ScoreContext(ctx.labels, ctx.teacher_logits, seed=0, learned_epoch=ctx.learned_epoch)
-    assert set(score_all(without, "teacher_loss")) == set(SCORERS.names()) - {"self_taught"}
+    assert set(score_all(without, "teacher_loss")) == set(SCORERS.names()) - {"self_taught", *TEXT_SCORERS}
     with pytest.raises(KdclError, match="self_taught is unavailable"):
         score_all(without, "self_taught")
 
