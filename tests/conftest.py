@@ -19,6 +19,24 @@ from kdcl.config.schema import ControlConfig
 # Small enough for seconds, big enough that the digits teacher learns something.
 QUICK = ["trainer.epochs=2", "dataset.max_train_samples=600", "trainer.batch_size=32"]
 
+# Settings whose training steps must not read the device (tests/test_sync_free.py on the
+# CPU, tests/test_gpu_path.py under CUDA's sync check): each one's own step code.
+STEP_SETTINGS = {
+    "plain": ["curriculum=none"],
+    "paced_weights": ["curriculum.type=paced", "curriculum.weight_start=0.2"],
+    "self_paced": ["curriculum=self_paced"],
+    "cached_teacher": ["distill.sample_weight=teacher_confidence", "distill.teacher_cache=views:2", "curriculum=none"],
+    "dkd_ls": ["distill=dkd", "distill.logit_standardization=true", "curriculum=none"],
+    "crd": ["distill=crd", "student=cnn_small", "curriculum=none"],
+    "reviewkd": ["distill=reviewkd", "distill.warmup_epochs=1", "student=cnn_small", "curriculum=none"],
+    "weighted_teachers": [
+        "teachers=[cnn,mlp]",
+        "distill.teacher_combine=weights",
+        "distill.teacher_weights=[1,2]",
+        "curriculum=none",
+    ],
+}
+
 
 def compose_config(overrides: list[str], config_name: str = "config") -> dict[str, Any]:
     """The resolved config ``kdcl train OVERRIDES`` would run with, as plain containers.

@@ -21,7 +21,7 @@ import torch
 import torch._dynamo
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import QUICK, compose_config
+from conftest import QUICK, STEP_SETTINGS, compose_config
 from torch import nn
 
 from kdcl import distributed
@@ -76,19 +76,7 @@ def steps_raise_on_sync(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        ["curriculum=none"],
-        ["curriculum.type=paced", "curriculum.weight_start=0.2"],
-        ["curriculum=self_paced"],
-        ["distill.sample_weight=teacher_confidence", "distill.teacher_cache=views:2", "curriculum=none"],
-        ["distill=dkd", "distill.logit_standardization=true", "curriculum=none"],
-        ["distill=crd", "curriculum=none"],
-        ["teachers=[cnn,mlp]", "distill.teacher_combine=weights", "distill.teacher_weights=[1,2]", "curriculum=none"],
-    ],
-    ids=["plain", "paced_weights", "self_paced", "cached_teacher", "dkd_ls", "crd", "weighted_teachers"],
-)
+@pytest.mark.parametrize("overrides", list(STEP_SETTINGS.values()), ids=list(STEP_SETTINGS))
 def test_no_step_syncs_between_the_finite_checks(tmp_path, steps_raise_on_sync, overrides):
     run_pipeline(compose_config([*QUICK, *CUDA, "student=cnn_small", *overrides]), tmp_path)
     steps, check_syncs = steps_raise_on_sync

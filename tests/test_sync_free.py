@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import QUICK, compose_config
+from conftest import QUICK, STEP_SETTINGS, compose_config
 
 from kdcl.errors import KdclError
 from kdcl.scenarios.standard import run_pipeline
@@ -47,19 +47,7 @@ def count_reads(monkeypatch):
     return per_step
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        ["curriculum=none"],
-        ["curriculum.type=paced", "curriculum.weight_start=0.2"],
-        ["curriculum=self_paced"],
-        ["distill.sample_weight=teacher_confidence", "distill.teacher_cache=views:2", "curriculum=none"],
-        ["distill=dkd", "distill.logit_standardization=true", "curriculum=none"],
-        ["distill=crd", "student=cnn_small", "curriculum=none"],
-        ["distill=reviewkd", "distill.warmup_epochs=1", "student=cnn_small", "curriculum=none"],
-    ],
-    ids=["plain", "paced_weights", "self_paced", "cached_teacher", "dkd_ls", "crd", "reviewkd"],
-)
+@pytest.mark.parametrize("overrides", list(STEP_SETTINGS.values()), ids=list(STEP_SETTINGS))
 def test_no_step_reads_the_device(tmp_path, count_reads, overrides):
     run_pipeline(compose_config([*QUICK, *overrides]), tmp_path)
     assert len(count_reads) > 20  # teacher, baseline and distill steps
