@@ -1,7 +1,8 @@
 """What a pruned search costs: ``kdcl tune`` against the same trials as independent runs.
 
-It runs a ``--trials``-trial search of α and T (``search=kd``: α in [0.1, 0.95], T in
-{1, 2, 4, 8}; TPE, median pruning, the stage cache) on ``+experiment=cifar10_cpu``, then
+It runs a ``--trials``-trial search of Hinton KD's α and T (``distill=kd search=kd``: α in
+[0.1, 0.95], T in {1, 2, 4, 8}; TPE, median pruning, the stage cache) on
+``+experiment=cifar10_cpu`` (whose own loss, DKD, does not use α), then
 ``kdcl train`` once per trial with that trial's α and T and ``cache=false`` (every run
 trains its own teacher and baseline, as runs launched one by one do), and prints the wall
 time of each side, their ratio (the target is ≤ 0.25), the trials pruned, and the best
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="more overrides for both sides (after --)")
     args = parser.parse_args(argv)
     shutil.rmtree(args.out, ignore_errors=True)
-    common = ["+experiment=cifar10_cpu", *args.overrides]
+    common = ["+experiment=cifar10_cpu", "distill=kd", *args.overrides]
     study_dir = args.out / "search"
     search_s = kdcl(
         [
