@@ -14,7 +14,7 @@ import torch
 from conftest import QUICK, compose_config
 from torch import nn
 
-from kdcl.data import Preprocess, TensorSource
+from kdcl.data import Preprocess, StrongViews, TensorSource
 from kdcl.distill.feeds import (
     FEEDS,
     TEACHER_CACHES,
@@ -255,7 +255,11 @@ def test_a_run_fills_one_cache_for_every_stage_the_teacher_teaches(tmp_path, cap
 
 @pytest.mark.parametrize(
     "override, needs",
-    [("distill=fitnet", "intermediate features"), ("distill.teacher_route=true", "a different teacher per phase")],
+    [
+        ("distill=fitnet", "intermediate features"),
+        ("distill.teacher_route=true", "a different teacher per phase"),
+        ("distill=mlkd", "a new strongly augmented view of every batch"),
+    ],
 )
 def test_a_cache_refuses_what_it_cannot_hold(override, needs, tmp_path):
     extra = ["teacher.route_points=1"] if "route" in override else ["student=cnn_small"]
@@ -263,6 +267,33 @@ def test_a_cache_refuses_what_it_cannot_hold(override, needs, tmp_path):
     with pytest.raises(KdclError, match=needs):
         run_pipeline(cfg, tmp_path)
     assert not (tmp_path / "teacher").exists()  # refused before anything trained
+
+
+# --------------------------------------------------------------------------- strong views
+def test_strong_views_are_a_function_of_the_seed_and_the_step():
+    x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    views = StrongViews(seed=3)
+    first = views(x, step=7)
+    assert first.dtype == torch.uint8 and first.shape == x.shape
+    assert torch.equal(first, StrongViews(seed=3)(x, step=7))  # a resumed run draws the same pixels
+    assert not torch.equal(first, views(x, step=8))
+    assert not torch.equal(first, StrongViews(seed=4)(x, step=7))
+    assert (first != x).flatten(1).any(1).float().mean() > 0.5  # most images changed
+
+
+def test_online_feed_gives_plain_then_strong_views_and_the_teachers_logits_on_both(setting):
+    source, pre, teacher = setting
+    idx, x, y = next(iter(source.batches([torch.arange(8)])))
+    plain_x, plain_logits = build_feed("none", feed_inputs(source, pre, teacher))(5, 1, idx, x, y)
+    pre.generator.manual_seed(0)
+    inputs = feed_inputs(source, pre, teacher)
+    inputs.strong = StrongViews(seed=0)
+    both_x, both_logits = build_feed("none", inputs)(5, 1, idx, x, y)
+    assert both_x.shape == (16, 3, 8, 8) and both_logits.shape == (16, 4)
+    assert torch.equal(both_x[:8], plain_x) and torch.equal(both_logits[:8], plain_logits)
+    assert not torch.equal(both_x[8:], plain_x)
+    with torch.no_grad():
+        assert torch.allclose(both_logits, teacher(both_x))  # the teacher saw exactly these pixels
 
 
 # --------------------------------------------------------------------------- folding

@@ -130,12 +130,14 @@ def stop_after(stage: str, step: int):
     [
         ["distill.input_noise=0.1", "distill.teacher_noise=0.5"],
         ["distill=crd", "distill.negatives=64", "student=cnn_small"],
+        ["distill=mlkd"],
     ],
-    ids=["noise", "crd"],
+    ids=["noise", "crd", "mlkd"],
 )
 def test_stateful_distillation_resumes_exactly(tmp_path, monkeypatch, distill):
     """What a distillation carries from step to step is part of the resume state: the noise
-    generator of distill.input_noise / teacher_noise, CRD's memory banks and normalisers."""
+    generator of distill.input_noise / teacher_noise, CRD's memory banks and normalisers,
+    MLKD's strong views (drawn from the seed and the step)."""
     cfg = compose_config(
         [
             *QUICK,

@@ -287,6 +287,13 @@ def test_image_views_cache_with_text_is_refused(text_root, tmp_path):
         run_pipeline(cfg, tmp_path)
 
 
+def test_strong_views_with_text_are_refused(text_root, tmp_path):
+    cfg = text_cfg(text_root, *TINY_RUN, "distill=mlkd")
+    with pytest.raises(KdclError, match="distill=mlkd distils on strongly augmented views of images"):
+        run_pipeline(cfg, tmp_path)
+    assert not (tmp_path / "teacher").exists()  # refused before anything trained
+
+
 def test_text_without_the_extra_names_it(text_root, monkeypatch):
     monkeypatch.setitem(sys.modules, "tokenizers", None)  # import tokenizers → ImportError
     with pytest.raises(KdclError, match="needs the package tokenizers") as info:

@@ -1,4 +1,5 @@
-"""The batch preprocessing on the device: normalisation, and random crop and flip in training."""
+"""The batch preprocessing on the device: normalisation, random crop and flip in training,
+and strongly augmented views (RandAugment) for the losses that compare two views."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torchvision.transforms import v2
 
 from kdcl.distributed import Part
 from kdcl.errors import KdclError
@@ -175,3 +177,26 @@ class Preprocess:
         batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
         chans = torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1)
         return padded[batch, chans, rows, cols]
+
+
+class StrongViews:
+    """Strongly augmented copies of a uint8 batch: RandAugment (Cubuk et al., NeurIPS 2020
+    workshop, "RandAugment: Practical automated data augmentation with a reduced search
+    space"; torchvision's ``v2.RandAugment``) with ``num_ops`` operations of ``magnitude``
+    (of 30) drawn per example, the strong views of FixMatch (Sohn et al. 2020) that MLKD
+    (Jin et al. 2023) distils on. The caller then crops, flips and normalises them like any
+    training batch.
+
+    The draws come from a generator seeded with ``seed`` and the optimizer step, so a step's
+    views are the same pixels on every run of it (resume is exact) and need no state of
+    their own. Under DDP each rank augments its share of the batch.
+    """
+
+    def __init__(self, seed: int, num_ops: int = 2, magnitude: int = 10):
+        self.seed = seed
+        self.augment = v2.RandAugment(num_ops=num_ops, magnitude=magnitude)
+
+    def __call__(self, x: Tensor, step: int) -> Tensor:
+        with torch.random.fork_rng(devices=[]):  # torchvision draws from the global CPU generator
+            torch.manual_seed(self.seed * 1_000_003 + step)
+            return torch.stack([self.augment(image) for image in x])

@@ -5,7 +5,9 @@ teacher's logits for exactly those pixels. Three feeds are registered:
 
 - ``none`` (online): augment the batch with fresh random parameters and run the teacher
   on it, in eval mode under ``torch.inference_mode()``, every step. One teacher pass per
-  example per epoch; a new view every time.
+  example per epoch; a new view every time. For a loss that compares two views
+  (``DistillLoss.views == 2``, MLKD) it also draws a strongly augmented copy of the batch
+  (:class:`kdcl.data.StrongViews`) and gives both, the plain views first.
 - ``no_aug``: for runs without augmentation. The teacher's logits on the training data
   are computed once, before the first step; a step only looks them up.
 - ``views:K``: K fixed augmented views per example, their crop/flip parameters drawn once
@@ -49,7 +51,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kdcl.data import Augment, Preprocess, Source
+from kdcl.data import Augment, Preprocess, Source, StrongViews
 from kdcl.distributed import Part
 from kdcl.errors import KdclError
 from kdcl.registry import Registry
@@ -92,6 +94,7 @@ class FeedInputs:
     directory: Path  # where disk shards go
     shard_mb: float
     topk: int | None = None  # keep each view's K largest logits only (None: all)
+    strong: StrongViews | None = None  # online: also give a strongly augmented copy of each batch
 
 
 def parse(spec: str) -> tuple[str, int]:
@@ -143,10 +146,12 @@ def build_feed(spec: str, inputs: FeedInputs) -> Feed:
 @register_feed("none", caches=False)
 class OnlineTeacher:
     """Fresh random augmentation and a teacher pass every step (the teacher in eval mode,
-    under ``inference_mode``: no autograd state at all)."""
+    under ``inference_mode``: no autograd state at all). With ``inputs.strong`` the input and
+    the logits are those of the batch's plain views followed by its strong views (2B rows)."""
 
     def __init__(self, inputs: FeedInputs):
         self.preprocess, self.teacher_at, self.autocast = inputs.preprocess, inputs.teacher_at, inputs.autocast
+        self.strong = inputs.strong
         self.teaches = inputs.teacher_at is not None
         if self.teaches:
             inputs.teacher_at(0).eval()  # once: the step's teacher is a frozen model (kdcl.models.freeze)
@@ -154,12 +159,14 @@ class OnlineTeacher:
     def __call__(
         self, step: int, epoch: int, idx: Tensor, x: Tensor, y: Tensor, part: Part | None = None
     ) -> tuple[Tensor, Tensor | None]:
-        x = self.preprocess(x, train=True, part=part)
+        views = self.preprocess(x, train=True, part=part)
+        if self.strong is not None:
+            views = torch.cat([views, self.preprocess(self.strong(x, step), train=True, part=part)])
         if self.teacher_at is None:
-            return x, None
+            return views, None
         with torch.inference_mode(), self.autocast():
-            logits = self.teacher_at(step)(x, y)
-        return x, logits.float().clone()  # a normal tensor: the loss may save it for backward
+            logits = self.teacher_at(step)(views, y.repeat(len(views) // len(y)))
+        return views, logits.float().clone()  # a normal tensor: the loss may save it for backward
 
 
 class CachedViews:

@@ -459,14 +459,19 @@ def checked_model(run: Run, spec: dict, role: str) -> nn.Module:
 
 
 def check_teacher_cache(name: str, loss_fn: DistillLoss, control: ControlConfig, data: DataBundle) -> None:
-    """A cache holds the (final) teacher's logits: nothing else of the teacher; only a
-    cache keeps top-K logits, and K is at most the number of classes; text has no
-    augmented views to cache."""
+    """A cache holds the (final) teacher's logits: nothing else of the teacher, and no
+    strong views; only a cache keeps top-K logits, and K is at most the number of classes;
+    text has no augmented views to cache, nor strong views to distil on."""
     spec, topk, num_classes = control.teacher_cache, control.teacher_cache_topk, data.num_classes
     if data.text is not None and augments(spec):
         raise KdclError(
             f"distill.teacher_cache={spec} caches augmented views of images, but dataset {data.name!r} is text",
             fix="set distill.teacher_cache=no_aug (the teacher's logits on each text, computed once) or none",
+        )
+    if data.text is not None and loss_fn.views > 1:
+        raise KdclError(
+            f"distill={name} distils on strongly augmented views of images (RandAugment), but dataset {data.name!r} is text",
+            fix="choose a logit loss that takes one view, e.g. distill=kd or distill=dkd",
         )
     if topk is not None:
         if not caches(spec):
@@ -480,6 +485,8 @@ def check_teacher_cache(name: str, loss_fn: DistillLoss, control: ControlConfig,
     needs = (
         "its intermediate features"
         if loss_fn.layers()[1]
+        else "its logits on a new strongly augmented view of every batch"
+        if loss_fn.views > 1
         else "a different teacher per phase"
         if control.teacher_route
         else None

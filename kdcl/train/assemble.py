@@ -17,7 +17,7 @@ from kdcl import distributed
 from kdcl.config.options import distill_parts
 from kdcl.config.schema import ControlConfig, OptimizerConfig, SchedulerConfig
 from kdcl.curricula import DataSchedule, LearnedEpochs
-from kdcl.data import DataBundle
+from kdcl.data import DataBundle, StrongViews
 from kdcl.distill.control import DistillControl
 from kdcl.distill.features import FeatureTap
 from kdcl.distill.feeds import Feed, FeedInputs, build_feed, caches, parse
@@ -68,7 +68,8 @@ def build_stage(
     and the LR schedule count ``total_steps`` steps of ``steps_per_epoch`` per epoch; each
     step's teacher is the teachers combined, or with ``distill.teacher_route`` the earlier
     teachers ``route()`` loads, then the final one (:func:`teacher_route`); the feed gives
-    each step's input and the teacher's logits (:func:`teacher_feed`). ``meta`` goes into
+    each step's input and the teacher's logits (:func:`teacher_feed`), with a strongly
+    augmented view of the batch seeded with ``seed`` for a loss of two views. ``meta`` goes into
     every checkpoint, ``dynamics`` records when each example is learnt, the epochs of
     ``keep_epochs`` keep their checkpoints, and ``loggers`` receive each epoch's metrics.
     """
@@ -114,6 +115,7 @@ def build_stage(
             seed=cache_seed,
             directory=cache_dir,
             feeds={} if feeds is None else feeds,
+            strong=StrongViews(seed) if loss_fn.views > 1 else None,
         )
         yield Stage(
             name=name,
@@ -151,11 +153,13 @@ def teacher_feed(
     seed: int,
     directory: Path,
     feeds: dict[tuple, Feed],
+    strong: StrongViews | None = None,
 ) -> Feed:
     """A stage's feed (``distill.teacher_cache``; online without a teacher). A cache is filled
     once per teacher set (and how several teachers' targets combine), kept in ``feeds`` and
     shared by every stage those teachers teach; its views are drawn from ``seed`` and a disk
-    store writes under ``directory``."""
+    store writes under ``directory``. ``strong``: the online feed also gives a strongly
+    augmented view of each batch (for a loss of two views)."""
     spec = control.teacher_cache if teacher_at is not None else "none"
     combined = [control.teacher_combine, control.teacher_weights, control.temperature] if len(teachers) > 1 else []
     key = (spec, control.teacher_cache_topk, tuple(id(m) for m in teachers), repr(combined))
@@ -175,6 +179,7 @@ def teacher_feed(
         directory=directory / f"{spec.replace(':', '_')}-{len(feeds)}" / rank,
         shard_mb=control.teacher_cache_shard_mb,
         topk=control.teacher_cache_topk,
+        strong=strong,
     )
     feed = build_feed(spec, inputs)
     if caches(spec):  # online feeds are per stage (the teacher may follow a route)

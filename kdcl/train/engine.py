@@ -289,7 +289,8 @@ def _added(sums: dict[str, Tensor], values: dict[str, Tensor]) -> dict[str, Tens
 def train_step(
     s: Stage, trainer: TrainSettings, step: int, batch: Batch, meter: Meter, ctx: LossContext, part: Part | None = None
 ) -> None:
-    """One optimizer step: the feed gives the (augmented) input and the teacher's logits,
+    """One optimizer step: the feed gives the (augmented) input and the teacher's logits
+    (for a loss of two views, those of the batch's plain views, then of its strong views),
     the control sets α and T (and any noise), the loss gives per-example terms (features
     from ``ctx``), the plan may weight them (judging each example by its cross-entropy),
     and their mean is back-propagated. Under DDP ``batch`` is this rank's ``part`` of the
@@ -297,11 +298,13 @@ def train_step(
     idx, x, y = batch
     part = part or Part(len(y))
     x, teacher_logits = s.feed(step, ctx.epoch, idx, x, y, part)
-    with trainer.autocast():
-        logits = s.model(s.control.student_input(x))
+    with trainer.autocast():  # a loss of several views: the student sees each as its own batch
+        logits = torch.cat([s.model(s.control.student_input(view)) for view in x.chunk(s.loss_fn.views)])
     teacher_logits = s.control.teacher_output(teacher_logits)
-    alpha, temperature = s.control.knobs(step, idx, y, teacher_logits)
+    first = teacher_logits[: len(y)] if teacher_logits is not None else None
+    alpha, temperature = s.control.knobs(step, idx, y, first)
     terms = s.loss_fn(logits, teacher_logits, y, alpha, temperature, replace(ctx, step=step, indices=idx))
+    logits = logits[: len(y)]  # the plain views' logits: what the accuracy and the curricula read
     weights = s.plan.sample_weights(idx, terms.get("ce", terms["loss"]).detach(), step)
     loss = part.mean(terms["loss"] if weights is None else terms["loss"] * weights)
     total = distributed.all_sum(loss.detach().clone())  # the global batch's loss: every rank stops together
