@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -15,6 +17,8 @@ from omegaconf import OmegaConf
 
 from kdcl.config.options import CONF_DIR, distill_parts, section_option
 from kdcl.config.schema import ControlConfig
+from kdcl.train import engine
+from kdcl.train.resume import STOP
 
 # Small enough for seconds, big enough that the digits teacher learns something.
 QUICK = ["trainer.epochs=2", "dataset.max_train_samples=600", "trainer.batch_size=32"]
@@ -86,3 +90,24 @@ def cli(tmp_path):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     return lambda *args, **kw: run_cli(list(args), cwd, **kw)
+
+
+TIMING = ["seconds", "samples_per_s", "max_memory_mb"]  # measurements of the machine
+
+
+def comparable(run_dir: Path, table: str) -> pd.DataFrame:
+    """A run's table without what measures the machine: what a resumed run must reproduce."""
+    frame = pd.read_csv(run_dir / table)
+    return frame.drop(columns=[c for c in [*TIMING, "checkpoint"] if c in frame.columns])
+
+
+def stop_after(stage: str, step: int):
+    """``engine.train_step`` that asks the run to stop (as SIGINT does) after ``stage``'s step ``step``."""
+    real = engine.train_step
+
+    def train_step(s, trainer, at, *args):
+        real(s, trainer, at, *args)
+        if s.name == stage and at == step:
+            STOP.signum = signal.SIGINT
+
+    return train_step

@@ -471,7 +471,9 @@ def test_mlkd_refuses_bad_temperatures_and_composition():
     with pytest.raises(KdclError, match="temperatures"):
         create_loss({"name": "mlkd", "temperatures": []})
     with pytest.raises(KdclError, match="cannot hold mlkd: it compares 2 views"):
-        create_loss({"name": "composed", "alpha": 0.5, "losses": [{"name": "kd"}, {"name": "mlkd", "temperatures": [4]}]})
+        create_loss(
+            {"name": "composed", "alpha": 0.5, "losses": [{"name": "kd"}, {"name": "mlkd", "temperatures": [4]}]}
+        )
 
 
 # --------------------------------------------------------------------------- CRD

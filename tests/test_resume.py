@@ -12,11 +12,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import QUICK, compose_config
+from conftest import QUICK, comparable, compose_config, stop_after
 
 from kdcl.scenarios.standard import run_pipeline
 from kdcl.train import engine
-from kdcl.train.resume import STOP, Interrupted
+from kdcl.train.resume import Interrupted
 
 # Enough steps per epoch that a kill lands inside a stage, few enough to stay quick.
 ARGS = [
@@ -28,7 +28,6 @@ ARGS = [
     "curriculum=self_paced",
     "cache=false",
 ]  # resume alone, not the stage cache
-TIMING = ["seconds", "samples_per_s", "max_memory_mb"]  # measurements of the machine
 
 
 def start(run_dir: Path, cwd: Path, *extra: str) -> subprocess.Popen:
@@ -49,11 +48,6 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
         assert proc.poll() is None, f"finished before {path} appeared:\n{proc.stdout.read()}"
         assert time.monotonic() < deadline, f"{path} did not appear"
         time.sleep(0.02)
-
-
-def comparable(run_dir: Path, table: str) -> pd.DataFrame:
-    frame = pd.read_csv(run_dir / table)
-    return frame.drop(columns=[c for c in [*TIMING, "checkpoint"] if c in frame.columns])
 
 
 @pytest.fixture(scope="module")
@@ -111,18 +105,6 @@ def test_sigterm_saves_and_exits_and_resume_finishes(reference, tmp_path):
     )
     assert resumed.returncode == 0, resumed.stderr
     pd.testing.assert_frame_equal(comparable(reference, "summary.csv"), comparable(run_dir, "summary.csv"))
-
-
-def stop_after(stage: str, step: int):
-    """``engine.train_step`` that asks the run to stop (as SIGINT does) after ``stage``'s step ``step``."""
-    real = engine.train_step
-
-    def train_step(s, trainer, at, *args):
-        real(s, trainer, at, *args)
-        if s.name == stage and at == step:
-            STOP.signum = signal.SIGINT
-
-    return train_step
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import compose_config
+from conftest import comparable, compose_config, stop_after
 
 pytest.importorskip("tokenizers")
 pytest.importorskip("transformers")
@@ -25,7 +25,9 @@ from kdcl.data.tokens import trained_tokenizer  # noqa: E402
 from kdcl.errors import KdclError  # noqa: E402
 from kdcl.models import create_model  # noqa: E402
 from kdcl.scenarios.standard import run_pipeline  # noqa: E402
+from kdcl.train import engine  # noqa: E402
 from kdcl.train.checkpoint import load_checkpoint  # noqa: E402
+from kdcl.train.resume import Interrupted  # noqa: E402
 
 TOPICS = {
     "sports": ["goal", "match", "team", "score", "win", "coach", "league"],
@@ -259,6 +261,22 @@ def test_eval_reproduces_the_summarys_test_accuracy(tiny_run, tmp_path):
     _, out, summary = tiny_run
     frame = run_eval(str(out / "distill" / "best.pt"), None, "cpu", 64, tmp_path, None)
     assert frame["acc"].iloc[0] == pytest.approx(summary.loc["distill", "test_acc"])
+
+
+@pytest.mark.slow
+def test_a_text_run_resumed_after_a_stop_gives_the_identical_tables(tiny_run, tmp_path, monkeypatch):
+    """Stopped in the distill stage's second epoch (13 steps an epoch), then run again:
+    the tokenizer, the cached teacher logits and the length curriculum come back the same."""
+    cfg, reference, _ = tiny_run
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "train_step", stop_after("distill", 20))
+        with pytest.raises(Interrupted):
+            run_pipeline(cfg, tmp_path)
+    assert (tmp_path / "distill" / "resume.pt").is_file()
+    run_pipeline(cfg, tmp_path)
+    for table in ("summary.csv", "distill/metrics.csv", "baseline/metrics.csv"):
+        pd.testing.assert_frame_equal(comparable(reference, table), comparable(tmp_path, table))
+    assert not list(tmp_path.rglob("resume.pt"))
 
 
 @pytest.mark.slow

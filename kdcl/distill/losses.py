@@ -457,7 +457,15 @@ class MultiLevelKD(DistillLoss):
             bc = bc + correlation_gap(p_s, p_t, over_classes=False)
         cc, bc = cc.expand_as(ce), bc.expand_as(ce)
         loss = ce + ce_strong + m * kd_weak + kd_strong + m_c * cc + m * bc
-        return {"loss": loss, "ce": ce, "ce_strong": ce_strong, "kd": kd_weak, "kd_strong": kd_strong, "cc": cc, "bc": bc}
+        return {
+            "loss": loss,
+            "ce": ce,
+            "ce_strong": ce_strong,
+            "kd": kd_weak,
+            "kd_strong": kd_strong,
+            "cc": cc,
+            "bc": bc,
+        }
 
 
 @register_loss("lwf")
