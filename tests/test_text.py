@@ -197,6 +197,77 @@ def test_tokenizer_of_a_model_directory(tmp_path, text_root):
         load(text_root, f"dataset.tokenizer={tmp_path}")
 
 
+@pytest.fixture(scope="module")
+def hf_bert_dir(text_root, tmp_path_factory) -> Path:
+    """A tiny BERT sequence classifier with its own tokenizer, saved as a Hugging Face
+    model directory (what a user downloads or fine-tunes elsewhere)."""
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    directory = tmp_path_factory.mktemp("hf_bert")
+    encoding = trained_tokenizer([" ".join(r[1:]) for r in sentences(200, seed=0)], 100, True, 12)
+    fast = PreTrainedTokenizerFast(tokenizer_object=encoding.tokenizer(), pad_token="[PAD]", unk_token="[UNK]")
+    fast.save_pretrained(directory)
+    config = BertConfig(
+        vocab_size=encoding.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=3,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(directory)
+    return directory
+
+
+def test_hf_text_model_loads_its_weights_and_reads_the_data_tokens(hf_bert_dir, text_root):
+    from transformers import BertForSequenceClassification
+
+    data = load(text_root, f"dataset.tokenizer={hf_bert_dir}")
+    model = create_model(f"hf:{hf_bert_dir}", 3, data.input_shape, pretrained=True, **data.model_kwargs).eval()
+    saved = BertForSequenceClassification.from_pretrained(hf_bert_dir).eval()
+    ids = data.train.x[:5]
+    mask = (ids != data.text.pad_id).long()
+    assert torch.allclose(model(ids), saved(input_ids=ids, attention_mask=mask).logits, atol=1e-6)
+    fresh = create_model(f"hf:{hf_bert_dir}", 3, data.input_shape, pretrained=False, **data.model_kwargs)
+    assert not torch.allclose(fresh.model.classifier.weight, saved.classifier.weight)
+
+
+@pytest.mark.slow
+def test_hf_text_teacher_trains_and_eval_rebuilds_it_from_the_checkpoint(hf_bert_dir, text_root, tmp_path):
+    cfg = text_cfg(
+        text_root,
+        f"dataset.tokenizer={hf_bert_dir}",
+        "teacher=custom",
+        f"teacher.name=hf:{hf_bert_dir}",
+        "teacher.pretrained=true",
+        "student=bow",
+        "trainer.epochs=1",
+        "curriculum=none",
+        "distill.teacher_cache=no_aug",
+    )
+    summary = run_pipeline(cfg, tmp_path / "run").set_index("model")
+    assert summary.loc["teacher", "arch"] == f"hf:{hf_bert_dir}"
+    frame = run_eval(str(tmp_path / "run" / "teacher" / "best.pt"), None, "cpu", 64, tmp_path, None)
+    assert frame["acc"].iloc[0] == pytest.approx(summary.loc["teacher", "test_acc"])
+
+
+def test_model_and_tokenizer_that_do_not_fit_are_refused(hf_bert_dir, text_root, tmp_path):
+    data = load(text_root, "dataset.vocab_size=120")  # a BPE vocabulary larger than the model's
+    with pytest.raises(KdclError, match=r"embeds \d+ token ids, but the data's tokenizer has 120") as info:
+        create_model(f"hf:{hf_bert_dir}", 3, data.input_shape, pretrained=True, **data.model_kwargs)
+    assert f"dataset.tokenizer={hf_bert_dir}" in info.value.fix
+    long = load(text_root, f"dataset.tokenizer={hf_bert_dir}", "dataset.max_length=20")
+    with pytest.raises(KdclError, match="reads at most 16 tokens, but dataset.max_length=20"):
+        create_model(f"hf:{hf_bert_dir}", 3, long.input_shape, pretrained=True, **long.model_kwargs)
+    cfg = text_cfg(text_root, *TINY_RUN, "teacher.kwargs.vocab_size=50")
+    with pytest.raises(KdclError, match="embeds a vocabulary of 50 tokens, but the data's tokenizer has 120"):
+        run_pipeline(cfg, tmp_path)
+    assert not (tmp_path / "teacher").exists()  # refused before training
+
+
 # --------------------------------------------------------------------------- scorers
 def test_length_and_rarity_rank_planted_examples():
     # Token 5 is in every text; 9 in one only: the text holding it is the rarest.

@@ -8,8 +8,9 @@ chooses the source, or by ``_target_``:
 - ``torchvision:NAME``: ``torchvision.models.get_model(NAME, ...)``, with kdcl's CIFAR stem
   where the family has one;
 - ``timm:NAME``: ``timm.create_model(NAME, pretrained=..., num_classes=C, in_chans=...)``;
-- ``hf:PATH_OR_ID``: ``transformers.AutoModelForImageClassification`` from a local
-  directory or a hub id, wrapped so that ``forward(x)`` returns the logits tensor;
+- ``hf:PATH_OR_ID``: ``transformers.AutoModelForImageClassification`` (images) or
+  ``AutoModelForSequenceClassification`` (token ids) from a local directory or a hub id,
+  wrapped so that ``forward(x)`` returns the logits tensor;
 - ``_target_: pkg.module.fn``: your own callable, given ``num_classes``, ``input_shape``
   and the spec's ``kwargs``, returning an ``nn.Module``.
 
@@ -106,8 +107,15 @@ def build_model(
     shape = tuple(int(d) for d in input_shape)
     if len(shape) not in (1, 3):
         raise KdclError(f"input_shape must be (channels, height, width) or (length,), got {tuple(input_shape)}")
-    kwargs = {**dict(data_kwargs or {}), **dict(spec.get("kwargs") or {})}
-    return SOURCES.get(ref.source)(ref.ref, num_classes, shape, pretrained, **kwargs)
+    own, given = dict(spec.get("kwargs") or {}), dict(data_kwargs or {})
+    if "vocab_size" in given and own.get("vocab_size", given["vocab_size"]) != given["vocab_size"]:
+        raise KdclError(
+            f"model {ref.label} embeds a vocabulary of {own['vocab_size']} tokens, but the data's "
+            f"tokenizer has {given['vocab_size']}",
+            fix="drop the model's kwargs.vocab_size (the tokenizer sets it), or give the data the "
+            "tokenizer the model was trained with (dataset.tokenizer=DIR, or the same dataset.vocab_size)",
+        )
+    return SOURCES.get(ref.source)(ref.ref, num_classes, shape, pretrained, **{**given, **own})
 
 
 def saved_spec(spec: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
@@ -212,6 +220,73 @@ class HFImageClassifier(nn.Module):
         return self.model(pixel_values=x).logits
 
 
+class HFTextClassifier(nn.Module):
+    """A ``transformers`` sequence classifier as a kdcl text model: ``forward(ids)`` takes
+    (B, L) token ids right-padded with ``pad_id`` and returns the logits tensor; the
+    attention mask is ``ids != pad_id``. Its modules are the HF model's under ``model.``
+    (``model.bert.encoder.layer.1``)."""
+
+    def __init__(self, model: nn.Module, pad_id: int):
+        super().__init__()
+        self.model, self.pad_id = model, pad_id
+
+    @property
+    def rebuild_kwargs(self) -> dict[str, Any]:
+        """The HF config and the pad id: a checkpoint rebuilds the network from them."""
+        return {"config": json.loads(self.model.config.to_json_string()), "pad_id": self.pad_id}
+
+    def forward(self, ids):
+        ids = ids.long()
+        return self.model(input_ids=ids, attention_mask=(ids != self.pad_id).long()).logits
+
+
+def check_fits_tokens(config: Any, label: str, vocab_size: int | None, max_length: int, pretrained: bool) -> None:
+    """A pretrained text model reads the ids of its own tokenizer: refuse a tokenizer with
+    more ids than the model embeds, and any model whose positions are fewer than the data's
+    ``max_length``, before training."""
+    positions = getattr(config, "max_position_embeddings", max_length)
+    if max_length > positions:
+        raise KdclError(
+            f"model {label} reads at most {positions} tokens, but dataset.max_length={max_length}",
+            fix=f"set dataset.max_length={positions} or lower",
+        )
+    if pretrained and vocab_size is not None and vocab_size > config.vocab_size:
+        raise KdclError(
+            f"model {label} embeds {config.vocab_size} token ids, but the data's tokenizer has {vocab_size}",
+            fix=f"use the model's own tokenizer: dataset.tokenizer={label.removeprefix('hf:')} (its directory)",
+        )
+
+
+def hf_text_model(
+    transformers: ModuleType,
+    ref: str,
+    num_classes: int,
+    input_shape: InputShape,
+    pretrained: bool,
+    config: dict[str, Any] | None,
+    vocab_size: int | None = None,
+    pad_id: int = 0,
+    **kwargs: Any,
+) -> HFTextClassifier:
+    """``AutoModelForSequenceClassification`` of ``ref`` for token ids: pretrained, with its
+    own vocabulary (use its tokenizer: ``dataset.tokenizer``); else fresh weights for
+    ``ref``'s config with the data's vocabulary and pad id."""
+    auto = transformers.AutoModelForSequenceClassification
+    if config is not None:
+        saved = dict(config)
+        return HFTextClassifier(
+            auto.from_config(transformers.AutoConfig.for_model(saved.pop("model_type"), **saved)), pad_id
+        )
+    with hub_files(f"hf:{ref}", "the config"):
+        hf_config = transformers.AutoConfig.from_pretrained(ref, num_labels=num_classes, **kwargs)
+    check_fits_tokens(hf_config, f"hf:{ref}", vocab_size, input_shape[0], pretrained)
+    if not pretrained:
+        hf_config.vocab_size, hf_config.pad_token_id = vocab_size or hf_config.vocab_size, pad_id
+        return HFTextClassifier(auto.from_config(hf_config), pad_id)
+    with hub_files(f"hf:{ref}", "the weights"):
+        return HFTextClassifier(auto.from_pretrained(ref, config=hf_config, ignore_mismatched_sizes=True), pad_id)
+
+
 @register_source("hf")
 def hf_model(
     ref: str,
@@ -225,8 +300,11 @@ def hf_model(
     ``pretrained`` ``from_pretrained(ref, num_labels=C, ignore_mismatched_sizes=True)`` (the
     weights, a new head where the classes differ), else fresh weights for ``ref``'s config.
     ``config`` (what a checkpoint saves) rebuilds the architecture without ``ref``'s files.
-    Other ``kwargs`` go to the config (``hidden_sizes``, ``depths``, ...)."""
+    Other ``kwargs`` go to the config (``hidden_sizes``, ``depths``, ...). For token ids
+    ((L,) inputs) the model is a sequence classifier (:func:`hf_text_model`)."""
     transformers = optional_import("transformers", f"model hf:{ref}")
+    if len(input_shape) == 1:
+        return hf_text_model(transformers, ref, num_classes, input_shape, pretrained, config, **kwargs)
     auto = transformers.AutoModelForImageClassification
     if config is not None:
         saved = dict(config)
