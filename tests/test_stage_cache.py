@@ -99,6 +99,15 @@ def test_each_stage_keys_on_its_own_model():
     assert key("teacher") != key("baseline")
 
 
+def test_a_student_started_from_the_teacher_keys_on_the_teacher():
+    """init_from_teacher: the baseline depends on the teacher; off, the key is the one it
+    was before the option existed (the spec without it), so older entries still hit."""
+    on = "student.init_from_teacher=true"
+    assert key("baseline", on) != key("baseline")
+    assert key("baseline", on, "teacher=cnn_small") != key("baseline", on)
+    assert "init_from_teacher" not in stage_key(composed(), "baseline", CPU)["model"]
+
+
 def test_device_type_and_data_location_are_in_the_key(tmp_path, monkeypatch):
     gpu = TrainSettings(torch.device("cuda"), epochs=1, batch_size=64, eval_batch_size=512, amp=True)
     assert key("teacher", trainer=gpu) != key("teacher")

@@ -23,7 +23,7 @@ from kdcl.curricula import SCORERS, ScoreContext  # noqa: E402
 from kdcl.data import TextPreprocess, load_data  # noqa: E402
 from kdcl.data.tokens import trained_tokenizer  # noqa: E402
 from kdcl.errors import KdclError  # noqa: E402
-from kdcl.models import create_model  # noqa: E402
+from kdcl.models import copy_teacher_layers, create_model  # noqa: E402
 from kdcl.scenarios.standard import run_pipeline  # noqa: E402
 from kdcl.train import engine  # noqa: E402
 from kdcl.train.checkpoint import load_checkpoint  # noqa: E402
@@ -266,6 +266,34 @@ def test_model_and_tokenizer_that_do_not_fit_are_refused(hf_bert_dir, text_root,
     with pytest.raises(KdclError, match="embeds a vocabulary of 50 tokens, but the data's tokenizer has 120"):
         run_pipeline(cfg, tmp_path)
     assert not (tmp_path / "teacher").exists()  # refused before training
+
+
+def test_student_starts_from_every_other_teacher_layer():
+    """DistilBERT's initialisation: a 2-layer student of a 4-layer teacher's width takes
+    the teacher's layers 0 and 2, its embeddings, pooler and head."""
+    shape = {"heads": 2, "intermediate": 32, "dropout": 0.0, "vocab_size": 50}
+    torch.manual_seed(0)
+    teacher = create_model("bert", 3, (12,), layers=4, hidden=16, **shape)
+    student = create_model("bert", 3, (12,), layers=2, hidden=16, **shape)
+    copied = copy_teacher_layers(student, teacher)
+    s, t = student.state_dict(), teacher.state_dict()
+    for k, j in ((0, 0), (1, 2)):
+        name = f"bert.encoder.layer.{k}.attention.self.query.weight"
+        assert name in copied and torch.equal(s[name], t[f"bert.encoder.layer.{j}.attention.self.query.weight"])
+    for name in ("bert.embeddings.word_embeddings.weight", "bert.pooler.dense.weight", "classifier.weight"):
+        assert torch.equal(s[name], t[name])
+    with pytest.raises(KdclError, match="have no teacher tensor of the same name and shape") as info:
+        copy_teacher_layers(create_model("bert", 3, (12,), layers=2, hidden=8, **shape), teacher)
+    assert "student.init_from_teacher=false" in info.value.fix
+    with pytest.raises(KdclError, match="the student has 0 and the teacher 4"):
+        copy_teacher_layers(create_model("bilstm", 3, (12,), vocab_size=50), teacher)
+
+
+def test_student_that_cannot_start_from_the_teacher_is_refused_before_training(text_root, tmp_path):
+    cfg = text_cfg(text_root, *TINY_RUN, "student.init_from_teacher=true")  # a BiLSTM student
+    with pytest.raises(KdclError, match="student.init_from_teacher takes the teacher's stacked layers"):
+        run_pipeline(cfg, tmp_path)
+    assert not (tmp_path / "teacher").exists()
 
 
 # --------------------------------------------------------------------------- scorers

@@ -121,6 +121,14 @@ class ModelSpec:
 
 
 @dataclass
+class StudentSpec(ModelSpec):
+    """``student``: a model spec, and whether its stages start from the teacher's layers
+    (``init_from_teacher``, DistilBERT's initialisation: :func:`kdcl.models.copy_teacher_layers`)."""
+
+    init_from_teacher: bool = key()
+
+
+@dataclass
 class TeacherSpec(ModelSpec):
     """``teacher``: a model spec, and trained weights to load instead of training
     (``checkpoint``: a kdcl checkpoint, state_dict, ``.safetensors``, TorchScript file or HF
@@ -400,7 +408,7 @@ class TrainConfig:
     )
     assistants: List[Any] = key("a list of teacher options or {name, kwargs} specs", lambda v: all(_spec(s) for s in v))
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
-    student: ModelSpec = field(default_factory=ModelSpec)
+    student: StudentSpec = field(default_factory=StudentSpec)
     cache: bool = key()
     cache_dir: str = key()
     teachers: Any = key(

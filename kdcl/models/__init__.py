@@ -24,6 +24,7 @@ from kdcl.models import text_nets  # noqa: F401  (registers the text models)
 from kdcl.models.operations import (
     check_forward,
     classifier,
+    copy_teacher_layers,
     count_macs,
     count_params,
     fold_batchnorm,
@@ -52,6 +53,7 @@ __all__ = [
     "build_model",
     "check_forward",
     "classifier",
+    "copy_teacher_layers",
     "count_macs",
     "count_params",
     "create_model",

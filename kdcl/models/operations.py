@@ -1,9 +1,11 @@
 """Operations on any model, whatever its source: parameters, size and MACs; freezing a
 teacher (BatchNorm folded into its convolutions); the output layer (found, replaced, grown);
-a probe forward pass that checks a model takes the data's inputs."""
+a probe forward pass that checks a model takes the data's inputs; a student initialised
+from its teacher's layers."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -176,3 +178,50 @@ def call_with_kwargs(label: str, build: Callable[..., T], *args: Any, **kwargs: 
         if "keyword argument" not in str(e):
             raise
         raise KdclError(f"model {label}: {e}", fix=f"{label} does not take it: {KWARGS_FIX}") from None
+
+
+# The index K of a stacked layer in a parameter's name: bert.encoder.layer.K.…, transformer.layer.K.…
+LAYER_INDEX = re.compile(r"(?<=\.layer\.)\d+(?=\.)")
+
+
+def copy_teacher_layers(student: nn.Module, teacher: nn.Module) -> list[str]:
+    """DistilBERT's initialisation (Sanh et al. 2019, "DistilBERT, a distilled version of
+    BERT"): the student of L_s stacked layers takes its layer k from the teacher's layer
+    ``k·⌊L_t / L_s⌋`` (one layer in two for half the depth), and every other tensor
+    (embeddings, pooler, head) from the teacher's tensor of the same name, where the shapes
+    agree. A stacked layer is a module path ``….layer.K.…``. Returns the names copied.
+
+    Every tensor of the student's layers must find its teacher tensor, or it is one
+    :class:`KdclError`: the student must be the teacher's architecture with fewer layers."""
+    student_state, teacher_state = student.state_dict(), teacher.state_dict()
+
+    def depth(state: dict[str, torch.Tensor]) -> int:
+        return 1 + max((int(m.group()) for name in state if (m := LAYER_INDEX.search(name))), default=-1)
+
+    fix = (
+        "give the student the teacher's architecture with fewer layers (the same width, heads and "
+        "feed-forward size), or set student.init_from_teacher=false"
+    )
+    student_depth, teacher_depth = depth(student_state), depth(teacher_state)
+    if not student_depth or teacher_depth < student_depth:
+        raise KdclError(
+            f"student.init_from_teacher takes the teacher's stacked layers (….layer.K.…), but the student "
+            f"has {student_depth} and the teacher {teacher_depth}",
+            fix=fix,
+        )
+    stride = teacher_depth // student_depth
+    copied, missing = {}, []
+    for name, tensor in student_state.items():
+        source = LAYER_INDEX.sub(lambda m: str(int(m.group()) * stride), name)
+        if source in teacher_state and teacher_state[source].shape == tensor.shape:
+            copied[name] = teacher_state[source]
+        elif LAYER_INDEX.search(name):
+            missing.append(name)
+    if missing:
+        raise KdclError(
+            f"student.init_from_teacher: {len(missing)} tensors of the student's layers have no teacher "
+            f"tensor of the same name and shape (the first: {missing[0]})",
+            fix=fix,
+        )
+    student.load_state_dict(copied, strict=False)
+    return sorted(copied)

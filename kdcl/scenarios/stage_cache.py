@@ -74,14 +74,17 @@ def stage_key(cfg: dict[str, Any], stage: str, trainer: TrainSettings) -> dict[s
     if distributed.world() > 1:
         sections["trainer"]["processes"] = distributed.world()
     spec = cfg[CACHED_STAGES[stage]]
-    return {
+    # without a callable of its own (_target_ null) or the teacher's layers (init_from_teacher
+    # false), the key a spec had before those keys existed; with them, the teacher is part of it
+    defaults = {"_target_": None, "init_from_teacher": False}
+    key = {
         "stage": stage,
         "stage_version": STAGE_VERSION,
-        # without a callable of its own (_target_ null), the key a spec had before _target_ existed
-        "model": {k: v for k, v in spec.items() if k != "_target_" or v is not None},
+        "model": {k: v for k, v in spec.items() if k not in defaults or v != defaults[k]},
         **sections,
         "seed": cfg["seed"],
     }
+    return {**key, "teacher": cfg["teacher"]} if spec.get("init_from_teacher") else key
 
 
 def digest(key: dict[str, Any]) -> str:

@@ -60,6 +60,7 @@ from kdcl.models import (
     TARGET,
     build_model,
     check_forward,
+    copy_teacher_layers,
     count_macs,
     count_params,
     freeze,
@@ -353,17 +354,39 @@ def student_stage(
     run: Run, name: str, distill: dict, curriculum: dict, teachers: list[nn.Module] | None = None
 ) -> nn.Module:
     """Train the student (from ``teachers``, default the run's; the baseline may come from
-    the cache); every student stage starts from the same initial weights."""
+    the cache); every student stage starts from the same initial weights: those of the
+    seed, or with ``student.init_from_teacher`` the first teacher's layers."""
+    seed, teachers_of_stage = run.cfg["seed"] + 1, run.teachers if teachers is None else teachers
     model = reuse_or_train(
         run,
         name,
         lambda: train_stage(
-            run, name, run.cfg["student"], distill, curriculum, seed=run.cfg["seed"] + 1, teachers=teachers
+            run,
+            name,
+            run.cfg["student"],
+            distill,
+            curriculum,
+            seed=seed,
+            teachers=teachers_of_stage,
+            init=student_from_teacher(run, seed, teachers_of_stage[0])
+            if run.cfg["student"]["init_from_teacher"]
+            else None,
         ),
     )
     same = run.test_logits[name].argmax(1) == run.test_logits["teacher"].argmax(1)
     run.rows[name]["teacher_agreement"] = same.float().mean().item()
     return model
+
+
+def student_from_teacher(run: Run, seed: int, teacher: nn.Module) -> nn.Module:
+    """The student built from ``seed``, then given ``teacher``'s layers (DistilBERT's
+    initialisation, :func:`kdcl.models.copy_teacher_layers`)."""
+    torch.manual_seed(seed)
+    spec, data = run.cfg["student"], run.data
+    student = build_model(spec, data.num_classes, data.input_shape, spec["pretrained"], data.model_kwargs)
+    copied = copy_teacher_layers(student, teacher)
+    log.info("student: %d of its tensors start from the teacher's", len(copied))
+    return student
 
 
 def born_again_stage(run: Run, generations: int) -> None:
@@ -439,6 +462,8 @@ def check_losses(run: Run) -> None:
     for k, spec in enumerate(others, start=1):  # one at a time: each is dropped once checked
         checked_model(run, spec, f"teacher_{k}")
     student = checked_model(run, cfg["student"], "student")
+    if cfg["student"]["init_from_teacher"]:
+        copy_teacher_layers(student, teacher)  # the shapes allow it, or one message now
     for distill in [cfg["distill"], *(arm_config(cfg, arm)[0] for arm in (cfg.get("arms") or {}).values())]:
         loss_spec, control = distill_parts(distill)
         loss_fn = create_loss(loss_spec)
