@@ -22,6 +22,7 @@ from kdcl.commands.eval import run_eval  # noqa: E402
 from kdcl.curricula import SCORERS, ScoreContext  # noqa: E402
 from kdcl.data import TextPreprocess, load_data  # noqa: E402
 from kdcl.data.tokens import trained_tokenizer  # noqa: E402
+from kdcl.distill.losses import ATTENTION_GAPS, LossContext, create_loss  # noqa: E402
 from kdcl.errors import KdclError  # noqa: E402
 from kdcl.models import copy_teacher_layers, create_model  # noqa: E402
 from kdcl.scenarios.standard import run_pipeline  # noqa: E402
@@ -396,6 +397,63 @@ def test_hidden_state_distillation_from_bert_layers(text_root, tmp_path):
     run_pipeline(cfg, tmp_path)
     metrics = pd.read_csv(tmp_path / "distill" / "metrics.csv")
     assert metrics["train_hint"].iloc[0] > 0
+
+
+@pytest.mark.parametrize("measure", ["mse", "kl"])
+def test_attention_map_loss_equals_its_formula(measure):
+    """TinyBERT's MSE and MiniLM's KL between (B, H, L, L) attention probabilities, per
+    example; maps of different head counts are compared head-averaged."""
+    g = torch.Generator().manual_seed(0)
+    a_s = torch.softmax(torch.randn(3, 2, 5, 5, generator=g), -1)
+    a_t = torch.softmax(torch.randn(3, 2, 5, 5, generator=g), -1)
+    loss = create_loss(
+        {"name": "attention_maps", "beta": 2.0, "measure": measure, "student_layer": "s", "teacher_layer": "t"}
+    )
+    loss.connect([("s", "t")], [((2, 5, 5), (2, 5, 5))])
+    if measure == "mse":
+        expected = ((a_s - a_t) ** 2).mean(dim=(1, 2, 3))
+    else:
+        expected = (a_t * (a_t.log() - a_s.log())).sum(-1).mean(dim=(1, 2))
+    y, logits = torch.zeros(3, dtype=torch.long), torch.zeros(3, 4)
+    out = loss(logits, logits, y, 0.0, 1.0, LossContext(1, {"s": a_s}, {"t": a_t}))
+    assert out["attention"] == pytest.approx(expected, rel=1e-5)
+    assert out["loss"] == pytest.approx(torch.log(torch.tensor(4.0)) + 2.0 * expected, rel=1e-5)  # CE of uniform logits
+    four_heads = a_t.repeat(1, 2, 1, 1)  # a teacher of 4 heads, each pair identical: the same head average
+    out = loss(logits, logits, y, 0.0, 1.0, LossContext(1, {"s": a_s}, {"t": four_heads}))
+    averaged = ATTENTION_GAPS[measure](a_s.mean(1, keepdim=True), a_t.mean(1, keepdim=True))
+    assert out["attention"] == pytest.approx(averaged, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_attention_map_distillation_between_berts(text_root, tmp_path):
+    """The student BERT's attention of layer 0 distilled from the teacher's layer 1 (MiniLM's KL)."""
+    cfg = text_cfg(
+        text_root,
+        *TINY_RUN[:2],
+        "student=bert_tiny1",
+        "student.kwargs={layers: 1, hidden: 16, heads: 2, intermediate: 32, dropout: 0.0}",
+        "trainer.epochs=2",
+        "baseline=false",
+        "curriculum=none",
+        "distill=attention_maps",
+        "distill.measure=kl",
+        "distill.teacher_layer=bert.encoder.layer.1.attention.self:1",
+    )
+    run_pipeline(cfg, tmp_path)
+    metrics = pd.read_csv(tmp_path / "distill" / "metrics.csv")
+    assert (metrics["train_attention"] > 0).all()
+    assert metrics["train_attention"].iloc[1] < metrics["train_attention"].iloc[0]  # the student learns the maps
+    wrong = text_cfg(
+        text_root,
+        *TINY_RUN[:2],
+        "trainer.epochs=1",
+        "distill=attention_maps",
+        "student=bert_tiny1",
+        "distill.student_layer=bert.encoder.layer.0",  # hidden states, not a map
+        "distill.teacher_layer=bert.encoder.layer.1.attention.self:1",
+    )
+    with pytest.raises(KdclError, match="compares attention maps"):
+        run_pipeline(wrong, tmp_path / "wrong")
 
 
 def test_image_views_cache_with_text_is_refused(text_root, tmp_path):

@@ -3,7 +3,9 @@
 Feature distillation reads a model's intermediate activations without rewriting the
 model. A layer is named by its path in ``model.named_modules()`` (``layer3``,
 ``stages.1``, ``6`` for the seventh module of an ``nn.Sequential``); ``PATH:input``
-names the module's input instead of its output. A forward hook keeps the latest
+names the module's input instead of its output, and ``PATH:K`` element K of a module that
+returns a tuple (``bert.encoder.layer.0.attention.self:1``: a Transformer layer's
+attention probabilities, which ``distill=attention_maps`` reads). A forward hook keeps the latest
 value while a :class:`FeatureTap` is active (a module called several times per forward,
 such as a shared ReLU, keeps its last call).
 
@@ -42,7 +44,8 @@ register_alias = ALIASES.register
 
 
 class FeatureTap:
-    """Hooks on ``model`` that keep the latest output (``PATH:input``: input) of each layer.
+    """Hooks on ``model`` that keep the latest output (``PATH:input``: input; ``PATH:K``:
+    element K of a tuple output) of each layer.
 
     A context manager: ``with FeatureTap(model, refs) as features`` registers the hooks,
     ``features[ref]`` holds the value of the last forward pass, and leaving the block
@@ -65,6 +68,8 @@ class FeatureTap:
                 module = self.model.get_submodule(path)
                 if point == "input":
                     self._handles.append(module.register_forward_pre_hook(self._keep(ref, lambda args, out: args[0])))
+                elif point.isdigit():
+                    self._handles.append(module.register_forward_hook(self._keep(ref, partial(_element, int(point)))))
                 else:
                     self._handles.append(module.register_forward_hook(self._keep(ref, lambda args, out: out)))
         except BaseException:
@@ -94,6 +99,11 @@ class FeatureTap:
 
 
 # --------------------------------------------------------------------------- names and aliases
+def _element(k: int, args: tuple, output: Any) -> Any:
+    """Element ``k`` of a module's tuple output (``PATH:K``); None when it has fewer."""
+    return output[k] if isinstance(output, (tuple, list)) and len(output) > k else None
+
+
 class AliasUnavailable(Exception):
     """The model has no layer of the kind an alias asks for."""
 
@@ -194,7 +204,7 @@ def probe(model: nn.Module, example: Tensor) -> list[Call]:
 
 
 def resolve_layers(model: nn.Module, spec: str | Sequence[str], role: str, example: Tensor) -> list[str]:
-    """Module references (``PATH`` or ``PATH:input``) for a layer spec: a path, an alias or a list of them.
+    """Module references (``PATH``, ``PATH:input`` or ``PATH:K``) for a layer spec: a path, an alias or a list of them.
 
     An unknown path is a :class:`KdclError` listing the model's module paths and the aliases.
     """
@@ -214,10 +224,11 @@ def resolve_layers(model: nn.Module, spec: str | Sequence[str], role: str, examp
                 ) from None
             continue
         path, _, point = str(item).partition(":")
-        if path not in names or point not in ("", "input"):
+        if path not in names or not (point in ("", "input") or point.isdigit()):
             raise KdclError(
                 f"the {role} model ({type(model).__name__}) has no layer {item!r}",
-                fix=f"use a module path of the {role} (optionally PATH:input): {', '.join(names)}; "
+                fix=f"use a module path of the {role} (optionally PATH:input, or PATH:K for element K "
+                f"of a tuple output): {', '.join(names)}; "
                 f"or an alias: {', '.join(ALIASES.names())}",
             )
         refs.append(str(item))
