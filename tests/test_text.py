@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import comparable, compose_config, stop_after
+from test_export import export_in_process, exported_outputs, pytorch_outputs
 
 pytest.importorskip("tokenizers")
 pytest.importorskip("transformers")
@@ -24,7 +25,7 @@ from kdcl.data import TextPreprocess, load_data  # noqa: E402
 from kdcl.data.tokens import trained_tokenizer  # noqa: E402
 from kdcl.distill.losses import ATTENTION_GAPS, LossContext, create_loss  # noqa: E402
 from kdcl.errors import KdclError  # noqa: E402
-from kdcl.models import copy_teacher_layers, create_model  # noqa: E402
+from kdcl.models import copy_teacher_layers, count_macs, create_model  # noqa: E402
 from kdcl.scenarios.standard import run_pipeline  # noqa: E402
 from kdcl.train import engine  # noqa: E402
 from kdcl.train.checkpoint import load_checkpoint  # noqa: E402
@@ -361,6 +362,33 @@ def test_eval_reproduces_the_summarys_test_accuracy(tiny_run, tmp_path):
     _, out, summary = tiny_run
     frame = run_eval(str(out / "distill" / "best.pt"), None, "cpu", 64, tmp_path, None)
     assert frame["acc"].iloc[0] == pytest.approx(summary.loc["distill", "test_acc"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_text_models_export_with_a_free_sequence_length(tiny_run, tmp_path, fmt):
+    """The BERT teacher and the BiLSTM students of a run, exported, reproduce PyTorch on
+    token ids of the test batch's length and of other lengths."""
+    pytest.importorskip("onnxruntime")
+    _, out, _ = tiny_run
+    table = export_in_process([f"run={out}", f"format={fmt}"], tmp_path / "export").set_index("model")
+    assert list(table.index) == ["teacher", "baseline", "distill"]
+    assert (table["inputs"] == "test").all() and (table["max_abs_diff"] < 1e-4).all()
+    ids = load_checkpoint(out / "distill" / "best.pt")["tokenizer"]
+    g = torch.Generator().manual_seed(0)
+    for stage in ("teacher", "distill"):
+        for length in (12, 5):
+            x = torch.randint(1, ids["vocab_size"], (3, length), generator=g)
+            x[0, length // 2 :] = ids["pad_id"]  # a shorter text, padded
+            exported = exported_outputs(Path(table.loc[stage, "file"]), x)
+            assert torch.allclose(exported, pytorch_outputs(out / stage / "best.pt", x), atol=1e-5)
+
+
+def test_lstm_macs_are_counted_per_token():
+    model = create_model("bilstm", 3, (10,), vocab_size=30, embed=8, hidden=6)
+    lstm = 10 * 2 * 4 * 6 * (8 + 6)  # tokens · directions · gates · H · (I + H)
+    head = 12 * 6 + 6 * 3
+    assert count_macs(model, (10,)) == lstm + head
 
 
 @pytest.mark.slow

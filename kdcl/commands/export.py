@@ -9,7 +9,10 @@ model of a training run with a checkpoint (the rows of its ``summary.csv``) and 
 
 Every model runs on the CPU in fp32. The exported model takes what the PyTorch model
 takes: a float batch ``(N, C, H, W)`` normalised with the checkpoint's ``normalization``
-(mean and std per channel), and returns the logits ``(N, classes)``; the batch size is free.
+(mean and std per channel), or for text an int64 batch ``(N, L)`` of token ids from the
+checkpoint's tokenizer, right-padded with its pad id; it returns the logits ``(N, classes)``.
+The batch size is free, and so is a text model's sequence length L (checked at the test
+batch's length and at half of it).
 """
 
 from __future__ import annotations
@@ -73,7 +76,8 @@ def _require_onnx() -> None:
 
 def _save_onnx(model: nn.Module, example: Tensor, path: Path) -> None:
     """The TorchScript-based exporter (``dynamo=False``): it needs ``onnx`` alone, where the
-    ``torch.export``-based one also needs ``onnxscript``. The batch axis stays free."""
+    ``torch.export``-based one also needs ``onnxscript``. The batch axis stays free, and
+    the sequence axis of token ids."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # PyTorch's notice that this exporter is the older one
         torch.onnx.export(
@@ -83,8 +87,18 @@ def _save_onnx(model: nn.Module, example: Tensor, path: Path) -> None:
             dynamo=False,
             input_names=["input"],
             output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            dynamic_axes={"input": free_axes(example), "logits": {0: "batch"}},
         )
+
+
+def free_axes(example: Tensor) -> dict[int, str]:
+    """The input axes an export leaves free: the batch, and the sequence of (N, L) token ids."""
+    return {0: "batch", 1: "sequence"} if is_tokens(example) else {0: "batch"}
+
+
+def is_tokens(x: Tensor) -> bool:
+    """Whether ``x`` is a batch of token ids (N, L) rather than images."""
+    return x.dim() == 2 and not x.is_floating_point()
 
 
 def _load_onnx(path: Path, threads: int) -> Runner:
@@ -158,15 +172,19 @@ def latency_ms(run: Runner, x: Tensor, warmup: int, repeats: int) -> float:
 
 
 def check_inputs(ckpt: dict[str, Any], count: int) -> tuple[Tensor, str]:
-    """Up to ``count`` normalised inputs from the test split of the checkpoint's dataset, and
-    ``"test"``; where that dataset cannot be loaded here (its files are elsewhere, say),
-    ``count`` standard-normal inputs of the checkpoint's input shape (seeded) and ``"random"``."""
+    """Up to ``count`` normalised inputs (text: token ids) from the test split of the
+    checkpoint's dataset, and ``"test"``; where that dataset cannot be loaded here (its files
+    are elsewhere, say), ``count`` seeded random inputs of the checkpoint's input shape
+    (standard-normal images, or ids other than padding) and ``"random"``."""
     try:
         data = checkpoint_data(ckpt, None, torch.device("cpu"))
     except KdclError as err:
         log.warning("testing on random inputs: the checkpoint's dataset does not load here (%s)", err.what)
         generator = torch.Generator().manual_seed(0)
-        return torch.randn(count, *ckpt["input_shape"], generator=generator), "random"
+        shape = (count, *ckpt["input_shape"])
+        if len(shape) == 2:  # token ids: any id of the vocabulary but the pad id (0 in kdcl's tokenizers)
+            return torch.randint(1, ckpt["model"]["kwargs"]["vocab_size"], shape, generator=generator), "random"
+        return torch.randn(*shape, generator=generator), "random"
     _, x, _ = next(data.test.batches([torch.arange(min(len(data.test), count))]))
     return data.preprocess(x, train=False), "test"
 
@@ -198,13 +216,15 @@ def export_model(model: Exportable, fmt: str, out_file: Path, settings: dict[str
                 f"PyTorch cannot export {model.path} (model {ckpt['model']['name']!r}) to {fmt}: {err}",
                 fix=f"try format={other}",
             ) from None
-        expected = net(x)
-    diff = (backend.load(out_file, all_threads())(x) - expected).abs().max().item()
+    run = backend.load(out_file, all_threads())
+    batches = [x, x[:, : max(1, x.shape[1] // 2)]] if is_tokens(x) else [x]  # text: a second length
+    with torch.no_grad():
+        diff = max((run(b) - net(b)).abs().max().item() for b in batches)
     if not diff <= settings["tolerance"]:  # also refuses NaN
         out_file.unlink()
         raise KdclError(
             f"the {fmt} export of {model.path} does not reproduce PyTorch: its outputs differ by up to {diff:.3g} "
-            f"on {len(x)} {inputs} inputs, over tolerance={settings['tolerance']:g} (the file was removed)",
+            f"on {len(x)} {inputs} inputs{' (two sequence lengths)' if len(batches) > 1 else ''}, over tolerance={settings['tolerance']:g} (the file was removed)",
             fix=f"try format={other}, or raise tolerance=… if that difference is acceptable",
         )
     row = {

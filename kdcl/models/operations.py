@@ -40,24 +40,43 @@ def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
     ``torch.utils.flop_counter.FlopCounterMode`` reports, which counts a multiply-add as two
     FLOPs. It covers the ops that counter knows: convolutions, linear layers and matrix
     products (mm, addmm, bmm, attention); elementwise ops (BatchNorm, activations, pooling,
-    additions, softmax) are not counted. The pass runs in eval mode under ``torch.no_grad``
-    on a zero input on the model's device; every module's train/eval mode is restored and
-    no BatchNorm running statistic changes."""
+    additions, softmax) are not counted. LSTMs, which that counter does not see, add
+    ``4·H·(I + H)`` per token, direction and layer (:func:`lstm_macs`). The pass runs in eval
+    mode under ``torch.no_grad`` on a zero input, or for a text model (``input_shape = (L,)``,
+    token embeddings) on L token ids other than padding (a full-length text), on the model's device; every module's
+    train/eval mode is restored and no BatchNorm running statistic changes."""
     from torch.utils.flop_counter import FlopCounterMode
 
     tensor = next(iter(model.parameters()), None)
     if tensor is None:
         tensor = next(iter(model.buffers()), None)
     device = tensor.device if tensor is not None else torch.device("cpu")
+    tokens = len(input_shape) == 1 and any(isinstance(m, nn.Embedding) for m in model.modules())
+    example = (
+        torch.ones(1, *input_shape, dtype=torch.long, device=device)
+        if tokens
+        else torch.zeros(1, *input_shape, device=device)
+    )
+    lstms = [m for m in model.modules() if isinstance(m, nn.LSTM)]
     modes = {module: module.training for module in model.modules()}
     try:
         model.eval()
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.zeros(1, *input_shape, device=device))
+            model(example)
     finally:
         for module, training in modes.items():
             module.train(training)
-    return counter.get_total_flops() // 2
+    steps = int(input_shape[0]) if tokens else 0
+    return counter.get_total_flops() // 2 + sum(lstm_macs(lstm) * steps for lstm in lstms)
+
+
+def lstm_macs(lstm: nn.LSTM) -> int:
+    """An LSTM's multiply-accumulates per time step: ``4·H·(I_l + H)`` per layer l and
+    direction, I_l the layer's input width (its four gates' input and recurrent products)."""
+    directions = 2 if lstm.bidirectional else 1
+    width = lstm.hidden_size
+    inputs = [lstm.input_size] + [width * directions] * (lstm.num_layers - 1)
+    return sum(4 * width * (i + width) * directions for i in inputs)
 
 
 def freeze(model: nn.Module) -> nn.Module:

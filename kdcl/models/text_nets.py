@@ -135,10 +135,30 @@ class BiLSTMClassifier(TokenModel):
 
     def forward(self, ids: Tensor) -> Tensor:
         ids, mask = self.ids_and_mask(ids)
+        if torch.jit.is_tracing():  # an export: ONNX has no packed sequences
+            return self.head(self.last_states_unpacked(ids, mask))
         lengths = mask.sum(1).clamp(min=1).cpu()
         packed = nn.utils.rnn.pack_padded_sequence(self.embedding(ids), lengths, batch_first=True, enforce_sorted=False)
         _, (last, _) = self.lstm(packed)  # last: (2, B, hidden), forward then backward
         return self.head(torch.cat([last[0], last[1]], 1))
+
+    def last_states_unpacked(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """``[h→_T ; h←_1]`` without packing, for exporters: the forward direction's output at
+        the last token of the right-padded batch, and the backward direction's at the first
+        token of the same batch left-padded (its backward pass reads the tokens before any
+        padding). Two LSTM passes; equal to the packed forward."""
+        n, width = ids.shape
+        lengths = mask.sum(1).clamp(min=1)
+        positions = torch.arange(width, device=ids.device).expand(n, width)
+        source = positions - (width - lengths).unsqueeze(1)  # left-padded position p holds token p − (L − len)
+        left = torch.where(source >= 0, ids.gather(1, source.clamp(min=0)), torch.full_like(ids, self.pad_id))
+        hidden = self.lstm.hidden_size
+        right_out, _ = self.lstm(self.embedding(ids))
+        left_out, _ = self.lstm(self.embedding(left))
+        rows = torch.arange(n, device=ids.device)
+        forward_last = right_out[rows, lengths - 1, :hidden]
+        backward_first = left_out[rows, width - lengths, hidden:]
+        return torch.cat([forward_last, backward_first], 1)
 
 
 @register_model("bilstm", inputs="tokens")
