@@ -298,6 +298,67 @@ def test_student_that_cannot_start_from_the_teacher_is_refused_before_training(t
     assert not (tmp_path / "teacher").exists()
 
 
+@pytest.fixture(scope="module")
+def hf_texts(tmp_path_factory) -> Path:
+    """The generated sentences as a Hugging Face DatasetDict saved to disk, labels a ClassLabel."""
+    datasets = pytest.importorskip("datasets")
+    names = sorted(TOPICS)
+    features = datasets.Features(
+        {"title": datasets.Value("string"), "body": datasets.Value("string"), "label": datasets.ClassLabel(names=names)}
+    )
+
+    def split(rows):
+        return datasets.Dataset.from_dict(
+            {"title": [r[1] for r in rows], "body": [r[2] for r in rows], "label": [names.index(r[0]) for r in rows]},
+            features=features,
+        )
+
+    root = tmp_path_factory.mktemp("hf_texts") / "saved"
+    datasets.DatasetDict(train=split(sentences(200, seed=0)), test=split(sentences(60, seed=1))).save_to_disk(str(root))
+    return root
+
+
+def hf_text_cfg(path: Path, *overrides: str) -> dict:
+    return compose_config(
+        [
+            "dataset=hf_text",
+            f"dataset.path={path}",
+            "dataset.text_columns=[title,body]",
+            "dataset.vocab_size=120",
+            "dataset.max_length=12",
+            *overrides,
+        ]
+    )
+
+
+def test_hf_text_dataset_reads_the_saved_splits_as_the_csv_does(hf_texts, text_root):
+    """The same rows from a saved DatasetDict and from CSV files give the same ids and labels."""
+    from_hf = load_data(hf_text_cfg(hf_texts)["dataset"], torch.device("cpu"), False, 0)
+    from_csv = load(text_root)
+    assert from_hf.class_names == from_csv.class_names == sorted(TOPICS)
+    assert torch.equal(from_hf.train.x, from_csv.train.x) and torch.equal(from_hf.test.y, from_csv.test.y)
+
+
+def test_hf_text_dataset_refuses_missing_columns_and_empty_texts(hf_texts, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    with pytest.raises(KdclError, match="has no column 'headline'") as info:
+        load_data(hf_text_cfg(hf_texts, "dataset.text_columns=[headline]")["dataset"], torch.device("cpu"), False, 0)
+    assert "dataset.text_columns and dataset.label_column" in info.value.fix
+    saved = datasets.load_from_disk(str(hf_texts))
+    blank = saved["train"].map(lambda row, i: {"title": "", "body": " "} if i == 3 else row, with_indices=True)
+    datasets.DatasetDict(train=blank, test=saved["test"]).save_to_disk(str(tmp_path / "blank"))
+    with pytest.raises(KdclError, match="row 3 of split 'train' of .* has no text"):
+        load_data(hf_text_cfg(tmp_path / "blank")["dataset"], torch.device("cpu"), False, 0)
+
+
+@pytest.mark.slow
+def test_hf_text_run_and_its_eval(hf_texts, tmp_path):
+    cfg = hf_text_cfg(hf_texts, *TINY_RUN, "trainer.epochs=1", "baseline=false")
+    summary = run_pipeline(cfg, tmp_path / "run").set_index("model")
+    frame = run_eval(str(tmp_path / "run" / "distill" / "best.pt"), None, "cpu", 64, tmp_path, None)
+    assert frame["acc"].iloc[0] == pytest.approx(summary.loc["distill", "test_acc"])
+
+
 # --------------------------------------------------------------------------- scorers
 def test_length_and_rarity_rank_planted_examples():
     # Token 5 is in every text; 9 in one only: the text holding it is the rarest.

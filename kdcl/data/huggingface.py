@@ -1,4 +1,5 @@
-"""The ``hf`` dataset: a Hugging Face ``datasets`` dataset (the optional extra ``kdcl[data]``).
+"""The ``hf`` and ``hf_text`` datasets: a Hugging Face ``datasets`` dataset of images or of
+texts (the optional extra ``kdcl[data]``).
 
 ``dataset.path`` is read in one of three ways:
 
@@ -12,7 +13,9 @@ Splits ``dataset.train_split`` and ``dataset.test_split`` are used; the image co
 images (a ``datasets.Image`` feature) or image file paths, the label column a
 ``ClassLabel`` (its names become the class names), class indices or class names. The
 images are decoded like ``imagefolder``'s (:mod:`kdcl.data.images`), with the same
-messages for an image that cannot be decoded.
+messages for an image that cannot be decoded. ``hf_text`` joins ``dataset.text_columns``
+instead and tokenizes them as ``text_csv`` does (:mod:`kdcl.data.text`): SST-2, AG News,
+IMDB and the like.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from kdcl.data.checks import abbreviated
 from kdcl.data.images import DecodedImages, class_indices, decode_image, image_splits
 from kdcl.data.loaders import register_dataset
 from kdcl.data.splits import RawSplit
+from kdcl.data.text import text_encoding
+from kdcl.data.tokens import check_max_length
 from kdcl.errors import KdclError
 
 # The files save_to_disk writes: a DatasetDict's, and a single Dataset's.
@@ -106,8 +111,9 @@ def image_column(datasets: Any, split: Any, column: str, described: str, base: P
     )
 
 
-def split_of(loaded: Any, role: str, cfg: dict) -> Any:
-    """The split ``dataset.{role}_split`` of ``loaded``, checked to have the image and label columns."""
+def split_of(loaded: Any, role: str, cfg: dict, columns: list[str], keys: str) -> Any:
+    """The split ``dataset.{role}_split`` of ``loaded``, checked to have ``columns`` (the
+    config ``keys`` that name them, for the fix)."""
     path, name = cfg["path"], cfg[f"{role}_split"]
     if name not in loaded:
         raise KdclError(
@@ -115,14 +121,25 @@ def split_of(loaded: Any, role: str, cfg: dict) -> Any:
             fix=f"set dataset.{role}_split to one of them",
         )
     split = loaded[name]
-    missing = [key for key in (cfg["image_column"], cfg["label_column"]) if key not in split.column_names]
+    missing = [key for key in columns if key not in split.column_names]
     if missing:
         raise KdclError(
             f"split {name!r} of Hugging Face dataset {path!r} has no column "
             f"{' or '.join(repr(k) for k in missing)} (its columns: {abbreviated(split.column_names)})",
-            fix="set dataset.image_column and dataset.label_column to the columns of its images and labels",
+            fix=f"set {keys} to its columns",
         )
     return split
+
+
+def labelled(datasets: Any, cfg: dict, splits: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The class indices of each split's label column, and the class names (a ``ClassLabel``'s
+    names unless ``dataset.class_names`` gives them)."""
+    label_key = cfg["label_column"]
+    label_feature = splits["train"].features[label_key]
+    names = cfg["class_names"] or (label_feature.names if isinstance(label_feature, datasets.ClassLabel) else None)
+    return class_indices(
+        f"Hugging Face dataset {cfg['path']!r}", {role: list(split[label_key]) for role, split in splits.items()}, names
+    )
 
 
 @register_dataset("hf")
@@ -131,18 +148,56 @@ def hugging_face(cfg: dict) -> tuple[RawSplit, RawSplit, list[str]]:
     in memory unless ``dataset.in_memory=false``."""
     datasets = import_datasets()
     loaded = load_splits(datasets, cfg)
-    path, image_key, label_key = cfg["path"], cfg["image_column"], cfg["label_column"]
-    splits = {role: (cfg[f"{role}_split"], split_of(loaded, role, cfg)) for role in ("train", "test")}
-    label_feature = splits["train"][1].features[label_key]
-    names = cfg["class_names"] or (label_feature.names if isinstance(label_feature, datasets.ClassLabel) else None)
-    labels, class_names = class_indices(
-        f"Hugging Face dataset {path!r}", {role: list(split[label_key]) for role, (_, split) in splits.items()}, names
-    )
+    path, image_key = cfg["path"], cfg["image_column"]
+    columns, keys = [image_key, cfg["label_column"]], "dataset.image_column and dataset.label_column"
+    splits = {role: split_of(loaded, role, cfg, columns, keys) for role in ("train", "test")}
+    labels, class_names = labelled(datasets, cfg, splits)
     base = Path(cfg["data_dir"] or ".").expanduser()
     images = {
         role: DecodedImages(
-            image_column(datasets, split, image_key, f"split {name!r} of {path}", base), labels[role], cfg["image_size"]
+            image_column(datasets, split, image_key, f"split {cfg[f'{role}_split']!r} of {path}", base),
+            labels[role],
+            cfg["image_size"],
         )
-        for role, (name, split) in splits.items()
+        for role, split in splits.items()
     }
     return *image_splits(cfg, images["train"], images["test"], labels["train"], labels["test"]), class_names
+
+
+@register_dataset("hf_text")
+def hugging_face_text(cfg: dict) -> tuple[RawSplit, RawSplit, list[str]]:
+    """A Hugging Face dataset of labelled texts: ``dataset.text_columns`` joined with
+    ``dataset.text_separator``, tokenized as ``text_csv`` is (a BPE vocabulary trained on the
+    train split, or ``dataset.tokenizer``), held in memory as (N, max_length) ids."""
+    check_max_length(cfg["max_length"])
+    datasets = import_datasets()
+    loaded = load_splits(datasets, cfg)
+    text_keys = list(cfg["text_columns"])
+    if not text_keys:
+        raise KdclError("dataset.text_columns is empty", fix="name the column(s) holding the text, e.g. [text]")
+    columns, keys = [*text_keys, cfg["label_column"]], "dataset.text_columns and dataset.label_column"
+    splits = {role: split_of(loaded, role, cfg, columns, keys) for role in ("train", "test")}
+    labels, class_names = labelled(datasets, cfg, splits)
+    texts = {
+        role: joined_texts(split, text_keys, cfg, f"split {cfg[f'{role}_split']!r} of {cfg['path']}")
+        for role, split in splits.items()
+    }
+    encoding = text_encoding(cfg, texts["train"])
+    train, test = (RawSplit(labels[role], encoding.encode(texts[role]), text=encoding) for role in ("train", "test"))
+    return train, test, class_names
+
+
+def joined_texts(split: Any, columns: list[str], cfg: dict, described: str) -> list[str]:
+    """Each row's text columns, stripped and joined; a row without text is one :class:`KdclError`."""
+    table = split.select_columns(columns).to_dict()
+    texts = [
+        cfg["text_separator"].join(str(v).strip() for v in values if v is not None and str(v).strip())
+        for values in zip(*(table[c] for c in columns))
+    ]
+    empty = [i for i, text in enumerate(texts) if not text]
+    if empty:
+        raise KdclError(
+            f"row{'s' if len(empty) > 1 else ''} {abbreviated(empty)} of {described} ha{'ve' if len(empty) > 1 else 's'} no text",
+            fix="give every row a text, or remove the rows without one (Dataset.filter)",
+        )
+    return texts
