@@ -31,12 +31,12 @@ SPACE = {
 GROUPS = {"distill": ["dkd", "kd", "none"]}
 
 
-def run_config() -> dict:
-    return {k: v for k, v in compose_config([]).items() if k not in ("tune", "search")}
+def run_config(*overrides: str) -> dict:
+    return {k: v for k, v in compose_config(list(overrides)).items() if k not in ("tune", "search")}
 
 
-def checked(space: dict) -> None:
-    check_against(parse_space(space, "search=test"), run_config(), GROUPS, REGISTERED_NAMES, "search=test")
+def checked(space: dict, *overrides: str) -> None:
+    check_against(parse_space(space, "search=test"), run_config(*overrides), GROUPS, REGISTERED_NAMES, "search=test")
 
 
 def test_every_kind_of_the_space_draws_within_its_bounds():
@@ -83,6 +83,15 @@ def test_a_bad_space_is_one_clear_error(space, message):
         checked(space)
     assert err.value.what.startswith("search=test: ") and message in err.value.what, err.value.what
     assert err.value.fix
+
+
+@pytest.mark.parametrize("loss, knob", [("dkd", "alpha"), ("mlkd", "temperature"), ("none", "alpha")])
+def test_a_knob_the_loss_does_not_read_is_not_searched(loss, knob):
+    """+experiment=cifar10_cpu distils with DKD: searching its distill.alpha would run the same trial N times."""
+    with pytest.raises(KdclError) as err:
+        checked({f"distill.{knob}": {"type": "float", "low": 0.5, "high": 2.0}}, f"distill={loss}")
+    assert f"distill.{knob} is searched, but distill={loss} does not use it" in err.value.what
+    assert "distill=kd" in err.value.fix
 
 
 def test_a_bad_space_file_stops_the_command_before_training(cli, tmp_path):

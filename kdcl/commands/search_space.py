@@ -27,6 +27,7 @@ import optuna
 
 from kdcl.config.checks import validate
 from kdcl.config.schema import TrainConfig
+from kdcl.distill.losses import LOSSES
 from kdcl.errors import KdclError
 from kdcl.registry import Registry
 
@@ -164,8 +165,9 @@ def check_against(
     dimensions: list[Dimension], cfg: dict[str, Any], groups: dict[str, list[str]], registries: dict, where: str
 ) -> None:
     """Every searched key is a key of the run config ``cfg`` (plain, without ``tune`` and
-    ``search``) or a config group (``groups``: group → its options), and every value it
-    can draw passes the config's checks (``registries``: the names checked beyond the schema)."""
+    ``search``) or a config group (``groups``: group → its options), one the run's loss
+    reads (``distill.alpha`` does nothing to ``dkd``), and every value it can draw passes
+    the config's checks (``registries``: the names checked beyond the schema)."""
     known = list(_keys(cfg))
     for dim in dimensions:
         if dim.key in groups:
@@ -181,6 +183,14 @@ def check_against(
             raise KdclError(
                 f"{where}: {dim.key} is not a config key nor a config group",
                 fix=f"did you mean {close[0]}?" if close else "see kdcl train --cfg job for the keys",
+            )
+        section, _, knob = dim.key.partition(".")
+        if section == "distill" and knob in LOSSES.get(cfg["distill"]["name"]).ignores:
+            loss = cfg["distill"]["name"]
+            raise KdclError(
+                f"{where}: {dim.key} is searched, but distill={loss} does not use it: every trial would be the same",
+                fix=f"search distill={loss}'s own keys (kdcl train distill={loss} --cfg job lists them), "
+                "or add distill=kd to the command to search Hinton KD's alpha and temperature",
             )
         for value in dim.extremes:
             try:

@@ -119,11 +119,14 @@ class DistillLoss(nn.Module):
     CE and D differently overrides :meth:`combine`; one that reads features overrides
     :meth:`bind` and :meth:`layers`. ``views`` is how many views of each batch the loss
     compares: 2 (MLKD) gets the logits of the plain views and then of the strongly
-    augmented ones, 2B rows, from both models (kdcl/distill/feeds.py).
+    augmented ones, 2B rows, from both models (kdcl/distill/feeds.py). ``ignores`` names the
+    control's knobs (``alpha``, ``temperature``) the loss does not read, so that a search of
+    them is refused (kdcl/commands/search_space.py).
     """
 
     needs_teacher = True
     views = 1
+    ignores: frozenset[str] = frozenset()
 
     def __init__(self) -> None:  # a loss's constructor takes its own keys alone (none here)
         super().__init__()
@@ -167,6 +170,7 @@ class CrossEntropyOnly(DistillLoss):
     """No distillation: ``L = CE(y, softmax(z_s))``. ``alpha`` and ``temperature`` are unused."""
 
     needs_teacher = False
+    ignores = frozenset({"alpha", "temperature"})
 
     def forward(
         self,
@@ -320,6 +324,8 @@ class DecoupledKD(DistillLoss):
     The CE weight is 1, as in mdistiller: ``distill.alpha`` is not used.
     """
 
+    ignores = frozenset({"alpha"})
+
     def __init__(self, tckd_weight: float, nckd_weight: float, warmup_epochs: float):
         super().__init__()
         self.tckd_weight, self.nckd_weight, self.warmup_epochs = float(tckd_weight), float(nckd_weight), warmup_epochs
@@ -357,6 +363,8 @@ class DIST(DistillLoss):
     its value (under DDP, that of its rank's part of the batch). The CE weight is 1, as in
     the paper: ``distill.alpha`` is not used.
     """
+
+    ignores = frozenset({"alpha"})
 
     def __init__(self, beta: float, gamma: float):
         super().__init__()
@@ -421,6 +429,7 @@ class MultiLevelKD(DistillLoss):
     every KL, CC and BC term sees z-scored logits (Sun et al. 2024's MLKD + LS).
     """
 
+    ignores = frozenset({"alpha", "temperature"})
     views = 2
 
     def __init__(self, temperatures: Sequence[float]):
@@ -483,6 +492,8 @@ class LearningWithoutForgetting(DistillLoss):
     ``distill.alpha`` is not used. With a teacher of as many classes as the student it is KD
     with the CE weight at 1.
     """
+
+    ignores = frozenset({"alpha"})
 
     def __init__(self, lam: float):
         super().__init__()
