@@ -301,8 +301,8 @@ def train_step(
     with trainer.autocast():  # a loss of several views: the student sees each as its own batch
         logits = torch.cat([s.model(s.control.student_input(view)) for view in x.chunk(s.loss_fn.views)])
     teacher_logits = s.control.teacher_output(teacher_logits)
-    first = teacher_logits[: len(y)] if teacher_logits is not None else None
-    alpha, temperature = s.control.knobs(step, idx, y, first)
+    plain_teacher_logits = teacher_logits[: len(y)] if teacher_logits is not None else None
+    alpha, temperature = s.control.knobs(step, idx, y, plain_teacher_logits)
     terms = s.loss_fn(logits, teacher_logits, y, alpha, temperature, replace(ctx, step=step, indices=idx))
     logits = logits[: len(y)]  # the plain views' logits: what the accuracy and the curricula read
     weights = s.plan.sample_weights(idx, terms.get("ce", terms["loss"]).detach(), step)
