@@ -129,7 +129,8 @@ class Run:
     optimizer: OptimizerConfig
     scheduler: SchedulerConfig
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)
-    test_logits: dict[str, Tensor] = field(default_factory=dict)  # per model, for teacher agreement
+    test_logits: dict[str, Tensor] = field(default_factory=dict)  # per model trained in this run
+    test_predictions: dict[str, Tensor] = field(default_factory=dict)  # per model, for teacher agreement
     teacher: nn.Module | None = None  # the first teacher: it scores the curriculum
     teachers: list[nn.Module] = field(default_factory=list)  # every teacher, frozen
     learned_epoch: Tensor | None = None
@@ -373,7 +374,7 @@ def student_stage(
             else None,
         ),
     )
-    same = run.test_logits[name].argmax(1) == run.test_logits["teacher"].argmax(1)
+    same = run.test_predictions[name] == run.test_predictions["teacher"]
     run.rows[name]["teacher_agreement"] = same.float().mean().item()
     return model
 
@@ -403,19 +404,35 @@ def born_again_stage(run: Run, generations: int) -> None:
 
 
 # --------------------------------------------------------------------------- helpers
+PREDICTIONS_FILE = "test_predictions.pt"  # a cached stage's test-split predictions (int32), for agreement
+
+
 def reuse_or_train(run: Run, stage: str, produce: Callable[[], nn.Module]) -> nn.Module:
     """``stage`` from the stage cache (:mod:`kdcl.scenarios.stage_cache`), or trained by
     ``produce``. On a hit the run gets the cached folder, the cached summary row and the
-    test logits of the cached best model."""
+    cached best model with its test predictions (``test_predictions.pt``, kept in the entry
+    when it was trained), so it is not evaluated again."""
+
+    def produce_with_predictions() -> nn.Module:
+        model = produce()
+        if run.cfg["cache"] and distributed.is_main():
+            torch.save(run.test_predictions[stage].to(torch.int32).cpu(), run.stage_dir(stage) / PREDICTIONS_FILE)
+        return model
+
     model, cached_row = reuse_or_produce(
-        run.cfg, stage, run.trainer, run.stage_dir(stage), produce, lambda: run.rows[stage]
+        run.cfg, stage, run.trainer, run.stage_dir(stage), produce_with_predictions, lambda: run.rows[stage]
     )
     if cached_row is None:
         return model
     run.loggers.log_past_epochs(stage, run.out / stage)
     model = run.to_device(model_from_checkpoint(load_checkpoint(cached_row["checkpoint"])))
-    columns = test_columns(run, stage, model)
-    run.rows[stage] = {"macs": columns["macs"], **cached_row}  # entries stored before macs was a column
+    predictions = run.stage_dir(stage) / PREDICTIONS_FILE
+    if predictions.is_file() and "macs" in cached_row:
+        run.test_predictions[stage] = torch.load(predictions).long()
+        run.rows[stage] = cached_row
+    else:  # an entry stored before its predictions (or its macs column) were kept
+        columns = test_columns(run, stage, model)
+        run.rows[stage] = {"macs": columns["macs"], **cached_row}
     return model
 
 
@@ -668,6 +685,7 @@ def test_columns(run: Run, stage: str, model: nn.Module) -> dict[str, Any]:
     """Test-split numbers of a stage's selected model; keeps its logits for agreement."""
     ev = evaluate(model, run.data.test, run.data, run.trainer)
     run.test_logits[stage] = ev.logits
+    run.test_predictions[stage] = ev.logits.argmax(1)
     return {
         "test_acc": ev.acc,
         "test_loss": ev.loss,
