@@ -20,6 +20,7 @@ import torch
 from conftest import compose_config
 
 from kdcl.errors import KdclError
+from kdcl.scenarios import standard
 from kdcl.scenarios.stage_cache import StageCache, digest, stage_key
 from kdcl.scenarios.standard import run_pipeline
 from kdcl.train.engine import TrainSettings
@@ -148,16 +149,24 @@ def cache_lines(caplog) -> list[str]:
     return [" ".join(line.split()[:2]) for line in lines]
 
 
-def test_hits_misses_and_the_same_numbers(compose_cfg, tmp_path, caplog):
+def test_hits_misses_and_the_same_numbers(compose_cfg, tmp_path, caplog, monkeypatch):
     caplog.set_level(logging.INFO, logger="kdcl.scenarios.stage_cache")
     cache = tmp_path / "cache"
     first = cached_run(compose_cfg, cache, tmp_path / "first")
     assert cache_lines(caplog) == ["stored teacher", "stored baseline"]
     assert [e.split("-")[0] for e in entries(cache)] == ["baseline", "teacher"]
 
-    # Another alpha: teacher and baseline come from the cache, with the numbers of the run that trained them.
+    # Another alpha: teacher and baseline come from the cache, with the numbers of the run that
+    # trained them, and their kept test predictions: they are not evaluated again.
+    evaluated = []
+    real = standard.test_columns
+    monkeypatch.setattr(
+        standard, "test_columns", lambda run, stage, model: evaluated.append(stage) or real(run, stage, model)
+    )
     alpha = cached_run(compose_cfg, cache, tmp_path / "alpha", "distill.alpha=0.5")
     assert cache_lines(caplog) == ["reused teacher", "reused baseline"]
+    assert evaluated == ["distill"]
+    assert (tmp_path / "alpha" / "teacher" / "test_predictions.pt").is_file()
     for stage in ("teacher", "baseline"):
         assert alpha.loc[stage].drop("checkpoint").equals(first.loc[stage].drop("checkpoint"))
         assert alpha.loc[stage, "checkpoint"] == str((tmp_path / "alpha" / stage / "best.pt").resolve())
