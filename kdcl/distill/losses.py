@@ -409,7 +409,7 @@ class MultiLevelKD(DistillLoss):
     temperature T of ``temperatures`` (the paper's 2, 3, 4, 5, 6; ``distill.temperature``
     is not used), with ``p = softmax(z/T)`` and P the batch's (B, C) predictions,
 
-    ``L_i = CE(y, z_s^w) + CE(y, z_s^s) + Σ_T [m·KL_T^w,i + KL_T^s,i + m_c·CC_T + m·BC_T]``
+    ``L = CE(y, z_s^w) + CE(y, z_s^s) + Σ_T [m·KL_T^w + KL_T^s + m_c·CC_T + m·BC_T]`` (per example)
 
     - instance level, per example and view: ``KL_T = T²·KL(p_t ‖ p_s)``;
     - class level, on the plain views: ``CC_T = ‖P_tᵀP_t − P_sᵀP_s‖²_F / C``;
