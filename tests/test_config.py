@@ -74,6 +74,7 @@ REQUIRED = {
     "csv": ["dataset.root=/data"],
     "text_csv": ["dataset.root=/data"],
     "hf": ["dataset.path=/data"],
+    "hf_text": ["dataset.path=/data"],
 }
 
 

@@ -100,7 +100,7 @@ def _steps(dataset: dict, distill: dict) -> dict:
         [{"params": model.parameters()}, {"params": control.parameters()}], lr=0.5, momentum=0.9
     )
     feed = OnlineTeacher(
-        SimpleNamespace(preprocess=data.preprocess, teacher_at=lambda step: teacher, autocast=nullcontext)
+        SimpleNamespace(preprocess=data.preprocess, teacher_at=lambda step: teacher, autocast=nullcontext, strong=None)
     )
     stage = Stage(
         name="test",

@@ -218,7 +218,10 @@ def one_step(control: DistillControl, x: torch.Tensor, y: torch.Tensor):
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
     feed = OnlineTeacher(
         SimpleNamespace(
-            preprocess=lambda x, train, part: x, teacher_at=lambda step: Teachers([teacher]), autocast=nullcontext
+            preprocess=lambda x, train, part: x,
+            teacher_at=lambda step: Teachers([teacher]),
+            autocast=nullcontext,
+            strong=None,
         )
     )
     stage = Stage(

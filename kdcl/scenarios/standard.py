@@ -370,7 +370,7 @@ def student_stage(
             seed=seed,
             teachers=teachers_of_stage,
             init=student_from_teacher(run, seed, teachers_of_stage[0])
-            if run.cfg["student"]["init_from_teacher"]
+            if run.cfg["student"].get("init_from_teacher")
             else None,
         ),
     )
@@ -479,7 +479,7 @@ def check_losses(run: Run) -> None:
     for k, spec in enumerate(others, start=1):  # one at a time: each is dropped once checked
         checked_model(run, spec, f"teacher_{k}")
     student = checked_model(run, cfg["student"], "student")
-    if cfg["student"]["init_from_teacher"]:
+    if cfg["student"].get("init_from_teacher"):  # born-again students are teacher specs
         copy_teacher_layers(student, teacher)  # the shapes allow it, or one message now
     for distill in [cfg["distill"], *(arm_config(cfg, arm)[0] for arm in (cfg.get("arms") or {}).values())]:
         loss_spec, control = distill_parts(distill)
