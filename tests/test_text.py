@@ -67,17 +67,11 @@ def text_root(tmp_path_factory) -> Path:
     return root
 
 
+TEXT_KEYS = ["dataset.text_columns=[title,body]", "dataset.vocab_size=120", "dataset.max_length=12"]
+
+
 def text_cfg(root: Path, *overrides: str) -> dict:
-    return compose_config(
-        [
-            "dataset=text_csv",
-            f"dataset.root={root}",
-            "dataset.text_columns=[title,body]",
-            "dataset.vocab_size=120",
-            "dataset.max_length=12",
-            *overrides,
-        ]
-    )
+    return compose_config(["dataset=text_csv", f"dataset.root={root}", *TEXT_KEYS, *overrides])
 
 
 def load(root: Path, *overrides: str):
@@ -319,16 +313,7 @@ def hf_texts(tmp_path_factory) -> Path:
 
 
 def hf_text_cfg(path: Path, *overrides: str) -> dict:
-    return compose_config(
-        [
-            "dataset=hf_text",
-            f"dataset.path={path}",
-            "dataset.text_columns=[title,body]",
-            "dataset.vocab_size=120",
-            "dataset.max_length=12",
-            *overrides,
-        ]
-    )
+    return compose_config(["dataset=hf_text", f"dataset.path={path}", *TEXT_KEYS, *overrides])
 
 
 def test_hf_text_dataset_reads_the_saved_splits_as_the_csv_does(hf_texts, text_root):
@@ -388,6 +373,16 @@ TINY_RUN = [
     "trainer.batch_size=16",
     "curriculum=length",
     "distill.teacher_cache=no_aug",
+]
+
+
+# The tiny BERT teacher of TINY_RUN and a 1-layer BERT student, distilled without a baseline or curriculum.
+BERT_TO_BERT = [
+    *TINY_RUN[:2],
+    "student=bert_tiny1",
+    "student.kwargs={layers: 1, hidden: 16, heads: 2, intermediate: 32, dropout: 0.0}",
+    "baseline=false",
+    "curriculum=none",
 ]
 
 
@@ -473,12 +468,8 @@ def test_hidden_state_distillation_from_bert_layers(text_root, tmp_path):
     """TinyBERT-style: the student BERT's layer 0 regressed onto the teacher's layer 1."""
     cfg = text_cfg(
         text_root,
-        *TINY_RUN[:2],
-        "student=bert_tiny1",
-        "student.kwargs={layers: 1, hidden: 16, heads: 2, intermediate: 32, dropout: 0.0}",
+        *BERT_TO_BERT,
         "trainer.epochs=1",
-        "baseline=false",
-        "curriculum=none",
         "distill=fitnet",
         "distill.student_layer=bert.encoder.layer.0",
         "distill.teacher_layer=bert.encoder.layer.1",
@@ -518,12 +509,8 @@ def test_attention_map_distillation_between_berts(text_root, tmp_path):
     """The student BERT's attention of layer 0 distilled from the teacher's layer 1 (MiniLM's KL)."""
     cfg = text_cfg(
         text_root,
-        *TINY_RUN[:2],
-        "student=bert_tiny1",
-        "student.kwargs={layers: 1, hidden: 16, heads: 2, intermediate: 32, dropout: 0.0}",
+        *BERT_TO_BERT,
         "trainer.epochs=2",
-        "baseline=false",
-        "curriculum=none",
         "distill=attention_maps",
         "distill.measure=kl",
         "distill.teacher_layer=bert.encoder.layer.1.attention.self:1",
