@@ -32,7 +32,7 @@ MODEL_DIR = Path(CONF_DIR) / "models"
 NAMES = sorted(p.stem for p in MODEL_DIR.glob("*.yaml"))
 NAMED = [n for n in NAMES if OmegaConf.load(MODEL_DIR / f"{n}.yaml").name]  # custom names none: the command line does
 TEACHER_BASE = {"kwargs": {}, "pretrained": False, "_target_": None, "checkpoint": None, "route_points": 0}
-STUDENT_BASE = {"kwargs": {}, "pretrained": False, "_target_": None}
+STUDENT_BASE = {"kwargs": {}, "pretrained": False, "_target_": None, "init_from_teacher": False}
 
 
 def listed(help_text: str, group: str) -> list[str]:
