@@ -197,6 +197,8 @@ class StrongViews:
         self.augment = v2.RandAugment(num_ops=num_ops, magnitude=magnitude)
 
     def __call__(self, x: Tensor, step: int) -> Tensor:
+        if not len(x):  # an empty share of the batch (DDP)
+            return x
         with torch.random.fork_rng(devices=[]):  # torchvision draws from the global CPU generator
             torch.manual_seed(self.seed * 1_000_003 + step)
             return torch.stack([self.augment(image) for image in x])

@@ -159,13 +159,13 @@ class OnlineTeacher:
     def __call__(
         self, step: int, epoch: int, idx: Tensor, x: Tensor, y: Tensor, part: Part | None = None
     ) -> tuple[Tensor, Tensor | None]:
-        views = self.preprocess(x, train=True, part=part)
+        views, count = self.preprocess(x, train=True, part=part), 1
         if self.strong is not None:
-            views = torch.cat([views, self.preprocess(self.strong(x, step), train=True, part=part)])
+            views, count = torch.cat([views, self.preprocess(self.strong(x, step), train=True, part=part)]), 2
         if self.teacher_at is None:
             return views, None
         with torch.inference_mode(), self.autocast():
-            logits = self.teacher_at(step)(views, y.repeat(len(views) // len(y)))
+            logits = self.teacher_at(step)(views, y.repeat(count))
         return views, logits.float().clone()  # a normal tensor: the loss may save it for backward
 
 
