@@ -257,6 +257,13 @@ def check_fits_tokens(config: Any, label: str, vocab_size: int | None, max_lengt
         )
 
 
+def from_saved_config(transformers: ModuleType, auto: Any, config: dict[str, Any]) -> nn.Module:
+    """A model of ``auto``'s task with fresh weights for the HF ``config`` a checkpoint saved
+    (``rebuild_kwargs``): the architecture without the directory or the hub."""
+    saved = dict(config)
+    return auto.from_config(transformers.AutoConfig.for_model(saved.pop("model_type"), **saved))
+
+
 def hf_text_model(
     transformers: ModuleType,
     ref: str,
@@ -273,10 +280,7 @@ def hf_text_model(
     ``ref``'s config with the data's vocabulary and pad id."""
     auto = transformers.AutoModelForSequenceClassification
     if config is not None:
-        saved = dict(config)
-        return HFTextClassifier(
-            auto.from_config(transformers.AutoConfig.for_model(saved.pop("model_type"), **saved)), pad_id
-        )
+        return HFTextClassifier(from_saved_config(transformers, auto, config), pad_id)
     with hub_files(f"hf:{ref}", "the config"):
         hf_config = transformers.AutoConfig.from_pretrained(ref, num_labels=num_classes, **kwargs)
     check_fits_tokens(hf_config, f"hf:{ref}", vocab_size, input_shape[0], pretrained)
@@ -307,8 +311,7 @@ def hf_model(
         return hf_text_model(transformers, ref, num_classes, input_shape, pretrained, config, **kwargs)
     auto = transformers.AutoModelForImageClassification
     if config is not None:
-        saved = dict(config)
-        return HFImageClassifier(auto.from_config(transformers.AutoConfig.for_model(saved.pop("model_type"), **saved)))
+        return HFImageClassifier(from_saved_config(transformers, auto, config))
     sizes = {"num_labels": num_classes, "num_channels": input_shape[0]}
     with hub_files(f"hf:{ref}", "the weights" if pretrained else "the config"):
         if pretrained:
