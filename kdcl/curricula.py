@@ -276,6 +276,12 @@ class DataSchedule:
     def pool_fraction(self, step: int) -> float:
         return 1.0
 
+    @property
+    def order_fixed(self) -> bool:
+        """Whether every step's batch is known from the seed alone (no epoch's validation
+        result changes what later steps draw)."""
+        return True
+
     def pool_size(self, step: int) -> int:
         n = len(self.order)
         return max(1, min(n, math.ceil(n * self.pool_fraction(step) - 1e-9)))
@@ -370,6 +376,10 @@ class PacedSchedule(DataSchedule):
 
     def pool_fraction(self, step: int) -> float:
         return self.pacing(self._clock + (step - self._epoch_start if self._running else 0))
+
+    @property
+    def order_fixed(self) -> bool:
+        return self.delta is None  # performance-adaptive pacing follows validation accuracy
 
     def sample_weights(self, idx: Tensor, losses: Tensor, step: int) -> Tensor | None:
         if self.weight_start is None:
@@ -470,6 +480,10 @@ class ClassSchedule(DataSchedule):
 
     def pool_fraction(self, step: int) -> float:
         return self.counts[self.seen - 1].item() / len(self.order)
+
+    @property
+    def order_fixed(self) -> bool:
+        return self.threshold is None  # classes may enter when validation accuracy reaches it
 
     def epoch_end(self, epoch: int, val_logits: Tensor, val_labels: Tensor) -> dict[str, Any]:
         seen = self.class_order[: self.seen]

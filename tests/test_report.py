@@ -152,7 +152,7 @@ def test_report_on_a_real_two_by_two_sweep(cli, tmp_path):
     )
     assert train.returncode == 0, train.stderr
     logs = "".join((sweep / str(job) / "train.log").read_text() for job in range(4))
-    assert logs.count("stored teacher") == 1 and logs.count("reused teacher from cache") == 3
+    assert logs.count("stored teacher in") == 1 and logs.count("reused teacher from cache") == 3
     assert logs.count("stored baseline") == 1 and logs.count("reused baseline from cache") == 3
 
     result = cli("report", str(sweep))

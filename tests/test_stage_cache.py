@@ -7,6 +7,7 @@ import fcntl
 import functools
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -153,8 +154,8 @@ def test_hits_misses_and_the_same_numbers(compose_cfg, tmp_path, caplog, monkeyp
     caplog.set_level(logging.INFO, logger="kdcl.scenarios.stage_cache")
     cache = tmp_path / "cache"
     first = cached_run(compose_cfg, cache, tmp_path / "first")
-    assert cache_lines(caplog) == ["stored teacher", "stored baseline"]
-    assert [e.split("-")[0] for e in entries(cache)] == ["baseline", "teacher"]
+    assert cache_lines(caplog) == ["stored teacher", "stored baseline", "stored teacher_logits"]
+    assert [e.split("-")[0] for e in entries(cache)] == ["baseline", "teacher", "teacher_logits"]
 
     # Another alpha: teacher and baseline come from the cache, with the numbers of the run that
     # trained them, and their kept test predictions: they are not evaluated again.
@@ -164,7 +165,7 @@ def test_hits_misses_and_the_same_numbers(compose_cfg, tmp_path, caplog, monkeyp
         standard, "test_columns", lambda run, stage, model: evaluated.append(stage) or real(run, stage, model)
     )
     alpha = cached_run(compose_cfg, cache, tmp_path / "alpha", "distill.alpha=0.5")
-    assert cache_lines(caplog) == ["reused teacher", "reused baseline"]
+    assert cache_lines(caplog) == ["reused teacher", "reused baseline", "replayed teacher_logits"]
     assert evaluated == ["distill"]
     assert (tmp_path / "alpha" / "teacher" / "test_predictions.pt").is_file()
     for stage in ("teacher", "baseline"):
@@ -174,17 +175,18 @@ def test_hits_misses_and_the_same_numbers(compose_cfg, tmp_path, caplog, monkeyp
             assert (tmp_path / "alpha" / stage / name).read_bytes() == (tmp_path / "first" / stage / name).read_bytes()
     assert alpha.loc["baseline", "teacher_agreement"] == first.loc["baseline", "teacher_agreement"]
 
-    # The same config again: every number, the distilled student's included, is the trained run's.
+    # The same config again: every number, the distilled student's included (trained from the
+    # replayed teacher logits), is the trained run's.
     again = cached_run(compose_cfg, cache, tmp_path / "again")
-    assert cache_lines(caplog) == ["reused teacher", "reused baseline"]
+    assert cache_lines(caplog) == ["reused teacher", "reused baseline", "replayed teacher_logits"]
     pd.testing.assert_frame_equal(
         again.drop(columns=["checkpoint", "seconds"]), first.drop(columns=["checkpoint", "seconds"])
     )
 
     # Longer training misses both; cache=false neither reads nor writes.
     cached_run(compose_cfg, cache, tmp_path / "longer", "trainer.epochs=2")
-    assert cache_lines(caplog) == ["stored teacher", "stored baseline"]
-    assert len(entries(cache)) == 4
+    assert cache_lines(caplog) == ["stored teacher", "stored baseline", "stored teacher_logits"]
+    assert len(entries(cache)) == 6
     cached_run(compose_cfg, tmp_path / "unused", tmp_path / "off", "cache=false")
     assert cache_lines(caplog) == [] and not (tmp_path / "unused").exists()
     assert (tmp_path / "off" / "teacher" / "metrics.csv").is_file()
@@ -197,7 +199,9 @@ def test_teacher_checkpoint_bypasses_the_cache(compose_cfg, tmp_path, caplog):
     caplog.clear()
     loaded = f"teacher.checkpoint={tmp_path / 'first' / 'teacher' / 'best.pt'}"
     cached_run(compose_cfg, cache, tmp_path / "loaded", loaded, "baseline=false")
-    assert cache_lines(caplog) == [] and len(entries(cache)) == 1
+    # the teacher is neither stored nor reused; its logits are recorded under the checkpoint's own key
+    assert cache_lines(caplog) == ["stored teacher_logits"]
+    assert [e.split("-")[0] for e in entries(cache)] == ["teacher", "teacher_logits", "teacher_logits"]
 
 
 def test_a_failed_stage_stores_nothing(compose_cfg, tmp_path):
@@ -235,7 +239,8 @@ FILL = textwrap.dedent("""
             (source / "best.pt").write_bytes(os.urandom(100_000))
             (source / "metrics.csv").write_text("epoch,val_acc\\n1,0.5\\n")
             time.sleep(1.0)  # training: the other job has to wait for it
-            cache.store("teacher-k", source, {"run": str(source), "row": {}})
+            fill = lambda files: cache_module.shutil.copytree(source, files)
+            cache.store("teacher-k", fill, {"run": str(source), "row": {}})
         else:
             with (work / "log").open("a") as f:
                 f.write("reused\\n")
@@ -290,7 +295,7 @@ def test_a_job_killed_mid_fill_leaves_no_entry(tmp_path):
         source = tmp_path / "stage"
         source.mkdir()
         (source / "best.pt").write_bytes(b"weights")
-        store.store("teacher-k", source, {"run": "again", "row": {}})
+        store.store("teacher-k", functools.partial(shutil.copytree, source), {"run": "again", "row": {}})
     with store.claim("teacher-k") as entry:
         assert entry.meta["run"] == "again"
 
@@ -308,7 +313,7 @@ def test_an_error_mid_fill_leaves_no_entry(tmp_path, monkeypatch):
         assert entry is None
         monkeypatch.setattr("kdcl.scenarios.stage_cache.os.rename", disk_full)
         with pytest.raises(OSError, match="No space"):
-            store.store("teacher-k", source, {"run": "x", "row": {}})
+            store.store("teacher-k", functools.partial(shutil.copytree, source), {"run": "x", "row": {}})
         monkeypatch.undo()
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["teacher-k.lock"]
     with store.claim("teacher-k") as entry:
@@ -320,7 +325,8 @@ def test_rows_stored_before_the_macs_column_still_serve(compose_cfg, tmp_path):
 
     cache = tmp_path / "cache"
     first = cached_run(compose_cfg, cache, tmp_path / "first")
-    for entry in (cache / name for name in entries(cache)):  # entries from before macs was a column
+    stages = (cache / name for name in entries(cache) if not name.startswith("teacher_logits"))
+    for entry in stages:  # entries from before macs was a column
         meta = json.loads((entry / "entry.json").read_text())
         del meta["row"]["macs"]
         (entry / "entry.json").write_text(json.dumps(meta))

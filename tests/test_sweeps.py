@@ -55,7 +55,7 @@ def test_joblib_jobs_share_one_teacher(cli, tmp_path):
     alphas = [pd.read_csv(sweep / job / "distill" / "metrics.csv")["alpha"].iloc[0] for job in ("0", "1")]
     assert alphas == [0.5, 0.9]
     logs = "".join((sweep / job / "train.log").read_text() for job in ("0", "1"))
-    assert logs.count("stored teacher") == 1 and logs.count("reused teacher from cache") == 1
+    assert logs.count("stored teacher in") == 1 and logs.count("reused teacher from cache") == 1
     teachers = [
         pd.read_csv(sweep / job / "summary.csv").set_index("model").loc["teacher", "test_acc"] for job in ("0", "1")
     ]

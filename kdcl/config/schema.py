@@ -411,6 +411,7 @@ class TrainConfig:
     student: StudentSpec = field(default_factory=StudentSpec)
     cache: bool = key()
     cache_dir: str = key()
+    cache_teacher_logits_mb: float = key(*NON_NEGATIVE)
     teachers: Any = key(
         "null or a list of teacher options or {name or _target_, kwargs, pretrained, checkpoint} specs",
         lambda v: v is None or (isinstance(v, list) and all(_spec(s) for s in v)),

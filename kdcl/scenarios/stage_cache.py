@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from kdcl import distributed
+from kdcl.distill.replay import ReplaySlot, TeacherLogits, table_mb
 from kdcl.errors import KdclError
 from kdcl.train.engine import TrainSettings
 from kdcl.train.resume import write_done
@@ -134,11 +135,12 @@ class StageCache:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def store(self, name: str, source: Path, meta: dict[str, Any]) -> Entry:
-        """Copy ``source`` and ``meta`` into entry ``name``, atomically; call inside :meth:`claim`."""
+    def store(self, name: str, fill: Callable[[Path], None], meta: dict[str, Any]) -> Entry:
+        """Entry ``name``: its files as ``fill(folder)`` writes them (into a folder that does not
+        exist yet) and ``meta``, stored atomically; call inside :meth:`claim`."""
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=self.root))
         try:
-            shutil.copytree(source, tmp / "files")
+            fill(tmp / "files")
             (tmp / ENTRY_FILE).write_text(json.dumps(meta, indent=2) + "\n")
             final = self.root / name
             if final.exists():  # a folder without entry.json (damaged by hand) would block the rename
@@ -181,7 +183,8 @@ def reuse_or_produce(
         if meta is None:
             result = produce()
             if main:
-                cache.store(name, stage_dir, {"key": key, "row": produced_row(), "run": str(stage_dir.parent)})
+                meta = {"key": key, "row": produced_row(), "run": str(stage_dir.parent)}
+                cache.store(name, lambda files: shutil.copytree(stage_dir, files), meta)
                 log.info("stored %s in the cache (key %s)", stage, name)
             return result, None
     log.info("reused %s from cache (key %s, trained by %s)", stage, name, meta["run"])
@@ -191,3 +194,64 @@ def reuse_or_produce(
         write_done(stage_dir / "done.json", row, cfg)
     distributed.barrier()  # the restored files are there for every rank
     return None, row
+
+
+def teacher_logits_key(cfg: dict[str, Any], trainer: TrainSettings, plan: dict[str, Any]) -> dict[str, Any]:
+    """What fixes a student stage's batches and its teacher's outputs on them: the teacher
+    stage's key (the model, the data, the recipe, the seed), a teacher checkpoint's size and
+    modification time, the student (a curriculum may score with it) and ``plan`` (the
+    stage's curriculum section, seed and step budget). Not the ``distill`` section: the
+    loss reads the logits, it does not change them."""
+    checkpoint = cfg["teacher"]["checkpoint"]
+    return {
+        "stage": "teacher_logits",
+        "stage_version": STAGE_VERSION,
+        "teacher": stage_key(cfg, "teacher", trainer),
+        "checkpoint": file_stamp(Path(checkpoint).expanduser()) if checkpoint else None,
+        "student": cfg["student"],
+        "plan": plan,
+    }
+
+
+def teacher_logits_slot(
+    cfg: dict[str, Any], trainer: TrainSettings, run_dir: Path, plan: dict[str, Any], rows: int, num_classes: int
+) -> ReplaySlot | None:
+    """Where a student stage taught by the run's teacher keeps and finds that teacher's
+    online logits (:mod:`kdcl.distill.replay`) under :func:`teacher_logits_key`, or None
+    when ``cache_teacher_logits_mb`` (or ``cache``) is off or ``rows`` rows of
+    ``num_classes`` logits would take more MB than it allows."""
+    limit = cfg["cache_teacher_logits_mb"]
+    if not cfg["cache"] or not limit:
+        return None
+    if table_mb(rows, num_classes) > limit:
+        log.info(
+            "teacher logits not kept for replay: %.0f MB > cache_teacher_logits_mb=%s",
+            table_mb(rows, num_classes),
+            limit,
+        )
+        return None
+    key = teacher_logits_key(cfg, trainer, plan)
+    cache, name = open_cache(cfg), f"teacher_logits-{digest(key)}"
+    folder = cache.root / name
+
+    def load() -> TeacherLogits | None:
+        if not (folder / ENTRY_FILE).is_file():
+            return None
+        log.info("replayed teacher_logits from the cache (key %s, recorded by %s)", name, Entry(folder).meta["run"])
+        return TeacherLogits.load(folder / "files", trainer.device)
+
+    def store(table: TeacherLogits) -> None:
+        with cache.claim(name) as entry:
+            if entry is None:  # a parallel job may have stored the same logits first
+                cache.store(name, lambda files: table.save(files), {"key": key, "run": str(run_dir)})
+                log.info("stored teacher_logits in the cache (key %s, %.3g MB)", name, table.megabytes)
+
+    return ReplaySlot(load=load, rows=rows, source=str(folder), store=store)
+
+
+def file_stamp(path: Path) -> list[int]:
+    """Size and modification time (ns) of a file, or of the files under a folder (their
+    sums, their latest): what tells a rewritten checkpoint from the one recorded."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    stats = [f.stat() for f in files]
+    return [sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)]

@@ -54,6 +54,7 @@ from kdcl.curricula import (
 from kdcl.data import DataBundle, load_data
 from kdcl.distill.feeds import Feed, TopKLogits, augments, caches
 from kdcl.distill.losses import DistillLoss, create_loss
+from kdcl.distill.replay import ReplaySlot
 from kdcl.distill.teachers import Teachers
 from kdcl.errors import KdclError
 from kdcl.models import (
@@ -70,7 +71,7 @@ from kdcl.models import (
 )
 from kdcl.output.tables import print_table, write_csv
 from kdcl.output.trackers import CSV_ONLY, Loggers
-from kdcl.scenarios.stage_cache import reuse_or_produce
+from kdcl.scenarios.stage_cache import reuse_or_produce, teacher_logits_slot
 from kdcl.train.assemble import build_stage
 from kdcl.train.checkpoint import (
     load_checkpoint,
@@ -628,6 +629,8 @@ def train_stage(
         distill["name"],
         curriculum_cfg.type,
     )
+    plan = build_plan(run, curriculum_cfg, seed)
+    replay = teacher_logits(run, teachers, curriculum, seed) if plan.order_fixed else None
     with build_stage(
         name=stage,
         out_dir=out,
@@ -635,7 +638,7 @@ def train_stage(
         distill=distill,
         teachers=run.teachers if teachers is None else teachers,
         route=lambda: route_checkpoints(run),
-        plan=build_plan(run, curriculum_cfg, seed),
+        plan=plan,
         rank=example_ranks(run, curriculum_cfg),
         trainer=run.trainer,
         data=data,
@@ -651,8 +654,11 @@ def train_stage(
         dynamics=dynamics,
         keep_epochs=keep_epochs,
         loggers=run.loggers,
+        replay=replay,
     ) as parts:
         result = fit(parts, data, run.trainer, run.on_epoch)
+    if replay is not None:
+        replay.finish(stage, run.total_steps)
     path = result.best_path if select == "best" else result.last_path
     chosen = run.to_device(model_from_checkpoint(load_checkpoint(path)))
     columns = test_columns(run, stage, chosen)
@@ -679,6 +685,17 @@ def train_stage(
         (out / "resume.pt").unlink(missing_ok=True)
     distributed.barrier()  # the other ranks read these files next
     return chosen
+
+
+def teacher_logits(run: Run, teachers: list[nn.Module] | None, curriculum: dict, seed: int) -> ReplaySlot | None:
+    """Where a stage taught by the run's own teacher (not assistants, a born-again
+    generation or a ``teachers`` list) records or replays its online logits
+    (``cache_teacher_logits_mb``, :mod:`kdcl.distill.replay`)."""
+    if teachers not in (None, run.teachers) or run.cfg["teachers"] or run.teachers[:1] != [run.teacher]:
+        return None
+    plan = {"curriculum": curriculum, "seed": seed, "steps": run.total_steps, "examples": run.budget_examples}
+    rows = run.total_steps * run.trainer.batch_size
+    return teacher_logits_slot(run.cfg, run.trainer, run.out, plan, rows, run.data.num_classes)
 
 
 def test_columns(run: Run, stage: str, model: nn.Module) -> dict[str, Any]:

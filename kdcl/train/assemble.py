@@ -21,7 +21,8 @@ from kdcl.data import DataBundle, StrongViews
 from kdcl.distill.control import DistillControl
 from kdcl.distill.features import FeatureTap
 from kdcl.distill.feeds import Feed, FeedInputs, build_feed, caches, parse
-from kdcl.distill.losses import create_loss
+from kdcl.distill.losses import DistillLoss, create_loss
+from kdcl.distill.replay import ReplaySlot
 from kdcl.distill.teachers import Teachers
 from kdcl.optim import build_optimizer, build_schedule
 from kdcl.output.trackers import CSV_ONLY, Loggers
@@ -55,6 +56,7 @@ def build_stage(
     dynamics: LearnedEpochs | None = None,
     keep_epochs: Collection[int] = (),
     loggers: Loggers = CSV_ONLY,
+    replay: ReplaySlot | None = None,
 ) -> Iterator[Stage]:
     """The stage ``name`` (files in ``out_dir``) that trains ``model``, already on
     ``trainer.device``, on ``plan`` with the loss and control of the ``distill`` section,
@@ -72,6 +74,9 @@ def build_stage(
     augmented view of the batch seeded with ``seed`` for a loss of two views. ``meta`` goes into
     every checkpoint, ``dynamics`` records when each example is learnt, the epochs of
     ``keep_epochs`` keep their checkpoints, and ``loggers`` receive each epoch's metrics.
+    With ``replay``, an online teacher whose logits depend on the batch alone
+    (:func:`replayable`) is recorded, or replayed from an earlier recording
+    (:mod:`kdcl.distill.replay`).
     """
     loss_spec, control_cfg = distill_parts(distill)
     data.preprocess.generator.manual_seed(seed)
@@ -117,6 +122,8 @@ def build_stage(
             feeds={} if feeds is None else feeds,
             strong=StrongViews(seed) if loss_fn.views > 1 else None,
         )
+        if replay is not None and teacher_at is not None and replayable(control_cfg, teachers, loss_fn):
+            feed = replay.wrap(feed, data.preprocess, data.num_classes, trainer.device)
         yield Stage(
             name=name,
             model=model,
@@ -134,6 +141,20 @@ def build_stage(
             steps_per_epoch=steps_per_epoch,
             loggers=loggers,
         )
+
+
+def replayable(control: ControlConfig, teachers: Sequence[nn.Module], loss_fn: DistillLoss) -> bool:
+    """Whether the online teacher's logits of a step are a function of the step's batch alone:
+    one teacher, no route through its checkpoints, no strong views, none of its layers read
+    by the loss (a replay does not run it), one process (each rank would need its own)."""
+    return (
+        parse(control.teacher_cache)[0] == "none"
+        and len(teachers) == 1
+        and not control.teacher_route
+        and loss_fn.views == 1
+        and not loss_fn.layers()[1]
+        and distributed.world() == 1
+    )
 
 
 def teacher_route(anchors: Sequence[nn.Module], total_steps: int) -> TeacherAt:
