@@ -5,6 +5,7 @@ the teacher; what fixes the batches is in the key; a replay of other batches sto
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,17 @@ def test_a_replay_of_other_batches_stops(tmp_path):
     assert "cache_teacher_logits_mb=0" in err.value.fix
 
 
+def test_a_damaged_recording_is_one_clear_error(tmp_path):
+    cache = tmp_path / "cache"
+    run(cache, tmp_path / "recorded")
+    [entry] = logit_entries(cache)
+    logits = entry / "files" / "logits.npy"
+    logits.write_bytes(logits.read_bytes()[:100])
+    with pytest.raises(KdclError, match="recorded teacher logits in .* cannot be read") as err:
+        run(cache, tmp_path / "replayed", "distill.alpha=0.5")
+    assert f"delete {entry}" in err.value.fix
+
+
 @pytest.mark.parametrize(
     ("overrides", "kept"),
     [
@@ -103,30 +115,37 @@ def test_what_is_recorded(tmp_path, overrides, kept):
     assert bool(logit_entries(tmp_path / "cache")) == kept
 
 
-def key(*overrides: str, plan: dict = PLAN) -> str:
-    return digest(teacher_logits_key(compose_config(list(overrides)), CPU, plan))
+@pytest.fixture
+def key(tmp_path):
+    weights = tmp_path / "teacher.pt"
+    weights.write_bytes(b"1")
+
+    def key_of(*overrides: str, plan: dict = PLAN, teacher_weights: Path = weights) -> str:
+        return digest(teacher_logits_key(compose_config(list(overrides)), CPU, plan, teacher_weights))
+
+    return key_of
 
 
 @pytest.mark.parametrize("override", ["distill.alpha=0.5", "distill.temperature=8", "distill=dkd", "baseline=false"])
-def test_the_loss_is_not_in_the_key(override):
+def test_the_loss_is_not_in_the_key(key, override):
     assert key(override) == key()
 
 
 @pytest.mark.parametrize(
     "override", ["seed=1", "teacher=cnn_small", "student=cnn_small", "trainer.epochs=3", "dataset.flip=true"]
 )
-def test_what_fixes_the_batches_or_the_teacher_is(override):
+def test_what_fixes_the_batches_or_the_teacher_is(key, override):
     assert key(override) != key()
 
 
-def test_the_plan_and_a_rewritten_checkpoint_change_the_key(tmp_path):
+def test_the_plan_and_other_teacher_weights_change_the_key(key, tmp_path):
     assert key(plan={**PLAN, "seed": 2}) != key()
     assert key(plan={**PLAN, "curriculum": {"type": "paced"}}) != key()
-    weights = tmp_path / "teacher.pt"
-    weights.write_bytes(b"1")
-    before = key(f"teacher.checkpoint={weights}")
-    weights.write_bytes(b"22")
-    assert key(f"teacher.checkpoint={weights}") != before
+    retrained = tmp_path / "retrained.pt"
+    retrained.write_bytes(b"1")  # the same bytes, written at another time (a teacher trained again)
+    stat = (tmp_path / "teacher.pt").stat()
+    os.utime(retrained, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    assert key(teacher_weights=retrained) != key()
 
 
 def test_a_recording_keeps_only_a_whole_stage_from_step_0():

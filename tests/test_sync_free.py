@@ -4,6 +4,8 @@ On the CPU the reads are counted instead."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from conftest import QUICK, STEP_SETTINGS, compose_config
@@ -52,6 +54,15 @@ def test_no_step_reads_the_device(tmp_path, count_reads, overrides):
     run_pipeline(compose_config([*QUICK, *overrides]), tmp_path)
     assert len(count_reads) > 20  # teacher, baseline and distill steps
     assert sum(count_reads) == 0, f"reads per step: {count_reads}"
+
+
+def test_recording_and_replaying_the_teachers_logits_read_nothing(tmp_path, count_reads, caplog):
+    caplog.set_level(logging.INFO, logger="kdcl.scenarios.stage_cache")
+    cached = [*QUICK, "cache=true", f"cache_dir={tmp_path / 'cache'}"]
+    run_pipeline(compose_config([*cached, "distill.alpha=0.9"]), tmp_path / "recorded")
+    run_pipeline(compose_config([*cached, "distill.alpha=0.5"]), tmp_path / "replayed")
+    assert "replayed teacher_logits" in caplog.text
+    assert len(count_reads) > 30 and sum(count_reads) == 0, f"reads per step: {count_reads}"
 
 
 def test_a_non_finite_loss_is_found_at_the_next_check_and_named(tmp_path, monkeypatch):

@@ -101,6 +101,34 @@ def test_batch_is_cut_to_its_longest_example():
     assert pre(x, train=False).tolist() == pre.apply(x, None).tolist()
 
 
+def test_token_masking_masks_ordinary_tokens_at_its_rate_in_training_only():
+    special = (2, 3)  # [CLS], [SEP]; the pad id 0 is never masked either
+    pre = TextPreprocess(pad_id=0, device=torch.device("cpu"), seed=0, token_mask=0.25, mask_id=1, special_ids=special)
+    x = torch.randint(4, 50, (400, 30))
+    x[:, 0], x[:, 20], x[:, 21:] = 2, 3, 0
+    x[0, 21:] = torch.tensor([8, 9, 3, 0, 0, 0, 0, 0, 0])  # the longest example: the batch is cut after it
+    masked = pre(x, train=True)
+    assert masked.shape == (400, 24)
+    changed = masked != x[:, :24]
+    assert (masked[changed] == 1).all()
+    assert not changed[:, 0].any() and not changed[1:, 20:].any()  # the frame and the padding stay
+    assert abs(changed[:, 1:20].float().mean().item() - 0.25) < 0.02  # 7,600 draws: 4.5 standard errors
+    assert pre(x, train=False).equal(x[:, :24])
+    again = TextPreprocess(
+        pad_id=0, device=torch.device("cpu"), seed=0, token_mask=0.25, mask_id=1, special_ids=special
+    )
+    assert again(x, train=True).equal(masked)  # drawn from the seed: a resumed run masks the same tokens
+    assert not pre(x, train=True).equal(masked)  # and afresh every step
+
+
+def test_token_masking_uses_the_vocabularys_unknown_token(text_root):
+    data = load(text_root, "dataset.token_mask=0.5")
+    encoding = data.text.tokenizer()
+    pre = data.preprocess
+    assert pre.mask_id == encoding.token_to_id("[UNK]")
+    assert set(pre.special.tolist()) == {encoding.token_to_id(t) for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]")}
+
+
 @pytest.mark.parametrize("name", ["bert", "bilstm", "text_cnn", "bow"])
 def test_padding_does_not_change_a_models_logits(name):
     torch.manual_seed(0)
@@ -536,6 +564,14 @@ def test_image_views_cache_with_text_is_refused(text_root, tmp_path):
     cfg = text_cfg(text_root, *TINY_RUN, "distill.teacher_cache=views:4")
     with pytest.raises(KdclError, match="caches augmented views of images, but dataset 'text_csv' is text"):
         run_pipeline(cfg, tmp_path)
+
+
+def test_a_teacher_cache_of_unmasked_texts_with_token_masking_is_refused_before_training(text_root, tmp_path):
+    cfg = text_cfg(text_root, *TINY_RUN, "dataset.token_mask=0.1", "distill.teacher_cache=no_aug")
+    with pytest.raises(KdclError, match="no_aug is for runs without augmentation") as err:
+        run_pipeline(cfg, tmp_path)
+    assert "distill.teacher_cache=none" in err.value.fix
+    assert not (tmp_path / "teacher").exists()
 
 
 def test_strong_views_with_text_are_refused(text_root, tmp_path):

@@ -176,6 +176,7 @@ class DatasetOptionKeys:
     vocab_size: int = key(*COUNT)  # text: the most pieces a trained tokenizer has
     max_length: int = key()  # text: the most token ids an example keeps (checked as the data loads)
     lowercase: bool = key()
+    token_mask: float = key("a probability in [0, 1)", lambda v: 0 <= v < 1)  # text: training masks tokens
     trained_tokenizer: Optional[Dict[str, Any]] = key()  # kdcl eval: a checkpoint's tokenizer, as saved
 
 

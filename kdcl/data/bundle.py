@@ -148,8 +148,8 @@ def text_inputs(
     channels_last: bool,
     seed: int,
 ) -> tuple[list[float], list[float], TextPreprocess]:
-    """Token ids: no normalisation; the batch step cuts padding. The image augmentations
-    are refused."""
+    """Token ids: no normalisation; the batch step cuts padding and masks tokens
+    (``dataset.token_mask``). The image augmentations are refused."""
     image_only = {key: cfg[key] for key in ("crop_padding", "flip") if cfg[key]}
     if image_only:
         raise KdclError(
@@ -157,7 +157,9 @@ def text_inputs(
             "augments images",
             fix="set dataset.crop_padding=0 dataset.flip=false",
         )
-    return [], [], TextPreprocess(train.text.pad_id, device, seed)
+    token_mask = cfg.get("token_mask", 0.0)
+    mask_id, special_ids = train.text.mask_and_special_ids() if token_mask else (None, ())
+    return [], [], TextPreprocess(train.text.pad_id, device, seed, token_mask, mask_id, special_ids)
 
 
 def channel_stats(split: RawSplit, indices: np.ndarray, limit: int = 4096) -> tuple[list[float], list[float]]:

@@ -21,6 +21,7 @@ example when it reaches the model, whose attention mask (or sequence lengths) is
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,19 @@ class TextEncoding:
     pad_id: int
     vocab_size: int
     max_length: int
+
+    def mask_and_special_ids(self) -> tuple[int, list[int]]:
+        """The id that masks a token ([MASK] or ``<mask>``, else the unknown token) and the ids
+        of every special token, as the tokenizer declares them."""
+        declared = json.loads(self.tokenizer_json).get("added_tokens", [])
+        special = {t["content"]: t["id"] for t in declared if t.get("special")}
+        name = next((n for n in ("[MASK]", "<mask>", "[UNK]", "<unk>") if n in special), None)
+        if name is None:
+            raise KdclError(
+                "dataset.token_mask needs a mask or unknown token, but the tokenizer declares neither",
+                fix="set dataset.token_mask=0, or use a tokenizer with [MASK] or [UNK]",
+            )
+        return special[name], list(special.values())
 
     def tokenizer(self):
         """The ``tokenizers.Tokenizer`` itself, truncating to ``max_length`` ids, not padding."""
@@ -130,22 +144,44 @@ def model_tokenizer(path: str, max_length: int) -> TextEncoding:
 
 class TextPreprocess:
     """The batch step for token ids: a batch of (B, max_length) ids is cut to its longest
-    example (the rest is padding). Text has no augmentation: training and evaluation see
-    the same ids, and the ``no_aug`` teacher cache (whose view is the example itself) works
-    as for images. ``generator`` is the seeded generator every preprocess has (the run
-    seeds and saves it)."""
+    example (the rest is padding). In training, with ``token_mask`` p > 0, each token that is
+    not a special one ([CLS], [SEP], padding, ...) is replaced by the mask token ([MASK], or
+    [UNK] in a vocabulary without one) with probability p, drawn afresh every step from the
+    seeded ``generator``: the masking augmentation of Tang et al. 2019 ("Distilling
+    task-specific knowledge from BERT into simple neural networks", §3.2), whose point is
+    that the teacher labels the masked texts the data does not hold. Without it training and
+    evaluation see the same ids, and the ``no_aug`` teacher cache (whose view is the example
+    itself) works as for images."""
 
     crop_padding = 0  # no crop: the no_aug cache's centred view is the text itself
     flip = False
-    augments = False
 
-    def __init__(self, pad_id: int, device: torch.device, seed: int):
-        self.pad_id = pad_id
+    def __init__(
+        self,
+        pad_id: int,
+        device: torch.device,
+        seed: int,
+        token_mask: float = 0.0,
+        mask_id: int | None = None,
+        special_ids: Sequence[int] = (),
+    ):
+        self.pad_id, self.token_mask, self.mask_id = pad_id, token_mask, mask_id
+        self.special = torch.tensor(sorted({pad_id, *special_ids}), device=device)
         self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    @property
+    def augments(self) -> bool:
+        return self.token_mask > 0
 
     def __call__(self, x: Tensor, train: bool, part: Part | None = None) -> Tensor:
         longest = int((x != self.pad_id).sum(1).max()) if len(x) else 1
-        return x[:, : max(longest, 1)]
+        x = x[:, : max(longest, 1)]
+        if not (train and self.augments):
+            return x
+        part = part or Part(len(x))  # drawn for the whole global batch under DDP: each rank keeps its share
+        draws = torch.rand(part.size, x.shape[1], device=x.device, generator=self.generator)
+        masked = part.take(draws) < self.token_mask
+        return torch.where(masked & ~torch.isin(x, self.special), self.mask_id, x)
 
     def apply(self, x: Tensor, aug: object) -> Tensor:
         """The ids of a fixed view (text has one view: itself)."""

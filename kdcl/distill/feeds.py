@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kdcl.data import Augment, Preprocess, Source, StrongViews
+from kdcl.data import Augment, Preprocess, Source, StrongViews, TextPreprocess
 from kdcl.distributed import Part
 from kdcl.errors import KdclError
 from kdcl.registry import Registry
@@ -216,16 +216,23 @@ def fixed_views(inputs: FeedInputs) -> CachedViews:
     return CachedViews(inputs, params, phase)
 
 
+def check_unaugmented(spec: str, preprocess: Preprocess | TextPreprocess) -> None:
+    """``no_aug`` caches the teacher's logits on each example as it is: refused when the
+    training examples are augmented (crop, flip, token masking)."""
+    if parse(spec)[0] == "no_aug" and preprocess.augments:
+        raise KdclError(
+            "distill.teacher_cache=no_aug is for runs without augmentation, but this dataset augments its "
+            "training examples (dataset.crop_padding, dataset.flip or dataset.token_mask)",
+            fix="set distill.teacher_cache=none (the teacher sees every augmented batch), views:K for images, "
+            "or turn the augmentation off",
+        )
+
+
 @register_feed("no_aug")
 def unaugmented(inputs: FeedInputs) -> CachedViews:
     """One view per example, the image itself (a centred crop, no flip)."""
     pre, n = inputs.preprocess, len(inputs.train)
-    if pre.augments:
-        raise KdclError(
-            "distill.teacher_cache=no_aug is for runs without augmentation, but this dataset "
-            f"augments (crop_padding={pre.crop_padding}, flip={pre.flip})",
-            fix="use distill.teacher_cache=views:K, or set dataset.crop_padding=0 dataset.flip=false",
-        )
+    check_unaugmented("no_aug", pre)
     device = pre.generator.device
     centre = torch.full((n, 1), pre.crop_padding, dtype=torch.long, device=device)
     params = Augment(centre, centre.clone(), torch.zeros(n, 1, dtype=torch.bool, device=device))

@@ -55,7 +55,13 @@ class TeacherLogits:
 
     @classmethod
     def load(cls, folder: Path, device: torch.device) -> TeacherLogits:
-        logits, index, offsets = (np.load(folder / name) for name in FILES)
+        try:
+            logits, index, offsets = (np.load(folder / name) for name in FILES)
+        except (OSError, ValueError) as err:
+            raise KdclError(
+                f"the recorded teacher logits in {folder} cannot be read ({err})",
+                fix=f"delete {folder.parent} (the next run records them again), or set cache_teacher_logits_mb=0",
+            ) from None
         return cls(torch.from_numpy(logits).to(device), torch.from_numpy(index).to(device), offsets.tolist())
 
 

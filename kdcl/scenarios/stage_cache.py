@@ -196,25 +196,33 @@ def reuse_or_produce(
     return None, row
 
 
-def teacher_logits_key(cfg: dict[str, Any], trainer: TrainSettings, plan: dict[str, Any]) -> dict[str, Any]:
+def teacher_logits_key(
+    cfg: dict[str, Any], trainer: TrainSettings, plan: dict[str, Any], teacher_weights: Path
+) -> dict[str, Any]:
     """What fixes a student stage's batches and its teacher's outputs on them: the teacher
-    stage's key (the model, the data, the recipe, the seed), a teacher checkpoint's size and
-    modification time, the student (a curriculum may score with it) and ``plan`` (the
-    stage's curriculum section, seed and step budget). Not the ``distill`` section: the
-    loss reads the logits, it does not change them."""
-    checkpoint = cfg["teacher"]["checkpoint"]
+    stage's key (the model, the data, the recipe, the seed), the size and modification time
+    of the teacher's weights (``teacher_weights``: its ``best.pt``, which a cache hit copies
+    with its time, or ``teacher.checkpoint``), the student (a curriculum may score with it)
+    and ``plan`` (the stage's curriculum section, seed and step budget). Not the ``distill``
+    section: the loss reads the logits, it does not change them."""
     return {
         "stage": "teacher_logits",
         "stage_version": STAGE_VERSION,
         "teacher": stage_key(cfg, "teacher", trainer),
-        "checkpoint": file_stamp(Path(checkpoint).expanduser()) if checkpoint else None,
+        "teacher_weights": file_stamp(teacher_weights),
         "student": cfg["student"],
         "plan": plan,
     }
 
 
 def teacher_logits_slot(
-    cfg: dict[str, Any], trainer: TrainSettings, run_dir: Path, plan: dict[str, Any], rows: int, num_classes: int
+    cfg: dict[str, Any],
+    trainer: TrainSettings,
+    run_dir: Path,
+    plan: dict[str, Any],
+    teacher_weights: Path,
+    rows: int,
+    num_classes: int,
 ) -> ReplaySlot | None:
     """Where a student stage taught by the run's teacher keeps and finds that teacher's
     online logits (:mod:`kdcl.distill.replay`) under :func:`teacher_logits_key`, or None
@@ -230,7 +238,7 @@ def teacher_logits_slot(
             limit,
         )
         return None
-    key = teacher_logits_key(cfg, trainer, plan)
+    key = teacher_logits_key(cfg, trainer, plan, teacher_weights)
     cache, name = open_cache(cfg), f"teacher_logits-{digest(key)}"
     folder = cache.root / name
 
@@ -251,7 +259,7 @@ def teacher_logits_slot(
 
 def file_stamp(path: Path) -> list[int]:
     """Size and modification time (ns) of a file, or of the files under a folder (their
-    sums, their latest): what tells a rewritten checkpoint from the one recorded."""
+    sum, their latest): what tells retrained or rewritten weights from those recorded."""
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     stats = [f.stat() for f in files]
     return [sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)]

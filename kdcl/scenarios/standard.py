@@ -52,7 +52,7 @@ from kdcl.curricula import (
     score_all,
 )
 from kdcl.data import DataBundle, load_data
-from kdcl.distill.feeds import Feed, TopKLogits, augments, caches
+from kdcl.distill.feeds import Feed, TopKLogits, augments, caches, check_unaugmented
 from kdcl.distill.losses import DistillLoss, create_loss
 from kdcl.distill.replay import ReplaySlot
 from kdcl.distill.teachers import Teachers
@@ -504,8 +504,10 @@ def checked_model(run: Run, spec: dict, role: str) -> nn.Module:
 def check_teacher_cache(name: str, loss_fn: DistillLoss, control: ControlConfig, data: DataBundle) -> None:
     """A cache holds the (final) teacher's logits: nothing else of the teacher, and no
     strong views; only a cache keeps top-K logits, and K is at most the number of classes;
-    text has no augmented views to cache, nor strong views to distil on."""
+    ``no_aug`` takes data without augmentation; text has no augmented views to cache, nor
+    strong views to distil on."""
     spec, topk, num_classes = control.teacher_cache, control.teacher_cache_topk, data.num_classes
+    check_unaugmented(spec, data.preprocess)
     if data.text is not None and augments(spec):
         raise KdclError(
             f"distill.teacher_cache={spec} caches augmented views of images, but dataset {data.name!r} is text",
@@ -694,8 +696,10 @@ def teacher_logits(run: Run, teachers: list[nn.Module] | None, curriculum: dict,
     if teachers not in (None, run.teachers) or run.cfg["teachers"] or run.teachers[:1] != [run.teacher]:
         return None
     plan = {"curriculum": curriculum, "seed": seed, "steps": run.total_steps, "examples": run.budget_examples}
+    checkpoint = run.cfg["teacher"]["checkpoint"]
+    weights = Path(checkpoint).expanduser() if checkpoint else run.out / "teacher" / "best.pt"
     rows = run.total_steps * run.trainer.batch_size
-    return teacher_logits_slot(run.cfg, run.trainer, run.out, plan, rows, run.data.num_classes)
+    return teacher_logits_slot(run.cfg, run.trainer, run.out, plan, weights, rows, run.data.num_classes)
 
 
 def test_columns(run: Run, stage: str, model: nn.Module) -> dict[str, Any]:
