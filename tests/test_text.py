@@ -23,6 +23,7 @@ from kdcl.commands.eval import run_eval  # noqa: E402
 from kdcl.curricula import SCORERS, ScoreContext  # noqa: E402
 from kdcl.data import TextPreprocess, load_data  # noqa: E402
 from kdcl.data.tokens import trained_tokenizer  # noqa: E402
+from kdcl.distill import feeds  # noqa: E402
 from kdcl.distill.losses import ATTENTION_GAPS, LossContext, create_loss  # noqa: E402
 from kdcl.errors import KdclError  # noqa: E402
 from kdcl.models import copy_teacher_layers, count_macs, create_model  # noqa: E402
@@ -572,6 +573,27 @@ def test_a_teacher_cache_of_unmasked_texts_with_token_masking_is_refused_before_
         run_pipeline(cfg, tmp_path)
     assert "distill.teacher_cache=none" in err.value.fix
     assert not (tmp_path / "teacher").exists()
+
+
+def test_a_run_on_masked_tokens_teaches_online_and_its_test_split_is_unmasked(text_root, tmp_path, monkeypatch):
+    seen = []  # what the online teacher is given in training
+    online = feeds.OnlineTeacher.__call__
+
+    def spy(self, step, epoch, idx, x, y, part=None):
+        views, logits = online(self, step, epoch, idx, x, y, part)
+        if self.teacher_at is not None:
+            seen.append((views, x))
+        return views, logits
+
+    monkeypatch.setattr(feeds.OnlineTeacher, "__call__", spy)
+    unk = load(text_root).text.tokenizer().token_to_id("[UNK]")
+    cfg = text_cfg(text_root, *TINY_RUN, "trainer.epochs=1", "dataset.token_mask=0.3", "distill.teacher_cache=none")
+    summary = run_pipeline(cfg, tmp_path).set_index("model")
+    masked = [(views == unk) & (x[:, : views.shape[1]] != unk) for views, x in seen]
+    assert seen and sum(m.sum().item() for m in masked) > 0  # the teacher labels masked texts
+    assert (tmp_path / "distill" / "metrics.csv").is_file() and summary.loc["distill", "steps"] > 0
+    frame = run_eval(str(tmp_path / "distill" / "best.pt"), None, "cpu", 64, tmp_path, None)
+    assert frame["acc"].iloc[0] == pytest.approx(summary.loc["distill", "test_acc"])  # evaluated unmasked
 
 
 def test_strong_views_with_text_are_refused(text_root, tmp_path):
