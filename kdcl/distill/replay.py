@@ -14,7 +14,7 @@ as an online one; what it saves is the teacher's forward pass, every step.
 
 The replayed rows are checked against the batches the stage actually draws: each step
 compares its example indices with the recorded ones on the device (no host sync), and
-:meth:`LogitReplay.check` stops the stage with one message if any step differed.
+:meth:`LogitReplay.finish` stops the stage with one message if any step differed.
 """
 
 from __future__ import annotations
@@ -131,7 +131,6 @@ class LogitReplay:
                 "the stage drew, so its results are not valid",
                 fix="run again with cache_teacher_logits_mb=0 (the teacher runs online every step), and report it",
             )
-        return None
 
 
 @dataclass

@@ -231,12 +231,9 @@ def teacher_logits_slot(
     limit = cfg["cache_teacher_logits_mb"]
     if not cfg["cache"] or not limit:
         return None
-    if table_mb(rows, num_classes) > limit:
-        log.info(
-            "teacher logits not kept for replay: %.0f MB > cache_teacher_logits_mb=%s",
-            table_mb(rows, num_classes),
-            limit,
-        )
+    megabytes = table_mb(rows, num_classes)
+    if megabytes > limit:
+        log.info("teacher logits not kept for replay: %.0f MB > cache_teacher_logits_mb=%s", megabytes, limit)
         return None
     key = teacher_logits_key(cfg, trainer, plan, teacher_weights)
     cache, name = open_cache(cfg), f"teacher_logits-{digest(key)}"

@@ -693,7 +693,8 @@ def teacher_logits(run: Run, teachers: list[nn.Module] | None, curriculum: dict,
     """Where a stage taught by the run's own teacher (not assistants, a born-again
     generation or a ``teachers`` list) records or replays its online logits
     (``cache_teacher_logits_mb``, :mod:`kdcl.distill.replay`)."""
-    if teachers not in (None, run.teachers) or run.cfg["teachers"] or run.teachers[:1] != [run.teacher]:
+    own = teachers is None or teachers is run.teachers
+    if not own or run.cfg["teachers"] or not run.teachers or run.teachers[0] is not run.teacher:
         return None
     plan = {"curriculum": curriculum, "seed": seed, "steps": run.total_steps, "examples": run.budget_examples}
     checkpoint = run.cfg["teacher"]["checkpoint"]
