@@ -17,7 +17,8 @@ from test_cli import assert_clean_error
 
 from kdcl.commands import export
 from kdcl.errors import KdclError
-from kdcl.train.checkpoint import load_checkpoint, model_from_checkpoint
+from kdcl.train.checkpoint import load_checkpoint, load_model
+from kdcl.trust import CodePolicy
 
 FAST = ["warmup=1", "repeats=3", "check_examples=64"]
 LATENCY = [f"latency_ms_b{b}_{t}" for t in ("1thread", "all_threads") for b in (1, 64)]
@@ -36,7 +37,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def pytorch_outputs(checkpoint: Path, x: torch.Tensor) -> torch.Tensor:
-    model = model_from_checkpoint(load_checkpoint(checkpoint)).eval()
+    model = load_model(checkpoint, CodePolicy()).eval()
     with torch.no_grad():
         return model(x)
 

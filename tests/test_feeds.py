@@ -31,6 +31,7 @@ from kdcl.errors import KdclError
 from kdcl.models import create_model, fold_batchnorm
 from kdcl.scenarios.standard import run_pipeline
 from kdcl.train.checkpoint import load_checkpoint, model_from_checkpoint
+from kdcl.trust import CodePolicy
 
 CPU = torch.device("cpu")
 N, K = 40, 3
@@ -384,7 +385,7 @@ def test_compiled_models_train_and_save_plain_checkpoints(tmp_path):
     assert (summary["steps"] == summary.loc["teacher", "steps"]).all()
     ckpt = load_checkpoint(tmp_path / "distill" / "best.pt")
     assert not any("_orig_mod" in k for k in ckpt["state_dict"])  # the plain model's keys
-    model_from_checkpoint(ckpt)  # and they load into the plain architecture (strict)
+    model_from_checkpoint(ckpt, CodePolicy(), "best.pt")  # and they load into the plain architecture (strict)
 
 
 def test_bench_parity_tests_the_students_it_trained(cli, tmp_path):

@@ -25,8 +25,9 @@ from kdcl.errors import KdclError
 from kdcl.scenarios import standard as stages
 from kdcl.scenarios.standard import run_pipeline
 from kdcl.train import assemble
-from kdcl.train.checkpoint import load_checkpoint, model_from_checkpoint
+from kdcl.train.checkpoint import load_model, model_from_checkpoint
 from kdcl.train.engine import Meter, Stage, TrainSettings, evaluate, train_step
+from kdcl.trust import CodePolicy
 
 COMPOSED = "[{name: kd, weight: 0.9}, {name: fitnet, weight: 100}, {name: at}, {name: dkd, warmup_epochs: 0}]"
 
@@ -47,7 +48,7 @@ def recomputed_ensemble_acc(cfg: dict, checkpoints: list) -> float:
     """Test accuracy of the mean softmax of the checkpoints' models, from scratch."""
     data = load_data(cfg["dataset"], torch.device("cpu"), True, cfg["seed"])
     trainer = TrainSettings(torch.device("cpu"), 1, 64, 512, amp=False)
-    probs = [evaluate(model_from_checkpoint(load_checkpoint(c)), data.test, data, trainer) for c in checkpoints]
+    probs = [evaluate(load_model(c, CodePolicy()), data.test, data, trainer) for c in checkpoints]
     mean = torch.stack([torch.softmax(ev.logits, 1) for ev in probs]).mean(0)
     return (mean.argmax(1) == probs[0].labels).float().mean().item()
 
@@ -117,7 +118,7 @@ def test_adapters_are_saved_apart_from_the_deployable_student(methods_run):
     ckpt = torch.load(out / "distill" / "best.pt", weights_only=True)
     assert {"parts.1.adapters.0.weight", "parts.1.adapters.0.bias"} == set(ckpt["loss_state"])
     assert not any("adapter" in key for key in ckpt["state_dict"])
-    model = model_from_checkpoint(ckpt)  # what kdcl eval rebuilds: the weights alone
+    model = model_from_checkpoint(ckpt, CodePolicy(), "best.pt")  # what kdcl eval rebuilds: the weights alone
     data = load_data(cfg["dataset"], torch.device("cpu"), True, cfg["seed"])
     acc = evaluate(model, data.test, data, TrainSettings(torch.device("cpu"), 1, 64, 512, amp=False)).acc
     assert acc == pytest.approx(summary.loc["distill", "test_acc"])
@@ -196,7 +197,7 @@ def test_born_again_generation_k_learns_from_generation_k_minus_1(born_again_run
     _, out, _, teachers = born_again_run
     x = torch.randn(16, 1, 8, 8)
     for stage, previous in (("gen_1", "teacher"), ("gen_2", "gen_1")):
-        saved = model_from_checkpoint(load_checkpoint(out / previous / "best.pt")).eval()
+        saved = load_model(out / previous / "best.pt", CodePolicy()).eval()
         # the teacher is the previous generation's best model (its BatchNorm folded: equal up to rounding)
         assert torch.allclose(teachers[stage](x), saved(x), atol=1e-4)
 

@@ -31,8 +31,21 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = Path(CONF_DIR) / "models"
 NAMES = sorted(p.stem for p in MODEL_DIR.glob("*.yaml"))
 NAMED = [n for n in NAMES if OmegaConf.load(MODEL_DIR / f"{n}.yaml").name]  # custom names none: the command line does
-TEACHER_BASE = {"kwargs": {}, "pretrained": False, "_target_": None, "checkpoint": None, "route_points": 0}
-STUDENT_BASE = {"kwargs": {}, "pretrained": False, "_target_": None, "init_from_teacher": False}
+TEACHER_BASE = {
+    "kwargs": {},
+    "pretrained": False,
+    "_target_": None,
+    "trust_remote_code": False,
+    "checkpoint": None,
+    "route_points": 0,
+}
+STUDENT_BASE = {
+    "kwargs": {},
+    "pretrained": False,
+    "_target_": None,
+    "trust_remote_code": False,
+    "init_from_teacher": False,
+}
 
 
 def listed(help_text: str, group: str) -> list[str]:
@@ -53,8 +66,8 @@ def test_every_model_option_composes_as_teacher_and_as_student(compose_cfg, name
     assert cfg["teacher"] == {**TEACHER_BASE, **option}  # the teacher-only keys come from config.yaml
     assert cfg["student"] == {**STUDENT_BASE, **option}
     validate(cfg)
-    assert model_option(name) == {"pretrained": False, "_target_": None, **option}
-    common = {"kwargs": {}, "pretrained": False, "_target_": None, "checkpoint": None}
+    assert model_option(name) == {"pretrained": False, "_target_": None, "trust_remote_code": False, **option}
+    common = {"kwargs": {}, "pretrained": False, "_target_": None, "trust_remote_code": False, "checkpoint": None}
     assert teacher_specs({"teachers": [name]}) == [{**common, **option}]
 
 
@@ -163,5 +176,14 @@ def test_a_file_dropped_in_conf_model_is_an_option_of_both_groups(tmp_path):
     conf_dir, specs = probe.stdout.splitlines()
     assert conf_dir == str(checkout / "conf")
     assert specs == str(
-        [{"kwargs": {"hidden": [512]}, "pretrained": False, "_target_": None, "checkpoint": None, "name": "mlp"}]
+        [
+            {
+                "kwargs": {"hidden": [512]},
+                "pretrained": False,
+                "_target_": None,
+                "trust_remote_code": False,
+                "checkpoint": None,
+                "name": "mlp",
+            }
+        ]
     )

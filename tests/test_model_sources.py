@@ -23,6 +23,7 @@ from kdcl.scenarios.standard import check_losses, run_pipeline, start_run, teach
 from kdcl.train.checkpoint import model_from_checkpoint
 from kdcl.train.engine import TrainSettings, evaluate
 from kdcl.train.weights import load_teacher, safetensors_file
+from kdcl.trust import CodePolicy
 
 TESTS = Path(__file__).resolve().parent
 DIGITS = (1, 8, 8)  # the default dataset's images
@@ -70,7 +71,8 @@ def test_each_source_builds_for_the_data_and_its_checkpoint_spec_rebuilds_it(kin
     payload = {"model": saved, "num_classes": 10, "input_shape": list(DIGITS), "state_dict": model.state_dict()}
     torch.save(payload, tmp_path / "ckpt.pt")
     (tmp_path / "hf_resnet" / "config.json").unlink()  # a checkpoint needs no HF directory
-    rebuilt = model_from_checkpoint(torch.load(tmp_path / "ckpt.pt", weights_only=True)).eval()
+    policy = CodePolicy(named=frozenset({TARGET["_target_"]}))  # the user names their callable
+    rebuilt = model_from_checkpoint(torch.load(tmp_path / "ckpt.pt", weights_only=True), policy, "ckpt.pt").eval()
     assert torch.equal(rebuilt(x), logits)
 
 
@@ -108,7 +110,7 @@ def test_unknown_source_and_missing_packages(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)
     (tmp_path / "w.safetensors").write_bytes(b"")
     with pytest.raises(KdclError, match=r"w.safetensors needs the package safetensors,(.|\n)*kdcl\[models\]"):
-        safetensors_file(tmp_path / "w.safetensors", TORCHVISION, None, "teacher.checkpoint")
+        safetensors_file(tmp_path / "w.safetensors", TORCHVISION, None, "teacher.checkpoint", CodePolicy())
 
 
 def test_target_that_cannot_be_imported_or_built(tmp_path):
@@ -121,7 +123,9 @@ def test_target_that_cannot_be_imported_or_built(tmp_path):
     # kdcl eval of a checkpoint whose package is gone: the same message
     ckpt = {"model": {"source": "_target_", "name": "gone.nets.build", "_target_": "gone.nets.build", "kwargs": {}}}
     with pytest.raises(KdclError, match="'gone.nets' cannot be imported(.|\n)*PYTHONPATH"):
-        model_from_checkpoint({**ckpt, "num_classes": 10, "input_shape": list(DIGITS), "state_dict": {}})
+        model_from_checkpoint(
+            {**ckpt, "num_classes": 10, "input_shape": list(DIGITS), "state_dict": {}}, CodePolicy(any_target=True), "c"
+        )
 
 
 def test_the_custom_option_takes_a_name_or_target_without_other_kwargs(compose_cfg):
@@ -217,7 +221,7 @@ def test_hf_directory_loads_as_a_teacher(compose_cfg, tmp_path):
     data = load_data(cfg["dataset"], torch.device("cpu"), False, cfg["seed"])
     torch.manual_seed(0)
     AutoModelForImageClassification.from_config(tiny_hf_config()).save_pretrained(tmp_path / "trained")
-    loaded = load_teacher(tmp_path / "trained", cfg["teacher"], data, "teacher.checkpoint")
+    loaded = load_teacher(tmp_path / "trained", cfg["teacher"], data, "teacher.checkpoint", CodePolicy())
     again = build_model({"name": f"hf:{tmp_path / 'trained'}"}, 10, DIGITS, pretrained=True).eval()
     x = torch.randn(2, *DIGITS)
     assert loaded.arch == f"hf:{tmp_path / 'trained'}" and torch.allclose(loaded.model.eval()(x), again(x))
@@ -234,15 +238,15 @@ def test_mismatched_weights_are_one_message_expected_vs_found(compose_cfg, tmp_p
     AutoModelForImageClassification.from_config(tiny_hf_config(num_labels=3)).save_pretrained(tmp_path / "three")
     spec = {**cfg["teacher"], **TORCHVISION}
     with pytest.raises(KdclError) as info:
-        load_teacher(tmp_path / "five.pth", spec, data, "teacher.checkpoint")
+        load_teacher(tmp_path / "five.pth", spec, data, "teacher.checkpoint", CodePolicy())
     message = str(info.value)
     assert "do not fit" in message and "(5, " in message and "(10, " in message and "head of 10 outputs" in message
     with pytest.raises(KdclError, match=r"gives outputs \(2, 5\) for a batch of 2, expected \(2, 10\)"):
-        load_teacher(tmp_path / "five.pt", spec, data, "teacher.checkpoint")
+        load_teacher(tmp_path / "five.pt", spec, data, "teacher.checkpoint", CodePolicy())
     with pytest.raises(KdclError, match="has 3 classes and 1 input channels, the data 10 and 1(.|\n)*fine-tune"):
-        load_teacher(tmp_path / "three", spec, data, "teacher.checkpoint")
+        load_teacher(tmp_path / "three", spec, data, "teacher.checkpoint", CodePolicy())
     with pytest.raises(KdclError, match="directory without config.json(.|\n)*safetensors"):
-        load_teacher(tmp_path, spec, data, "teacher.checkpoint")
+        load_teacher(tmp_path, spec, data, "teacher.checkpoint", CodePolicy())
 
 
 def test_a_teacher_that_does_not_fit_stops_the_run_before_anything_trains(compose_cfg, tmp_path):
@@ -278,9 +282,11 @@ def test_cli_trains_each_source_and_eval_reproduces_it(cli, tmp_path, hf_dir, ta
     assert train.returncode == 0, train.stderr
     summary = pd.read_csv(run_dir / "summary.csv").set_index("model")
     assert summary.loc["teacher", "arch"] in " ".join(overrides)
+    named = [o.partition("=")[2] for o in overrides if o.startswith("teacher._target_=")]
+    trust = [f"trust_code=[{','.join(named)}]"] if named else []  # the user names the callable to rebuild it
     for stage in ("teacher", "distill"):
         eval_dir = tmp_path / f"eval_{stage}"
-        result = cli("eval", f"checkpoint={run_dir / stage / 'best.pt'}", f"hydra.run.dir={eval_dir}")
+        result = cli("eval", f"checkpoint={run_dir / stage / 'best.pt'}", *trust, f"hydra.run.dir={eval_dir}")
         assert result.returncode == 0, result.stderr
         ev = pd.read_csv(eval_dir / "eval.csv").iloc[0]
         assert ev["acc"] == pytest.approx(summary.loc[stage, "test_acc"], abs=1e-9)

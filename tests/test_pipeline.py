@@ -12,7 +12,8 @@ from conftest import QUICK
 from kdcl.errors import KdclError
 from kdcl.models import count_macs
 from kdcl.scenarios.standard import run_pipeline
-from kdcl.train.checkpoint import load_checkpoint, model_from_checkpoint
+from kdcl.train.checkpoint import load_checkpoint, load_model
+from kdcl.trust import CodePolicy
 
 STAGE_COLUMNS = [
     "epoch",
@@ -111,7 +112,7 @@ def test_summary_rows_and_derived_columns(quick_run):
     assert on_disk.columns.get_loc("macs") == on_disk.columns.get_loc("params") + 1
     shape = tuple(load_checkpoint(out / "distill" / "best.pt")["input_shape"])
     for stage in ("teacher", "baseline", "distill"):
-        model = model_from_checkpoint(load_checkpoint(out / stage / "best.pt"))
+        model = load_model(out / stage / "best.pt", CodePolicy())
         assert rows.loc[stage, "macs"] == count_macs(model, shape)
     assert rows.loc["teacher", "macs"] > rows.loc["distill", "macs"] > 0
     assert rows.loc["teacher", "test_acc"] > 0.6  # the digits teacher learns in two short epochs
@@ -125,7 +126,7 @@ def test_teacher_agreement_recomputed_from_checkpoints(quick_run):
     data = load_data(cfg["dataset"], torch.device("cpu"), True, cfg["seed"])
     trainer = TrainSettings(torch.device("cpu"), 1, 64, 512, amp=False)
     preds = {
-        m: evaluate(model_from_checkpoint(load_checkpoint(out / m / "best.pt")), data.test, data, trainer)
+        m: evaluate(load_model(out / m / "best.pt", CodePolicy()), data.test, data, trainer)
         for m in ("teacher", "distill")
     }
     rows = summary.set_index("model")

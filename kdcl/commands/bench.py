@@ -70,6 +70,7 @@ from kdcl.output.tables import print_table, write_csv
 from kdcl.train.assemble import build_stage, teacher_feed
 from kdcl.train.engine import TrainSettings, evaluate, peak_memory_mb, reset_peak_memory, train_steps
 from kdcl.train.weights import load_teacher
+from kdcl.trust import CodePolicy
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +287,7 @@ def setup(cfg: dict[str, Any], out: Path) -> Setup:
         )
     spec = teacher_specs(cfg)[0]
     if spec["checkpoint"]:
-        teacher = load_teacher(spec["checkpoint"], spec, data, "teacher.checkpoint").model
+        teacher = load_teacher(spec["checkpoint"], spec, data, "teacher.checkpoint", CodePolicy.of(cfg)).model
     else:
         torch.manual_seed(cfg["seed"])
         teacher = build_model(spec, data.num_classes, data.input_shape)

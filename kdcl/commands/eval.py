@@ -19,6 +19,7 @@ from kdcl.errors import KdclError
 from kdcl.models import build_model, count_macs, count_params, model_ref, size_mb
 from kdcl.output.tables import print_table, write_csv
 from kdcl.train.checkpoint import (
+    checked_spec,
     checkpoint_data,
     is_kdcl,
     load_weights,
@@ -26,6 +27,7 @@ from kdcl.train.checkpoint import (
     read_checkpoint,
 )
 from kdcl.train.engine import TrainSettings, evaluate, resolve_device
+from kdcl.trust import CodePolicy
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ def run_eval(
     batch_size: int,
     out: Path,
     model_spec: dict[str, Any] | None = None,
+    policy: CodePolicy | None = None,
 ) -> pd.DataFrame:
     """Evaluate ``checkpoint`` and write ``eval.csv``, ``eval_per_class.csv`` and ``confusion.csv``.
 
@@ -44,13 +47,15 @@ def run_eval(
     output) is tested on the examples of those classes.
 
     A kdcl checkpoint describes itself (a model of any source; one of ``_target_`` needs its
-    package importable); a plain ``state_dict`` file (torchvision's, say) needs
-    ``model_spec`` (name, of any source, and kwargs) and a dataset."""
-    ckpt = read_checkpoint(checkpoint)
+    package importable and ``policy``'s leave to call it, :mod:`kdcl.trust`); a plain
+    ``state_dict`` file (torchvision's, say) needs ``model_spec`` (name, of any source, and
+    kwargs) and a dataset."""
+    ckpt, policy = read_checkpoint(checkpoint), policy or CodePolicy()
     device = resolve_device(device_name)
     if is_kdcl(ckpt):
+        checked_spec(ckpt, policy, checkpoint)  # before the data loads: refused code is refused first
         data = checkpoint_data(ckpt, dataset, device)
-        model = model_from_checkpoint(ckpt).to(device)
+        model = model_from_checkpoint(ckpt, policy, checkpoint).to(device)
         name, stage = ckpt["model"]["name"], ckpt.get("stage")
     else:
         if not model_spec or not dataset:
@@ -135,5 +140,7 @@ def eval_command(cfg: DictConfig) -> None:
     plain = plain_config(cfg)
     validate_eval(plain)
     model = {"name": plain["model"], "kwargs": plain["model_kwargs"] or {}} if plain["model"] else None
-    run_eval(cfg.checkpoint, plain.get("dataset"), cfg.device, cfg.batch_size, output_dir(), model)
+    run_eval(
+        cfg.checkpoint, plain.get("dataset"), cfg.device, cfg.batch_size, output_dir(), model, CodePolicy.of(plain)
+    )
     log.info("wrote %s", output_dir() / "eval.csv")

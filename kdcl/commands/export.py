@@ -40,7 +40,8 @@ from kdcl.config.schema import ExportConfig
 from kdcl.errors import KdclError
 from kdcl.models import count_macs, count_params
 from kdcl.output.tables import print_table, write_csv
-from kdcl.train.checkpoint import checkpoint_data, load_checkpoint, model_from_checkpoint
+from kdcl.train.checkpoint import checked_spec, checkpoint_data, load_checkpoint, model_from_checkpoint
+from kdcl.trust import CodePolicy
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ def export_model(model: Exportable, fmt: str, out_file: Path, settings: dict[str
     """Export ``model`` to ``out_file``, check its outputs against PyTorch's and time it;
     returns its row of ``export.csv``."""
     ckpt = model.ckpt
-    net = model_from_checkpoint(ckpt).eval()
+    net = model_from_checkpoint(ckpt, CodePolicy.of(settings), model.path).eval()
     x, inputs = check_inputs(ckpt, settings["check_examples"])
     log.info("exporting %s (%s) to %s", model.path, ckpt["model"]["name"], out_file)
     backend, other = FORMATS[fmt], next(f for f in FORMATS if f != fmt)
@@ -297,10 +298,14 @@ def chosen_models(settings: dict[str, Any]) -> list[Exportable]:
         )
     FORMATS[settings["format"]].require()
     if settings["run"] is not None:
-        return run_models(Path(settings["run"]).expanduser())
-    path = Path(settings["checkpoint"]).expanduser()
-    ckpt = load_checkpoint(path)
-    return [Exportable(ckpt.get("stage") or "model", path, ckpt)]
+        models = run_models(Path(settings["run"]).expanduser())
+    else:
+        path = Path(settings["checkpoint"]).expanduser()
+        ckpt = load_checkpoint(path)
+        models = [Exportable(ckpt.get("stage") or "model", path, ckpt)]
+    for model in models:  # the code each file names, before anything is built
+        checked_spec(model.ckpt, CodePolicy.of(settings), model.path)
+    return models
 
 
 def compression_table(exports: pd.DataFrame, accuracy: list[float | None]) -> pd.DataFrame:

@@ -21,6 +21,7 @@ from kdcl.errors import KdclError
 from kdcl.output.trackers import Loggers, TrackedRun, check_loggers, open_loggers
 from kdcl.scenarios import REGISTERED_NAMES, SCENARIOS, Scenario
 from kdcl.train.engine import EpochHook, resolve_device
+from kdcl.trust import check_saved_config
 
 log = logging.getLogger("kdcl")
 
@@ -36,8 +37,10 @@ def train_command(cfg: DictConfig) -> float:
                 f"resume={cfg.resume}: no kdcl run there ({saved} is missing)",
                 fix="pass the run directory of an earlier kdcl train (the one holding summary.csv or teacher/)",
             )
+        saved_cfg = OmegaConf.load(saved)
+        check_saved_config(OmegaConf.to_container(saved_cfg), OmegaConf.to_container(cfg), str(saved))
         log.info("resuming the run in %s with its own config", out)
-        cfg = OmegaConf.load(saved)
+        cfg = saved_cfg
     validate(cfg, registries=REGISTERED_NAMES)
     plain = plain_config(cfg)
     check_loggers(loggers_of(plain))

@@ -44,7 +44,7 @@ def option_folder(group: str) -> Path:
 
 def model_option(name: str) -> dict[str, Any]:
     """The model spec of a model option, ``conf/models/NAME.yaml`` (``cnn_small`` → name cnn, width 8)."""
-    return {"pretrained": False, "_target_": None, **group_option("teacher", name)}
+    return {"pretrained": False, "_target_": None, "trust_remote_code": False, **group_option("teacher", name)}
 
 
 def group_option(group: str, name: str) -> dict[str, Any]:
@@ -92,7 +92,7 @@ def teacher_specs(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     entries = cfg.get("teachers")
     if not entries:
         return [cfg["teacher"]]
-    common = {"kwargs": {}, "pretrained": False, "_target_": None, "checkpoint": None}
+    common = {"kwargs": {}, "pretrained": False, "_target_": None, "trust_remote_code": False, "checkpoint": None}
     return [{**common, **(group_option("teacher", entry) if isinstance(entry, str) else entry)} for entry in entries]
 
 

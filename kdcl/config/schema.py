@@ -56,6 +56,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, ValidationError
 
 from kdcl.errors import KdclError
+from kdcl.trust import trust_code_rule
 
 S = TypeVar("S")
 
@@ -98,6 +99,8 @@ NON_NEGATIVE = ("a number ≥ 0", lambda v: v >= 0)
 COUNT = ("an integer ≥ 1", lambda v: v >= 1)
 COUNT_OR_ZERO = ("an integer ≥ 0", lambda v: v >= 0)
 DEVICE = ("auto, cpu, cuda, cuda:N or mps", _device)
+# Which import paths a file (checkpoint, cache entry, saved run config) may name and kdcl then calls.
+TRUST_CODE = ("false, true, or a list of import paths [pkg.module.fn, ...]", trust_code_rule)
 
 
 def _or_null(rule: tuple[str, Callable[[Any], bool]]) -> tuple[str, Callable[[Any], bool]]:
@@ -112,12 +115,14 @@ class ModelSpec:
     ``hf:PATH_OR_ID``, or a callable of your own, ``_target_``), its keyword arguments, its
     source's pretrained weights (:mod:`kdcl.models.sources`). ``_target_`` is read by kdcl,
     never instantiated by Hydra: kdcl does not call ``hydra.utils.instantiate`` on the run's
-    config."""
+    config. ``trust_remote_code``: let an ``hf:`` model run the Python its repository ships
+    (:mod:`kdcl.trust`); taken from the user's config only, never from a file."""
 
     name: Optional[str] = key()
     kwargs: Dict[str, Any] = key()
     pretrained: bool = key()
     _target_: Optional[str] = key("null or an import path pkg.module.function", lambda v: v is None or "." in v)
+    trust_remote_code: bool = key()
 
 
 @dataclass
@@ -396,6 +401,7 @@ class TrainConfig:
 
     seed: int = key(*COUNT_OR_ZERO)
     resume: Optional[str] = key()
+    trust_code: Any = key(*TRUST_CODE)
     baseline: bool = key()
     arms: Any = key(
         "null or a mapping name → {distill: {...}, curriculum: {...}}",
@@ -488,6 +494,7 @@ class EvalConfig:
     model_kwargs: Any = key(
         "null or a mapping of the model's keyword arguments", lambda v: v is None or isinstance(v, dict)
     )
+    trust_code: Any = key(*TRUST_CODE)
 
 
 @dataclass
@@ -502,6 +509,7 @@ class ExportConfig:
     check_examples: int = key(*COUNT)
     warmup: int = key(*COUNT_OR_ZERO)
     repeats: int = key(*COUNT)
+    trust_code: Any = key(*TRUST_CODE)
 
 
 # --------------------------------------------------------------------------- reading the schema

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from kdcl.distributed import Part
 from kdcl.errors import TEXT_EXTRA, KdclError
+from kdcl.trust import remote_code_refused
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")  # [PAD] first: pad id 0
 
@@ -127,7 +128,13 @@ def model_tokenizer(path: str, max_length: int) -> TextEncoding:
         )
     transformers = text_import("transformers", f"dataset.tokenizer={path}")
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        with remote_code_refused(
+            f"dataset.tokenizer={path}",
+            fix="use a tokenizer transformers reads without code of its own (a fast tokenizer.json)",
+        ):
+            tokenizer = transformers.AutoTokenizer.from_pretrained(
+                str(folder), local_files_only=True, trust_remote_code=False
+            )
     except (OSError, ValueError) as err:
         raise KdclError(
             f"dataset.tokenizer={path}: no tokenizer could be read from it ({str(err).splitlines()[0]})",

@@ -54,6 +54,7 @@ from torch import Tensor, nn
 from kdcl.data import Augment, Preprocess, Source, StrongViews, TextPreprocess
 from kdcl.distributed import Part
 from kdcl.errors import KdclError
+from kdcl.files import replacing
 from kdcl.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -321,6 +322,14 @@ class MemoryLogits:
         return self.codec.decode({name: table[idx, v] for name, table in self.tables.items()})
 
 
+def new_shard(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.memmap:
+    """A new ``.npy`` memory map at ``path``: made as a new file beside it, mapped, then
+    renamed to ``path``, so a file or link already there is replaced, never written through."""
+    with replacing(path) as tmp:
+        shard = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+    return shard
+
+
 @STORES.register("disk")
 class DiskLogits:
     """The (N, K) views' encoded logits in ``.npy`` shards of whole examples, at most
@@ -336,11 +345,10 @@ class DiskLogits:
         self.device = inputs.preprocess.generator.device
         self.shards = [
             {
-                name: np.lib.format.open_memmap(
+                name: new_shard(
                     directory / f"shard_{s:04d}_{name}.npy",
-                    mode="w+",
-                    dtype=torch.empty(0, dtype=dtype).numpy().dtype,
-                    shape=(min(self.rows, n - s * self.rows), k, *shape),
+                    torch.empty(0, dtype=dtype).numpy().dtype,
+                    (min(self.rows, n - s * self.rows), k, *shape),
                 )
                 for name, (shape, dtype) in self.codec.fields.items()
             }

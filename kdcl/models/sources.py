@@ -38,8 +38,11 @@ from kdcl.models.operations import KWARGS_FIX, call_with_kwargs
 from kdcl.models.registered import MODELS, create_registered
 from kdcl.models.torchvision_nets import InputShape, torchvision_network
 from kdcl.registry import Registry
+from kdcl.trust import REMOTE_CODE_KEY, remote_code_refused
 
-SOURCES = Registry("model source", traits={"check": None})
+# check: a test of the source's name, run before anything is built; remote_code: whether the
+# source can run Python its model's files ship (it then takes ``trust_remote_code``).
+SOURCES = Registry("model source", traits={"check": None, "remote_code": False})
 register_source = SOURCES.register
 
 BUILTIN = "kdcl"  # the source of a name without a prefix
@@ -108,6 +111,20 @@ def build_model(
     if len(shape) not in (1, 3):
         raise KdclError(f"input_shape must be (channels, height, width) or (length,), got {tuple(input_shape)}")
     own, given = dict(spec.get("kwargs") or {}), dict(data_kwargs or {})
+    if REMOTE_CODE_KEY in own:
+        raise KdclError(
+            f"model {ref.label}: trust_remote_code is in its kwargs, and kdcl takes that permission only from "
+            "the model spec of your own command, never from kwargs (a checkpoint's kwargs are a file's word)",
+            fix="remove it from the kwargs; if you trust the model's code, set teacher.trust_remote_code=true "
+            "(or student.trust_remote_code=true)",
+        )
+    if SOURCES.trait(ref.source, "remote_code"):
+        given[REMOTE_CODE_KEY] = spec.get(REMOTE_CODE_KEY) is True
+    elif spec.get(REMOTE_CODE_KEY):
+        raise KdclError(
+            f"model {ref.label}: trust_remote_code=true, but its source runs no code of a model's files",
+            fix="set trust_remote_code=false (it applies to hf: models)",
+        )
     if "vocab_size" in given and own.get("vocab_size", given["vocab_size"]) != given["vocab_size"]:
         raise KdclError(
             f"model {ref.label} embeds a vocabulary of {own['vocab_size']} tokens, but the data's "
@@ -259,9 +276,19 @@ def check_fits_tokens(config: Any, label: str, vocab_size: int | None, max_lengt
 
 def from_saved_config(transformers: ModuleType, auto: Any, config: dict[str, Any]) -> nn.Module:
     """A model of ``auto``'s task with fresh weights for the HF ``config`` a checkpoint saved
-    (``rebuild_kwargs``): the architecture without the directory or the hub."""
+    (``rebuild_kwargs``): the architecture without the directory or the hub. Only a model
+    type transformers itself defines is rebuilt: the config's ``auto_map`` is not followed."""
     saved = dict(config)
-    return auto.from_config(transformers.AutoConfig.for_model(saved.pop("model_type"), **saved))
+    model_type = saved.pop("model_type", None)
+    try:
+        hf_config = transformers.AutoConfig.for_model(model_type, **saved)
+    except ValueError:
+        raise KdclError(
+            f"a checkpoint's Hugging Face config has model_type {model_type!r}, which transformers does not define",
+            fix="use a checkpoint of a model transformers defines (its code is not taken from a file)",
+        ) from None
+    with remote_code_refused(f"the saved model {model_type!r}"):
+        return auto.from_config(hf_config, trust_remote_code=False)
 
 
 def hf_text_model(
@@ -271,6 +298,7 @@ def hf_text_model(
     input_shape: InputShape,
     pretrained: bool,
     config: dict[str, Any] | None,
+    trust_remote_code: bool,
     vocab_size: int | None = None,
     pad_id: int = 0,
     **kwargs: Any,
@@ -281,23 +309,27 @@ def hf_text_model(
     auto = transformers.AutoModelForSequenceClassification
     if config is not None:
         return HFTextClassifier(from_saved_config(transformers, auto, config), pad_id)
-    with hub_files(f"hf:{ref}", "the config"):
-        hf_config = transformers.AutoConfig.from_pretrained(ref, num_labels=num_classes, **kwargs)
+    remote = {"trust_remote_code": trust_remote_code}
+    with hub_files(f"hf:{ref}", "the config"), remote_code_refused(f"hf:{ref}"):
+        hf_config = transformers.AutoConfig.from_pretrained(ref, num_labels=num_classes, **remote, **kwargs)
     check_fits_tokens(hf_config, f"hf:{ref}", vocab_size, input_shape[0], pretrained)
-    if not pretrained:
-        hf_config.vocab_size, hf_config.pad_token_id = vocab_size or hf_config.vocab_size, pad_id
-        return HFTextClassifier(auto.from_config(hf_config), pad_id)
-    with hub_files(f"hf:{ref}", "the weights"):
-        return HFTextClassifier(auto.from_pretrained(ref, config=hf_config, ignore_mismatched_sizes=True), pad_id)
+    with remote_code_refused(f"hf:{ref}"):
+        if not pretrained:
+            hf_config.vocab_size, hf_config.pad_token_id = vocab_size or hf_config.vocab_size, pad_id
+            return HFTextClassifier(auto.from_config(hf_config, **remote), pad_id)
+        with hub_files(f"hf:{ref}", "the weights"):
+            model = auto.from_pretrained(ref, config=hf_config, ignore_mismatched_sizes=True, **remote)
+    return HFTextClassifier(model, pad_id)
 
 
-@register_source("hf")
+@register_source("hf", remote_code=True)
 def hf_model(
     ref: str,
     num_classes: int,
     input_shape: InputShape,
     pretrained: bool,
     config: dict[str, Any] | None = None,
+    trust_remote_code: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     """``AutoModelForImageClassification`` of the local directory or hub id ``ref``: with
@@ -305,28 +337,40 @@ def hf_model(
     weights, a new head where the classes differ), else fresh weights for ``ref``'s config.
     ``config`` (what a checkpoint saves) rebuilds the architecture without ``ref``'s files.
     Other ``kwargs`` go to the config (``hidden_sizes``, ``depths``, ...). For token ids
-    ((L,) inputs) the model is a sequence classifier (:func:`hf_text_model`)."""
+    ((L,) inputs) the model is a sequence classifier (:func:`hf_text_model`).
+    ``trust_remote_code`` is passed to every load: the repository's own Python runs only when
+    the model spec allows it (:mod:`kdcl.trust`)."""
     transformers = optional_import("transformers", f"model hf:{ref}")
     if len(input_shape) == 1:
-        return hf_text_model(transformers, ref, num_classes, input_shape, pretrained, config, **kwargs)
+        return hf_text_model(
+            transformers, ref, num_classes, input_shape, pretrained, config, trust_remote_code, **kwargs
+        )
     auto = transformers.AutoModelForImageClassification
     if config is not None:
         return HFImageClassifier(from_saved_config(transformers, auto, config))
-    sizes = {"num_labels": num_classes, "num_channels": input_shape[0]}
-    with hub_files(f"hf:{ref}", "the weights" if pretrained else "the config"):
+    sizes = {"num_labels": num_classes, "num_channels": input_shape[0], "trust_remote_code": trust_remote_code}
+    with (
+        hub_files(f"hf:{ref}", "the weights" if pretrained else "the config"),
+        remote_code_refused(f"hf:{ref}"),
+    ):
         if pretrained:
             model = auto.from_pretrained(ref, ignore_mismatched_sizes=True, **sizes, **kwargs)
         else:
-            model = auto.from_config(transformers.AutoConfig.from_pretrained(ref, **sizes, **kwargs))
+            hf_config = transformers.AutoConfig.from_pretrained(ref, **sizes, **kwargs)
+            model = auto.from_config(hf_config, trust_remote_code=trust_remote_code)
     return HFImageClassifier(model)
 
 
-def load_hf_directory(path: Path, num_classes: int, input_shape: InputShape) -> HFImageClassifier:
+def load_hf_directory(
+    path: Path, num_classes: int, input_shape: InputShape, trust_remote_code: bool = False
+) -> HFImageClassifier:
     """A trained HF image classifier saved with ``save_pretrained`` in ``path``, as it is:
-    its head must already have ``num_classes`` outputs (a new head would be untrained)."""
+    its head must already have ``num_classes`` outputs (a new head would be untrained). Its
+    own Python (``auto_map``) runs only with ``trust_remote_code``."""
     transformers = optional_import("transformers", f"the Hugging Face model directory {path}")
-    with hub_files(f"hf:{path}", "the config"):
-        config = transformers.AutoConfig.from_pretrained(path)
+    remote = {"trust_remote_code": trust_remote_code}
+    with hub_files(f"hf:{path}", "the config"), remote_code_refused(f"hf:{path}"):
+        config = transformers.AutoConfig.from_pretrained(path, **remote)
     found = {"classes": config.num_labels, "channels": getattr(config, "num_channels", input_shape[0])}
     wanted = {"classes": num_classes, "channels": input_shape[0]}
     if found != wanted:
@@ -337,8 +381,8 @@ def load_hf_directory(path: Path, num_classes: int, input_shape: InputShape) -> 
             fix="fine-tune it for this dataset first (as a student: student.name=hf:DIR "
             "student.pretrained=true), or choose the dataset it was trained on",
         )
-    with hub_files(f"hf:{path}", "the weights"):
-        return HFImageClassifier(transformers.AutoModelForImageClassification.from_pretrained(path))
+    with hub_files(f"hf:{path}", "the weights"), remote_code_refused(f"hf:{path}"):
+        return HFImageClassifier(transformers.AutoModelForImageClassification.from_pretrained(path, **remote))
 
 
 @register_source(TARGET)

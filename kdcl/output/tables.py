@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,8 @@ from typing import Any
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
+
+from kdcl.files import write_replacing
 
 stdout = Console()
 if not stdout.is_terminal:
@@ -29,9 +30,7 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
 
 def write_csv(frame: pd.DataFrame, path: Path) -> None:
     """Write a table atomically: a reader sees the old file or the new one, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    write_replacing(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
 def _fmt(value: Any) -> str:

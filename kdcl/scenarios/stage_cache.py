@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 from kdcl import distributed
 from kdcl.distill.replay import ReplaySlot, TeacherLogits, table_mb
 from kdcl.errors import KdclError
+from kdcl.files import write_replacing
 from kdcl.train.engine import TrainSettings
 from kdcl.train.resume import write_done
 
@@ -75,9 +76,10 @@ def stage_key(cfg: dict[str, Any], stage: str, trainer: TrainSettings) -> dict[s
     if distributed.world() > 1:
         sections["trainer"]["processes"] = distributed.world()
     spec = cfg[CACHED_STAGES[stage]]
-    # without a callable of its own (_target_ null) or the teacher's layers (init_from_teacher
-    # false), the key a spec had before those keys existed; with them, the teacher is part of it
-    defaults = {"_target_": None, "init_from_teacher": False}
+    # without a callable of its own (_target_ null), the teacher's layers (init_from_teacher
+    # false) or remote code (trust_remote_code false), the key a spec had before those keys
+    # existed; with init_from_teacher, the teacher is part of it
+    defaults = {"_target_": None, "init_from_teacher": False, "trust_remote_code": False}
     key = {
         "stage": stage,
         "stage_version": STAGE_VERSION,
@@ -101,8 +103,25 @@ class Entry:
         self.meta: dict[str, Any] = json.loads((path / ENTRY_FILE).read_text())
 
     def restore(self, dest: Path) -> None:
-        """Copy the stage folder into ``dest`` (copies, not links: the run may rewrite its files)."""
-        shutil.copytree(self.path / "files", dest, dirs_exist_ok=True)
+        """Copy the stage folder into ``dest`` (copies, not links: the run may rewrite its
+        files); each file replaces what stands at its name, a link there is not followed."""
+
+        def copy(source: str, target: str) -> None:
+            write_replacing(Path(target), lambda tmp: shutil.copy2(source, tmp))
+
+        shutil.copytree(self.path / "files", dest, dirs_exist_ok=True, copy_function=copy)
+
+
+def open_lock(path: Path):
+    """The lock file ``path``, opened for appending (it is never written); a link at its name
+    is refused, not followed."""
+    try:
+        return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o666), "a")
+    except OSError as err:
+        raise KdclError(
+            f"cannot open the stage-cache lock {path} ({err.strerror}; a symbolic link there is refused)",
+            fix=f"delete {path} (a lock file holds nothing), or set cache=false",
+        ) from None
 
 
 class StageCache:
@@ -121,7 +140,7 @@ class StageCache:
     @contextmanager
     def claim(self, name: str) -> Iterator[Entry | None]:
         """Hold the lock of entry ``name``; yield the entry, or None when it has to be built."""
-        with (self.root / f"{name}.lock").open("a") as lock:
+        with open_lock(self.root / f"{name}.lock") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -57,6 +57,7 @@ from kdcl.distill.losses import DistillLoss, create_loss
 from kdcl.distill.replay import ReplaySlot
 from kdcl.distill.teachers import Teachers
 from kdcl.errors import KdclError
+from kdcl.files import write_replacing, write_text
 from kdcl.models import (
     TARGET,
     build_model,
@@ -73,13 +74,11 @@ from kdcl.output.tables import print_table, write_csv
 from kdcl.output.trackers import CSV_ONLY, Loggers
 from kdcl.scenarios.stage_cache import reuse_or_produce, teacher_logits_slot
 from kdcl.train.assemble import build_stage
-from kdcl.train.checkpoint import (
-    load_checkpoint,
-    model_from_checkpoint,
-)
+from kdcl.train.checkpoint import load_model
 from kdcl.train.engine import EpochHook, TrainSettings, evaluate, fit
 from kdcl.train.resume import check_same_config, graceful_stop, read_done, write_done
 from kdcl.train.weights import load_teacher
+from kdcl.trust import CodePolicy
 
 log = logging.getLogger(__name__)
 
@@ -154,9 +153,18 @@ class Run:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    @property
+    def policy(self) -> CodePolicy:
+        """The code a file may name in this run: what its config names (:mod:`kdcl.trust`)."""
+        return CodePolicy.of(self.cfg)
+
     def to_device(self, model: nn.Module) -> nn.Module:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         return model.to(self.trainer.device, memory_format=fmt)
+
+    def load_model(self, path: str | Path) -> nn.Module:
+        """The model of a kdcl checkpoint of this run (or its cache), on the run's device."""
+        return self.to_device(load_model(path, self.policy))
 
 
 def distilled_student(cfg: dict[str, Any]) -> str:
@@ -199,7 +207,7 @@ def start_run(cfg: dict[str, Any], out: Path, loggers: Loggers = CSV_ONLY, on_ep
     data = load_data(cfg["dataset"], trainer.device, settings.channels_last, cfg["seed"])
     if data.text is not None and distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
-        (out / "tokenizer.json").write_text(data.text.tokenizer_json)
+        write_text(out / "tokenizer.json", data.text.tokenizer_json)
     distributed.check_splits({"train": len(data.train), "validation": len(data.val), "test": len(data.test)})
     log.info(
         "data %s: %d train / %d val / %d test, %d classes, input %s, device %s",
@@ -259,7 +267,7 @@ def evaluate_teacher(run: Run, stage: str, spec: dict) -> nn.Module:
     """A teacher given as trained weights (``checkpoint``: a kdcl checkpoint, a state_dict,
     ``.safetensors``, TorchScript or an HF model directory, :mod:`kdcl.train.weights`) is
     evaluated, not trained: its row holds its validation and test numbers."""
-    loaded = load_teacher(spec["checkpoint"], spec, run.data, f"{stage}.checkpoint")
+    loaded = load_teacher(spec["checkpoint"], spec, run.data, f"{stage}.checkpoint", run.policy)
     model = run.to_device(loaded.model)
     log.info("%s: loaded %s (%s) from %s", stage, loaded.arch, loaded.stage or loaded.format, spec["checkpoint"])
     row = {
@@ -331,7 +339,7 @@ def curriculum_stage(run: Run) -> None:
     if distributed.is_main():
         write_csv(pd.DataFrame({**columns, **per_scorer}), out / "scores.csv")
         write_csv(pd.DataFrame(rows), out / "pacing.csv")
-        (out / "curriculum.json").write_text(json.dumps(info, indent=2) + "\n")
+        write_text(out / "curriculum.json", json.dumps(info, indent=2) + "\n")
     log.info(
         "curriculum %s: %s",
         spec.name,
@@ -408,6 +416,24 @@ def born_again_stage(run: Run, generations: int) -> None:
 PREDICTIONS_FILE = "test_predictions.pt"  # a cached stage's test-split predictions (int32), for agreement
 
 
+def load_predictions(path: Path, examples: int) -> Tensor:
+    """A cached stage's test predictions (``weights_only``: a tensor, nothing that runs); a
+    file that is not one tensor of ``examples`` class ids is one message naming it."""
+    try:
+        predictions = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling refused, truncated, not a torch file: all are damage here
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        predictions = reason
+    if not isinstance(predictions, Tensor) or predictions.shape != (examples,) or predictions.is_floating_point():
+        found = predictions if isinstance(predictions, str) else f"a {type(predictions).__name__}"
+        raise KdclError(
+            f"{path} is not the stage's test predictions ({found}); nothing in it was run",
+            fix=f"delete the cache entry it came from (the folder holding {path.parent.name}/ in cache_dir), "
+            "or run with cache=false",
+        )
+    return predictions.long()
+
+
 def reuse_or_train(run: Run, stage: str, produce: Callable[[], nn.Module]) -> nn.Module:
     """``stage`` from the stage cache (:mod:`kdcl.scenarios.stage_cache`), or trained by
     ``produce``. On a hit the run gets the cached folder, the cached summary row and the
@@ -417,7 +443,8 @@ def reuse_or_train(run: Run, stage: str, produce: Callable[[], nn.Module]) -> nn
     def produce_with_predictions() -> nn.Module:
         model = produce()
         if run.cfg["cache"] and distributed.is_main():
-            torch.save(run.test_predictions[stage].to(torch.int32).cpu(), run.stage_dir(stage) / PREDICTIONS_FILE)
+            predictions = run.test_predictions[stage].to(torch.int32).cpu()
+            write_replacing(run.stage_dir(stage) / PREDICTIONS_FILE, lambda tmp: torch.save(predictions, tmp))
         return model
 
     model, cached_row = reuse_or_produce(
@@ -426,10 +453,10 @@ def reuse_or_train(run: Run, stage: str, produce: Callable[[], nn.Module]) -> nn
     if cached_row is None:
         return model
     run.loggers.log_past_epochs(stage, run.out / stage)
-    model = run.to_device(model_from_checkpoint(load_checkpoint(cached_row["checkpoint"])))
+    model = run.load_model(cached_row["checkpoint"])
     predictions = run.stage_dir(stage) / PREDICTIONS_FILE
     if predictions.is_file() and "macs" in cached_row:
-        run.test_predictions[stage] = torch.load(predictions).long()
+        run.test_predictions[stage] = load_predictions(predictions, len(run.data.test))
         run.rows[stage] = cached_row
     else:  # an entry stored before its predictions (or its macs column) were kept
         columns = test_columns(run, stage, model)
@@ -495,7 +522,7 @@ def checked_model(run: Run, spec: dict, role: str) -> nn.Module:
     (``checkpoint``, checked as it loads), or built with its pretrained weights and checked
     by one forward pass on the data's input shape."""
     if spec.get("checkpoint"):
-        return load_teacher(spec["checkpoint"], spec, run.data, f"{role}.checkpoint").model
+        return load_teacher(spec["checkpoint"], spec, run.data, f"{role}.checkpoint", run.policy).model
     model = build_model(spec, run.data.num_classes, run.data.input_shape, spec["pretrained"], run.data.model_kwargs)
     check_forward(model, run.data.input_shape, run.data.num_classes, f"{model_ref(spec).label} ({role})")
     return model
@@ -563,7 +590,7 @@ def self_taught_logits(run: Run):
                 run.trainer,
             ).logits
         )
-    baseline = run.to_device(model_from_checkpoint(load_checkpoint(run.out / "baseline" / "best.pt")))
+    baseline = run.load_model(run.out / "baseline" / "best.pt")
     return lambda: evaluate(baseline, run.data.train, run.data, run.trainer).logits
 
 
@@ -576,7 +603,7 @@ def route_checkpoints(run: Run) -> list[nn.Module]:
             "distill.teacher_route=true needs checkpoints saved during teacher training",
             fix="set teacher.route_points=N (N ≥ 1) and train the teacher in this run",
         )
-    return [freeze(run.to_device(model_from_checkpoint(load_checkpoint(p)))) for p in paths]
+    return [freeze(run.load_model(p)) for p in paths]
 
 
 def train_stage(
@@ -612,7 +639,7 @@ def train_stage(
         check_same_config(done["config"], run.cfg, out / "done.json")
         log.info("%s: finished in an earlier run (%s), not trained again", stage, out / "done.json")
         run.loggers.log_past_epochs(stage, out)
-        chosen = run.to_device(model_from_checkpoint(load_checkpoint(out / f"{select}.pt")))
+        chosen = run.load_model(out / f"{select}.pt")
         columns = test_columns(run, stage, chosen)
         run.rows[stage] = {"macs": columns["macs"], **done["row"]}  # rows written before macs was a column
         return chosen
@@ -662,7 +689,7 @@ def train_stage(
     if replay is not None:
         replay.finish(stage, run.total_steps)
     path = result.best_path if select == "best" else result.last_path
-    chosen = run.to_device(model_from_checkpoint(load_checkpoint(path)))
+    chosen = run.load_model(path)
     columns = test_columns(run, stage, chosen)
     run.rows[stage] = {
         "arch": model_ref(spec).label,

@@ -8,7 +8,6 @@ containers, so it loads with ``torch.load(..., weights_only=True)``.
 
 from __future__ import annotations
 
-import os
 import pickle
 import warnings
 import zipfile
@@ -21,7 +20,9 @@ from torch import nn
 from kdcl.config.options import with_base_keys
 from kdcl.data import DataBundle, load_data, with_classes
 from kdcl.errors import KdclError
-from kdcl.models import build_model
+from kdcl.files import write_replacing
+from kdcl.models import TARGET, build_model
+from kdcl.trust import CodePolicy, check_plain_kwargs
 
 FORMAT = "kdcl-checkpoint/1"
 NOT_A_CHECKPOINT_FIX = (
@@ -32,9 +33,7 @@ NOT_A_CHECKPOINT_FIX = (
 def save_checkpoint(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
     """Write ``model``'s weights and ``meta`` to ``path`` atomically (temp file, then rename)."""
     payload = {"format": FORMAT, **meta, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    write_replacing(path, lambda tmp: torch.save(payload, tmp))
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -127,13 +126,32 @@ def load_weights(
     model.load_state_dict(state_dict)
 
 
-def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
+def checked_spec(ckpt: dict[str, Any], policy: CodePolicy, where: str | Path) -> dict[str, Any]:
+    """The model spec a kdcl checkpoint (the file ``where``) describes, as far as kdcl may
+    build it: a ``_target_`` it names only as ``policy`` allows, plain kwargs, and never
+    remote code on its word (:mod:`kdcl.trust`)."""
+    arch = ckpt.get("model")
+    described = isinstance(arch, dict) and all(isinstance(arch.get(k), (str, type(None))) for k in ("name", TARGET))
+    if not described or not (arch.get("name") or arch.get(TARGET)):
+        raise KdclError(f"checkpoint {where} does not describe its model", fix=NOT_A_CHECKPOINT_FIX)
+    if arch.get(TARGET):
+        policy.check_target(arch[TARGET], f"checkpoint {where}")
+    kwargs = check_plain_kwargs(arch.get("kwargs") or {}, f"checkpoint {where}")
+    return {"name": arch.get("name"), TARGET: arch.get(TARGET), "kwargs": kwargs}
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], policy: CodePolicy, where: str | Path) -> nn.Module:
     """Rebuild the model a kdcl checkpoint describes (its ``model`` spec: source, name or
-    ``_target_``, kwargs) and load its weights."""
-    arch = ckpt["model"]
-    model = build_model(arch, ckpt["num_classes"], tuple(ckpt["input_shape"]))
-    load_weights(model, ckpt["state_dict"], f"checkpoint of model {arch['name']!r}")
+    ``_target_``, kwargs; :func:`checked_spec`) and load its weights."""
+    spec = checked_spec(ckpt, policy, where)
+    model = build_model(spec, ckpt["num_classes"], tuple(ckpt["input_shape"]))
+    load_weights(model, ckpt["state_dict"], f"checkpoint of model {spec['name']!r}")
     return model
+
+
+def load_model(path: str | Path, policy: CodePolicy) -> nn.Module:
+    """The model of the kdcl checkpoint ``path`` (:func:`model_from_checkpoint`)."""
+    return model_from_checkpoint(load_checkpoint(path), policy, path)
 
 
 def checkpoint_data(ckpt: dict[str, Any], dataset: dict[str, Any] | None, device: torch.device) -> DataBundle:

@@ -12,7 +12,6 @@ and a re-run skips it.
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from kdcl.errors import KdclError
+from kdcl.files import write_replacing, write_text
 
 
 @dataclass
@@ -117,9 +117,7 @@ def set_rng_states(state: dict[str, Any], generators: dict[str, torch.Generator]
 
 # --------------------------------------------------------------------------- files
 def save_state(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    write_replacing(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_state(path: Path) -> dict[str, Any] | None:
@@ -140,9 +138,7 @@ def cursor_state(cursor: Cursor) -> dict[str, Any]:
 
 def write_done(path: Path, row: dict[str, Any], config: dict[str, Any]) -> None:
     """Mark a stage finished, with its summary row and the config it ran with."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"row": row, "config": config}, indent=1, default=float) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps({"row": row, "config": config}, indent=1, default=float) + "\n")
 
 
 def read_done(path: Path) -> dict[str, Any] | None:

@@ -13,7 +13,9 @@ A ``state_dict`` or ``.safetensors`` file holds weights alone: the architecture 
 teacher spec's (``teacher.name`` or ``teacher._target_``, and ``teacher.kwargs``), built for
 the data's classes and input shape; a key or shape that does not fit is one message,
 expected vs found. Each format is an entry registered with the ``matches`` trait, a test
-of the path; exactly one format matches any path.
+of the path; exactly one format matches any path. Each is called as ``fn(file, spec, data,
+key, policy)``: ``policy`` (:class:`kdcl.trust.CodePolicy`) is the code a kdcl
+checkpoint may name.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from kdcl.errors import KdclError
 from kdcl.models import build_model, check_forward, load_hf_directory, model_ref, optional_import
 from kdcl.registry import Registry
 from kdcl.train.checkpoint import check_compatible, is_kdcl, load_weights, model_from_checkpoint, read_checkpoint
+from kdcl.trust import CodePolicy
 
 WEIGHT_FILES = Registry("teacher weights format", traits={"matches": None})
 register_format = WEIGHT_FILES.register
@@ -54,17 +57,20 @@ class LoadedTeacher:
     step: int | None = None
 
 
-def load_teacher(path: str | Path, spec: Mapping[str, Any], data: DataBundle, key: str) -> LoadedTeacher:
+def load_teacher(
+    path: str | Path, spec: Mapping[str, Any], data: DataBundle, key: str, policy: CodePolicy
+) -> LoadedTeacher:
     """The teacher in file ``path`` (``key``: its config key, for messages) for ``data``:
     its format found, its weights loaded, its classes and input shape checked by one
-    forward pass. Every problem is one :class:`KdclError`."""
+    forward pass; a kdcl checkpoint's ``_target_`` is called only as ``policy`` allows.
+    Every problem is one :class:`KdclError`."""
     file = Path(path).expanduser()
     if not file.exists():
         raise KdclError(f"{key}={path}: no such file or directory", fix=f"pass {FORMATS_TEXT}")
     formats = [name for name in WEIGHT_FILES if WEIGHT_FILES.trait(name, "matches")(file)]
     if not formats:
         raise KdclError(f"{key}={path} is a directory without config.json", fix=f"pass {FORMATS_TEXT}")
-    loaded = WEIGHT_FILES.get(formats[0])(file, spec, data, key)
+    loaded = WEIGHT_FILES.get(formats[0])(file, spec, data, key, policy)
     check_forward(loaded.model, data.input_shape, data.num_classes, f"{loaded.arch} ({key}={path})")
     return loaded
 
@@ -96,14 +102,16 @@ def weights_into_spec(state_dict: dict[str, Any], spec: Mapping[str, Any], data:
 
 
 @register_format("torch.save", matches=_is_torch_save)
-def torch_save_file(file: Path, spec: Mapping[str, Any], data: DataBundle, key: str) -> LoadedTeacher:
+def torch_save_file(
+    file: Path, spec: Mapping[str, Any], data: DataBundle, key: str, policy: CodePolicy
+) -> LoadedTeacher:
     """A kdcl checkpoint, or a plain ``state_dict`` into the spec's architecture."""
     ckpt = read_checkpoint(file)
     if not is_kdcl(ckpt):
         return LoadedTeacher(weights_into_spec(ckpt, spec, data, str(file)), model_ref(spec).label, "state_dict")
     check_compatible(ckpt, data, key)
     return LoadedTeacher(
-        model_from_checkpoint(ckpt),
+        model_from_checkpoint(ckpt, policy, file),
         ckpt["model"]["name"],
         "kdcl checkpoint",
         stage=ckpt.get("stage"),
@@ -113,7 +121,9 @@ def torch_save_file(file: Path, spec: Mapping[str, Any], data: DataBundle, key: 
 
 
 @register_format("safetensors", matches=lambda file: file.is_file() and file.suffix == ".safetensors")
-def safetensors_file(file: Path, spec: Mapping[str, Any], data: DataBundle, key: str) -> LoadedTeacher:
+def safetensors_file(
+    file: Path, spec: Mapping[str, Any], data: DataBundle, key: str, policy: CodePolicy
+) -> LoadedTeacher:
     """A ``.safetensors`` file of tensors into the spec's architecture."""
     safetensors_torch = optional_import("safetensors.torch", f"the weights file {file}")
     try:
@@ -126,7 +136,9 @@ def safetensors_file(file: Path, spec: Mapping[str, Any], data: DataBundle, key:
 
 
 @register_format("torchscript", matches=lambda file: file.is_file() and _is_torchscript(file))
-def torchscript_file(file: Path, spec: Mapping[str, Any], data: DataBundle, key: str) -> LoadedTeacher:
+def torchscript_file(
+    file: Path, spec: Mapping[str, Any], data: DataBundle, key: str, policy: CodePolicy
+) -> LoadedTeacher:
     """A TorchScript archive: the network and its weights (its code runs: trust the file)."""
     try:
         model = torch.jit.load(str(file), map_location="cpu")
@@ -139,6 +151,7 @@ def torchscript_file(file: Path, spec: Mapping[str, Any], data: DataBundle, key:
 
 
 @register_format("hf_directory", matches=lambda file: file.is_dir() and (file / "config.json").is_file())
-def hf_directory(file: Path, spec: Mapping[str, Any], data: DataBundle, key: str) -> LoadedTeacher:
+def hf_directory(file: Path, spec: Mapping[str, Any], data: DataBundle, key: str, policy: CodePolicy) -> LoadedTeacher:
     """A Hugging Face image classifier saved with ``save_pretrained``, its head already for the data."""
-    return LoadedTeacher(load_hf_directory(file, data.num_classes, data.input_shape), f"hf:{file}", "hf_directory")
+    model = load_hf_directory(file, data.num_classes, data.input_shape, spec.get("trust_remote_code") is True)
+    return LoadedTeacher(model, f"hf:{file}", "hf_directory")

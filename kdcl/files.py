@@ -1,0 +1,63 @@
+"""Writing files that a reader sees whole, and that a link planted in their place cannot redirect.
+
+Every file kdcl writes into a run folder or a cache (checkpoints, resume states, tables, the
+teacher cache's shards) is written to a new temporary file beside it, created exclusively
+(``O_EXCL``: never an existing file, never through a link), then renamed over the final
+name with ``os.replace``. A rename replaces whatever stands at the final name, a symbolic
+link included, and never writes through it: the link's target keeps its contents. A reader
+sees the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# The permissions an ordinary new file gets (mkstemp's own are 0600).
+FILE_MODE = 0o666 & ~_umask()
+
+
+def new_file_beside(path: Path) -> Path:
+    """A new, empty file in ``path``'s folder with a unique hidden name, created exclusively,
+    with the permissions of an ordinary new file."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, FILE_MODE)
+    finally:
+        os.close(fd)
+    return Path(name)
+
+
+@contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """Yield a new temporary file to write ``path``'s contents into; when the block ends
+    without an error it replaces ``path`` (a link there is replaced, not followed), else
+    it is removed and ``path`` keeps what it had."""
+    tmp = new_file_beside(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_replacing(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` into a new file that then replaces ``path`` (:func:`replacing`)."""
+    with replacing(Path(path)) as tmp:
+        write(tmp)
+
+
+def write_text(path: Path, text: str) -> None:
+    """``text`` into ``path``, whole or not at all, through no link."""
+    write_replacing(path, lambda tmp: tmp.write_text(text))
