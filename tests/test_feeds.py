@@ -173,6 +173,25 @@ def test_disk_store_is_sharded_and_equals_memory(setting, tmp_path):
     assert torch.equal(disk.logits.get(idx, v), memory.logits.get(idx, v))
 
 
+def test_disk_store_replaces_links_planted_at_its_shards(setting, tmp_path):
+    """A symbolic link at a shard's name is replaced by the shard; its target keeps its contents."""
+    source, pre, teacher = setting
+    victims = []
+    for field in ("logits", "values", "classes", "rest"):
+        victim = tmp_path / f"victim_{field}"
+        victim.write_bytes(b"precious")
+        (tmp_path / "cache").mkdir(exist_ok=True)
+        (tmp_path / "cache" / f"shard_0000_{field}.npy").symlink_to(victim)
+        victims.append(victim)
+    disk = build_feed(f"views:{K}", feed_inputs(source, pre, teacher, "disk", tmp_path / "cache"))
+    memory = build_feed(f"views:{K}", feed_inputs(source, pre, teacher))
+    assert all(v.read_bytes() == b"precious" for v in victims)
+    shard = tmp_path / "cache" / "shard_0000_logits.npy"
+    assert shard.is_file() and not shard.is_symlink()
+    idx, v = torch.arange(N), torch.zeros(N, dtype=torch.long)
+    assert torch.equal(disk.logits.get(idx, v), memory.logits.get(idx, v))
+
+
 def test_online_feed_runs_the_teacher_every_step_in_eval_mode(setting):
     source, pre, teacher = setting
     teacher.train()
