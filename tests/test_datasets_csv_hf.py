@@ -173,7 +173,8 @@ def test_csv_undecodable_image_is_named_on_load(tmp_path, compose_cfg, workers):
 
 def test_imagefolder_in_memory_decodes_every_image_at_load(tmp_path, compose_cfg):
     write_class_folders(tmp_path)
-    cfg = compose_cfg(["dataset=imagefolder", f"dataset.root={tmp_path}", f"dataset.image_size={SIZE}"])["dataset"]
+    overrides = ["dataset=imagefolder", f"dataset.root={tmp_path}", f"dataset.image_size={SIZE}"]
+    cfg = compose_cfg([*overrides, "dataset.train_view=resize_crop"])["dataset"]
     per_sample = load_data(cfg, CPU, False, 0)
     in_memory = load_data({**cfg, "in_memory": True}, CPU, False, 0)
     assert isinstance(per_sample.test, LoaderSource) and isinstance(in_memory.test, TensorSource)
@@ -183,6 +184,9 @@ def test_imagefolder_in_memory_decodes_every_image_at_load(tmp_path, compose_cfg
     load_data(cfg, CPU, False, 0)  # per sample: found only when the test split is read
     with pytest.raises(KdclError, match=r"cannot decode image file .*test/dog/dog_1\.png"):
         load_data({**cfg, "in_memory": True}, CPU, False, 0)
+    drawn = compose_cfg(overrides)["dataset"]  # imagefolder's own training view is drawn per sample
+    with pytest.raises(KdclError, match="train_view=random_resized_crop(.|\n)*dataset.in_memory=false"):
+        load_data({**drawn, "in_memory": True}, CPU, False, 0)
 
 
 def write_test_labels(root, label) -> None:

@@ -35,6 +35,8 @@ def _registered_names() -> dict[str, Any]:
     ``distill.teacher_cache`` names a feed, ``NAME:K`` for a counted one (``views:8``)."""
     from kdcl.curricula import ORDERS, PACINGS, PLANS, SCORERS, SELF_PACED_WEIGHTS
     from kdcl.data import DATASETS, PADDINGS
+    from kdcl.data.images import DECODERS
+    from kdcl.data.views import AUTO_AUGMENTS, TRAIN_VIEWS
     from kdcl.distill.control import SAMPLE_WEIGHTS
     from kdcl.distill.feeds import STORES, TEACHER_CACHES
     from kdcl.distill.losses import LOSSES
@@ -44,6 +46,9 @@ def _registered_names() -> dict[str, Any]:
     return {
         "dataset.name": DATASETS,
         "dataset.crop_padding_mode": PADDINGS,
+        "dataset.train_view": TRAIN_VIEWS,
+        "dataset.auto_augment": AUTO_AUGMENTS,
+        "dataset.decoder": DECODERS,
         "distill.name": LOSSES,
         "distill.sample_weight": SAMPLE_WEIGHTS,
         "distill.alpha_schedule": SCHEDULES,

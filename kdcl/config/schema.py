@@ -159,6 +159,19 @@ class DatasetOptionKeys:
     )
     num_classes: int = key("an integer ≥ 2", lambda v: v >= 2)
     in_memory: bool = key()
+    # images read per sample (kdcl.data.views): the training view (a registry name, checked
+    # there), the evaluation crop's share of the resized side, RandomResizedCrop's ranges
+    train_view: str = key()
+    eval_crop_ratio: float = key(*FRACTION)
+    crop_scale: List[float] = key(
+        "a range [low, high] of area shares, 0 < low ≤ high ≤ 1", lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1
+    )
+    crop_ratio: List[float] = key(
+        "a range [low, high] of aspect ratios w/h, 0 < low ≤ high", lambda v: len(v) == 2 and 0 < v[0] <= v[1]
+    )
+    auto_augment: Optional[str] = key()  # null, or a registry name (checked there)
+    decoder: str = key()  # image files: a registry name (checked there)
+    random_erasing: float = key(*UNIT)  # the probability of erasing a box of a training view
     max_memory_gb: float = key(*POSITIVE)  # image datasets held in memory: the most their images may take
     train_manifest: str = key()  # csv: the manifests, relative to root
     test_manifest: str = key()
@@ -204,7 +217,7 @@ class DatasetConfig:
     crop_padding: int = key(*COUNT_OR_ZERO)
     crop_padding_mode: str = key()
     flip: bool = key()
-    num_workers: int = key(*COUNT_OR_ZERO)
+    num_workers: Any = key("auto or an integer ≥ 0", lambda v: v == "auto" or (_number(v) and int(v) == v >= 0))
 
 
 @dataclass

@@ -12,9 +12,10 @@ import torch
 from torch import Tensor
 
 from kdcl.data.checks import check_carve, check_labels, check_shapes, image_shape
+from kdcl.data.images import DecodedImages
 from kdcl.data.loaders import DATASETS
 from kdcl.data.preprocess import Preprocess, check_padding
-from kdcl.data.sources import Source, make_source
+from kdcl.data.sources import Source, make_source, worker_count
 from kdcl.data.splits import RawSplit, stratified_order, stratified_subset
 from kdcl.data.tokens import TextEncoding, TextPreprocess
 from kdcl.errors import KdclError
@@ -101,7 +102,7 @@ def load_data(cfg: dict[str, Any], device: torch.device, channels_last: bool, se
                 fix="raise dataset.max_train_samples / dataset.max_test_samples or lower dataset.val_fraction",
             )
     check_carve(cfg, train.y, pool, train_idx, class_names)
-    num_workers = cfg["num_workers"]
+    num_workers = worker_count(cfg["num_workers"])
     inputs = image_inputs if train.text is None else text_inputs
     mean, std, preprocess = inputs(cfg, train, train_idx, input_shape, device, channels_last, seed)
     return DataBundle(
@@ -129,13 +130,19 @@ def image_inputs(
     seed: int,
 ) -> tuple[list[float], list[float], Preprocess]:
     """Images: the normalisation (``dataset.mean``/``std``, or measured on the training
-    split) and the batch step that normalises and augments."""
+    split) and the batch step that normalises and augments; images read per sample get
+    their training views seeded by the run (:mod:`kdcl.data.views`)."""
     mean, std = cfg["mean"], cfg["std"]
     if mean is None or std is None:
         mean, std = channel_stats(train, train_idx)
     padding_mode = cfg["crop_padding_mode"]
     check_padding(padding_mode, cfg["crop_padding"], input_shape)
-    preprocess = Preprocess(mean, std, cfg["crop_padding"], cfg["flip"], device, channels_last, seed, padding_mode)
+    drawn = isinstance(train.dataset, DecodedImages) and train.dataset.views.settings.augments
+    if isinstance(train.dataset, DecodedImages):  # its training views, for this run's seed and mean colour
+        train.dataset.views = train.dataset.views.with_seed(seed, [round(255 * m) for m in mean])
+    preprocess = Preprocess(
+        mean, std, cfg["crop_padding"], cfg["flip"], device, channels_last, seed, padding_mode, augmented_views=drawn
+    )
     return mean, std, preprocess
 
 

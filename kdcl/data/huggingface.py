@@ -20,12 +20,11 @@ IMDB and the like.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
 from kdcl.data.checks import abbreviated
-from kdcl.data.images import DecodedImages, class_indices, decode_image, image_splits
+from kdcl.data.images import EncodedImage, class_indices, image_splits, read_file
 from kdcl.data.loaders import register_dataset
 from kdcl.data.splits import RawSplit
 from kdcl.data.text import text_encoding
@@ -85,16 +84,16 @@ class ImageColumn:
     def __init__(self, dataset: Any, column: str, described: str, base: Path):
         self.dataset, self.column, self.described, self.base = dataset, column, described, base
 
-    def __call__(self, i: int) -> Any:
+    def __call__(self, i: int) -> EncodedImage:
         value = self.dataset[i][self.column]
         stored = value if isinstance(value, dict) else {"bytes": None, "path": value}
         fix = f"replace or remove row {i} of {self.described}"
         if stored["bytes"] is not None:
-            return decode_image(io.BytesIO(stored["bytes"]), f"the image of row {i} of {self.described}", fix)
+            return EncodedImage(stored["bytes"], f"the image of row {i} of {self.described}", fix)
         if not stored["path"]:
             raise KdclError(f"row {i} of {self.described} has no image", fix=fix)
         file = self.base / stored["path"]  # an absolute path stays as it is
-        return decode_image(str(file), f"image file {file} (row {i} of {self.described})", fix)
+        return read_file(str(file), fix)
 
 
 def image_column(datasets: Any, split: Any, column: str, described: str, base: Path) -> ImageColumn:
@@ -153,15 +152,11 @@ def hugging_face(cfg: dict) -> tuple[RawSplit, RawSplit, list[str]]:
     splits = {role: split_of(loaded, role, cfg, columns, keys) for role in ("train", "test")}
     labels, class_names = labelled(datasets, cfg, splits)
     base = Path(cfg["data_dir"] or ".").expanduser()
-    images = {
-        role: DecodedImages(
-            image_column(datasets, split, image_key, f"split {cfg[f'{role}_split']!r} of {path}", base),
-            labels[role],
-            cfg["image_size"],
-        )
+    read = {
+        role: image_column(datasets, split, image_key, f"split {cfg[f'{role}_split']!r} of {path}", base)
         for role, split in splits.items()
     }
-    return *image_splits(cfg, images["train"], images["test"], labels["train"], labels["test"]), class_names
+    return *image_splits(cfg, read, labels), class_names
 
 
 @register_dataset("hf_text")

@@ -1,18 +1,22 @@
-"""Users' own images: decoding (:func:`read_image`), the resize every image dataset shares,
-class labels given as names or indices (:func:`class_indices`), holding a split in memory
-or reading it per sample (:func:`image_splits`), and the ``imagefolder`` dataset.
+"""Users' own images: decoding (:func:`read_image`), their views (:mod:`.views`), class
+labels given as names or indices (:func:`class_indices`), holding a split in memory or reading
+it per sample (:func:`image_splits`), and the ``imagefolder`` dataset.
 
-An image dataset decodes every image to RGB, resizes its shorter side to
-``dataset.image_size`` and center-crops it square (:func:`image_transform`). With
-``dataset.in_memory`` the images are decoded once, when the data loads, into the uint8
-tensor the in-memory path holds on the training device, as long as that takes at most
-``dataset.max_memory_gb``; otherwise they are decoded per sample through a ``DataLoader``.
+An image dataset decodes every image to RGB. Evaluation sees the centre square of the image
+resized (``dataset.image_size``, ``dataset.eval_crop_ratio``); a training step sees the view
+``dataset.train_view`` draws (:mod:`kdcl.data.views`). With ``dataset.in_memory`` the images
+are decoded once, when the data loads, into the uint8 tensor the in-memory path holds on
+the training device, as long as that takes at most ``dataset.max_memory_gb``; otherwise
+they are decoded per sample through a ``DataLoader``, whose workers draw the training views.
 """
 
 from __future__ import annotations
 
+import io
 import re
+import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,53 +27,87 @@ from torch.utils.data import DataLoader, Dataset
 
 from kdcl.data.checks import abbreviated
 from kdcl.data.loaders import register_dataset
-from kdcl.data.sources import from_worker
+from kdcl.data.sources import from_worker, worker_count
 from kdcl.data.splits import RawSplit
+from kdcl.data.views import SampleViews, ViewSettings, check_views
 from kdcl.errors import KdclError
+from kdcl.registry import Registry
 
 FOLDER_FIX = "replace the file with a readable image, or remove it from the dataset folder"
 CHANNELS = 3  # every image is decoded to RGB
 
 
-def decode_image(file: Any, described: str, fix: str) -> Any:
-    """``file`` (a path or a binary file object) as an RGB PIL image; one that cannot be
-    decoded is a :class:`KdclError` naming it (``described``: "image file PATH", …)."""
-    from PIL import Image, UnidentifiedImageError
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image file's bytes, what they are (``described``: "image file PATH", …) and how to
+    mend the data if they cannot be decoded (``fix``)."""
+
+    data: bytes
+    described: str
+    fix: str
+
+
+# Decoders of image files to uint8 RGB tensors (3, H, W) (``dataset.decoder``).
+DECODERS = Registry("image decoder")
+
+
+@DECODERS.register("torchvision")
+def torchvision_decoder(image: EncodedImage) -> Tensor:
+    """JPEG, PNG, GIF and WebP through ``torchvision.io.decode_image`` (libjpeg-turbo,
+    libpng, ...): on a 256-px JPEG about 60 % of PIL's time, and a tensor without a copy
+    (docs/speed.md). Other formats (BMP, TIFF, ...) through PIL."""
+    from torchvision.io import ImageReadMode, decode_image
 
     try:
-        with Image.open(file) as image:
-            return image.convert("RGB")
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates them for TorchCodec (docs/speed.md)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_image(torch.frombuffer(bytearray(image.data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError:  # a format torchvision does not decode, or a damaged file: PIL decides
+        return pil_decoder(image)
+
+
+@DECODERS.register("pil")
+def pil_decoder(image: EncodedImage) -> Tensor:
+    """PIL (torchvision's ``ImageFolder`` default loader), converted to RGB."""
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    try:
+        with Image.open(io.BytesIO(image.data)) as opened:
+            return pil_to_tensor(opened.convert("RGB"))
     except (OSError, SyntaxError, ValueError) as err:  # PIL.UnidentifiedImageError and truncated files: OSError
         reason = "not an image file PIL can identify" if isinstance(err, UnidentifiedImageError) else err
-        raise KdclError(f"cannot decode {described} ({reason})", fix=fix) from None
+        raise KdclError(f"cannot decode {image.described} ({reason})", fix=image.fix) from None
 
 
-def read_image(path: str, fix: str = FOLDER_FIX) -> Any:
-    """An image file as an RGB PIL image (torchvision's default loader); a file that cannot be
-    decoded is a :class:`KdclError` naming it."""
-    return decode_image(path, f"image file {path}", fix)
-
-
-def image_transform(size: int) -> Callable[[Any], Tensor]:
-    """PIL image → uint8 tensor (C, size, size): the shorter side resized to ``size``, then
-    center-cropped square."""
-    from torchvision import transforms
-
-    return transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.PILToTensor()])
+def read_file(path: str, fix: str = FOLDER_FIX) -> EncodedImage:
+    """The bytes of the image file ``path``; one that cannot be read is a :class:`KdclError`."""
+    try:
+        return EncodedImage(Path(path).read_bytes(), f"image file {path}", fix)
+    except OSError as err:
+        raise KdclError(f"cannot read image file {path} ({err.strerror})", fix=fix) from None
 
 
 class DecodedImages(Dataset):
-    """Images decoded per sample: item i → (uint8 tensor (3, size, size), label i).
-    ``read(i)``: the i-th image as a PIL image (picklable, for DataLoader workers)."""
+    """Images decoded per sample: item i → (uint8 tensor (3, size, size), label i), the
+    evaluation view; :meth:`training` gives the training view of a key. ``read(i)``: the
+    i-th image's bytes (:class:`EncodedImage`; picklable, for DataLoader workers), decoded by
+    ``decoder`` (:data:`DECODERS`). ``views`` is set for the run (its seed and mean colour)
+    when the data loads."""
 
-    def __init__(self, read: Callable[[int], Any], labels: np.ndarray, size: int):
-        self.read, self.labels, self.transform = read, labels, image_transform(size)
+    def __init__(self, read: Callable[[int], EncodedImage], labels: np.ndarray, views: SampleViews, decoder: str):
+        self.read, self.labels, self.views = read, labels, views
+        self.decode = DECODERS.get(decoder)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        return self.transform(self.read(i)), int(self.labels[i])
+        return self.views.evaluation(self.decode(self.read(i))), int(self.labels[i])
+
+    def training(self, i: int, key: int) -> tuple[Tensor, int]:
+        """Image i as training view ``key`` sees it (:meth:`SampleViews.training`)."""
+        return self.views.training(self.decode(self.read(i)), key), int(self.labels[i])
 
 
 class ImageFiles:
@@ -78,8 +116,8 @@ class ImageFiles:
     def __init__(self, paths: Sequence[str], fix: str):
         self.paths, self.fix = list(paths), fix
 
-    def __call__(self, i: int) -> Any:
-        return read_image(self.paths[i], self.fix)
+    def __call__(self, i: int) -> EncodedImage:
+        return read_file(self.paths[i], self.fix)
 
 
 # --------------------------------------------------------------------------- labels
@@ -129,15 +167,21 @@ def class_indices(
 
 # --------------------------------------------------------------------------- memory or per sample
 def image_splits(
-    cfg: dict, train: Dataset, test: Dataset, train_y: np.ndarray, test_y: np.ndarray
+    cfg: dict, read: dict[str, Callable[[int], Any]], labels: dict[str, np.ndarray]
 ) -> tuple[RawSplit, RawSplit]:
-    """The train and test :class:`RawSplit` of two datasets of (uint8 image, label) items:
-    decoded now and held in memory (``dataset.in_memory``), or read per sample.
+    """The train and test :class:`RawSplit` of the images ``read[split](i)`` labelled
+    ``labels[split]``: decoded now and held in memory (``dataset.in_memory``), or read per
+    sample, each split a :class:`DecodedImages` with the dataset's views.
 
     Held in memory, the images take N·3·size² bytes on the training device: more than
     ``dataset.max_memory_gb`` is refused before anything is decoded."""
+    settings = ViewSettings.of(cfg)
+    check_views(settings, cfg["in_memory"], bool(cfg["crop_padding"] or cfg["flip"]), cfg["name"])
+    train, test = (
+        DecodedImages(read[split], labels[split], SampleViews(settings), cfg["decoder"]) for split in ("train", "test")
+    )
     if not cfg["in_memory"]:
-        return RawSplit(train_y, dataset=train), RawSplit(test_y, dataset=test)
+        return RawSplit(train.labels, dataset=train), RawSplit(test.labels, dataset=test)
     size, limit = cfg["image_size"], cfg["max_memory_gb"]
     gigabytes = (len(train) + len(test)) * CHANNELS * size * size / 1e9
     if gigabytes > limit:
@@ -147,10 +191,8 @@ def image_splits(
             fix="set dataset.in_memory=false to read the images per sample, lower dataset.image_size, "
             "or raise dataset.max_memory_gb if the training device has room",
         )
-    return (
-        RawSplit(train_y, decoded(train, cfg["num_workers"])),
-        RawSplit(test_y, decoded(test, cfg["num_workers"])),
-    )
+    workers = worker_count(cfg["num_workers"])
+    return RawSplit(train.labels, decoded(train, workers)), RawSplit(test.labels, decoded(test, workers))
 
 
 def decoded(images: Dataset, num_workers: int, batch_size: int = 256) -> np.ndarray:
@@ -168,20 +210,21 @@ def decoded(images: Dataset, num_workers: int, batch_size: int = 256) -> np.ndar
 # --------------------------------------------------------------------------- imagefolder
 @register_dataset("imagefolder")
 def imagefolder(cfg: dict) -> tuple[RawSplit, RawSplit, list[str]]:
-    """Image files in ``root/train/<class>/*`` and ``root/test/<class>/*``, resized to
-    ``dataset.image_size``; read per sample through a DataLoader unless ``dataset.in_memory``."""
+    """Image files in ``root/train/<class>/*`` and ``root/test/<class>/*`` (torchvision's
+    ``ImageFolder`` layout and class order); read per sample through a DataLoader unless
+    ``dataset.in_memory``."""
     from torchvision.datasets import ImageFolder
 
-    folders = []
+    folders = {}
     for part in ("train", "test"):
         folder = Path(cfg["root"]).expanduser() / part
         try:
-            folders.append(ImageFolder(str(folder), transform=image_transform(cfg["image_size"]), loader=read_image))
+            folders[part] = ImageFolder(str(folder))  # for its listing: the files are read per sample
         except (FileNotFoundError, OSError) as err:
             raise KdclError(
                 f"no images under {folder} ({err})",
                 fix="point dataset.root at a folder holding train/<class>/* and test/<class>/* images",
             ) from None
-    train, test = folders
-    labels = [np.asarray(ds.targets, dtype=np.int64) for ds in folders]
-    return *image_splits(cfg, train, test, *labels), list(train.classes)
+    read = {part: ImageFiles([path for path, _ in ds.samples], FOLDER_FIX) for part, ds in folders.items()}
+    labels = {part: np.asarray(ds.targets, dtype=np.int64) for part, ds in folders.items()}
+    return *image_splits(cfg, read, labels), list(folders["train"].classes)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from kdcl.data.checks import abbreviated
-from kdcl.data.images import DecodedImages, ImageFiles, class_indices, image_splits
+from kdcl.data.images import ImageFiles, class_indices, image_splits
 from kdcl.data.loaders import register_dataset
 from kdcl.data.splits import RawSplit
 from kdcl.errors import KdclError
@@ -31,15 +31,13 @@ def csv_manifest(cfg: dict) -> tuple[RawSplit, RawSplit, list[str]]:
     labels, class_names = class_indices(
         f"{root} (train and test manifests)", {split: y for split, (_, y) in rows.items()}, cfg["class_names"]
     )
-    images = {
-        split: DecodedImages(
-            ImageFiles(paths, fix=f"replace the file with a readable image, or remove its row from {manifests[split]}"),
-            labels[split],
-            cfg["image_size"],
+    read = {
+        split: ImageFiles(
+            paths, fix=f"replace the file with a readable image, or remove its row from {manifests[split]}"
         )
         for split, (paths, _) in rows.items()
     }
-    return *image_splits(cfg, images["train"], images["test"], labels["train"], labels["test"]), class_names
+    return *image_splits(cfg, read, labels), class_names
 
 
 def read_manifest(path: Path, image_column: str, label_column: str) -> tuple[list[str], list[str]]:

@@ -114,6 +114,7 @@ class Preprocess:
         channels_last: bool,
         seed: int,
         padding_mode: str = "reflect",
+        augmented_views: bool = False,
     ):
         shape = (1, len(mean), 1, 1)
         self.mean = torch.tensor(mean, device=device).view(shape) * 255
@@ -125,13 +126,21 @@ class Preprocess:
         self.flip = flip
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.augmented_views = augmented_views
+
+    @property
+    def augments_on_device(self) -> bool:
+        """Training batches are cropped or flipped here."""
+        return bool(self.crop_padding or self.flip)
 
     @property
     def augments(self) -> bool:
-        return bool(self.crop_padding or self.flip)
+        """Training batches are augmented: here, or already in their views drawn per sample
+        (``augmented_views``: :mod:`kdcl.data.views`)."""
+        return self.augments_on_device or self.augmented_views
 
     def __call__(self, x: Tensor, train: bool, part: Part | None = None) -> Tensor:
-        if train and self.augments:
+        if train and self.augments_on_device:
             part = part or Part(len(x))
             return self.apply(x, self.sample(part.size, self.generator).take(part))
         return self.normalize(x)

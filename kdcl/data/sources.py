@@ -3,6 +3,8 @@ sample through a ``DataLoader`` (:class:`LoaderSource`), both by batches of exam
 
 from __future__ import annotations
 
+import itertools
+import os
 from collections.abc import Iterable, Iterator
 from typing import Protocol
 
@@ -18,14 +20,19 @@ Batch = tuple[Tensor, Tensor, Tensor]  # (example indices, uint8 images, labels)
 
 
 class Source(Protocol):
-    """A split the engine can iterate: ``len``, ``labels`` and index-batch iteration."""
+    """A split the engine can iterate: ``len``, ``labels`` and index-batch iteration.
+
+    ``batches(index_batches, keys)``: with ``keys`` (one int64 tensor per batch, a number for
+    each example of it) the batches are training batches, each example seen through its
+    training view of that key where the source draws views per sample (images read per
+    sample, :mod:`kdcl.data.views`); without, every example is seen as evaluation sees it."""
 
     labels: Tensor  # int64 (N,), on CPU
     origin: np.ndarray  # index of every example in the loader's own split
 
     def __len__(self) -> int: ...
 
-    def batches(self, index_batches: Iterable[Tensor]) -> Iterator[Batch]: ...
+    def batches(self, index_batches: Iterable[Tensor], keys: Iterable[Tensor] | None = None) -> Iterator[Batch]: ...
 
     def subset(self, positions: np.ndarray, label_map: Tensor) -> Source: ...
 
@@ -50,7 +57,8 @@ class TensorSource:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batches(self, index_batches: Iterable[Tensor]) -> Iterator[Batch]:
+    def batches(self, index_batches: Iterable[Tensor], keys: Iterable[Tensor] | None = None) -> Iterator[Batch]:
+        """The batches as held: training views are drawn on the device (:class:`kdcl.data.Preprocess`)."""
         for idx in index_batches:
             idx = idx.to(self.device, non_blocking=True)
             yield idx, self.x[idx], self.y[idx]
@@ -61,21 +69,53 @@ class TensorSource:
         return TensorSource(self.x[idx], label_map.to(self.device)[self.y[idx]], self.origin[positions])
 
 
+EVALUATION = -1  # the key of an item seen as evaluation sees it
+
+
 class _Indexed(Dataset):
+    """The items of ``dataset`` at ``positions``, addressed as (i, key): item i of the
+    split, through its training view ``key`` (a dataset with ``training(i, key)``), or as
+    evaluation sees it (key :data:`EVALUATION`, or a dataset without training views)."""
+
     def __init__(self, dataset: Dataset, positions: np.ndarray):
         self.dataset, self.positions = dataset, positions
+        self.training = getattr(dataset, "training", None)
 
     def __len__(self) -> int:
         return len(self.positions)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
-        image, label = self.dataset[int(self.positions[i])]
+    def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor, int, int]:
+        i, key = item
+        position = int(self.positions[i])
+        seen = self.dataset[position] if key == EVALUATION or self.training is None else self.training(position, key)
+        image, label = seen
         return image, int(label), i
 
 
+class _GivenBatches:
+    """The batch sampler of a persistent ``DataLoader``: iterating it gives the batches of
+    (i, key) items :meth:`give` set last, one iterator shared by every ``iter`` call (a
+    loader's first pass calls it twice), exhausted until the next :meth:`give`."""
+
+    def __init__(self):
+        self.pending: Iterator[list[tuple[int, int]]] = iter(())
+
+    def give(self, batches: Iterator[list[tuple[int, int]]]) -> None:
+        self.pending = batches
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return self.pending
+
+
 class LoaderSource:
-    """A split read per sample through a ``DataLoader`` (data too large for memory).
+    """A split read per sample through a ``DataLoader`` (data too large for memory), decoded
+    and viewed in its ``num_workers`` worker processes. The workers persist across epochs and
+    stages (one ``DataLoader`` per split, fed each pass's index batches), prefetch
+    ``PREFETCH`` batches each and hand over pinned memory when training on a GPU; a pass
+    that starts while another is under way on the same split gets a loader of its own.
     ``label_map`` (optional) replaces each label ``y`` the dataset gives by ``label_map[y]``."""
+
+    PREFETCH = 4
 
     def __init__(
         self,
@@ -93,17 +133,36 @@ class LoaderSource:
         self.origin = origin
         self.device = device
         self.num_workers = num_workers
+        self.sampler = _GivenBatches()
+        self.loader = self._loader(self.sampler, persistent=True)
+        self.busy = False
+
+    def _loader(self, sampler: Iterable[list[tuple[int, int]]], persistent: bool) -> DataLoader:
+        workers = self.num_workers
+        return DataLoader(
+            self.items,
+            batch_sampler=sampler,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=persistent and workers > 0,
+            prefetch_factor=self.PREFETCH if workers else None,
+        )
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batches(self, index_batches: Iterable[Tensor]) -> Iterator[Batch]:
-        loader = DataLoader(
-            self.items,
-            batch_sampler=(b.tolist() for b in index_batches),
-            num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda",
+    def batches(self, index_batches: Iterable[Tensor], keys: Iterable[Tensor] | None = None) -> Iterator[Batch]:
+        keyed = keys if keys is not None else itertools.repeat(None)
+        items = (
+            list(zip(idx.tolist(), key.tolist() if key is not None else [EVALUATION] * len(idx)))
+            for idx, key in zip(index_batches, keyed)
         )
+        if self.busy:  # a pass inside a pass of this split: a loader of its own
+            loader = self._loader(list(items), persistent=False)
+        else:
+            self.sampler.give(items)
+            loader = self.loader
+        self.busy, mine = True, loader is self.loader
         try:
             for x, y, idx in loader:
                 y = y if self.label_map is None else self.label_map[y]
@@ -114,6 +173,9 @@ class LoaderSource:
                 )
         except KdclError as err:
             raise from_worker(err) from None
+        finally:
+            if mine:
+                self.busy = False
 
     def subset(self, positions: np.ndarray, label_map: Tensor) -> LoaderSource:
         """The examples at ``positions``, each label ``y`` replaced by ``label_map[y]``."""
@@ -131,6 +193,11 @@ def from_worker(err: KdclError) -> KdclError:
         return err
     what, _, fix = err.what.rsplit("KdclError: ", 1)[-1].partition("\n  fix: ")
     return KdclError(what.strip(), fix=fix.strip() or None)
+
+
+def worker_count(setting: int | str) -> int:
+    """``dataset.num_workers``: a count, or ``auto``, the CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if setting == "auto" else int(setting)
 
 
 def make_source(split: RawSplit, indices: np.ndarray, device: torch.device, num_workers: int) -> Source:

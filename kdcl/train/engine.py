@@ -10,6 +10,7 @@ of each global batch (``kdcl.distributed``); rank 0 writes the files.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 from kdcl import distributed
 from kdcl.config.schema import TrainerConfig
 from kdcl.curricula import DataSchedule, LearnedEpochs
-from kdcl.data import Batch, DataBundle, Source
+from kdcl.data import Batch, DataBundle, Source, step_keys
 from kdcl.distill.control import DistillControl
 from kdcl.distill.feeds import Feed
 from kdcl.distill.losses import DistillLoss, LossContext
@@ -342,8 +343,10 @@ def fit(s: Stage, data: DataBundle, trainer: TrainSettings, on_epoch: EpochHook 
         start_state = snapshot
         tic, ctx = time.perf_counter(), s.control.context(epoch, s.features)
         parts = distributed.parts(batches)
+        shares = (p.take(b) for p, b in zip(parts, batches))
+        keys = (p.take(step_keys(at, len(b))) for at, p, b in zip(itertools.count(cursor.step), parts, batches))
         with progress_bar(f"{s.name} {epoch}/{trainer.epochs}", spe) as advance:
-            for part, batch in zip(parts, data.train.batches(p.take(b) for p, b in zip(parts, batches))):
+            for part, batch in zip(parts, data.train.batches(shares, keys)):
                 train_step(replica, trainer, cursor.step, batch, meter, ctx, part)
                 cursor.step += 1
                 advance()
@@ -408,7 +411,9 @@ def train_steps(s: Stage, data: DataBundle, trainer: TrainSettings, total_steps:
         first = (epoch - 1) * spe
         steps = range(first, min(first + spe, total_steps))
         ctx = s.control.context(epoch, s.features)
-        for step, batch in zip(steps, data.train.batches(s.plan.batches(steps))):
+        batches, sizes = itertools.tee(s.plan.batches(steps))
+        keys = (step_keys(at, len(b)) for at, b in zip(steps, sizes))
+        for step, batch in zip(steps, data.train.batches(batches, keys)):
             train_step(s, trainer, step, batch, meter, ctx)
             if (step + 1) % FINITE_CHECK_EVERY == 0:
                 meter.check_finite(s.name, s.out_dir)
