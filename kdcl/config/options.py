@@ -49,8 +49,9 @@ def model_option(name: str) -> dict[str, Any]:
 
 def group_option(group: str, name: str) -> dict[str, Any]:
     """The keys of option ``name`` of config group ``group`` (``conf/<group>/<name>.yaml``,
-    ``conf/models/<name>.yaml`` for teacher and student; without its defaults list); an
-    unknown option lists the group's options."""
+    ``conf/models/<name>.yaml`` for teacher and student), with the keys of the other
+    ``conf/base/`` files its defaults list (``/base/image_views@_here_``); an unknown option
+    lists the group's options."""
     folder = option_folder(group)
     path = folder / f"{name}.yaml"
     if not path.is_file():
@@ -59,7 +60,11 @@ def group_option(group: str, name: str) -> dict[str, Any]:
             fix=f"choose from: {', '.join(sorted(p.stem for p in folder.glob('*.yaml')))}",
         )
     option = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    option.pop("defaults", None)
+    shared = [entry for entry in option.pop("defaults", []) if isinstance(entry, str) and entry.startswith("/base/")]
+    for entry in reversed(shared):  # keys shared with options of its kind (/base/image_views@_here_), under its own
+        name = entry.removeprefix("/base/").partition("@")[0]
+        if name != group:  # the group's own base keys are with_base_keys's
+            option = {**OmegaConf.to_container(_base(name), resolve=True), **option}
     return option
 
 

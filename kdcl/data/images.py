@@ -178,7 +178,8 @@ def image_splits(
     settings = ViewSettings.of(cfg)
     check_views(settings, cfg["in_memory"], bool(cfg["crop_padding"] or cfg["flip"]), cfg["name"])
     train, test = (
-        DecodedImages(read[split], labels[split], SampleViews(settings), cfg["decoder"]) for split in ("train", "test")
+        DecodedImages(read[split], labels[split], SampleViews(settings), settings.decoder)
+        for split in ("train", "test")
     )
     if not cfg["in_memory"]:
         return RawSplit(train.labels, dataset=train), RawSplit(test.labels, dataset=test)

@@ -113,7 +113,7 @@ def rand_augment() -> Callable[[Tensor], Tensor]:
 
 @dataclass(frozen=True)
 class ViewSettings:
-    """The ``dataset`` keys that say how images read per sample are viewed."""
+    """The ``dataset`` keys that say how images read per sample are decoded and viewed."""
 
     image_size: int
     train_view: str = "resize_crop"
@@ -122,11 +122,14 @@ class ViewSettings:
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     auto_augment: str | None = None
     random_erasing: float = 0.0
+    decoder: str = "torchvision"
 
     @classmethod
     def of(cls, cfg: dict[str, Any]) -> ViewSettings:
-        """The settings of a dataset section (keys it lacks keep their defaults: ``resize_crop``)."""
-        given = {k: cfg[k] for k in ("train_view", "eval_crop_ratio", "auto_augment", "random_erasing") if k in cfg}
+        """The settings of a dataset section; keys it lacks (a section saved before they
+        existed) keep their defaults, the views of that time (``resize_crop``)."""
+        names = ("train_view", "eval_crop_ratio", "auto_augment", "random_erasing", "decoder")
+        given = {k: cfg[k] for k in names if k in cfg}
         ranges = {k: tuple(cfg[k]) for k in ("crop_scale", "crop_ratio") if k in cfg}
         return cls(image_size=cfg["image_size"], **given, **ranges)
 
