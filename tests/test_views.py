@@ -4,6 +4,7 @@ the persistent DataLoader workers, and exact resume on folder data."""
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import numpy as np
 import pandas as pd
@@ -16,7 +17,10 @@ from torchvision.transforms import v2
 from kdcl.data import LoaderSource, load_data
 from kdcl.data.images import DECODERS, EncodedImage
 from kdcl.data.views import SampleViews, ViewSettings, resized_crop_box, step_keys, view_generator
+from kdcl.distill.feeds import FeedInputs, build_feed
+from kdcl.distill.teachers import Teachers
 from kdcl.errors import KdclError
+from kdcl.models import create_model
 from kdcl.scenarios.standard import run_pipeline
 from kdcl.train import engine
 from kdcl.train.resume import Interrupted
@@ -171,9 +175,45 @@ def test_views_drawn_per_sample_are_refused_where_they_cannot_work(tmp_path):
     root = jpeg_folder(tmp_path)
     with pytest.raises(KdclError, match="crop_padding or dataset.flip would crop or flip it again"):
         load_data(folder_cfg(root, "dataset.flip=true")["dataset"], CPU, False, 0)
-    cfg = folder_cfg(root, "distill.teacher_cache=views:2", "trainer.epochs=1")
-    with pytest.raises(KdclError, match="fixed views of images read per sample are not built yet"):
-        run_pipeline(cfg, tmp_path / "run")
     cfg = folder_cfg(root, "distill.teacher_cache=no_aug", "trainer.epochs=1")
     with pytest.raises(KdclError, match="no_aug"):
-        run_pipeline(cfg, tmp_path / "run2")
+        run_pipeline(cfg, tmp_path / "run")
+
+
+@pytest.mark.parametrize("topk", [None, 3], ids=["all-logits", "top-K"])
+def test_stored_soft_labels_of_folder_data_are_the_teachers_on_the_same_crops(tmp_path, topk):
+    """FKD's setting: K fixed crops per image, the teacher's logits of each stored (on disk,
+    top-K); every step the student sees exactly the crop whose logits it is given, so the
+    stored logits equal the teacher's on the pixels the student trains on (K = C exactly)."""
+    root = jpeg_folder(tmp_path / "data")
+    cfg = folder_cfg(root, "dataset.num_workers=0")
+    data = load_data(cfg["dataset"], CPU, False, 0)
+    torch.manual_seed(0)
+    teacher = create_model("cnn", 3, (3, 16, 16), width=8).eval()
+    inputs = FeedInputs(
+        preprocess=data.preprocess,
+        train=data.train,
+        teacher_at=lambda step: Teachers([teacher]),
+        autocast=nullcontext,
+        num_classes=3,
+        batch_size=8,
+        seed=0,
+        views=2,
+        store="disk",
+        directory=tmp_path / "cache",
+        shard_mb=1.0,
+        topk=topk,
+    )
+    feed = build_feed("views:2", inputs)
+    idx = torch.arange(8)
+    for epoch in (1, 2):  # two epochs: every example's other view
+        keys = feed.view_keys(0, epoch, idx)
+        ((_, x, y),) = data.train.batches([idx], [keys])
+        shown, stored = feed(0, epoch, idx, x, y)
+        with torch.inference_mode():
+            online = teacher(shown)
+        assert torch.allclose(stored, online, atol=0.02, rtol=0.01)  # fp16 storage
+    assert not torch.equal(feed.view_keys(0, 1, idx), feed.view_keys(0, 2, idx))
+    run = folder_cfg(root, "distill.teacher_cache=views:2", f"distill.teacher_cache_topk={topk or 'null'}")
+    summary = run_pipeline({**run, "trainer": {**run["trainer"], "epochs": 1}}, tmp_path / "run")
+    assert set(summary["model"]) == {"teacher", "baseline", "distill"}

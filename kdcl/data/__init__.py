@@ -27,7 +27,7 @@ from kdcl.data.preprocess import PADDINGS, Augment, Preprocess, StrongViews
 from kdcl.data.sources import Batch, LoaderSource, Source, TensorSource
 from kdcl.data.splits import RawSplit, interleave_classes, stratified_order, stratified_subset
 from kdcl.data.tokens import TextEncoding, TextPreprocess
-from kdcl.data.views import step_keys
+from kdcl.data.views import fixed_view_keys, step_keys
 
 __all__ = [
     "DATASETS",
@@ -48,6 +48,7 @@ __all__ = [
     "load_data",
     "register_dataset",
     "stratified_order",
+    "fixed_view_keys",
     "step_keys",
     "stratified_subset",
     "with_classes",

@@ -62,6 +62,16 @@ def step_keys(step: int, size: int) -> Tensor:
     return torch.arange(size) + step * 2**24
 
 
+# Keys of fixed views (a teacher cache's view v of example i) start here, past every step's.
+FIXED_VIEW_KEYS = 2**62
+
+
+def fixed_view_keys(idx: Tensor, view: Tensor) -> Tensor:
+    """The keys of view ``view[j]`` of training example ``idx[j]``: the same crops every
+    epoch, for the teacher cache's views (``distill.teacher_cache=views:K``)."""
+    return FIXED_VIEW_KEYS + view.long().cpu() * 2**32 + idx.long().cpu()
+
+
 def view_generator(seed: int, key: int) -> torch.Generator:
     """The CPU generator of view ``key`` of a run seeded ``seed``."""
     return torch.Generator().manual_seed(seed * SEED_MIX + key)

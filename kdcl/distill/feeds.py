@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kdcl.data import Augment, Preprocess, Source, StrongViews, TextPreprocess
+from kdcl.data import Augment, Preprocess, Source, StrongViews, TextPreprocess, fixed_view_keys, step_keys
 from kdcl.distributed import Part
 from kdcl.errors import KdclError
 from kdcl.files import replacing
@@ -70,9 +70,13 @@ STORES = Registry("teacher cache store")
 
 class Feed(Protocol):
     """``feed(step, epoch, idx, x, y, part)`` → (the student's float input, the teacher's
-    logits or None); ``part``: this rank's share of the global batch under DDP."""
+    logits or None); ``part``: this rank's share of the global batch under DDP.
+    ``view_keys(step, epoch, idx)``: the keys of the training views the data source draws
+    for the global batch ``idx`` where it draws them per sample (:mod:`kdcl.data.views`)."""
 
     teaches: bool
+
+    def view_keys(self, step: int, epoch: int, idx: Tensor) -> Tensor: ...
 
     def __call__(
         self, step: int, epoch: int, idx: Tensor, x: Tensor, y: Tensor, part: Part
@@ -169,16 +173,25 @@ class OnlineTeacher:
             logits = self.teacher_at(step)(views, y.repeat(count))
         return views, logits.float().clone()  # a normal tensor: the loss may save it for backward
 
+    def view_keys(self, step: int, epoch: int, idx: Tensor) -> Tensor:
+        """A new view of every example at every step."""
+        return step_keys(step, len(idx))
+
 
 class CachedViews:
     """The student trains on fixed views whose teacher logits were computed once.
 
     ``params[i, k]``: crop/flip of view k of example i; ``phase[i]``: where example i
     starts cycling through its views. ``logits``: the teacher's (N, K, C) fp16 logits.
+    Images whose training views the data draws per sample (``preprocess.augmented_views``:
+    folder data, FKD's setting) get view k of example i from the data source, by its key
+    (:func:`kdcl.data.fixed_view_keys`: the same crop box and flip every time); ``params``
+    then goes unused.
     """
 
     def __init__(self, inputs: FeedInputs, params: Augment, phase: Tensor):
         self.preprocess, self.params, self.phase = inputs.preprocess, params, phase
+        self.drawn = inputs.preprocess.augmented_views
         self.k = params.dy.shape[1]
         self.teaches = True
         if inputs.teacher_at is None:
@@ -197,8 +210,15 @@ class CachedViews:
         v = self.view(idx, epoch)  # a function of the example and the epoch: the same on every rank
         return self.pixels(x, idx, v), self.logits.get(idx, v)
 
+    def view_keys(self, step: int, epoch: int, idx: Tensor) -> Tensor:
+        """The keys of the views the student sees in ``epoch``, where the data draws them."""
+        return fixed_view_keys(idx, self.view(idx, epoch)) if self.drawn else step_keys(step, len(idx))
+
     def pixels(self, x: Tensor, idx: Tensor, v: Tensor) -> Tensor:
-        """View ``v[j]`` of example ``idx[j]`` (``x[j]`` its uint8 image), normalised."""
+        """View ``v[j]`` of example ``idx[j]`` (``x[j]`` its uint8 image, or that view itself
+        where the data draws views), normalised."""
+        if self.drawn:
+            return self.preprocess.normalize(x)
         return self.preprocess.apply(
             x, Augment(self.params.dy[idx, v], self.params.dx[idx, v], self.params.mirror[idx, v])
         )
@@ -386,7 +406,8 @@ def _fill(inputs: FeedInputs, views: CachedViews) -> MemoryLogits | DiskLogits:
     batches = torch.arange(n).split(inputs.batch_size)
     with torch.inference_mode():
         for v in range(views.k):
-            for idx, x, y in inputs.train.batches(batches):
+            keys = (fixed_view_keys(b, torch.full_like(b, v)) for b in batches) if views.drawn else None
+            for idx, x, y in inputs.train.batches(batches, keys):
                 idx = idx.to(device)
                 with inputs.autocast():
                     store.put(idx, v, teacher(views.pixels(x, idx, torch.full_like(idx, v)), y).float())

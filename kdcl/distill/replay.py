@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kdcl.data import Preprocess
+from kdcl.data import Preprocess, step_keys
 from kdcl.distill.feeds import Feed
 from kdcl.distributed import Part
 from kdcl.errors import KdclError
@@ -92,6 +92,9 @@ class LogitRecorder:
             self.offsets.append(end)
         return views, logits
 
+    def view_keys(self, step: int, epoch: int, idx: Tensor) -> Tensor:
+        return self.feed.view_keys(step, epoch, idx)
+
     def finish(self, stage: str, steps: int) -> TeacherLogits | None:
         """The logits of steps 0 … ``steps`` − 1, or None when it did not keep them all."""
         if len(self.offsets) != steps + 1:
@@ -110,6 +113,10 @@ class LogitReplay:
         self.preprocess, self.table, self.source = preprocess, table, source
         self.mismatch = torch.zeros((), dtype=torch.bool, device=table.index.device)
         self.misfit = False  # a step with another number of rows than recorded
+
+    def view_keys(self, step: int, epoch: int, idx: Tensor) -> Tensor:
+        """The online feed's views: the ones the recorded logits are of."""
+        return step_keys(step, len(idx))
 
     def __call__(
         self, step: int, epoch: int, idx: Tensor, x: Tensor, y: Tensor, part: Part | None = None

@@ -545,14 +545,6 @@ def check_teacher_cache(name: str, loss_fn: DistillLoss, control: ControlConfig,
             f"distill={name} distils on strongly augmented views of images (RandAugment), but dataset {data.name!r} is text",
             fix="choose a logit loss that takes one view, e.g. distill=kd or distill=dkd",
         )
-    if caches(spec) and augments(spec) and data.preprocess.augmented_views:
-        raise KdclError(
-            f"distill.teacher_cache={spec} keeps the teacher's logits of fixed views of each image, but "
-            f"dataset.train_view draws a new view of each image at every step in the DataLoader workers, "
-            "and fixed views of images read per sample are not built yet",
-            fix="set distill.teacher_cache=none (the teacher runs online; runs that change only the loss "
-            "replay its recorded logits, cache_teacher_logits_mb), or dataset.train_view=resize_crop",
-        )
     if topk is not None:
         if not caches(spec):
             raise KdclError(

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from kdcl import distributed
 from kdcl.config.schema import TrainerConfig
 from kdcl.curricula import DataSchedule, LearnedEpochs
-from kdcl.data import Batch, DataBundle, Source, step_keys
+from kdcl.data import Batch, DataBundle, Source
 from kdcl.distill.control import DistillControl
 from kdcl.distill.feeds import Feed
 from kdcl.distill.losses import DistillLoss, LossContext
@@ -344,7 +344,9 @@ def fit(s: Stage, data: DataBundle, trainer: TrainSettings, on_epoch: EpochHook 
         tic, ctx = time.perf_counter(), s.control.context(epoch, s.features)
         parts = distributed.parts(batches)
         shares = (p.take(b) for p, b in zip(parts, batches))
-        keys = (p.take(step_keys(at, len(b))) for at, p, b in zip(itertools.count(cursor.step), parts, batches))
+        keys = (
+            p.take(s.feed.view_keys(at, epoch, b)) for at, p, b in zip(itertools.count(cursor.step), parts, batches)
+        )
         with progress_bar(f"{s.name} {epoch}/{trainer.epochs}", spe) as advance:
             for part, batch in zip(parts, data.train.batches(shares, keys)):
                 train_step(replica, trainer, cursor.step, batch, meter, ctx, part)
@@ -412,7 +414,7 @@ def train_steps(s: Stage, data: DataBundle, trainer: TrainSettings, total_steps:
         steps = range(first, min(first + spe, total_steps))
         ctx = s.control.context(epoch, s.features)
         batches, sizes = itertools.tee(s.plan.batches(steps))
-        keys = (step_keys(at, len(b)) for at, b in zip(steps, sizes))
+        keys = (s.feed.view_keys(at, epoch, b) for at, b in zip(steps, sizes))
         for step, batch in zip(steps, data.train.batches(batches, keys)):
             train_step(s, trainer, step, batch, meter, ctx)
             if (step + 1) % FINITE_CHECK_EVERY == 0:
