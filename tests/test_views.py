@@ -217,3 +217,33 @@ def test_stored_soft_labels_of_folder_data_are_the_teachers_on_the_same_crops(tm
     run = folder_cfg(root, "distill.teacher_cache=views:2", f"distill.teacher_cache_topk={topk or 'null'}")
     summary = run_pipeline({**run, "trainer": {**run["trainer"], "epochs": 1}}, tmp_path / "run")
     assert set(summary["model"]) == {"teacher", "baseline", "distill"}
+
+
+def test_stored_soft_labels_are_kept_in_the_stage_cache_resumed_and_checked(tmp_path):
+    """On disk with the stage cache on, the run's teacher's stored views go to a keyed folder
+    of the cache: a later job finds every shard filled and runs no teacher pass; a fill cut
+    off half-way fills only its unfilled shards; a damaged shard is one message naming the folder."""
+    root = jpeg_folder(tmp_path / "data")
+    keys = [
+        "distill.teacher_cache=views:2",
+        "distill.teacher_cache_store=disk",
+        "distill.teacher_cache_shard_mb=0.0001",  # a few examples a shard
+        "cache=true",
+        f"cache_dir={tmp_path / 'cache'}",
+        "trainer.epochs=1",
+        "baseline=false",
+    ]
+    cfg = folder_cfg(root, *keys)
+    first = run_pipeline(cfg, tmp_path / "first").set_index("model")
+    (store,) = (tmp_path / "cache").glob("soft_labels-*/views_2-0")
+    markers = sorted(store.glob("shard_*.filled"))
+    assert len(markers) > 2 and len(markers) == len(list(store.glob("shard_*_logits.npy")))
+    stamps = {p: p.stat().st_mtime_ns for p in store.glob("shard_*.npy")}
+    markers[1].unlink()  # as if the fill had stopped before shard 1 was marked
+    second = run_pipeline(cfg, tmp_path / "second").set_index("model")
+    refilled = {p for p, t in stamps.items() if p.stat().st_mtime_ns != t}
+    assert refilled == set(store.glob("shard_0001_*.npy"))  # the other shards were read, not recomputed
+    assert second.loc["distill", "test_acc"] == first.loc["distill", "test_acc"]
+    np.save(store / "shard_0000_logits.npy", np.zeros(3, dtype=np.float16))  # damaged
+    with pytest.raises(KdclError, match=f"the teacher cache in {store} cannot be used(.|\\n)*delete {store}"):
+        run_pipeline(cfg, tmp_path / "third")

@@ -33,6 +33,7 @@ learn as well as the reference one.
 from __future__ import annotations
 
 import copy
+import io
 import logging
 import math
 import statistics
@@ -60,7 +61,7 @@ from kdcl.config.schema import (
     typed,
 )
 from kdcl.curricula import DataSchedule
-from kdcl.data import PADDINGS, DataBundle, TensorSource, load_data
+from kdcl.data import PADDINGS, DataBundle, LoaderSource, load_data
 from kdcl.distill.losses import kl_teacher_student
 from kdcl.distill.teachers import Teachers
 from kdcl.errors import KdclError
@@ -124,19 +125,46 @@ class _PilImages(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(image[..., 0] if image.shape[2] == 1 else image)), int(self.y[i])
 
 
+class _PilFiles(torch.utils.data.Dataset):
+    """The image files of a split read per sample, decoded by PIL (torchvision's ``ImageFolder``
+    loader) and served through ``transform``."""
+
+    def __init__(self, source: LoaderSource, transform: Callable):
+        self.read, self.positions, self.labels = source.dataset.read, source.origin, source.labels.numpy()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(self.read(int(self.positions[i])).data)) as image:
+            return self.transform(image.convert("RGB")), int(self.labels[i])
+
+
 def naive_loader(s: Setup) -> torch.utils.data.DataLoader:
+    """The reference input pipeline: for data held in memory, PIL images cropped from their
+    padding and flipped (``dataset.crop_padding``, ``dataset.flip``); for images read per
+    sample with a drawn training view, torchvision's reference recipe on the files
+    (``RandomResizedCrop`` with the dataset's ranges, a flip)."""
     from torchvision import transforms
 
     d, spec = s.data, s.cfg["dataset"]
-    border = PADDINGS.get(spec["crop_padding_mode"]).torchvision(d.mean)
-    steps = (
-        [transforms.RandomCrop(d.input_shape[1:], padding=spec["crop_padding"], **border)]
-        if spec["crop_padding"]
-        else []
-    )
-    steps += [transforms.RandomHorizontalFlip()] if spec["flip"] else []
-    steps += [transforms.ToTensor(), transforms.Normalize(d.mean, d.std)]
-    images = _PilImages(d.train.x.cpu().numpy(), d.train.labels.numpy(), transforms.Compose(steps))
+    if isinstance(d.train, LoaderSource) and d.preprocess.augmented_views:
+        crop = transforms.RandomResizedCrop(d.input_shape[1:], scale=spec["crop_scale"], ratio=spec["crop_ratio"])
+        steps = [crop, transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(d.mean, d.std)]
+        images = _PilFiles(d.train, transforms.Compose(steps))
+    else:
+        border = PADDINGS.get(spec["crop_padding_mode"]).torchvision(d.mean)
+        steps = (
+            [transforms.RandomCrop(d.input_shape[1:], padding=spec["crop_padding"], **border)]
+            if spec["crop_padding"]
+            else []
+        )
+        steps += [transforms.RandomHorizontalFlip()] if spec["flip"] else []
+        steps += [transforms.ToTensor(), transforms.Normalize(d.mean, d.std)]
+        images = _PilImages(d.train.x.cpu().numpy(), d.train.labels.numpy(), transforms.Compose(steps))
     return torch.utils.data.DataLoader(
         images,
         batch_size=s.trainer.batch_size,
@@ -238,7 +266,9 @@ def teacher_steps(s: Setup, total_steps: int) -> Iterator[None]:
         feeds={},
     )
     plan = DataSchedule(torch.arange(len(d.train)), s.trainer.batch_size, s.cfg["seed"] + 1)
-    for step, (idx, x, y) in zip(range(total_steps), d.train.batches(plan.batches(range(total_steps)))):
+    batches = list(plan.batches(range(total_steps)))
+    keys = [feed.view_keys(step, 1, b) for step, b in enumerate(batches)]
+    for step, (idx, x, y) in enumerate(d.train.batches(batches, keys)):
         feed(step, 1, idx, x, y)
         yield
 
@@ -280,10 +310,11 @@ def setup(cfg: dict[str, Any], out: Path) -> Setup:
     trainer = TrainSettings.from_config(settings)
     device = trainer.device
     data = load_data(cfg["dataset"], device, settings.channels_last, cfg["seed"])
-    if not isinstance(data.train, TensorSource):
+    if isinstance(data.train, LoaderSource) and not data.preprocess.augmented_views:
         raise KdclError(
-            f"kdcl bench needs a dataset held in memory; {data.name!r} is read per sample",
-            fix="bench on an in-memory dataset (digits, cifar10, npz, mnist, ...)",
+            f"kdcl bench reads {data.name!r} per sample, whose reference pipeline it builds for a drawn "
+            "training view only",
+            fix="set dataset.train_view=random_resized_crop, or dataset.in_memory=true",
         )
     spec = teacher_specs(cfg)[0]
     if spec["checkpoint"]:

@@ -39,6 +39,7 @@ lost; at other temperatures the rest is an approximation. K = C is exact.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -54,7 +55,7 @@ from torch import Tensor, nn
 from kdcl.data import Augment, Preprocess, Source, StrongViews, TextPreprocess, fixed_view_keys, step_keys
 from kdcl.distributed import Part
 from kdcl.errors import KdclError
-from kdcl.files import replacing
+from kdcl.files import replacing, write_text
 from kdcl.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -341,6 +342,16 @@ class MemoryLogits:
     def get(self, idx: Tensor, v: Tensor) -> Tensor:
         return self.codec.decode({name: table[idx, v] for name, table in self.tables.items()})
 
+    def chunks(self) -> list[range]:
+        """The examples filled together: all of them, every time."""
+        return [range(len(next(iter(self.tables.values()))))]
+
+    def filled(self, chunk: int) -> bool:
+        return False
+
+    def mark_filled(self, chunk: int) -> None:
+        """Nothing outlives the stage in memory."""
+
 
 def new_shard(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.memmap:
     """A new ``.npy`` memory map at ``path``: made as a new file beside it, mapped, then
@@ -354,26 +365,77 @@ def new_shard(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.memmap:
 class DiskLogits:
     """The (N, K) views' encoded logits in ``.npy`` shards of whole examples, at most
     ``shard_mb`` MB each (a file per field), read through memory maps (for caches larger
-    than memory)."""
+    than memory).
+
+    A shard is filled whole, then marked (``shard_NNNN.filled``); the folder's
+    ``store.json`` says what the shards hold. A store found in its folder again (a resumed
+    run, or a keyed folder of the stage cache that another job filled) keeps its filled
+    shards and fills the others: a fill cut off half-way resumes at its first unfilled
+    shard. A folder whose ``store.json`` or shards do not fit is one message naming it."""
 
     def __init__(self, n: int, k: int, inputs: FeedInputs):
-        directory = inputs.directory
+        directory = self.directory = inputs.directory
         directory.mkdir(parents=True, exist_ok=True)
         self.where = f"on disk in {directory}"
         self.codec = view_codec(inputs)
         self.rows = max(1, int(inputs.shard_mb * 2**20 // (k * bytes_per_view(self.codec))))
         self.device = inputs.preprocess.generator.device
+        fields = {name: [list(shape), str(dtype)] for name, (shape, dtype) in self.codec.fields.items()}
+        layout = {"examples": n, "views": k, "rows_per_shard": self.rows, "fields": fields}
+        self._check_layout(layout)
         self.shards = [
             {
-                name: new_shard(
-                    directory / f"shard_{s:04d}_{name}.npy",
-                    torch.empty(0, dtype=dtype).numpy().dtype,
-                    (min(self.rows, n - s * self.rows), k, *shape),
+                name: self._shard(
+                    s, name, torch.empty(0, dtype=dtype).numpy().dtype, (min(self.rows, n - s * self.rows), k, *shape)
                 )
                 for name, (shape, dtype) in self.codec.fields.items()
             }
             for s in range(math.ceil(n / self.rows))
         ]
+
+    def _check_layout(self, layout: dict) -> None:
+        found = self.directory / "store.json"
+        if not found.is_file():
+            write_text(found, json.dumps(layout, indent=1) + "\n")
+            return
+        try:
+            same = json.loads(found.read_text()) == layout
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            raise self._damaged(f"its store.json describes other shards than this stage needs ({layout})")
+
+    def _damaged(self, why: str) -> KdclError:
+        return KdclError(
+            f"the teacher cache in {self.directory} cannot be used: {why}",
+            fix=f"delete {self.directory} (the teacher's logits are computed again)",
+        )
+
+    def _shard(self, s: int, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.memmap:
+        path = self.directory / f"shard_{s:04d}_{name}.npy"
+        if not self.filled(s):
+            return new_shard(path, dtype, shape)
+        try:
+            shard = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as err:
+            raise self._damaged(f"{path.name} cannot be read ({err})") from None
+        if shard.shape != shape or shard.dtype != dtype:
+            raise self._damaged(f"{path.name} holds {shard.dtype} {shard.shape}, not {dtype} {shape}")
+        return shard
+
+    def chunks(self) -> list[range]:
+        """The examples of each shard, filled together."""
+        n = sum(len(next(iter(shard.values()))) for shard in self.shards)
+        return [range(s * self.rows, min(n, (s + 1) * self.rows)) for s in range(len(self.shards))]
+
+    def filled(self, chunk: int) -> bool:
+        return (self.directory / f"shard_{chunk:04d}.filled").is_file()
+
+    def mark_filled(self, chunk: int) -> None:
+        """Write shard ``chunk``'s views to disk, then mark it filled."""
+        for table in self.shards[chunk].values():
+            table.flush()
+        write_text(self.directory / f"shard_{chunk:04d}.filled", "")
 
     def _locate(self, idx: Tensor) -> tuple[np.ndarray, np.ndarray]:
         i = idx.cpu().numpy()
@@ -403,14 +465,19 @@ def _fill(inputs: FeedInputs, views: CachedViews) -> MemoryLogits | DiskLogits:
     teacher = inputs.teacher_at(0).eval()
     n, device = len(inputs.train), inputs.preprocess.generator.device
     store = STORES.create(inputs.store, n, views.k, inputs)
-    batches = torch.arange(n).split(inputs.batch_size)
+    chunks = store.chunks()
+    todo = [c for c in range(len(chunks)) if not store.filled(c)]
     with torch.inference_mode():
-        for v in range(views.k):
-            keys = (fixed_view_keys(b, torch.full_like(b, v)) for b in batches) if views.drawn else None
-            for idx, x, y in inputs.train.batches(batches, keys):
-                idx = idx.to(device)
-                with inputs.autocast():
-                    store.put(idx, v, teacher(views.pixels(x, idx, torch.full_like(idx, v)), y).float())
+        for c in todo:
+            batches = torch.arange(chunks[c].start, chunks[c].stop).split(inputs.batch_size)
+            for v in range(views.k):
+                keys = (fixed_view_keys(b, torch.full_like(b, v)) for b in batches) if views.drawn else None
+                for idx, x, y in inputs.train.batches(batches, keys):
+                    idx = idx.to(device)
+                    with inputs.autocast():
+                        store.put(idx, v, teacher(views.pixels(x, idx, torch.full_like(idx, v)), y).float())
+            store.mark_filled(c)
     kept = "all logits" if inputs.topk is None else f"top-{inputs.topk} logits"
-    log.info("teacher cache: %d view(s) × %d examples, %s (fp16) %s", views.k, n, kept, store.where)
+    again = f", {len(chunks) - len(todo)} of {len(chunks)} shards found filled" if len(todo) < len(chunks) else ""
+    log.info("teacher cache: %d view(s) × %d examples, %s (fp16) %s%s", views.k, n, kept, store.where, again)
     return store

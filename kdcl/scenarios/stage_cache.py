@@ -234,6 +234,24 @@ def teacher_logits_key(
     }
 
 
+def soft_labels_dir(
+    cfg: dict[str, Any], trainer: TrainSettings, distill: dict[str, Any], teacher_weights: Path
+) -> Path:
+    """The stage-cache folder of the run's teacher's cached views (``distill.teacher_cache``
+    on disk: FKD's stored soft labels), keyed by what fixes them: the teacher stage's key
+    (its model, the data and its views, the recipe, the seed), the teacher's weights (size
+    and modification time), the cache's settings and the seed its views are drawn from."""
+    key = {
+        "stage": "soft_labels",
+        "stage_version": STAGE_VERSION,
+        "teacher": stage_key(cfg, "teacher", trainer),
+        "teacher_weights": file_stamp(teacher_weights),
+        "cache": {k: distill[k] for k in ("teacher_cache", "teacher_cache_topk", "teacher_cache_shard_mb")},
+        "seed": cfg["seed"],
+    }
+    return open_cache(cfg).root / f"soft_labels-{digest(key)}"
+
+
 def teacher_logits_slot(
     cfg: dict[str, Any],
     trainer: TrainSettings,

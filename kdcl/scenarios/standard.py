@@ -72,7 +72,7 @@ from kdcl.models import (
 )
 from kdcl.output.tables import print_table, write_csv
 from kdcl.output.trackers import CSV_ONLY, Loggers
-from kdcl.scenarios.stage_cache import reuse_or_produce, teacher_logits_slot
+from kdcl.scenarios.stage_cache import reuse_or_produce, soft_labels_dir, teacher_logits_slot
 from kdcl.train.assemble import build_stage
 from kdcl.train.checkpoint import load_model
 from kdcl.train.engine import EpochHook, TrainSettings, evaluate, fit
@@ -677,7 +677,7 @@ def train_stage(
         steps_per_epoch=run.steps_per_epoch,
         seed=seed,
         cache_seed=run.cfg["seed"],
-        cache_dir=run.out / "teacher_cache",
+        cache_dir=teacher_cache_dir(run, teachers, distill),
         feeds=run.feeds,
         meta=checkpoint_meta(run, stage, spec, init),
         dynamics=dynamics,
@@ -716,18 +716,37 @@ def train_stage(
     return chosen
 
 
-def teacher_logits(run: Run, teachers: list[nn.Module] | None, curriculum: dict, seed: int) -> ReplaySlot | None:
-    """Where a stage taught by the run's own teacher (not assistants, a born-again
-    generation or a ``teachers`` list) records or replays its online logits
-    (``cache_teacher_logits_mb``, :mod:`kdcl.distill.replay`)."""
+def own_teacher_weights(run: Run, teachers: list[nn.Module] | None) -> Path | None:
+    """The weights file of the run's own teacher when it teaches a stage (not assistants, a
+    born-again generation or a ``teachers`` list): what keys the teacher's outputs kept
+    in the stage cache."""
     own = teachers is None or teachers is run.teachers
     if not own or run.cfg["teachers"] or not run.teachers or run.teachers[0] is not run.teacher:
         return None
-    plan = {"curriculum": curriculum, "seed": seed, "steps": run.total_steps, "examples": run.budget_examples}
     checkpoint = run.cfg["teacher"]["checkpoint"]
-    weights = Path(checkpoint).expanduser() if checkpoint else run.out / "teacher" / "best.pt"
+    return Path(checkpoint).expanduser() if checkpoint else run.out / "teacher" / "best.pt"
+
+
+def teacher_logits(run: Run, teachers: list[nn.Module] | None, curriculum: dict, seed: int) -> ReplaySlot | None:
+    """Where a stage taught by the run's own teacher records or replays its online logits
+    (``cache_teacher_logits_mb``, :mod:`kdcl.distill.replay`)."""
+    weights = own_teacher_weights(run, teachers)
+    if weights is None:
+        return None
+    plan = {"curriculum": curriculum, "seed": seed, "steps": run.total_steps, "examples": run.budget_examples}
     rows = run.total_steps * run.trainer.batch_size
     return teacher_logits_slot(run.cfg, run.trainer, run.out, plan, weights, rows, run.data.num_classes)
+
+
+def teacher_cache_dir(run: Run, teachers: list[nn.Module] | None, distill: dict) -> Path:
+    """Where a stage's teacher cache writes a disk store: for the run's own teacher with the
+    stage cache on, a folder of the stage cache keyed by that teacher and the cache's
+    settings (:func:`kdcl.scenarios.stage_cache.soft_labels_dir`), which later jobs and
+    other students reuse and a cut-off fill resumes; else the run's ``teacher_cache/``."""
+    weights = own_teacher_weights(run, teachers)
+    if weights is None or not run.cfg["cache"] or distill["teacher_cache_store"] != "disk":
+        return run.out / "teacher_cache"
+    return soft_labels_dir(run.cfg, run.trainer, distill, weights)
 
 
 def test_columns(run: Run, stage: str, model: nn.Module) -> dict[str, Any]:
