@@ -128,9 +128,10 @@ def device(chosen: torch.device) -> torch.device:
 
 
 # --------------------------------------------------------------------------- checks
-def check_processes(devices: int, batch_size: int) -> None:
+def check_processes(devices: int, batch_size: int, batch_key: str = "trainer.batch_size") -> None:
     """Refuse a launch that cannot work: ``trainer.devices`` at odds with torchrun's
-    processes, or a global batch smaller than the number of processes."""
+    processes, or a global batch (``batch_size``, set by ``batch_key``) smaller than the
+    number of processes."""
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if active() and devices not in (1, per_node):
         raise KdclError(
@@ -141,9 +142,9 @@ def check_processes(devices: int, batch_size: int) -> None:
     processes = world() if active() else devices
     if batch_size < processes:
         raise KdclError(
-            f"trainer.batch_size={batch_size} is the global batch, split across {processes} processes: "
+            f"{batch_key}={batch_size} is the global batch, split across {processes} processes: "
             f"it must be at least {processes}",
-            fix="raise trainer.batch_size or start fewer processes",
+            fix=f"raise {batch_key} or start fewer processes",
         )
 
 

@@ -17,7 +17,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from kdcl.config.checks import validate
-from kdcl.config.options import CONF_DIR
+from kdcl.config.options import CONF_DIR, STUDENT, TEACHER, stage_recipe
 from kdcl.distill.features import resolve_layers
 from kdcl.errors import KdclError
 from kdcl.models import count_params, create_model
@@ -164,13 +164,9 @@ def test_recipe_composes_to_the_benchmark_recipe(recipe: str):
     assert cfg["dataset"]["name"] == "cifar100"
     assert (cfg["dataset"]["crop_padding"], cfg["dataset"]["flip"]) == (4, True)
     assert (cfg["trainer"]["epochs"], cfg["trainer"]["batch_size"]) == (240, 64)
-    assert cfg["optimizer"] == {
-        "name": "sgd",
-        "lr": 0.01 if student in LIGHT_STUDENTS else 0.05,
-        "momentum": 0.9,
-        "weight_decay": 5e-4,
-        "nesterov": False,
-    }
+    suite_sgd = {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False}
+    assert cfg["optimizer"] == stage_recipe(cfg, TEACHER)["optimizer"] == suite_sgd  # every teacher at 0.05
+    assert stage_recipe(cfg, STUDENT)["optimizer"] == {**suite_sgd, "lr": 0.01 if student in LIGHT_STUDENTS else 0.05}
     assert cfg["scheduler"]["name"] == "step" and cfg["scheduler"]["gamma"] == 0.1
     assert [m * 240 for m in cfg["scheduler"]["milestones"]] == [150, 180, 210]
     assert cfg["curriculum"]["name"] == "none" and cfg["distill"]["name"] == "kd"
@@ -248,4 +244,5 @@ def test_the_cli_finds_a_nested_recipe(cli):
     result = cli("train", "--cfg", "job", "+experiment=cifar100/wrn40_2_shufflenet_v1")
     assert result.returncode == 0, result.stderr
     job = yaml.safe_load(result.stdout)
-    assert (job["teacher"]["name"], job["student"]["name"], job["optimizer"]["lr"]) == ("wrn", "shufflenet_v1", 0.01)
+    assert (job["teacher"]["name"], job["student"]["name"], job["optimizer"]["lr"]) == ("wrn", "shufflenet_v1", 0.05)
+    assert job["stages"]["student"]["optimizer"] == {"lr": 0.01}

@@ -52,14 +52,8 @@ from torch import Tensor, nn
 
 from kdcl.commands.job import output_dir, plain_config
 from kdcl.config.checks import validate
-from kdcl.config.options import distill_parts, section_option, teacher_specs
-from kdcl.config.schema import (
-    BenchConfig,
-    OptimizerConfig,
-    SchedulerConfig,
-    TrainerConfig,
-    typed,
-)
+from kdcl.config.options import STUDENT, distill_parts, section_option, teacher_specs
+from kdcl.config.schema import BenchConfig, OptimizerConfig, SchedulerConfig, TrainerConfig, typed
 from kdcl.curricula import DataSchedule
 from kdcl.data import PADDINGS, DataBundle, LoaderSource, load_data
 from kdcl.distill.losses import kl_teacher_student
@@ -68,7 +62,7 @@ from kdcl.errors import KdclError
 from kdcl.models import build_model, freeze
 from kdcl.optim import build_optimizer, build_schedule
 from kdcl.output.tables import print_table, write_csv
-from kdcl.train.assemble import build_stage, teacher_feed
+from kdcl.train.assemble import StageRecipe, build_stage, teacher_feed
 from kdcl.train.engine import TrainSettings, evaluate, peak_memory_mb, reset_peak_memory, train_steps
 from kdcl.train.weights import load_teacher
 from kdcl.trust import CodePolicy
@@ -306,9 +300,11 @@ def time_arm(s: Setup, arm: str, warmup: int, steps: int) -> float:
 
 
 def setup(cfg: dict[str, Any], out: Path) -> Setup:
+    """The data, the teacher and the students' recipe (``stages.student`` over the shared
+    settings): every arm times a student's steps."""
     settings = typed(TrainerConfig, cfg["trainer"], "trainer")
-    trainer = TrainSettings.from_config(settings)
-    device = trainer.device
+    recipe = StageRecipe.of(cfg, STUDENT, TrainSettings.from_config(settings))
+    device = recipe.trainer.device
     data = load_data(cfg["dataset"], device, settings.channels_last, cfg["seed"])
     if isinstance(data.train, LoaderSource) and not data.preprocess.augmented_views:
         raise KdclError(
@@ -326,12 +322,12 @@ def setup(cfg: dict[str, Any], out: Path) -> Setup:
     return Setup(
         cfg=cfg,
         data=data,
-        trainer=trainer,
+        trainer=recipe.trainer,
         teacher=teacher,
         channels_last=settings.channels_last,
         out=out,
-        optimizer=typed(OptimizerConfig, cfg["optimizer"], "optimizer"),
-        scheduler=typed(SchedulerConfig, cfg["scheduler"], "scheduler"),
+        optimizer=recipe.optimizer,
+        scheduler=recipe.scheduler,
     )
 
 

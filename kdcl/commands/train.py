@@ -17,6 +17,7 @@ from kdcl import distributed
 from kdcl.commands.job import output_dir, plain_config
 from kdcl.commands.report import run_figures
 from kdcl.config.checks import validate
+from kdcl.config.options import STUDENT, TEACHER, stage_overrides, stage_recipe
 from kdcl.errors import KdclError
 from kdcl.output.trackers import Loggers, TrackedRun, check_loggers, open_loggers
 from kdcl.scenarios import REGISTERED_NAMES, SCENARIOS, Scenario
@@ -45,7 +46,9 @@ def train_command(cfg: DictConfig) -> float:
     plain = plain_config(cfg)
     check_loggers(loggers_of(plain))
     devices = cfg.trainer.get("devices", 1)  # absent from configs saved before it existed
-    distributed.check_processes(devices, cfg.trainer.batch_size)
+    for role in (TEACHER, STUDENT):
+        key = f"stages.{role}.batch_size" if "batch_size" in stage_overrides(plain, role) else "trainer.batch_size"
+        distributed.check_processes(devices, stage_recipe(plain, role)["batch_size"], key)
     if devices > 1 and not distributed.active():
         launch(cfg, devices)
         return objective(plain, pd.read_csv(out / "summary.csv"))

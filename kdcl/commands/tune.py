@@ -42,6 +42,7 @@ from kdcl.commands.job import output_dir, plain_config
 from kdcl.commands.search_space import Dimension, check_against, parse_space
 from kdcl.commands.train import scenario_of, train_here
 from kdcl.config.checks import composition_error, validate
+from kdcl.config.options import STUDENT, stage_recipe
 from kdcl.config.schema import TrainConfig, TuneConfig, TuneSettings, typed
 from kdcl.errors import KdclError
 from kdcl.output.tables import print_table, write_csv
@@ -134,7 +135,8 @@ def tune_command(cfg: DictConfig) -> None:
     check_against(dimensions, run_cfg, config_groups(), REGISTERED_NAMES, where)
     directory = output_dir()
     identity = {"space": plain["search"], "overrides": base}
-    study = open_study(settings, plain["seed"], run_cfg["trainer"]["epochs"], directory, identity)
+    epochs = stage_recipe(run_cfg, STUDENT)["epochs"]  # the pruned stage is a student's
+    study = open_study(settings, plain["seed"], epochs, directory, identity)
     try:
         run_trials(study, settings, dimensions, base, directory)
     except Interrupted as err:

@@ -12,7 +12,19 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
-from kdcl.config.options import arm_config, group_option, option_folder, teacher_specs
+from kdcl.config.options import (
+    RECIPE_GROUPS,
+    RECIPE_TRAINER_KEYS,
+    STUDENT,
+    TEACHER,
+    arm_config,
+    group_option,
+    option_folder,
+    recipe_base,
+    stage_overrides,
+    stage_recipe,
+    teacher_specs,
+)
 from kdcl.config.schema import (
     DatasetConfig,
     Entry,
@@ -75,6 +87,7 @@ def validate(cfg: Any, schema: type = TrainConfig, registries: dict[str, Registr
     every arm's distill and curriculum are checked as the arm will run them. ``registries``
     adds keys that name an entry of a registry above this layer (``scenario.name``)."""
     plain = _container(cfg)
+    _check_arm_recipes(plain)  # before the schema's rule for arms: the reason, not the rule
     check(plain, schema)
     if plain.get("distill", {}).get("teacher_route") and not plain.get("teacher", {}).get("route_points"):
         raise KdclError(
@@ -83,12 +96,76 @@ def validate(cfg: Any, schema: type = TrainConfig, registries: dict[str, Registr
         )
     _check_names(plain, {**_registered_names(), **(registries or {})})
     _check_models(plain)
+    _check_stage_recipes(plain)
     if isinstance(plain.get("arms"), dict):
         for name, arm in plain["arms"].items():
             distill, curriculum = arm_config(plain, arm)
             arm_cfg = {"distill": distill, "curriculum": curriculum}
             check(arm_cfg, TrainConfig, prefix=f"arms.{name}.")
             _check_names(arm_cfg, _registered_names(), prefix=f"arms.{name}.")
+
+
+# What an arm may not set: a training recipe (an arm overrides distill and curriculum only).
+ARM_RECIPE_KEYS = {"optimizer", "scheduler", "trainer", "stages", *RECIPE_TRAINER_KEYS}
+
+
+def _check_arm_recipes(cfg: dict[str, Any]) -> None:
+    """Every student stage trains with ``stages.student``: an arm with a recipe of its own
+    would train on another step budget (or schedule) than the baseline it is compared with."""
+    arms = cfg.get("arms")
+    for name, arm in arms.items() if isinstance(arms, dict) else ():
+        own = sorted(ARM_RECIPE_KEYS & set(arm)) if isinstance(arm, dict) else []
+        if own:
+            raise KdclError(
+                f"arms.{name}.{own[0]}: an arm cannot have a training recipe of its own, since the baseline "
+                "and every distilled student train with stages.student, on one optimizer-step budget, "
+                "so that they compare fairly",
+                fix=f"drop arms.{name}.{own[0]}; set stages.student.* to change the recipe of every student, "
+                "or compare recipes in runs of their own (kdcl train -m ...)",
+            )
+
+
+def _check_stage_recipes(cfg: dict[str, Any]) -> None:
+    """``stages.teacher`` and ``stages.student`` as their stages will train with them
+    (:func:`kdcl.config.options.stage_recipe`): an optimizer or schedule they name is
+    registered, each key they set is one of the section they override (the shared one, or
+    the option file of the name they give), every value of the result is in range; and a
+    teacher recipe is refused when no teacher trains (a checkpoint is evaluated), as it
+    would change nothing."""
+    for role in (TEACHER, STUDENT):
+        own, where = stage_overrides(cfg, role), f"stages.{role}."
+        sections = {group: own[group] for group in RECIPE_GROUPS if group in own}
+        _check_names(sections, _registered_names(), prefix=where)
+        for group, keys in sections.items():
+            base = recipe_base(cfg, group, keys)
+            unknown = sorted(keys.keys() - base.keys())
+            if unknown:
+                path = f"{where}{group}."
+                raise unknown_key(path + unknown[0], _shown(keys[unknown[0]]), None, path, list(base))
+        recipe = stage_recipe(cfg, role)
+        check({group: recipe[group] for group in RECIPE_GROUPS}, TrainConfig, prefix=where)
+    own = stage_overrides(cfg, TEACHER)
+    if own and all(spec.get("checkpoint") for spec in teacher_specs(cfg)):
+        first, value = next(_dotted(own, "stages.teacher."))
+        loaded, unset = (
+            ("every entry of teachers has a checkpoint", "drop a checkpoint from teachers")
+            if cfg.get("teachers")
+            else ("teacher.checkpoint is set", "set teacher.checkpoint=null")
+        )
+        raise KdclError(
+            f"{first}={_shown(value)} would change nothing: {loaded}, and a teacher given as weights "
+            "is evaluated, not trained",
+            fix=f"drop the stages.teacher keys, or {unset} to train the teacher with them",
+        )
+
+
+def _dotted(section: dict[str, Any], prefix: str):
+    """``(dotted path, value)`` of every leaf of ``section``."""
+    for name, value in section.items():
+        if isinstance(value, dict):
+            yield from _dotted(value, f"{prefix}{name}.")
+        else:
+            yield prefix + name, value
 
 
 def _check_models(cfg: dict[str, Any]) -> None:
@@ -191,7 +268,8 @@ def unknown_key(
     listing = f"{where} has: {', '.join(known)}" if known else ""
     if cls is not None and is_open(cls):
         listing += f" (a key of another {section} option comes with it: {section}=NAME)"
-    return KdclError(what, fix=(hint + listing).strip() or None)
+    why = getattr(cls, "WHY_CLOSED", None)  # a section closed on purpose says why
+    return KdclError(what + (f" ({why})" if why else ""), fix=(hint + listing).strip() or None)
 
 
 def _shown(value: Any) -> str:

@@ -101,6 +101,40 @@ def teacher_specs(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     return [{**common, **(group_option("teacher", entry) if isinstance(entry, str) else entry)} for entry in entries]
 
 
+# The roles of ``stages``: the teachers, and every student stage (baseline, distill, arms,
+# born-again generations, assistants), which share one recipe and so one step budget.
+TEACHER, STUDENT = "teacher", "student"
+RECIPE_GROUPS = ("optimizer", "scheduler")  # sections a stage's recipe may set keys of
+RECIPE_TRAINER_KEYS = ("epochs", "batch_size")  # trainer keys a stage's recipe may set
+
+
+def stage_overrides(cfg: dict[str, Any], role: str) -> dict[str, Any]:
+    """The keys ``stages.<role>`` sets (its ``optimizer`` and ``scheduler`` keys, its non-null
+    ``epochs`` and ``batch_size``); empty in configs saved before ``stages`` existed."""
+    own = (cfg.get("stages") or {}).get(role) or {}
+    return {k: v for k, v in own.items() if v not in (None, {})}
+
+
+def stage_recipe(cfg: dict[str, Any], role: str) -> dict[str, Any]:
+    """How the stages of ``role`` train: ``optimizer``, ``scheduler``, ``epochs`` and
+    ``batch_size``, each the shared setting (``optimizer``, ``scheduler``, ``trainer.*``) with
+    the keys of ``stages.<role>`` over it. A ``name`` other than the shared one starts from
+    that option's file (``stages.teacher.optimizer.name=adamw``: adamw's lr, betas and weight
+    decay), so no key of the shared option leaks into it, as an arm's loss does
+    (:func:`arm_config`). Without ``stages`` keys this is the shared settings, value for value."""
+    own = stage_overrides(cfg, role)
+    recipe = {group: {**recipe_base(cfg, group, own.get(group, {})), **own.get(group, {})} for group in RECIPE_GROUPS}
+    return {**recipe, **{name: own.get(name, cfg["trainer"][name]) for name in RECIPE_TRAINER_KEYS}}
+
+
+def recipe_base(cfg: dict[str, Any], group: str, keys: Mapping[str, Any]) -> dict[str, Any]:
+    """The section a stage's ``keys`` of ``group`` (optimizer or scheduler) go over: the shared
+    one, or the option file of the other ``name`` they give; its keys are those they may set."""
+    shared = cfg[group]
+    name = keys.get("name", shared["name"])
+    return shared if name == shared["name"] else group_option(group, name)
+
+
 def arm_config(cfg: dict[str, Any], arm: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """An arm's distill and curriculum: the run's, overridden by the arm. An arm that names
     another loss starts from that loss's option (conf/distill/NAME.yaml, with its alpha and

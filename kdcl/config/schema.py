@@ -365,6 +365,34 @@ class TrainerConfig:
 
 
 @dataclass
+class StageRecipeConfig:
+    """``stages.teacher``, ``stages.student``: how the stages of one role train, each key set
+    replacing the shared one (:func:`kdcl.config.options.stage_recipe`). ``optimizer`` and
+    ``scheduler`` hold keys of those sections (a ``name`` of its own starts from that option's
+    file), checked there as the stage will train with them (:func:`kdcl.config.checks.validate`);
+    ``epochs`` and ``batch_size``: null keeps ``trainer.*``."""
+
+    optimizer: Dict[str, Any] = key()
+    scheduler: Dict[str, Any] = key()
+    epochs: Optional[int] = key(*_or_null(COUNT))
+    batch_size: Optional[int] = key(*_or_null(COUNT))
+
+
+@dataclass
+class StagesConfig:
+    """``stages``: a recipe for the teachers and one for every student stage. Closed: the
+    students have one recipe between them (a fair comparison), so there is none per stage or arm."""
+
+    WHY_CLOSED: ClassVar[str] = (
+        "the baseline and every distilled student (distill, arms, born-again generations, assistants) "
+        "share stages.student, so that they train on one optimizer-step budget and compare fairly"
+    )
+
+    teacher: StageRecipeConfig = field(default_factory=StageRecipeConfig)
+    student: StageRecipeConfig = field(default_factory=StageRecipeConfig)
+
+
+@dataclass
 class BornAgainConfig:
     generations: int = key(*COUNT_OR_ZERO)
 
@@ -437,6 +465,7 @@ class TrainConfig:
         lambda v: v is None or (isinstance(v, list) and all(_spec(s) for s in v)),
     )
     born_again: BornAgainConfig = field(default_factory=BornAgainConfig)
+    stages: StagesConfig = field(default_factory=StagesConfig)
     # Selected by ``logger=[csv,tensorboard,...]``: each option adds its own name → settings;
     # the names and settings are checked against kdcl.output.trackers.LOGGERS before training.
     logger: Any = key(
@@ -637,13 +666,20 @@ def _open_sections(node: DictConfig, cls: type) -> None:
 
 # --------------------------------------------------------------------------- registration
 def _node(cls: type) -> DictConfig:
-    """The structured node Hydra merges. Model ``kwargs`` accept new keys: the flag set
-    here is copied onto the composed node, so ``teacher.kwargs.cifar_stem=false`` works
-    without ``+`` (the model factory's signature checks the names)."""
+    """The structured node Hydra merges. Model ``kwargs`` and a stage recipe's ``optimizer``
+    and ``scheduler`` accept new keys: the flag set here is copied onto the composed node, so
+    ``teacher.kwargs.cifar_stem=false`` and ``stages.teacher.optimizer.lr=0.1`` work without
+    ``+`` (the model factory's signature checks the names; :func:`kdcl.config.checks.validate`
+    a recipe's keys)."""
     node = OmegaConf.structured(cls)
-    for section in ("teacher", "student"):
-        if section in node:
-            OmegaConf.set_struct(node[section]._get_node("kwargs"), False)
+    open_mappings = [(section, "kwargs") for section in ("teacher", "student")]
+    open_mappings += [
+        (f"stages.{role}", group) for role in ("teacher", "student") for group in ("optimizer", "scheduler")
+    ]
+    for section, name in open_mappings:
+        parent = OmegaConf.select(node, section)
+        if parent is not None:
+            OmegaConf.set_struct(parent._get_node(name), False)
     return node
 
 

@@ -574,8 +574,9 @@ class FitNet(FeatureLoss):
     larger than the other is average-pooled to its size. β = ``beta`` (100, as in
     RepDistiller / mdistiller). ``hint_epochs`` = N > 0 is FitNets' first stage: the first
     N epochs train on ``β·H`` alone (only the layers up to the hinted one and the
-    regressors get gradients), the remaining epochs on L. The N epochs are part of
-    ``trainer.epochs``: the step budget and the LR schedule stay those of every other arm.
+    regressors get gradients), the remaining epochs on L. The N epochs are part of the
+    students' epochs (``trainer.epochs``, or ``stages.student.epochs``): the step budget and
+    the LR schedule stay those of every other arm.
     """
 
     def __init__(

@@ -61,7 +61,7 @@ import torch
 from torch import Tensor, nn
 
 from kdcl import distributed
-from kdcl.config.options import section_option
+from kdcl.config.options import STUDENT, section_option
 from kdcl.curricula import ORDERS, PLANS, class_difficulty
 from kdcl.data import Source, class_map, with_classes
 from kdcl.errors import KdclError
@@ -342,7 +342,16 @@ def learn(
                     )
                 model = copy.deepcopy(model)
         lineage, model, stage = task_stage(
-            run, f"{arm}/task_{k}", recipe, seen, len(new), seed, run.trainer.epochs, model, lineage, shared
+            run,
+            f"{arm}/task_{k}",
+            recipe,
+            seen,
+            len(new),
+            seed,
+            run.recipes[STUDENT].trainer.epochs,
+            model,
+            lineage,
+            shared,
         )
         test_labels = class_map(seen, run.data.num_classes)[run.data.test.labels]  # as the stage's test split
         row = accuracy_row(run.test_logits[stage], test_labels[test_labels >= 0], bounds[: k + 1])
@@ -381,8 +390,9 @@ def task_stage(
     shared: dict[str, tuple[str, nn.Module]],
 ) -> tuple[str, nn.Module, str]:
     """Train (or take from ``shared``) one stage of a task on ``recipe``, continuing ``init``
-    (None: a new student), for ``epochs`` epochs of ``ceil(budget / batch_size)`` steps.
-    Returns the stage's lineage key (what determines it), its model and its folder name."""
+    (None: a new student), on the students' recipe (``stages.student``) for ``epochs``
+    epochs of ``ceil(budget / batch_size)`` steps. Returns the stage's lineage key (what
+    determines it), its model and its folder name."""
     what = {
         "after": lineage,
         "pool": hashlib.sha256(recipe.pool.tobytes()).hexdigest(),
@@ -397,11 +407,12 @@ def task_stage(
         name, model = shared[key]
         log.info("%s: the same training as %s, which it shares", stage, name)
         return key, model, name
+    students = run.recipes[STUDENT]
     view = replace(
         run,
         data=with_classes(run.data, seen, train=recipe.pool),
         budget_examples=budget,
-        trainer=replace(run.trainer, epochs=epochs),
+        recipes={**run.recipes, STUDENT: replace(students, trainer=replace(students.trainer, epochs=epochs))},
         scores={k: v[recipe.pool] for k, v in run.scores.items()},
     )
     model = train_stage(
@@ -410,6 +421,7 @@ def task_stage(
         run.cfg["student"],
         recipe.loss,
         run.cfg["curriculum"],
+        role=STUDENT,
         seed=seed,
         teachers=recipe.teachers,
         init=init,

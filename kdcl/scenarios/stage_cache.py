@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from kdcl import distributed
+from kdcl.config.options import RECIPE_GROUPS, RECIPE_TRAINER_KEYS, STUDENT, TEACHER, stage_recipe
 from kdcl.distill.replay import ReplaySlot, TeacherLogits, table_mb
 from kdcl.errors import KdclError
 from kdcl.files import write_replacing
@@ -43,8 +44,9 @@ T = TypeVar("T")
 # same config: every older entry then misses.
 STAGE_VERSION = 2  # 2: crop padding after normalisation, dataset.crop_padding_mode
 
-# The cached stages and the model spec each one trains.
-CACHED_STAGES = {"teacher": "teacher", "baseline": "student"}
+# The cached stages and the role of each: the model spec it trains (``teacher``, ``student``)
+# and the recipe it trains with (``stages.teacher``, ``stages.student``).
+CACHED_STAGES = {"teacher": TEACHER, "baseline": STUDENT}
 
 # Keys that change speed, not results; left out of the key. trainer.device and
 # trainer.amp are replaced by the resolved device type and precision, trainer.devices
@@ -62,10 +64,17 @@ ENTRY_FILE = "entry.json"
 
 
 def stage_key(cfg: dict[str, Any], stage: str, trainer: TrainSettings) -> dict[str, Any]:
-    """The config that determines ``stage``'s result: what the cache key hashes."""
+    """The config that determines ``stage``'s result: what the cache key hashes.
+
+    The stage's recipe enters as the sections it trains with (:func:`recipe_sections`), so a
+    config without ``stages`` keys (or with keys equal to the shared values) keys as it did
+    before ``stages`` existed, and a teacher trained at ``stages.teacher.optimizer.lr=0.1``
+    keys as one trained at ``optimizer.lr=0.1``: the same training."""
+    role = CACHED_STAGES[stage]
+    recipe = stage_recipe(cfg, role)
     sections = {
-        name: {k: v for k, v in cfg[name].items() if k not in NOT_IN_KEY.get(name, ())}
-        for name in ("dataset", "trainer", "optimizer", "scheduler")
+        name: {k: v for k, v in section.items() if k not in NOT_IN_KEY.get(name, ())}
+        for name, section in recipe_sections(cfg, recipe).items()
     }
     data = sections["dataset"]
     for name, value in data.items():
@@ -75,10 +84,11 @@ def stage_key(cfg: dict[str, Any], stage: str, trainer: TrainSettings) -> dict[s
     sections["trainer"].update(device_type=trainer.device.type, amp=trainer.amp)
     if distributed.world() > 1:
         sections["trainer"]["processes"] = distributed.world()
-    spec = cfg[CACHED_STAGES[stage]]
+    spec = cfg[role]
     # without a callable of its own (_target_ null), the teacher's layers (init_from_teacher
     # false) or remote code (trust_remote_code false), the key a spec had before those keys
-    # existed; with init_from_teacher, the teacher is part of it
+    # existed; with init_from_teacher, the teacher is part of it, and so is the teacher's
+    # recipe when stages make it differ from the student's
     defaults = {"_target_": None, "init_from_teacher": False, "trust_remote_code": False}
     key = {
         "stage": stage,
@@ -87,7 +97,22 @@ def stage_key(cfg: dict[str, Any], stage: str, trainer: TrainSettings) -> dict[s
         **sections,
         "seed": cfg["seed"],
     }
-    return {**key, "teacher": cfg["teacher"]} if spec.get("init_from_teacher") else key
+    if not spec.get("init_from_teacher"):
+        return key
+    teacher_recipe = stage_recipe(cfg, TEACHER)
+    return {
+        **key,
+        "teacher": cfg["teacher"],
+        **({"teacher_recipe": teacher_recipe} if teacher_recipe != recipe else {}),
+    }
+
+
+def recipe_sections(cfg: dict[str, Any], recipe: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The sections a stage trains with, its ``recipe`` (:func:`stage_recipe`) in place of the
+    shared ones: ``dataset``, ``trainer`` with the recipe's epochs and batch size, and the
+    recipe's ``optimizer`` and ``scheduler``."""
+    trainer = {**cfg["trainer"], **{k: recipe[k] for k in RECIPE_TRAINER_KEYS}}
+    return {"dataset": cfg["dataset"], "trainer": trainer, **{group: recipe[group] for group in RECIPE_GROUPS}}
 
 
 def digest(key: dict[str, Any]) -> str:
@@ -223,11 +248,17 @@ def teacher_logits_key(
     of the teacher's weights (``teacher_weights``: its ``best.pt``, which a cache hit copies
     with its time, or ``teacher.checkpoint``), the student (a curriculum may score with it)
     and ``plan`` (the stage's curriculum section, seed and step budget). Not the ``distill``
-    section: the loss reads the logits, it does not change them."""
+    section: the loss reads the logits, it does not change them. The batches are the
+    student's: their size is the teacher key's ``trainer.batch_size``, unless
+    ``stages.student.batch_size`` makes it another, which the plan then holds."""
+    teacher = stage_key(cfg, "teacher", trainer)
+    batch_size = stage_recipe(cfg, STUDENT)["batch_size"]
+    if batch_size != teacher["trainer"]["batch_size"]:
+        plan = {**plan, "batch_size": batch_size}
     return {
         "stage": "teacher_logits",
         "stage_version": STAGE_VERSION,
-        "teacher": stage_key(cfg, "teacher", trainer),
+        "teacher": teacher,
         "teacher_weights": file_stamp(teacher_weights),
         "student": cfg["student"],
         "plan": plan,

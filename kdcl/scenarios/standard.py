@@ -25,20 +25,15 @@ from torch import Tensor, nn
 
 from kdcl import distributed
 from kdcl.config.options import (
+    STUDENT,
+    TEACHER,
     arm_config,
     distill_parts,
     model_option,
     section_option,
     teacher_specs,
 )
-from kdcl.config.schema import (
-    ControlConfig,
-    CurriculumConfig,
-    OptimizerConfig,
-    SchedulerConfig,
-    TrainerConfig,
-    typed,
-)
+from kdcl.config.schema import ControlConfig, CurriculumConfig, TrainerConfig, typed
 from kdcl.curricula import (
     PLANS,
     SCORERS,
@@ -73,7 +68,7 @@ from kdcl.models import (
 from kdcl.output.tables import print_table, write_csv
 from kdcl.output.trackers import CSV_ONLY, Loggers
 from kdcl.scenarios.stage_cache import reuse_or_produce, soft_labels_dir, teacher_logits_slot
-from kdcl.train.assemble import build_stage
+from kdcl.train.assemble import StageRecipe, build_stage
 from kdcl.train.checkpoint import load_model
 from kdcl.train.engine import EpochHook, TrainSettings, evaluate, fit
 from kdcl.train.resume import check_same_config, graceful_stop, read_done, write_done
@@ -119,15 +114,16 @@ def no_curriculum() -> dict[str, Any]:
 class Run:
     """State shared by the stages of one run. ``cfg`` is the run's config as plain containers
     (what ``done.json``, checkpoints and the stage cache keep); the sections every stage
-    trains with are typed."""
+    trains with are typed. ``trainer`` holds what every stage shares (device, precision,
+    evaluation); how long, in what batches and with what optimizer and schedule a stage
+    trains is its role's recipe, ``recipes[TEACHER]`` or ``recipes[STUDENT]`` (``stages``)."""
 
     cfg: dict[str, Any]
     out: Path
     trainer: TrainSettings
     data: DataBundle
     channels_last: bool
-    optimizer: OptimizerConfig
-    scheduler: SchedulerConfig
+    recipes: dict[str, StageRecipe]
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)
     test_logits: dict[str, Tensor] = field(default_factory=dict)  # per model trained in this run
     test_predictions: dict[str, Tensor] = field(default_factory=dict)  # per model, for teacher agreement
@@ -140,13 +136,14 @@ class Run:
     loggers: Loggers = CSV_ONLY  # where the stages' per-epoch metrics go
     on_epoch: EpochHook | None = None  # sees every epoch of every stage (kdcl tune prunes with it)
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return math.ceil((self.budget_examples or len(self.data.train)) / self.trainer.batch_size)
+    def steps_per_epoch(self, role: str) -> int:
+        """The optimizer steps of an epoch of ``role``'s stages: ``ceil(N / batch_size)``, N the
+        examples the budget counts (``budget_examples``, else the train split's)."""
+        return math.ceil((self.budget_examples or len(self.data.train)) / self.recipes[role].trainer.batch_size)
 
-    @property
-    def total_steps(self) -> int:
-        return self.trainer.epochs * self.steps_per_epoch
+    def total_steps(self, role: str) -> int:
+        """The step budget of ``role``'s stages: its epochs × :meth:`steps_per_epoch`."""
+        return self.recipes[role].trainer.epochs * self.steps_per_epoch(role)
 
     def stage_dir(self, name: str) -> Path:
         path = self.out / name
@@ -225,8 +222,7 @@ def start_run(cfg: dict[str, Any], out: Path, loggers: Loggers = CSV_ONLY, on_ep
         trainer=trainer,
         data=data,
         channels_last=settings.channels_last,
-        optimizer=typed(OptimizerConfig, cfg["optimizer"], "optimizer"),
-        scheduler=typed(SchedulerConfig, cfg["scheduler"], "scheduler"),
+        recipes={role: StageRecipe.of(cfg, role, trainer) for role in (TEACHER, STUDENT)},
         loggers=loggers,
         on_epoch=on_epoch,
     )
@@ -248,15 +244,16 @@ def one_teacher(run: Run, stage: str, spec: dict, seed: int) -> nn.Module:
     if spec["checkpoint"]:
         return evaluate_teacher(run, stage, spec)
     if stage != "teacher":  # the first teacher alone is cached, scores the data and keeps a route
-        return train_stage(run, stage, spec, ce_only(), no_curriculum(), seed=seed)
+        return train_stage(run, stage, spec, ce_only(), no_curriculum(), role=TEACHER, seed=seed)
     dynamics = LearnedEpochs(len(run.data.train), run.trainer.device)
     points = spec.get("route_points", 0)  # a spec of ``teachers`` has none
-    keep = {round(run.trainer.epochs * k / (points + 1)) for k in range(1, points + 1)} - {0}
+    epochs = run.recipes[TEACHER].trainer.epochs  # the route's points are the teacher's own epochs
+    keep = {round(epochs * k / (points + 1)) for k in range(1, points + 1)} - {0}
     model = reuse_or_train(
         run,
         stage,
         lambda: train_stage(
-            run, stage, spec, ce_only(), no_curriculum(), seed=seed, dynamics=dynamics, keep_epochs=keep
+            run, stage, spec, ce_only(), no_curriculum(), role=TEACHER, seed=seed, dynamics=dynamics, keep_epochs=keep
         ),
     )
     run.learned_epoch = torch.tensor(pd.read_csv(run.out / stage / "dynamics.csv")["learned_epoch"].to_numpy())
@@ -284,7 +281,8 @@ def evaluate_teacher(run: Run, stage: str, spec: dict) -> nn.Module:
 
 
 def curriculum_stage(run: Run) -> None:
-    """Score the training data with every available scorer and record the pacing plan."""
+    """Score the training data with every available scorer and record the pacing plan (of
+    the student stages' step budget: the stages a curriculum paces)."""
     spec = typed(CurriculumConfig, run.cfg["curriculum"], "curriculum")
     out = run.stage_dir("curriculum")
     train = evaluate(run.teacher, run.data.train, run.data, run.trainer)
@@ -310,9 +308,9 @@ def curriculum_stage(run: Run) -> None:
         "teacher_confidence": torch.exp(-loss).numpy(),
     }
     per_scorer = {f"d_{name}": d.numpy() for name, d in run.scores.items()}  # every scorer's difficulty
-    plan, spe = build_plan(run, spec), run.steps_per_epoch
+    plan, spe = build_plan(run, spec, STUDENT), run.steps_per_epoch(STUDENT)
     rows = []
-    for e in range(run.trainer.epochs):  # the schedule as planned (adaptive curricula may hold later)
+    for e in range(run.recipes[STUDENT].trainer.epochs):  # as planned (adaptive curricula may hold later)
         first, last = e * spe, (e + 1) * spe - 1
         rows.append(
             {
@@ -334,7 +332,7 @@ def curriculum_stage(run: Run) -> None:
         "scorers": sorted(run.scores),
         "train_examples": len(run.data.train),
         "steps_per_epoch": spe,
-        "total_steps": run.total_steps,
+        "total_steps": run.total_steps(STUDENT),
     }
     if distributed.is_main():
         write_csv(pd.DataFrame({**columns, **per_scorer}), out / "scores.csv")
@@ -351,11 +349,18 @@ def curriculum_stage(run: Run) -> None:
 
 def assistant_stages(run: Run) -> None:
     """Teacher assistants (Mirzadeh et al. 2020): each model of ``assistants`` is distilled
-    from the current teachers and becomes the teacher of the next, then of the student."""
+    from the current teachers and becomes the teacher of the next, then of the student. An
+    assistant is distilled as the students are, on their recipe (``stages.student``)."""
     for i, spec in enumerate(run.cfg.get("assistants") or [], start=1):
         spec = model_option(spec) if isinstance(spec, str) else {"kwargs": {}, "pretrained": False, **spec}
         model = train_stage(
-            run, f"assistant_{i}", spec, run.cfg["distill"], run.cfg["curriculum"], seed=run.cfg["seed"] + 1 + i
+            run,
+            f"assistant_{i}",
+            spec,
+            run.cfg["distill"],
+            run.cfg["curriculum"],
+            role=STUDENT,
+            seed=run.cfg["seed"] + 1 + i,
         )
         run.teachers = [freeze(model)]
 
@@ -376,6 +381,7 @@ def student_stage(
             run.cfg["student"],
             distill,
             curriculum,
+            role=STUDENT,
             seed=seed,
             teachers=teachers_of_stage,
             init=student_from_teacher(run, seed, teachers_of_stage[0])
@@ -464,8 +470,9 @@ def reuse_or_train(run: Run, stage: str, produce: Callable[[], nn.Module]) -> nn
     return model
 
 
-def build_plan(run: Run, spec: CurriculumConfig, seed: int | None = None) -> DataSchedule:
-    """The step-wise data plan a curriculum section describes, from the run's scores."""
+def build_plan(run: Run, spec: CurriculumConfig, role: str, seed: int | None = None) -> DataSchedule:
+    """The step-wise data plan a curriculum section describes, from the run's scores, over
+    the step budget and batches of ``role``'s stages."""
     labels = run.data.train.labels
     scores = run.scores.get(spec.scorer)
     if scores is None:  # before scoring (baseline): the plan ignores difficulty
@@ -478,9 +485,9 @@ def build_plan(run: Run, spec: CurriculumConfig, seed: int | None = None) -> Dat
         rank=rank,
         labels=labels,
         class_difficulty=class_difficulty(scores, labels, run.data.num_classes),
-        total_steps=run.total_steps,
-        steps_per_epoch=run.steps_per_epoch,
-        batch_size=run.trainer.batch_size,
+        total_steps=run.total_steps(role),
+        steps_per_epoch=run.steps_per_epoch(role),
+        batch_size=run.recipes[role].trainer.batch_size,
         seed=run.cfg["seed"] if seed is None else seed,
     )
     return PLANS.create(spec.type, inputs)
@@ -583,6 +590,7 @@ def self_taught_logits(run: Run):
                     run.cfg["student"],
                     ce_only(),
                     no_curriculum(),
+                    role=STUDENT,
                     seed=run.cfg["seed"] + 1,
                 ),
                 run.data.train,
@@ -613,6 +621,7 @@ def train_stage(
     distill: dict,
     curriculum: dict,
     *,
+    role: str,
     seed: int,
     dynamics: LearnedEpochs | None = None,
     keep_epochs: Collection[int] = frozenset(),
@@ -620,8 +629,10 @@ def train_stage(
     init: nn.Module | None = None,
     select: str = "best",
 ) -> nn.Module:
-    """Train one model for the run's step budget; return its best (validation) weights,
-    or with ``select="last"`` its last ones, which its summary row then reports.
+    """Train one model on the recipe of ``role`` (``TEACHER`` or ``STUDENT``: its epochs,
+    batch size, optimizer and schedule, and so its step budget); return its best
+    (validation) weights, or with ``select="last"`` its last ones, which its summary row
+    then reports.
 
     The model is ``spec``'s architecture, freshly initialised from ``seed``, or ``init``
     trained on (class-incremental tasks continue the previous task's model). It learns
@@ -644,6 +655,7 @@ def train_stage(
         run.rows[stage] = {"macs": columns["macs"], **done["row"]}  # rows written before macs was a column
         return chosen
     curriculum_cfg = typed(CurriculumConfig, curriculum, "curriculum")
+    recipe = run.recipes[role]
     torch.manual_seed(seed)
     if init is None:
         init = build_model(spec, data.num_classes, data.input_shape, spec["pretrained"], data.model_kwargs)
@@ -653,13 +665,13 @@ def train_stage(
         stage,
         model_ref(spec).label,
         f"{count_params(model):,}",
-        run.trainer.epochs,
-        run.steps_per_epoch,
+        recipe.trainer.epochs,
+        run.steps_per_epoch(role),
         distill["name"],
         curriculum_cfg.type,
     )
-    plan = build_plan(run, curriculum_cfg, seed)
-    replay = teacher_logits(run, teachers, curriculum, seed) if plan.order_fixed else None
+    plan = build_plan(run, curriculum_cfg, role, seed)
+    replay = teacher_logits(run, role, teachers, curriculum, seed) if plan.order_fixed else None
     with build_stage(
         name=stage,
         out_dir=out,
@@ -669,12 +681,12 @@ def train_stage(
         route=lambda: route_checkpoints(run),
         plan=plan,
         rank=example_ranks(run, curriculum_cfg),
-        trainer=run.trainer,
+        trainer=recipe.trainer,
         data=data,
-        optimizer=run.optimizer,
-        scheduler=run.scheduler,
-        total_steps=run.total_steps,
-        steps_per_epoch=run.steps_per_epoch,
+        optimizer=recipe.optimizer,
+        scheduler=recipe.scheduler,
+        total_steps=run.total_steps(role),
+        steps_per_epoch=run.steps_per_epoch(role),
         seed=seed,
         cache_seed=run.cfg["seed"],
         cache_dir=teacher_cache_dir(run, teachers, distill),
@@ -685,9 +697,9 @@ def train_stage(
         loggers=run.loggers,
         replay=replay,
     ) as parts:
-        result = fit(parts, data, run.trainer, run.on_epoch)
+        result = fit(parts, data, recipe.trainer, run.on_epoch)
     if replay is not None:
-        replay.finish(stage, run.total_steps)
+        replay.finish(stage, run.total_steps(role))
     path = result.best_path if select == "best" else result.last_path
     chosen = run.load_model(path)
     columns = test_columns(run, stage, chosen)
@@ -727,14 +739,17 @@ def own_teacher_weights(run: Run, teachers: list[nn.Module] | None) -> Path | No
     return Path(checkpoint).expanduser() if checkpoint else run.out / "teacher" / "best.pt"
 
 
-def teacher_logits(run: Run, teachers: list[nn.Module] | None, curriculum: dict, seed: int) -> ReplaySlot | None:
-    """Where a stage taught by the run's own teacher records or replays its online logits
-    (``cache_teacher_logits_mb``, :mod:`kdcl.distill.replay`)."""
+def teacher_logits(
+    run: Run, role: str, teachers: list[nn.Module] | None, curriculum: dict, seed: int
+) -> ReplaySlot | None:
+    """Where a stage of ``role`` taught by the run's own teacher records or replays its
+    online logits (``cache_teacher_logits_mb``, :mod:`kdcl.distill.replay`)."""
     weights = own_teacher_weights(run, teachers)
     if weights is None:
         return None
-    plan = {"curriculum": curriculum, "seed": seed, "steps": run.total_steps, "examples": run.budget_examples}
-    rows = run.total_steps * run.trainer.batch_size
+    steps = run.total_steps(role)
+    plan = {"curriculum": curriculum, "seed": seed, "steps": steps, "examples": run.budget_examples}
+    rows = steps * run.recipes[role].trainer.batch_size
     return teacher_logits_slot(run.cfg, run.trainer, run.out, plan, weights, rows, run.data.num_classes)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from kdcl import distributed
-from kdcl.config.options import distill_parts
-from kdcl.config.schema import ControlConfig, OptimizerConfig, SchedulerConfig
+from kdcl.config.options import distill_parts, stage_recipe
+from kdcl.config.schema import ControlConfig, OptimizerConfig, SchedulerConfig, typed
 from kdcl.curricula import DataSchedule, LearnedEpochs
 from kdcl.data import DataBundle, StrongViews
 from kdcl.distill.control import DistillControl
@@ -29,6 +30,27 @@ from kdcl.output.trackers import CSV_ONLY, Loggers
 from kdcl.train.engine import Stage, TrainSettings
 
 TeacherAt = Callable[[int], nn.Module]  # optimizer step → the teacher of that step
+
+
+@dataclass(frozen=True)
+class StageRecipe:
+    """How the stages of one role (``teacher`` or ``student``) train: the run's trainer
+    settings with the role's ``epochs`` and ``batch_size``, and its optimizer and LR schedule
+    (``stages.<role>`` over the shared settings: :func:`kdcl.config.options.stage_recipe`)."""
+
+    trainer: TrainSettings
+    optimizer: OptimizerConfig
+    scheduler: SchedulerConfig
+
+    @classmethod
+    def of(cls, cfg: dict[str, Any], role: str, trainer: TrainSettings) -> StageRecipe:
+        """The recipe of ``role`` in run config ``cfg``, on the run's ``trainer`` settings."""
+        plain = stage_recipe(cfg, role)
+        return cls(
+            trainer=replace(trainer, epochs=plain["epochs"], batch_size=plain["batch_size"]),
+            optimizer=typed(OptimizerConfig, plain["optimizer"], "optimizer"),
+            scheduler=typed(SchedulerConfig, plain["scheduler"], "scheduler"),
+        )
 
 
 @contextmanager
