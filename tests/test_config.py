@@ -173,6 +173,10 @@ BAD = {
     "dataset.num_workers": -1,
     "dataset.test_fraction": 1.0,
     "dataset.image_size": 0,
+    "dataset.eval_crop_ratio": 0.0,
+    "dataset.crop_scale": [0.5, 0.1],  # low above high
+    "dataset.crop_ratio": [0.0, 1.0],
+    "dataset.random_erasing": 1.5,
     "dataset.max_memory_gb": 0.0,
     "dataset.vocab_size": 0,
     "dataset.token_mask": 1.0,
@@ -229,6 +233,10 @@ BAD = {
 # Options under which the option keys exist.
 WHERE = {
     "dataset.image_size": ["dataset=imagefolder", "dataset.root=/data"],
+    **{
+        f"dataset.{key}": ["dataset=imagefolder", "dataset.root=/data"]
+        for key in ("eval_crop_ratio", "crop_scale", "crop_ratio", "random_erasing")
+    },
     "dataset.max_memory_gb": ["dataset=csv", "dataset.root=/data"],
     "dataset.vocab_size": ["dataset=text_csv", "dataset.root=/data"],
     "dataset.token_mask": ["dataset=hf_text", "dataset.path=/data"],
