@@ -1,4 +1,4 @@
-"""Top-5 accuracy against a hand count."""
+"""MobileNet-V1 against its paper, and top-5 accuracy against a hand count."""
 
 from __future__ import annotations
 
@@ -9,10 +9,53 @@ import torch
 from conftest import compose_config
 
 from kdcl.data import load_data
-from kdcl.models import create_model
+from kdcl.errors import KdclError
+from kdcl.models import count_macs, count_params, create_model
+from kdcl.models.imagenet_nets import MOBILENET_V1_STAGES
 from kdcl.train.engine import TrainSettings, evaluate, top5_accuracy
 
 CPU = torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- MobileNet-V1
+def test_mobilenet_v1_has_the_papers_size():
+    """Howard et al. 2017, Table 8: 1.0 MobileNet-224 has 4.2M parameters and 569M mult-adds."""
+    model = create_model("mobilenet_v1", num_classes=1000, input_shape=(3, 224, 224))
+    params, macs = count_params(model), count_macs(model, (3, 224, 224))
+    assert round(params / 1e6, 1) == 4.2 and params == 4_231_976
+    assert round(macs / 1e6) == 569
+
+
+def test_mobilenet_v1_count_follows_its_layers():
+    """Stem: 3x3 conv (3·32·9) and BN (2·32); each block: depthwise 9·c and pointwise c·o
+    weights, a BN of 2c and of 2o parameters; the linear layer 1024·K + K."""
+    params, c = 3 * 32 * 9 + 2 * 32, 32
+    for stage in MOBILENET_V1_STAGES:
+        for out, _ in stage:
+            params += 9 * c + 2 * c + c * out + 2 * out
+            c = out
+    assert sum(len(stage) for stage in MOBILENET_V1_STAGES) == 13
+    assert count_params(create_model("mobilenet_v1", num_classes=7, input_shape=(3, 32, 32))) == params + 1024 * 7 + 7
+
+
+@pytest.mark.parametrize(("size", "sides"), [(224, [56, 28, 14, 7]), (64, [16, 8, 4, 2]), (32, [8, 4, 2, 1])])
+def test_mobilenet_v1_stages_at_every_image_size(size: int, sides: list[int]):
+    """The stage outputs are the maps CRD and DKD distil from: 128-1024 channels at 1/4 … 1/32."""
+    model = create_model("mobilenet_v1", num_classes=12, input_shape=(3, size, size)).eval()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        x = model.stem(x)
+        shapes = []
+        for stage in model.stages:
+            x = stage(x)
+            shapes.append(tuple(x.shape[1:]))
+        assert model(torch.randn(2, 3, size, size)).shape == (2, 12)
+    assert shapes == [(w, s, s) for w, s in zip([128, 256, 512, 1024], sides)]
+
+
+def test_mobilenet_v1_has_no_pretrained_weights():
+    with pytest.raises(KdclError, match="no pretrained weights exist for model 'mobilenet_v1'"):
+        create_model("mobilenet_v1", num_classes=10, input_shape=(3, 32, 32), pretrained=True)
 
 
 # --------------------------------------------------------------------------- top-5 accuracy
