@@ -23,6 +23,7 @@ STAGE_COLUMNS = [
     "train_acc",
     "val_loss",
     "val_acc",
+    "val_acc_top5",
     "seconds",
     "samples_per_s",
     "max_memory_mb",
@@ -45,6 +46,7 @@ def test_stage_tables_and_checkpoints(quick_run):
     for stage in ("teacher", "baseline", "distill"):
         metrics = pd.read_csv(out / stage / "metrics.csv")
         assert list(metrics.columns[: len(STAGE_COLUMNS)]) == STAGE_COLUMNS
+        assert metrics["val_acc_top5"].isna().all()  # 10 classes: top-5 is not measured
         assert metrics["epoch"].tolist() == list(range(1, epochs + 1))
         assert (out / stage / "best.pt").is_file() and (out / stage / "last.pt").is_file()
         best = load_checkpoint(out / stage / "best.pt")
@@ -110,6 +112,7 @@ def test_summary_rows_and_derived_columns(quick_run):
     assert (rows["seed"] == cfg["seed"]).all()
     assert rows.loc["teacher", "params"] > rows.loc["distill", "params"] == rows.loc["baseline", "params"]
     assert on_disk.columns.get_loc("macs") == on_disk.columns.get_loc("params") + 1
+    assert on_disk["test_acc_top5"].isna().all()  # the column is there, empty for 10 classes
     shape = tuple(load_checkpoint(out / "distill" / "best.pt")["input_shape"])
     for stage in ("teacher", "baseline", "distill"):
         model = load_model(out / stage / "best.pt", CodePolicy())

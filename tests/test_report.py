@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from test_cli import assert_clean_error
 
-from kdcl.commands.report import collect, pivot
+from kdcl.commands.report import arm_display, arm_table, collect, pivot
 from kdcl.output.stats import t_interval
 
 T_975_DF2 = 4.302652729911275  # Student's t, 97.5% quantile, 2 degrees of freedom (from tables)
@@ -332,3 +332,27 @@ def test_arms_per_config_in_a_sweep_over_alpha(seeded_sweep, cli):
     assert arms.at[(0.9, "distill"), "test_acc_mean"] == pytest.approx(0.91)
     assert arms.at[(0.5, "teacher"), "gain_mean"] == pytest.approx(0.16)  # 0.95 − 0.78, 0.79, 0.80
     assert "## Arms over seeds" in (seeded_sweep / "report.md").read_text()
+
+
+def test_top5_accuracy_in_the_jobs_and_the_arms(tmp_path):
+    """The distilled student's test_acc_top5 per job, and every arm's over its seeds; runs
+    without the column (10 classes or fewer, or made before it) show no top-5 column."""
+    sweep = tmp_path / "sweep"
+    for seed, top5 in enumerate((0.90, 0.94)):
+        fake_job(sweep / str(seed), [f"seed={seed}"], 0.7, 0.6, 0.7, seed=seed)
+        summary = pd.read_csv(sweep / str(seed) / "summary.csv")
+        summary.assign(test_acc_top5=[0.99, 0.85, top5]).to_csv(sweep / str(seed) / "summary.csv", index=False)
+    report = collect([sweep])
+    assert report.jobs["test_acc_top5"].tolist() == [0.90, 0.94]
+    arms = arm_table(report)
+    distill = arms.set_index("arm").loc["distill"]
+    # 0.90 and 0.94: mean 0.92, sample variance (0.02² + 0.02²) / 1
+    assert distill["test_acc_top5_mean"] == pytest.approx(0.92)
+    assert distill["test_acc_top5_std"] == pytest.approx(math.sqrt(0.0008))
+    assert arm_display(report, arms).set_index("arm").loc["distill", "test_acc_top5 % (best)"] == "92.00 ± 2.83"
+
+    older = tmp_path / "older"
+    fake_job(older / "0", ["seed=0"], 0.7, 0.6, 0.7, seed=0)
+    report = collect([older])
+    assert report.jobs["test_acc_top5"].isna().all()
+    assert "test_acc_top5 % (best)" not in arm_display(report, arm_table(report)).columns

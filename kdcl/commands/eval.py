@@ -91,6 +91,7 @@ def run_eval(
                 "split": "test",
                 "examples": len(labels),
                 "acc": result.acc,
+                "acc_top5": result.acc_top5,
                 "loss": result.loss,
                 "macro_f1": float(f1.mean()),
                 "params": count_params(model),
@@ -108,7 +109,19 @@ def run_eval(
     print_table(
         summary,
         f"kdcl eval — {checkpoint}",
-        ["model", "stage", "dataset", "examples", "acc", "loss", "macro_f1", "params", "macs", "latency_ms_per_batch"],
+        [
+            "model",
+            "stage",
+            "dataset",
+            "examples",
+            "acc",
+            "acc_top5",
+            "loss",
+            "macro_f1",
+            "params",
+            "macs",
+            "latency_ms_per_batch",
+        ],
     )
     print_table(per_class, "per class (test)")
     print_table(confusion.reset_index(names="true \\ pred"), "confusion matrix (rows: true, columns: predicted)")

@@ -38,6 +38,7 @@ from kdcl.output.tables import markdown_table, print_table, stdout, write_csv
 METRICS = {
     "best_val_acc": ("distill", "best_val_acc"),
     "test_acc": ("distill", "test_acc"),
+    "test_acc_top5": ("distill", "test_acc_top5"),  # NaN for 10 classes or fewer, and in runs made before it
     "test_acc_last": ("distill", "test_acc_last"),
     "kd_gain": ("distill", "kd_gain"),  # distill − baseline test_acc of the same seed: a paired difference
     "teacher_agreement": ("distill", "teacher_agreement"),
@@ -47,7 +48,16 @@ METRICS = {
     "baseline_test_acc": ("baseline", "test_acc"),
     "baseline_best_val_acc": ("baseline", "best_val_acc"),
 }
-SHOWN = ["best_val_acc", "test_acc", "kd_gain", "teacher_test_acc", "baseline_test_acc", "steps", "seconds"]
+SHOWN = [
+    "best_val_acc",
+    "test_acc",
+    "test_acc_top5",
+    "kd_gain",
+    "teacher_test_acc",
+    "baseline_test_acc",
+    "steps",
+    "seconds",
+]
 SELECT_BY = "best_val_acc"  # validation: the only metric that ranks configs
 AGGREGATED = ["best_val_acc", "test_acc", "kd_gain", "baseline_test_acc"]
 PIVOTED = ["best_val_acc", "test_acc", "kd_gain"]
@@ -58,8 +68,9 @@ STAGE_CURVES = "stage_curves.png"  # a run's own figure (run_figures), beside th
 STATUS = "status"  # finished, or pruned (a kdcl tune trial stopped early)
 
 # per arm: the summary columns kept, the accuracies aggregated over seeds, and the paired gains
-ARM_COLUMNS = ["test_acc", "test_acc_last", "best_val_acc", "params", "steps"]
-ARM_ACCURACIES = ["test_acc", "test_acc_last"]  # best-validation epoch ("best"), last epoch ("last")
+ARM_COLUMNS = ["test_acc", "test_acc_top5", "test_acc_last", "best_val_acc", "params", "steps"]
+# best-validation epoch ("best", top-1 and top-5), last epoch ("last")
+ARM_ACCURACIES = ["test_acc", "test_acc_top5", "test_acc_last"]
 GAINS = {"gain": "test_acc", "gain_last": "test_acc_last"}  # gain column -> the accuracy it pairs
 BASELINE = "baseline"
 TEACHER = "teacher"
@@ -280,7 +291,7 @@ def paired_differences(runs: pd.DataFrame, baseline: pd.DataFrame, metric: str) 
 def arm_stats(runs: pd.DataFrame, baseline: pd.DataFrame | None) -> dict[str, Any]:
     """One arm of one config over its seeds (``runs``: one row per seed).
 
-    ``seeds`` = n; spread() of test_acc and test_acc_last; the paired gains ``gain``
+    ``seeds`` = n; spread() of test_acc, test_acc_top5 and test_acc_last; the paired gains ``gain``
     (test_acc) and ``gain_last`` (test_acc_last): spread() of d_s = arm_s − baseline_s over
     the seeds s both have (``pairs`` of them), NaN for the baseline itself or without one;
     ``best_val_acc_mean``; ``params`` and ``steps`` of the first run.
@@ -353,6 +364,9 @@ def arm_display(report: Report, arms: pd.DataFrame) -> pd.DataFrame:
         mean, std, half = (arms[f"{metric}_{stat}"] for stat in ("mean", "std", "ci95"))
         shown[f"{metric} % ({label})"] = [mean_std_text(a, s) for a, s in zip(mean, std)]
         shown[f"{label} {LEVEL:.0%} CI"] = [interval_text(a, h) for a, h in zip(mean, half)]
+    if arms["test_acc_top5_mean"].notna().any():
+        mean, std = arms["test_acc_top5_mean"], arms["test_acc_top5_std"]
+        shown["test_acc_top5 % (best)"] = [mean_std_text(a, s) for a, s in zip(mean, std)]
     for gain, label in (("gain", "best"), ("gain_last", "last")):
         shown[f"gain ({label})"] = [gain_text(a, h) for a, h in zip(arms[f"{gain}_mean"], arms[f"{gain}_ci95"])]
     shown["best_val_acc %"] = arms["best_val_acc_mean"].map(percent)

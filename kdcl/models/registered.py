@@ -1,7 +1,8 @@
 """kdcl's own models, looked up by name in :data:`MODELS` (``mlp``, ``cnn``, ``vgg``, the CIFAR
 ResNets, the other networks of the CIFAR-100 distillation benchmark (``wrn``, ``vgg_cifar``,
 ``shufflenet_v1``, ``shufflenet_v2``, ``mobilenet_v2_cifar``: :mod:`kdcl.models.cifar_nets`),
-and torchvision's ResNets and MobileNets adapted to small images).
+MobileNet-V1, the ImageNet benchmark's student (:mod:`kdcl.models.imagenet_nets`), and
+torchvision's ResNets and MobileNets adapted to small images).
 
 Every factory is called as ``fn(num_classes=..., input_shape=(C, H, W), pretrained=...,
 **kwargs)`` and returns an ``nn.Module`` mapping ``(B, C, H, W)`` images to
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from kdcl.errors import KdclError
-from kdcl.models import cifar_nets
+from kdcl.models import cifar_nets, imagenet_nets
 from kdcl.models.cifar_nets import init_weights as _init_weights
 from kdcl.models.torchvision_nets import CifarStem, InputShape, registered_network
 from kdcl.registry import Registry
@@ -327,6 +328,18 @@ def shufflenet_v2(
     _no_pretrained("shufflenet_v2", pretrained)
     _check_choice("shufflenet_v2", "net_size", net_size, sorted(cifar_nets.SHUFFLENET_V2_WIDTHS))
     return cifar_nets.shufflenet_v2(net_size, blocks, num_classes, input_shape[0])
+
+
+# --- ImageNet networks that torchvision does not ship (kdcl.models.imagenet_nets) -----
+
+
+@register_model("mobilenet_v1")
+def mobilenet_v1(num_classes: int, input_shape: InputShape, pretrained: bool = False) -> nn.Module:
+    """MobileNet-V1 (Howard et al. 2017), the ImageNet student of CRD and DKD/mdistiller
+    (Tian et al. 2020; Zhao et al. 2022): 13 depthwise-separable blocks after a stride-2 stem,
+    4.2M parameters at 1000 classes. The ImageNet layout at every image size (no CIFAR stem)."""
+    _no_pretrained("mobilenet_v1", pretrained)
+    return imagenet_nets.mobilenet_v1(num_classes, input_shape[0])
 
 
 def _check_choice(model: str, key: str, value: object, choices: Sequence[object]) -> None:

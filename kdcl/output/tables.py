@@ -39,9 +39,19 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+# Columns a printed table leaves out when no row holds a value: top-5 accuracy, measured
+# for more than 10 classes only (the CSVs keep them, empty).
+PRINTED_WHEN_MEASURED = {"test_acc_top5", "acc_top5"}
+
+
 def print_table(frame: pd.DataFrame, title: str, columns: Iterable[str] | None = None) -> None:
-    """Render (some columns of) a table with rich."""
-    columns = [c for c in (columns or frame.columns) if c in frame.columns]
+    """Render (some columns of) a table with rich; a column of :data:`PRINTED_WHEN_MEASURED`
+    only where some row holds a value."""
+    columns = [
+        c
+        for c in (columns or frame.columns)
+        if c in frame.columns and (c not in PRINTED_WHEN_MEASURED or frame[c].notna().any())
+    ]
     table = Table(title=title)
     for c in columns:
         table.add_column(c, justify="left" if frame[c].dtype == object else "right")

@@ -81,6 +81,7 @@ SUMMARY_COLUMNS = [
     "model",
     "arch",
     "test_acc",
+    "test_acc_top5",
     "test_loss",
     "test_acc_last",
     "best_val_acc",
@@ -461,12 +462,11 @@ def reuse_or_train(run: Run, stage: str, produce: Callable[[], nn.Module]) -> nn
     run.loggers.log_past_epochs(stage, run.out / stage)
     model = run.load_model(cached_row["checkpoint"])
     predictions = run.stage_dir(stage) / PREDICTIONS_FILE
-    if predictions.is_file() and "macs" in cached_row:
+    if predictions.is_file() and {"macs", "test_acc_top5"} <= cached_row.keys():
         run.test_predictions[stage] = load_predictions(predictions, len(run.data.test))
         run.rows[stage] = cached_row
-    else:  # an entry stored before its predictions (or its macs column) were kept
-        columns = test_columns(run, stage, model)
-        run.rows[stage] = {"macs": columns["macs"], **cached_row}
+    else:  # an entry stored before its predictions (or its macs or top-5 column) were kept
+        run.rows[stage] = {**test_columns(run, stage, model), **cached_row}
     return model
 
 
@@ -651,8 +651,8 @@ def train_stage(
         log.info("%s: finished in an earlier run (%s), not trained again", stage, out / "done.json")
         run.loggers.log_past_epochs(stage, out)
         chosen = run.load_model(out / f"{select}.pt")
-        columns = test_columns(run, stage, chosen)
-        run.rows[stage] = {"macs": columns["macs"], **done["row"]}  # rows written before macs was a column
+        # the test columns a row written before they existed lacks (macs, test_acc_top5)
+        run.rows[stage] = {**test_columns(run, stage, chosen), **done["row"]}
         return chosen
     curriculum_cfg = typed(CurriculumConfig, curriculum, "curriculum")
     recipe = run.recipes[role]
@@ -765,12 +765,14 @@ def teacher_cache_dir(run: Run, teachers: list[nn.Module] | None, distill: dict)
 
 
 def test_columns(run: Run, stage: str, model: nn.Module) -> dict[str, Any]:
-    """Test-split numbers of a stage's selected model; keeps its logits for agreement."""
+    """Test-split numbers of a stage's selected model (top-5 accuracy NaN for 10 classes or
+    fewer, :func:`kdcl.train.engine.top5_accuracy`); keeps its logits for agreement."""
     ev = evaluate(model, run.data.test, run.data, run.trainer)
     run.test_logits[stage] = ev.logits
     run.test_predictions[stage] = ev.logits.argmax(1)
     return {
         "test_acc": ev.acc,
+        "test_acc_top5": ev.acc_top5,
         "test_loss": ev.loss,
         "params": count_params(model),
         "macs": count_macs(model, run.data.input_shape),
@@ -819,6 +821,7 @@ def summarize(run: Run) -> pd.DataFrame:
             "distill",
             "curriculum",
             "test_acc",
+            "test_acc_top5",
             "test_acc_last",
             "best_val_acc",
             "best_epoch",

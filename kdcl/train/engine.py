@@ -189,18 +189,34 @@ class Stage:
         }
 
 
+# Top-5 accuracy is reported for data of more than this many classes (NaN otherwise): with
+# 5 classes or fewer it is 1 by construction, and up to 10 it says little that top-1 does not.
+TOP5_ABOVE_CLASSES = 10
+
+
 @dataclass
 class Evaluation:
     loss: float
     acc: float
+    acc_top5: float  # NaN for TOP5_ABOVE_CLASSES classes or fewer
     logits: Tensor  # (N, C) float32 on CPU, in the source's order
     labels: Tensor
 
 
+def top5_accuracy(logits: Tensor, labels: Tensor) -> float:
+    """The share of examples whose label is among their 5 largest logits,
+    (1/N)·Σ_i 1[y_i ∈ top5(z_i)] (the ImageNet challenge's top-5 measure, Russakovsky et al.
+    2015); NaN for logits of :data:`TOP5_ABOVE_CLASSES` classes or fewer."""
+    if logits.shape[1] <= TOP5_ABOVE_CLASSES:
+        return math.nan
+    return (logits.topk(5, dim=1).indices == labels[:, None]).any(1).float().mean().item()
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, source: Source, data: DataBundle, trainer: TrainSettings) -> Evaluation:
-    """Loss, accuracy and logits of ``model`` on every example of ``source`` (no augmentation).
-    Under DDP each rank evaluates one chunk of the examples and every rank gets all the logits."""
+    """Loss, accuracy (top-1, and top-5 from the same logits) and logits of ``model`` on every
+    example of ``source`` (no augmentation). Under DDP each rank evaluates one chunk of the
+    examples and every rank gets all the logits."""
     model.eval()
     outputs, labels = [], []
     batches = distributed.shard(len(source)).split(trainer.eval_batch_size)
@@ -211,7 +227,7 @@ def evaluate(model: nn.Module, source: Source, data: DataBundle, trainer: TrainS
     logits, y = (distributed.gather(torch.cat(parts), len(source)) for parts in (outputs, labels))
     loss = nn.functional.cross_entropy(logits, y).item()
     acc = (logits.argmax(1) == y).float().mean().item()
-    return Evaluation(loss=loss, acc=acc, logits=logits.cpu(), labels=y.cpu())
+    return Evaluation(loss=loss, acc=acc, acc_top5=top5_accuracy(logits, y), logits=logits.cpu(), labels=y.cpu())
 
 
 class Meter:
@@ -440,6 +456,7 @@ def _end_epoch(
         "train_acc": train.pop("correct"),
         "val_loss": val.loss,
         "val_acc": val.acc,
+        "val_acc_top5": val.acc_top5,
         "seconds": round(seconds, 3),
         "samples_per_s": round(meter.count / seconds, 1),
         "max_memory_mb": peak_memory_mb(trainer.device),  # since the stage (or its resumed run) began
