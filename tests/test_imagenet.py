@@ -122,12 +122,9 @@ def test_recipe_composes_to_the_benchmark_recipe(recipe: str):
     assert (cfg["teacher"]["name"], cfg["student"]["name"]) == (teacher, student)
     assert cfg["teacher"]["checkpoint"] == "/weights/teacher.pth" and not cfg["teacher"]["pretrained"]
     data = cfg["dataset"]
-    assert (data["name"], data["root"], data["image_size"], data["flip"]) == (
-        "imagefolder",
-        "/data/imagenet",
-        224,
-        True,
-    )
+    assert (data["name"], data["root"], data["image_size"]) == ("imagefolder", "/data/imagenet", 224)
+    views = (data["train_view"], data["eval_crop_ratio"], data["crop_scale"], data["flip"], data["crop_padding"])
+    assert views == ("random_resized_crop", 0.875, [0.08, 1.0], False, 0)  # the reference view, 256 → 224
     assert (data["mean"], data["std"]) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     assert (cfg["trainer"]["epochs"], cfg["trainer"]["batch_size"]) == (100, 512)
     assert cfg["optimizer"] == {"name": "sgd", "lr": 0.2, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": False}
@@ -200,12 +197,22 @@ def test_resnet50_mobilenet_v1_runs_end_to_end_on_jpeg_files(tmp_path: Path):
             "trainer.epochs=1",
             "trainer.batch_size=36",  # one step a stage
             "logger=[]",
+            "distill.teacher_cache=views:2",  # stored soft labels: 2 crops an image, top-5 logits, on disk
+            "distill.teacher_cache_topk=5",
+            "distill.teacher_cache_store=disk",
+            "cache=true",
+            f"cache_dir={tmp_path / 'cache'}",
         ]
     )
     validate(cfg)
     out = tmp_path / "run"
-    run_pipeline(cfg, out)
+    run_pipeline(cfg, out)  # records the teacher's soft labels
+    (store,) = (tmp_path / "cache").glob("soft_labels-*/views_2-0")
+    stamps = {p: p.stat().st_mtime_ns for p in store.glob("shard_*.npy")}
+    replayed = run_pipeline(cfg, tmp_path / "again").set_index("model")  # replays them: no shard written
+    assert stamps and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     summary = pd.read_csv(out / "summary.csv")
+    assert replayed.loc["distill", "test_acc"] == summary.set_index("model").loc["distill", "test_acc"]
     assert list(summary.columns) == SUMMARY_COLUMNS
     assert list(summary["model"]) == ["teacher", "baseline", "distill", "kd"]
     assert summary["test_acc_top5"].between(0, 1).all()
