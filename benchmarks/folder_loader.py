@@ -54,9 +54,15 @@ def reference_loader(root: Path, size: int, batch: int, workers: int, mean, std)
     return DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True)
 
 
+def passes(loader: DataLoader):
+    """The loader's batches, pass after pass (each pass starts its workers anew, as each epoch's do)."""
+    while True:
+        yield from loader
+
+
 def time_reference(loader: DataLoader, batches: int, warmup: int) -> float:
-    """Images/s over ``batches`` batches after ``warmup`` (a new pass: its workers start anew, as each epoch's do)."""
-    it = iter(loader)
+    """Images/s over ``batches`` batches after ``warmup``."""
+    it = passes(loader)
     for _ in range(warmup):
         next(it)
     start = time.perf_counter()

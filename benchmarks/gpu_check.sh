@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check, in one go on one CUDA machine (about 8 minutes at most): the tests marked
-# gpu, `kdcl bench` on three teacher → student pairs (and one with trainer.compile=true), and
-# a time-to-accuracy run (a teacher, then a student of 0.27M parameters trained alone and
+# The GPU check, in one go on one CUDA machine (about 10 minutes at most): the tests marked
+# gpu, `kdcl bench` on three teacher → student pairs (and one with trainer.compile=true), the
+# folder path at 224 px (a JPEG folder made from the subset: the loader against torchvision's
+# reference, and resnet50 → mobilenet_v2 with stored soft labels), and a time-to-accuracy run (a teacher, then a student of 0.27M parameters trained alone and
 # distilled, online and from a teacher cache) on a CIFAR-10 subset. It writes its files under
 # $OUT and ends with a one-screen summary against the speed targets.
 #
@@ -45,15 +46,17 @@ if [[ $mode == gpu ]]; then
     device=cuda
     # Each phase's time limit (s), the batch, bench steps / warm-up / repeats, the naive
     # loop's workers, training images (null: all) and time-to-accuracy epochs.
-    limit_tests=160 limit_bench=(45 55 75) limit_compiled=55 limit_tta=90
+    limit_tests=160 limit_bench=(45 55 75) limit_compiled=55 limit_tta=90 limit_folder=150
     batch=256 steps=50 warmup=5 repeats=3 workers=${NAIVE_WORKERS:-8}
     bench_train=null tta_train=null tta_epochs=12
+    folder_per_class=200 folder_size=224 folder_batch=128
 else
     data=benchmarks/data/cifar10_tiny
     device=cpu
-    limit_tests=600 limit_bench=(300 300 600) limit_compiled=0 limit_tta=600
+    limit_tests=600 limit_bench=(300 300 600) limit_compiled=0 limit_tta=600 limit_folder=600
     batch=32 steps=2 warmup=1 repeats=1 workers=${NAIVE_WORKERS:-0}
     bench_train=200 tta_train=300 tta_epochs=1
+    folder_per_class=8 folder_size=64 folder_batch=16
 fi
 dataset=(
     dataset=npz "dataset.root=$repo/$data"
@@ -138,6 +141,19 @@ check() {
         set_bench cnn_compiled cnn cnn_small trainer.compile=true bench.repeats=1
         phase "bench cnn → cnn_small, compiled" "$limit_compiled" "${bench_cmd[@]}"
     fi
+    folder=(
+        dataset=imagefolder "dataset.root=$work/jpeg" "dataset.image_size=$folder_size"
+        "dataset.mean=[0.485,0.456,0.406]" "dataset.std=[0.229,0.224,0.225]" dataset.max_test_samples=20
+    )
+    phase "folder path at $folder_size px" "$limit_folder" bash -c '
+        "$0" benchmarks/make_jpeg_folder.py --data "$1" --out "$2/jpeg" --train-per-class "$3" --test-per-class 2 &&
+        "$0" benchmarks/folder_loader.py --root "$2/jpeg" --size "$4" --batch "$5" --workers "$6" --batches 10 \
+            --rounds 2 --profile 64 && shift 6 && "$@"' \
+        "$python" "$data" "$work" "$folder_per_class" "$folder_size" "$folder_batch" "$((workers > 0 ? workers : 2))" \
+        "$python" -m kdcl bench "${folder[@]}" teacher=resnet50 student=mobilenet_v2 "trainer.device=$device" \
+        "trainer.batch_size=$folder_batch" "bench.steps=$steps" "bench.warmup=$warmup" bench.repeats=1 bench.views=1 \
+        "bench.naive_workers=$workers" distill.teacher_cache_store=disk distill.teacher_cache_topk=10 \
+        "hydra.run.dir=$work/bench_folder"
     phase "time to accuracy" "$limit_tta" "$python" -m kdcl train "${dataset[@]}" \
         "dataset.max_train_samples=$tta_train" teacher=resnet32x4 student=resnet20 curriculum=none distill=kd \
         "trainer.device=$device" "trainer.epochs=$tta_epochs" "trainer.batch_size=$batch" optimizer.lr=0.1 \

@@ -22,6 +22,7 @@ PAIRS = {  # bench label → what it ran
     "resnet32x4": "resnet32x4 → resnet8x4",
     "resnet50": "resnet50 → mobilenet_v2",
     "cnn_compiled": "cnn → cnn_small, compiled",
+    "folder": "resnet50 → mobilenet_v2, JPEGs",  # 224 px, stored soft labels (top-10, on disk)
 }
 # The targets of the GPU path, each a bench.csv value: (arm, column, at least / at most, bound).
 TARGETS = [
