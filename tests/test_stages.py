@@ -10,12 +10,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import QUICK, comparable, compose_config, stop_after
+from conftest import QUICK, comparable, compose_config, control_config, stop_after
 from hydra.errors import ConfigCompositionException
 
 from kdcl.config.checks import composition_error, validate
 from kdcl.config.options import STUDENT, TEACHER, stage_recipe
 from kdcl.config.schema import TrainConfig
+from kdcl.distill.control import DistillControl
 from kdcl.errors import KdclError
 from kdcl.scenarios.stage_cache import digest, stage_key, teacher_logits_key
 from kdcl.scenarios.standard import run_pipeline
@@ -34,6 +35,7 @@ RECIPES = [
     "stages.teacher.optimizer.name=adamw",
     "stages.teacher.optimizer.lr=0.002",
     "stages.teacher.epochs=3",
+    "stages.teacher.label_smoothing=0.2",
     "stages.student.batch_size=64",
     "arms={kd_t2: {distill: {temperature: 2}}}",
 ]
@@ -42,10 +44,12 @@ STUDENTS = ["baseline", "distill", "kd_t2"]
 
 @pytest.fixture(scope="module")
 def recipes_run(tmp_path_factory, request):
-    """One run of RECIPES, with the optimizer each stage built: stage → (class name, lr)."""
+    """One run of RECIPES, with the optimizer each stage built: stage → (class name, lr, the
+    label smoothing of its loss)."""
     out = tmp_path_factory.mktemp("stages")
     built: dict[str, tuple[str, float]] = {}
-    real = assemble.build_optimizer
+    smoothing: list[float] = []
+    real, real_control = assemble.build_optimizer, assemble.DistillControl
     monkeypatch = pytest.MonkeyPatch()
     request.addfinalizer(monkeypatch.undo)
 
@@ -54,11 +58,17 @@ def recipes_run(tmp_path_factory, request):
         built[len(built)] = (type(optimizer).__name__, optimizer.param_groups[0]["lr"])
         return optimizer
 
+    def control(*args):
+        made = real_control(*args)
+        smoothing.append(made.context(1, ({}, {})).label_smoothing)
+        return made
+
     monkeypatch.setattr(assemble, "build_optimizer", spy)
+    monkeypatch.setattr(assemble, "DistillControl", control)
     cfg = compose_config(RECIPES)
     validate(cfg)
     summary = run_pipeline(cfg, out)
-    return out, summary.set_index("model"), list(built.values())
+    return out, summary.set_index("model"), [(*b, ls) for b, ls in zip(built.values(), smoothing, strict=True)]
 
 
 def test_each_role_trains_with_its_recipe(recipes_run):
@@ -68,8 +78,8 @@ def test_each_role_trains_with_its_recipe(recipes_run):
     for stage in STUDENTS:
         metrics = pd.read_csv(out / stage / "metrics.csv")
         assert len(metrics) == 2 and (metrics["lr"] == 0.05).all(), stage
-    # the teacher first (AdamW), then baseline, distill and the arm (the shared SGD)
-    assert built == [("AdamW", 0.002), *[("SGD", 0.05)] * len(STUDENTS)]
+    # the teacher first (AdamW, smoothed labels), then baseline, distill and the arm (the shared SGD)
+    assert built == [("AdamW", 0.002, 0.2), *[("SGD", 0.05, 0.0)] * len(STUDENTS)]
 
 
 def test_the_summary_counts_each_stage_s_own_steps(recipes_run):
@@ -91,7 +101,7 @@ def test_the_pacing_plan_is_the_students_budget(recipes_run):
 def test_unset_keys_keep_the_shared_settings():
     cfg = compose_config([])
     shared = {k: cfg[k] for k in ("optimizer", "scheduler")}
-    shared.update(epochs=cfg["trainer"]["epochs"], batch_size=cfg["trainer"]["batch_size"])
+    shared.update(epochs=cfg["trainer"]["epochs"], batch_size=cfg["trainer"]["batch_size"], label_smoothing=0.0)
     assert stage_recipe(cfg, TEACHER) == stage_recipe(cfg, STUDENT) == shared
     cfg = compose_config(["stages.student.optimizer.lr=0.01", "stages.teacher.scheduler.name=step"])
     assert stage_recipe(cfg, STUDENT)["optimizer"] == {**shared["optimizer"], "lr": 0.01}
@@ -214,3 +224,18 @@ def test_a_config_saved_before_stages_existed_trains_with_the_shared_settings():
     for role in (TEACHER, STUDENT):
         assert stage_recipe(cfg, role)["optimizer"] == cfg["optimizer"]
         assert stage_recipe(cfg, role)["epochs"] == cfg["trainer"]["epochs"]
+
+
+def test_label_smoothing_smooths_the_hard_label_term_and_keys_only_when_set():
+    """``CE_ε = (1 − ε)·(−log q_y) + ε·mean_c(−log q_c)`` (Szegedy et al. 2016); ε = 0 keys
+    a stage as before the key existed."""
+    torch.manual_seed(0)
+    logits, y, eps = torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 0]), 0.1
+    log_q = torch.log_softmax(logits, 1)
+    expected = (1 - eps) * -log_q[torch.arange(5), y] + eps * -log_q.mean(1)
+    ctx = DistillControl(control_config(), 10, 5, None, 0, eps).context(1, ({}, {}))
+    assert torch.allclose(ctx.cross_entropy(logits, y), expected)
+    cfg = compose_config(["trainer.label_smoothing=0.1", "stages.student.label_smoothing=0.0"])
+    assert stage_recipe(cfg, TEACHER)["label_smoothing"] == 0.1 and stage_recipe(cfg, STUDENT)["label_smoothing"] == 0.0
+    assert stage_key(cfg, "teacher", CPU)["trainer"]["label_smoothing"] == 0.1
+    assert "label_smoothing" not in stage_key(cfg, "baseline", CPU)["trainer"]

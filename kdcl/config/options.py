@@ -105,7 +105,9 @@ def teacher_specs(cfg: dict[str, Any]) -> list[dict[str, Any]]:
 # born-again generations, assistants), which share one recipe and so one step budget.
 TEACHER, STUDENT = "teacher", "student"
 RECIPE_GROUPS = ("optimizer", "scheduler")  # sections a stage's recipe may set keys of
-RECIPE_TRAINER_KEYS = ("epochs", "batch_size")  # trainer keys a stage's recipe may set
+RECIPE_TRAINER_KEYS = ("epochs", "batch_size", "label_smoothing")  # trainer keys a stage's recipe may set
+# Recipe keys added to ``trainer`` later, with the value a config saved before them trained with.
+ADDED_TRAINER_KEYS = {"label_smoothing": 0.0}
 
 
 def stage_overrides(cfg: dict[str, Any], role: str) -> dict[str, Any]:
@@ -124,7 +126,8 @@ def stage_recipe(cfg: dict[str, Any], role: str) -> dict[str, Any]:
     (:func:`arm_config`). Without ``stages`` keys this is the shared settings, value for value."""
     own = stage_overrides(cfg, role)
     recipe = {group: {**recipe_base(cfg, group, own.get(group, {})), **own.get(group, {})} for group in RECIPE_GROUPS}
-    return {**recipe, **{name: own.get(name, cfg["trainer"][name]) for name in RECIPE_TRAINER_KEYS}}
+    shared = {**ADDED_TRAINER_KEYS, **cfg["trainer"]}
+    return {**recipe, **{name: own.get(name, shared[name]) for name in RECIPE_TRAINER_KEYS}}
 
 
 def recipe_base(cfg: dict[str, Any], group: str, keys: Mapping[str, Any]) -> dict[str, Any]:

@@ -98,6 +98,7 @@ POSITIVE = ("a number > 0", lambda v: v > 0)
 NON_NEGATIVE = ("a number ≥ 0", lambda v: v >= 0)
 COUNT = ("an integer ≥ 1", lambda v: v >= 1)
 COUNT_OR_ZERO = ("an integer ≥ 0", lambda v: v >= 0)
+SMOOTHING = ("a number in [0, 1)", lambda v: 0 <= v < 1)
 DEVICE = ("auto, cpu, cuda, cuda:N or mps", _device)
 # Which import paths a file (checkpoint, cache entry, saved run config) may name and kdcl then calls.
 TRUST_CODE = ("false, true, or a list of import paths [pkg.module.fn, ...]", trust_code_rule)
@@ -362,6 +363,7 @@ class TrainerConfig:
     compile: bool = key()
     threads: Optional[int] = key(*_or_null(COUNT))
     devices: int = key("an integer ≥ 1 (processes on this machine)", lambda v: v >= 1)
+    label_smoothing: float = key(*SMOOTHING)
 
 
 @dataclass
@@ -370,12 +372,13 @@ class StageRecipeConfig:
     replacing the shared one (:func:`kdcl.config.options.stage_recipe`). ``optimizer`` and
     ``scheduler`` hold keys of those sections (a ``name`` of its own starts from that option's
     file), checked there as the stage will train with them (:func:`kdcl.config.checks.validate`);
-    ``epochs`` and ``batch_size``: null keeps ``trainer.*``."""
+    ``epochs``, ``batch_size`` and ``label_smoothing``: null keeps ``trainer.*``."""
 
     optimizer: Dict[str, Any] = key()
     scheduler: Dict[str, Any] = key()
     epochs: Optional[int] = key(*_or_null(COUNT))
     batch_size: Optional[int] = key(*_or_null(COUNT))
+    label_smoothing: Optional[float] = key(*_or_null(SMOOTHING))
 
 
 @dataclass

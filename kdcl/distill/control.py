@@ -112,9 +112,18 @@ def value_schedule(end: float, start: float | None, shape: str, total_steps: int
 class DistillControl(nn.Module):
     """α and T for every step of a training stage, from the control's keys of ``distill``
     (``cfg``: a :class:`kdcl.config.schema.ControlConfig`). ``rank``: each training
-    example's difficulty rank (``sample_weight=difficulty``); ``seed``: the noise's."""
+    example's difficulty rank (``sample_weight=difficulty``); ``seed``: the noise's;
+    ``label_smoothing``: ε of the stage's hard-label cross-entropy (its recipe's)."""
 
-    def __init__(self, cfg: Any, total_steps: int, steps_per_epoch: int, rank: Tensor | None, seed: int = 0):
+    def __init__(
+        self,
+        cfg: Any,
+        total_steps: int,
+        steps_per_epoch: int,
+        rank: Tensor | None,
+        seed: int = 0,
+        label_smoothing: float = 0.0,
+    ):
         super().__init__()
         self.alpha = value_schedule(cfg.alpha, cfg.alpha_start, cfg.alpha_schedule, total_steps)
         self.temperature = value_schedule(cfg.temperature, cfg.temperature_start, cfg.temperature_schedule, total_steps)
@@ -126,6 +135,7 @@ class DistillControl(nn.Module):
         self.teacher_noise, self.input_noise = float(cfg.teacher_noise), float(cfg.input_noise)
         self.seed = seed
         self.logit_standardization = bool(cfg.logit_standardization)
+        self.label_smoothing = label_smoothing
         self._generator: torch.Generator | None = None
 
     def noise_generator(self, device: torch.device) -> torch.Generator | None:
@@ -164,8 +174,11 @@ class DistillControl(nn.Module):
 
     def context(self, epoch: int, features: tuple[dict[str, Tensor], dict[str, Tensor]]) -> LossContext:
         """What the loss reads besides the logits in ``epoch``: the hooks' ``features``
-        (student's, teacher's) and whether to standardize the logits it distills."""
-        return LossContext(epoch, *features, logit_standardization=self.logit_standardization)
+        (student's, teacher's), whether to standardize the logits it distills, and the
+        stage's label smoothing."""
+        return LossContext(
+            epoch, *features, logit_standardization=self.logit_standardization, label_smoothing=self.label_smoothing
+        )
 
     def columns(self) -> dict[str, float]:
         """The scheduled α and the temperature now, for the epoch's metrics row."""

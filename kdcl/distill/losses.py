@@ -85,9 +85,11 @@ def standardize(logits: Tensor) -> Tensor:
     return (z - z.mean(1, keepdim=True)) / (z.std(1, keepdim=True) + 1e-7)
 
 
-def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
-    """Per-example cross-entropy with the hard labels."""
-    return F.cross_entropy(logits.float(), target, reduction="none")
+def cross_entropy(logits: Tensor, target: Tensor, smoothing: float = 0.0) -> Tensor:
+    """Per-example cross-entropy with the hard labels, smoothed by ε = ``smoothing``
+    (Szegedy et al. 2016, "Rethinking the Inception Architecture"): the target puts 1 − ε
+    on the label and ε/C on every class, so ``CE = (1 − ε)·(−log q_y) + ε·mean_c(−log q_c)``."""
+    return F.cross_entropy(logits.float(), target, reduction="none", label_smoothing=smoothing)
 
 
 @dataclass
@@ -103,6 +105,11 @@ class LossContext:
     logit_standardization: bool = False
     step: int = 0  # the optimizer step
     indices: Tensor | None = None  # the batch's training-example indices
+    label_smoothing: float = 0.0  # ε of the hard-label cross-entropy (the stage's recipe)
+
+    def cross_entropy(self, logits: Tensor, target: Tensor) -> Tensor:
+        """The hard-label term of the loss: :func:`cross_entropy`, smoothed by ``label_smoothing``."""
+        return cross_entropy(logits, target, self.label_smoothing)
 
     def soft_logits(self, student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
         """The logits the distillation terms compare: as they are, or each passed through :func:`standardize`.
@@ -151,7 +158,7 @@ class DistillLoss(nn.Module):
         ctx: LossContext | None = None,
     ) -> dict[str, Tensor]:
         ctx = ctx or LossContext()
-        ce = cross_entropy(student_logits, target)
+        ce = ctx.cross_entropy(student_logits, target)
         d, terms = self.distill(*ctx.soft_logits(student_logits, teacher_logits), target, temperature, ctx)
         return {"loss": self.combine(ce, d, alpha), "ce": ce, **terms}
 
@@ -181,7 +188,7 @@ class CrossEntropyOnly(DistillLoss):
         temperature: Weight = 1.0,
         ctx: LossContext | None = None,
     ) -> dict[str, Tensor]:
-        ce = cross_entropy(student_logits, target)
+        ce = (ctx or LossContext()).cross_entropy(student_logits, target)
         return {"loss": ce, "ce": ce}
 
 
@@ -452,7 +459,7 @@ class MultiLevelKD(DistillLoss):
     ) -> dict[str, Tensor]:
         ctx = ctx or LossContext()
         plain, strong = student_logits.chunk(2)
-        ce, ce_strong = cross_entropy(plain, target), cross_entropy(strong, target)
+        ce, ce_strong = ctx.cross_entropy(plain, target), ctx.cross_entropy(strong, target)
         teacher_probs = F.softmax(teacher_logits[: len(target)].float(), dim=1)
         m = share_at_or_below_median(teacher_probs.amax(1))
         m_c = share_at_or_below_median(teacher_probs.sum(0))
@@ -557,7 +564,7 @@ class FeatureLoss(DistillLoss):
         ctx: LossContext | None = None,
     ) -> dict[str, Tensor]:
         ctx = ctx or LossContext()
-        ce = cross_entropy(student_logits, target)
+        ce = ctx.cross_entropy(student_logits, target)
         kd = kl_teacher_student(*ctx.soft_logits(student_logits, teacher_logits), temperature)
         f, terms = self.distill(student_logits, teacher_logits, target, temperature, ctx)
         return {"loss": (1 - alpha) * ce + alpha * kd + self.beta * f, "ce": ce, "kd": kd, **terms}

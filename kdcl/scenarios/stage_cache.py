@@ -30,7 +30,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from kdcl import distributed
-from kdcl.config.options import RECIPE_GROUPS, RECIPE_TRAINER_KEYS, STUDENT, TEACHER, stage_recipe
+from kdcl.config.options import (
+    ADDED_TRAINER_KEYS,
+    RECIPE_GROUPS,
+    RECIPE_TRAINER_KEYS,
+    STUDENT,
+    TEACHER,
+    stage_recipe,
+)
 from kdcl.distill.replay import ReplaySlot, TeacherLogits, table_mb
 from kdcl.errors import KdclError
 from kdcl.files import write_replacing
@@ -112,6 +119,9 @@ def recipe_sections(cfg: dict[str, Any], recipe: dict[str, Any]) -> dict[str, di
     shared ones: ``dataset``, ``trainer`` with the recipe's epochs and batch size, and the
     recipe's ``optimizer`` and ``scheduler``."""
     trainer = {**cfg["trainer"], **{k: recipe[k] for k in RECIPE_TRAINER_KEYS}}
+    for name, before in ADDED_TRAINER_KEYS.items():  # at the value of before it existed: the key of then
+        if trainer[name] == before:
+            del trainer[name]
     return {"dataset": cfg["dataset"], "trainer": trainer, **{group: recipe[group] for group in RECIPE_GROUPS}}
 
 

@@ -47,7 +47,12 @@ class StageRecipe:
         """The recipe of ``role`` in run config ``cfg``, on the run's ``trainer`` settings."""
         plain = stage_recipe(cfg, role)
         return cls(
-            trainer=replace(trainer, epochs=plain["epochs"], batch_size=plain["batch_size"]),
+            trainer=replace(
+                trainer,
+                epochs=plain["epochs"],
+                batch_size=plain["batch_size"],
+                label_smoothing=plain["label_smoothing"],
+            ),
             optimizer=typed(OptimizerConfig, plain["optimizer"], "optimizer"),
             scheduler=typed(SchedulerConfig, plain["scheduler"], "scheduler"),
         )
@@ -113,9 +118,9 @@ def build_stage(
         loss_fn.bind(model, teacher.lead, example, len(data.train))
     loss_fn.to(trainer.device)
     # Under DDP each rank draws its own noise (seed + rank) for its part of the batch.
-    control = DistillControl(control_cfg, total_steps, steps_per_epoch, rank, seed + distributed.rank()).to(
-        trainer.device
-    )
+    control = DistillControl(
+        control_cfg, total_steps, steps_per_epoch, rank, seed + distributed.rank(), trainer.label_smoothing
+    ).to(trainer.device)
     groups = [
         {"params": [*model.parameters(), *loss_fn.parameters()]},
         {"params": control.parameters(), "weight_decay": 0.0},

@@ -96,6 +96,7 @@ class TrainSettings:
     early_stopping_patience: int | None = None
     checkpoint_every_steps: int | None = None
     compile: bool = False
+    label_smoothing: float = 0.0  # ε of the hard-label cross-entropy
 
     @classmethod
     def from_config(cls, t: TrainerConfig) -> TrainSettings:
@@ -113,6 +114,7 @@ class TrainSettings:
             early_stopping_patience=t.early_stopping_patience,
             checkpoint_every_steps=t.checkpoint_every_steps,
             compile=t.compile,
+            label_smoothing=t.label_smoothing,
         )
 
     def prepare(self, model: nn.Module) -> nn.Module:
