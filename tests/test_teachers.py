@@ -68,7 +68,14 @@ def test_one_teacher_passes_its_logits_through(members):
 def test_teacher_specs_from_options_and_dicts():
     cfg = {"teacher": {"name": "cnn"}, "teachers": ["resnet8", {"name": "mlp", "kwargs": {"hidden": [4]}}]}
     specs = teacher_specs(cfg)
-    assert specs[0] == {"name": "resnet8", "kwargs": {}, "pretrained": False, "_target_": None, "checkpoint": None}
+    assert specs[0] == {
+        "name": "resnet8",
+        "kwargs": {},
+        "pretrained": False,
+        "_target_": None,
+        "trust_remote_code": False,
+        "checkpoint": None,
+    }
     assert specs[1]["name"] == "mlp" and specs[1]["kwargs"] == {"hidden": [4]} and specs[1]["checkpoint"] is None
     assert teacher_specs({**cfg, "teachers": None}) == [{"name": "cnn"}]
     with pytest.raises(KdclError, match="no option 'resnet5'") as err:

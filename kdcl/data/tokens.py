@@ -162,6 +162,7 @@ class TextPreprocess:
 
     crop_padding = 0  # no crop: the no_aug cache's centred view is the text itself
     flip = False
+    augmented_views = False  # no view of a text is drawn per sample (kdcl.data.views)
 
     def __init__(
         self,
