@@ -137,9 +137,10 @@ def image_inputs(
         mean, std = channel_stats(train, train_idx)
     padding_mode = cfg["crop_padding_mode"]
     check_padding(padding_mode, cfg["crop_padding"], input_shape)
-    drawn = isinstance(train.dataset, DecodedImages) and train.dataset.views.settings.augments
+    drawn = False
     if isinstance(train.dataset, DecodedImages):  # its training views, for this run's seed and mean colour
         train.dataset.views = train.dataset.views.with_seed(seed, [round(255 * m) for m in mean])
+        drawn = train.dataset.views.settings.augments
     preprocess = Preprocess(
         mean, std, cfg["crop_padding"], cfg["flip"], device, channels_last, seed, padding_mode, augmented_views=drawn
     )

@@ -375,6 +375,7 @@ class DiskLogits:
 
     def __init__(self, n: int, k: int, inputs: FeedInputs):
         directory = self.directory = inputs.directory
+        self.examples = n
         directory.mkdir(parents=True, exist_ok=True)
         self.where = f"on disk in {directory}"
         self.codec = view_codec(inputs)
@@ -425,8 +426,7 @@ class DiskLogits:
 
     def chunks(self) -> list[range]:
         """The examples of each shard, filled together."""
-        n = sum(len(next(iter(shard.values()))) for shard in self.shards)
-        return [range(s * self.rows, min(n, (s + 1) * self.rows)) for s in range(len(self.shards))]
+        return [range(s * self.rows, min(self.examples, (s + 1) * self.rows)) for s in range(len(self.shards))]
 
     def filled(self, chunk: int) -> bool:
         return (self.directory / f"shard_{chunk:04d}.filled").is_file()

@@ -38,7 +38,7 @@ from kdcl.models.operations import KWARGS_FIX, call_with_kwargs
 from kdcl.models.registered import MODELS, create_registered
 from kdcl.models.torchvision_nets import InputShape, torchvision_network
 from kdcl.registry import Registry
-from kdcl.trust import REMOTE_CODE_KEY, remote_code_refused
+from kdcl.trust import REMOTE_CODE_KEY, TARGET_KEY, remote_code_refused
 
 # check: a test of the source's name, run before anything is built; remote_code: whether the
 # source can run Python its model's files ship (it then takes ``trust_remote_code``).
@@ -46,7 +46,7 @@ SOURCES = Registry("model source", traits={"check": None, "remote_code": False})
 register_source = SOURCES.register
 
 BUILTIN = "kdcl"  # the source of a name without a prefix
-TARGET = "_target_"  # the spec key, and the source, of a callable of your own
+TARGET = TARGET_KEY  # the spec key, and the source, of a callable of your own
 MODELS_EXTRA = 'pip install "kdcl[models]" (timm, transformers, safetensors)'
 NAME_FORMS = "a kdcl model (resnet20, ...), torchvision:NAME, timm:NAME, hf:PATH_OR_ID, or _target_=pkg.module.fn"
 OFFLINE_FIX = (
@@ -348,15 +348,15 @@ def hf_model(
     auto = transformers.AutoModelForImageClassification
     if config is not None:
         return HFImageClassifier(from_saved_config(transformers, auto, config))
-    sizes = {"num_labels": num_classes, "num_channels": input_shape[0], "trust_remote_code": trust_remote_code}
+    given = {"num_labels": num_classes, "num_channels": input_shape[0], "trust_remote_code": trust_remote_code}
     with (
         hub_files(f"hf:{ref}", "the weights" if pretrained else "the config"),
         remote_code_refused(f"hf:{ref}"),
     ):
         if pretrained:
-            model = auto.from_pretrained(ref, ignore_mismatched_sizes=True, **sizes, **kwargs)
+            model = auto.from_pretrained(ref, ignore_mismatched_sizes=True, **given, **kwargs)
         else:
-            hf_config = transformers.AutoConfig.from_pretrained(ref, **sizes, **kwargs)
+            hf_config = transformers.AutoConfig.from_pretrained(ref, **given, **kwargs)
             model = auto.from_config(hf_config, trust_remote_code=trust_remote_code)
     return HFImageClassifier(model)
 

@@ -265,13 +265,18 @@ def teacher_logits_key(
     batch_size = stage_recipe(cfg, STUDENT)["batch_size"]
     if batch_size != teacher["trainer"]["batch_size"]:
         plan = {**plan, "batch_size": batch_size}
+    return teacher_outputs_key("teacher_logits", teacher, teacher_weights, student=cfg["student"], plan=plan)
+
+
+def teacher_outputs_key(what: str, teacher: dict[str, Any], teacher_weights: Path, **rest: Any) -> dict[str, Any]:
+    """The key of outputs of the run's teacher kept in the cache (``what``): the teacher
+    stage's key, the size and modification time of its weights, and ``rest``."""
     return {
-        "stage": "teacher_logits",
+        "stage": what,
         "stage_version": STAGE_VERSION,
         "teacher": teacher,
         "teacher_weights": file_stamp(teacher_weights),
-        "student": cfg["student"],
-        "plan": plan,
+        **rest,
     }
 
 
@@ -280,16 +285,10 @@ def soft_labels_dir(
 ) -> Path:
     """The stage-cache folder of the run's teacher's cached views (``distill.teacher_cache``
     on disk: FKD's stored soft labels), keyed by what fixes them: the teacher stage's key
-    (its model, the data and its views, the recipe, the seed), the teacher's weights (size
-    and modification time), the cache's settings and the seed its views are drawn from."""
-    key = {
-        "stage": "soft_labels",
-        "stage_version": STAGE_VERSION,
-        "teacher": stage_key(cfg, "teacher", trainer),
-        "teacher_weights": file_stamp(teacher_weights),
-        "cache": {k: distill[k] for k in ("teacher_cache", "teacher_cache_topk", "teacher_cache_shard_mb")},
-        "seed": cfg["seed"],
-    }
+    (its model, the data and its views, the recipe, the seed the views are drawn from), the
+    teacher's weights (size and modification time) and the cache's settings."""
+    cache = {k: distill[k] for k in ("teacher_cache", "teacher_cache_topk", "teacher_cache_shard_mb")}
+    key = teacher_outputs_key("soft_labels", stage_key(cfg, "teacher", trainer), teacher_weights, cache=cache)
     return open_cache(cfg).root / f"soft_labels-{digest(key)}"
 
 

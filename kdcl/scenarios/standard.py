@@ -428,11 +428,11 @@ def load_predictions(path: Path, examples: int) -> Tensor:
     file that is not one tensor of ``examples`` class ids is one message naming it."""
     try:
         predictions = torch.load(path, map_location="cpu", weights_only=True)
+        whole = isinstance(predictions, Tensor) and predictions.shape == (examples,)
+        found = None if whole and not predictions.is_floating_point() else f"a {type(predictions).__name__}"
     except Exception as err:  # unpickling refused, truncated, not a torch file: all are damage here
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        predictions = reason
-    if not isinstance(predictions, Tensor) or predictions.shape != (examples,) or predictions.is_floating_point():
-        found = predictions if isinstance(predictions, str) else f"a {type(predictions).__name__}"
+        found = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if found is not None:
         raise KdclError(
             f"{path} is not the stage's test predictions ({found}); nothing in it was run",
             fix=f"delete the cache entry it came from (the folder holding {path.parent.name}/ in cache_dir), "
