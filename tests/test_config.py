@@ -167,6 +167,7 @@ BAD = {
     "stages.teacher.label_smoothing": 1.0,
     "stages.student.label_smoothing": -0.1,
     "trainer.label_smoothing": 1.0,
+    "trainer.mix": {"mixup": -0.2},
     "dataset.val_fraction": 0.0,
     "dataset.max_train_samples": 0,
     "dataset.max_test_samples": 0,
@@ -404,21 +405,24 @@ def test_unknown_names_are_refused_before_training(compose_cfg, override, key):
 @pytest.mark.parametrize(("key", "registry"), sorted(checks._registered_names().items()))
 def test_named_keys_list_their_registry(compose_cfg, key, registry):
     """A key that names a registry entry: every entry passes and the refusal lists the
-    registry's entries, not a list of names of its own (schema.py has no rule for it)."""
-    assert schema.lookup(schema.TrainConfig, key).check is None
+    registry's entries, not a list of names of its own (schema.py has no rule for the names;
+    a mapping, ``trainer.mix``, names entries by its keys, and its rule is on the values)."""
     assert list(registry), key
     cfg = compose_cfg([])
     *parents, name = key.split(".")
     node = cfg
     for part in parents:
         node = node[part]
+    by_keys = isinstance(node.get(name), dict)
+    assert by_keys or schema.lookup(schema.TrainConfig, key).check is None
     for entry in registry:  # teacher_cache lists views:K (K ≥ 1)
-        node[name] = entry.replace(":K (K ≥ 1)", ":3")
+        node[name] = {entry: 1.0} if by_keys else entry.replace(":K (K ≥ 1)", ":3")
         checks._check_names(cfg, {key: registry})
-    node[name] = "no_such_entry"
+    node[name] = {"no_such_entry": 1.0} if by_keys else "no_such_entry"
     with pytest.raises(KdclError) as err:
         checks._check_names(cfg, {key: registry})
-    assert err.value.what == f"{key}='no_such_entry' is not a known {registry.kind}"
+    named = f"{key}.no_such_entry" if by_keys else f"{key}='no_such_entry'"
+    assert err.value.what == f"{named} is not a known {registry.kind}"
     assert err.value.fix == f"choose one of: {', '.join(registry)}"
 
 

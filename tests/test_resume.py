@@ -113,13 +113,14 @@ def test_sigterm_saves_and_exits_and_resume_finishes(reference, tmp_path):
         ["distill.input_noise=0.1", "distill.teacher_noise=0.5"],
         ["distill=crd", "distill.negatives=64", "student=cnn_small"],
         ["distill=mlkd"],
+        ["trainer.mix.mixup=0.2", "trainer.mix.cutmix=1.0"],
     ],
-    ids=["noise", "crd", "mlkd"],
+    ids=["noise", "crd", "mlkd", "mix"],
 )
 def test_stateful_distillation_resumes_exactly(tmp_path, monkeypatch, distill):
     """What a distillation carries from step to step is part of the resume state: the noise
     generator of distill.input_noise / teacher_noise, CRD's memory banks and normalisers,
-    MLKD's strong views (drawn from the seed and the step)."""
+    MLKD's strong views and the batch mixes (drawn from the seed and the step)."""
     cfg = compose_config(
         [
             *QUICK,

@@ -48,6 +48,7 @@ def _registered_names() -> dict[str, Any]:
     from kdcl.curricula import ORDERS, PACINGS, PLANS, SCORERS, SELF_PACED_WEIGHTS
     from kdcl.data import DATASETS, PADDINGS
     from kdcl.data.images import DECODERS
+    from kdcl.data.mixing import MIXES
     from kdcl.data.views import AUTO_AUGMENTS, TRAIN_VIEWS
     from kdcl.distill.control import SAMPLE_WEIGHTS
     from kdcl.distill.feeds import STORES, TEACHER_CACHES
@@ -61,6 +62,7 @@ def _registered_names() -> dict[str, Any]:
         "dataset.train_view": TRAIN_VIEWS,
         "dataset.auto_augment": AUTO_AUGMENTS,
         "dataset.decoder": DECODERS,
+        "trainer.mix": MIXES,
         "distill.name": LOSSES,
         "distill.sample_weight": SAMPLE_WEIGHTS,
         "distill.alpha_schedule": SCHEDULES,
@@ -196,14 +198,18 @@ def _container(cfg: Any) -> dict[str, Any]:
 
 def _check_names(cfg: dict[str, Any], registries: dict[str, Any], prefix: str = "") -> None:
     """Every name a key of ``registries`` gives is in its registry (a key that may also hold
-    a list, ``scenario.class_order``, is checked when it holds a name)."""
+    a list, ``scenario.class_order``, is checked when it holds a name); a mapping names
+    entries by its keys (``trainer.mix``: each batch mix's α)."""
     for key, registry in registries.items():  # before any training, not when first used
         value = OmegaConf.select(OmegaConf.create(cfg), key, default=None)
-        if isinstance(value, str) and value not in registry:
-            raise KdclError(
-                f"{prefix}{key}={_shown(value)} is not a known {registry.kind}",
-                fix=f"choose one of: {', '.join(registry)}",
-            )
+        names = {f"{key}={_shown(value)}": value} if isinstance(value, str) else {}
+        if isinstance(value, DictConfig):
+            names = {f"{key}.{name}": name for name in value}
+        for where, name in names.items():
+            if name not in registry:
+                raise KdclError(
+                    f"{prefix}{where} is not a known {registry.kind}", fix=f"choose one of: {', '.join(registry)}"
+                )
 
 
 def check(cfg: dict[str, Any], schema: type, prefix: str = "") -> None:

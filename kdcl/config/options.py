@@ -107,7 +107,7 @@ TEACHER, STUDENT = "teacher", "student"
 RECIPE_GROUPS = ("optimizer", "scheduler")  # sections a stage's recipe may set keys of
 RECIPE_TRAINER_KEYS = ("epochs", "batch_size", "label_smoothing")  # trainer keys a stage's recipe may set
 # Recipe keys added to ``trainer`` later, with the value a config saved before them trained with.
-ADDED_TRAINER_KEYS = {"label_smoothing": 0.0}
+ADDED_TRAINER_KEYS = {"label_smoothing": 0.0, "mix": {"mixup": 0.0, "cutmix": 0.0}}
 
 
 def stage_overrides(cfg: dict[str, Any], role: str) -> dict[str, Any]:

@@ -99,6 +99,10 @@ NON_NEGATIVE = ("a number ≥ 0", lambda v: v >= 0)
 COUNT = ("an integer ≥ 1", lambda v: v >= 1)
 COUNT_OR_ZERO = ("an integer ≥ 0", lambda v: v >= 0)
 SMOOTHING = ("a number in [0, 1)", lambda v: 0 <= v < 1)
+MIX_ALPHAS = (
+    "a Beta α ≥ 0 for each batch mix ({mixup: 0.2, cutmix: 1.0}; 0: off)",
+    lambda v: _numbers(list(v.values()), lambda a: a >= 0),
+)
 DEVICE = ("auto, cpu, cuda, cuda:N or mps", _device)
 # Which import paths a file (checkpoint, cache entry, saved run config) may name and kdcl then calls.
 TRUST_CODE = ("false, true, or a list of import paths [pkg.module.fn, ...]", trust_code_rule)
@@ -364,6 +368,7 @@ class TrainerConfig:
     threads: Optional[int] = key(*_or_null(COUNT))
     devices: int = key("an integer ≥ 1 (processes on this machine)", lambda v: v >= 1)
     label_smoothing: float = key(*SMOOTHING)
+    mix: Dict[str, float] = key(*MIX_ALPHAS)
 
 
 @dataclass
@@ -660,11 +665,14 @@ def typed(cls: type[S], values: Mapping[str, Any] | DictConfig, where: str) -> S
 
 
 def _open_sections(node: DictConfig, cls: type) -> None:
-    """Let the open sections of the structured ``node`` (of schema class ``cls``) take new keys."""
+    """Let the open sections of the structured ``node`` (of schema class ``cls``), and its
+    mappings (``trainer.mix``: names the schema does not list), take new keys."""
     OmegaConf.set_struct(node, not is_open(cls))
     for name, entry in entries(cls).items():
         if dataclasses.is_dataclass(entry.type):
             _open_sections(node._get_node(name), entry.type)
+        elif typing.get_origin(entry.type) is dict:
+            OmegaConf.set_struct(node._get_node(name), False)
 
 
 # --------------------------------------------------------------------------- registration

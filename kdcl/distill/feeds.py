@@ -53,6 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from kdcl.data import Augment, Preprocess, Source, StrongViews, TextPreprocess, fixed_view_keys, step_keys
+from kdcl.data.mixing import BatchMix
 from kdcl.distributed import Part
 from kdcl.errors import KdclError
 from kdcl.files import replacing, write_text
@@ -70,8 +71,10 @@ STORES = Registry("teacher cache store")
 
 
 class Feed(Protocol):
-    """``feed(step, epoch, idx, x, y, part)`` → (the student's float input, the teacher's
-    logits or None); ``part``: this rank's share of the global batch under DDP.
+    """``feed(step, epoch, idx, x, y, part, mix)`` → (the student's float input, the teacher's
+    logits or None); ``part``: this rank's share of the global batch under DDP; ``mix``: how
+    to mix the step's images (``trainer.mix``; only the online feed takes one, as a stored
+    teacher logit belongs to an unmixed view: :func:`kdcl.scenarios.standard.check_mixing`).
     ``view_keys(step, epoch, idx)``: the keys of the training views the data source draws
     for the global batch ``idx`` where it draws them per sample (:mod:`kdcl.data.views`)."""
 
@@ -80,7 +83,7 @@ class Feed(Protocol):
     def view_keys(self, step: int, epoch: int, idx: Tensor) -> Tensor: ...
 
     def __call__(
-        self, step: int, epoch: int, idx: Tensor, x: Tensor, y: Tensor, part: Part
+        self, step: int, epoch: int, idx: Tensor, x: Tensor, y: Tensor, part: Part, mix: BatchMix | None = None
     ) -> tuple[Tensor, Tensor | None]: ...
 
 
@@ -153,7 +156,9 @@ def build_feed(spec: str, inputs: FeedInputs) -> Feed:
 class OnlineTeacher:
     """Fresh random augmentation and a teacher pass every step (the teacher in eval mode,
     under ``inference_mode``: no autograd state at all). With ``inputs.strong`` the input and
-    the logits are those of the batch's plain views followed by its strong views (2B rows)."""
+    the logits are those of the batch's plain views followed by its strong views (2B rows).
+    With a ``mix``, the views are mixed first and the teacher sees the mixed images
+    ("function matching": :mod:`kdcl.data.mixing`)."""
 
     def __init__(self, inputs: FeedInputs):
         self.preprocess, self.teacher_at, self.autocast = inputs.preprocess, inputs.teacher_at, inputs.autocast
@@ -163,11 +168,20 @@ class OnlineTeacher:
             inputs.teacher_at(0).eval()  # once: the step's teacher is a frozen model (kdcl.models.freeze)
 
     def __call__(
-        self, step: int, epoch: int, idx: Tensor, x: Tensor, y: Tensor, part: Part | None = None
+        self,
+        step: int,
+        epoch: int,
+        idx: Tensor,
+        x: Tensor,
+        y: Tensor,
+        part: Part | None = None,
+        mix: BatchMix | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         views, count = self.preprocess(x, train=True, part=part), 1
         if self.strong is not None:
             views, count = torch.cat([views, self.preprocess(self.strong(x, step), train=True, part=part)]), 2
+        if mix is not None:
+            views = mix.images(views)
         if self.teacher_at is None:
             return views, None
         with torch.inference_mode(), self.autocast():
@@ -206,7 +220,7 @@ class CachedViews:
         return (self.phase[idx] + epoch - 1) % self.k
 
     def __call__(
-        self, step: int, epoch: int, idx: Tensor, x: Tensor, y: Tensor, part: Part | None = None
+        self, step: int, epoch: int, idx: Tensor, x: Tensor, y: Tensor, part: Part | None = None, mix: None = None
     ) -> tuple[Tensor, Tensor | None]:
         v = self.view(idx, epoch)  # a function of the example and the epoch: the same on every rank
         return self.pixels(x, idx, v), self.logits.get(idx, v)

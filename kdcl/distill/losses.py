@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdcl.data.mixing import BatchMix
 from kdcl.distill.features import (
     adapter,
     attention_map,
@@ -106,10 +107,14 @@ class LossContext:
     step: int = 0  # the optimizer step
     indices: Tensor | None = None  # the batch's training-example indices
     label_smoothing: float = 0.0  # ε of the hard-label cross-entropy (the stage's recipe)
+    mix: BatchMix | None = None  # how the step's images were mixed (trainer.mix), if they were
 
     def cross_entropy(self, logits: Tensor, target: Tensor) -> Tensor:
-        """The hard-label term of the loss: :func:`cross_entropy`, smoothed by ``label_smoothing``."""
-        return cross_entropy(logits, target, self.label_smoothing)
+        """The hard-label term of the loss: :func:`cross_entropy`, smoothed by ``label_smoothing``;
+        of a mixed batch, ``λ·CE(y) + (1 − λ)·CE(y_π)`` (:class:`kdcl.data.mixing.BatchMix`)."""
+        if self.mix is None:
+            return cross_entropy(logits, target, self.label_smoothing)
+        return self.mix.mixed(lambda labels: cross_entropy(logits, labels, self.label_smoothing), target)
 
     def soft_logits(self, student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
         """The logits the distillation terms compare: as they are, or each passed through :func:`standardize`.
@@ -126,13 +131,16 @@ class DistillLoss(nn.Module):
     CE and D differently overrides :meth:`combine`; one that reads features overrides
     :meth:`bind` and :meth:`layers`. ``views`` is how many views of each batch the loss
     compares: 2 (MLKD) gets the logits of the plain views and then of the strongly
-    augmented ones, 2B rows, from both models (kdcl/distill/feeds.py). ``ignores`` names the
+    augmented ones, 2B rows, from both models (kdcl/distill/feeds.py). ``reads_label``: D itself
+    reads the hard label (DKD's target class), which a mixed image (``trainer.mix``) does not
+    have, so mixing is refused for it. ``ignores`` names the
     control's knobs (``alpha``, ``temperature``) the loss does not read, so that a search of
     them is refused (kdcl/commands/search_space.py).
     """
 
     needs_teacher = True
     views = 1
+    reads_label = False
     ignores: frozenset[str] = frozenset()
 
     def __init__(self) -> None:  # a loss's constructor takes its own keys alone (none here)
@@ -332,6 +340,7 @@ class DecoupledKD(DistillLoss):
     """
 
     ignores = frozenset({"alpha"})
+    reads_label = True
 
     def __init__(self, tckd_weight: float, nckd_weight: float, warmup_epochs: float):
         super().__init__()
@@ -1022,6 +1031,7 @@ class Composed(DistillLoss):
                 )
         self.weights = [float(spec.get("weight", 1.0)) for spec in losses]
         self.needs_teacher = any(part.needs_teacher for part in self.parts)
+        self.reads_label = any(part.reads_label for part in self.parts)
 
     def distill(
         self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight, ctx: LossContext

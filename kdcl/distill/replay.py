@@ -82,7 +82,7 @@ class LogitRecorder:
         self.offsets = [0]
 
     def __call__(
-        self, step: int, epoch: int, idx: Tensor, x: Tensor, y: Tensor, part: Part | None = None
+        self, step: int, epoch: int, idx: Tensor, x: Tensor, y: Tensor, part: Part | None = None, mix: None = None
     ) -> tuple[Tensor, Tensor | None]:
         views, logits = self.feed(step, epoch, idx, x, y, part)
         start, end = self.offsets[-1], self.offsets[-1] + len(idx)
@@ -119,7 +119,7 @@ class LogitReplay:
         return step_keys(step, len(idx))
 
     def __call__(
-        self, step: int, epoch: int, idx: Tensor, x: Tensor, y: Tensor, part: Part | None = None
+        self, step: int, epoch: int, idx: Tensor, x: Tensor, y: Tensor, part: Part | None = None, mix: None = None
     ) -> tuple[Tensor, Tensor | None]:
         views = self.preprocess(x, train=True, part=part)
         start, end = self.table.offsets[step], self.table.offsets[step + 1]

@@ -120,8 +120,8 @@ def recipe_sections(cfg: dict[str, Any], recipe: dict[str, Any]) -> dict[str, di
     recipe's ``optimizer`` and ``scheduler``."""
     trainer = {**cfg["trainer"], **{k: recipe[k] for k in RECIPE_TRAINER_KEYS}}
     for name, before in ADDED_TRAINER_KEYS.items():  # at the value of before it existed: the key of then
-        if trainer[name] == before:
-            del trainer[name]
+        if trainer.get(name, before) == before:
+            trainer.pop(name, None)
     return {"dataset": cfg["dataset"], "trainer": trainer, **{group: recipe[group] for group in RECIPE_GROUPS}}
 
 

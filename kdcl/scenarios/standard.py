@@ -522,6 +522,7 @@ def check_losses(run: Run) -> None:
         if loss_fn.needs_teacher:
             loss_fn.bind(student, teacher, torch.zeros(2, *shape), len(run.data.train))
         check_teacher_cache(loss_spec["name"], loss_fn, control, run.data)
+        check_mixing(cfg["trainer"]["mix"], loss_spec["name"], loss_fn, control, run.data)
 
 
 def checked_model(run: Run, spec: dict, role: str) -> nn.Module:
@@ -574,6 +575,32 @@ def check_teacher_cache(name: str, loss_fn: DistillLoss, control: ControlConfig,
         raise KdclError(
             f"distill.teacher_cache={spec} caches the teacher's logits, but distill={name} needs {needs}",
             fix="set distill.teacher_cache=none for this loss",
+        )
+
+
+def check_mixing(
+    alphas: dict[str, float], name: str, loss_fn: DistillLoss, control: ControlConfig, data: DataBundle
+) -> None:
+    """``trainer.mix`` mixes images, before the teacher sees them: refused for text, for a
+    teacher cache (its logits belong to unmixed views) and for a loss whose distillation
+    term reads the hard label (a mixed image has two)."""
+    used = ", ".join(f"trainer.mix.{method}={alpha}" for method, alpha in alphas.items() if alpha > 0)
+    if not used:
+        return
+    if data.text is not None:
+        raise KdclError(
+            f"{used} mixes images, but dataset {data.name!r} is text", fix="set trainer.mix.<method>=0 for text"
+        )
+    if caches(control.teacher_cache) and loss_fn.needs_teacher:
+        raise KdclError(
+            f"{used} mixes each batch's images before the teacher sees them, but distill.teacher_cache="
+            f"{control.teacher_cache} stores the teacher's logits on unmixed views",
+            fix="set distill.teacher_cache=none (the teacher sees every mixed batch), or turn the mixing off",
+        )
+    if loss_fn.reads_label:
+        raise KdclError(
+            f"{used} gives each image two labels, but distill={name} decomposes the logits around one target class",
+            fix="choose a loss whose distillation term does not read the label (e.g. distill=kd), or turn the mixing off",
         )
 
 

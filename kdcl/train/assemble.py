@@ -19,6 +19,7 @@ from kdcl.config.options import distill_parts, stage_recipe
 from kdcl.config.schema import ControlConfig, OptimizerConfig, SchedulerConfig, typed
 from kdcl.curricula import DataSchedule, LearnedEpochs
 from kdcl.data import DataBundle, StrongViews
+from kdcl.data.mixing import BatchMixer
 from kdcl.distill.control import DistillControl
 from kdcl.distill.features import FeatureTap
 from kdcl.distill.feeds import Feed, FeedInputs, build_feed, caches, parse
@@ -98,7 +99,8 @@ def build_stage(
     step's teacher is the teachers combined, or with ``distill.teacher_route`` the earlier
     teachers ``route()`` loads, then the final one (:func:`teacher_route`); the feed gives
     each step's input and the teacher's logits (:func:`teacher_feed`), with a strongly
-    augmented view of the batch seeded with ``seed`` for a loss of two views. ``meta`` goes into
+    augmented view of the batch seeded with ``seed`` for a loss of two views, and the images of
+    each step mixed as ``trainer.mix`` says, also drawn from ``seed``. ``meta`` goes into
     every checkpoint, ``dynamics`` records when each example is learnt, the epochs of
     ``keep_epochs`` keep their checkpoints, and ``loggers`` receive each epoch's metrics.
     With ``replay``, an online teacher whose logits depend on the batch alone
@@ -133,6 +135,7 @@ def build_stage(
         teacher_at = teacher_route([*(Teachers([anchor]) for anchor in route()), teacher], total_steps)
     else:
         teacher_at = lambda step: teacher  # noqa: E731
+    mixer = BatchMixer(trainer.mix, data.input_shape[-2:], seed)
     student_layers, teacher_layers = loss_fn.layers()
     with (
         FeatureTap(model, student_layers) as student_features,
@@ -149,7 +152,7 @@ def build_stage(
             feeds={} if feeds is None else feeds,
             strong=StrongViews(seed) if loss_fn.views > 1 else None,
         )
-        if replay is not None and teacher_at is not None and replayable(control_cfg, teachers, loss_fn):
+        if replay is not None and teacher_at is not None and replayable(control_cfg, teachers, loss_fn, mixer):
             feed = replay.wrap(feed, data.preprocess, data.num_classes, trainer.device)
         yield Stage(
             name=name,
@@ -167,15 +170,17 @@ def build_stage(
             features=(student_features, teacher_features),
             steps_per_epoch=steps_per_epoch,
             loggers=loggers,
+            mixer=mixer,
         )
 
 
-def replayable(control: ControlConfig, teachers: Sequence[nn.Module], loss_fn: DistillLoss) -> bool:
+def replayable(control: ControlConfig, teachers: Sequence[nn.Module], loss_fn: DistillLoss, mixer: BatchMixer) -> bool:
     """Whether the online teacher's logits of a step are a function of the step's batch alone:
-    one teacher, no route through its checkpoints, no strong views, none of its layers read
-    by the loss (a replay does not run it), one process (each rank would need its own)."""
+    one teacher, no route through its checkpoints, no strong views, no mixing, none of its
+    layers read by the loss (a replay does not run it), one process (each rank would need its own)."""
     return (
         parse(control.teacher_cache)[0] == "none"
+        and not mixer
         and len(teachers) == 1
         and not control.teacher_route
         and loss_fn.views == 1

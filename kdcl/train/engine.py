@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Callable, Collection, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from kdcl import distributed
 from kdcl.config.schema import TrainerConfig
 from kdcl.curricula import DataSchedule, LearnedEpochs
 from kdcl.data import Batch, DataBundle, Source
+from kdcl.data.mixing import BatchMixer
 from kdcl.distill.control import DistillControl
 from kdcl.distill.feeds import Feed
 from kdcl.distill.losses import DistillLoss, LossContext
@@ -97,6 +98,7 @@ class TrainSettings:
     checkpoint_every_steps: int | None = None
     compile: bool = False
     label_smoothing: float = 0.0  # ε of the hard-label cross-entropy
+    mix: dict[str, float] = field(default_factory=dict)  # batch mix → its Beta α (trainer.mix)
 
     @classmethod
     def from_config(cls, t: TrainerConfig) -> TrainSettings:
@@ -115,6 +117,7 @@ class TrainSettings:
             checkpoint_every_steps=t.checkpoint_every_steps,
             compile=t.compile,
             label_smoothing=t.label_smoothing,
+            mix=dict(t.mix),
         )
 
     def prepare(self, model: nn.Module) -> nn.Module:
@@ -174,6 +177,7 @@ class Stage:
     features: tuple[dict[str, Tensor], dict[str, Tensor]] = ({}, {})  # hooked student / teacher layers
     steps_per_epoch: int | None = None  # the budget's steps per epoch; None: ceil(N_train / batch_size)
     loggers: Loggers = CSV_ONLY  # where each epoch's metrics row goes (kdcl/output/trackers.py)
+    mixer: BatchMixer | None = None  # mixes each step's images (trainer.mix; kdcl/data/mixing.py)
 
     @property
     def run_dir(self) -> Path:
@@ -308,21 +312,23 @@ def _added(sums: dict[str, Tensor], values: dict[str, Tensor]) -> dict[str, Tens
 def train_step(
     s: Stage, trainer: TrainSettings, step: int, batch: Batch, meter: Meter, ctx: LossContext, part: Part | None = None
 ) -> None:
-    """One optimizer step: the feed gives the (augmented) input and the teacher's logits
-    (for a loss of two views, those of the batch's plain views, then of its strong views),
+    """One optimizer step: the feed gives the (augmented, and with ``trainer.mix`` mixed)
+    input and the teacher's logits (for a loss of two views, those of the batch's plain
+    views, then of its strong views),
     the control sets α and T (and any noise), the loss gives per-example terms (features
     from ``ctx``), the plan may weight them (judging each example by its cross-entropy),
     and their mean is back-propagated. Under DDP ``batch`` is this rank's ``part`` of the
     global batch, whose mean the ranks back-propagate together."""
     idx, x, y = batch
     part = part or Part(len(y))
-    x, teacher_logits = s.feed(step, ctx.epoch, idx, x, y, part)
+    mix = s.mixer.draw(step, len(y), y.device) if s.mixer is not None else None
+    x, teacher_logits = s.feed(step, ctx.epoch, idx, x, y, part, mix)
     with trainer.autocast():  # a loss of several views: the student sees each as its own batch
         logits = torch.cat([s.model(s.control.student_input(view)) for view in x.chunk(s.loss_fn.views)])
     teacher_logits = s.control.teacher_output(teacher_logits)
     plain_teacher_logits = teacher_logits[: len(y)] if teacher_logits is not None else None
     alpha, temperature = s.control.knobs(step, idx, y, plain_teacher_logits)
-    terms = s.loss_fn(logits, teacher_logits, y, alpha, temperature, replace(ctx, step=step, indices=idx))
+    terms = s.loss_fn(logits, teacher_logits, y, alpha, temperature, replace(ctx, step=step, indices=idx, mix=mix))
     logits = logits[: len(y)]  # the plain views' logits: what the accuracy and the curricula read
     weights = s.plan.sample_weights(idx, terms.get("ce", terms["loss"]).detach(), step)
     loss = part.mean(terms["loss"] if weights is None else terms["loss"] * weights)
@@ -333,7 +339,7 @@ def train_step(
     distributed.average_gradients([*s.loss_fn.parameters(), *s.control.parameters()])  # outside the DDP model
     s.optimizer.step()
     s.lr_schedule.step()
-    meter.add(terms, logits, y)
+    meter.add(terms, logits, y if mix is None else mix.labels(y))
     if s.dynamics is not None:
         s.dynamics.update(idx, logits, y, ctx.epoch)
 
