@@ -159,6 +159,59 @@ def test_two_processes_train_and_evaluate_as_one(tmp_path):
         assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name])
 
 
+# --------------------------------------------------------------------------- a shared soft-label store
+def _stored_views(directory: Path) -> tuple[torch.Tensor, int]:
+    """The teacher cache views:3 of 40 generated images on disk in ``directory`` (shards of
+    6 examples): every stored logit, and how many examples this process's teacher ran on."""
+    import numpy as np
+
+    from kdcl.data import TensorSource
+    from kdcl.distill.feeds import FeedInputs, build_feed
+
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (40, 3, 8, 8), dtype=np.uint8), rng.integers(0, 4, 40)
+    cpu = torch.device("cpu")
+    source = TensorSource.from_arrays(x, y, np.arange(40), cpu)
+    pre = Preprocess([0.5] * 3, [0.25] * 3, crop_padding=2, flip=True, device=cpu, channels_last=False, seed=0)
+    torch.manual_seed(0)
+    model = create_model("cnn", 4, (3, 8, 8), width=4).eval()
+    seen = []
+
+    def teacher(views, labels=None):
+        seen.append(len(views))
+        return model(views)
+
+    teacher.eval = lambda: teacher
+    shard_mb = 6 * 3 * 4 * 2 / 2**20  # 6 examples of 3 views of 4 fp16 logits
+    inputs = FeedInputs(pre, source, lambda step: teacher, nullcontext, 4, 8, 0, 3, "disk", directory, shard_mb)
+    feed = build_feed("views:3", inputs)
+    every = torch.arange(40).repeat_interleave(3)
+    return feed.logits.get(every, torch.arange(3).repeat(40)), sum(seen)
+
+
+def _store_rank(rank: int, world: int, init: str, directory: Path, out: Path) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.save(_stored_views(directory), out / f"store{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_fill_one_store_each_its_share_of_the_shards(tmp_path):
+    """FKD's record pass under DDP: one folder, 7 shards dealt out to 2 processes (4 and 3),
+    each running the teacher on its shards' examples only; every process then reads all of
+    them, the logits one process would have stored."""
+    alone, passes = _stored_views(tmp_path / "one")
+    assert passes == 3 * 40
+    shared = tmp_path / "shared"
+    mp.spawn(_store_rank, args=(2, f"file://{tmp_path / 'init'}", shared, tmp_path), nprocs=2)
+    ranks = [torch.load(tmp_path / f"store{r}.pt") for r in range(2)]
+    assert [seen for _, seen in ranks] == [3 * (6 * 3 + 4), 3 * 6 * 3]  # shards 0, 2, 4, 6 (of 4 examples); 1, 3, 5
+    for logits, _ in ranks:
+        assert torch.equal(logits, alone)
+    assert len(list(shared.glob("shard_*.filled"))) == 7 and not list(shared.glob("rank*"))
+
+
 # --------------------------------------------------------------------------- kdcl train with 2 processes
 def _kdcl(args: list[str], cwd: Path, torchrun: bool = False) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}

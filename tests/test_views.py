@@ -14,6 +14,7 @@ from conftest import comparable, compose_config, stop_after
 from PIL import Image
 from torchvision.transforms import v2
 
+from kdcl.config.checks import validate
 from kdcl.data import LoaderSource, load_data
 from kdcl.data.images import DECODERS, EncodedImage
 from kdcl.data.views import SampleViews, ViewSettings, resized_crop_box, step_keys, view_generator
@@ -21,6 +22,7 @@ from kdcl.distill.feeds import FeedInputs, build_feed
 from kdcl.distill.teachers import Teachers
 from kdcl.errors import KdclError
 from kdcl.models import create_model
+from kdcl.scenarios.record import run_record
 from kdcl.scenarios.standard import run_pipeline
 from kdcl.train import engine
 from kdcl.train.resume import Interrupted
@@ -235,7 +237,7 @@ def test_stored_soft_labels_are_kept_in_the_stage_cache_resumed_and_checked(tmp_
     ]
     cfg = folder_cfg(root, *keys)
     first = run_pipeline(cfg, tmp_path / "first").set_index("model")
-    (store,) = (tmp_path / "cache").glob("soft_labels-*/views_2-0")
+    (store,) = (tmp_path / "cache").glob("soft_labels-*")
     markers = sorted(store.glob("shard_*.filled"))
     assert len(markers) > 2 and len(markers) == len(list(store.glob("shard_*_logits.npy")))
     stamps = {p: p.stat().st_mtime_ns for p in store.glob("shard_*.npy")}
@@ -247,3 +249,30 @@ def test_stored_soft_labels_are_kept_in_the_stage_cache_resumed_and_checked(tmp_
     np.save(store / "shard_0000_logits.npy", np.zeros(3, dtype=np.float16))  # damaged
     with pytest.raises(KdclError, match=f"the teacher cache in {store} cannot be used(.|\\n)*delete {store}"):
         run_pipeline(cfg, tmp_path / "third")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["distill.teacher_cache=none"], "no distillation of this config keeps one"),
+        (
+            ["distill.teacher_cache=views:2", "distill.teacher_cache_store=memory", "cache=true"],
+            "teacher_cache_store=memory",
+        ),
+        (["distill.teacher_cache=views:2", "distill.teacher_cache_store=disk", "cache=false"], "cache=False"),
+        (
+            ["distill.teacher_cache=views:2", "distill.teacher_cache_store=disk", "cache=true", "teachers=[cnn,mlp]"],
+            "teachers list",
+        ),
+    ],
+)
+def test_a_record_pass_that_no_later_job_could_read_is_refused(tmp_path, overrides, message):
+    cfg = compose_config(["scenario=record", *overrides])
+    validate(cfg)
+    with pytest.raises(KdclError, match=message) as err:
+        run_record(cfg, tmp_path)
+    assert (
+        "distill.teacher_cache=views:K distill.teacher_cache_store=disk cache=true" in err.value.fix
+        or "teachers" in message
+    )
+    assert not any(tmp_path.iterdir())  # refused before anything ran

@@ -52,6 +52,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from kdcl import distributed
 from kdcl.data import Augment, Preprocess, Source, StrongViews, TextPreprocess, fixed_view_keys, step_keys
 from kdcl.data.mixing import BatchMix
 from kdcl.distributed import Part
@@ -67,7 +68,6 @@ log = logging.getLogger(__name__)
 # images (crop and flip), which text does not have.
 FEEDS = Registry("teacher cache", traits={"caches": True, "counted": False, "augments": False})
 register_feed = FEEDS.register
-STORES = Registry("teacher cache store")
 
 
 class Feed(Protocol):
@@ -336,6 +336,11 @@ def bytes_per_view(codec: AllLogits | TopKLogits) -> int:
 
 
 # --------------------------------------------------------------------------- storage
+# shared: one store serves every process of a DDP run, each filling its own share of the
+# chunks (the others' shards are read once all are filled); else each process fills its own.
+STORES = Registry("teacher cache store", traits={"shared": False})
+
+
 @STORES.register("memory")
 class MemoryLogits:
     """The (N, K) views' encoded logits on the training device, a tensor per field."""
@@ -363,8 +368,14 @@ class MemoryLogits:
     def filled(self, chunk: int) -> bool:
         return False
 
+    def begin(self, chunk: int) -> None:
+        """The tables are there from the start."""
+
     def mark_filled(self, chunk: int) -> None:
         """Nothing outlives the stage in memory."""
+
+    def open_filled(self) -> None:
+        """Every chunk is this process's own."""
 
 
 def new_shard(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.memmap:
@@ -375,7 +386,7 @@ def new_shard(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.memmap:
     return shard
 
 
-@STORES.register("disk")
+@STORES.register("disk", shared=True)
 class DiskLogits:
     """The (N, K) views' encoded logits in ``.npy`` shards of whole examples, at most
     ``shard_mb`` MB each (a file per field), read through memory maps (for caches larger
@@ -385,7 +396,8 @@ class DiskLogits:
     ``store.json`` says what the shards hold. A store found in its folder again (a resumed
     run, or a keyed folder of the stage cache that another job filled) keeps its filled
     shards and fills the others: a fill cut off half-way resumes at its first unfilled
-    shard. A folder whose ``store.json`` or shards do not fit is one message naming it."""
+    shard. Under DDP the processes share the folder, each filling a share of the shards.
+    A folder whose ``store.json`` or shards do not fit is one message naming it."""
 
     def __init__(self, n: int, k: int, inputs: FeedInputs):
         directory = self.directory = inputs.directory
@@ -398,15 +410,11 @@ class DiskLogits:
         fields = {name: [list(shape), str(dtype)] for name, (shape, dtype) in self.codec.fields.items()}
         layout = {"examples": n, "views": k, "rows_per_shard": self.rows, "fields": fields}
         self._check_layout(layout)
-        self.shards = [
-            {
-                name: self._shard(
-                    s, name, torch.empty(0, dtype=dtype).numpy().dtype, (min(self.rows, n - s * self.rows), k, *shape)
-                )
-                for name, (shape, dtype) in self.codec.fields.items()
-            }
-            for s in range(math.ceil(n / self.rows))
-        ]
+        self.layout = {  # each field's file: its numpy dtype, and the shape of one row
+            name: (torch.empty(0, dtype=dtype).numpy().dtype, (k, *shape))
+            for name, (shape, dtype) in self.codec.fields.items()
+        }
+        self.shards: list[dict[str, np.memmap]] = [{} for _ in range(math.ceil(n / self.rows))]
 
     def _check_layout(self, layout: dict) -> None:
         found = self.directory / "store.json"
@@ -426,17 +434,8 @@ class DiskLogits:
             fix=f"delete {self.directory} (the teacher's logits are computed again)",
         )
 
-    def _shard(self, s: int, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.memmap:
-        path = self.directory / f"shard_{s:04d}_{name}.npy"
-        if not self.filled(s):
-            return new_shard(path, dtype, shape)
-        try:
-            shard = np.load(path, mmap_mode="r")
-        except (OSError, ValueError) as err:
-            raise self._damaged(f"{path.name} cannot be read ({err})") from None
-        if shard.shape != shape or shard.dtype != dtype:
-            raise self._damaged(f"{path.name} holds {shard.dtype} {shard.shape}, not {dtype} {shape}")
-        return shard
+    def _path(self, chunk: int, name: str) -> Path:
+        return self.directory / f"shard_{chunk:04d}_{name}.npy"
 
     def chunks(self) -> list[range]:
         """The examples of each shard, filled together."""
@@ -445,11 +444,37 @@ class DiskLogits:
     def filled(self, chunk: int) -> bool:
         return (self.directory / f"shard_{chunk:04d}.filled").is_file()
 
+    def begin(self, chunk: int) -> None:
+        """New, empty files for shard ``chunk``, to fill."""
+        rows = len(self.chunks()[chunk])
+        self.shards[chunk] = {
+            name: new_shard(self._path(chunk, name), dtype, (rows, *row)) for name, (dtype, row) in self.layout.items()
+        }
+
     def mark_filled(self, chunk: int) -> None:
         """Write shard ``chunk``'s views to disk, then mark it filled."""
         for table in self.shards[chunk].values():
             table.flush()
         write_text(self.directory / f"shard_{chunk:04d}.filled", "")
+
+    def open_filled(self) -> None:
+        """Every shard, read-only, each checked to be filled and to hold what it should."""
+        for chunk, examples in enumerate(self.chunks()):
+            if not self.filled(chunk):
+                raise self._damaged(f"shard {chunk} was not filled (shard_{chunk:04d}.filled is missing)")
+            self.shards[chunk] = {
+                name: self._opened(chunk, name, (len(examples), *row)) for name, (_, row) in self.layout.items()
+            }
+
+    def _opened(self, chunk: int, name: str, shape: tuple[int, ...]) -> np.memmap:
+        path, dtype = self._path(chunk, name), self.layout[name][0]
+        try:
+            shard = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as err:
+            raise self._damaged(f"{path.name} cannot be read ({err})") from None
+        if shard.shape != shape or shard.dtype != dtype:
+            raise self._damaged(f"{path.name} holds {shard.dtype} {shard.shape}, not {dtype} {shape}")
+        return shard
 
     def _locate(self, idx: Tensor) -> tuple[np.ndarray, np.ndarray]:
         i = idx.cpu().numpy()
@@ -466,8 +491,8 @@ class DiskLogits:
         shard, row = self._locate(idx)
         view = v.cpu().numpy()
         fields = {}
-        for name, table in self.shards[0].items():
-            out = np.empty((len(row), *table.shape[2:]), dtype=table.dtype)
+        for name, (dtype, shape) in self.layout.items():
+            out = np.empty((len(row), *shape[1:]), dtype=dtype)
             for s in np.unique(shard):
                 out[shard == s] = self.shards[s][name][row[shard == s], view[shard == s]]
             fields[name] = torch.from_numpy(out).to(self.device, non_blocking=True)
@@ -475,14 +500,18 @@ class DiskLogits:
 
 
 def _fill(inputs: FeedInputs, views: CachedViews) -> MemoryLogits | DiskLogits:
-    """Run the teacher once over every view of every training example."""
+    """Run the teacher once over every view of every training example (of the chunks not
+    filled yet; under DDP a shared store's chunks are dealt out to the processes)."""
     teacher = inputs.teacher_at(0).eval()
     n, device = len(inputs.train), inputs.preprocess.generator.device
     store = STORES.create(inputs.store, n, views.k, inputs)
     chunks = store.chunks()
     todo = [c for c in range(len(chunks)) if not store.filled(c)]
+    distributed.barrier()  # every process has seen the same filled chunks before any fills one
+    mine = todo[distributed.rank() :: distributed.world()] if STORES.trait(inputs.store, "shared") else todo
     with torch.inference_mode():
-        for c in todo:
+        for c in mine:
+            store.begin(c)
             batches = torch.arange(chunks[c].start, chunks[c].stop).split(inputs.batch_size)
             for v in range(views.k):
                 keys = (fixed_view_keys(b, torch.full_like(b, v)) for b in batches) if views.drawn else None
@@ -491,7 +520,10 @@ def _fill(inputs: FeedInputs, views: CachedViews) -> MemoryLogits | DiskLogits:
                     with inputs.autocast():
                         store.put(idx, v, teacher(views.pixels(x, idx, torch.full_like(idx, v)), y).float())
             store.mark_filled(c)
+    distributed.barrier()  # every share is on disk
+    store.open_filled()
     kept = "all logits" if inputs.topk is None else f"top-{inputs.topk} logits"
     again = f", {len(chunks) - len(todo)} of {len(chunks)} shards found filled" if len(todo) < len(chunks) else ""
-    log.info("teacher cache: %d view(s) × %d examples, %s (fp16) %s%s", views.k, n, kept, store.where, again)
+    shared = f", this process filled {len(mine)} of {len(todo)}" if len(mine) < len(todo) else ""
+    log.info("teacher cache: %d view(s) × %d examples, %s (fp16) %s%s%s", views.k, n, kept, store.where, again, shared)
     return store

@@ -8,7 +8,9 @@ and returns the table it wrote as ``summary.csv``, plus the summary row whose
 
 - ``standard`` (:mod:`kdcl.scenarios.standard`): teacher → baseline → curriculum → distill;
 - ``class_incremental`` (:mod:`kdcl.scenarios.class_incremental`): the classes arrive in
-  tasks, learnt by fine-tuning, Learning without Forgetting and joint training.
+  tasks, learnt by fine-tuning, Learning without Forgetting and joint training;
+- ``record`` (:mod:`kdcl.scenarios.record`): the teacher, then its stored soft labels for
+  later jobs, and no student.
 
 Adding one: a module here with its run function, one line in :data:`SCENARIOS`, and
 ``conf/scenario/NAME.yaml``.
@@ -30,6 +32,7 @@ from kdcl.scenarios.class_incremental import (
     objective_arm,
     run_class_incremental,
 )
+from kdcl.scenarios.record import run_record
 from kdcl.scenarios.standard import distilled_student, run_pipeline
 from kdcl.train.engine import EpochHook
 
@@ -47,6 +50,7 @@ SCENARIOS = Registry(
     {
         "standard": Scenario(run_pipeline, objective=distilled_student),
         "class_incremental": Scenario(run_class_incremental, objective=objective_arm),
+        "record": Scenario(run_record, objective=lambda cfg: "teacher"),
     },
 )
 

@@ -781,13 +781,14 @@ def teacher_logits(
 
 
 def teacher_cache_dir(run: Run, teachers: list[nn.Module] | None, distill: dict) -> Path:
-    """Where a stage's teacher cache writes a disk store: for the run's own teacher with the
+    """The folder of a stage's teacher cache on disk: for the run's own teacher with the
     stage cache on, a folder of the stage cache keyed by that teacher and the cache's
-    settings (:func:`kdcl.scenarios.stage_cache.soft_labels_dir`), which later jobs and
-    other students reuse and a cut-off fill resumes; else the run's ``teacher_cache/``."""
+    settings (:func:`kdcl.scenarios.stage_cache.soft_labels_dir`), which later jobs, other
+    students and ``scenario=record`` share and a cut-off fill resumes; else one of the run's
+    ``teacher_cache/``, the run's n-th cache ``SPEC-n``."""
     weights = own_teacher_weights(run, teachers)
     if weights is None or not run.cfg["cache"] or distill["teacher_cache_store"] != "disk":
-        return run.out / "teacher_cache"
+        return run.out / "teacher_cache" / f"{distill['teacher_cache'].replace(':', '_')}-{len(run.feeds)}"
     return soft_labels_dir(run.cfg, run.trainer, distill, weights)
 
 

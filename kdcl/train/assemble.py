@@ -110,11 +110,7 @@ def build_stage(
     loss_spec, control_cfg = distill_parts(distill)
     data.preprocess.generator.manual_seed(seed)
     loss_fn = create_loss(loss_spec)
-    teacher = (
-        Teachers(teachers, control_cfg.teacher_combine, control_cfg.teacher_weights, control_cfg.temperature)
-        if teachers
-        else None
-    )
+    teacher = combined_teacher(teachers, control_cfg)
     if teacher is not None and loss_fn.needs_teacher:
         example = torch.zeros(2, *data.input_shape, device=trainer.device)
         loss_fn.bind(model, teacher.lead, example, len(data.train))
@@ -174,6 +170,13 @@ def build_stage(
         )
 
 
+def combined_teacher(teachers: Sequence[nn.Module], control: ControlConfig) -> Teachers | None:
+    """What teaches a stage: ``teachers`` combined as the control says (one: itself); None without any."""
+    if not teachers:
+        return None
+    return Teachers(teachers, control.teacher_combine, control.teacher_weights, control.temperature)
+
+
 def replayable(control: ControlConfig, teachers: Sequence[nn.Module], loss_fn: DistillLoss, mixer: BatchMixer) -> bool:
     """Whether the online teacher's logits of a step are a function of the step's batch alone:
     one teacher, no route through its checkpoints, no strong views, no mixing, none of its
@@ -211,14 +214,13 @@ def teacher_feed(
     """A stage's feed (``distill.teacher_cache``; online without a teacher). A cache is filled
     once per teacher set (and how several teachers' targets combine), kept in ``feeds`` and
     shared by every stage those teachers teach; its views are drawn from ``seed`` and a disk
-    store writes under ``directory``. ``strong``: the online feed also gives a strongly
+    store (one for every process under DDP) is the folder ``directory``. ``strong``: the online feed also gives a strongly
     augmented view of each batch (for a loss of two views)."""
     spec = control.teacher_cache if teacher_at is not None else "none"
     combined = [control.teacher_combine, control.teacher_weights, control.temperature] if len(teachers) > 1 else []
     key = (spec, control.teacher_cache_topk, tuple(id(m) for m in teachers), repr(combined))
     if key in feeds:
         return feeds[key]
-    rank = f"rank{distributed.rank()}" if distributed.world() > 1 else ""  # every rank fills its own
     inputs = FeedInputs(
         preprocess=data.preprocess,
         train=data.train,
@@ -229,7 +231,7 @@ def teacher_feed(
         seed=seed,
         views=parse(spec)[1],
         store=control.teacher_cache_store,
-        directory=directory / f"{spec.replace(':', '_')}-{len(feeds)}" / rank,
+        directory=directory,
         shard_mb=control.teacher_cache_shard_mb,
         topk=control.teacher_cache_topk,
         strong=strong,
