@@ -96,6 +96,8 @@ def profile(root: Path, size: int, images: int, batch: int, mean, std) -> dict[s
         start = time.perf_counter()
         decoded = [DECODERS.get(name)(e) for e in encoded]
         rows[f"decode ({name})"] = (time.perf_counter() - start) / len(files) * 1e6
+    if torch.cuda.is_available():
+        rows[f"decode (torchvision, cuda, batches of {batch})"] = cuda_decode_micros(encoded, batch)
     start = time.perf_counter()
     crops = [views.training(image, k) for k, image in enumerate(decoded)]
     rows["augment (kdcl view: RandomResizedCrop + flip on uint8)"] = (time.perf_counter() - start) / len(files) * 1e6
@@ -117,6 +119,21 @@ def profile(root: Path, size: int, images: int, batch: int, mean, std) -> dict[s
         torch.stack([normalize(c) for c in crops[i : i + batch]])
     rows["normalise + collate (reference: float per image)"] = (time.perf_counter() - start) / len(crops) * 1e6
     return rows
+
+
+def cuda_decode_micros(encoded: list, batch: int) -> float:
+    """Microseconds per image of ``torchvision.io.decode_jpeg(device="cuda")`` (nvJPEG) on lists of
+    ``batch`` JPEGs, the decoded images left on the GPU; after one warm-up batch."""
+    from torchvision.io import decode_jpeg
+
+    jpegs = [torch.frombuffer(bytearray(e.data), dtype=torch.uint8) for e in encoded]
+    decode_jpeg(jpegs[:batch], device="cuda")
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(0, len(jpegs) - batch + 1, batch):
+        decode_jpeg(jpegs[i : i + batch], device="cuda")
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / (len(jpegs) // batch * batch) * 1e6
 
 
 def main() -> None:
