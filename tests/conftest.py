@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,10 @@ from kdcl.config.options import CONF_DIR, distill_parts, section_option
 from kdcl.config.schema import ControlConfig
 from kdcl.train import engine
 from kdcl.train.resume import STOP
+
+# Packaged pretrained models (kdcl/packaged.py) are extracted into one folder of the temporary
+# directory, shared by test sessions, rather than into the user's ~/.cache.
+os.environ.setdefault("KDCL_MODELS", str(Path(tempfile.gettempdir()) / "kdcl-test-models"))
 
 # Small enough for seconds, big enough that the digits teacher learns something.
 QUICK = ["trainer.epochs=2", "dataset.max_train_samples=600", "trainer.batch_size=32"]

@@ -191,14 +191,14 @@ def test_the_method_sweep_composes():
 
 
 def smoke_overrides(recipe: str) -> list[str]:
-    """One epoch of each stage on 512 FakeData images of 100 classes at 32×32."""
+    """One epoch of each stage on 384 FakeData images of 100 classes at 32×32."""
     return [
         f"+experiment=cifar100/{recipe}",
         "dataset=fake",
         "dataset.num_classes=100",
         "dataset.image_shape=[3,32,32]",
-        "dataset.train_samples=512",
-        "dataset.test_samples=64",
+        "dataset.train_samples=384",
+        "dataset.test_samples=16",
         "trainer.epochs=1",
         "logger=[]",
     ]

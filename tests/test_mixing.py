@@ -15,9 +15,9 @@ from torch import nn
 
 from kdcl.config.checks import validate
 from kdcl.data import Preprocess
-from kdcl.data.mixing import BatchMixer, cutmix, mixup
 from kdcl.distill.feeds import FeedInputs, build_feed
 from kdcl.distill.losses import LossContext, create_loss
+from kdcl.distill.mixing import BatchMixer, cutmix, mixup
 from kdcl.errors import KdclError
 from kdcl.scenarios.standard import run_pipeline
 

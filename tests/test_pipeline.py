@@ -11,7 +11,7 @@ from conftest import QUICK
 
 from kdcl.errors import KdclError
 from kdcl.models import count_macs
-from kdcl.scenarios.standard import run_pipeline
+from kdcl.scenarios.standard import run_pipeline, scores_read
 from kdcl.train.checkpoint import load_checkpoint, load_model
 from kdcl.trust import CodePolicy
 
@@ -161,9 +161,17 @@ def test_no_curriculum_schedules_nothing(compose_cfg, tmp_path):
     assert summary["model"].tolist() == ["teacher", "distill"]
     info = (tmp_path / "curriculum" / "curriculum.json").read_text()
     assert '"scheduled": false' in info
-    assert (tmp_path / "curriculum" / "scores.csv").exists()  # scored, not scheduled
+    assert '"scorers": []' in info and not (tmp_path / "curriculum" / "scores.csv").exists()  # nothing reads them
     assert (pd.read_csv(tmp_path / "curriculum" / "pacing.csv")["data_fraction_start"] == 1.0).all()
     assert (pd.read_csv(tmp_path / "distill" / "metrics.csv")["data_fraction"] == 1.0).all()
+
+
+def test_the_training_split_is_scored_when_a_stage_reads_the_scores(compose_cfg):
+    plain = compose_cfg(["curriculum=none"])
+    assert not scores_read(plain)
+    assert scores_read({**plain, "arms": {"paced": {"curriculum": {"type": "paced"}}}})
+    assert scores_read({**plain, "distill": {**plain["distill"], "sample_weight": "difficulty"}})
+    assert scores_read(compose_cfg(["curriculum=self_paced"]))
 
 
 def test_teacher_checkpoint_skips_teacher_training(quick_run, compose_cfg, tmp_path):

@@ -579,8 +579,8 @@ def test_a_run_on_masked_tokens_teaches_online_and_its_test_split_is_unmasked(te
     seen = []  # what the online teacher is given in training
     online = feeds.OnlineTeacher.__call__
 
-    def spy(self, step, epoch, idx, x, y, part=None):
-        views, logits = online(self, step, epoch, idx, x, y, part)
+    def spy(self, step, epoch, idx, x, y, part=None, mix=None):
+        views, logits = online(self, step, epoch, idx, x, y, part, mix)
         if self.teacher_at is not None:
             seen.append((views, x))
         return views, logits

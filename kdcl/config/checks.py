@@ -48,11 +48,11 @@ def _registered_names() -> dict[str, Any]:
     from kdcl.curricula import ORDERS, PACINGS, PLANS, SCORERS, SELF_PACED_WEIGHTS
     from kdcl.data import DATASETS, PADDINGS
     from kdcl.data.images import DECODERS
-    from kdcl.data.mixing import MIXES
     from kdcl.data.views import AUTO_AUGMENTS, TRAIN_VIEWS
     from kdcl.distill.control import SAMPLE_WEIGHTS
     from kdcl.distill.feeds import STORES, TEACHER_CACHES
     from kdcl.distill.losses import LOSSES
+    from kdcl.distill.mixing import MIXES
     from kdcl.distill.teachers import COMBINATIONS
     from kdcl.optim import OPTIMIZERS, SCHEDULES
 

@@ -23,6 +23,7 @@ from kdcl.data.loaders import register_dataset
 from kdcl.data.splits import RawSplit
 from kdcl.data.tokens import TextEncoding, check_max_length, model_tokenizer, trained_tokenizer
 from kdcl.errors import KdclError
+from kdcl.packaged import resolve
 
 
 @register_dataset("text_csv")
@@ -52,7 +53,7 @@ def text_encoding(cfg: dict, train_texts: list[str]) -> TextEncoding:
     if cfg.get("trained_tokenizer"):
         return TextEncoding(**cfg["trained_tokenizer"])
     if cfg["tokenizer"]:
-        return model_tokenizer(cfg["tokenizer"], cfg["max_length"])
+        return model_tokenizer(resolve(cfg["tokenizer"]), cfg["max_length"])
     return trained_tokenizer(train_texts, cfg["vocab_size"], cfg["lowercase"], cfg["max_length"])
 
 

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from kdcl import distributed
 from kdcl.data import Augment, Preprocess, Source, StrongViews, TextPreprocess, fixed_view_keys, step_keys
-from kdcl.data.mixing import BatchMix
+from kdcl.distill.mixing import BatchMix
 from kdcl.distributed import Part
 from kdcl.errors import KdclError
 from kdcl.files import replacing, write_text
@@ -158,7 +158,7 @@ class OnlineTeacher:
     under ``inference_mode``: no autograd state at all). With ``inputs.strong`` the input and
     the logits are those of the batch's plain views followed by its strong views (2B rows).
     With a ``mix``, the views are mixed first and the teacher sees the mixed images
-    ("function matching": :mod:`kdcl.data.mixing`)."""
+    ("function matching": :mod:`kdcl.distill.mixing`)."""
 
     def __init__(self, inputs: FeedInputs):
         self.preprocess, self.teacher_at, self.autocast = inputs.preprocess, inputs.teacher_at, inputs.autocast

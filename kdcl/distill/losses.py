@@ -40,7 +40,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdcl.data.mixing import BatchMix
 from kdcl.distill.features import (
     adapter,
     attention_map,
@@ -50,6 +49,7 @@ from kdcl.distill.features import (
     require_maps,
     resolve_layers,
 )
+from kdcl.distill.mixing import BatchMix
 from kdcl.errors import KdclError
 from kdcl.registry import Registry
 
@@ -111,7 +111,7 @@ class LossContext:
 
     def cross_entropy(self, logits: Tensor, target: Tensor) -> Tensor:
         """The hard-label term of the loss: :func:`cross_entropy`, smoothed by ``label_smoothing``;
-        of a mixed batch, ``λ·CE(y) + (1 − λ)·CE(y_π)`` (:class:`kdcl.data.mixing.BatchMix`)."""
+        of a mixed batch, ``λ·CE(y) + (1 − λ)·CE(y_π)`` (:class:`kdcl.distill.mixing.BatchMix`)."""
         if self.mix is None:
             return cross_entropy(logits, target, self.label_smoothing)
         return self.mix.mixed(lambda labels: cross_entropy(logits, labels, self.label_smoothing), target)

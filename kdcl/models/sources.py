@@ -11,6 +11,8 @@ chooses the source, or by ``_target_``:
 - ``hf:PATH_OR_ID``: ``transformers.AutoModelForImageClassification`` (images) or
   ``AutoModelForSequenceClassification`` (token ids) from a local directory or a hub id,
   wrapped so that ``forward(x)`` returns the logits tensor;
+- ``packaged:NAME``: a Hugging Face model directory that ships in a Python package
+  (:mod:`kdcl.packaged`), extracted once and read as ``hf:`` reads a directory;
 - ``_target_: pkg.module.fn``: your own callable, given ``num_classes``, ``input_shape``
   and the spec's ``kwargs``, returning an ``nn.Module``.
 
@@ -37,6 +39,7 @@ from kdcl.errors import KdclError
 from kdcl.models.operations import KWARGS_FIX, call_with_kwargs
 from kdcl.models.registered import MODELS, create_registered
 from kdcl.models.torchvision_nets import InputShape, torchvision_network
+from kdcl.packaged import PACKAGED_MODELS, packaged_dir
 from kdcl.registry import Registry
 from kdcl.trust import REMOTE_CODE_KEY, TARGET_KEY, remote_code_refused
 
@@ -48,7 +51,9 @@ register_source = SOURCES.register
 BUILTIN = "kdcl"  # the source of a name without a prefix
 TARGET = TARGET_KEY  # the spec key, and the source, of a callable of your own
 MODELS_EXTRA = 'pip install "kdcl[models]" (timm, transformers, safetensors)'
-NAME_FORMS = "a kdcl model (resnet20, ...), torchvision:NAME, timm:NAME, hf:PATH_OR_ID, or _target_=pkg.module.fn"
+NAME_FORMS = (
+    "a kdcl model (resnet20, ...), torchvision:NAME, timm:NAME, hf:PATH_OR_ID, packaged:NAME, or _target_=pkg.module.fn"
+)
 OFFLINE_FIX = (
     "download them once where there is internet (they are cached: ~/.cache/huggingface, "
     "~/.cache/torch), or give local weights instead: teacher.checkpoint=PATH (a state_dict, "
@@ -383,6 +388,22 @@ def load_hf_directory(
         )
     with hub_files(f"hf:{path}", "the weights"), remote_code_refused(f"hf:{path}"):
         return HFImageClassifier(transformers.AutoModelForImageClassification.from_pretrained(path, **remote))
+
+
+@register_source("packaged", check=PACKAGED_MODELS.get)
+def packaged_model(
+    ref: str,
+    num_classes: int,
+    input_shape: InputShape,
+    pretrained: bool,
+    config: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """A model that ships in a Python package (:mod:`kdcl.packaged`): the ``hf`` source on
+    its directory, extracted once. A checkpoint's ``config`` rebuilds the architecture
+    without the package."""
+    directory = ref if config is not None else str(packaged_dir(ref))
+    return hf_model(directory, num_classes, input_shape, pretrained, config=config, **kwargs)
 
 
 @register_source(TARGET)

@@ -282,33 +282,13 @@ def evaluate_teacher(run: Run, stage: str, spec: dict) -> nn.Module:
 
 
 def curriculum_stage(run: Run) -> None:
-    """Score the training data with every available scorer and record the pacing plan (of
-    the student stages' step budget: the stages a curriculum paces)."""
+    """Score the training data with every available scorer (when a student stage reads the
+    scores: :func:`scores_read`) and record the pacing plan (of the student stages' step
+    budget: the stages a curriculum paces)."""
     spec = typed(CurriculumConfig, run.cfg["curriculum"], "curriculum")
     out = run.stage_dir("curriculum")
-    train = evaluate(run.teacher, run.data.train, run.data, run.trainer)
-    ctx = ScoreContext(
-        labels=train.labels,
-        teacher_logits=train.logits,
-        seed=run.cfg["seed"],
-        learned_epoch=run.learned_epoch,
-        self_taught_logits=self_taught_logits(run),
-        **({"tokens": run.data.train.x, "pad_id": run.data.text.pad_id} if run.data.text is not None else {}),
-    )
-    run.scores = score_all(ctx, spec.scorer)
-    order = make_order(run.scores[spec.scorer], train.labels, spec.order, spec.class_balanced, run.cfg["seed"])
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(len(order))
-    loss = torch.nn.functional.cross_entropy(train.logits, train.labels, reduction="none")
-    columns = {
-        "index": run.data.train.origin,
-        "label": train.labels.numpy(),
-        "difficulty": run.scores[spec.scorer].numpy(),
-        "rank": rank.numpy(),
-        "teacher_loss": loss.numpy(),
-        "teacher_confidence": torch.exp(-loss).numpy(),
-    }
-    per_scorer = {f"d_{name}": d.numpy() for name, d in run.scores.items()}  # every scorer's difficulty
+    if scores_read(run.cfg):
+        score_examples(run, spec, out)
     plan, spe = build_plan(run, spec, STUDENT), run.steps_per_epoch(STUDENT)
     rows = []
     for e in range(run.recipes[STUDENT].trainer.epochs):  # as planned (adaptive curricula may hold later)
@@ -336,7 +316,6 @@ def curriculum_stage(run: Run) -> None:
         "total_steps": run.total_steps(STUDENT),
     }
     if distributed.is_main():
-        write_csv(pd.DataFrame({**columns, **per_scorer}), out / "scores.csv")
         write_csv(pd.DataFrame(rows), out / "pacing.csv")
         write_text(out / "curriculum.json", json.dumps(info, indent=2) + "\n")
     log.info(
@@ -346,6 +325,47 @@ def curriculum_stage(run: Run) -> None:
         if scheduled
         else "nothing scheduled (all data, every step)",
     )
+
+
+def scores_read(cfg: dict[str, Any]) -> bool:
+    """Whether a student stage reads the examples' difficulty scores: a curriculum other than
+    ``none`` (of ``distill`` or an arm), or ``distill.sample_weight=difficulty``. Without one,
+    the teacher does not run over the training split to score it."""
+    arms = [arm_config(cfg, arm) for arm in (cfg.get("arms") or {}).values()]
+    return any(
+        PLANS.trait(curriculum["type"], "scheduled") or distill.get("sample_weight") == "difficulty"
+        for distill, curriculum in [(cfg["distill"], cfg["curriculum"]), *arms]
+    )
+
+
+def score_examples(run: Run, spec: CurriculumConfig, out: Path) -> None:
+    """Every scorer's difficulty of each training example (the teacher's logits on the
+    training split), into ``run.scores`` and ``scores.csv``."""
+    train = evaluate(run.teacher, run.data.train, run.data, run.trainer)
+    ctx = ScoreContext(
+        labels=train.labels,
+        teacher_logits=train.logits,
+        seed=run.cfg["seed"],
+        learned_epoch=run.learned_epoch,
+        self_taught_logits=self_taught_logits(run),
+        **({"tokens": run.data.train.x, "pad_id": run.data.text.pad_id} if run.data.text is not None else {}),
+    )
+    run.scores = score_all(ctx, spec.scorer)
+    order = make_order(run.scores[spec.scorer], train.labels, spec.order, spec.class_balanced, run.cfg["seed"])
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order))
+    loss = torch.nn.functional.cross_entropy(train.logits, train.labels, reduction="none")
+    columns = {
+        "index": run.data.train.origin,
+        "label": train.labels.numpy(),
+        "difficulty": run.scores[spec.scorer].numpy(),
+        "rank": rank.numpy(),
+        "teacher_loss": loss.numpy(),
+        "teacher_confidence": torch.exp(-loss).numpy(),
+    }
+    per_scorer = {f"d_{name}": d.numpy() for name, d in run.scores.items()}  # every scorer's difficulty
+    if distributed.is_main():
+        write_csv(pd.DataFrame({**columns, **per_scorer}), out / "scores.csv")
 
 
 def assistant_stages(run: Run) -> None:
@@ -743,7 +763,9 @@ def train_stage(
         "seconds": round(result.seconds, 2),
         "checkpoint": str(path.resolve()),
         **columns,
-        "test_acc_last": columns["test_acc"] if select == "last" else evaluate(model, data.test, data, run.trainer).acc,
+        "test_acc_last": columns["test_acc"]
+        if select == "last" or result.best_epoch == result.last_epoch  # the same weights
+        else evaluate(model, data.test, data, run.trainer).acc,
     }
     if distributed.is_main():
         if dynamics is not None:

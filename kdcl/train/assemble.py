@@ -19,11 +19,11 @@ from kdcl.config.options import distill_parts, stage_recipe
 from kdcl.config.schema import ControlConfig, OptimizerConfig, SchedulerConfig, typed
 from kdcl.curricula import DataSchedule, LearnedEpochs
 from kdcl.data import DataBundle, StrongViews
-from kdcl.data.mixing import BatchMixer
 from kdcl.distill.control import DistillControl
 from kdcl.distill.features import FeatureTap
 from kdcl.distill.feeds import Feed, FeedInputs, build_feed, caches, parse
 from kdcl.distill.losses import DistillLoss, create_loss
+from kdcl.distill.mixing import BatchMixer
 from kdcl.distill.replay import ReplaySlot
 from kdcl.distill.teachers import Teachers
 from kdcl.optim import build_optimizer, build_schedule

@@ -27,10 +27,10 @@ from kdcl import distributed
 from kdcl.config.schema import TrainerConfig
 from kdcl.curricula import DataSchedule, LearnedEpochs
 from kdcl.data import Batch, DataBundle, Source
-from kdcl.data.mixing import BatchMixer
 from kdcl.distill.control import DistillControl
 from kdcl.distill.feeds import Feed
 from kdcl.distill.losses import DistillLoss, LossContext
+from kdcl.distill.mixing import BatchMixer
 from kdcl.distributed import Part
 from kdcl.errors import KdclError
 from kdcl.output.console import progress_bar
