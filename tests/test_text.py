@@ -10,6 +10,7 @@ import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -21,7 +22,7 @@ pytest.importorskip("transformers")
 
 from kdcl.commands.eval import run_eval  # noqa: E402
 from kdcl.curricula import SCORERS, ScoreContext  # noqa: E402
-from kdcl.data import TextPreprocess, load_data  # noqa: E402
+from kdcl.data import TensorSource, TextPreprocess, load_data  # noqa: E402
 from kdcl.data.tokens import trained_tokenizer  # noqa: E402
 from kdcl.distill import feeds  # noqa: E402
 from kdcl.distill.losses import ATTENTION_GAPS, LossContext, create_loss  # noqa: E402
@@ -96,10 +97,17 @@ def test_tokenizer_training_is_deterministic_and_frames_each_text():
 
 
 def test_batch_is_cut_to_its_longest_example():
+    """The source cuts each batch to its longest text, from lengths kept on the CPU."""
+    x = np.array([[2, 5, 6, 3, 0, 0, 0], [2, 7, 3, 0, 0, 0, 0], [2, 3, 0, 0, 0, 0, 0]])
+    source = TensorSource.from_arrays(x, np.zeros(3), np.arange(3), torch.device("cpu"), pad_id=0)
+    cut = [
+        ids.tolist() for _, ids, _ in source.batches([torch.tensor([0, 1]), torch.tensor([2, 1]), torch.tensor([2])])
+    ]
+    assert cut == [[[2, 5, 6, 3], [2, 7, 3, 0]], [[2, 3, 0], [2, 7, 3]], [[2, 3]]]
+    ((_, ids, _),) = source.subset(np.array([1, 2]), torch.arange(1)).batches([torch.tensor([1, 0])])
+    assert ids.tolist() == [[2, 3, 0], [2, 7, 3]]
     pre = TextPreprocess(pad_id=0, device=torch.device("cpu"), seed=0)
-    x = torch.tensor([[2, 5, 6, 3, 0, 0, 0], [2, 7, 3, 0, 0, 0, 0]])
-    assert pre(x, train=True).tolist() == [[2, 5, 6, 3], [2, 7, 3, 0]]
-    assert pre(x, train=False).tolist() == pre.apply(x, None).tolist()
+    assert pre(ids, train=True).tolist() == pre(ids, train=False).tolist() == pre.apply(ids, None).tolist()
 
 
 def test_token_masking_masks_ordinary_tokens_at_its_rate_in_training_only():

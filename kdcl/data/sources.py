@@ -38,20 +38,30 @@ class Source(Protocol):
 
 
 class TensorSource:
-    """An in-memory split: uint8 images and labels held on the training device."""
+    """An in-memory split: uint8 images, or token ids, and labels held on the training device.
 
-    def __init__(self, x: Tensor, y: Tensor, origin: np.ndarray):
+    Token ids (``lengths``: each text's count of ids before its padding, on the CPU) come
+    in batches cut to their longest text: the cut is read from the CPU index batch before it
+    goes to the device, so the training step reads nothing back from the device for it."""
+
+    def __init__(self, x: Tensor, y: Tensor, origin: np.ndarray, lengths: Tensor | None = None):
         self.device = x.device
         self.x, self.y = x, y
         self.labels = y.cpu()
         self.origin = origin
+        self.lengths = lengths
 
     @classmethod
-    def from_arrays(cls, x: np.ndarray, y: np.ndarray, origin: np.ndarray, device: torch.device) -> TensorSource:
+    def from_arrays(
+        cls, x: np.ndarray, y: np.ndarray, origin: np.ndarray, device: torch.device, pad_id: int | None = None
+    ) -> TensorSource:
+        """The arrays on ``device``; token ids right-padded with ``pad_id`` keep their lengths."""
+        lengths = None if pad_id is None else torch.from_numpy((x != pad_id).sum(1))
         return cls(
             torch.from_numpy(np.ascontiguousarray(x)).to(device),
             torch.from_numpy(y.astype(np.int64)).to(device),
             origin,
+            lengths,
         )
 
     def __len__(self) -> int:
@@ -60,13 +70,17 @@ class TensorSource:
     def batches(self, index_batches: Iterable[Tensor], keys: Iterable[Tensor] | None = None) -> Iterator[Batch]:
         """The batches as held: training views are drawn on the device (:class:`kdcl.data.Preprocess`)."""
         for idx in index_batches:
+            x = self.x
+            if self.lengths is not None and len(idx):
+                x = x[:, : max(int(self.lengths[idx.cpu()].max()), 1)]
             idx = idx.to(self.device, non_blocking=True)
-            yield idx, self.x[idx], self.y[idx]
+            yield idx, x[idx], self.y[idx]
 
     def subset(self, positions: np.ndarray, label_map: Tensor) -> TensorSource:
         """The examples at ``positions``, each label ``y`` replaced by ``label_map[y]``."""
         idx = torch.from_numpy(positions).to(self.device)
-        return TensorSource(self.x[idx], label_map.to(self.device)[self.y[idx]], self.origin[positions])
+        lengths = None if self.lengths is None else self.lengths[torch.from_numpy(positions)]
+        return TensorSource(self.x[idx], label_map.to(self.device)[self.y[idx]], self.origin[positions], lengths)
 
 
 EVALUATION = -1  # the key of an item seen as evaluation sees it
@@ -202,5 +216,6 @@ def worker_count(setting: int | str) -> int:
 
 def make_source(split: RawSplit, indices: np.ndarray, device: torch.device, num_workers: int) -> Source:
     if split.x is not None:
-        return TensorSource.from_arrays(split.x[indices], split.y[indices], indices, device)
+        pad_id = split.text.pad_id if split.text is not None else None
+        return TensorSource.from_arrays(split.x[indices], split.y[indices], indices, device, pad_id)
     return LoaderSource(split.dataset, split.y[indices], indices, device, num_workers)

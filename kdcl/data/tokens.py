@@ -150,8 +150,8 @@ def model_tokenizer(path: str, max_length: int) -> TextEncoding:
 
 
 class TextPreprocess:
-    """The batch step for token ids: a batch of (B, max_length) ids is cut to its longest
-    example (the rest is padding). In training, with ``token_mask`` p > 0, each token that is
+    """The batch step for token ids (a batch comes cut to its longest text:
+    :class:`kdcl.data.sources.TensorSource`). In training, with ``token_mask`` p > 0, each token that is
     not a special one ([CLS], [SEP], padding, ...) is replaced by the mask token ([MASK], or
     [UNK] in a vocabulary without one) with probability p, drawn afresh every step from the
     seeded ``generator``: the masking augmentation of Tang et al. 2019 ("Distilling
@@ -182,8 +182,6 @@ class TextPreprocess:
         return self.token_mask > 0
 
     def __call__(self, x: Tensor, train: bool, part: Part | None = None) -> Tensor:
-        longest = int((x != self.pad_id).sum(1).max()) if len(x) else 1
-        x = x[:, : max(longest, 1)]
         if not (train and self.augments):
             return x
         part = part or Part(len(x))  # drawn for the whole global batch under DDP: each rank keeps its share

@@ -346,6 +346,10 @@ def hf_model(
     ``trust_remote_code`` is passed to every load: the repository's own Python runs only when
     the model spec allows it (:mod:`kdcl.trust`)."""
     transformers = optional_import("transformers", f"model hf:{ref}")
+    # Its load report and progress bars list, among others, the new head's weights as not in the
+    # checkpoint, which is what kdcl asks for; errors still show.
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     if len(input_shape) == 1:
         return hf_text_model(
             transformers, ref, num_classes, input_shape, pretrained, config, trust_remote_code, **kwargs
