@@ -1,12 +1,14 @@
-"""Shared helpers: compose configs like the CLI does, run the CLI in a subprocess."""
+"""Shared helpers: compose configs like the CLI does, run the CLI and capture what it prints."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -60,12 +62,77 @@ def compose_config(overrides: list[str], config_name: str = "config") -> dict[st
 
 
 def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run ``python -m kdcl ARGS`` from ``cwd`` and capture its output."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run(
-        [sys.executable, "-m", "kdcl", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    """Run ``kdcl ARGS`` from ``cwd`` and capture its output, as ``python -m kdcl ARGS`` would
+    give it: in this process (:func:`cli_in_process`; a new interpreter costs seconds a call),
+    or with ``KDCL_TEST_SUBPROCESS=1`` in a subprocess."""
+    if os.environ.get("KDCL_TEST_SUBPROCESS") == "1":
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("HYDRA_FULL_ERROR", None)
+        return subprocess.run(
+            [sys.executable, "-m", "kdcl", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        )
+    return cli_in_process(args, cwd)
+
+
+def cli_in_process(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``kdcl.cli.main(args)`` from ``cwd``, its exit status and output as a subprocess's: the
+    file descriptors 1 and 2 point at files meanwhile (so that what child processes print is
+    caught too), an exception becomes exit status 1 with its traceback on stderr, and the
+    process's state the command changes (working directory, logging handlers, torch threads,
+    the sweep's failure list, Hydra's global state) is put back."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from kdcl.cli import main
+    from kdcl.commands import failures
+
+    loggers = [
+        logging.getLogger(),
+        *(v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger)),
+    ]
+    saved_logging = [(lg, lg.handlers[:], lg.level, lg.propagate, lg.disabled) for lg in loggers]
+    saved = {"cwd": os.getcwd(), "argv": sys.argv[:], "threads": torch.get_num_threads(), "env": dict(os.environ)}
+    streams = sys.stdout, sys.stderr
+    os.environ.pop("HYDRA_FULL_ERROR", None)
+    failures.failed.clear()
+    GlobalHydra.instance().clear()
+    code = 0
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        for stream in streams:
+            stream.flush()
+        fds = os.dup(1), os.dup(2)
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        sys.stdout = open(1, "w", encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
+        sys.stderr = open(2, "w", encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
+        try:
+            os.chdir(cwd)
+            main(list(args))
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        except BaseException:  # noqa: BLE001 - as the interpreter reports an uncaught exception
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            sys.stdout, sys.stderr = streams
+            os.dup2(fds[0], 1)
+            os.dup2(fds[1], 2)
+            for fd in fds:
+                os.close(fd)
+            os.chdir(saved["cwd"])
+            sys.argv = saved["argv"]
+            torch.set_num_threads(saved["threads"])
+            os.environ.clear()
+            os.environ.update(saved["env"])
+            for lg, handlers, level, propagate, disabled in saved_logging:
+                lg.handlers[:], lg.level, lg.propagate, lg.disabled = handlers, level, propagate, disabled
+            GlobalHydra.instance().clear()
+            failures.failed.clear()
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+    return subprocess.CompletedProcess(["kdcl", *args], code, stdout, stderr)
 
 
 def control_config(name: str = "kd", **keys: Any) -> ControlConfig:
