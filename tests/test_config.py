@@ -28,7 +28,7 @@ from kdcl.curricula import ORDERS, PACINGS, SCORERS
 from kdcl.data import DATASETS
 from kdcl.distill.losses import LOSSES
 from kdcl.errors import KdclError
-from kdcl.models import MODELS
+from kdcl.models.sources import model_ref
 from kdcl.optim import OPTIMIZERS, SCHEDULES
 
 GROUPS = ["teacher", "student", "dataset", "curriculum", "distill", "optimizer", "scheduler", "trainer", "scenario"]
@@ -40,8 +40,9 @@ def options(group: str) -> list[str]:
 
 
 def check_names(cfg: dict) -> None:
-    """Every name a config selects is registered."""
-    assert cfg["teacher"]["name"] in MODELS and cfg["student"]["name"] in MODELS
+    """Every name a config selects is registered (a model of another source by its source's check)."""
+    for role in ("teacher", "student"):
+        assert model_ref(cfg[role]).label == cfg[role]["name"]
     assert cfg["dataset"]["name"] in DATASETS
     assert cfg["distill"]["name"] in LOSSES
     assert cfg["optimizer"]["name"] in OPTIMIZERS and cfg["scheduler"]["name"] in SCHEDULES
