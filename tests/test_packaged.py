@@ -7,11 +7,13 @@ from __future__ import annotations
 import importlib.util
 import sys
 import zipfile
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 from conftest import compose_config
+from test_export import export_in_process, exported_outputs, pytorch_outputs
 from test_text import sentences, write_table
 
 from kdcl import packaged
@@ -103,7 +105,8 @@ def test_a_minilm_run_on_its_own_tokenizer_and_its_eval(tmp_path):
     """``+experiment=ag_news_minilm`` on generated texts read with minilm_l6's WordPiece
     tokenizer: the teacher fine-tuned, minilm_l3 started from its layers and trained by each
     arm (KD, attention KL, the length curriculum); ``kdcl eval`` of the student's checkpoint (which holds the
-    tokenizer) gives the summary's test accuracy."""
+    tokenizer) gives the summary's test accuracy; its ONNX export reproduces PyTorch on ids of
+    the test length and of another length."""
     write_table(tmp_path / "train.csv", sentences(48, seed=0))
     write_table(tmp_path / "test.csv", sentences(24, seed=1))
     cfg = compose_config(
@@ -130,3 +133,16 @@ def test_a_minilm_run_on_its_own_tokenizer_and_its_eval(tmp_path):
     frame = run_eval(str(tmp_path / "run" / "distill" / "best.pt"), None, "cpu", 64, tmp_path, None)
     assert frame["acc"].iloc[0] == pytest.approx(summary.loc["distill", "test_acc"])
     assert frame["examples"].iloc[0] == 24
+
+    # minilm_l3 to ONNX with a free sequence length, checked against PyTorch at two lengths
+    pytest.importorskip("onnxruntime")
+    checkpoint = tmp_path / "run" / "distill" / "best.pt"
+    table = export_in_process([f"checkpoint={checkpoint}", "format=onnx"], tmp_path / "export")
+    assert table["max_abs_diff"].iloc[0] < 1e-4
+    g = torch.Generator().manual_seed(0)
+    for length in (16, 7):
+        x = torch.randint(1000, 30000, (3, length), generator=g)
+        x[:, 0], x[0, length // 2 :] = 101, 0  # [CLS] first; a shorter text, padded
+        torch.testing.assert_close(
+            exported_outputs(Path(table["file"].iloc[0]), x), pytorch_outputs(checkpoint, x), atol=1e-4, rtol=1e-4
+        )
