@@ -27,6 +27,12 @@ from kdcl.train.resume import STOP
 # directory, shared by test sessions, rather than into the user's ~/.cache.
 os.environ.setdefault("KDCL_MODELS", str(Path(tempfile.gettempdir()) / "kdcl-test-models"))
 
+# Under pytest-xdist (make test) each worker is one of several processes sharing the cores:
+# one torch thread each, for this process and the processes its tests start.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 # Small enough for seconds, big enough that the digits teacher learns something.
 QUICK = ["trainer.epochs=2", "dataset.max_train_samples=600", "trainer.batch_size=32"]
 

@@ -8,6 +8,7 @@ import importlib.util
 import sys
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -22,7 +23,7 @@ from kdcl.config.checks import validate
 from kdcl.errors import KdclError
 from kdcl.models import build_model, copy_teacher_layers, count_params
 from kdcl.registry import Registry
-from kdcl.scenarios.standard import run_pipeline
+from kdcl.scenarios.standard import run_pipeline, student_from_teacher
 
 MINILM = "all-minilm-l6-v2"
 HAS_MINILM = importlib.util.find_spec("all_minilm_l6_v2") is not None
@@ -97,6 +98,30 @@ def test_minilm_options_and_the_students_start_from_the_teachers_alternate_layer
         "model.classifier.weight",
     ):
         assert torch.equal(s[name], t[name])
+
+
+@needs_minilm
+def test_students_start_from_the_teachers_pretrained_layers_when_asked():
+    """``student.init_from_teacher=pretrained``: minilm_l3 takes layers 0, 2 and 4 of the
+    weights the teacher had before its training (the packaged model's), not the trained
+    teacher's; ``true`` takes the trained teacher's."""
+    tokens = {"vocab_size": 30522, "pad_id": 0}
+    data = SimpleNamespace(num_classes=4, input_shape=(64,), model_kwargs=tokens)
+    base = ["teacher=minilm_l6", "student=minilm_l3", "dataset=text_csv", "dataset.root=."]
+    pretrained_run, trained_run = (
+        SimpleNamespace(cfg=compose_config([*base, f"student.init_from_teacher={value}"]), data=data)
+        for value in ("pretrained", "true")
+    )
+    pretrained = build_model(pretrained_run.cfg["teacher"], 4, (64,), True, tokens)
+    trained = build_model(pretrained_run.cfg["teacher"], 4, (64,), True, tokens)
+    with torch.no_grad():
+        for weights in trained.parameters():  # the teacher stage's training, as far as the test goes
+            weights.add_(0.5)
+    query = "model.bert.encoder.layer.{}.attention.self.query.weight"
+    for run, teacher in ((pretrained_run, pretrained), (trained_run, trained)):
+        student = student_from_teacher(run, 1, trained).state_dict()
+        for k, j in ((0, 0), (1, 2), (2, 4)):
+            assert torch.equal(student[query.format(k)], teacher.state_dict()[query.format(j)])
 
 
 @needs_minilm

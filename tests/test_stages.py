@@ -153,6 +153,11 @@ def test_a_stage_keys_on_its_own_recipe():
     # a student started from the teacher's layers keys on how that teacher trained
     init = ["student=cnn", "student.init_from_teacher=true"]
     assert key("baseline", *init, "stages.teacher.epochs=3") != key("baseline", *init)
+    # one started from the teacher's pretrained weights does not, but on the teacher it is
+    pretrained = ["student=cnn", "student.init_from_teacher=pretrained"]
+    assert key("baseline", *pretrained, "stages.teacher.epochs=3") == key("baseline", *pretrained)
+    assert key("baseline", *pretrained, "teacher=resnet8") != key("baseline", *pretrained)
+    assert len({key("baseline", "student=cnn"), key("baseline", *init), key("baseline", *pretrained)}) == 3
 
 
 def test_replayed_teacher_logits_key_on_the_students_batch_size():

@@ -329,6 +329,15 @@ def test_student_that_cannot_start_from_the_teacher_is_refused_before_training(t
     assert not (tmp_path / "teacher").exists()
 
 
+def test_a_student_from_the_teachers_pretrained_weights_needs_a_pretrained_teacher(text_root, tmp_path):
+    tiny = [o for o in TINY_RUN if not o.startswith("student")]
+    cfg = text_cfg(text_root, *tiny, "student=bert_tiny1", "student.init_from_teacher=pretrained")
+    with pytest.raises(KdclError, match="but teacher.pretrained is false") as info:
+        run_pipeline(cfg, tmp_path)
+    assert "teacher.pretrained=true" in info.value.fix and "student.init_from_teacher=true" in info.value.fix
+    assert not (tmp_path / "teacher").exists()
+
+
 @pytest.fixture(scope="module")
 def hf_texts(tmp_path_factory) -> Path:
     """The generated sentences as a Hugging Face DatasetDict saved to disk, labels a ClassLabel."""

@@ -113,6 +113,10 @@ def _or_null(rule: tuple[str, Callable[[Any], bool]]) -> tuple[str, Callable[[An
     return f"null or {text}", lambda v: v is None or check(v)
 
 
+# student.init_from_teacher's value for the teacher's weights before it trains on the task
+PRETRAINED_TEACHER = "pretrained"
+
+
 # --------------------------------------------------------------------------- sections
 @dataclass
 class ModelSpec:
@@ -133,9 +137,14 @@ class ModelSpec:
 @dataclass
 class StudentSpec(ModelSpec):
     """``student``: a model spec, and whether its stages start from the teacher's layers
-    (``init_from_teacher``, DistilBERT's initialisation: :func:`kdcl.models.copy_teacher_layers`)."""
+    (``init_from_teacher``, DistilBERT's initialisation: :func:`kdcl.models.copy_teacher_layers`):
+    ``true`` the trained teacher's, ``pretrained`` the teacher's pretrained weights, before its
+    training on the task."""
 
-    init_from_teacher: bool = key()
+    init_from_teacher: Any = key(
+        "false, true (the trained teacher's layers) or pretrained (the teacher's pretrained weights)",
+        lambda v: v is False or v is True or v == PRETRAINED_TEACHER,
+    )
 
 
 @dataclass

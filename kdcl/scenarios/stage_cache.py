@@ -38,6 +38,7 @@ from kdcl.config.options import (
     TEACHER,
     stage_recipe,
 )
+from kdcl.config.schema import PRETRAINED_TEACHER
 from kdcl.distill.replay import ReplaySlot, TeacherLogits, table_mb
 from kdcl.errors import KdclError
 from kdcl.files import write_replacing
@@ -107,10 +108,11 @@ def stage_key(cfg: dict[str, Any], stage: str, trainer: TrainSettings) -> dict[s
     if not spec.get("init_from_teacher"):
         return key
     teacher_recipe = stage_recipe(cfg, TEACHER)
+    trained = spec["init_from_teacher"] != PRETRAINED_TEACHER  # a pretrained teacher's layers: no recipe
     return {
         **key,
         "teacher": cfg["teacher"],
-        **({"teacher_recipe": teacher_recipe} if teacher_recipe != recipe else {}),
+        **({"teacher_recipe": teacher_recipe} if trained and teacher_recipe != recipe else {}),
     }
 
 

@@ -33,7 +33,7 @@ from kdcl.config.options import (
     section_option,
     teacher_specs,
 )
-from kdcl.config.schema import ControlConfig, CurriculumConfig, TrainerConfig, typed
+from kdcl.config.schema import PRETRAINED_TEACHER, ControlConfig, CurriculumConfig, TrainerConfig, typed
 from kdcl.curricula import (
     PLANS,
     SCORERS,
@@ -417,12 +417,18 @@ def student_stage(
 
 def student_from_teacher(run: Run, seed: int, teacher: nn.Module) -> nn.Module:
     """The student built from ``seed``, then given ``teacher``'s layers (DistilBERT's
-    initialisation, :func:`kdcl.models.copy_teacher_layers`)."""
+    initialisation, :func:`kdcl.models.copy_teacher_layers`), or with
+    ``student.init_from_teacher=pretrained`` the layers of the first teacher's pretrained
+    weights, as they were before the teacher stage trained them."""
     torch.manual_seed(seed)
     spec, data = run.cfg["student"], run.data
     student = build_model(spec, data.num_classes, data.input_shape, spec["pretrained"], data.model_kwargs)
+    if spec["init_from_teacher"] == PRETRAINED_TEACHER:
+        first = teacher_specs(run.cfg)[0]
+        teacher = build_model(first, data.num_classes, data.input_shape, True, data.model_kwargs)
     copied = copy_teacher_layers(student, teacher)
-    log.info("student: %d of its tensors start from the teacher's", len(copied))
+    state = "pretrained" if spec["init_from_teacher"] == PRETRAINED_TEACHER else "trained"
+    log.info("student: %d of its tensors start from the %s teacher's", len(copied), state)
     return student
 
 
@@ -535,6 +541,12 @@ def check_losses(run: Run) -> None:
         checked_model(run, spec, f"teacher_{k}")
     student = checked_model(run, cfg["student"], "student")
     if cfg["student"].get("init_from_teacher"):  # born-again students are teacher specs
+        if cfg["student"]["init_from_teacher"] == PRETRAINED_TEACHER and not first["pretrained"]:
+            raise KdclError(
+                "student.init_from_teacher=pretrained starts the students from the teacher's pretrained "
+                f"weights, but teacher.pretrained is false: {model_ref(first).label} has none to give",
+                fix="set teacher.pretrained=true, or student.init_from_teacher=true for the trained teacher's layers",
+            )
         copy_teacher_layers(student, teacher)  # the shapes allow it, or one message now
     for distill in [cfg["distill"], *(arm_config(cfg, arm)[0] for arm in (cfg.get("arms") or {}).values())]:
         loss_spec, control = distill_parts(distill)
