@@ -21,11 +21,14 @@ $(STAMP): pyproject.toml
 run: setup
 	$(BIN)/kdcl train $(ARGS)
 
+# The tests run in TEST_WORKERS processes (pytest-xdist; a test file stays in one), one torch
+# thread each (tests/conftest.py). TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
 test: lint docs-check
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: lint docs-check
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 # One style (ruff, configured in pyproject.toml) and the layers of the package (import-linter).
 lint: setup
