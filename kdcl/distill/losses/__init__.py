@@ -31,9 +31,12 @@ Layout: :mod:`.base` holds the registry (``LOSSES``, ``register_loss``), :class:
 :class:`LossContext`, :func:`create_loss` and the shared helpers; :mod:`.feature_base` the
 base of the feature methods; every other module one method, or a small family sharing
 its helpers (``soft_ce`` and ``focal``), and registers it on import. Adding a method is one
-module here with one ``@register_loss("name")`` class, imported below, plus
-``conf/distill/<name>.yaml``.
+module here with one ``@register_loss("name")`` class, plus ``conf/distill/<name>.yaml``:
+every module of the package is imported below, so it registers itself.
 """
+
+import importlib
+import pkgutil
 
 from kdcl.distill.losses.at import AttentionTransfer
 from kdcl.distill.losses.attention_maps import (
@@ -67,6 +70,9 @@ from kdcl.distill.losses.mlkd import MultiLevelKD, correlation_gap, share_at_or_
 from kdcl.distill.losses.mse import LogitMSE
 from kdcl.distill.losses.reviewkd import AttentionFusion, ReviewKD, hierarchical_context_loss
 from kdcl.distill.losses.soft_ce import FocalKD, SoftCrossEntropy, soft_cross_entropy
+
+for _module in pkgutil.iter_modules(__path__):  # the methods not named above register too
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "ATTENTION_GAPS",
