@@ -416,7 +416,7 @@ class BornAgainConfig:
 
 @dataclass
 class LwfSettings:
-    """``scenario.lwf``: the LwF arm's distillation (``kdcl.distill.losses.LearningWithoutForgetting``)."""
+    """``scenario.lwf``: the LwF arm's distillation (``kdcl.distill.losses.lwf.LearningWithoutForgetting``)."""
 
     lam: float = key(*NON_NEGATIVE)
     temperature: float = key(*POSITIVE)

@@ -10,7 +10,7 @@ the same task sequence its own way:
   forgetting.
 - ``lwf``: Learning without Forgetting (Li & Hoiem 2016): the same, plus distillation
   from the previous task's model on the old classes' outputs
-  (:class:`kdcl.distill.losses.LearningWithoutForgetting`, ``scenario.lwf``).
+  (:class:`kdcl.distill.losses.lwf.LearningWithoutForgetting`, ``scenario.lwf``).
 - ``joint``: cross-entropy on every seen class's examples. The upper bound.
 
 With ``memory_per_class`` = M > 0, finetune and lwf also keep M training examples of

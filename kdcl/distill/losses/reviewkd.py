@@ -1,0 +1,117 @@
+"""``distill=reviewkd``: ReviewKD, Chen, Liu, Zhao & Jia (CVPR 2021), "Distilling Knowledge
+via Knowledge Review" (:class:`ReviewKD`, with its fusion modules :class:`AttentionFusion`
+and its loss :func:`hierarchical_context_loss`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdcl.distill.features import require_maps
+from kdcl.distill.losses.base import LossContext, Weight, register_loss
+from kdcl.distill.losses.feature_base import FeatureLoss
+
+
+def hierarchical_context_loss(student: Tensor, teacher: Tensor, levels: Sequence[int] = (4, 2, 1)) -> Tensor:
+    """ReviewKD's HCL for one pair of maps of equal shape, per example (Chen et al. 2021, §3.3):
+
+    ``(mse(F_s, F_t) + Σ_l 2^-k(l)·mse(pool_l(F_s), pool_l(F_t))) / (1 + Σ_l 2^-k(l))``
+
+    ``pool_l`` the adaptive average pooling to l×l for the levels l < H (4, 2, 1), weighted
+    1/2, 1/4, 1/8 in turn as in the authors' code; mse the mean over channels and positions."""
+    mse = (student - teacher).pow(2).flatten(1).mean(1)
+    weight, total = 1.0, 1.0
+    for level in levels:
+        if level >= student.shape[2]:
+            continue
+        weight /= 2
+        pooled = F.adaptive_avg_pool2d(student, level) - F.adaptive_avg_pool2d(teacher, level)
+        mse = mse + weight * pooled.pow(2).flatten(1).mean(1)
+        total += weight
+    return mse / total
+
+
+class AttentionFusion(nn.Module):
+    """ReviewKD's attention-based fusion (ABF): a student map, narrowed by a 1×1 conv, is
+    mixed with the fused map of the next deeper level by two per-position attention weights
+    (a 1×1 conv and a sigmoid over both), resized to the teacher's map and widened to its
+    channels by a 3×3 conv. Returns (the map to compare with the teacher's, the fused map
+    passed to the next shallower level)."""
+
+    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, fuse: bool):
+        super().__init__()
+        self.narrow = nn.Sequential(nn.Conv2d(in_channels, mid_channels, 1, bias=False), nn.BatchNorm2d(mid_channels))
+        self.widen = nn.Sequential(
+            nn.Conv2d(mid_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels)
+        )
+        self.attention = nn.Sequential(nn.Conv2d(2 * mid_channels, 2, 1), nn.Sigmoid()) if fuse else None
+
+    def forward(self, x: Tensor, deeper: Tensor | None, out_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        x = self.narrow(x)
+        if self.attention is not None and deeper is not None:
+            deeper = F.interpolate(deeper, size=x.shape[2:], mode="nearest")
+            weights = self.attention(torch.cat([x, deeper], 1))
+            x = x * weights[:, :1] + deeper * weights[:, 1:]
+        fused = x
+        if x.shape[2:] != out_size:
+            x = F.interpolate(x, size=out_size, mode="nearest")
+        return self.widen(x), fused
+
+
+@register_loss("reviewkd")
+class ReviewKD(FeatureLoss):
+    """ReviewKD, Chen, Liu, Zhao & Jia (CVPR 2021), "Distilling Knowledge via Knowledge Review".
+
+    ``L = (1 − α)·CE + α·T²·KL(p_t ‖ p_s) + β·w(e)·Σ_j HCL(R_j, F_t^j)``, ``w(e) = min(e / W, 1)``
+
+    The student's maps at ``student_layer`` (``auto:stages``: one per resolution) are
+    reviewed from the deepest up: level j's map is fused with the fused map of level j + 1
+    (:class:`AttentionFusion`), so R_j, compared with the teacher's map at level j, carries
+    the deeper levels too; HCL is :func:`hierarchical_context_loss`. The fusion modules train
+    with the student; ``mid_channels`` is their inner width (the authors': min(512, the
+    deepest student width)). β = ``beta`` (1, as in mdistiller's CIFAR-100 setting), W =
+    ``warmup_epochs`` (20 of 240 there), α = 0. The authors compare pre-activation features
+    and add the pooled feature as a last 1×1 level; here the hooked outputs of the layers
+    named are compared (name the pooled feature's layer in both lists to add that level).
+    """
+
+    def __init__(
+        self,
+        beta: float,
+        student_layer: Any,
+        teacher_layer: Any,
+        mid_channels: int | None,
+        warmup_epochs: float,
+    ):
+        super().__init__(beta, student_layer, teacher_layer)
+        self.mid_channels, self.warmup_epochs = mid_channels, warmup_epochs
+        self.fusions = nn.ModuleList()
+        self.teacher_sizes: list[tuple[int, int]] = []
+
+    def connect(self, pairs: list[tuple[str, str]], shapes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> None:
+        require_maps([s for s, _ in shapes], [s for s, _ in pairs], "student", "reviewkd")
+        require_maps([t for _, t in shapes], [t for _, t in pairs], "teacher", "reviewkd")
+        super().connect(pairs, shapes)
+        mid = self.mid_channels or min(512, shapes[-1][0][0])
+        deepest = len(shapes) - 1
+        self.fusions = nn.ModuleList(
+            AttentionFusion(s[0], mid, t[0], fuse=j < deepest) for j, (s, t) in enumerate(shapes)
+        )
+        self.teacher_sizes = [tuple(t[1:]) for _, t in shapes]
+
+    def distill(
+        self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight, ctx: LossContext
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        features = self.features(ctx)
+        hcl, deeper = 0, None
+        for j in reversed(range(len(features))):
+            fs, ft = features[j]
+            fusion = self.fusions[j]
+            reviewed, deeper = fusion(fs.to(fusion.narrow[0].weight.dtype), deeper, self.teacher_sizes[j])
+            hcl = hcl + hierarchical_context_loss(reviewed.float(), ft.float())
+        warm = min(ctx.epoch / self.warmup_epochs, 1.0) if self.warmup_epochs else 1.0
+        return warm * hcl, {"hcl": hcl}
