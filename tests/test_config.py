@@ -160,6 +160,7 @@ BAD = {
     "teacher.route_points": -1,
     "teacher._target_": "build",
     "student._target_": "build",
+    "student.init_from_teacher": "trained",  # true, false or pretrained
     "born_again.generations": -1,
     "stages.teacher.epochs": 0,
     "stages.teacher.batch_size": 0,
