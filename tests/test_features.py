@@ -9,7 +9,7 @@ from torch import nn
 
 from kdcl.config.options import loss_option, loss_spec
 from kdcl.distill.features import FeatureTap, resolve_layers
-from kdcl.distill.losses import LossContext, create_loss, hierarchical_context_loss
+from kdcl.distill.losses import AttentionFusion, LossContext, create_loss, hierarchical_context_loss
 from kdcl.errors import KdclError
 from kdcl.models import create_model
 
@@ -152,6 +152,17 @@ def test_hierarchical_context_loss_equals_formula(size):
     fs, ft = torch.randn(3, 5, size, size, generator=g), torch.randn(3, 5, size, size, generator=g)
     expected = hcl_reference(fs.numpy().astype(np.float64), ft.numpy().astype(np.float64))
     assert hierarchical_context_loss(fs, ft).numpy() == pytest.approx(expected, rel=1e-5)
+
+
+def test_reviewkd_fusions_start_as_the_authors_do():
+    """kaiming_uniform_(a=1) on the 1×1 and 3×3 convolutions: gain √(2 / (1 + a²)) = 1, so
+    the weights are uniform in ±√(3 / fan_in), whose standard deviation is 1 / √fan_in."""
+    torch.manual_seed(0)
+    fusion = AttentionFusion(64, 32, 48, fuse=True)
+    for conv, fan_in in ((fusion.narrow[0], 64 * 1 * 1), (fusion.widen[0], 32 * 3 * 3)):
+        w = conv.weight.detach()
+        assert w.abs().max() <= (3 / fan_in) ** 0.5
+        assert w.std().item() == pytest.approx(fan_in**-0.5, rel=0.05)
 
 
 def test_reviewkd_reviews_from_the_deepest_level_and_trains_its_fusions():

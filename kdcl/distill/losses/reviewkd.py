@@ -40,7 +40,9 @@ class AttentionFusion(nn.Module):
     mixed with the fused map of the next deeper level by two per-position attention weights
     (a 1×1 conv and a sigmoid over both), resized to the teacher's map and widened to its
     channels by a 3×3 conv. Returns (the map to compare with the teacher's, the fused map
-    passed to the next shallower level)."""
+    passed to the next shallower level). The two convolutions start as the authors' do:
+    ``kaiming_uniform_(a=1)``, weights uniform in ±√(3 / fan_in) (PyTorch's default,
+    a = √5, gives ±√(1 / fan_in))."""
 
     def __init__(self, in_channels: int, mid_channels: int, out_channels: int, fuse: bool):
         super().__init__()
@@ -49,6 +51,8 @@ class AttentionFusion(nn.Module):
             nn.Conv2d(mid_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels)
         )
         self.attention = nn.Sequential(nn.Conv2d(2 * mid_channels, 2, 1), nn.Sigmoid()) if fuse else None
+        for conv in (self.narrow[0], self.widen[0]):
+            nn.init.kaiming_uniform_(conv.weight, a=1)
 
     def forward(self, x: Tensor, deeper: Tensor | None, out_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
         x = self.narrow(x)
@@ -74,9 +78,10 @@ class ReviewKD(FeatureLoss):
     the deeper levels too; HCL is :func:`hierarchical_context_loss`. The fusion modules train
     with the student; ``mid_channels`` is their inner width (the authors': min(512, the
     deepest student width)). β = ``beta`` (1, as in mdistiller's CIFAR-100 setting), W =
-    ``warmup_epochs`` (20 of 240 there), α = 0. The authors compare pre-activation features
-    and add the pooled feature as a last 1×1 level; here the hooked outputs of the layers
-    named are compared (name the pooled feature's layer in both lists to add that level).
+    ``warmup_epochs`` (20 of 240 there), α = 0. The authors compare the reviewed student maps
+    (after their activation) with the teacher's maps before its last activation, and add the
+    pooled feature as a last 1×1 level; here the hooked outputs of the layers named are
+    compared on both sides (name the pooled feature's layer in both lists to add that level).
     """
 
     def __init__(
