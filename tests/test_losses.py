@@ -410,10 +410,14 @@ def test_dist_matches_relations_not_values(logits):
 
 
 # --------------------------------------------------------------------------- MLKD
-def mlkd_reference(s: np.ndarray, t: np.ndarray, y: np.ndarray, temperatures, standardize=False) -> float:
+def mlkd_reference(
+    s: np.ndarray, t: np.ndarray, y: np.ndarray, temperatures, standardize=False, ce_weight=0.1, kd_weight=0.9
+) -> float:
     """The batch loss of the MLKD authors' code (its loss dict summed), re-derived in numpy:
-    batch-mean KL, class and batch correlation losses, each multiplied by a 0/1 confidence
-    mask and averaged, at every temperature; strong-view KL at every T on the strong logits."""
+    the CE of both views times its CE weight; batch-mean KL, class and batch correlation
+    losses, each multiplied by a 0/1 confidence mask and averaged, at every temperature,
+    each times its KD weight (the code's defaults, 0.1 and 0.9); strong-view KL at every T
+    on the strong logits."""
     b = len(y)
     zs = z_score(s) if standardize else s
     zt = z_score(t) if standardize else t
@@ -423,14 +427,14 @@ def mlkd_reference(s: np.ndarray, t: np.ndarray, y: np.ndarray, temperatures, st
     mask = (conf <= np.percentile(conf, 50)).astype(float)
     class_conf = p_teacher.sum(0)
     class_mask = (class_conf <= np.percentile(class_conf, 50)).astype(float)
-    total = cross_entropy(s[:b], y).mean() + cross_entropy(s[b:], y).mean()
+    total = ce_weight * (cross_entropy(s[:b], y).mean() + cross_entropy(s[b:], y).mean())
     for temp in temperatures:
         kd_w = temp**2 * kl(softmax(tw / temp), softmax(sw / temp)).mean()
         kd_s = temp**2 * kl(softmax(ts / temp), softmax(ss / temp)).mean()
         pw_s, pw_t = softmax(sw / temp), softmax(tw / temp)
         cc = ((pw_t.T @ pw_t - pw_s.T @ pw_s) ** 2).sum() / s.shape[1]
         bc = ((pw_t @ pw_t.T - pw_s @ pw_s.T) ** 2).sum() / b
-        total += (kd_w * mask).mean() + kd_s + (cc * class_mask).mean() + (bc * mask).mean()
+        total += kd_weight * ((kd_w * mask).mean() + kd_s + (cc * class_mask).mean() + (bc * mask).mean())
     return total
 
 
@@ -440,12 +444,16 @@ def test_mlkd_equals_the_authors_loss(standardize):
     s = torch.randn(32, 7, generator=g, dtype=torch.float64) * 3  # 16 plain views, then 16 strong ones
     t = torch.randn(32, 7, generator=g, dtype=torch.float64) * 3
     y = torch.randint(0, 7, (16,), generator=g)
-    loss = create_loss({"name": "mlkd", "temperatures": [2, 3, 4, 5, 6]})
+    loss = create_loss(loss_option("mlkd"))  # the option's weights: the authors' 0.1 and 0.9
     assert loss.views == 2
     out = loss(s, t, y, 0.7, 9.0, LossContext(logit_standardization=standardize))  # α and T unused
     assert out["loss"].shape == (16,)  # one value per example: the engine averages them
     expected = mlkd_reference(s.numpy(), t.numpy(), y.numpy(), [2, 3, 4, 5, 6], standardize)
     assert out["loss"].mean().item() == pytest.approx(expected, rel=1e-6)  # the loss computes in float32
+    weighted = create_loss({"name": "mlkd", "temperatures": [2, 3, 4, 5, 6], "ce_weight": 1.0, "kd_weight": 2.0})
+    expected = mlkd_reference(s.numpy(), t.numpy(), y.numpy(), [2, 3, 4, 5, 6], standardize, 1.0, 2.0)
+    out = weighted(s, t, y, 0.7, 9.0, LossContext(logit_standardization=standardize))
+    assert out["loss"].mean().item() == pytest.approx(expected, rel=1e-6)
     assert out["ce"].numpy() == pytest.approx(cross_entropy(s[:16].numpy(), y.numpy()), rel=1e-6)
 
 
@@ -457,7 +465,7 @@ def test_mlkd_weighs_the_plain_views_by_the_share_of_unsure_examples():
     t[:16, 0] = torch.arange(16) * 0.5  # confidence increasing in the example
     t[:16, 1:] = torch.tensor([0.3, 0.2, 0.1])  # distinct class sums
     s, y = torch.randn(32, 4, generator=g, dtype=torch.float64), torch.zeros(16, dtype=torch.long)
-    out = create_loss({"name": "mlkd", "temperatures": [1, 4]})(s, t, y, 0.0, 1.0)
+    out = create_loss({"name": "mlkd", "temperatures": [1, 4], "ce_weight": 1.0, "kd_weight": 1.0})(s, t, y, 0.0, 1.0)
     class_sums = softmax(t[:16].numpy()).sum(0)
     m_c = (class_sums <= np.percentile(class_sums, 50)).mean()
     rest = out["loss"] - out["ce"] - out["ce_strong"] - out["kd_strong"] - m_c * out["cc"]
@@ -469,10 +477,14 @@ def test_mlkd_weighs_the_plain_views_by_the_share_of_unsure_examples():
 
 def test_mlkd_refuses_bad_temperatures_and_composition():
     with pytest.raises(KdclError, match="temperatures"):
-        create_loss({"name": "mlkd", "temperatures": []})
+        create_loss({"name": "mlkd", "temperatures": [], "ce_weight": 0.1, "kd_weight": 0.9})
     with pytest.raises(KdclError, match="cannot hold mlkd: it compares 2 views"):
         create_loss(
-            {"name": "composed", "alpha": 0.5, "losses": [{"name": "kd"}, {"name": "mlkd", "temperatures": [4]}]}
+            {
+                "name": "composed",
+                "alpha": 0.5,
+                "losses": [{"name": "kd"}, {"name": "mlkd", "temperatures": [4], "ce_weight": 0.1, "kd_weight": 0.9}],
+            }
         )
 
 

@@ -37,7 +37,8 @@ class MultiLevelKD(DistillLoss):
     temperature T of ``temperatures`` (the paper's 2, 3, 4, 5, 6; ``distill.temperature``
     is not used), with ``p = softmax(z/T)`` and P the batch's (B, C) predictions,
 
-    ``L = CE(y, z_s^w) + CE(y, z_s^s) + Σ_T [m·KL_T^w + KL_T^s + m_c·CC_T + m·BC_T]`` (per example)
+    ``L = λ_CE·[CE(y, z_s^w) + CE(y, z_s^s)] + λ_KD·Σ_T [m·KL_T^w + KL_T^s + m_c·CC_T + m·BC_T]``
+    (per example; λ_CE = ``ce_weight``, λ_KD = ``kd_weight``: the authors' 0.1 and 0.9)
 
     - instance level, per example and view: ``KL_T = T²·KL(p_t ‖ p_s)``;
     - class level, on the plain views: ``CC_T = ‖P_tᵀP_t − P_sᵀP_s‖²_F / C``;
@@ -50,8 +51,9 @@ class MultiLevelKD(DistillLoss):
 
     m and m_c are what the authors' code's confidence masks come to: it multiplies batch-mean
     losses by a 0/1 mask and averages (``(loss * mask).mean()``), which scales each loss by
-    the share kept. Like that code, the class and batch levels use the plain views only and
-    the CE weight is 1 (``distill.alpha`` is not used). One departure: the code's strong-view
+    the share kept. Like that code, the class and batch levels use the plain views only, and
+    its default weights apply (its configs leave them unset: CE 0.1, every distillation term
+    0.9; ``distill.alpha`` is not used). One departure: the code's strong-view
     KL at T = 2 and 6 compares the *plain* views' logits, a slip against the paper; here
     every strong-view KL compares the strong views'. With ``distill.logit_standardization``
     every KL, CC and BC term sees z-scored logits (Sun et al. 2024's MLKD + LS).
@@ -60,9 +62,10 @@ class MultiLevelKD(DistillLoss):
     ignores = frozenset({"alpha", "temperature"})
     views = 2
 
-    def __init__(self, temperatures: Sequence[float]):
+    def __init__(self, temperatures: Sequence[float], ce_weight: float, kd_weight: float):
         super().__init__()
         self.temperatures = [float(t) for t in temperatures]
+        self.ce_weight, self.kd_weight = float(ce_weight), float(kd_weight)
         if not self.temperatures or min(self.temperatures) <= 0:
             raise KdclError(
                 f"distill=mlkd: temperatures={list(temperatures)} must be a non-empty list of numbers > 0",
@@ -93,7 +96,7 @@ class MultiLevelKD(DistillLoss):
             cc = cc + correlation_gap(p_s, p_t, over_classes=True)
             bc = bc + correlation_gap(p_s, p_t, over_classes=False)
         cc, bc = cc.expand_as(ce), bc.expand_as(ce)
-        loss = ce + ce_strong + m * kd_weak + kd_strong + m_c * cc + m * bc
+        loss = self.ce_weight * (ce + ce_strong) + self.kd_weight * (m * kd_weak + kd_strong + m_c * cc + m * bc)
         return {
             "loss": loss,
             "ce": ce,
