@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdcl.config.options import loss_option, loss_spec
+from kdcl.config.options import loss_option, loss_spec, section_option
 from kdcl.distill.losses import LOSSES, LossContext, create_loss, kl_teacher_student, nce_loss
 from kdcl.errors import KdclError
 
@@ -431,7 +431,7 @@ def mlkd_reference(
     for temp in temperatures:
         kd_w = temp**2 * kl(softmax(tw / temp), softmax(sw / temp)).mean()
         kd_s = temp**2 * kl(softmax(ts / temp), softmax(ss / temp)).mean()
-        pw_s, pw_t = softmax(sw / temp), softmax(tw / temp)
+        pw_s, pw_t = softmax(s[:b] / temp), softmax(t[:b] / temp)  # CC and BC: raw logits, even with LS
         cc = ((pw_t.T @ pw_t - pw_s.T @ pw_s) ** 2).sum() / s.shape[1]
         bc = ((pw_t @ pw_t.T - pw_s @ pw_s.T) ** 2).sum() / b
         total += kd_weight * ((kd_w * mask).mean() + kd_s + (cc * class_mask).mean() + (bc * mask).mean())
@@ -455,6 +455,20 @@ def test_mlkd_equals_the_authors_loss(standardize):
     out = weighted(s, t, y, 0.7, 9.0, LossContext(logit_standardization=standardize))
     assert out["loss"].mean().item() == pytest.approx(expected, rel=1e-6)
     assert out["ce"].numpy() == pytest.approx(cross_entropy(s[:16].numpy(), y.numpy()), rel=1e-6)
+
+
+def test_mlkd_ls_is_the_logit_standardization_authors_setting():
+    """distill=mlkd_ls: z-scored KL terms, raw correlation terms, temperatures 2, 3, 5, 2, 6,
+    CE weight 0.1, KD weight 9."""
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(32, 7, generator=g, dtype=torch.float64) * 3
+    t = torch.randn(32, 7, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, 7, (16,), generator=g)
+    option = section_option("distill", "mlkd_ls")
+    assert option["logit_standardization"] is True
+    out = create_loss(loss_spec(option))(s, t, y, 0.0, 1.0, LossContext(logit_standardization=True))
+    expected = mlkd_reference(s.numpy(), t.numpy(), y.numpy(), [2, 3, 5, 2, 6], True, 0.1, 9.0)
+    assert out["loss"].mean().item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_mlkd_weighs_the_plain_views_by_the_share_of_unsure_examples():

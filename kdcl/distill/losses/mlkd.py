@@ -56,7 +56,9 @@ class MultiLevelKD(DistillLoss):
     0.9; ``distill.alpha`` is not used). One departure: the code's strong-view
     KL at T = 2 and 6 compares the *plain* views' logits, a slip against the paper; here
     every strong-view KL compares the strong views'. With ``distill.logit_standardization``
-    every KL, CC and BC term sees z-scored logits (Sun et al. 2024's MLKD + LS).
+    the KL terms see z-scored logits and the CC and BC terms the raw ones, as in the code of
+    Sun et al. 2024's MLKD + LS (``distill=mlkd_ls``: their temperatures 2, 3, 5, 2, 6, CE
+    weight 0.1, KD weight 9).
     """
 
     ignores = frozenset({"alpha", "temperature"})
@@ -88,11 +90,12 @@ class MultiLevelKD(DistillLoss):
         m = share_at_or_below_median(teacher_probs.amax(1))
         m_c = share_at_or_below_median(teacher_probs.sum(0))
         (s_w, s_s), (t_w, t_s) = (z.chunk(2) for z in ctx.soft_logits(student_logits, teacher_logits))
+        raw_s_w, raw_t_w = student_logits[: len(target)], teacher_logits[: len(target)]  # CC and BC: never z-scored
         kd_weak = kd_strong = cc = bc = 0
         for t in self.temperatures:
             kd_weak = kd_weak + kl_teacher_student(s_w, t_w, t)
             kd_strong = kd_strong + kl_teacher_student(s_s, t_s, t)
-            p_s, p_t = F.softmax(s_w.float() / t, dim=1), F.softmax(t_w.float() / t, dim=1)
+            p_s, p_t = F.softmax(raw_s_w.float() / t, dim=1), F.softmax(raw_t_w.float() / t, dim=1)
             cc = cc + correlation_gap(p_s, p_t, over_classes=True)
             bc = bc + correlation_gap(p_s, p_t, over_classes=False)
         cc, bc = cc.expand_as(ce), bc.expand_as(ce)
