@@ -7,6 +7,7 @@ import inspect
 from contextlib import contextmanager
 
 import pytest
+import torch
 from conftest import compose_config
 
 from kdcl.commands import bench
@@ -51,6 +52,10 @@ def test_bench_builds_its_kdcl_arms_through_the_assembler(monkeypatch, tmp_path)
     assert [(d["name"], d["teacher_cache"]) for d in sections] == [("kd", "none"), ("kd", "views:2"), ("none", "none")]
     assert all(kwargs["name"] == "bench" and kwargs["seed"] == cfg["seed"] + 1 for kwargs, _ in calls)
     assert [stage.feed.teaches for _, stage in calls] == [True, True, False]
+    # the teacher is laid out as a run's (trainer.channels_last, on by default)
+    convs = [w for w in bench.kdcl_teacher(s).parameters() if w.dim() == 4 and w.shape[1] > 1]
+    assert cfg["trainer"]["channels_last"] and convs
+    assert all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs)
 
 
 def test_every_stage_of_a_run_is_assembled_by_it(monkeypatch, tmp_path):

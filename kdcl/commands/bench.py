@@ -59,7 +59,7 @@ from kdcl.data import PADDINGS, DataBundle, LoaderSource, load_data
 from kdcl.distill.losses import kl_teacher_student
 from kdcl.distill.teachers import Teachers
 from kdcl.errors import KdclError
-from kdcl.models import build_model, freeze
+from kdcl.models import build_model, freeze, to_device
 from kdcl.optim import build_optimizer, build_schedule
 from kdcl.output.tables import print_table, write_csv
 from kdcl.train.assemble import StageRecipe, build_stage, teacher_feed
@@ -206,8 +206,7 @@ def kdcl_steps(s: Setup, student: nn.Module, total_steps: int, distill: dict[str
     stage built as every kdcl stage is (``assemble.build_stage``, with the ``distill``
     section) and taught by kdcl's copy of the teacher. Building it fills any teacher cache:
     ``fill_seconds`` is the time it took."""
-    fmt = torch.channels_last if s.channels_last else torch.contiguous_format
-    model = s.trainer.prepare(student.to(s.trainer.device, memory_format=fmt))
+    model = s.trainer.prepare(to_device(student, s.trainer.device, s.channels_last))
     seed = s.cfg["seed"] + 1  # the students' seed, as in a run
     tic = time.perf_counter()
     with build_stage(
@@ -318,7 +317,7 @@ def setup(cfg: dict[str, Any], out: Path) -> Setup:
     else:
         torch.manual_seed(cfg["seed"])
         teacher = build_model(spec, data.num_classes, data.input_shape)
-    teacher = teacher.to(device).eval().requires_grad_(False)
+    teacher = to_device(teacher, device, settings.channels_last).eval().requires_grad_(False)  # as a run's
     return Setup(
         cfg=cfg,
         data=data,
@@ -432,8 +431,7 @@ def parity(s: Setup, epochs: int) -> pd.DataFrame:
         for _ in arm_steps(s, arm, student, total):
             pass
         s.sync()
-        fmt = torch.channels_last if s.channels_last else torch.contiguous_format
-        test = evaluate(student.to(memory_format=fmt), s.data.test, s.data, s.trainer)
+        test = evaluate(to_device(student, s.trainer.device, s.channels_last), s.data.test, s.data, s.trainer)
         rows.append(
             {
                 "arm": arm,

@@ -31,6 +31,7 @@ from kdcl.models.operations import (
     freeze,
     grow_head,
     size_mb,
+    to_device,
 )
 from kdcl.models.registered import MODELS, register_model
 from kdcl.models.sources import (
@@ -67,6 +68,7 @@ __all__ = [
     "register_source",
     "saved_spec",
     "size_mb",
+    "to_device",
 ]
 
 

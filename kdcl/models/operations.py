@@ -79,6 +79,13 @@ def lstm_macs(lstm: nn.LSTM) -> int:
     return sum(4 * width * (i + width) * directions for i in inputs)
 
 
+def to_device(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    """``model`` on ``device``, its 4-D weights in the channels_last memory format when
+    ``channels_last`` (``trainer.channels_last``: how every model of a run, and of ``kdcl
+    bench``, is laid out), else contiguous."""
+    return model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
 def freeze(model: nn.Module) -> nn.Module:
     """A model as a teacher: eval mode, no gradients, BatchNorm folded into its convolutions.
     (Parameter by parameter: a TorchScript module has no ``requires_grad_``.)"""

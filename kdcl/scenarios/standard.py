@@ -64,6 +64,7 @@ from kdcl.models import (
     model_ref,
     saved_spec,
     size_mb,
+    to_device,
 )
 from kdcl.output.tables import print_table, write_csv
 from kdcl.output.trackers import CSV_ONLY, Loggers
@@ -157,8 +158,7 @@ class Run:
         return CodePolicy.of(self.cfg)
 
     def to_device(self, model: nn.Module) -> nn.Module:
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        return model.to(self.trainer.device, memory_format=fmt)
+        return to_device(model, self.trainer.device, self.channels_last)
 
     def load_model(self, path: str | Path) -> nn.Module:
         """The model of a kdcl checkpoint of this run (or its cache), on the run's device."""
