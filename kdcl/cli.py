@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +169,7 @@ COMMANDS: dict[str, tuple[Callable[[], Any], str]] = {
     "report": (report, "one table over runs and sweeps: kdcl report PATH [PATH ...]; writes report.csv/.md, PNGs"),
 }
 
-USAGE = """usage: kdcl COMMAND [HYDRA OVERRIDES ...]   (kdcl report: kdcl report PATH [PATH ...])
+USAGE = """usage: kdcl COMMAND [HYDRA OVERRIDES ...]   (kdcl report: kdcl report PATH [PATH ...]; kdcl --version)
 
 commands:
 {commands}
@@ -229,6 +230,9 @@ def main(argv: list[str] | None = None) -> None:
     commands = "\n".join(f"  {name:<7}{text}" for name, (_, text) in COMMANDS.items())
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE.format(commands=commands))
+        return
+    if argv[0] in ("-V", "--version"):
+        print(f"kdcl {metadata.version('kdcl')}")
         return
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import zipfile
+from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
@@ -31,6 +32,9 @@ def test_help_and_cfg(cli):
         assert f"{group}:" in train_help.stdout
     job = cli("train", "--cfg", "job", "distill.alpha=0.3")
     assert job.returncode == 0 and "alpha: 0.3" in job.stdout
+    for flag in ("--version", "-V"):
+        version = cli(flag)
+        assert version.returncode == 0 and version.stdout.strip() == f"kdcl {metadata.version('kdcl')}"
 
 
 def test_train_then_eval_matches_summary(cli, tmp_path):
@@ -38,6 +42,7 @@ def test_train_then_eval_matches_summary(cli, tmp_path):
     train = cli("train", *QUICK, f"hydra.run.dir={run_dir}")
     assert train.returncode == 0, train.stderr
     assert "kd_gain" in train.stdout  # the summary table is printed
+    assert "2 epochs × " in train.stdout + train.stderr  # each stage's start line
     summary = pd.read_csv(run_dir / "summary.csv").set_index("model")
     for stage in ("teacher", "baseline", "distill"):
         assert (run_dir / stage / "metrics.csv").is_file()
@@ -64,6 +69,7 @@ def test_multirun_writes_one_summary_per_job(cli, tmp_path):
         f"hydra.sweep.dir={sweep}",
     )
     assert result.returncode == 0, result.stderr
+    assert "1 epoch × " in result.stdout + result.stderr and "1 epochs" not in result.stdout + result.stderr
     alphas = []
     for job in ("0", "1"):
         assert (sweep / job / "summary.csv").is_file()

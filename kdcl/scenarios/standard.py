@@ -720,11 +720,11 @@ def train_stage(
         init = build_model(spec, data.num_classes, data.input_shape, spec["pretrained"], data.model_kwargs)
     model = run.trainer.prepare(run.to_device(init))
     log.info(
-        "%s: %s, %s params, %d epochs × %d steps, loss %s, curriculum %s",
+        "%s: %s, %s params, %s × %d steps, loss %s, curriculum %s",
         stage,
         model_ref(spec).label,
         f"{count_params(model):,}",
-        recipe.trainer.epochs,
+        f"{recipe.trainer.epochs} epoch{'' if recipe.trainer.epochs == 1 else 's'}",
         run.steps_per_epoch(role),
         distill["name"],
         curriculum_cfg.type,
