@@ -21,7 +21,7 @@ import torch
 from conftest import compose_config
 
 from kdcl.errors import KdclError
-from kdcl.scenarios import standard
+from kdcl.scenarios import stage_cache, standard
 from kdcl.scenarios.stage_cache import StageCache, digest, stage_key
 from kdcl.scenarios.standard import run_pipeline
 from kdcl.train.engine import TrainSettings
@@ -99,6 +99,18 @@ def test_each_stage_keys_on_its_own_model():
     assert key("teacher", "student=cnn_small") == key("teacher")
     assert key("teacher", "teacher.kwargs.width=16") != key("teacher")
     assert key("teacher") != key("baseline")
+
+
+def test_a_network_changed_under_its_name_misses_the_older_entries(monkeypatch):
+    """A kdcl model's registry revision is part of its stage key (shufflenet_v2 has 1: its
+    stem became RepDistiller's 1x1); at revision 0 the key is the one it always was."""
+    v2 = composed("student=shufflenet_v2")
+    now = stage_key(v2, "baseline", CPU)
+    assert now["model"]["revision"] == 1
+    assert "revision" not in stage_key(composed(), "baseline", CPU)["model"]
+    monkeypatch.setattr(stage_cache, "model_revision", lambda spec: 0)  # the network before
+    before = stage_key(v2, "baseline", CPU)
+    assert "revision" not in before["model"] and digest(before) != digest(now)
 
 
 def test_a_student_started_from_the_teacher_keys_on_the_teacher():

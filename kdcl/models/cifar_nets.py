@@ -297,7 +297,7 @@ SHUFFLENET_V2_WIDTHS: dict[float, tuple[int, int, int, int]] = {
 
 
 def shufflenet_v2(net_size: float, blocks: Sequence[int], num_classes: int, in_channels: int) -> nn.Module:
-    """A 3x3 stride-1 stem of 24 channels, three stages of one stride-2 unit and ``blocks``
+    """A 1x1 stride-1 stem of 24 channels (RepDistiller's code), three stages of one stride-2 unit and ``blocks``
     stride-1 units, a 1x1 convolution (``head``), pool, fc."""
     if net_size not in SHUFFLENET_V2_WIDTHS:
         raise ValueError(f"ShuffleNetV2 net_size must be one of {sorted(SHUFFLENET_V2_WIDTHS)}, got {net_size}")
@@ -307,4 +307,4 @@ def shufflenet_v2(net_size: float, blocks: Sequence[int], num_classes: int, in_c
     for width, count in zip(widths, blocks, strict=True):
         stages.append(nn.Sequential(ShuffleUnitV2(channels, width), *(ShuffleUnitV2(width) for _ in range(count))))
         channels = width
-    return PooledClassifier(conv_bn(in_channels, 24, 3), stages, conv_bn(channels, last, 1), last, num_classes)
+    return PooledClassifier(conv_bn(in_channels, 24, 1), stages, conv_bn(channels, last, 1), last, num_classes)

@@ -27,7 +27,9 @@ from kdcl.models.torchvision_nets import CifarStem, InputShape, registered_netwo
 from kdcl.registry import Registry
 
 # inputs: what the model reads, images (B, C, H, W) or tokens (B, L) (kdcl.models.text_nets).
-MODELS = Registry("model", traits={"inputs": "images"})
+# revision: raised when a model's architecture changes under its name, so that the stage cache
+# (kdcl.scenarios.stage_cache) no longer reuses what the old one trained.
+MODELS = Registry("model", traits={"inputs": "images", "revision": 0})
 register_model = MODELS.register
 
 
@@ -315,7 +317,7 @@ def shufflenet_v1(
     return cifar_nets.shufflenet_v1(widths, blocks, groups, num_classes, input_shape[0])
 
 
-@register_model("shufflenet_v2")
+@register_model("shufflenet_v2", revision=1)  # 1: the 1x1 stem of RepDistiller's code (was 3x3)
 def shufflenet_v2(
     num_classes: int,
     input_shape: InputShape,
@@ -324,7 +326,8 @@ def shufflenet_v2(
     blocks: Sequence[int] = (3, 7, 3),
 ) -> nn.Module:
     """ShuffleNetV2 (Ma et al. 2018) for 32 px images as in CRD/RepDistiller (Tian et al.
-    2020): a 3x3 stride-1 stem, no max-pool; ``net_size`` 1.0 is the paper's 1x."""
+    2020) and mdistiller: a 1x1 stride-1 stem (their 3x3 one is commented out), no max-pool;
+    ``net_size`` 1.0 is the paper's 1x."""
     _no_pretrained("shufflenet_v2", pretrained)
     _check_choice("shufflenet_v2", "net_size", net_size, sorted(cifar_nets.SHUFFLENET_V2_WIDTHS))
     return cifar_nets.shufflenet_v2(net_size, blocks, num_classes, input_shape[0])

@@ -75,6 +75,13 @@ class ModelRef:
         return self.ref if self.source in (BUILTIN, TARGET) else f"{self.source}:{self.ref}"
 
 
+def model_revision(spec: Mapping[str, Any]) -> int:
+    """The revision of a kdcl model's architecture (its registry trait ``revision``, raised
+    when the network changes under its name); 0 for a model of any other source."""
+    ref = model_ref(spec)
+    return MODELS.trait(ref.ref, "revision") if ref.source == BUILTIN else 0
+
+
 def model_ref(spec: Mapping[str, Any]) -> ModelRef:
     """The source and reference of a model spec: its ``_target_`` when set, else its
     ``name`` (``timm:resnet18`` → timm, resnet18; ``resnet20`` → kdcl, resnet20). An unknown

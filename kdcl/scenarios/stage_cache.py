@@ -42,6 +42,7 @@ from kdcl.config.schema import PRETRAINED_TEACHER
 from kdcl.distill.replay import ReplaySlot, TeacherLogits, table_mb
 from kdcl.errors import KdclError
 from kdcl.files import write_replacing
+from kdcl.models import model_revision
 from kdcl.train.engine import TrainSettings
 from kdcl.train.resume import write_done
 
@@ -98,10 +99,14 @@ def stage_key(cfg: dict[str, Any], stage: str, trainer: TrainSettings) -> dict[s
     # existed; with init_from_teacher, the teacher is part of it, and so is the teacher's
     # recipe when stages make it differ from the student's
     defaults = {"_target_": None, "init_from_teacher": False, "trust_remote_code": False}
+    revision = model_revision(spec)  # a kdcl model whose network changed under its name
     key = {
         "stage": stage,
         "stage_version": STAGE_VERSION,
-        "model": {k: v for k, v in spec.items() if k not in defaults or v != defaults[k]},
+        "model": {
+            **{k: v for k, v in spec.items() if k not in defaults or v != defaults[k]},
+            **({"revision": revision} if revision else {}),
+        },
         **sections,
         "seed": cfg["seed"],
     }
