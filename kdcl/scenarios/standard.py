@@ -423,12 +423,13 @@ def student_from_teacher(run: Run, seed: int, teacher: nn.Module) -> nn.Module:
     torch.manual_seed(seed)
     spec, data = run.cfg["student"], run.data
     student = build_model(spec, data.num_classes, data.input_shape, spec["pretrained"], data.model_kwargs)
-    if spec["init_from_teacher"] == PRETRAINED_TEACHER:
-        first = teacher_specs(run.cfg)[0]
-        teacher = build_model(first, data.num_classes, data.input_shape, True, data.model_kwargs)
+    pretrained = spec["init_from_teacher"] == PRETRAINED_TEACHER
+    if pretrained:
+        teacher = build_model(teacher_specs(run.cfg)[0], data.num_classes, data.input_shape, True, data.model_kwargs)
     copied = copy_teacher_layers(student, teacher)
-    state = "pretrained" if spec["init_from_teacher"] == PRETRAINED_TEACHER else "trained"
-    log.info("student: %d of its tensors start from the %s teacher's", len(copied), state)
+    log.info(
+        "student: %d of its tensors start from the %s teacher's", len(copied), "pretrained" if pretrained else "trained"
+    )
     return student
 
 

@@ -86,16 +86,16 @@ class MultiLevelKD(DistillLoss):
         ctx = ctx or LossContext()
         plain, strong = student_logits.chunk(2)
         ce, ce_strong = ctx.cross_entropy(plain, target), ctx.cross_entropy(strong, target)
-        teacher_probs = F.softmax(teacher_logits[: len(target)].float(), dim=1)
+        raw_t_w = teacher_logits[: len(target)]  # the plain views' raw logits: the masks, CC and BC
+        teacher_probs = F.softmax(raw_t_w.float(), dim=1)
         m = share_at_or_below_median(teacher_probs.amax(1))
         m_c = share_at_or_below_median(teacher_probs.sum(0))
         (s_w, s_s), (t_w, t_s) = (z.chunk(2) for z in ctx.soft_logits(student_logits, teacher_logits))
-        raw_s_w, raw_t_w = student_logits[: len(target)], teacher_logits[: len(target)]  # CC and BC: never z-scored
         kd_weak = kd_strong = cc = bc = 0
         for t in self.temperatures:
             kd_weak = kd_weak + kl_teacher_student(s_w, t_w, t)
             kd_strong = kd_strong + kl_teacher_student(s_s, t_s, t)
-            p_s, p_t = F.softmax(raw_s_w.float() / t, dim=1), F.softmax(raw_t_w.float() / t, dim=1)
+            p_s, p_t = F.softmax(plain.float() / t, dim=1), F.softmax(raw_t_w.float() / t, dim=1)
             cc = cc + correlation_gap(p_s, p_t, over_classes=True)
             bc = bc + correlation_gap(p_s, p_t, over_classes=False)
         cc, bc = cc.expand_as(ce), bc.expand_as(ce)
