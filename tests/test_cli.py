@@ -12,6 +12,8 @@ import pandas as pd
 import pytest
 from conftest import QUICK
 
+from kdcl.output import progress
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -39,11 +41,16 @@ def test_help_and_cfg(cli):
 
 def test_train_then_eval_matches_summary(cli, tmp_path):
     run_dir, eval_dir = tmp_path / "run", tmp_path / "eval"
-    train = cli("train", *QUICK, f"hydra.run.dir={run_dir}")
+    train = cli("train", *QUICK, "trainer.progress_every_s=0.01", f"hydra.run.dir={run_dir}")
     assert train.returncode == 0, train.stderr
     assert "kd_gain" in train.stdout  # the summary table is printed
     assert "2 epochs × " in train.stdout + train.stderr  # each stage's start line
+    assert "trainer: device cpu, fp32, compile off, channels_last on" in train.stderr  # the start-up line
+    progress = [line for line in train.stderr.splitlines() if "] distill (3/3)  epoch " in line]
+    assert progress and all(" ex/s  left: stage " in line and ", run " in line for line in progress)
     summary = pd.read_csv(run_dir / "summary.csv").set_index("model")
+    assert max(map(len, train.stdout.splitlines())) <= 100  # the table fits 100 columns (not a terminal)
+    assert f"{summary.loc['distill', 'test_acc']:.4g}" in train.stdout  # with its numbers whole
     for stage in ("teacher", "baseline", "distill"):
         assert (run_dir / stage / "metrics.csv").is_file()
     result = cli("eval", f"checkpoint={run_dir / 'distill' / 'best.pt'}", f"hydra.run.dir={eval_dir}")
@@ -56,6 +63,28 @@ def test_train_then_eval_matches_summary(cli, tmp_path):
     assert len(per_class) == 10 and per_class["support"].sum() == ev["examples"]
     confusion = pd.read_csv(eval_dir / "confusion.csv", index_col=0)
     assert confusion.to_numpy().trace() / confusion.to_numpy().sum() == pytest.approx(ev["acc"])
+
+
+def test_a_progress_line_says_where_the_stage_and_the_run_stand(monkeypatch):
+    """Off a terminal, a line each ``every_s`` seconds: the stage (i of n), epoch, step, the
+    running loss, examples/s over the epoch, and the time left at the stage's rate so far."""
+    now = [100.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: now[0])
+    lines = []
+    run = progress.RunProgress(every_s=30)
+    run.plan([("teacher", 40), ("baseline", 20), ("distill", 20), ("kd_length", 20)])
+    with run.stage("baseline", steps=20, epochs=2) as shown:
+        shown.draw = lambda line, step: lines.append(line)
+        for step in range(1, 21):
+            now[0] += 2.0  # 2 s a step, 32 examples a step
+            shown.update(step, 1 + (step > 10), 32 * ((step - 1) % 10 + 1), lambda: 0.5)
+    assert lines == [
+        # t = 130 after step 15: 15 steps in 30 s; epoch 2 began at step 11 (t = 122, 32 examples)
+        "baseline (2/4)  epoch 2/2  step 15/20  loss 0.5000  16 ex/s  left: stage 0:10, run 1:30",
+    ]
+    assert progress.clock(3725) == "1:02:05" and progress.clock(59.6) == "1:00"
+    with run.stage("gen_1", steps=5, epochs=1) as shown:  # a stage outside the plan is counted as it comes
+        assert shown.title == "gen_1 (5/5)"
 
 
 def test_multirun_writes_one_summary_per_job(cli, tmp_path):

@@ -228,6 +228,7 @@ BAD = {
     "trainer.checkpoint_every_steps": 0,
     "trainer.threads": 0,
     "trainer.devices": 0,
+    "trainer.progress_every_s": 0,
     "scenario.tasks": 1,
     "scenario.class_order": [1, 1],
     "scenario.arms": [],

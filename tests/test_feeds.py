@@ -119,9 +119,9 @@ def test_cached_logits_equal_online_logits_for_the_same_view(setting):
     for k in range(K):
         v = torch.full((N,), k)
         with torch.inference_mode():
-            online = teacher(feed.pixels(x, idx, v))
+            online = teacher(feed.example_view(x, idx, v))
         assert torch.allclose(feed.logits.get(idx, v), online, rtol=1e-3, atol=2e-3)  # fp16 storage
-    views = torch.stack([feed.pixels(x, idx, torch.full((N,), k)) for k in range(K)])
+    views = torch.stack([feed.example_view(x, idx, torch.full((N,), k)) for k in range(K)])
     assert not torch.equal(views[0], views[1])  # the views differ
 
 
@@ -130,7 +130,7 @@ def test_the_student_always_sees_a_cached_view(setting):
     feed = build_feed(f"views:{K}", feed_inputs(source, pre, teacher))
     idx = torch.tensor([3, 17, 0, 29, 11])
     ((_, x, y),) = source.batches([idx])
-    views = torch.stack([feed.pixels(x, idx, torch.full_like(idx, k)) for k in range(K)])  # (K, B, C, H, W)
+    views = torch.stack([feed.example_view(x, idx, torch.full_like(idx, k)) for k in range(K)])  # (K, B, C, H, W)
     seen = []
     for epoch in range(1, K + 1):
         shown, logits = feed(0, epoch, idx, x, y)

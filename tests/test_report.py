@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from rich.console import Console
 from test_cli import assert_clean_error
 
 from kdcl.commands.report import arm_display, arm_table, collect, pivot
+from kdcl.output import tables
 from kdcl.output.stats import t_interval
+from kdcl.output.tables import column_blocks
 
 T_975_DF2 = 4.302652729911275  # Student's t, 97.5% quantile, 2 degrees of freedom (from tables)
 T_975_DF1 = 12.706204736174707  # the same, 1 degree of freedom
@@ -356,3 +360,32 @@ def test_top5_accuracy_in_the_jobs_and_the_arms(tmp_path):
     report = collect([older])
     assert report.jobs["test_acc_top5"].isna().all()
     assert "test_acc_top5 % (best)" not in arm_display(report, arm_table(report)).columns
+
+
+def test_column_blocks_fit_the_room_and_repeat_the_first_column():
+    # a column w wide takes w + 3 (padding and rule), the table 1 more: 1 + 8 + 13 = 22, + 13 = 35
+    assert column_blocks([5, 10, 10, 10], 30) == [[0, 1], [0, 2], [0, 3]]
+    assert column_blocks([5, 10, 10, 10], 35) == [[0, 1, 2], [0, 3]]
+    assert column_blocks([5, 10, 10, 10], 48) == [[0, 1, 2, 3]]
+    assert column_blocks([5, 60], 30) == [[0, 1]]  # too wide alone: a block of its own
+    assert column_blocks([5], 30) == [[0]]
+
+
+def test_a_wide_table_prints_in_blocks_of_whole_cells_within_100_columns(monkeypatch):
+    console = Console(width=100, record=True, file=io.StringIO())
+    monkeypatch.setattr(tables, "stdout", console)
+    columns = ["arch", "distill", "curriculum", "test_acc", "test_acc_last", "best_val_acc", "teacher_agreement"]
+    frame = pd.DataFrame(
+        {
+            "model": ["teacher", "baseline", "kd_length"],
+            **{c: ["packaged:all-minilm-l6-v2", "kd", "length/easy_first"] for c in columns[:3]},
+            **{c: [0.8974, 0.88681, 0.123456789] for c in columns[3:]},
+        }
+    )
+    tables.print_table(frame, "kdcl summary")
+    text = console.export_text()
+    assert max(map(len, text.splitlines())) <= 100
+    for value in ["packaged:all-minilm-l6-v2", "length/easy_first", "0.8868", "0.1235", *columns]:
+        assert value in text  # no cell or header is cut
+    blocks = text.count("┃ model")
+    assert blocks >= 2 and text.count("kd_length") == blocks  # every block names its rows

@@ -107,7 +107,7 @@ def test_batch_is_cut_to_its_longest_example():
     ((_, ids, _),) = source.subset(np.array([1, 2]), torch.arange(1)).batches([torch.tensor([1, 0])])
     assert ids.tolist() == [[2, 3, 0], [2, 7, 3]]
     pre = TextPreprocess(pad_id=0, device=torch.device("cpu"), seed=0)
-    assert pre(ids, train=True).tolist() == pre(ids, train=False).tolist() == pre.apply(ids, None).tolist()
+    assert pre(ids, train=True).tolist() == pre(ids, train=False).tolist()
 
 
 def test_token_masking_masks_ordinary_tokens_at_its_rate_in_training_only():
@@ -550,6 +550,29 @@ def test_attention_map_loss_equals_its_formula(measure):
     assert out["attention"] == pytest.approx(averaged, rel=1e-5)
 
 
+def test_attention_maps_switch_the_models_to_eager_attention_for_their_stage_only():
+    """``bind`` makes both BERTs return their attention probabilities (eager attention);
+    ``release`` gives the teacher, which teaches later stages, its own implementation back."""
+    student, teacher = (
+        create_model("bert", 3, (8,), vocab_size=20, pad_id=0, layers=1, hidden=8, heads=2, intermediate=16)
+        for _ in range(2)
+    )
+    before = teacher.bert.config._attn_implementation
+    loss = create_loss(
+        {
+            "name": "attention_maps",
+            "beta": 1.0,
+            "measure": "kl",
+            "student_layer": "bert.encoder.layer.0.attention.self:1",
+            "teacher_layer": "bert.encoder.layer.0.attention.self:1",
+        }
+    )
+    loss.bind(student, teacher, torch.randint(1, 20, (2, 8)), 10)
+    assert student.bert.config._attn_implementation == teacher.bert.config._attn_implementation == "eager" != before
+    loss.release()
+    assert teacher.bert.config._attn_implementation == before
+
+
 @pytest.mark.slow
 def test_attention_map_distillation_between_berts(text_root, tmp_path):
     """The student BERT's attention of layer 0 distilled from the teacher's layer 1 (MiniLM's KL)."""
@@ -578,17 +601,83 @@ def test_attention_map_distillation_between_berts(text_root, tmp_path):
         run_pipeline(wrong, tmp_path / "wrong")
 
 
-def test_image_views_cache_with_text_is_refused(text_root, tmp_path):
-    cfg = text_cfg(text_root, *TINY_RUN, "distill.teacher_cache=views:4")
-    with pytest.raises(KdclError, match="caches augmented views of images, but dataset 'text_csv' is text"):
-        run_pipeline(cfg, tmp_path)
+def test_a_fixed_text_view_masks_the_same_tokens_in_any_batch():
+    """View v of text i is a function of (seed, i, v, place): the same in a shuffled
+    sub-batch cut shorter, drawn again from the same seed; other views and seeds differ;
+    special tokens never masked; about p of the ordinary ones masked."""
+    pad, mask, cls, sep = 0, 1, 2, 3
+    pre = TextPreprocess(pad, torch.device("cpu"), seed=0, token_mask=0.3, mask_id=mask, special_ids=[cls, sep])
+    g = torch.Generator().manual_seed(0)
+    n, length = 60, 24
+    x = torch.randint(4, 100, (n, length), generator=g)
+    lengths = torch.randint(3, length + 1, (n,), generator=g)
+    x[torch.arange(length) >= lengths[:, None]] = pad
+    x[:, 0], x[torch.arange(n), lengths - 1] = cls, sep
+    idx, v = torch.arange(n), torch.arange(n) % 2
+
+    def drawn(seed):
+        return pre.fixed_views(n, 2, torch.Generator().manual_seed(seed))
+
+    view = drawn(5)
+    full = view(x, idx, v)
+    some = torch.randperm(n, generator=g)[:20]
+    assert torch.equal(view(x[some, :12], some, v[some]), full[some, :12])
+    assert torch.equal(drawn(5)(x, idx, v), full)
+    assert not torch.equal(view(x, idx, 1 - v), full) and not torch.equal(drawn(6)(x, idx, v), full)
+    special = torch.isin(x, torch.tensor([pad, cls, sep]))
+    assert torch.equal(full[special], x[special])
+    masked = (full == mask)[~special].float()
+    rate, spread = masked.mean().item(), (0.3 * 0.7 / masked.numel()) ** 0.5
+    assert abs(rate - 0.3) < 4 * spread
+
+
+def test_the_keyed_hash_is_lowbias32():
+    """:func:`mix32` in int64 tensors equals Wellons' lowbias32 in Python's exact integers."""
+    from kdcl.data.tokens import mix32
+
+    def lowbias32(x):
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+
+    values = [0, 1, 2, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, *random.Random(0).sample(range(2**32), 200)]
+    assert mix32(torch.tensor(values)).tolist() == [lowbias32(x) for x in values]
+
+
+def test_a_views_cache_of_masked_texts_teaches_without_the_teacher_online(text_root, tmp_path, monkeypatch):
+    """``distill.teacher_cache=views:K`` with token masking: the students train on masked
+    texts, each with the teacher's stored logits of exactly that text; no step runs the teacher."""
+    online_teaching, shown = [], []
+    online, cached = feeds.OnlineTeacher.__call__, feeds.CachedViews.__call__
+
+    def spy_online(self, step, epoch, idx, x, y, part=None, mix=None):
+        online_teaching.append(self.teacher_at is not None)
+        return online(self, step, epoch, idx, x, y, part, mix)
+
+    def spy_cached(self, step, epoch, idx, x, y, part=None, mix=None):
+        views, logits = cached(self, step, epoch, idx, x, y, part, mix)
+        shown.append((self, views, logits, idx, x, epoch))
+        return views, logits
+
+    monkeypatch.setattr(feeds.OnlineTeacher, "__call__", spy_online)
+    monkeypatch.setattr(feeds.CachedViews, "__call__", spy_cached)
+    unk = load(text_root).text.tokenizer().token_to_id("[UNK]")
+    cfg = text_cfg(text_root, *TINY_RUN, "trainer.epochs=1", "dataset.token_mask=0.3", "distill.teacher_cache=views:2")
+    summary = run_pipeline(cfg, tmp_path).set_index("model")
+    assert not any(online_teaching) and shown and summary.loc["distill", "steps"] > 0
+    feed, views, logits, idx, x, epoch = shown[0]
+    assert ((views == unk) & (x[:, : views.shape[1]] != unk)).any()  # the student sees masked texts
+    assert torch.equal(views, feed.example_view(x, idx, feed.view(idx, epoch)))  # the cached view's
+    assert torch.equal(logits, feed.logits.get(idx, feed.view(idx, epoch)))  # and its stored logits
 
 
 def test_a_teacher_cache_of_unmasked_texts_with_token_masking_is_refused_before_training(text_root, tmp_path):
     cfg = text_cfg(text_root, *TINY_RUN, "dataset.token_mask=0.1", "distill.teacher_cache=no_aug")
     with pytest.raises(KdclError, match="no_aug is for runs without augmentation") as err:
         run_pipeline(cfg, tmp_path)
-    assert "distill.teacher_cache=none" in err.value.fix
+    assert "distill.teacher_cache=views:K" in err.value.fix
     assert not (tmp_path / "teacher").exists()
 
 

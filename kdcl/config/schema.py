@@ -378,6 +378,7 @@ class TrainerConfig:
     devices: int = key("an integer ≥ 1 (processes on this machine)", lambda v: v >= 1)
     label_smoothing: float = key(*SMOOTHING)
     mix: Dict[str, float] = key(*MIX_ALPHAS)
+    progress_every_s: float = key("seconds > 0", lambda v: v > 0)
 
 
 @dataclass

@@ -23,7 +23,7 @@ labelled texts, as token ids (:mod:`.tokens`) held in memory as an (N, L) int64 
 from kdcl.data import huggingface, images, manifest, text  # noqa: F401
 from kdcl.data.bundle import DataBundle, class_map, load_data, with_classes
 from kdcl.data.loaders import DATASETS, register_dataset
-from kdcl.data.preprocess import PADDINGS, Augment, Preprocess, StrongViews
+from kdcl.data.preprocess import PADDINGS, Augment, FixedViews, Preprocess, StrongViews
 from kdcl.data.sources import Batch, LoaderSource, Source, TensorSource
 from kdcl.data.splits import RawSplit, interleave_classes, stratified_order, stratified_subset
 from kdcl.data.tokens import TextEncoding, TextPreprocess
@@ -33,6 +33,7 @@ __all__ = [
     "DATASETS",
     "PADDINGS",
     "Augment",
+    "FixedViews",
     "Batch",
     "DataBundle",
     "LoaderSource",

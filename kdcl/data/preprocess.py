@@ -15,6 +15,10 @@ from kdcl.distributed import Part
 from kdcl.errors import KdclError
 from kdcl.registry import Registry
 
+# (x, idx, v) → the student's input of view v[j] of training example idx[j], x[j] its data:
+# a teacher cache's fixed views (distill.teacher_cache=views:K), the same every time they are read.
+FixedViews = Callable[[Tensor, Tensor, Tensor], Tensor]
+
 
 @dataclass
 class Augment:
@@ -160,6 +164,20 @@ class Preprocess:
             else torch.zeros(2, n, dtype=torch.long, device=device)
         )
         return Augment(dy, dx, mirror)
+
+    def fixed_views(self, n: int, k: int, generator: torch.Generator) -> FixedViews:
+        """Views ``(x, idx, v) →`` view ``v[j]`` of training example ``idx[j]`` (``x[j]`` its
+        uint8 image), normalised, for a teacher cache of ``k`` views of each of ``n``
+        examples: crop offsets and flips drawn once here for every view (on ``generator``'s
+        device, then moved to the data's). Where the data source draws the views
+        (``augmented_views``), ``x`` is that view already and is only normalised; the
+        table is drawn all the same, so the generator moves on as in every other case."""
+        table = self.sample(n * k, generator)
+        device = self.generator.device
+        dy, dx, mirror = (t.view(n, k).to(device) for t in (table.dy, table.dx, table.mirror))
+        if self.augmented_views:
+            return lambda x, idx, v: self.normalize(x)
+        return lambda x, idx, v: self.apply(x, Augment(dy[idx, v], dx[idx, v], mirror[idx, v]))
 
     def apply(self, x: Tensor, aug: Augment) -> Tensor:
         """Normalise ``x``, then crop and flip it as ``aug`` says."""

@@ -29,10 +29,16 @@ class Source(Protocol):
 
     labels: Tensor  # int64 (N,), on CPU
     origin: np.ndarray  # index of every example in the loader's own split
+    num_workers: int  # the processes that read it (0: this one)
 
     def __len__(self) -> int: ...
 
     def batches(self, index_batches: Iterable[Tensor], keys: Iterable[Tensor] | None = None) -> Iterator[Batch]: ...
+
+    def least_padding(self, idx: Tensor) -> Tensor:
+        """``idx`` in the order whose consecutive batches hold the least padding (texts by
+        length; anything else as given): for passes whose order does not matter."""
+        ...
 
     def subset(self, positions: np.ndarray, label_map: Tensor) -> Source: ...
 
@@ -43,6 +49,8 @@ class TensorSource:
     Token ids (``lengths``: each text's count of ids before its padding, on the CPU) come
     in batches cut to their longest text: the cut is read from the CPU index batch before it
     goes to the device, so the training step reads nothing back from the device for it."""
+
+    num_workers = 0  # in memory: no worker reads it
 
     def __init__(self, x: Tensor, y: Tensor, origin: np.ndarray, lengths: Tensor | None = None):
         self.device = x.device
@@ -75,6 +83,13 @@ class TensorSource:
                 x = x[:, : max(int(self.lengths[idx.cpu()].max()), 1)]
             idx = idx.to(self.device, non_blocking=True)
             yield idx, x[idx], self.y[idx]
+
+    def least_padding(self, idx: Tensor) -> Tensor:
+        """Texts shortest first (stably): each batch is cut to its longest text, so sorted
+        batches carry the least padding. Images as given."""
+        if self.lengths is None:
+            return idx
+        return idx[torch.argsort(self.lengths[idx], stable=True)]
 
     def subset(self, positions: np.ndarray, label_map: Tensor) -> TensorSource:
         """The examples at ``positions``, each label ``y`` replaced by ``label_map[y]``."""
@@ -190,6 +205,10 @@ class LoaderSource:
         finally:
             if mine:
                 self.busy = False
+
+    def least_padding(self, idx: Tensor) -> Tensor:
+        """Decoded images are all one size: as given."""
+        return idx
 
     def subset(self, positions: np.ndarray, label_map: Tensor) -> LoaderSource:
         """The examples at ``positions``, each label ``y`` replaced by ``label_map[y]``."""

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kdcl.data.preprocess import FixedViews
 from kdcl.distributed import Part
 from kdcl.errors import TEXT_EXTRA, KdclError
 from kdcl.trust import remote_code_refused
@@ -158,10 +159,9 @@ class TextPreprocess:
     task-specific knowledge from BERT into simple neural networks", §3.2), whose point is
     that the teacher labels the masked texts the data does not hold. Without it training and
     evaluation see the same ids, and the ``no_aug`` teacher cache (whose view is the example
-    itself) works as for images."""
+    itself) works as for images. A teacher cache's fixed views (``views:K``) are masked as
+    :meth:`fixed_views` says: the same tokens of a text every time its view is read."""
 
-    crop_padding = 0  # no crop: the no_aug cache's centred view is the text itself
-    flip = False
     augmented_views = False  # no view of a text is drawn per sample (kdcl.data.views)
 
     def __init__(
@@ -186,9 +186,54 @@ class TextPreprocess:
             return x
         part = part or Part(len(x))  # drawn for the whole global batch under DDP: each rank keeps its share
         draws = torch.rand(part.size, x.shape[1], device=x.device, generator=self.generator)
-        masked = part.take(draws) < self.token_mask
-        return torch.where(masked & ~torch.isin(x, self.special), self.mask_id, x)
+        return self.masked(x, part.take(draws) < self.token_mask)
 
-    def apply(self, x: Tensor, aug: object) -> Tensor:
-        """The ids of a fixed view (text has one view: itself)."""
-        return self(x, train=False)
+    def masked(self, x: Tensor, chosen: Tensor) -> Tensor:
+        """``x`` with its ``chosen`` tokens that are not special ones replaced by the mask token."""
+        return torch.where(chosen & ~torch.isin(x, self.special), self.mask_id, x)
+
+    def fixed_views(self, n: int, k: int, generator: torch.Generator) -> FixedViews:
+        """Views ``(x, idx, v) →`` ids of view ``v[j]`` of training example ``idx[j]`` (``x[j]``
+        its ids), for a teacher cache of ``k`` views of each of ``n`` examples: token ``t`` of
+        view v of example i is masked when ``h(s, i·k + v, t) < p · 2³²``, ``h`` the keyed
+        hash :func:`keyed_uint32` and ``s`` one number drawn from ``generator``. The mask
+        depends on the example, the view and the token's place alone: not on the batch, its
+        order or the length it is cut to, nor on any generator's state."""
+        salt = int(torch.randint(0, 2**32, (), generator=generator))
+        threshold = round(self.token_mask * 2**32)
+
+        def view(x: Tensor, idx: Tensor, v: Tensor) -> Tensor:
+            return self.masked(x, keyed_uint32(salt, idx.long() * k + v.long(), x.shape[1]) < threshold)
+
+        return view
+
+
+UINT32 = 0xFFFFFFFF
+GOLDEN = 0x9E3779B9  # 2³² / φ: consecutive places land far apart before they are mixed
+
+
+def _times(x: Tensor, m: int) -> Tensor:
+    """``x · m mod 2³²`` for ``x`` in [0, 2³²) held in int64, in 16-bit halves of ``m`` so no
+    product leaves int64."""
+    return (x * (m & 0xFFFF) + (((x * (m >> 16)) & 0xFFFF) << 16)) & UINT32
+
+
+def mix32(x: Tensor) -> Tensor:
+    """Wellons' ``lowbias32`` integer hash (x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15;
+    x *= 0x846ca68b; x ^= x >> 16, all mod 2³²) of int64 tensors holding values in [0, 2³²)."""
+    x = x ^ (x >> 16)
+    x = _times(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _times(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def keyed_uint32(salt: int, keys: Tensor, length: int) -> Tensor:
+    """``(len(keys), length)`` hashes in [0, 2³²), int64: entry (j, t) mixes ``salt``, the
+    64-bit ``keys[j]`` and the place ``t``, so each is a uniform draw that a key and a place
+    alone decide (a counter-based generator, on any device, with no state)."""
+    keys = keys.long()
+    h = mix32((keys & UINT32) ^ salt)
+    h = mix32(h ^ ((keys >> 32) & UINT32))
+    places = _times(torch.arange(length, device=keys.device), GOLDEN)
+    return mix32(h[:, None] ^ places)

@@ -10,11 +10,12 @@ teacher's logits for exactly those pixels. Three feeds are registered:
   (:class:`kdcl.data.StrongViews`) and gives both, the plain views first.
 - ``no_aug``: for runs without augmentation. The teacher's logits on the training data
   are computed once, before the first step; a step only looks them up.
-- ``views:K``: K fixed augmented views per example, their crop/flip parameters drawn once
-  from the run seed. The teacher's logits for every view are computed once (K teacher
+- ``views:K``: K fixed augmented views per example, drawn once from the run seed: the
+  crop/flip parameters of an image, the masked tokens of a text (``dataset.token_mask``,
+  :meth:`kdcl.data.TextPreprocess.fixed_views`). The teacher's logits for every view are computed once (K teacher
   passes per example in total, instead of one per epoch). In epoch e the student sees
   view ``(φ_i + e) mod K`` of example i (φ_i a fixed random phase), so teacher and student
-  always look at the same pixels ("consistent teaching") and every view is used once
+  always look at the same input ("consistent teaching") and every view is used once
   per K epochs.
 
 The trade-off (Beyer et al. 2022, "Knowledge distillation: A good teacher is patient and
@@ -53,7 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from kdcl import distributed
-from kdcl.data import Augment, Preprocess, Source, StrongViews, TextPreprocess, fixed_view_keys, step_keys
+from kdcl.data import FixedViews, Preprocess, Source, StrongViews, TextPreprocess, fixed_view_keys, step_keys
 from kdcl.distill.mixing import BatchMix
 from kdcl.distributed import Part
 from kdcl.errors import KdclError
@@ -64,9 +65,8 @@ log = logging.getLogger(__name__)
 
 # caches: the feed computes the teacher's logits once, before the first step, and a stage
 # reuses them (none runs the teacher every step). counted: the feed is named NAME:K, K ≥ 1
-# (views:K); the others by their name alone. augments: the feed draws augmented views of
-# images (crop and flip), which text does not have.
-FEEDS = Registry("teacher cache", traits={"caches": True, "counted": False, "augments": False})
+# (views:K); the others by their name alone.
+FEEDS = Registry("teacher cache", traits={"caches": True, "counted": False})
 register_feed = FEEDS.register
 
 
@@ -119,11 +119,6 @@ def parse(spec: str) -> tuple[str, int]:
 def caches(spec: str) -> bool:
     """Whether the feed ``spec`` names computes the teacher's logits once (a cache)."""
     return FEEDS.trait(parse(spec)[0], "caches")
-
-
-def augments(spec: str) -> bool:
-    """Whether the feed ``spec`` names draws augmented views of images."""
-    return FEEDS.trait(parse(spec)[0], "augments")
 
 
 class FeedSpecs:
@@ -196,18 +191,17 @@ class OnlineTeacher:
 class CachedViews:
     """The student trains on fixed views whose teacher logits were computed once.
 
-    ``params[i, k]``: crop/flip of view k of example i; ``phase[i]``: where example i
-    starts cycling through its views. ``logits``: the teacher's (N, K, C) fp16 logits.
-    Images whose training views the data draws per sample (``preprocess.augmented_views``:
-    folder data, FKD's setting) get view k of example i from the data source, by its key
-    (:func:`kdcl.data.fixed_view_keys`: the same crop box and flip every time); ``params``
-    then goes unused.
+    ``example_view(x, idx, v)``: the input of view ``v[j]`` of example ``idx[j]`` (the
+    preprocess's :meth:`fixed_views`); ``phase[i]``: where example i starts cycling through
+    its ``k`` views. ``logits``: the teacher's (N, K, C) fp16 logits. Images whose training
+    views the data draws per sample (``preprocess.augmented_views``: folder data, FKD's
+    setting) get view k of example i from the data source, by its key
+    (:func:`kdcl.data.fixed_view_keys`: the same crop box and flip every time).
     """
 
-    def __init__(self, inputs: FeedInputs, params: Augment, phase: Tensor):
-        self.preprocess, self.params, self.phase = inputs.preprocess, params, phase
+    def __init__(self, inputs: FeedInputs, example_view: FixedViews, k: int, phase: Tensor):
+        self.example_view, self.k, self.phase = example_view, k, phase
         self.drawn = inputs.preprocess.augmented_views
-        self.k = params.dy.shape[1]
         self.teaches = True
         if inputs.teacher_at is None:
             raise KdclError(
@@ -223,33 +217,22 @@ class CachedViews:
         self, step: int, epoch: int, idx: Tensor, x: Tensor, y: Tensor, part: Part | None = None, mix: None = None
     ) -> tuple[Tensor, Tensor | None]:
         v = self.view(idx, epoch)  # a function of the example and the epoch: the same on every rank
-        return self.pixels(x, idx, v), self.logits.get(idx, v)
+        return self.example_view(x, idx, v), self.logits.get(idx, v)
 
     def view_keys(self, step: int, epoch: int, idx: Tensor) -> Tensor:
         """The keys of the views the student sees in ``epoch``, where the data draws them."""
         return fixed_view_keys(idx, self.view(idx, epoch)) if self.drawn else step_keys(step, len(idx))
 
-    def pixels(self, x: Tensor, idx: Tensor, v: Tensor) -> Tensor:
-        """View ``v[j]`` of example ``idx[j]`` (``x[j]`` its uint8 image, or that view itself
-        where the data draws views), normalised."""
-        if self.drawn:
-            return self.preprocess.normalize(x)
-        return self.preprocess.apply(
-            x, Augment(self.params.dy[idx, v], self.params.dx[idx, v], self.params.mirror[idx, v])
-        )
 
-
-@register_feed("views", counted=True, augments=True)
+@register_feed("views", counted=True)
 def fixed_views(inputs: FeedInputs) -> CachedViews:
-    """K views per example, crop offsets and flips drawn once from the run seed (on the CPU,
-    so a seed gives the same views on every device)."""
+    """K views per example, drawn once from the run seed (on the CPU, so a seed gives the
+    same views on every device): crop offsets and flips of images, masked tokens of texts."""
     pre, n, k = inputs.preprocess, len(inputs.train), inputs.views
     generator = torch.Generator().manual_seed(inputs.seed)
-    table = pre.sample(n * k, generator)
-    device = pre.generator.device
-    params = Augment(*(t.view(n, k).to(device) for t in (table.dy, table.dx, table.mirror)))
-    phase = torch.randint(0, k, (n,), generator=generator).to(device)
-    return CachedViews(inputs, params, phase)
+    example_view = pre.fixed_views(n, k, generator)
+    phase = torch.randint(0, k, (n,), generator=generator).to(pre.generator.device)
+    return CachedViews(inputs, example_view, k, phase)
 
 
 def check_unaugmented(spec: str, preprocess: Preprocess | TextPreprocess) -> None:
@@ -259,20 +242,19 @@ def check_unaugmented(spec: str, preprocess: Preprocess | TextPreprocess) -> Non
         raise KdclError(
             "distill.teacher_cache=no_aug is for runs without augmentation, but this dataset augments its "
             "training examples (dataset.crop_padding, dataset.flip or dataset.token_mask)",
-            fix="set distill.teacher_cache=none (the teacher sees every augmented batch), views:K for images, "
+            fix="set distill.teacher_cache=views:K (K fixed augmented views of each example, the teacher's "
+            "logits on each computed once), none (the teacher sees every augmented batch), "
             "or turn the augmentation off",
         )
 
 
 @register_feed("no_aug")
 def unaugmented(inputs: FeedInputs) -> CachedViews:
-    """One view per example, the image itself (a centred crop, no flip)."""
+    """One view per example, the example itself (as evaluation sees it)."""
     pre, n = inputs.preprocess, len(inputs.train)
     check_unaugmented("no_aug", pre)
-    device = pre.generator.device
-    centre = torch.full((n, 1), pre.crop_padding, dtype=torch.long, device=device)
-    params = Augment(centre, centre.clone(), torch.zeros(n, 1, dtype=torch.bool, device=device))
-    return CachedViews(inputs, params, torch.zeros(n, dtype=torch.long, device=device))
+    phase = torch.zeros(n, dtype=torch.long, device=pre.generator.device)
+    return CachedViews(inputs, lambda x, idx, v: pre(x, train=False), 1, phase)
 
 
 # --------------------------------------------------------------------------- what a view keeps
@@ -512,13 +494,14 @@ def _fill(inputs: FeedInputs, views: CachedViews) -> MemoryLogits | DiskLogits:
     with torch.inference_mode():
         for c in mine:
             store.begin(c)
-            batches = torch.arange(chunks[c].start, chunks[c].stop).split(inputs.batch_size)
+            examples = inputs.train.least_padding(torch.arange(chunks[c].start, chunks[c].stop))
+            batches = examples.split(inputs.batch_size)
             for v in range(views.k):
                 keys = (fixed_view_keys(b, torch.full_like(b, v)) for b in batches) if views.drawn else None
                 for idx, x, y in inputs.train.batches(batches, keys):
                     idx = idx.to(device)
                     with inputs.autocast():
-                        store.put(idx, v, teacher(views.pixels(x, idx, torch.full_like(idx, v)), y).float())
+                        store.put(idx, v, teacher(views.example_view(x, idx, torch.full_like(idx, v)), y).float())
             store.mark_filled(c)
     distributed.barrier()  # every share is on disk
     store.open_filled()

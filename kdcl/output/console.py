@@ -4,20 +4,9 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-)
-
-from kdcl import distributed
 
 console = Console(stderr=True)
 
@@ -42,15 +31,3 @@ class ConsoleHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self._inner.emit(record)
-
-
-@contextmanager
-def progress_bar(description: str, total: int) -> Iterator:
-    """Yield an ``advance()`` callable; a rich bar on a terminal (rank 0's, under DDP), a no-op elsewhere."""
-    if not interactive() or not distributed.is_main():
-        yield lambda n=1: None
-        return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda n=1: progress.advance(task, n)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,10 @@ from rich.table import Table
 
 from kdcl.files import write_replacing
 
+# Tables go to stdout at the terminal's width; elsewhere (files, CI, Slurm) at $COLUMNS, else 100.
 stdout = Console()
-if not stdout.is_terminal:
-    stdout = Console(width=200)  # files and CI: no wrapping of wide tables
+if not stdout.is_terminal and "COLUMNS" not in os.environ:
+    stdout = Console(width=100)
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:
@@ -45,19 +47,40 @@ PRINTED_WHEN_MEASURED = {"test_acc_top5", "acc_top5"}
 
 
 def print_table(frame: pd.DataFrame, title: str, columns: Iterable[str] | None = None) -> None:
-    """Render (some columns of) a table with rich; a column of :data:`PRINTED_WHEN_MEASURED`
-    only where some row holds a value."""
+    """Render (some columns of) a table with rich, every cell whole: where the columns do
+    not fit the console's width, in blocks of columns one under the other, each led by the
+    first column (the rows' names) (:func:`column_blocks`). A column of
+    :data:`PRINTED_WHEN_MEASURED` is shown only where some row holds a value."""
     columns = [
         c
         for c in (columns or frame.columns)
         if c in frame.columns and (c not in PRINTED_WHEN_MEASURED or frame[c].notna().any())
     ]
-    table = Table(title=title)
-    for c in columns:
-        table.add_column(c, justify="left" if frame[c].dtype == object else "right")
-    for _, row in frame.iterrows():
-        table.add_row(*(_fmt(row[c]) for c in columns))
-    stdout.print(table)
+    cells = {c: [_fmt(v) for v in frame[c]] for c in columns}
+    widths = [max([len(c), *map(len, cells[c])]) for c in columns]
+    for i, block in enumerate(column_blocks(widths, stdout.width)):
+        table = Table(title=title if i == 0 else None)
+        for c in (columns[j] for j in block):
+            table.add_column(c, justify="right" if pd.api.types.is_numeric_dtype(frame[c]) else "left", no_wrap=True)
+        for r in range(len(frame)):
+            table.add_row(*(cells[columns[j]][r] for j in block))
+        stdout.print(table)
+
+
+def column_blocks(widths: list[int], room: int) -> list[list[int]]:
+    """The columns of a table, by index, in blocks that each fit ``room`` characters when
+    drawn (a column of text ``w`` wide takes ``w + 3``: its padding and a rule, and the table
+    one more for its left border). Every block starts with column 0; the others follow in
+    order, a new block where the next one does not fit (alone, it gets a block of its own)."""
+    blocks: list[list[int]] = []
+    used = room  # no block open yet
+    for j, width in enumerate(widths[1:], start=1):
+        if used + width + 3 > room:
+            blocks.append([0])
+            used = 1 + widths[0] + 3
+        blocks[-1].append(j)
+        used += width + 3
+    return blocks or [[0]]
 
 
 def markdown_table(frame: pd.DataFrame) -> str:

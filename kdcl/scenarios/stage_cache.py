@@ -61,7 +61,7 @@ CACHED_STAGES = {"teacher": TEACHER, "baseline": STUDENT}
 # trainer.amp are replaced by the resolved device type and precision, trainer.devices
 # by the number of processes when there are several (DDP's results differ slightly).
 NOT_IN_KEY = {
-    "trainer": ("device", "amp", "eval_batch_size", "checkpoint_every_steps", "devices"),
+    "trainer": ("device", "amp", "eval_batch_size", "checkpoint_every_steps", "devices", "progress_every_s"),
     "dataset": ("num_workers", "download", "max_memory_gb"),
 }
 

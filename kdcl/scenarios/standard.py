@@ -47,7 +47,7 @@ from kdcl.curricula import (
     score_all,
 )
 from kdcl.data import DataBundle, load_data
-from kdcl.distill.feeds import Feed, TopKLogits, augments, caches, check_unaugmented
+from kdcl.distill.feeds import Feed, TopKLogits, caches, check_unaugmented
 from kdcl.distill.losses import DistillLoss, create_loss
 from kdcl.distill.replay import ReplaySlot
 from kdcl.distill.teachers import Teachers
@@ -66,6 +66,7 @@ from kdcl.models import (
     size_mb,
     to_device,
 )
+from kdcl.output.progress import RunProgress
 from kdcl.output.tables import print_table, write_csv
 from kdcl.output.trackers import CSV_ONLY, Loggers
 from kdcl.scenarios.stage_cache import reuse_or_produce, soft_labels_dir, teacher_logits_slot
@@ -137,6 +138,7 @@ class Run:
     budget_examples: int | None = None  # the examples an epoch's steps are counted for (None: the train split's)
     loggers: Loggers = CSV_ONLY  # where the stages' per-epoch metrics go
     on_epoch: EpochHook | None = None  # sees every epoch of every stage (kdcl tune prunes with it)
+    progress: RunProgress = field(default_factory=RunProgress)  # shows each stage as it trains
 
     def steps_per_epoch(self, role: str) -> int:
         """The optimizer steps of an epoch of ``role``'s stages: ``ceil(N / batch_size)``, N the
@@ -181,6 +183,7 @@ def run_pipeline(
         log.info("born-again: the student takes the teacher's architecture, %s", model_ref(cfg["student"]).label)
     run = start_run(cfg, out, loggers, on_epoch)
     check_losses(run)
+    run.progress.plan(planned_stages(run))
     with graceful_stop():
         teacher_stage(run)
         if cfg["baseline"]:
@@ -208,14 +211,22 @@ def start_run(cfg: dict[str, Any], out: Path, loggers: Loggers = CSV_ONLY, on_ep
         write_text(out / "tokenizer.json", data.text.tokenizer_json)
     distributed.check_splits({"train": len(data.train), "validation": len(data.val), "test": len(data.test)})
     log.info(
-        "data %s: %d train / %d val / %d test, %d classes, input %s, device %s",
+        "data %s: %d train / %d val / %d test, %d classes, input %s, %s",
         data.name,
         len(data.train),
         len(data.val),
         len(data.test),
         data.num_classes,
         data.input_shape,
+        f"{data.train.num_workers} loader workers" if data.train.num_workers else "in memory",
+    )
+    log.info(
+        "trainer: device %s, %s, compile %s, channels_last %s, %d CPU threads",
         trainer.device,
+        "bf16 autocast" if trainer.amp else "fp32",
+        "on" if trainer.compile else "off",
+        "on" if settings.channels_last else "off",
+        torch.get_num_threads(),
     )
     return Run(
         cfg=cfg,
@@ -226,7 +237,27 @@ def start_run(cfg: dict[str, Any], out: Path, loggers: Loggers = CSV_ONLY, on_ep
         recipes={role: StageRecipe.of(cfg, role, trainer) for role in (TEACHER, STUDENT)},
         loggers=loggers,
         on_epoch=on_epoch,
+        progress=RunProgress(settings.progress_every_s),
     )
+
+
+def planned_stages(run: Run) -> list[tuple[str, int]]:
+    """The stages :func:`run_pipeline` trains, in order, each with its optimizer steps: what
+    the progress display counts (a stage the stage cache holds is counted all the same)."""
+    cfg, teacher_steps, student_steps = run.cfg, run.total_steps(TEACHER), run.total_steps(STUDENT)
+    teachers = [
+        ("teacher" if k == 0 else f"teacher_{k}", teacher_steps)
+        for k, spec in enumerate(teacher_specs(cfg))
+        if not spec["checkpoint"]
+    ]
+    students = [
+        *(["baseline"] if cfg["baseline"] else []),
+        *(f"assistant_{i}" for i in range(1, len(cfg.get("assistants") or []) + 1)),
+        *(f"gen_{k}" for k in range(1, cfg["born_again"]["generations"] + 1)),
+        *([] if cfg["born_again"]["generations"] else ["distill"]),
+        *(cfg.get("arms") or {}),
+    ]
+    return [*teachers, *((name, student_steps) for name in students)]
 
 
 # --------------------------------------------------------------------------- stages
@@ -572,15 +603,9 @@ def checked_model(run: Run, spec: dict, role: str) -> nn.Module:
 def check_teacher_cache(name: str, loss_fn: DistillLoss, control: ControlConfig, data: DataBundle) -> None:
     """A cache holds the (final) teacher's logits: nothing else of the teacher, and no
     strong views; only a cache keeps top-K logits, and K is at most the number of classes;
-    ``no_aug`` takes data without augmentation; text has no augmented views to cache, nor
-    strong views to distil on."""
+    ``no_aug`` takes data without augmentation; text has no strong views to distil on."""
     spec, topk, num_classes = control.teacher_cache, control.teacher_cache_topk, data.num_classes
     check_unaugmented(spec, data.preprocess)
-    if data.text is not None and augments(spec):
-        raise KdclError(
-            f"distill.teacher_cache={spec} caches augmented views of images, but dataset {data.name!r} is text",
-            fix="set distill.teacher_cache=no_aug (the teacher's logits on each text, computed once) or none",
-        )
     if data.text is not None and loss_fn.views > 1:
         raise KdclError(
             f"distill={name} distils on strongly augmented views of images (RandAugment), but dataset {data.name!r} is text",
@@ -757,7 +782,7 @@ def train_stage(
         loggers=run.loggers,
         replay=replay,
     ) as parts:
-        result = fit(parts, data, recipe.trainer, run.on_epoch)
+        result = fit(parts, data, recipe.trainer, run.on_epoch, run.progress)
     if replay is not None:
         replay.finish(stage, run.total_steps(role))
     path = result.best_path if select == "best" else result.last_path

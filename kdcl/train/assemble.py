@@ -89,7 +89,8 @@ def build_stage(
     """The stage ``name`` (files in ``out_dir``) that trains ``model``, already on
     ``trainer.device``, on ``plan`` with the loss and control of the ``distill`` section,
     taught by ``teachers`` (frozen; none: no teacher). The layers the loss reads are hooked
-    while inside the ``with`` block, and unhooked when it ends, however it ends.
+    while inside the ``with`` block, and unhooked when it ends, however it ends; what the loss's
+    ``bind`` changed in the models is then undone (``release``).
 
     In order: the augmentation restarts from ``seed``; the loss (its own keys of ``distill``)
     binds its layers to the model and the first teacher, so its adapters train with the
@@ -133,41 +134,44 @@ def build_stage(
         teacher_at = lambda step: teacher  # noqa: E731
     mixer = BatchMixer(trainer.mix, data.input_shape[-2:], seed)
     student_layers, teacher_layers = loss_fn.layers()
-    with (
-        FeatureTap(model, student_layers) as student_features,
-        FeatureTap(teacher.lead if teacher is not None else None, teacher_layers) as teacher_features,
-    ):
-        feed = teacher_feed(
-            control_cfg,
-            teacher_at,
-            teachers,
-            data=data,
-            trainer=trainer,
-            seed=cache_seed,
-            directory=cache_dir,
-            feeds={} if feeds is None else feeds,
-            strong=StrongViews(seed) if loss_fn.views > 1 else None,
-        )
-        if replay is not None and teacher_at is not None and replayable(control_cfg, teachers, loss_fn, mixer):
-            feed = replay.wrap(feed, data.preprocess, data.num_classes, trainer.device)
-        yield Stage(
-            name=name,
-            model=model,
-            loss_fn=loss_fn,
-            control=control,
-            plan=plan,
-            optimizer=stage_optimizer,
-            lr_schedule=lr_schedule,
-            out_dir=out_dir,
-            meta={} if meta is None else meta,
-            feed=feed,
-            dynamics=dynamics,
-            keep_epochs=keep_epochs,
-            features=(student_features, teacher_features),
-            steps_per_epoch=steps_per_epoch,
-            loggers=loggers,
-            mixer=mixer,
-        )
+    try:
+        with (
+            FeatureTap(model, student_layers) as student_features,
+            FeatureTap(teacher.lead if teacher is not None else None, teacher_layers) as teacher_features,
+        ):
+            feed = teacher_feed(
+                control_cfg,
+                teacher_at,
+                teachers,
+                data=data,
+                trainer=trainer,
+                seed=cache_seed,
+                directory=cache_dir,
+                feeds={} if feeds is None else feeds,
+                strong=StrongViews(seed) if loss_fn.views > 1 else None,
+            )
+            if replay is not None and teacher_at is not None and replayable(control_cfg, teachers, loss_fn, mixer):
+                feed = replay.wrap(feed, data.preprocess, data.num_classes, trainer.device)
+            yield Stage(
+                name=name,
+                model=model,
+                loss_fn=loss_fn,
+                control=control,
+                plan=plan,
+                optimizer=stage_optimizer,
+                lr_schedule=lr_schedule,
+                out_dir=out_dir,
+                meta={} if meta is None else meta,
+                feed=feed,
+                dynamics=dynamics,
+                keep_epochs=keep_epochs,
+                features=(student_features, teacher_features),
+                steps_per_epoch=steps_per_epoch,
+                loggers=loggers,
+                mixer=mixer,
+            )
+    finally:
+        loss_fn.release()
 
 
 def combined_teacher(teachers: Sequence[nn.Module], control: ControlConfig) -> Teachers | None:

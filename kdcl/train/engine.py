@@ -33,7 +33,7 @@ from kdcl.distill.losses import DistillLoss, LossContext
 from kdcl.distill.mixing import BatchMixer
 from kdcl.distributed import Part
 from kdcl.errors import KdclError
-from kdcl.output.console import progress_bar
+from kdcl.output.progress import RunProgress
 from kdcl.output.trackers import CSV_ONLY, Loggers
 from kdcl.train.checkpoint import save_checkpoint
 from kdcl.train.resume import (
@@ -221,16 +221,21 @@ def top5_accuracy(logits: Tensor, labels: Tensor) -> float:
 @torch.no_grad()
 def evaluate(model: nn.Module, source: Source, data: DataBundle, trainer: TrainSettings) -> Evaluation:
     """Loss, accuracy (top-1, and top-5 from the same logits) and logits of ``model`` on every
-    example of ``source`` (no augmentation). Under DDP each rank evaluates one chunk of the
-    examples and every rank gets all the logits."""
+    example of ``source`` (no augmentation), in its order; they are evaluated in the order
+    whose batches hold the least padding (texts by length). Under DDP each rank evaluates one
+    chunk of that order and every rank gets all the logits."""
     model.eval()
     outputs, labels = [], []
-    batches = distributed.shard(len(source)).split(trainer.eval_batch_size)
+    order = source.least_padding(torch.arange(len(source)))
+    batches = order[distributed.shard(len(source))].split(trainer.eval_batch_size)
     for _, x, y in source.batches(batches):
         with trainer.autocast():
             outputs.append(model(data.preprocess(x, train=False)).float())
         labels.append(y)
-    logits, y = (distributed.gather(torch.cat(parts), len(source)) for parts in (outputs, labels))
+    place = torch.argsort(order)  # where example i's row is in the evaluation order
+    logits, y = (
+        distributed.gather(torch.cat(parts), len(source))[place.to(parts[0].device)] for parts in (outputs, labels)
+    )
     loss = nn.functional.cross_entropy(logits, y).item()
     acc = (logits.argmax(1) == y).float().mean().item()
     return Evaluation(loss=loss, acc=acc, acc_top5=top5_accuracy(logits, y), logits=logits.cpu(), labels=y.cpu())
@@ -290,6 +295,12 @@ class Meter:
         else:
             self.new, self.new_count = _added(self.new, values), self.new_count + len(y)
 
+    def running_loss(self) -> float:
+        """The mean training loss of the epoch's steps so far (this process's, under DDP): a
+        host sync, for the progress display only."""
+        sums, count = (self.new, self.new_count) if self.new_count else (self.sums, self.count)
+        return float(sums["loss"]) / count if count else float("nan")
+
     def collect(self) -> None:
         if not self.new:  # one process, or no step since the last collect (on any rank: they step together)
             return
@@ -344,14 +355,21 @@ def train_step(
         s.dynamics.update(idx, logits, y, ctx.epoch)
 
 
-def fit(s: Stage, data: DataBundle, trainer: TrainSettings, on_epoch: EpochHook | None = None) -> FitResult:
+def fit(
+    s: Stage,
+    data: DataBundle,
+    trainer: TrainSettings,
+    on_epoch: EpochHook | None = None,
+    progress: RunProgress | None = None,
+) -> FitResult:
     """Train for ``trainer.epochs`` epochs of ``s.steps_per_epoch`` steps (default
     ``ceil(N / batch_size)``), evaluate on the validation split after each, keep ``best.pt`` /
     ``last.pt`` (and ``epoch_NNN.pt`` for ``keep_epochs``), and continue from ``resume.pt``
     when an earlier run was cut off. ``on_epoch`` (optional) sees each epoch's metrics row,
     whose ``max_memory_mb`` is the GPU's peak memory since the stage began (NaN on a CPU).
     Under DDP the ranks train ``s.model`` inside ``DistributedDataParallel``, each on its part
-    of every global batch, and stop together when any of them is asked to stop."""
+    of every global batch, and stop together when any of them is asked to stop. ``progress``:
+    the run's, which shows the stage as it trains (default: a plain line every 30 s)."""
     spe = _epoch_steps(s, data, trainer)
     reset_peak_memory(trainer.device)
     cursor, meter, start_state = _restore(s, data)
@@ -359,23 +377,23 @@ def fit(s: Stage, data: DataBundle, trainer: TrainSettings, on_epoch: EpochHook 
         s.loggers.log_past_epochs(s.name, s.out_dir, before_epoch=cursor.epoch)
     started = time.perf_counter() - cursor.seconds
     replica = replace(s, model=distributed.wrap(s.model))  # the stage as the training steps see it
-    while not cursor.finished and cursor.epoch <= trainer.epochs:
-        epoch, first = cursor.epoch, (cursor.epoch - 1) * spe
-        replica.model.train()
-        snapshot = s.plan.state_dict() if start_state is None else start_state  # the plan as the epoch began
-        batches = s.plan.epoch_batches(range(first, first + spe), start_state)[cursor.step - first :]
-        start_state = snapshot
-        tic, ctx = time.perf_counter(), s.control.context(epoch, s.features)
-        parts = distributed.parts(batches)
-        shares = (p.take(b) for p, b in zip(parts, batches))
-        keys = (
-            p.take(s.feed.view_keys(at, epoch, b)) for at, p, b in zip(itertools.count(cursor.step), parts, batches)
-        )
-        with progress_bar(f"{s.name} {epoch}/{trainer.epochs}", spe) as advance:
+    with (progress or RunProgress()).stage(s.name, trainer.epochs * spe, trainer.epochs) as shown:
+        while not cursor.finished and cursor.epoch <= trainer.epochs:
+            epoch, first = cursor.epoch, (cursor.epoch - 1) * spe
+            replica.model.train()
+            snapshot = s.plan.state_dict() if start_state is None else start_state  # the plan as the epoch began
+            batches = s.plan.epoch_batches(range(first, first + spe), start_state)[cursor.step - first :]
+            start_state = snapshot
+            tic, ctx = time.perf_counter(), s.control.context(epoch, s.features)
+            parts = distributed.parts(batches)
+            shares = (p.take(b) for p, b in zip(parts, batches))
+            keys = (
+                p.take(s.feed.view_keys(at, epoch, b)) for at, p, b in zip(itertools.count(cursor.step), parts, batches)
+            )
             for part, batch in zip(parts, data.train.batches(shares, keys)):
                 train_step(replica, trainer, cursor.step, batch, meter, ctx, part)
                 cursor.step += 1
-                advance()
+                shown.update(cursor.step, epoch, meter.count + meter.new_count, meter.running_loss)
                 every = trainer.checkpoint_every_steps
                 stop = distributed.any_rank(STOP.signum or 0)
                 save = stop or (every and cursor.step % every == 0 and cursor.step < first + spe)
@@ -386,28 +404,28 @@ def fit(s: Stage, data: DataBundle, trainer: TrainSettings, on_epoch: EpochHook 
                     _save(s, data, cursor, meter, start_state)
                     if stop:
                         raise Interrupted(stop, s.name, cursor.step, s.run_dir)
-        meter.check_finite(s.name, s.out_dir)
-        row = _end_epoch(s, data, trainer, cursor, meter, time.perf_counter() - tic)
-        if distributed.is_main():
-            s.loggers.log_epoch(s.name, s.out_dir, row)
-        log.info(
-            "%s epoch %d/%d  loss %.4f  acc %.4f  val_loss %.4f  val_acc %.4f  %.0f img/s",
-            s.name,
-            epoch,
-            trainer.epochs,
-            row["train_loss"],
-            row["train_acc"],
-            row["val_loss"],
-            row["val_acc"],
-            row["samples_per_s"],
-        )
-        if trainer.early_stopping_patience and cursor.stale >= trainer.early_stopping_patience:
-            log.info("%s: early stop after %d epochs without a better val_acc", s.name, cursor.stale)
-            cursor.finished = True
-        cursor.epoch, cursor.seconds, meter, start_state = epoch + 1, time.perf_counter() - started, Meter(), None
-        _save(s, data, cursor, meter, None)
-        if on_epoch is not None:
-            on_epoch(s.name, row)
+            meter.check_finite(s.name, s.out_dir)
+            row = _end_epoch(s, data, trainer, cursor, meter, time.perf_counter() - tic)
+            if distributed.is_main():
+                s.loggers.log_epoch(s.name, s.out_dir, row)
+            log.info(
+                "%s epoch %d/%d  loss %.4f  acc %.4f  val_loss %.4f  val_acc %.4f  %.0f ex/s",
+                s.name,
+                epoch,
+                trainer.epochs,
+                row["train_loss"],
+                row["train_acc"],
+                row["val_loss"],
+                row["val_acc"],
+                row["samples_per_s"],
+            )
+            if trainer.early_stopping_patience and cursor.stale >= trainer.early_stopping_patience:
+                log.info("%s: early stop after %d epochs without a better val_acc", s.name, cursor.stale)
+                cursor.finished = True
+            cursor.epoch, cursor.seconds, meter, start_state = epoch + 1, time.perf_counter() - started, Meter(), None
+            _save(s, data, cursor, meter, None)
+            if on_epoch is not None:
+                on_epoch(s.name, row)
     distributed.barrier()  # rank 0's checkpoints are on disk for every rank
     return FitResult(
         best_epoch=cursor.best_epoch,

@@ -29,12 +29,16 @@ def attention_kl(a_s: Tensor, a_t: Tensor) -> Tensor:
 ATTENTION_GAPS = {"mse": attention_mse, "kl": attention_kl}
 
 
-def eager_attention(model: nn.Module) -> None:
+def eager_attention(model: nn.Module) -> list[tuple[nn.Module, str]]:
     """Switch the Hugging Face Transformers inside ``model`` to their eager attention, the
-    implementation whose layers return the attention probabilities (SDPA returns None)."""
+    implementation whose layers return the attention probabilities (SDPA returns None);
+    return each one switched with the implementation it had."""
+    switched = []
     for module in model.modules():
         if callable(getattr(module, "set_attn_implementation", None)):
+            switched.append((module, module.config._attn_implementation))
             module.set_attn_implementation("eager")
+    return switched
 
 
 @register_loss("attention_maps")
@@ -55,7 +59,8 @@ class AttentionMapKD(FeatureLoss):
     to teacher layers. Models of different head counts compare their head-averaged maps.
     TinyBERT compares the scores before the softmax; HF layers return the probabilities
     (after attention dropout, in training), what MiniLM compares. ``bind`` switches both
-    models to HF's eager attention, the implementation that returns them.
+    models to HF's eager attention, the implementation that returns them, and ``release``
+    switches them back (the teacher teaches later stages at its own speed).
     """
 
     def __init__(self, beta: float, measure: str, student_layer: Any, teacher_layer: Any):
@@ -66,11 +71,15 @@ class AttentionMapKD(FeatureLoss):
                 fix=f"set distill.measure to one of: {', '.join(ATTENTION_GAPS)}",
             )
         self.gap = ATTENTION_GAPS[measure]
+        self.switched: list[tuple[nn.Module, str]] = []
 
     def bind(self, student: nn.Module, teacher: nn.Module, example: Tensor, num_examples: int) -> None:
-        eager_attention(student)
-        eager_attention(teacher)
+        self.switched = [*eager_attention(student), *eager_attention(teacher)]
         super().bind(student, teacher, example, num_examples)
+
+    def release(self) -> None:
+        for module, implementation in reversed(self.switched):
+            module.set_attn_implementation(implementation)
 
     def connect(self, pairs: list[tuple[str, str]], shapes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> None:
         for (s, t), (s_shape, t_shape) in zip(pairs, shapes):

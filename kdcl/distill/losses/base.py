@@ -141,6 +141,10 @@ class DistillLoss(nn.Module):
         their layers on the models (``example``: an input batch) and build their adapters;
         ``num_examples``: the training examples (the size of a per-example memory)."""
 
+    def release(self) -> None:
+        """Called once when the stage ends, however it ends: undo what :meth:`bind` changed
+        in the models (the teacher outlives the stage)."""
+
     def layers(self) -> tuple[list[str], list[str]]:
         """The student's and the teacher's layers this loss reads from ``ctx`` (after :meth:`bind`)."""
         return [], []

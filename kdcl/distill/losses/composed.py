@@ -65,6 +65,10 @@ class Composed(DistillLoss):
         for part in self.parts:
             part.bind(student, teacher, example, num_examples)
 
+    def release(self) -> None:
+        for part in self.parts:
+            part.release()
+
     def layers(self) -> tuple[list[str], list[str]]:
         student, teacher = [], []
         for part in self.parts:
