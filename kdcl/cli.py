@@ -161,7 +161,7 @@ hydra_tune = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="t
 
 SCHEMAS = {"train": TrainConfig, "eval": EvalConfig, "bench": BenchConfig, "export": ExportConfig, "tune": TuneConfig}
 COMMANDS: dict[str, tuple[Callable[[], Any], str]] = {
-    "train": (hydra_train, "teacher → curriculum → baseline → distill; writes metrics tables and summary.csv"),
+    "train": (hydra_train, "teacher → baseline → curriculum → distill; writes metrics tables and summary.csv"),
     "eval": (hydra_eval, "test a checkpoint: kdcl eval checkpoint=PATH [dataset=...]; writes eval.csv"),
     "bench": (hydra_bench, "time naive KD loop vs kdcl (online, teacher cache) vs student alone; writes bench.csv"),
     "export": (hydra_export, "a checkpoint (or every model of a run) as ONNX or TorchScript, checked and timed"),

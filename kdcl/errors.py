@@ -19,4 +19,6 @@ class KdclError(Exception):
 
 
 # How to install the packages text data and text models need (the ``text`` extra).
+# What a missing data folder's message adds: where the recipes look (conf/config.yaml's paths).
+DATA_DIR_HINT = "a recipe (+experiment=...) reads ${paths.data_dir}/NAME: set KDCL_DATA_DIR=DIR or paths.data_dir=DIR"
 TEXT_EXTRA = 'pip install "kdcl[text]" (transformers, tokenizers)'

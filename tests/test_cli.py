@@ -8,6 +8,7 @@ import zipfile
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import QUICK
@@ -87,6 +88,27 @@ def test_a_progress_line_says_where_the_stage_and_the_run_stand(monkeypatch):
         assert shown.title == "gen_1 (5/5)"
 
 
+def test_a_recipe_reads_its_data_under_paths_data_dir_from_any_folder(cli, tmp_path, monkeypatch):
+    """+experiment=cifar10_cpu reads ${paths.data_dir}/cifar10: $KDCL_DATA_DIR when set (the
+    run starts in an empty folder elsewhere); without it, ../shared/data, and a missing
+    folder's message names the absolute path and the two ways to point at the data."""
+    data = tmp_path / "elsewhere" / "cifar10"
+    data.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 60), ("test", 20)):
+        np.savez(data / f"{split}.npz", x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), y=np.arange(n) % 10)
+    monkeypatch.setenv("KDCL_DATA_DIR", str(tmp_path / "elsewhere"))
+    quick = ["+experiment=cifar10_cpu", "trainer.epochs=1", "dataset.max_train_samples=50"]
+    run = tmp_path / "run"
+    result = cli("train", *quick, f"hydra.run.dir={run}")
+    assert result.returncode == 0, result.stderr
+    assert pd.read_csv(run / "summary.csv")["model"].tolist() == ["teacher", "baseline", "distill"]
+    monkeypatch.delenv("KDCL_DATA_DIR")
+    missing = cli("train", *quick, f"hydra.run.dir={tmp_path / 'missing'}")
+    expected = (tmp_path / "cwd" / ".." / "shared" / "data" / "cifar10" / "train.npz").absolute()
+    assert_clean_error(missing, f"{expected} not found", "set KDCL_DATA_DIR=DIR or paths.data_dir=DIR")
+
+
 def test_multirun_writes_one_summary_per_job(cli, tmp_path):
     sweep = tmp_path / "sweep"
     result = cli(
@@ -100,10 +122,13 @@ def test_multirun_writes_one_summary_per_job(cli, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "1 epoch × " in result.stdout + result.stderr and "1 epochs" not in result.stdout + result.stderr
     alphas = []
-    for job in ("0", "1"):
-        assert (sweep / job / "summary.csv").is_file()
+    for job, alpha in (("0", 0.1), ("1", 0.9)):
+        summary = pd.read_csv(sweep / job / "summary.csv")
+        assert list(summary.columns[:2]) == ["model", "distill.alpha"]  # the swept key, not the fixed ones
+        assert (summary["distill.alpha"] == alpha).all()
         alphas.append(pd.read_csv(sweep / job / "distill" / "metrics.csv")["alpha"].iloc[0])
     assert alphas == [0.1, 0.9]
+    assert result.stdout.count("distill.alpha") == 2  # each job's table shows it
 
 
 def test_failed_sweep_job_lets_others_run_and_exits_nonzero(cli, tmp_path):
@@ -253,3 +278,10 @@ def test_installed_wheel_ships_configs_and_runs_anywhere(tmp_path):
         text=True,
     )
     assert probe.stdout.strip().startswith(str(target))
+
+
+def test_an_unknown_recipe_gets_a_guess_and_every_recipe_nested_ones_too(cli):
+    result = cli("train", "+experiment=cifar10_cpuu")
+    assert result.returncode == 2
+    assert_clean_error(result, "did you mean +experiment=cifar10_cpu?", "cifar100/resnet56_resnet20", "ag_news_minilm")
+    assert "Config search path" not in result.stdout + result.stderr  # Hydra's own message is not shown

@@ -96,6 +96,9 @@ def test_timm_model_for_the_data_and_its_bad_names():
         create_model("timm:test_resnet", 10, DIGITS, widht=3)
     with pytest.raises(KdclError, match="timm has no model 'resnet_nope'"):
         create_model("timm:resnet_nope", 10, DIGITS)
+    with pytest.raises(KdclError, match="timm has no model 'resnet_18'") as err:
+        create_model("timm:resnet_18", 10, DIGITS)
+    assert err.value.fix.startswith("did you mean timm:resnet18?")
 
 
 # --------------------------------------------------------------------------- failures, one message each

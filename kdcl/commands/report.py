@@ -61,7 +61,12 @@ SHOWN = [
 SELECT_BY = "best_val_acc"  # validation: the only metric that ranks configs
 AGGREGATED = ["best_val_acc", "test_acc", "kd_gain", "baseline_test_acc"]
 PIVOTED = ["best_val_acc", "test_acc", "kd_gain"]
-PLOTTED = ["test_acc", "kd_gain"]
+# heatmap.png's panels, each titled: validation first (what the report selects on), then
+# test accuracy, shown as what it is, a report, never a choice
+PLOTTED = {
+    "best_val_acc": "best_val_acc (validation: choose on this)",
+    "test_acc": "test_acc (test: report it, never choose on it)",
+}
 DEFAULT_PIVOT = ("distill.alpha", "distill.temperature")
 SEED = "seed"
 STAGE_CURVES = "stage_curves.png"  # a run's own figure (run_figures), beside the report's curves.png
@@ -316,18 +321,34 @@ def arm_order(arms: pd.Series) -> list[str]:
 
 
 def arm_table(report: Report) -> pd.DataFrame:
-    """One row per config (its swept keys but the seed) and arm, in arm_order(): arm_stats()."""
+    """One row per config (its swept keys but the seed) and arm, in arm_order(): arm_stats().
+    An arm whose every config trained the same models (the teacher and the baseline, which
+    no distillation key changes, taken from the stage cache) has one row, its swept keys
+    empty. The gain is a student's: the teacher and the baseline have none."""
     models, by = report.models, report.factors
-    groups = models.groupby(by, dropna=False, sort=False) if by else [((), models)]
+    groups = list(models.groupby(by, dropna=False, sort=False)) if by else [((), models)]
+    shared = [arm for arm in (TEACHER, BASELINE) if by and same_in_every_config(models, arm, by)]
     rows = []
+    for arm in shared:
+        runs = models[models["arm"] == arm].drop_duplicates(PAIR)
+        rows.append({**dict.fromkeys(by), "arm": arm, **arm_stats(runs, None)})
     for keys, config in groups:
         baseline = config[config["arm"] == BASELINE]
         for arm in arm_order(models["arm"]):
             runs = config[config["arm"] == arm]
-            if len(runs):
-                partner = baseline if len(baseline) and arm != BASELINE else None
+            if len(runs) and arm not in shared:
+                partner = baseline if len(baseline) and arm not in (TEACHER, BASELINE) else None
                 rows.append({**dict(zip(by, keys)), "arm": arm, **arm_stats(runs, partner)})
     return pd.DataFrame(rows)
+
+
+def same_in_every_config(models: pd.DataFrame, arm: str, by: list[str]) -> bool:
+    """Whether ``arm`` gave the same numbers, seed by seed, in every config of ``by``."""
+    runs = models[models["arm"] == arm]
+    if runs.empty:
+        return False
+    measured = runs[[PAIR, *ARM_COLUMNS]].astype(str)
+    return len(measured.drop_duplicates()) == runs[PAIR].nunique()
 
 
 def percent(x: float) -> str:
@@ -442,7 +463,7 @@ def write_report(report: Report, out: Path, keys: tuple[str, str] | None) -> lis
         for m, grid in grids.items():
             md += [f"### {m}", "", markdown_table(grid_table(grid)), ""]
             print_table(grid_table(grid), f"{m}: {rows} × {cols}")
-        plotted = {m: grids[m] for m in PLOTTED if m in grids}
+        plotted = {title: grids[m] for m, title in PLOTTED.items() if m in grids}
         heatmaps(plotted, out / "heatmap.png", f"distilled student: {rows} × {cols}")
         files.append(out / "heatmap.png")
         md += ["![heatmaps](heatmap.png)", ""]

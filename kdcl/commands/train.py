@@ -14,7 +14,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from kdcl import distributed
-from kdcl.commands.job import output_dir, plain_config
+from kdcl.commands.job import output_dir, plain_config, swept_values
 from kdcl.commands.report import run_figures
 from kdcl.config.checks import validate
 from kdcl.config.options import STUDENT, TEACHER, stage_overrides, stage_recipe
@@ -52,7 +52,7 @@ def train_command(cfg: DictConfig) -> float:
     if devices > 1 and not distributed.active():
         launch(cfg, devices)
         return objective(plain, pd.read_csv(out / "summary.csv"))
-    return train_here(plain, out)
+    return train_here(plain, out, job_columns=swept_values())
 
 
 def scenario_of(cfg: dict[str, Any]) -> Scenario:
@@ -70,12 +70,15 @@ def objective(cfg: dict[str, Any], summary: pd.DataFrame) -> float:
     return float(summary.set_index("model").loc[scenario_of(cfg).objective(cfg), "best_val_acc"])
 
 
-def train_here(cfg: dict[str, Any], out: Path, on_epoch: EpochHook | None = None) -> float:
+def train_here(
+    cfg: dict[str, Any], out: Path, on_epoch: EpochHook | None = None, job_columns: dict[str, Any] | None = None
+) -> float:
     """Run the scenario of the checked, plain config ``cfg`` in this process into ``out``,
-    each epoch's metrics to its loggers (``on_epoch`` also sees each epoch of each stage); the objective."""
+    each epoch's metrics to its loggers (``on_epoch`` also sees each epoch of each stage;
+    ``job_columns`` go into the summary, a sweep job's swept keys); the objective."""
     distributed.agree_on_run_dir(out)
     with open_loggers(loggers_of(cfg), TrackedRun(out, cfg)) as run_loggers:
-        summary = scenario_of(cfg).run(cfg, out, run_loggers, on_epoch)
+        summary = scenario_of(cfg).run(cfg, out, run_loggers, on_epoch, job_columns)
         log_results(run_loggers, summary, out)
     log.info("wrote %s", out / "summary.csv")
     return objective(cfg, summary)

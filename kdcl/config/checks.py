@@ -290,7 +290,7 @@ def composition_error(err: Exception, schema: type) -> KdclError | None:
     or a config file setting an unknown key or a value of the wrong type); None for other
     errors, which Hydra reports itself (an unknown option lists the group's options, but
     not an unknown option in a list of options, ``logger=[csv,tensorbord]``: that one is ours)."""
-    listed = re.search(r"Could not load '(\w+)/([^'/]+)'", str(err))
+    listed = re.search(r"Could not (?:load|find) '(\w+)/([^']+)'", str(err))
     if listed and option_folder(listed[1]).is_dir():
         try:
             group_option(listed[1], listed[2])

@@ -8,6 +8,7 @@ and the ``student`` group (:mod:`kdcl.config.models` offers it to Hydra under bo
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 from collections.abc import Mapping
 from importlib import resources
@@ -34,6 +35,7 @@ CONF_DIR = _conf_dir()
 
 MODEL_GROUPS = ("teacher", "student")  # their options are the files of conf/models/
 MODEL_FOLDER = "models"  # not "model": a folder of conf/ is a group, and kdcl eval has a key model
+ADDED_GROUPS = ("experiment",)  # groups outside the defaults list, chosen with +GROUP=NAME
 
 
 def option_folder(group: str) -> Path:
@@ -55,10 +57,7 @@ def group_option(group: str, name: str) -> dict[str, Any]:
     folder = option_folder(group)
     path = folder / f"{name}.yaml"
     if not path.is_file():
-        raise KdclError(
-            f"{group} has no option {name!r}",
-            fix=f"choose from: {', '.join(sorted(p.stem for p in folder.glob('*.yaml')))}",
-        )
+        raise unknown_option(group, name)
     option = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     shared = [entry for entry in option.pop("defaults", []) if isinstance(entry, str) and entry.startswith("/base/")]
     for entry in reversed(shared):  # keys shared with options of its kind (/base/image_views@_here_), under its own
@@ -66,6 +65,19 @@ def group_option(group: str, name: str) -> dict[str, Any]:
         if name != group:  # the group's own base keys are with_base_keys's
             option = {**OmegaConf.to_container(_base(name), resolve=True), **option}
     return option
+
+
+def unknown_option(group: str, name: str) -> KdclError:
+    """``group`` has no option ``name``: the closest option, and every option, those in
+    subfolders too (``+experiment=cifar100/resnet56_resnet20``)."""
+    folder = option_folder(group)
+    options = sorted(p.relative_to(folder).with_suffix("").as_posix() for p in folder.rglob("*.yaml"))
+    close = difflib.get_close_matches(name, options, n=1)
+    added = "+" if group in ADDED_GROUPS else ""
+    guess = f"did you mean {added}{group}={close[0]}? " if close else ""
+    return KdclError(
+        f"{added}{group}={name}: {group} has no option {name!r}", fix=f"{guess}choose from: {', '.join(options)}"
+    )
 
 
 def section_option(group: str, name: str) -> dict[str, Any]:

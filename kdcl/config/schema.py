@@ -455,6 +455,13 @@ class ScenarioConfig:
 
 
 @dataclass
+class PathsConfig:
+    """``paths``: where things are read from, one key for every recipe."""
+
+    data_dir: str = key()  # the recipes' data: ${paths.data_dir}/cifar10, /ag_news
+
+
+@dataclass
 class TrainConfig:
     """``kdcl train``: the top-level keys and every section (``conf/config.yaml``)."""
 
@@ -475,6 +482,7 @@ class TrainConfig:
     assistants: List[Any] = key("a list of teacher options or {name, kwargs} specs", lambda v: all(_spec(s) for s in v))
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
     student: StudentSpec = field(default_factory=StudentSpec)
+    paths: PathsConfig = field(default_factory=PathsConfig)
     cache: bool = key()
     cache_dir: str = key()
     cache_teacher_logits_mb: float = key(*NON_NEGATIVE)

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from kdcl.data.checks import abbreviated, check_arrays, to_nchw
 from kdcl.data.splits import RawSplit, stratified_order
-from kdcl.errors import KdclError
+from kdcl.errors import DATA_DIR_HINT, KdclError
 from kdcl.registry import Registry
 
 DATASETS = Registry("dataset")
@@ -45,8 +45,8 @@ def npz(cfg: dict) -> tuple[RawSplit, RawSplit, list[str]]:
         path = root / f"{part}.npz"
         if not path.is_file():
             raise KdclError(
-                f"{path} not found",
-                fix="point dataset.root at a directory holding train.npz and test.npz (arrays x and y)",
+                f"{path.absolute()} not found",
+                fix=f"point dataset.root at a directory holding train.npz and test.npz (arrays x and y); {DATA_DIR_HINT}",
             )
         splits.append(read_npz(path))
     num_classes = int(max(s.y.max() for s in splits)) + 1

@@ -22,7 +22,7 @@ from kdcl.data.images import class_indices
 from kdcl.data.loaders import register_dataset
 from kdcl.data.splits import RawSplit
 from kdcl.data.tokens import TextEncoding, check_max_length, model_tokenizer, trained_tokenizer
-from kdcl.errors import KdclError
+from kdcl.errors import DATA_DIR_HINT, KdclError
 from kdcl.packaged import resolve
 
 
@@ -66,9 +66,10 @@ def read_texts(path: Path, text_columns: list[str], label_column: str, separator
     header = ",".join([label_column, *text_columns])
     if not path.is_file():
         raise KdclError(
-            f"{path} not found",
+            f"{path.absolute()} not found",
             fix=f"point dataset.root at a folder holding {cfg['train_file']} and {cfg['test_file']} "
-            f"(header line {header}), or name the files with dataset.train_file and dataset.test_file",
+            f"(header line {header}), or name the files with dataset.train_file and dataset.test_file; "
+            f"{DATA_DIR_HINT}",
         )
     delimiter = cfg["delimiter"] or ("\t" if path.suffix.lower() == ".tsv" else ",")
     try:

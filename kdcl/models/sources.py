@@ -24,6 +24,7 @@ input_shape=(C, H, W), pretrained=..., **kwargs)``. timm and transformers are op
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib
 import inspect
 import json
@@ -214,10 +215,11 @@ def timm_model(ref: str, num_classes: int, input_shape: InputShape, pretrained: 
     its pretrained weights come from the Hugging Face hub."""
     timm = optional_import("timm", f"model timm:{ref}")
     if not timm.is_model(ref):
-        close = ", ".join(timm.list_models(f"*{ref.split('.')[0][:6]}*")[:8])
+        close = difflib.get_close_matches(ref.split(".")[0], timm.list_models(), n=5)
         raise KdclError(
             f"timm has no model {ref!r}",
-            fix="choose a name of timm.list_models()" + (f", e.g. {close}" if close else ""),
+            fix=(f"did you mean timm:{close[0]}? (also close: {', '.join(close[1:])}); " if close else "")
+            + "choose a name of timm.list_models()",
         )
     with hub_files(f"timm:{ref}", "the pretrained weights"):
         return call_with_kwargs(

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
@@ -30,9 +31,34 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
     write_csv(frame, path)
 
 
+def labelled(frame: pd.DataFrame, columns: Mapping[str, Any]) -> pd.DataFrame:
+    """``frame`` with a column per entry of ``columns``, its value on every row, right after
+    ``model`` (a sweep job's swept keys in its summary)."""
+    frame = frame.copy()
+    for i, (name, value) in enumerate(columns.items(), start=1):
+        frame.insert(i, name, [value] * len(frame))
+    return frame
+
+
 def write_csv(frame: pd.DataFrame, path: Path) -> None:
-    """Write a table atomically: a reader sees the old file or the new one, never half."""
+    """Write a table atomically: a reader sees the old file or the new one, never half.
+    Its floats as :func:`csv_floats` writes them."""
+    frame = frame.copy()
+    for column in frame.columns:
+        if pd.api.types.is_float_dtype(frame[column]):
+            frame[column] = csv_floats(frame[column].to_numpy(dtype=np.float64))
     write_replacing(path, lambda tmp: frame.to_csv(tmp, index=False))
+
+
+def csv_floats(values: np.ndarray) -> np.ndarray:
+    """Floats as text: a value that is exactly a float32 (what torch measured) in the
+    shortest digits that give that float32 back (``0.1``, not ``0.10000000149011612``);
+    any other value, and whole numbers, as Python writes a float; NaN as an empty cell."""
+    single = values.astype(np.float32)
+    measured = (single.astype(np.float64) == values) & (values != np.round(values))
+    text = np.where(measured, single.astype(str), values.astype(str)).astype(object)
+    text[np.isnan(values)] = ""
+    return text
 
 
 def _fmt(value: Any) -> str:

@@ -18,7 +18,7 @@ Adding one: a module here with its run function, one line in :data:`SCENARIOS`, 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,8 @@ from kdcl.scenarios.record import run_record
 from kdcl.scenarios.standard import distilled_student, run_pipeline
 from kdcl.train.engine import EpochHook
 
-RunFn = Callable[[dict[str, Any], Path, Loggers, EpochHook | None], pd.DataFrame]
+# (cfg, out, loggers, on_epoch, job_columns) → the summary table
+RunFn = Callable[[dict[str, Any], Path, Loggers, EpochHook | None, Mapping[str, Any] | None], pd.DataFrame]
 
 
 @dataclass(frozen=True)

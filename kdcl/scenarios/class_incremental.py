@@ -49,7 +49,7 @@ import copy
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -67,7 +67,7 @@ from kdcl.data import Source, class_map, with_classes
 from kdcl.errors import KdclError
 from kdcl.models import classifier, count_params, freeze, grow_head, model_ref
 from kdcl.output.plots import heatmaps
-from kdcl.output.tables import print_table, write_csv
+from kdcl.output.tables import labelled, print_table, write_csv
 from kdcl.output.trackers import CSV_ONLY, Loggers
 from kdcl.registry import Registry
 from kdcl.scenarios.standard import (
@@ -225,7 +225,11 @@ def objective_arm(cfg: dict[str, Any]) -> str:
 
 
 def run_class_incremental(
-    cfg: dict[str, Any], out: Path, loggers: Loggers = CSV_ONLY, on_epoch: EpochHook | None = None
+    cfg: dict[str, Any],
+    out: Path,
+    loggers: Loggers = CSV_ONLY,
+    on_epoch: EpochHook | None = None,
+    job_columns: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Learn the task sequence with every arm of ``scenario.arms`` (each epoch's metrics to
     ``loggers``, and to ``on_epoch`` if given, as ``ARM/task_K``); write the tables."""
@@ -236,7 +240,7 @@ def run_class_incremental(
             f"scenario.objective_arm={settings['objective_arm']!r} is not one of scenario.arms {settings['arms']}",
             fix="name one of the arms",
         )
-    run = start_run(cfg, out, loggers, on_epoch)
+    run = start_run(cfg, out, loggers, on_epoch, job_columns)
     data = run.data
     classes = check_order(settings["class_order"], data.num_classes)
     if settings["tasks"] > len(classes):
@@ -491,7 +495,7 @@ def write_tables(run: Run, tasks: list[list[int]], results: dict[str, ArmResult]
             }
         )
     teacher = [{"model": "teacher", **run.rows["teacher"], "seed": run.cfg["seed"]}] if "teacher" in run.rows else []
-    summary = pd.DataFrame(summary_rows + teacher).reindex(columns=SUMMARY_COLUMNS)
+    summary = labelled(pd.DataFrame(summary_rows + teacher).reindex(columns=SUMMARY_COLUMNS), run.job_columns)
     matrix = pd.DataFrame(matrix_rows)
     per_task = pd.DataFrame([row for result in results.values() for row in result.tasks])
     if distributed.is_main():
@@ -518,6 +522,7 @@ def write_tables(run: Run, tasks: list[list[int]], results: dict[str, ArmResult]
             f"kdcl class-incremental summary — {run.out}",
             [
                 "model",
+                *run.job_columns,
                 "avg_acc",
                 "avg_forgetting",
                 "bwt",

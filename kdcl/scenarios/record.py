@@ -19,6 +19,7 @@ recorded, its cache, the folder, the examples and views stored and the seconds i
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -69,11 +70,15 @@ def recorded_distills(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def run_record(
-    cfg: dict[str, Any], out: Path, loggers: Loggers = CSV_ONLY, on_epoch: EpochHook | None = None
+    cfg: dict[str, Any],
+    out: Path,
+    loggers: Loggers = CSV_ONLY,
+    on_epoch: EpochHook | None = None,
+    job_columns: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """The teacher, then the stores of :func:`recorded_distills`; ``soft_labels.csv`` and the summary."""
     recorded = recorded_distills(cfg)
-    run = start_run(cfg, out, loggers, on_epoch)
+    run = start_run(cfg, out, loggers, on_epoch, job_columns)
     check_losses(run)
     with graceful_stop():
         teacher_stage(run)

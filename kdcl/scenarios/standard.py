@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,7 +67,7 @@ from kdcl.models import (
     to_device,
 )
 from kdcl.output.progress import RunProgress
-from kdcl.output.tables import print_table, write_csv
+from kdcl.output.tables import labelled, print_table, write_csv
 from kdcl.output.trackers import CSV_ONLY, Loggers
 from kdcl.scenarios.stage_cache import reuse_or_produce, soft_labels_dir, teacher_logits_slot
 from kdcl.train.assemble import StageRecipe, build_stage
@@ -139,6 +139,7 @@ class Run:
     loggers: Loggers = CSV_ONLY  # where the stages' per-epoch metrics go
     on_epoch: EpochHook | None = None  # sees every epoch of every stage (kdcl tune prunes with it)
     progress: RunProgress = field(default_factory=RunProgress)  # shows each stage as it trains
+    job_columns: dict[str, Any] = field(default_factory=dict)  # summary columns: a sweep job's swept keys
 
     def steps_per_epoch(self, role: str) -> int:
         """The optimizer steps of an epoch of ``role``'s stages: ``ceil(N / batch_size)``, N the
@@ -174,14 +175,19 @@ def distilled_student(cfg: dict[str, Any]) -> str:
 
 
 def run_pipeline(
-    cfg: dict[str, Any], out: Path, loggers: Loggers = CSV_ONLY, on_epoch: EpochHook | None = None
+    cfg: dict[str, Any],
+    out: Path,
+    loggers: Loggers = CSV_ONLY,
+    on_epoch: EpochHook | None = None,
+    job_columns: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Run every stage of ``cfg`` into ``out``, each epoch's metrics to ``loggers`` (and to
-    ``on_epoch`` if given), and return the summary table."""
+    ``on_epoch`` if given), and return the summary table (``job_columns``: columns of it,
+    one value each, e.g. a sweep job's swept keys)."""
     if cfg["born_again"]["generations"]:
         cfg = {**cfg, "student": {k: teacher_specs(cfg)[0].get(k) for k in ("name", "kwargs", "pretrained", TARGET)}}
         log.info("born-again: the student takes the teacher's architecture, %s", model_ref(cfg["student"]).label)
-    run = start_run(cfg, out, loggers, on_epoch)
+    run = start_run(cfg, out, loggers, on_epoch, job_columns)
     check_losses(run)
     run.progress.plan(planned_stages(run))
     with graceful_stop():
@@ -199,7 +205,13 @@ def run_pipeline(
     return summarize(run)
 
 
-def start_run(cfg: dict[str, Any], out: Path, loggers: Loggers = CSV_ONLY, on_epoch: EpochHook | None = None) -> Run:
+def start_run(
+    cfg: dict[str, Any],
+    out: Path,
+    loggers: Loggers = CSV_ONLY,
+    on_epoch: EpochHook | None = None,
+    job_columns: Mapping[str, Any] | None = None,
+) -> Run:
     """The run's trainer and data (the validation split carved), before any stage. Text
     data's tokenizer is saved as ``tokenizer.json`` in the run's directory (its
     checkpoints hold it too)."""
@@ -238,6 +250,7 @@ def start_run(cfg: dict[str, Any], out: Path, loggers: Loggers = CSV_ONLY, on_ep
         loggers=loggers,
         on_epoch=on_epoch,
         progress=RunProgress(settings.progress_every_s),
+        job_columns=dict(job_columns or {}),
     )
 
 
@@ -900,11 +913,12 @@ def summarize(run: Run) -> pd.DataFrame:
             if not name.startswith(("teacher", "baseline")) and row["arch"] == rows["baseline"]["arch"]:  # students
                 row["kd_gain"] = row["test_acc"] - rows["baseline"]["test_acc"]
     frame = pd.DataFrame([{"model": k, **v, "seed": run.cfg["seed"]} for k, v in rows.items()])
-    frame = frame.reindex(columns=SUMMARY_COLUMNS)
+    frame = labelled(frame.reindex(columns=SUMMARY_COLUMNS), run.job_columns)
     if distributed.is_main():
         write_csv(frame, run.out / "summary.csv")
         shown = [
             "model",
+            *run.job_columns,
             "arch",
             "distill",
             "curriculum",
