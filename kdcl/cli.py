@@ -69,8 +69,14 @@ def _guarded(job: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
         except KdclError as err:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
+            sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+            if sweep and isinstance(err, Interrupted):  # the whole sweep stops: resume it, not the job
+                err.fix = (
+                    f"run the same command again with hydra.sweep.dir={HydraConfig.get().sweep.dir}: "
+                    "its finished jobs are not trained again, and this one resumes where it stopped"
+                )
             _report(err)
-            if HydraConfig.get().mode == RunMode.MULTIRUN and not isinstance(err, Interrupted):
+            if sweep and not isinstance(err, Interrupted):
                 record_failure(err)
                 return None
             raise SystemExit(err.exit_code) from None

@@ -10,11 +10,14 @@ sees the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from kdcl.errors import KdclError
 
 
 def _umask() -> int:
@@ -47,9 +50,23 @@ def replacing(path: Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if disk_full(err):
+            raise KdclError(
+                f"cannot write {path}: no space left on the disk of {path.parent}",
+                fix="free space there (or point hydra.run.dir and cache_dir at another disk), then run the same "
+                "command again: the files written before are whole, and the run resumes from its last checkpoint",
+            ) from None
         raise
+
+
+def disk_full(err: BaseException) -> bool:
+    """Whether ``err`` says the disk (or the quota) is full: an OSError of ENOSPC or EDQUOT,
+    or torch's writer failing its write (it keeps no errno)."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(err, RuntimeError) and "file write failed" in str(err)
 
 
 def write_replacing(path: Path, write: Callable[[Path], object]) -> None:
@@ -61,3 +78,15 @@ def write_replacing(path: Path, write: Callable[[Path], object]) -> None:
 def write_text(path: Path, text: str) -> None:
     """``text`` into ``path``, whole or not at all, through no link."""
     write_replacing(path, lambda tmp: tmp.write_text(text))
+
+
+def open_lock(path: Path, otherwise: str = "or set cache=false"):
+    """The lock file ``path``, opened for appending (it is never written); a link at its name
+    is refused, not followed. ``otherwise``: the way round it a message offers."""
+    try:
+        return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o666), "a")
+    except OSError as err:
+        raise KdclError(
+            f"cannot open the lock file {path} ({err.strerror}; a symbolic link there is refused)",
+            fix=f"delete {path} (a lock file holds nothing), {otherwise}",
+        ) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import subprocess
 import sys
 import zipfile
@@ -11,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import QUICK
+from conftest import QUICK, stop_after
 
 from kdcl.output import progress
+from kdcl.train import engine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -285,3 +287,28 @@ def test_an_unknown_recipe_gets_a_guess_and_every_recipe_nested_ones_too(cli):
     assert result.returncode == 2
     assert_clean_error(result, "did you mean +experiment=cifar10_cpu?", "cifar100/resnet56_resnet20", "ag_news_minilm")
     assert "Config search path" not in result.stdout + result.stderr  # Hydra's own message is not shown
+
+
+def test_a_second_run_into_a_busy_run_folder_stops_at_once(cli, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / ".kdcl-run.lock", "a") as held:  # as the first run holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = cli("train", *QUICK, f"hydra.run.dir={run}")
+    assert_clean_error(result, f"another kdcl run is writing into {run}", "choose another hydra.run.dir")
+    assert not (run / "teacher").exists() and not (run / "summary.csv").exists()
+
+
+def test_a_stopped_sweep_says_how_to_resume_the_sweep_and_that_resumes_it(cli, tmp_path, monkeypatch):
+    sweep = tmp_path / "sweep"
+    args = ["train", "-m", "distill.alpha=0.1,0.9", "trainer.epochs=1", "dataset.max_train_samples=300"]
+    monkeypatch.setattr(engine, "train_step", stop_after("distill", 2))  # Ctrl-C in job 0's distill stage
+    stopped = cli(*args, f"hydra.sweep.dir={sweep}")
+    assert stopped.returncode == 130
+    assert f"run the same command again with hydra.sweep.dir={sweep}" in stopped.stderr
+    assert not (sweep / "1").exists()  # the sweep stopped with its job
+    monkeypatch.undo()
+    resumed = cli(*args, f"hydra.sweep.dir={sweep}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "teacher epoch" not in resumed.stderr  # neither job trains its teacher again
+    assert all((sweep / job / "summary.csv").is_file() for job in ("0", "1"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -89,15 +90,43 @@ def test_a_replay_of_other_batches_stops(tmp_path):
     assert "cache_teacher_logits_mb=0" in err.value.fix
 
 
-def test_a_damaged_recording_is_one_clear_error(tmp_path):
+def cut_file(files: Path) -> None:
+    logits = files / "logits.npy"
+    logits.write_bytes(logits.read_bytes()[:100])
+
+
+def cut_offsets(files: Path) -> None:
+    np.save(files / "offsets.npy", np.load(files / "offsets.npy")[:-3])
+
+
+def fewer_steps(files: Path) -> None:
+    """A table that fits together, of 3 steps fewer than the stage takes."""
+    offsets = np.load(files / "offsets.npy")[:-3]
+    for name in ("logits.npy", "index.npy"):
+        np.save(files / name, np.load(files / name)[: offsets[-1]])
+    np.save(files / "offsets.npy", offsets)
+
+
+@pytest.mark.parametrize(
+    ("damage", "what"),
+    [
+        (cut_file, "cannot be read"),
+        (cut_offsets, "do not fit together"),
+        (fewer_steps, r"hold (\d+) steps, not the (\d+)"),
+    ],
+)
+def test_a_damaged_recording_is_one_clear_error_before_training(tmp_path, damage, what):
     cache = tmp_path / "cache"
     run(cache, tmp_path / "recorded")
     [entry] = logit_entries(cache)
-    logits = entry / "files" / "logits.npy"
-    logits.write_bytes(logits.read_bytes()[:100])
-    with pytest.raises(KdclError, match="recorded teacher logits in .* cannot be read") as err:
+    damage(entry / "files")
+    with pytest.raises(KdclError, match=f"recorded teacher logits in .* {what}") as err:
         run(cache, tmp_path / "replayed", "distill.alpha=0.5")
     assert f"delete {entry}" in err.value.fix
+    assert not (tmp_path / "replayed" / "distill" / "metrics.csv").exists()  # stopped before its first epoch
+    if damage is fewer_steps:
+        held, steps = map(int, re.search(what, err.value.what).groups())
+        assert steps - held == 3
 
 
 @pytest.mark.parametrize(

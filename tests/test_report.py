@@ -398,3 +398,30 @@ def test_csv_floats_drop_float32_noise_and_keep_float64_values(tmp_path):
     assert list(tables.csv_floats(values)) == ["0.1", "0.8980263", "679626240.0", "0.1", "123456789.123", "", "2.0"]
     tables.write_csv(pd.DataFrame({"model": ["a", "b"], "acc": [0.10000000149011612, np.nan]}), tmp_path / "t.csv")
     assert (tmp_path / "t.csv").read_text() == "model,acc\na,0.1\nb,\n"
+
+
+def test_damaged_jobs_are_named_and_left_out_of_the_report(cli, tmp_path):
+    sweep = tmp_path / "sweep"
+    for job in range(6):
+        fake_job(sweep / str(job), [f"seed={job}"], 0.80, 0.78, 0.85, seed=job)
+    (sweep / "1" / "summary.csv").write_bytes(b"model,test_acc\n\xff\xfe,0.5\n")  # not UTF-8
+    pd.DataFrame({"test_acc": [0.5]}).to_csv(sweep / "2" / "summary.csv", index=False)  # no model column
+    (sweep / "3" / "summary.csv").unlink()
+    (sweep / "3" / "pruned.json").write_text("{not json")
+    (sweep / "4" / ".hydra" / "overrides.yaml").write_text("- !!python/object/apply:os.system ['true']\n")
+    result = cli("report", str(sweep))
+    assert result.returncode == 0, result.stderr
+    assert pd.read_csv(sweep / "report.csv")["run"].tolist() == ["sweep/0", "sweep/5"]
+    out = result.stdout + result.stderr
+    for job in ("1", "2", "3", "4"):
+        assert f"skipped: {sweep / job}: damaged, left out" in out
+    assert "Traceback" not in out
+
+
+def test_a_report_into_a_folder_that_cannot_be_made_is_one_message(cli, tmp_path):
+    run = tmp_path / "run"
+    fake_job(run, [], 0.82, 0.79, 0.85)
+    (tmp_path / "file").write_text("")
+    result = cli("report", str(run), "--out", str(tmp_path / "file" / "report"))
+    assert_clean_error(result, f"cannot write the report into {tmp_path / 'file' / 'report'}", "pass --out DIR")
+    assert not (run / "report.csv").exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import random
 import sys
 from pathlib import Path
@@ -193,6 +194,7 @@ def test_tsv_file_and_index_labels(tmp_path):
     [
         (None, ["dataset.text_columns=[headline]"], "has no column 'headline'"),
         ("empty_text", [], r"line 3 has no text"),
+        ("newline_then_empty", [], r"line 5 has no text"),  # row 1 spans lines 2 and 3
         (None, ["dataset.class_names=[money,space]"], r"labels sports are not among dataset.class_names"),
         ("index_labels", ["dataset.class_names=[a,b]"], r"labels 2 outside 0..1"),
         (
@@ -209,6 +211,9 @@ def test_bad_input_is_one_clear_error(tmp_path, change, overrides, message):
     rows = sentences(12, seed=4)
     if change == "empty_text":
         rows[1] = (rows[1][0], " ", "")
+    if change == "newline_then_empty":
+        rows[0] = (rows[0][0], rows[0][1], "two\nlines")
+        rows[2] = (rows[2][0], " ", "")
     if change == "index_labels":
         rows = [(i % 3, title, body) for i, (_, title, body) in enumerate(rows)]
     write_table(tmp_path / "train.csv", rows)
@@ -216,6 +221,21 @@ def test_bad_input_is_one_clear_error(tmp_path, change, overrides, message):
     with pytest.raises(KdclError, match=message) as info:
         load(tmp_path, *overrides)
     assert info.value.fix
+
+
+def test_a_huge_text_is_cut_before_tokenizing_with_a_warning(tmp_path, caplog):
+    """A text is cut to 100 characters per token of max_length (12: 1,200) first: its ids are
+    those of its first 1,200 characters, which hold more than the 12 tokens kept."""
+    rows = sentences(12, seed=4)
+    huge = " ".join(["goal"] * 20_000)  # 100k characters on one line
+    rows[0] = (rows[0][0], "Goal", huge)
+    write_table(tmp_path / "train.csv", rows)
+    write_table(tmp_path / "test.csv", sentences(6, seed=5))
+    with caplog.at_level(logging.WARNING):
+        data = load(tmp_path)
+    assert "1 train split text(s) longer than 1200 characters cut" in caplog.text
+    [ids] = [split.x[i] for split in (data.train, data.val) for i in np.flatnonzero(split.origin == 0)]
+    assert ids.tolist() == data.text.encode([f"Goal {huge}"[:1200]])[0].tolist()
 
 
 def test_tokenizer_of_a_model_directory(tmp_path, text_root):

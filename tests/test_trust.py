@@ -9,6 +9,7 @@ sentinel file is never created.
 from __future__ import annotations
 
 import ast
+import errno
 import json
 import os
 from pathlib import Path
@@ -19,6 +20,7 @@ import yaml
 from conftest import QUICK, compose_config
 
 from kdcl.errors import KdclError
+from kdcl.files import write_replacing
 from kdcl.models import build_model
 from kdcl.scenarios.standard import load_predictions, run_pipeline
 from kdcl.train.checkpoint import FORMAT, model_from_checkpoint, save_checkpoint
@@ -283,3 +285,28 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        RuntimeError(
+            "[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/0: file write failed"
+        ),
+    ],
+)
+def test_a_full_disk_is_one_message_and_leaves_the_old_file_whole(tmp_path, failure):
+    path = tmp_path / "best.pt"
+    path.write_text("the epoch before")
+
+    def write(tmp):
+        tmp.write_text("half")
+        raise failure
+
+    with pytest.raises(KdclError, match=f"cannot write {path}: no space left on the disk") as err:
+        write_replacing(path, write)
+    assert "run the same command again" in err.value.fix
+    assert path.read_text() == "the epoch before" and sorted(p.name for p in tmp_path.iterdir()) == ["best.pt"]
+    with pytest.raises(ValueError):  # any other failure is not taken for a full disk
+        write_replacing(path, lambda tmp: (_ for _ in ()).throw(ValueError("bad")))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any
 import pandas as pd
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 
 from kdcl.commands.failures import FAILED_FILE, PRUNED_FILE
 from kdcl.errors import KdclError
@@ -192,25 +194,59 @@ def model_rows(summary: pd.DataFrame, seed: Any, run: str) -> pd.DataFrame:
     return models
 
 
+# What a damaged job's files raise when read: unreadable or non-UTF-8 files, CSV without
+# rows, JSON or YAML that does not parse (a YAML tag naming Python), a missing column or key.
+DAMAGED = (OSError, ValueError, KeyError, yaml.YAMLError, OverrideParseException)
+
+
+@dataclass
+class Job:
+    """What a report reads of one job folder."""
+
+    row: dict[str, Any]  # its row of the jobs table
+    overrides: dict[str, Any]
+    models: pd.DataFrame | None  # its summary's model rows (None: a pruned trial)
+    curve: pd.DataFrame | None  # its distilled student's metrics.csv
+
+
+def read_job(job: Path, run: str, parser: OverridesParser) -> Job:
+    """A job folder's overrides, summary (or pruned record) and learning curve; a damaged
+    file raises one of :data:`DAMAGED`."""
+    overrides = read_overrides(job, parser)
+    if (job / "summary.csv").is_file():
+        summary = pd.read_csv(job / "summary.csv")
+        if "model" not in summary.columns:
+            raise KeyError("summary.csv has no model column")
+        row = {"run": run, **overrides, STATUS: "finished", **job_metrics(summary)}
+        models = model_rows(summary, overrides.get(SEED), run).assign(**{"run": run, **overrides})
+    else:
+        row, models = {"run": run, **overrides, STATUS: "pruned", **pruned_metrics(job)}, None
+    metrics = job / "distill" / "metrics.csv"
+    return Job(row, overrides, models, pd.read_csv(metrics) if metrics.is_file() else None)
+
+
 def collect(paths: list[Path]) -> Report:
-    """Every job under ``paths``, in order (job 10 after job 9)."""
+    """Every job under ``paths``, in order (job 10 after job 9); a job whose files are
+    damaged is skipped with a note naming it and why."""
     parser = OverridesParser.create()
     rows, models, keys, curves, skipped = [], [], {}, {}, []
     for base in paths:
         jobs, notes = find_jobs(base)
         skipped += notes
-        for job in jobs:
-            run = str(job.relative_to(base.parent))
-            overrides = read_overrides(job, parser)
-            keys.update(dict.fromkeys(overrides))
-            if (job / "summary.csv").is_file():
-                summary = pd.read_csv(job / "summary.csv")
-                rows.append({"run": run, **overrides, STATUS: "finished", **job_metrics(summary)})
-                models.append(model_rows(summary, overrides.get(SEED), run).assign(**{"run": run, **overrides}))
-            else:
-                rows.append({"run": run, **overrides, STATUS: "pruned", **pruned_metrics(job)})
-            if (job / "distill" / "metrics.csv").is_file():
-                curves[run] = pd.read_csv(job / "distill" / "metrics.csv")
+        for folder in jobs:
+            run = str(folder.relative_to(base.parent))
+            try:
+                job = read_job(folder, run, parser)
+            except DAMAGED as err:
+                reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+                skipped.append(f"{folder}: damaged, left out ({type(err).__name__}: {reason})")
+                continue
+            keys.update(dict.fromkeys(job.overrides))
+            rows.append(job.row)
+            if job.models is not None:
+                models.append(job.models)
+            if job.curve is not None:
+                curves[run] = job.curve
     if not models:
         pruned = f" ({len(rows)} pruned trials)" if rows else ""
         raise KdclError(
@@ -419,9 +455,22 @@ def arm_section(report: Report, out: Path) -> list[str]:
 
 
 # --------------------------------------------------------------------------- output
+def writable_folder(out: Path) -> None:
+    """Make ``out``; one message if it cannot be made or written into, before anything is."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        writable = os.access(out, os.W_OK | os.X_OK)
+    except OSError as err:
+        writable, why = False, err.strerror or type(err).__name__
+    else:
+        why = "permission denied"
+    if not writable:
+        raise KdclError(f"cannot write the report into {out} ({why})", fix="pass --out DIR, a folder you can write")
+
+
 def write_report(report: Report, out: Path, keys: tuple[str, str] | None) -> list[Path]:
     """Print the tables and write report.csv, report.md, arms.csv, the PNGs (and seeds.csv); return the files."""
-    out.mkdir(parents=True, exist_ok=True)
+    writable_folder(out)
     files = [out / "report.csv", out / "report.md"]
     write_csv(report.jobs, files[0])
     pruned = f", {report.pruned} of them pruned" if report.pruned else ""

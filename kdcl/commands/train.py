@@ -22,6 +22,7 @@ from kdcl.errors import KdclError
 from kdcl.output.trackers import Loggers, TrackedRun, check_loggers, open_loggers
 from kdcl.scenarios import REGISTERED_NAMES, SCENARIOS, Scenario
 from kdcl.train.engine import EpochHook, resolve_device
+from kdcl.train.resume import run_folder_lock
 from kdcl.trust import check_saved_config
 
 log = logging.getLogger("kdcl")
@@ -77,7 +78,7 @@ def train_here(
     each epoch's metrics to its loggers (``on_epoch`` also sees each epoch of each stage;
     ``job_columns`` go into the summary, a sweep job's swept keys); the objective."""
     distributed.agree_on_run_dir(out)
-    with open_loggers(loggers_of(cfg), TrackedRun(out, cfg)) as run_loggers:
+    with run_folder_lock(out), open_loggers(loggers_of(cfg), TrackedRun(out, cfg)) as run_loggers:
         summary = scenario_of(cfg).run(cfg, out, run_loggers, on_epoch, job_columns)
         log_results(run_loggers, summary, out)
     log.info("wrote %s", out / "summary.csv")

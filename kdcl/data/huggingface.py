@@ -27,7 +27,7 @@ from kdcl.data.checks import abbreviated
 from kdcl.data.images import EncodedImage, class_indices, image_splits, read_file
 from kdcl.data.loaders import register_dataset
 from kdcl.data.splits import RawSplit
-from kdcl.data.text import text_encoding
+from kdcl.data.text import encoded_splits
 from kdcl.data.tokens import check_max_length
 from kdcl.errors import KdclError
 
@@ -177,8 +177,7 @@ def hugging_face_text(cfg: dict) -> tuple[RawSplit, RawSplit, list[str]]:
         role: joined_texts(split, text_keys, cfg, f"split {cfg[f'{role}_split']!r} of {cfg['path']}")
         for role, split in splits.items()
     }
-    encoding = text_encoding(cfg, texts["train"])
-    train, test = (RawSplit(labels[role], encoding.encode(texts[role]), text=encoding) for role in ("train", "test"))
+    train, test = encoded_splits(cfg, texts, labels)
     return train, test, class_names
 
 

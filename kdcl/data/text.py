@@ -13,6 +13,8 @@ tokenizer (``dataset.trained_tokenizer``, set by ``kdcl eval``) is used as it is
 
 from __future__ import annotations
 
+import csv
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,8 @@ from kdcl.data.splits import RawSplit
 from kdcl.data.tokens import TextEncoding, check_max_length, model_tokenizer, trained_tokenizer
 from kdcl.errors import DATA_DIR_HINT, KdclError
 from kdcl.packaged import resolve
+
+log = logging.getLogger(__name__)
 
 
 @register_dataset("text_csv")
@@ -41,11 +45,49 @@ def text_csv(cfg: dict) -> tuple[RawSplit, RawSplit, list[str]]:
     labels, class_names = class_indices(
         f"{root} (train and test files)", {split: y for split, (_, y) in rows.items()}, cfg["class_names"]
     )
-    encoding = text_encoding(cfg, rows["train"][0])
-    train, test = (
-        RawSplit(labels[split], encoding.encode(rows[split][0]), text=encoding) for split in ("train", "test")
-    )
+    train, test = encoded_splits(cfg, {split: texts for split, (texts, _) in rows.items()}, labels)
     return train, test, class_names
+
+
+# A token holds at most this many characters (WordPiece's longest word; a BPE piece is
+# shorter): a text is cut to this many per token of dataset.max_length before tokenizing,
+# which keeps every token the model sees and bounds the memory one long line takes.
+CHARS_PER_TOKEN = 100
+
+
+def encoded_splits(cfg: dict, texts: dict[str, list[str]], labels: dict[str, np.ndarray]) -> tuple[RawSplit, RawSplit]:
+    """The train and test texts as ids (:func:`text_encoding`), each cut first to
+    ``CHARS_PER_TOKEN · max_length`` characters, with a warning where any was."""
+    limit = CHARS_PER_TOKEN * cfg["max_length"]
+    for split, values in texts.items():
+        long = sum(len(text) > limit for text in values)
+        if long:
+            log.warning(
+                "%s: %d %s split text(s) longer than %d characters cut to that before tokenizing "
+                "(dataset.max_length=%d tokens are kept of each)",
+                cfg["name"],
+                long,
+                split,
+                limit,
+                cfg["max_length"],
+            )
+            texts = {**texts, split: [text[:limit] for text in values]}
+    encoding = text_encoding(cfg, texts["train"])
+    train, test = (RawSplit(labels[split], encoding.encode(texts[split]), text=encoding) for split in ("train", "test"))
+    return train, test
+
+
+def record_lines(path: Path, delimiter: str) -> np.ndarray:
+    """The line of ``path`` each row of data starts on (the header is line 1; a quoted field
+    may span lines, and blank lines hold no row), as a reader of the file counts them."""
+    starts, end = [], 0
+    with path.open(newline="", encoding="utf-8") as file:
+        reader = csv.reader(file, delimiter=delimiter)
+        for row in reader:
+            if row:
+                starts.append(end + 1)
+            end = reader.line_num
+    return np.array(starts[1:])
 
 
 def text_encoding(cfg: dict, train_texts: list[str]) -> TextEncoding:
@@ -92,8 +134,9 @@ def read_texts(path: Path, text_columns: list[str], label_column: str, separator
         raise KdclError(f"{path} holds no examples", fix=f"write a header line {header}, then one row per example")
     texts = table[text_columns].apply(lambda row: separator.join(v.strip() for v in row if v.strip()), axis=1)
     for what, values in (("text", texts), (label_column, table[label_column].str.strip())):
-        blank = np.flatnonzero(values.to_numpy() == "") + 2  # line numbers: the header is line 1
+        blank = np.flatnonzero(values.to_numpy() == "")
         if len(blank):
+            blank = record_lines(path, delimiter)[blank]
             several = len(blank) > 1
             raise KdclError(
                 f"{path}: line{'s' if several else ''} {abbreviated(blank)} ha{'ve' if several else 's'} no {what}",

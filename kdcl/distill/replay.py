@@ -62,6 +62,21 @@ class TeacherLogits:
                 f"the recorded teacher logits in {folder} cannot be read ({err})",
                 fix=f"delete {folder.parent} (the next run records them again), or set cache_teacher_logits_mb=0",
             ) from None
+        fits = (
+            logits.ndim == 2
+            and index.ndim == offsets.ndim == 1
+            and len(logits) == len(index)
+            and len(offsets) > 1
+            and offsets[0] == 0
+            and offsets[-1] == len(index)
+            and bool((np.diff(offsets) >= 0).all())
+        )
+        if not fits:
+            raise KdclError(
+                f"the recorded teacher logits in {folder} do not fit together (logits {logits.shape}, "
+                f"index {index.shape}, offsets {offsets.shape} from {offsets[:1]} to {offsets[-1:]})",
+                fix=f"delete {folder.parent} (the next run records them again), or set cache_teacher_logits_mb=0",
+            )
         return cls(torch.from_numpy(logits).to(device), torch.from_numpy(index).to(device), offsets.tolist())
 
 
@@ -152,9 +167,16 @@ class ReplaySlot:
     store: Callable[[TeacherLogits], None]
     feed: LogitRecorder | LogitReplay | None = None
 
-    def wrap(self, online: Feed, preprocess: Preprocess, num_classes: int, device: torch.device) -> Feed:
-        """The stage's feed in place of ``online``: the replay, or ``online`` recorded."""
+    def wrap(self, online: Feed, preprocess: Preprocess, num_classes: int, device: torch.device, steps: int) -> Feed:
+        """The stage's feed in place of ``online``: the replay (of the stage's ``steps``
+        steps), or ``online`` recorded."""
         table = self.load()
+        if table is not None and len(table.offsets) != steps + 1:
+            raise KdclError(
+                f"the recorded teacher logits in {self.source} hold {len(table.offsets) - 1} steps, "
+                f"not the {steps} of this stage",
+                fix=f"delete {self.source} (the next run records them again), or set cache_teacher_logits_mb=0",
+            )
         if table is not None:
             self.feed = LogitReplay(preprocess, table, self.source)
         else:

@@ -41,7 +41,7 @@ from kdcl.config.options import (
 from kdcl.config.schema import PRETRAINED_TEACHER
 from kdcl.distill.replay import ReplaySlot, TeacherLogits, table_mb
 from kdcl.errors import KdclError
-from kdcl.files import write_replacing
+from kdcl.files import open_lock, write_replacing
 from kdcl.models import model_revision
 from kdcl.train.engine import TrainSettings
 from kdcl.train.resume import write_done
@@ -152,18 +152,6 @@ class Entry:
             write_replacing(Path(target), lambda tmp: shutil.copy2(source, tmp))
 
         shutil.copytree(self.path / "files", dest, dirs_exist_ok=True, copy_function=copy)
-
-
-def open_lock(path: Path):
-    """The lock file ``path``, opened for appending (it is never written); a link at its name
-    is refused, not followed."""
-    try:
-        return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o666), "a")
-    except OSError as err:
-        raise KdclError(
-            f"cannot open the stage-cache lock {path} ({err.strerror}; a symbolic link there is refused)",
-            fix=f"delete {path} (a lock file holds nothing), or set cache=false",
-        ) from None
 
 
 class StageCache:

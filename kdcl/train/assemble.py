@@ -151,7 +151,7 @@ def build_stage(
                 strong=StrongViews(seed) if loss_fn.views > 1 else None,
             )
             if replay is not None and teacher_at is not None and replayable(control_cfg, teachers, loss_fn, mixer):
-                feed = replay.wrap(feed, data.preprocess, data.num_classes, trainer.device)
+                feed = replay.wrap(feed, data.preprocess, data.num_classes, trainer.device, total_steps)
             yield Stage(
                 name=name,
                 model=model,

@@ -11,6 +11,7 @@ and a re-run skips it.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import random
 import signal
@@ -23,8 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from kdcl import distributed
 from kdcl.errors import KdclError
-from kdcl.files import write_replacing, write_text
+from kdcl.files import open_lock, write_replacing, write_text
 
 
 @dataclass
@@ -154,3 +156,26 @@ def check_same_config(found: dict[str, Any], wanted: dict[str, Any], where: Path
         f"{where} was made with a different config (differs in: {', '.join(keys)})",
         fix="use a new hydra.run.dir, or repeat the original overrides to resume it",
     )
+
+
+RUN_LOCK = ".kdcl-run.lock"  # in a run folder: held by the kdcl train writing into it
+
+
+@contextmanager
+def run_folder_lock(out: Path) -> Iterator[None]:
+    """Hold ``out``'s :data:`RUN_LOCK` while a run writes into ``out`` (rank 0 under DDP):
+    a second run into the same folder stops at once rather than write over the first's files."""
+    if not distributed.is_main():
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with open_lock(out / RUN_LOCK, "or choose another hydra.run.dir") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise KdclError(
+                f"another kdcl run is writing into {out}",
+                fix="wait for it to end (a run stopped half-way resumes when you run it again), "
+                "or choose another hydra.run.dir",
+            ) from None
+        yield
