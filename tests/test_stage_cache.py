@@ -356,3 +356,16 @@ def test_rows_stored_before_the_macs_column_still_serve(compose_cfg, tmp_path):
         resumed.drop(columns=["checkpoint", "seconds"]), old.drop(columns=["checkpoint", "seconds"])
     )
     assert (resumed["macs"] > 0).all()
+
+
+def test_a_cached_stage_that_cannot_be_loaded_names_its_entry(compose_cfg, tmp_path):
+    cache = tmp_path / "cache"
+    cached_run(compose_cfg, cache, tmp_path / "first")
+    [teacher] = (cache / name for name in entries(cache) if name.startswith("teacher-"))
+    (teacher / "files" / "best.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(
+        KdclError, match=f"the teacher taken from the stage cache entry {teacher} cannot be used"
+    ) as err:
+        cached_run(compose_cfg, cache, tmp_path / "second")
+    assert f"delete {teacher} and {tmp_path / 'second' / 'teacher'}" in err.value.fix
+    assert not (tmp_path / "second" / "baseline").exists()  # stopped at the teacher

@@ -218,8 +218,8 @@ def reuse_or_produce(
     that folder) and store it with ``produced_row()``, its summary row.
 
     Returns ``(produce's result, None)`` after training, ``(None, the cached row)`` on a hit;
-    the row's checkpoint path then points at the run's copy, and ``done.json`` marks the
-    stage finished under this run's config.
+    the row's checkpoint path then points at the run's copy, its ``entry`` names the cache
+    entry it came from, and ``done.json`` marks the stage finished under this run's config.
     """
     if not cfg["cache"] or stage not in CACHED_STAGES:
         return produce(), None
@@ -242,7 +242,7 @@ def reuse_or_produce(
         entry.restore(stage_dir)
         write_done(stage_dir / "done.json", row, cfg)
     distributed.barrier()  # the restored files are there for every rank
-    return None, row
+    return None, {**row, "entry": str(open_cache(cfg).root / name)}
 
 
 def teacher_logits_key(

@@ -530,14 +530,21 @@ def reuse_or_train(run: Run, stage: str, produce: Callable[[], nn.Module]) -> nn
     )
     if cached_row is None:
         return model
+    entry = cached_row.pop("entry")
     run.loggers.log_past_epochs(stage, run.out / stage)
-    model = run.load_model(cached_row["checkpoint"])
-    predictions = run.stage_dir(stage) / PREDICTIONS_FILE
-    if predictions.is_file() and {"macs", "test_acc_top5"} <= cached_row.keys():
-        run.test_predictions[stage] = load_predictions(predictions, len(run.data.test))
-        run.rows[stage] = cached_row
-    else:  # an entry stored before its predictions (or its macs or top-5 column) were kept
-        run.rows[stage] = {**test_columns(run, stage, model), **cached_row}
+    try:
+        model = run.load_model(cached_row["checkpoint"])
+        predictions = run.stage_dir(stage) / PREDICTIONS_FILE
+        if predictions.is_file() and {"macs", "test_acc_top5"} <= cached_row.keys():
+            run.test_predictions[stage] = load_predictions(predictions, len(run.data.test))
+            run.rows[stage] = cached_row
+        else:  # an entry stored before its predictions (or its macs or top-5 column) were kept
+            run.rows[stage] = {**test_columns(run, stage, model), **cached_row}
+    except KdclError as err:
+        raise KdclError(
+            f"the {stage} taken from the stage cache entry {entry} cannot be used: {err.what}",
+            fix=f"delete {entry} and {run.out / stage} (the next run trains the {stage} again), or set cache=false",
+        ) from None
     return model
 
 
