@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -53,6 +54,7 @@ def key(stage: str, *overrides: str, trainer: TrainSettings = CPU) -> str:
         "trainer.amp=false",
         "dataset.num_workers=2",
         "cache_dir=elsewhere",
+        "trainer.progress_every_s=5",
     ],
 )
 def test_distill_curriculum_and_speed_knobs_hit(override):
@@ -76,11 +78,18 @@ def test_distill_curriculum_and_speed_knobs_hit(override):
         "dataset.flip=true",
         "trainer.channels_last=false",
         "dataset.crop_padding_mode=zeros",
+        "trainer.grad_clip_norm=1.0",
     ],
 )
 def test_recipe_data_and_seed_changes_miss(override):
     for stage in ("teacher", "baseline"):
         assert key(stage, override) != key(stage)
+
+
+def test_precision_keys_and_a_knob_left_off_keys_as_before_it_existed():
+    bf16, fp16 = replace(CPU, amp=True), replace(CPU, amp=True, amp_dtype=torch.float16)
+    assert len({key("teacher"), key("teacher", trainer=bf16), key("teacher", trainer=fp16)}) == 3
+    assert "grad_clip_norm" not in stage_key(composed(), "teacher", CPU)["trainer"]
 
 
 def test_the_curriculum_experiment_reuses_the_cifar10_cpu_teacher_and_baseline():

@@ -369,7 +369,9 @@ class TrainerConfig:
     batch_size: int = key(*COUNT)
     eval_batch_size: int = key(*COUNT)
     device: str = key(*DEVICE)
-    amp: Union[bool, str] = key("auto, true or false", lambda v: v in ("auto", True, False))
+    amp: Union[bool, str] = key(
+        "auto, true (bf16), fp16 (with a gradient scaler) or false", lambda v: v in ("auto", True, False, "fp16")
+    )
     channels_last: bool = key()
     early_stopping_patience: Optional[int] = key(*_or_null(COUNT))
     checkpoint_every_steps: Optional[int] = key(*_or_null(COUNT))
@@ -379,6 +381,7 @@ class TrainerConfig:
     label_smoothing: float = key(*SMOOTHING)
     mix: Dict[str, float] = key(*MIX_ALPHAS)
     progress_every_s: float = key("seconds > 0", lambda v: v > 0)
+    grad_clip_norm: Optional[float] = key(*_or_null(("a norm > 0", lambda v: v > 0)))
 
 
 @dataclass

@@ -65,6 +65,9 @@ NOT_IN_KEY = {
     "dataset": ("num_workers", "download", "max_memory_gb"),
 }
 
+# Trainer keys that enter the key only when set (not null): knobs added after entries were stored.
+KEYED_WHEN_SET = ("grad_clip_norm",)
+
 # Dataset keys that hold a local path: a relative one resolves against the working directory.
 # dataset.path (hf) may instead name a builder or a Hub id: it resolves only when it exists here.
 LOCAL_PATHS = ("root", "data_dir")
@@ -90,7 +93,10 @@ def stage_key(cfg: dict[str, Any], stage: str, trainer: TrainSettings) -> dict[s
         local = name in LOCAL_PATHS or (name == "path" and Path(str(value)).expanduser().exists())
         if isinstance(value, str) and local:
             data[name] = str(Path(value).expanduser().resolve())
-    sections["trainer"].update(device_type=trainer.device.type, amp=trainer.amp)
+    sections["trainer"].update(device_type=trainer.device.type, amp="fp16" if trainer.fp16 else trainer.amp)
+    for name in KEYED_WHEN_SET:  # a knob left off keys as before the knob existed
+        if sections["trainer"].get(name) is None:
+            sections["trainer"].pop(name, None)
     if distributed.world() > 1:
         sections["trainer"]["processes"] = distributed.world()
     spec = cfg[role]

@@ -235,7 +235,7 @@ def start_run(
     log.info(
         "trainer: device %s, %s, compile %s, channels_last %s, %d CPU threads",
         trainer.device,
-        "bf16 autocast" if trainer.amp else "fp32",
+        trainer.precision,
         "on" if trainer.compile else "off",
         "on" if settings.channels_last else "off",
         torch.get_num_threads(),

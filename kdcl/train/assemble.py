@@ -169,6 +169,7 @@ def build_stage(
                 steps_per_epoch=steps_per_epoch,
                 loggers=loggers,
                 mixer=mixer,
+                scaler=torch.amp.GradScaler(trainer.device.type, enabled=trainer.fp16),
             )
     finally:
         loss_fn.release()

@@ -95,6 +95,8 @@ class TrainSettings:
     eval_batch_size: int
     amp: bool
     early_stopping_patience: int | None = None
+    amp_dtype: torch.dtype = torch.bfloat16  # autocast's precision: bf16, or fp16 with a gradient scaler
+    grad_clip_norm: float | None = None  # the gradient's largest global L2 norm (trainer.grad_clip_norm)
     checkpoint_every_steps: int | None = None
     compile: bool = False
     label_smoothing: float = 0.0  # ε of the hard-label cross-entropy
@@ -103,7 +105,8 @@ class TrainSettings:
     @classmethod
     def from_config(cls, t: TrainerConfig) -> TrainSettings:
         """The ``trainer`` section: resolves the device (``auto``: CUDA when there is
-        one), bf16 autocast (``auto``: on CUDA) and the CPU thread count (``threads``)."""
+        one), autocast (``auto``: bf16 on CUDA; ``fp16``: float16) and the CPU thread count
+        (``threads``)."""
         device = distributed.device(resolve_device(t.device))
         if t.threads:
             torch.set_num_threads(t.threads)
@@ -113,6 +116,8 @@ class TrainSettings:
             batch_size=t.batch_size,
             eval_batch_size=t.eval_batch_size,
             amp=device.type == "cuda" if t.amp == "auto" else bool(t.amp),
+            amp_dtype=torch.float16 if t.amp == "fp16" else torch.bfloat16,
+            grad_clip_norm=t.grad_clip_norm,
             early_stopping_patience=t.early_stopping_patience,
             checkpoint_every_steps=t.checkpoint_every_steps,
             compile=t.compile,
@@ -130,10 +135,19 @@ class TrainSettings:
             model.forward = torch.compile(_own_frame(model.forward))
         return model
 
+    @property
+    def fp16(self) -> bool:
+        """Float16 autocast, whose small range needs the loss scaled (a gradient scaler)."""
+        return self.amp and self.amp_dtype == torch.float16
+
+    @property
+    def precision(self) -> str:
+        return "fp16 autocast" if self.fp16 else "bf16 autocast" if self.amp else "fp32"
+
     def autocast(self):
         if not self.amp:
             return nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
 
 def _own_frame(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
@@ -178,6 +192,8 @@ class Stage:
     steps_per_epoch: int | None = None  # the budget's steps per epoch; None: ceil(N_train / batch_size)
     loggers: Loggers = CSV_ONLY  # where each epoch's metrics row goes (kdcl/output/trackers.py)
     mixer: BatchMixer | None = None  # mixes each step's images (trainer.mix; kdcl/data/mixing.py)
+    # scales the loss under fp16 autocast (Micikevicius et al. 2018); disabled, a pass-through
+    scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))
 
     @property
     def run_dir(self) -> Path:
@@ -192,6 +208,7 @@ class Stage:
             "control": self.control,
             "optimizer": self.optimizer,
             "lr_schedule": self.lr_schedule,
+            "grad_scaler": self.scaler,
         }
 
 
@@ -346,13 +363,26 @@ def train_step(
     total = distributed.all_sum(loss.detach().clone())  # the global batch's loss: every rank stops together
     meter.watch(step, s.optimizer.param_groups[0]["lr"], total, terms)
     s.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    s.scaler.scale(loss).backward()
     distributed.average_gradients([*s.loss_fn.parameters(), *s.control.parameters()])  # outside the DDP model
-    s.optimizer.step()
+    if trainer.grad_clip_norm is not None:
+        s.scaler.unscale_(s.optimizer)
+        clip_gradient(s.optimizer, trainer.grad_clip_norm)
+    s.scaler.step(s.optimizer)  # fp16: skipped when a gradient is not finite, and the scale lowered
+    s.scaler.update()
     s.lr_schedule.step()
     meter.add(terms, logits, y if mix is None else mix.labels(y))
     if s.dynamics is not None:
         s.dynamics.update(idx, logits, y, ctx.epoch)
+
+
+def clip_gradient(optimizer: torch.optim.Optimizer, max_norm: float) -> None:
+    """``g ← g · min(1, c / (‖g‖₂ + 10⁻⁶))`` over every parameter ``optimizer`` steps, ``‖g‖₂``
+    their gradients' global L2 norm and c ``max_norm`` (Pascanu et al., ICML 2013, "On the
+    difficulty of training recurrent neural networks"; ``torch.nn.utils.clip_grad_norm_``),
+    on the device: the norm is not read on the host."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
 
 
 def fit(
@@ -548,7 +578,8 @@ def _restore(s: Stage, data: DataBundle) -> tuple[Cursor, Meter, dict | None]:
         return Cursor(), Meter(), None
     check_same_config(state["config"], s.meta["config"], path)
     for key, module in s.modules().items():
-        module.load_state_dict(state["modules"][key])
+        if key in state["modules"]:  # a state saved before the gradient scaler was kept has none
+            module.load_state_dict(state["modules"][key])
     s.plan.load_state_dict(state["plan"])
     if s.dynamics is not None:
         s.dynamics.last_wrong.copy_(state["dynamics"])
