@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import QUICK, stop_after
 
 from kdcl.output import progress
@@ -53,6 +54,13 @@ def test_train_then_eval_matches_summary(cli, tmp_path):
     assert progress and all(" ex/s  left: stage " in line and ", run " in line for line in progress)
     summary = pd.read_csv(run_dir / "summary.csv").set_index("model")
     assert max(map(len, train.stdout.splitlines())) <= 100  # the table fits 100 columns (not a terminal)
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert (summary["kdcl_version"] == metadata.version("kdcl")).all()  # provenance, in the summary
+    assert summary["git_commit"].str.removesuffix("+dirty").eq(head).all()  # and in every checkpoint:
+    assert torch.load(run_dir / "distill" / "best.pt", weights_only=True)["provenance"] == {
+        "kdcl_version": metadata.version("kdcl"),
+        "git_commit": summary["git_commit"].iloc[0],
+    }
     assert f"{summary.loc['distill', 'test_acc']:.4g}" in train.stdout  # with its numbers whole
     for stage in ("teacher", "baseline", "distill"):
         assert (run_dir / stage / "metrics.csv").is_file()

@@ -69,6 +69,7 @@ from kdcl.models import classifier, count_params, freeze, grow_head, model_ref
 from kdcl.output.plots import heatmaps
 from kdcl.output.tables import labelled, print_table, write_csv
 from kdcl.output.trackers import CSV_ONLY, Loggers
+from kdcl.provenance import provenance
 from kdcl.registry import Registry
 from kdcl.scenarios.standard import (
     Run,
@@ -104,6 +105,8 @@ SUMMARY_COLUMNS = [
     "memory_per_class",
     "seed",
     "checkpoint",
+    "kdcl_version",
+    "git_commit",
 ]
 
 
@@ -495,7 +498,8 @@ def write_tables(run: Run, tasks: list[list[int]], results: dict[str, ArmResult]
             }
         )
     teacher = [{"model": "teacher", **run.rows["teacher"], "seed": run.cfg["seed"]}] if "teacher" in run.rows else []
-    summary = labelled(pd.DataFrame(summary_rows + teacher).reindex(columns=SUMMARY_COLUMNS), run.job_columns)
+    summary = pd.DataFrame(summary_rows + teacher).assign(**provenance()).reindex(columns=SUMMARY_COLUMNS)
+    summary = labelled(summary, run.job_columns)
     matrix = pd.DataFrame(matrix_rows)
     per_task = pd.DataFrame([row for result in results.values() for row in result.tasks])
     if distributed.is_main():

@@ -69,6 +69,7 @@ from kdcl.models import (
 from kdcl.output.progress import RunProgress
 from kdcl.output.tables import labelled, print_table, write_csv
 from kdcl.output.trackers import CSV_ONLY, Loggers
+from kdcl.provenance import provenance
 from kdcl.scenarios.stage_cache import reuse_or_produce, soft_labels_dir, teacher_logits_slot
 from kdcl.train.assemble import StageRecipe, build_stage
 from kdcl.train.checkpoint import load_model
@@ -100,6 +101,8 @@ SUMMARY_COLUMNS = [
     "curriculum",
     "seed",
     "checkpoint",
+    "kdcl_version",
+    "git_commit",
 ]
 
 
@@ -909,6 +912,7 @@ def checkpoint_meta(run: Run, stage: str, spec: dict, model: nn.Module) -> dict[
         "dataset": d.name,
         "config": run.cfg,
         **({"classes": d.class_ids} if d.class_ids is not None else {}),
+        "provenance": provenance(),
     }
 
 
@@ -919,7 +923,7 @@ def summarize(run: Run) -> pd.DataFrame:
         for name, row in rows.items():
             if not name.startswith(("teacher", "baseline")) and row["arch"] == rows["baseline"]["arch"]:  # students
                 row["kd_gain"] = row["test_acc"] - rows["baseline"]["test_acc"]
-    frame = pd.DataFrame([{"model": k, **v, "seed": run.cfg["seed"]} for k, v in rows.items()])
+    frame = pd.DataFrame([{"model": k, **v, "seed": run.cfg["seed"], **provenance()} for k, v in rows.items()])
     frame = labelled(frame.reindex(columns=SUMMARY_COLUMNS), run.job_columns)
     if distributed.is_main():
         write_csv(frame, run.out / "summary.csv")
