@@ -114,15 +114,15 @@ def test_sigterm_saves_and_exits_and_resume_finishes(reference, tmp_path):
         ["distill=crd", "distill.negatives=64", "student=cnn_small"],
         ["distill=mlkd"],
         ["trainer.mix.mixup=0.2", "trainer.mix.cutmix=1.0"],
-        ["trainer.amp=fp16", "trainer.grad_clip_norm=0.5"],
+        ["trainer.amp=fp16", "trainer.grad_clip_norm=0.5", "trainer.ema_decay=0.9"],
     ],
-    ids=["noise", "crd", "mlkd", "mix", "fp16_clipped"],
+    ids=["noise", "crd", "mlkd", "mix", "fp16_clipped_ema"],
 )
 def test_stateful_distillation_resumes_exactly(tmp_path, monkeypatch, distill):
     """What a distillation carries from step to step is part of the resume state: the noise
     generator of distill.input_noise / teacher_noise, CRD's memory banks and normalisers,
     MLKD's strong views, the batch mixes (drawn from the seed and the step) and fp16's loss
-    scale (with clipping, which unscales the gradients first)."""
+    scale (with clipping, which unscales the gradients first) and the weights' moving average."""
     cfg = compose_config(
         [
             *QUICK,

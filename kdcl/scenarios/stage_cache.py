@@ -66,7 +66,7 @@ NOT_IN_KEY = {
 }
 
 # Trainer keys that enter the key only when set (not null): knobs added after entries were stored.
-KEYED_WHEN_SET = ("grad_clip_norm",)
+KEYED_WHEN_SET = ("grad_clip_norm", "ema_decay")
 
 # Dataset keys that hold a local path: a relative one resolves against the working directory.
 # dataset.path (hf) may instead name a builder or a Hub id: it resolves only when it exists here.
@@ -244,6 +244,8 @@ def reuse_or_produce(
             return result, None
     log.info("reused %s from cache (key %s, trained by %s)", stage, name, meta["run"])
     row = {**meta["row"], "checkpoint": str((stage_dir / "best.pt").resolve())}
+    if "ema" in row:  # the weight average's row, its checkpoint beside the model's
+        row["ema"] = {**row["ema"], "checkpoint": str((stage_dir / "ema_best.pt").resolve())}
     if main:
         entry.restore(stage_dir)
         write_done(stage_dir / "done.json", row, cfg)

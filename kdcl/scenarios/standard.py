@@ -73,7 +73,7 @@ from kdcl.provenance import provenance
 from kdcl.scenarios.stage_cache import reuse_or_produce, soft_labels_dir, teacher_logits_slot
 from kdcl.train.assemble import StageRecipe, build_stage
 from kdcl.train.checkpoint import load_model
-from kdcl.train.engine import EpochHook, TrainSettings, evaluate, fit
+from kdcl.train.engine import EpochHook, FitResult, TrainSettings, evaluate, fit
 from kdcl.train.resume import check_same_config, graceful_stop, read_done, write_done
 from kdcl.train.weights import load_teacher
 from kdcl.trust import CodePolicy
@@ -457,8 +457,10 @@ def student_stage(
             else None,
         ),
     )
-    same = run.test_predictions[name] == run.test_predictions["teacher"]
-    run.rows[name]["teacher_agreement"] = same.float().mean().item()
+    for row, predicted in ((run.rows[name], name), (run.rows[name].get("ema"), f"{name}_ema")):
+        if row is not None and predicted in run.test_predictions:  # (not an average's from the cache)
+            same = run.test_predictions[predicted] == run.test_predictions["teacher"]
+            row["teacher_agreement"] = same.float().mean().item()
     return model
 
 
@@ -828,6 +830,8 @@ def train_stage(
         if select == "last" or result.best_epoch == result.last_epoch  # the same weights
         else evaluate(model, data.test, data, run.trainer).acc,
     }
+    if result.ema_best_epoch:  # the weight average (trainer.ema_decay): a row of its own in the summary
+        run.rows[stage]["ema"] = ema_row(run, stage, result, select)
     if distributed.is_main():
         if dynamics is not None:
             learned = pd.DataFrame({"index": data.train.origin, "learned_epoch": dynamics.learned_epoch().numpy()})
@@ -836,6 +840,28 @@ def train_stage(
         (out / "resume.pt").unlink(missing_ok=True)
     distributed.barrier()  # the other ranks read these files next
     return chosen
+
+
+def ema_row(run: Run, stage: str, result: FitResult, select: str) -> dict[str, Any]:
+    """The summary row of ``stage``'s weight average, ``<stage>_ema``: as the stage's own row,
+    its weights those of the average's best validation epoch (``ema_best.pt``) or, with
+    ``select="last"``, of the last one (``ema_last.pt``)."""
+    out, data = run.stage_dir(stage), run.data
+    chosen = out / ("ema_best.pt" if select == "best" else "ema_last.pt")
+    columns = test_columns(run, f"{stage}_ema", run.load_model(chosen))
+    same = select == "last" or result.ema_best_epoch == result.last_epoch
+    last = (
+        columns["test_acc"] if same else evaluate(run.load_model(out / "ema_last.pt"), data.test, data, run.trainer).acc
+    )
+    row = run.rows[stage]
+    return {
+        **{key: row[key] for key in ("arch", "distill", "curriculum", "last_epoch", "steps", "seconds")},
+        "best_val_acc": result.ema_best_val_acc,
+        "best_epoch": result.ema_best_epoch,
+        "checkpoint": str(chosen.resolve()),
+        **columns,
+        "test_acc_last": last,
+    }
 
 
 def own_teacher_weights(run: Run, teachers: list[nn.Module] | None) -> Path | None:
@@ -918,11 +944,16 @@ def checkpoint_meta(run: Run, stage: str, spec: dict, model: nn.Module) -> dict[
 
 def summarize(run: Run) -> pd.DataFrame:
     """Write ``summary.csv`` (one row per model) and print it."""
-    rows = run.rows
-    if "baseline" in rows:
-        for name, row in rows.items():
-            if not name.startswith(("teacher", "baseline")) and row["arch"] == rows["baseline"]["arch"]:  # students
-                row["kd_gain"] = row["test_acc"] - rows["baseline"]["test_acc"]
+    rows = {}  # each stage's row, then its weight average's (trainer.ema_decay), if any
+    for name, row in run.rows.items():
+        rows[name] = {k: v for k, v in row.items() if k != "ema"}
+        if "ema" in row:
+            rows[f"{name}_ema"] = row["ema"]
+    for name, row in rows.items():  # a student's gain: over the baseline, an average's over the baseline's
+        baseline = rows.get("baseline_ema" if name.endswith("_ema") else "baseline")
+        student = not name.startswith(("teacher", "baseline"))
+        if student and baseline is not None and row["arch"] == baseline["arch"]:
+            row["kd_gain"] = row["test_acc"] - baseline["test_acc"]
     frame = pd.DataFrame([{"model": k, **v, "seed": run.cfg["seed"], **provenance()} for k, v in rows.items()])
     frame = labelled(frame.reindex(columns=SUMMARY_COLUMNS), run.job_columns)
     if distributed.is_main():

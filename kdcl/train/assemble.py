@@ -28,6 +28,7 @@ from kdcl.distill.replay import ReplaySlot
 from kdcl.distill.teachers import Teachers
 from kdcl.optim import build_optimizer, build_schedule
 from kdcl.output.trackers import CSV_ONLY, Loggers
+from kdcl.train.ema import ModelEMA
 from kdcl.train.engine import Stage, TrainSettings
 
 TeacherAt = Callable[[int], nn.Module]  # optimizer step → the teacher of that step
@@ -170,6 +171,7 @@ def build_stage(
                 loggers=loggers,
                 mixer=mixer,
                 scaler=torch.amp.GradScaler(trainer.device.type, enabled=trainer.fp16),
+                ema=ModelEMA(model, trainer.ema_decay) if trainer.ema_decay is not None else None,
             )
     finally:
         loss_fn.release()

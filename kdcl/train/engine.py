@@ -36,6 +36,7 @@ from kdcl.errors import KdclError
 from kdcl.output.progress import RunProgress
 from kdcl.output.trackers import CSV_ONLY, Loggers
 from kdcl.train.checkpoint import save_checkpoint
+from kdcl.train.ema import ModelEMA
 from kdcl.train.resume import (
     STOP,
     Cursor,
@@ -97,6 +98,7 @@ class TrainSettings:
     early_stopping_patience: int | None = None
     amp_dtype: torch.dtype = torch.bfloat16  # autocast's precision: bf16, or fp16 with a gradient scaler
     grad_clip_norm: float | None = None  # the gradient's largest global L2 norm (trainer.grad_clip_norm)
+    ema_decay: float | None = None  # the decay of the weights' moving average (trainer.ema_decay)
     checkpoint_every_steps: int | None = None
     compile: bool = False
     label_smoothing: float = 0.0  # ε of the hard-label cross-entropy
@@ -118,6 +120,7 @@ class TrainSettings:
             amp=device.type == "cuda" if t.amp == "auto" else bool(t.amp),
             amp_dtype=torch.float16 if t.amp == "fp16" else torch.bfloat16,
             grad_clip_norm=t.grad_clip_norm,
+            ema_decay=t.ema_decay,
             early_stopping_patience=t.early_stopping_patience,
             checkpoint_every_steps=t.checkpoint_every_steps,
             compile=t.compile,
@@ -170,6 +173,8 @@ class FitResult:
     seconds: float
     best_path: Path
     last_path: Path
+    ema_best_epoch: int = 0  # the weight average's (0: none kept), and its best validation accuracy
+    ema_best_val_acc: float = float("nan")
 
 
 @dataclass
@@ -194,6 +199,7 @@ class Stage:
     mixer: BatchMixer | None = None  # mixes each step's images (trainer.mix; kdcl/data/mixing.py)
     # scales the loss under fp16 autocast (Micikevicius et al. 2018); disabled, a pass-through
     scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))
+    ema: ModelEMA | None = None  # the model's weight average (trainer.ema_decay), evaluated on its own
 
     @property
     def run_dir(self) -> Path:
@@ -209,6 +215,7 @@ class Stage:
             "optimizer": self.optimizer,
             "lr_schedule": self.lr_schedule,
             "grad_scaler": self.scaler,
+            **({"ema": self.ema} if self.ema is not None else {}),
         }
 
 
@@ -371,6 +378,8 @@ def train_step(
     s.scaler.step(s.optimizer)  # fp16: skipped when a gradient is not finite, and the scale lowered
     s.scaler.update()
     s.lr_schedule.step()
+    if s.ema is not None:
+        s.ema.update(s.model)
     meter.add(terms, logits, y if mix is None else mix.labels(y))
     if s.dynamics is not None:
         s.dynamics.update(idx, logits, y, ctx.epoch)
@@ -465,6 +474,8 @@ def fit(
         seconds=cursor.seconds,
         best_path=s.out_dir / "best.pt",
         last_path=s.out_dir / "last.pt",
+        ema_best_epoch=cursor.ema_best_epoch,
+        ema_best_val_acc=cursor.ema_best_acc,
     )
 
 
@@ -539,7 +550,25 @@ def _end_epoch(
     if distributed.is_main():
         for name in paths:
             save_checkpoint(s.out_dir / name, s.model, state)
+    if s.ema is not None:
+        row.update(_end_epoch_ema(s, data, trainer, cursor, state))
     return row
+
+
+def _end_epoch_ema(
+    s: Stage, data: DataBundle, trainer: TrainSettings, cursor: Cursor, state: dict[str, Any]
+) -> dict[str, float]:
+    """The weight average's epoch, as the model's: validated, kept as ``ema_last.pt`` and,
+    when its validation accuracy is its best, ``ema_best.pt``; its metrics columns."""
+    val = evaluate(s.ema.module, data.val, data, trainer)
+    paths = ["ema_last.pt"]
+    if val.acc > cursor.ema_best_acc:
+        cursor.ema_best_acc, cursor.ema_best_epoch = val.acc, cursor.epoch
+        paths.append("ema_best.pt")
+    if distributed.is_main():
+        for name in paths:
+            save_checkpoint(s.out_dir / name, s.ema.module, {**state, "stage": f"{s.name}_ema", "val_acc": val.acc})
+    return {"val_loss_ema": val.loss, "val_acc_ema": val.acc}
 
 
 def _generators(s: Stage, data: DataBundle) -> dict[str, torch.Generator]:

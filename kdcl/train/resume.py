@@ -41,6 +41,8 @@ class Cursor:
     stale: int = 0
     seconds: float = 0.0  # training time spent before this process
     finished: bool = False  # early-stopped or past the last epoch
+    ema_best_acc: float = -1.0  # the weight average's (trainer.ema_decay) best validation accuracy
+    ema_best_epoch: int = 0
 
 
 class Interrupted(KdclError):
