@@ -72,3 +72,33 @@ def test_a_run_with_a_weight_average_reports_it_as_a_model_of_its_own(tmp_path):
     assert summary.loc["distill_ema", "kd_gain"] == pytest.approx(gain)
     evaluated = run_eval(str(tmp_path / "distill" / "ema_best.pt"), None, "cpu", 64, tmp_path / "eval", None)
     assert evaluated["acc"].iloc[0] == pytest.approx(summary.loc["distill_ema", "test_acc"])
+
+
+def test_trackers_get_the_mean_loss_of_every_window_of_steps(tmp_path):
+    """``trainer.log_every_steps=3`` with 9 full batches an epoch: each stage logs steps 3, 6,
+    9, 12, …; the three windows of an epoch average to the epoch's train_loss in metrics.csv."""
+    from conftest import compose_config
+
+    from kdcl.output.trackers import Logger, Loggers
+    from kdcl.scenarios.standard import run_pipeline
+
+    class Recorder(Logger):
+        def __init__(self):
+            self.steps: dict[str, list[tuple[int, dict]]] = {}
+
+        def log_step(self, stage, step, metrics):
+            self.steps.setdefault(stage, []).append((step, metrics))
+
+    recorder = Recorder()
+    overrides = ["trainer.epochs=2", "trainer.batch_size=32", "dataset.max_train_samples=320", "curriculum=none"]
+    cfg = compose_config([*overrides, "trainer.log_every_steps=3"])
+    run_pipeline(cfg, tmp_path, loggers=Loggers({"recorder": recorder}))
+    assert set(recorder.steps) == {"teacher", "baseline", "distill"}
+    for stage, logged in recorder.steps.items():
+        metrics = pd.read_csv(tmp_path / stage / "metrics.csv")
+        assert metrics["step"].tolist() == [9, 18]  # 288 training examples: 9 batches of 32
+        assert [step for step, _ in logged] == [3, 6, 9, 12, 15, 18]
+        for epoch, windows in ((1, logged[:3]), (2, logged[3:])):
+            mean = sum(m["train_loss"] for _, m in windows) / 3
+            assert mean == pytest.approx(metrics.loc[epoch - 1, "train_loss"], rel=1e-5)
+        assert all(m["lr"] > 0 for _, m in logged)

@@ -383,6 +383,7 @@ class TrainerConfig:
     progress_every_s: float = key("seconds > 0", lambda v: v > 0)
     grad_clip_norm: Optional[float] = key(*_or_null(("a norm > 0", lambda v: v > 0)))
     ema_decay: Optional[float] = key(*_or_null(("a decay in (0, 1)", lambda v: 0 < v < 1)))
+    log_every_steps: Optional[int] = key(*_or_null(COUNT))
 
 
 @dataclass

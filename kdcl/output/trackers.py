@@ -84,6 +84,9 @@ class Logger:
     def log_epoch(self, stage: str, out_dir: Path, row: dict[str, Any]) -> None:
         """The metrics row of one epoch of ``stage`` (its folder ``out_dir``)."""
 
+    def log_step(self, stage: str, step: int, metrics: dict[str, float]) -> None:
+        """Metrics of ``stage`` at optimizer step ``step`` (``trainer.log_every_steps``)."""
+
     def log_past_epochs(self, stage: str, out_dir: Path, rows: list[dict[str, Any]]) -> None:
         """Rows of ``stage`` from its ``metrics.csv`` that trained before this run (copied from
         the stage cache, or trained before a resume), each as :meth:`log_epoch`."""
@@ -117,6 +120,10 @@ class Loggers:
     def log_epoch(self, stage: str, out_dir: Path, row: dict[str, Any]) -> None:
         for logger in self.loggers.values():
             logger.log_epoch(stage, out_dir, row)
+
+    def log_step(self, stage: str, step: int, metrics: dict[str, float]) -> None:
+        for logger in self.loggers.values():
+            logger.log_step(stage, step, metrics)
 
     def log_past_epochs(self, stage: str, out_dir: Path, before_epoch: int | None = None) -> None:
         """The rows of ``out_dir/metrics.csv`` (those before ``before_epoch``): a stage that
@@ -283,6 +290,10 @@ class TensorBoardLogger(Logger):
         for key, value in metrics.items():
             self.writer.add_scalar(key, value, step)
 
+    def log_step(self, stage: str, step: int, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self.writer.add_scalar(f"{stage}/step/{key}", value, step)
+
     def log_summary(self, summary: pd.DataFrame) -> None:
         self.writer.add_text("summary", markdown_table(summary))
         for key, value in summary_metrics(summary).items():
@@ -352,6 +363,9 @@ class MlflowLogger(Logger):
         step, metrics = epoch_metrics(stage, row)
         self._log_metrics(metrics, step)
 
+    def log_step(self, stage: str, step: int, metrics: dict[str, float]) -> None:
+        self._log_metrics({f"{stage}/step/{key}": value for key, value in metrics.items()}, step)
+
     def log_summary(self, summary: pd.DataFrame) -> None:
         self._log_metrics(summary_metrics(summary), 0)
         self.client.log_text(self.run_id, summary.to_csv(index=False), "summary.csv")
@@ -410,6 +424,9 @@ class WandbLogger(Logger):
             self.run.define_metric(f"{stage}/*", step_metric=f"{stage}/step")
             self.stages.add(stage)
         self.run.log({f"{stage}/step": step, **metrics})
+
+    def log_step(self, stage: str, step: int, metrics: dict[str, float]) -> None:
+        self.log_epoch(stage, Path(), {"step": step, **{f"step/{key}": value for key, value in metrics.items()}})
 
     def log_summary(self, summary: pd.DataFrame) -> None:
         import wandb

@@ -61,7 +61,15 @@ CACHED_STAGES = {"teacher": TEACHER, "baseline": STUDENT}
 # trainer.amp are replaced by the resolved device type and precision, trainer.devices
 # by the number of processes when there are several (DDP's results differ slightly).
 NOT_IN_KEY = {
-    "trainer": ("device", "amp", "eval_batch_size", "checkpoint_every_steps", "devices", "progress_every_s"),
+    "trainer": (
+        "device",
+        "amp",
+        "eval_batch_size",
+        "checkpoint_every_steps",
+        "devices",
+        "progress_every_s",
+        "log_every_steps",
+    ),
     "dataset": ("num_workers", "download", "max_memory_gb"),
 }
 

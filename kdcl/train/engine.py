@@ -99,6 +99,7 @@ class TrainSettings:
     amp_dtype: torch.dtype = torch.bfloat16  # autocast's precision: bf16, or fp16 with a gradient scaler
     grad_clip_norm: float | None = None  # the gradient's largest global L2 norm (trainer.grad_clip_norm)
     ema_decay: float | None = None  # the decay of the weights' moving average (trainer.ema_decay)
+    log_every_steps: int | None = None  # the trackers get step metrics this often (trainer.log_every_steps)
     checkpoint_every_steps: int | None = None
     compile: bool = False
     label_smoothing: float = 0.0  # ε of the hard-label cross-entropy
@@ -121,6 +122,7 @@ class TrainSettings:
             amp_dtype=torch.float16 if t.amp == "fp16" else torch.bfloat16,
             grad_clip_norm=t.grad_clip_norm,
             ema_decay=t.ema_decay,
+            log_every_steps=t.log_every_steps,
             early_stopping_patience=t.early_stopping_patience,
             checkpoint_every_steps=t.checkpoint_every_steps,
             compile=t.compile,
@@ -319,11 +321,17 @@ class Meter:
         else:
             self.new, self.new_count = _added(self.new, values), self.new_count + len(y)
 
-    def running_loss(self) -> float:
-        """The mean training loss of the epoch's steps so far (this process's, under DDP): a
-        host sync, for the progress display only."""
+    def loss_total(self) -> tuple[float, int]:
+        """The training loss summed over the epoch's examples so far, and their count (this
+        process's since the last collect, under DDP): a host sync, for what is shown while
+        the stage trains (the progress line, the trackers' step metrics)."""
         sums, count = (self.new, self.new_count) if self.new_count else (self.sums, self.count)
-        return float(sums["loss"]) / count if count else float("nan")
+        return (float(sums["loss"]) if count else 0.0), count
+
+    def running_loss(self) -> float:
+        """The mean training loss of the epoch's steps so far (:meth:`loss_total`)."""
+        total, count = self.loss_total()
+        return total / count if count else float("nan")
 
     def collect(self) -> None:
         if not self.new:  # one process, or no step since the last collect (on any rank: they step together)
@@ -337,6 +345,24 @@ class Meter:
 
     def means(self) -> dict[str, float]:
         return {k: float(v) / self.count for k, v in self.sums.items()}
+
+
+class StepWindow:
+    """An epoch's steps since the trackers last got step metrics (``trainer.log_every_steps``),
+    read from the epoch's meter."""
+
+    def __init__(self, meter: Meter) -> None:
+        # what the meter held at the last read (resumed mid-epoch: the steps already counted)
+        self.loss, self.count = meter.loss_total() if meter.count + meter.new_count else (0.0, 0)
+
+    def metrics(self, meter: Meter, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """The mean training loss of the examples since the last read and the LR now: one host sync."""
+        loss, count = meter.loss_total()
+        if count < self.count:  # under DDP a save collected the ranks' counts: a new window
+            self.loss, self.count = 0.0, 0
+        mean = (loss - self.loss) / (count - self.count) if count > self.count else float("nan")
+        self.loss, self.count = loss, count
+        return {"train_loss": mean, "lr": optimizer.param_groups[0]["lr"]}
 
 
 def _added(sums: dict[str, Tensor], values: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -424,6 +450,7 @@ def fit(
             batches = s.plan.epoch_batches(range(first, first + spe), start_state)[cursor.step - first :]
             start_state = snapshot
             tic, ctx = time.perf_counter(), s.control.context(epoch, s.features)
+            window = StepWindow(meter)
             parts = distributed.parts(batches)
             shares = (p.take(b) for p, b in zip(parts, batches))
             keys = (
@@ -433,6 +460,8 @@ def fit(
                 train_step(replica, trainer, cursor.step, batch, meter, ctx, part)
                 cursor.step += 1
                 shown.update(cursor.step, epoch, meter.count + meter.new_count, meter.running_loss)
+                if trainer.log_every_steps and cursor.step % trainer.log_every_steps == 0 and distributed.is_main():
+                    s.loggers.log_step(s.name, cursor.step, window.metrics(meter, s.optimizer))
                 every = trainer.checkpoint_every_steps
                 stop = distributed.any_rank(STOP.signum or 0)
                 save = stop or (every and cursor.step % every == 0 and cursor.step < first + spe)
