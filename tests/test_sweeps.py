@@ -54,6 +54,8 @@ def test_joblib_jobs_share_one_teacher(cli, tmp_path):
     assert result.returncode == 0, result.stderr
     alphas = [pd.read_csv(sweep / job / "distill" / "metrics.csv")["alpha"].iloc[0] for job in ("0", "1")]
     assert alphas == [0.5, 0.9]
+    for job in ("0", "1"):  # the two jobs' lines interleave on the console: each names its job
+        assert f"] [job {job}] distill: " in result.stderr
     logs = "".join((sweep / job / "train.log").read_text() for job in ("0", "1"))
     assert logs.count("stored teacher in") == 1 and logs.count("reused teacher from cache") == 1
     teachers = [

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import sys
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from rich.console import Console
 from rich.logging import RichHandler
 
@@ -30,4 +32,17 @@ class ConsoleHandler(logging.Handler):
             self._inner.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
 
     def emit(self, record: logging.LogRecord) -> None:
+        job = sweep_job()
+        if job is not None:  # jobs of a sweep may run side by side (hydra/launcher=joblib): say whose line
+            record = logging.makeLogRecord(
+                {**record.__dict__, "msg": f"[job {job}] {record.getMessage()}", "args": None}
+            )
         self._inner.emit(record)
+
+
+def sweep_job() -> int | None:
+    """The number of the sweep job (``-m``) this process runs, or None outside a sweep."""
+    if not HydraConfig.initialized():
+        return None
+    config = HydraConfig.get()
+    return config.job.num if config.mode == RunMode.MULTIRUN else None
