@@ -333,3 +333,9 @@ def test_two_processes_learn_the_tasks_as_one(tmp_path):
     for name in ("accuracy_matrix.csv", "lifelong.csv", "summary.csv"):
         a, b = (pd.read_csv(d / name).drop(columns=["seconds", "checkpoint"], errors="ignore") for d in (one, two))
         pd.testing.assert_frame_equal(a, b, atol=0.02)  # within one test example of a task
+
+
+def test_the_scenario_trains_without_a_curriculum_unless_one_is_chosen():
+    assert compose_config(["scenario=class_incremental"])["curriculum"]["type"] == "none"
+    assert compose_config(["scenario=class_incremental", "curriculum=length"])["curriculum"]["scorer"] == "length"
+    assert compose_config([])["curriculum"]["type"] != "none"  # the standard scenario keeps its default
