@@ -90,3 +90,16 @@ def open_lock(path: Path, otherwise: str = "or set cache=false"):
             f"cannot open the lock file {path} ({err.strerror}; a symbolic link there is refused)",
             fix=f"delete {path} (a lock file holds nothing), {otherwise}",
         ) from None
+
+
+def writable_folder(folder: Path, what: str, fix: str) -> Path:
+    """``folder``, made if needed; one message (``what`` cannot be written there, and
+    ``fix``) when it cannot be made or written into."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        writable, why = os.access(folder, os.W_OK | os.X_OK), "permission denied"
+    except OSError as err:
+        writable, why = False, err.strerror or type(err).__name__
+    if not writable:
+        raise KdclError(f"cannot write {what} into {folder} ({why})", fix=fix)
+    return folder

@@ -60,7 +60,7 @@ def export_settings(overrides: list[str]) -> dict:
 
 
 def export_in_process(overrides: list[str], out: Path) -> pd.DataFrame:
-    """What ``kdcl export OVERRIDES hydra.run.dir=OUT`` does, without starting a process."""
+    """What ``kdcl export OVERRIDES out=OUT`` does, without starting a process."""
     out.mkdir()
     settings = export_settings(overrides)
     return export.write_exports(export.chosen_models(settings), settings, out)
@@ -82,15 +82,21 @@ def check_export(run_dir: Path, out: Path, fmt: str, exported: Path) -> None:
     assert (exported_outputs(exported, x) - pytorch_outputs(checkpoint, x)).abs().max().item() <= 1e-4
 
 
-def test_export_checkpoint_from_the_command_line(run_dir, tmp_path):
-    out = tmp_path / "out"
+def test_export_checkpoint_from_the_command_line_writes_beside_it_or_to_out(run_dir, tmp_path):
     checkpoint = run_dir / "distill" / "best.pt"
-    result = run_cli(
-        ["export", f"checkpoint={checkpoint}", "format=torchscript", *FAST, f"hydra.run.dir={out}"], tmp_path
-    )
+    logs = f"hydra.run.dir={tmp_path / 'logs'}"
+    result = run_cli(["export", f"checkpoint={checkpoint}", "format=torchscript", *FAST, logs], tmp_path)
     assert result.returncode == 0, result.stderr
     assert "kdcl export — torchscript" in result.stdout  # the table is printed
+    beside = run_dir / "distill" / "export"  # export/ beside the checkpoint
+    check_export(run_dir, beside, "torchscript", beside / "distill.torchscript.pt")
+    out = tmp_path / "chosen"
+    result = run_cli(["export", f"checkpoint={checkpoint}", "format=torchscript", *FAST, f"out={out}", logs], tmp_path)
+    assert result.returncode == 0, result.stderr
     check_export(run_dir, out, "torchscript", out / "distill.torchscript.pt")
+    (tmp_path / "file").write_text("")
+    result = run_cli(["export", f"checkpoint={checkpoint}", f"out={tmp_path / 'file' / 'x'}", logs], tmp_path)
+    assert_clean_error(result, f"cannot write the exports into {tmp_path / 'file' / 'x'}", "pass out=DIR")
 
 
 def test_export_checkpoint_to_onnx(run_dir, tmp_path):
@@ -213,6 +219,6 @@ def test_truncated_checkpoint_is_one_message_and_exit_2(run_dir, tmp_path):
     path = tmp_path / "best.pt"
     whole = (run_dir / "distill" / "best.pt").read_bytes()
     path.write_bytes(whole[: len(whole) // 2])
-    result = run_cli(["export", f"checkpoint={path}", f"hydra.run.dir={tmp_path / 'out'}"], tmp_path)
+    result = run_cli(["export", f"checkpoint={path}", f"out={tmp_path / 'out'}"], tmp_path)
     assert_clean_error(result, f"checkpoint {path} is truncated or corrupt", "fix: use another copy of the file")
-    assert result.returncode == 2 and not (tmp_path / "out" / "export.csv").exists()
+    assert result.returncode == 2 and not (tmp_path / "out").exists()

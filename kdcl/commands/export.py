@@ -34,10 +34,11 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from kdcl.commands.job import output_dir, plain_config
+from kdcl.commands.job import plain_config
 from kdcl.config.checks import check
 from kdcl.config.schema import ExportConfig
 from kdcl.errors import KdclError
+from kdcl.files import writable_folder
 from kdcl.models import count_macs, count_params
 from kdcl.output.tables import print_table, write_csv
 from kdcl.train.checkpoint import checked_spec, checkpoint_data, load_checkpoint, model_from_checkpoint
@@ -362,4 +363,18 @@ def export_command(cfg: DictConfig) -> None:
     """``kdcl export``: ``checkpoint=PATH`` or ``run=RUN_DIR`` into ``export.csv`` (and ``compression.csv``)."""
     settings = plain_config(cfg)
     check(settings, ExportConfig)
-    write_exports(chosen_models(settings), settings, output_dir())
+    models = chosen_models(settings)
+    write_exports(models, settings, export_folder(settings))
+
+
+def export_folder(settings: dict[str, Any]) -> Path:
+    """Where the exported files and tables go: ``out``, else ``export/`` beside the
+    checkpoint (``checkpoint=``) or in the run folder (``run=``); made, and checked writable,
+    before anything is exported."""
+    if settings["out"]:
+        folder = Path(settings["out"])
+    elif settings["checkpoint"]:
+        folder = Path(settings["checkpoint"]).expanduser().parent / "export"
+    else:
+        folder = Path(settings["run"]) / "export"
+    return writable_folder(folder.expanduser(), "the exports", "pass out=DIR, a folder you can write")

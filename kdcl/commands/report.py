@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from hydra.errors import OverrideParseException
 
 from kdcl.commands.failures import FAILED_FILE, PRUNED_FILE
 from kdcl.errors import KdclError
+from kdcl.files import writable_folder
 from kdcl.output.plots import heatmaps, learning_curves
 from kdcl.output.stats import LEVEL, aggregate, t_interval
 from kdcl.output.tables import markdown_table, print_table, stdout, write_csv
@@ -455,22 +455,9 @@ def arm_section(report: Report, out: Path) -> list[str]:
 
 
 # --------------------------------------------------------------------------- output
-def writable_folder(out: Path) -> None:
-    """Make ``out``; one message if it cannot be made or written into, before anything is."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        writable = os.access(out, os.W_OK | os.X_OK)
-    except OSError as err:
-        writable, why = False, err.strerror or type(err).__name__
-    else:
-        why = "permission denied"
-    if not writable:
-        raise KdclError(f"cannot write the report into {out} ({why})", fix="pass --out DIR, a folder you can write")
-
-
 def write_report(report: Report, out: Path, keys: tuple[str, str] | None) -> list[Path]:
     """Print the tables and write report.csv, report.md, arms.csv, the PNGs (and seeds.csv); return the files."""
-    writable_folder(out)
+    writable_folder(out, "the report", "pass --out DIR, a folder you can write")
     files = [out / "report.csv", out / "report.md"]
     write_csv(report.jobs, files[0])
     pruned = f", {report.pruned} of them pruned" if report.pruned else ""

@@ -577,6 +577,7 @@ class ExportConfig:
 
     checkpoint: Optional[str] = key()
     run: Optional[str] = key()
+    out: Optional[str] = key()
     format: str = key("onnx or torchscript", lambda v: v in ("onnx", "torchscript"))
     tolerance: float = key(*NON_NEGATIVE)
     check_examples: int = key(*COUNT)
