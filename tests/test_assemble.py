@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from conftest import compose_config
+from helpers import compose_config
 
 from kdcl.commands import bench
 from kdcl.scenarios import standard

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_config, run_cli
+from helpers import compose_config, run_cli
 
 from kdcl.cli import main as kdcl_main
 from kdcl.commands.eval import run_eval

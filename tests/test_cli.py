@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import QUICK, stop_after
+from helpers import QUICK, stop_after
 
 from kdcl.output import progress
 from kdcl.train import engine

@@ -8,7 +8,7 @@ import inspect
 from pathlib import Path
 
 import pytest
-from conftest import compose_config
+from helpers import compose_config
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import control_config
+from helpers import control_config
 
 from kdcl.distill.control import (
     SAMPLE_WEIGHTS,

@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import QUICK  # noqa: E402
+from helpers import QUICK  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from kdcl.data import LoaderSource, TensorSource, load_data  # noqa: E402

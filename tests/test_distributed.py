@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import compose_config
+from helpers import compose_config
 from test_cli import assert_clean_error
 
 from kdcl import distributed

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import QUICK, compose_config
+from helpers import QUICK, compose_config
 from torch import nn
 
 from kdcl.data import Preprocess, StrongViews, TensorSource

@@ -21,7 +21,7 @@ import torch
 import torch._dynamo
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import QUICK, STEP_SETTINGS, compose_config
+from helpers import QUICK, STEP_SETTINGS, compose_config
 from torch import nn
 
 from kdcl import distributed

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 import torchvision
-from conftest import compose_config
+from helpers import compose_config
 from hydra import compose, initialize_config_dir
 
 from kdcl.commands.job import plain_config

@@ -56,7 +56,7 @@ def test_the_weight_average_follows_its_formula():
 def test_a_run_with_a_weight_average_reports_it_as_a_model_of_its_own(tmp_path):
     """``trainer.ema_decay``: every stage keeps ``ema_best.pt``; the summary has a row per
     average, its gain over the baseline's average, and evaluating its checkpoint gives its row."""
-    from conftest import QUICK, compose_config
+    from helpers import QUICK, compose_config
 
     from kdcl.commands.eval import run_eval
     from kdcl.scenarios.standard import run_pipeline
@@ -77,7 +77,7 @@ def test_a_run_with_a_weight_average_reports_it_as_a_model_of_its_own(tmp_path):
 def test_trackers_get_the_mean_loss_of_every_window_of_steps(tmp_path):
     """``trainer.log_every_steps=3`` with 9 full batches an epoch: each stage logs steps 3, 6,
     9, 12, …; the three windows of an epoch average to the epoch's train_loss in metrics.csv."""
-    from conftest import compose_config
+    from helpers import compose_config
 
     from kdcl.output.trackers import Logger, Loggers
     from kdcl.scenarios.standard import run_pipeline

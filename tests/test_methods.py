@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
-from conftest import QUICK, compose_config, control_config
+from helpers import QUICK, compose_config, control_config
 from torch import nn
 
 from kdcl.curricula import DataSchedule

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import QUICK, compose_config
+from helpers import QUICK, compose_config
 from torch import nn
 
 from kdcl.config.checks import validate

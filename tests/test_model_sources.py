@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import QUICK
+from helpers import QUICK
 from test_cli import assert_clean_error
 
 from kdcl.config.checks import validate

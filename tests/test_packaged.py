@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
-from conftest import compose_config
+from helpers import compose_config
 from test_export import export_in_process, exported_outputs, pytorch_outputs
 from test_text import sentences, write_table
 

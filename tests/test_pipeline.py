@@ -7,7 +7,7 @@ import math
 import pandas as pd
 import pytest
 import torch
-from conftest import QUICK
+from helpers import QUICK
 
 from kdcl.errors import KdclError
 from kdcl.models import count_macs
@@ -33,7 +33,7 @@ TIMING = ["seconds", "checkpoint"]
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    from conftest import compose_config
+    from helpers import compose_config
 
     cfg = compose_config(QUICK)
     out = tmp_path_factory.mktemp("run")

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import compose_config
+from helpers import compose_config
 
 from kdcl.distill import feeds
 from kdcl.distill.replay import LogitRecorder, TeacherLogits

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import QUICK, comparable, compose_config, stop_after
+from helpers import QUICK, comparable, compose_config, stop_after
 
 from kdcl.scenarios.standard import run_pipeline
 from kdcl.train import engine

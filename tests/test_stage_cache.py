@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import compose_config
+from helpers import compose_config
 
 from kdcl.errors import KdclError
 from kdcl.scenarios import stage_cache, standard

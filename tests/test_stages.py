@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import QUICK, comparable, compose_config, control_config, stop_after
+from helpers import QUICK, comparable, compose_config, control_config, stop_after
 from hydra.errors import ConfigCompositionException
 
 from kdcl.config.checks import composition_error, validate

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 import torch
-from conftest import QUICK, STEP_SETTINGS, compose_config
+from helpers import QUICK, STEP_SETTINGS, compose_config
 
 from kdcl.errors import KdclError
 from kdcl.scenarios.standard import run_pipeline

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import comparable, compose_config, stop_after
+from helpers import comparable, compose_config, stop_after
 from test_export import export_in_process, exported_outputs, pytorch_outputs
 
 pytest.importorskip("tokenizers")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import QUICK, compose_config
+from helpers import QUICK, compose_config
 
 from kdcl.errors import KdclError
 from kdcl.files import write_replacing

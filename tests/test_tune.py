@@ -14,7 +14,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-from conftest import QUICK, compose_config
+from helpers import QUICK, compose_config
 from test_cli import assert_clean_error
 
 from kdcl.commands.search_space import check_against, parse_space

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import comparable, compose_config, stop_after
+from helpers import comparable, compose_config, stop_after
 from PIL import Image
 from torchvision.transforms import v2
 
