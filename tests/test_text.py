@@ -621,29 +621,28 @@ def test_attention_map_distillation_between_berts(text_root, tmp_path):
         run_pipeline(wrong, tmp_path / "wrong")
 
 
-def test_a_fixed_text_view_masks_the_same_tokens_in_any_batch():
-    """View v of text i is a function of (seed, i, v, place): the same in a shuffled
-    sub-batch cut shorter, drawn again from the same seed; other views and seeds differ;
-    special tokens never masked; about p of the ordinary ones masked."""
+def test_a_text_is_masked_alike_in_any_batch_by_its_seed_its_epoch_and_its_place():
+    """Text i's masks in epoch e are a function of (the stage's seed, i, e, place): the same
+    in a shuffled sub-batch cut shorter, and for a cache's view e − 1; other epochs and seeds
+    differ; special tokens never masked; about p of the ordinary ones masked."""
     pad, mask, cls, sep = 0, 1, 2, 3
-    pre = TextPreprocess(pad, torch.device("cpu"), seed=0, token_mask=0.3, mask_id=mask, special_ids=[cls, sep])
+    pre = TextPreprocess(pad, torch.device("cpu"), seed=5, token_mask=0.3, mask_id=mask, special_ids=[cls, sep])
     g = torch.Generator().manual_seed(0)
     n, length = 60, 24
     x = torch.randint(4, 100, (n, length), generator=g)
     lengths = torch.randint(3, length + 1, (n,), generator=g)
     x[torch.arange(length) >= lengths[:, None]] = pad
     x[:, 0], x[torch.arange(n), lengths - 1] = cls, sep
-    idx, v = torch.arange(n), torch.arange(n) % 2
-
-    def drawn(seed):
-        return pre.fixed_views(n, 2, torch.Generator().manual_seed(seed))
-
-    view = drawn(5)
-    full = view(x, idx, v)
+    idx = torch.arange(n)
+    full = pre.training(x, idx, epoch=2)
     some = torch.randperm(n, generator=g)[:20]
-    assert torch.equal(view(x[some, :12], some, v[some]), full[some, :12])
-    assert torch.equal(drawn(5)(x, idx, v), full)
-    assert not torch.equal(view(x, idx, 1 - v), full) and not torch.equal(drawn(6)(x, idx, v), full)
+    assert torch.equal(pre.training(x[some, :12], some, epoch=2), full[some, :12])
+    view, phase = pre.fixed_views(n, 3, torch.Generator())
+    assert torch.equal(view(x, idx, torch.full_like(idx, 1)), full) and not phase.any()  # view 1 = epoch 2
+    assert not torch.equal(pre.training(x, idx, epoch=3), full)
+    pre.reseed(6)
+    assert not torch.equal(pre.training(x, idx, epoch=2), full)
+    assert torch.equal(pre(x, train=True), x)  # outside training(), ids pass through
     special = torch.isin(x, torch.tensor([pad, cls, sep]))
     assert torch.equal(full[special], x[special])
     masked = (full == mask)[~special].float()
@@ -666,31 +665,37 @@ def test_the_keyed_hash_is_lowbias32():
     assert mix32(torch.tensor(values)).tolist() == [lowbias32(x) for x in values]
 
 
-def test_a_views_cache_of_masked_texts_teaches_without_the_teacher_online(text_root, tmp_path, monkeypatch):
-    """``distill.teacher_cache=views:K`` with token masking: the students train on masked
-    texts, each with the teacher's stored logits of exactly that text; no step runs the teacher."""
-    online_teaching, shown = [], []
+def test_a_views_cache_of_masked_texts_teaches_what_the_online_teacher_does(text_root, tmp_path, monkeypatch):
+    """``distill.teacher_cache=views:2`` over 2 epochs: the student trains on exactly the masked
+    texts an online run gives it (a text's view v is its masking in epoch v + 1), each with
+    the teacher's stored logits of that text, and no step runs the teacher."""
+    taught = {"online": [], "cached": []}  # (the teacher runs at this step, the student's input)
     online, cached = feeds.OnlineTeacher.__call__, feeds.CachedViews.__call__
 
     def spy_online(self, step, epoch, idx, x, y, part=None, mix=None):
-        online_teaching.append(self.teacher_at is not None)
-        return online(self, step, epoch, idx, x, y, part, mix)
+        views, logits = online(self, step, epoch, idx, x, y, part, mix)
+        taught["online"].append((self.teacher_at is not None, views))
+        return views, logits
 
     def spy_cached(self, step, epoch, idx, x, y, part=None, mix=None):
         views, logits = cached(self, step, epoch, idx, x, y, part, mix)
-        shown.append((self, views, logits, idx, x, epoch))
+        assert torch.equal(logits, self.logits.get(idx, self.view(idx, epoch)))  # the stored logits of that view
+        taught["cached"].append((False, views))
         return views, logits
 
     monkeypatch.setattr(feeds.OnlineTeacher, "__call__", spy_online)
     monkeypatch.setattr(feeds.CachedViews, "__call__", spy_cached)
     unk = load(text_root).text.tokenizer().token_to_id("[UNK]")
-    cfg = text_cfg(text_root, *TINY_RUN, "trainer.epochs=1", "dataset.token_mask=0.3", "distill.teacher_cache=views:2")
-    summary = run_pipeline(cfg, tmp_path).set_index("model")
-    assert not any(online_teaching) and shown and summary.loc["distill", "steps"] > 0
-    feed, views, logits, idx, x, epoch = shown[0]
-    assert ((views == unk) & (x[:, : views.shape[1]] != unk)).any()  # the student sees masked texts
-    assert torch.equal(views, feed.example_view(x, idx, feed.view(idx, epoch)))  # the cached view's
-    assert torch.equal(logits, feed.logits.get(idx, feed.view(idx, epoch)))  # and its stored logits
+    masked = [*TINY_RUN, "trainer.epochs=2", "dataset.token_mask=0.3", "baseline=false", "curriculum=none"]
+    run_pipeline(text_cfg(text_root, *masked, "distill.teacher_cache=none"), tmp_path / "online")
+    online_inputs = [views for teaches, views in taught["online"] if teaches]  # the distilled student's
+    taught["online"].clear()
+    run_pipeline(text_cfg(text_root, *masked, "distill.teacher_cache=views:2"), tmp_path / "cached")
+    assert not any(teaches for teaches, _ in taught["online"])  # the teacher trained, then never ran again
+    cached_inputs = [views for _, views in taught["cached"]]
+    assert len(cached_inputs) == len(online_inputs) > 0
+    assert all(torch.equal(a, b) for a, b in zip(cached_inputs, online_inputs))
+    assert any((views == unk).any() for views in cached_inputs)  # masked texts
 
 
 def test_a_teacher_cache_of_unmasked_texts_with_token_masking_is_refused_before_training(text_root, tmp_path):

@@ -246,7 +246,7 @@ def teacher_steps(s: Setup, total_steps: int) -> Iterator[None]:
     (the augmentation from the students' seed, as in ``kdcl``'s arm)."""
     d = s.data
     teacher = Teachers([kdcl_teacher(s)])
-    d.preprocess.generator.manual_seed(s.cfg["seed"] + 1)
+    d.preprocess.reseed(s.cfg["seed"] + 1)
     _, online = distill_parts({**s.cfg["distill"], "teacher_cache": "none"})
     feed = teacher_feed(
         online,

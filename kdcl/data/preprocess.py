@@ -165,19 +165,30 @@ class Preprocess:
         )
         return Augment(dy, dx, mirror)
 
-    def fixed_views(self, n: int, k: int, generator: torch.Generator) -> FixedViews:
-        """Views ``(x, idx, v) →`` view ``v[j]`` of training example ``idx[j]`` (``x[j]`` its
-        uint8 image), normalised, for a teacher cache of ``k`` views of each of ``n``
-        examples: crop offsets and flips drawn once here for every view (on ``generator``'s
-        device, then moved to the data's). Where the data source draws the views
-        (``augmented_views``), ``x`` is that view already and is only normalised; the
-        table is drawn all the same, so the generator moves on as in every other case."""
+    def reseed(self, seed: int) -> None:
+        """Start a stage of seed ``seed``: its training draws restart from it."""
+        self.generator.manual_seed(seed)
+
+    def training(self, x: Tensor, idx: Tensor, epoch: int, part: Part | None = None) -> Tensor:
+        """A training batch: augmented with the next parameters the generator draws (the
+        examples and the epoch do not enter)."""
+        return self(x, train=True, part=part)
+
+    def fixed_views(self, n: int, k: int, generator: torch.Generator) -> tuple[FixedViews, Tensor]:
+        """A teacher cache's ``k`` views of each of ``n`` examples: ``(x, idx, v) →`` view
+        ``v[j]`` of example ``idx[j]`` (``x[j]`` its uint8 image), normalised, its crop offsets
+        and flip drawn once here (on ``generator``'s device, then moved to the data's), and
+        each example's phase, drawn next: in epoch e it shows view ``(φ + e − 1) mod k``. Where
+        the data source draws the views (``augmented_views``), ``x`` is that view already and
+        is only normalised; the table is drawn all the same, so the phases are as in every
+        other case."""
         table = self.sample(n * k, generator)
+        phase = torch.randint(0, k, (n,), generator=generator)
         device = self.generator.device
         dy, dx, mirror = (t.view(n, k).to(device) for t in (table.dy, table.dx, table.mirror))
         if self.augmented_views:
-            return lambda x, idx, v: self.normalize(x)
-        return lambda x, idx, v: self.apply(x, Augment(dy[idx, v], dx[idx, v], mirror[idx, v]))
+            return (lambda x, idx, v: self.normalize(x)), phase
+        return (lambda x, idx, v: self.apply(x, Augment(dy[idx, v], dx[idx, v], mirror[idx, v]))), phase
 
     def apply(self, x: Tensor, aug: Augment) -> Tensor:
         """Normalise ``x``, then crop and flip it as ``aug`` says."""

@@ -154,13 +154,20 @@ class TextPreprocess:
     """The batch step for token ids (a batch comes cut to its longest text:
     :class:`kdcl.data.sources.TensorSource`). In training, with ``token_mask`` p > 0, each token that is
     not a special one ([CLS], [SEP], padding, ...) is replaced by the mask token ([MASK], or
-    [UNK] in a vocabulary without one) with probability p, drawn afresh every step from the
-    seeded ``generator``: the masking augmentation of Tang et al. 2019 ("Distilling
-    task-specific knowledge from BERT into simple neural networks", §3.2), whose point is
-    that the teacher labels the masked texts the data does not hold. Without it training and
-    evaluation see the same ids, and the ``no_aug`` teacher cache (whose view is the example
-    itself) works as for images. A teacher cache's fixed views (``views:K``) are masked as
-    :meth:`fixed_views` says: the same tokens of a text every time its view is read."""
+    [UNK] in a vocabulary without one) with probability p: the masking augmentation of Tang
+    et al. 2019 ("Distilling task-specific knowledge from BERT into simple neural networks",
+    §3.2), whose point is that the teacher labels the masked texts the data does not hold.
+    Without it training and evaluation see the same ids, and the ``no_aug`` teacher cache
+    (whose view is the example itself) works as for images.
+
+    Which tokens a text loses is a function of the stage's seed, the text, the epoch and the
+    token's place (:meth:`masks`: a keyed hash, :func:`keyed_uint32`), not of a generator's
+    stream: the same in any batch, order, padded length or process, after a resume, and for
+    every stage of one seed (the baseline and each distilled student mask each text alike,
+    so their difference is the loss alone; the teacher, of another seed, learnt on other
+    masks). A teacher cache's view v of a text (``views:K``, :meth:`fixed_views`) is its
+    masking in epoch v + 1: with K ≥ the epochs, a cached teacher teaches exactly the texts an
+    online one does, and the run trains to the same numbers."""
 
     augmented_views = False  # no view of a text is drawn per sample (kdcl.data.views)
 
@@ -175,39 +182,45 @@ class TextPreprocess:
     ):
         self.pad_id, self.token_mask, self.mask_id = pad_id, token_mask, mask_id
         self.special = torch.tensor(sorted({pad_id, *special_ids}), device=device)
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.generator = torch.Generator(device=device)
+        self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Start a stage of seed ``seed``: its masks are keyed with it."""
+        self.generator.manual_seed(seed)
+        self.salt = seed & UINT32
 
     @property
     def augments(self) -> bool:
         return self.token_mask > 0
 
     def __call__(self, x: Tensor, train: bool, part: Part | None = None) -> Tensor:
-        if not (train and self.augments):
-            return x
-        part = part or Part(len(x))  # drawn for the whole global batch under DDP: each rank keeps its share
-        draws = torch.rand(part.size, x.shape[1], device=x.device, generator=self.generator)
-        return self.masked(x, part.take(draws) < self.token_mask)
+        """The ids as a model reads them: as they are (training masks them in :meth:`training`)."""
+        return x
 
-    def masked(self, x: Tensor, chosen: Tensor) -> Tensor:
-        """``x`` with its ``chosen`` tokens that are not special ones replaced by the mask token."""
+    def training(self, x: Tensor, idx: Tensor, epoch: int, part: Part | None = None) -> Tensor:
+        """The training batch ``x`` of examples ``idx`` in ``epoch`` (1-based): view ``epoch − 1``."""
+        if not self.augments:
+            return x
+        return self.masks(x, idx, torch.full_like(idx, epoch - 1))
+
+    def masks(self, x: Tensor, idx: Tensor, view: Tensor) -> Tensor:
+        """``x`` (the ids of examples ``idx``) with token t of example i masked in view v when
+        ``h(s, i·2¹⁶ + v, t) < p·2³²``: ``h`` :func:`keyed_uint32`, s the stage's seed, p
+        ``token_mask``; special tokens never."""
+        keys = idx.long() * VIEWS_PER_TEXT + view.long()
+        chosen = keyed_uint32(self.salt, keys, x.shape[1]) < round(self.token_mask * 2**32)
         return torch.where(chosen & ~torch.isin(x, self.special), self.mask_id, x)
 
-    def fixed_views(self, n: int, k: int, generator: torch.Generator) -> FixedViews:
-        """Views ``(x, idx, v) →`` ids of view ``v[j]`` of training example ``idx[j]`` (``x[j]``
-        its ids), for a teacher cache of ``k`` views of each of ``n`` examples: token ``t`` of
-        view v of example i is masked when ``h(s, i·k + v, t) < p · 2³²``, ``h`` the keyed
-        hash :func:`keyed_uint32` and ``s`` one number drawn from ``generator``. The mask
-        depends on the example, the view and the token's place alone: not on the batch, its
-        order or the length it is cut to, nor on any generator's state."""
-        salt = int(torch.randint(0, 2**32, (), generator=generator))
-        threshold = round(self.token_mask * 2**32)
-
-        def view(x: Tensor, idx: Tensor, v: Tensor) -> Tensor:
-            return self.masked(x, keyed_uint32(salt, idx.long() * k + v.long(), x.shape[1]) < threshold)
-
-        return view
+    def fixed_views(self, n: int, k: int, generator: torch.Generator) -> tuple[FixedViews, Tensor]:
+        """A teacher cache's ``k`` views of each of ``n`` texts: ``(x, idx, v) →`` view ``v[j]``
+        of text ``idx[j]``, the masks of epoch v + 1 (:meth:`masks`), and each text's phase, 0:
+        in epoch e a text shows view ``(e − 1) mod k``, as online training masks it when
+        k ≥ the epochs."""
+        return self.masks, torch.zeros(n, dtype=torch.long)
 
 
+VIEWS_PER_TEXT = 2**16  # the views (epochs) a text's mask keys tell apart
 UINT32 = 0xFFFFFFFF
 GOLDEN = 0x9E3779B9  # 2³² / φ: consecutive places land far apart before they are mixed
 

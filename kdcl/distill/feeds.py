@@ -3,8 +3,8 @@
 A *feed* turns a batch of uint8 training examples into the student's input and the
 teacher's logits for exactly those pixels. Three feeds are registered:
 
-- ``none`` (online): augment the batch with fresh random parameters and run the teacher
-  on it, in eval mode under ``torch.inference_mode()``, every step. One teacher pass per
+- ``none`` (online): augment the batch (images: fresh random parameters; texts: their
+  masks of this epoch, :class:`kdcl.data.TextPreprocess`) and run the teacher on it, in eval mode under ``torch.inference_mode()``, every step. One teacher pass per
   example per epoch; a new view every time. For a loss that compares two views
   (``DistillLoss.views == 2``, MLKD) it also draws a strongly augmented copy of the batch
   (:class:`kdcl.data.StrongViews`) and gives both, the plain views first.
@@ -172,9 +172,9 @@ class OnlineTeacher:
         part: Part | None = None,
         mix: BatchMix | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        views, count = self.preprocess(x, train=True, part=part), 1
+        views, count = self.preprocess.training(x, idx, epoch, part), 1
         if self.strong is not None:
-            views, count = torch.cat([views, self.preprocess(self.strong(x, step), train=True, part=part)]), 2
+            views, count = torch.cat([views, self.preprocess.training(self.strong(x, step), idx, epoch, part)]), 2
         if mix is not None:
             views = mix.images(views)
         if self.teacher_at is None:
@@ -227,12 +227,11 @@ class CachedViews:
 @register_feed("views", counted=True)
 def fixed_views(inputs: FeedInputs) -> CachedViews:
     """K views per example, drawn once from the run seed (on the CPU, so a seed gives the
-    same views on every device): crop offsets and flips of images, masked tokens of texts."""
+    same views on every device): crop offsets and flips of images; a text's masks of epochs
+    1 … K (:meth:`kdcl.data.TextPreprocess.fixed_views`)."""
     pre, n, k = inputs.preprocess, len(inputs.train), inputs.views
-    generator = torch.Generator().manual_seed(inputs.seed)
-    example_view = pre.fixed_views(n, k, generator)
-    phase = torch.randint(0, k, (n,), generator=generator).to(pre.generator.device)
-    return CachedViews(inputs, example_view, k, phase)
+    example_view, phase = pre.fixed_views(n, k, torch.Generator().manual_seed(inputs.seed))
+    return CachedViews(inputs, example_view, k, phase.to(pre.generator.device))
 
 
 def check_unaugmented(spec: str, preprocess: Preprocess | TextPreprocess) -> None:

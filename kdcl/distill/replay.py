@@ -136,7 +136,7 @@ class LogitReplay:
     def __call__(
         self, step: int, epoch: int, idx: Tensor, x: Tensor, y: Tensor, part: Part | None = None, mix: None = None
     ) -> tuple[Tensor, Tensor | None]:
-        views = self.preprocess(x, train=True, part=part)
+        views = self.preprocess.training(x, idx, epoch, part)
         start, end = self.table.offsets[step], self.table.offsets[step + 1]
         recorded = self.table.index[start:end]
         if len(recorded) == len(idx):

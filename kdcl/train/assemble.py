@@ -110,7 +110,7 @@ def build_stage(
     (:mod:`kdcl.distill.replay`).
     """
     loss_spec, control_cfg = distill_parts(distill)
-    data.preprocess.generator.manual_seed(seed)
+    data.preprocess.reseed(seed)
     loss_fn = create_loss(loss_spec)
     teacher = combined_teacher(teachers, control_cfg)
     if teacher is not None and loss_fn.needs_teacher:
