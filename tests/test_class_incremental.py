@@ -273,6 +273,7 @@ def test_memory_curriculum_and_class_order_compose(tmp_path):
             "scenario.memory_per_class=4",
             "scenario.class_order=easy_first",
             "scenario.warmup_epochs=0",
+            "curriculum=teacher_loss",  # the scenario has none unless chosen
             "trainer.epochs=2",
             "dataset.max_train_samples=400",
             "teacher=mlp",

@@ -219,7 +219,7 @@ def one_step(control: DistillControl, x: torch.Tensor, y: torch.Tensor):
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
     feed = OnlineTeacher(
         SimpleNamespace(
-            preprocess=lambda x, train, part: x,
+            preprocess=SimpleNamespace(training=lambda x, idx, epoch, part: x),
             teacher_at=lambda step: Teachers([teacher]),
             autocast=nullcontext,
             strong=None,

@@ -117,7 +117,7 @@ def test_token_masking_masks_ordinary_tokens_at_its_rate_in_training_only():
     x = torch.randint(4, 50, (400, 30))
     x[:, 0], x[:, 20], x[:, 21:] = 2, 3, 0
     x[0, 21:] = torch.tensor([8, 9, 3, 0, 0, 0, 0, 0, 0])  # the longest example
-    masked = pre(x, train=True)
+    masked = pre.training(x, torch.arange(len(x)), epoch=1)
     assert masked.shape == x.shape
     changed = masked != x
     assert (masked[changed] == 1).all()
@@ -127,8 +127,10 @@ def test_token_masking_masks_ordinary_tokens_at_its_rate_in_training_only():
     again = TextPreprocess(
         pad_id=0, device=torch.device("cpu"), seed=0, token_mask=0.25, mask_id=1, special_ids=special
     )
-    assert again(x, train=True).equal(masked)  # drawn from the seed: a resumed run masks the same tokens
-    assert not pre(x, train=True).equal(masked)  # and afresh every step
+    assert again.training(x, torch.arange(len(x)), epoch=1).equal(
+        masked
+    )  # keyed by the seed: a resumed run masks the same tokens
+    assert not pre.training(x, torch.arange(len(x)), epoch=2).equal(masked)  # and afresh every epoch
 
 
 def test_token_masking_uses_the_vocabularys_unknown_token(text_root):

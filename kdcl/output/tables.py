@@ -32,10 +32,12 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
 
 
 def labelled(frame: pd.DataFrame, columns: Mapping[str, Any]) -> pd.DataFrame:
-    """``frame`` with a column per entry of ``columns``, its value on every row, right after
-    ``model`` (a sweep job's swept keys in its summary)."""
+    """``frame`` with a column per entry of ``columns`` it does not have yet (a swept
+    ``distill=kd,dkd`` is the summary's ``distill`` column already), its value on every
+    row, right after ``model`` (a sweep job's swept keys in its summary)."""
     frame = frame.copy()
-    for i, (name, value) in enumerate(columns.items(), start=1):
+    new = {name: value for name, value in columns.items() if name not in frame.columns}
+    for i, (name, value) in enumerate(new.items(), start=1):
         frame.insert(i, name, [value] * len(frame))
     return frame
 

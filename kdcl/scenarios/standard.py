@@ -546,9 +546,10 @@ def reuse_or_train(run: Run, stage: str, produce: Callable[[], nn.Module]) -> nn
         else:  # an entry stored before its predictions (or its macs or top-5 column) were kept
             run.rows[stage] = {**test_columns(run, stage, model), **cached_row}
     except KdclError as err:
+        drop = f"delete {entry} and {run.out / stage} (the next run trains the {stage} again), or set cache=false"
         raise KdclError(
             f"the {stage} taken from the stage cache entry {entry} cannot be used: {err.what}",
-            fix=f"delete {entry} and {run.out / stage} (the next run trains the {stage} again), or set cache=false",
+            fix=f"{err.fix}; or {drop}" if err.fix else drop,
         ) from None
     return model
 
