@@ -324,7 +324,7 @@ def test_arms_per_config_in_a_sweep_over_alpha(seeded_sweep, cli):
     arms = pd.read_csv(seeded_sweep / "arms.csv")
     # the teacher is the same models in both configs: one row, its alpha empty, over its 3 seeds;
     # the baselines differ (their best_val_acc does), so each config lists its own
-    assert list(zip(arms["distill.alpha"].fillna("any"), arms["arm"])) == [
+    assert list(zip(arms["distill.alpha"].astype(object).fillna("any"), arms["arm"])) == [
         ("any", "teacher"),
         (0.5, "baseline"),
         (0.5, "distill"),
