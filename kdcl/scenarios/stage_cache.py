@@ -215,9 +215,14 @@ class StageCache:
         return Entry(final)
 
 
+def cache_root(cfg: dict[str, Any]) -> Path:
+    """The run's stage-cache folder (``cache_dir``)."""
+    return Path(cfg["cache_dir"]).expanduser().resolve()
+
+
 def open_cache(cfg: dict[str, Any]) -> StageCache:
-    """The run's stage cache (``cache_dir``)."""
-    return StageCache(Path(cfg["cache_dir"]).expanduser().resolve())
+    """The run's stage cache (``cache_dir``), its folder made if needed."""
+    return StageCache(cache_root(cfg))
 
 
 def reuse_or_produce(
@@ -258,7 +263,7 @@ def reuse_or_produce(
         entry.restore(stage_dir)
         write_done(stage_dir / "done.json", row, cfg)
     distributed.barrier()  # the restored files are there for every rank
-    return None, {**row, "entry": str(open_cache(cfg).root / name)}
+    return None, {**row, "entry": str(cache_root(cfg) / name)}
 
 
 def teacher_logits_key(

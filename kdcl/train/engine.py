@@ -450,7 +450,7 @@ def fit(
             batches = s.plan.epoch_batches(range(first, first + spe), start_state)[cursor.step - first :]
             start_state = snapshot
             tic, ctx = time.perf_counter(), s.control.context(epoch, s.features)
-            window = StepWindow(meter)
+            window = StepWindow(meter) if trainer.log_every_steps else None  # reads the meter: only when logging
             parts = distributed.parts(batches)
             shares = (p.take(b) for p, b in zip(parts, batches))
             keys = (
@@ -460,7 +460,7 @@ def fit(
                 train_step(replica, trainer, cursor.step, batch, meter, ctx, part)
                 cursor.step += 1
                 shown.update(cursor.step, epoch, meter.count + meter.new_count, meter.running_loss)
-                if trainer.log_every_steps and cursor.step % trainer.log_every_steps == 0 and distributed.is_main():
+                if window is not None and cursor.step % trainer.log_every_steps == 0 and distributed.is_main():
                     s.loggers.log_step(s.name, cursor.step, window.metrics(meter, s.optimizer))
                 every = trainer.checkpoint_every_steps
                 stop = distributed.any_rank(STOP.signum or 0)
