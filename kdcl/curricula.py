@@ -10,7 +10,7 @@ curriculum takes exactly as many steps, under the same LR schedule, as one witho
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,9 @@ from kdcl.registry import Registry
 
 # needs_student_model: the scorer reads a student-architecture model's logits
 # (ScoreContext.self_taught_logits), which the run trains for it when nothing else does.
-SCORERS = Registry("curriculum scorer", traits={"needs_student_model": False})
+# needs_teacher_logits: the scorer reads the teacher's logits on the training split
+# (ScoreContext.teacher_logits), a pass of the teacher over it.
+SCORERS = Registry("curriculum scorer", traits={"needs_student_model": False, "needs_teacher_logits": True})
 register_scorer = SCORERS.register
 # uses_difficulty: the order depends on the difficulties it is given (random does not).
 ORDERS = Registry("curriculum order", traits={"uses_difficulty": True})
@@ -54,7 +56,7 @@ class ScoreContext:
     (no augmentation) unless it says otherwise."""
 
     labels: Tensor  # (N,) int64
-    teacher_logits: Tensor  # (N, C) float32
+    teacher_logits: Tensor | None  # (N, C) float32; None: no scorer asked for the teacher's pass
     seed: int
     learned_epoch: Tensor | None = None  # logged while the teacher trained in this run
     self_taught_logits: Callable[[], Tensor] | None = None  # a student-architecture model's logits
@@ -68,34 +70,40 @@ class ScoreContext:
         tokens = self.tokens.cpu()
         return tokens, tokens != self.pad_id
 
-    def teacher_probs(self) -> Tensor:
-        return torch.softmax(self.teacher_logits.float(), 1)
+    def teacher_output(self, scorer: str) -> Tensor:
+        """The teacher's logits on the training split, as float32."""
+        if self.teacher_logits is None:
+            raise ScoreUnavailable(f"{scorer} reads the teacher's logits, and the teacher did not score the data")
+        return self.teacher_logits.float()
+
+    def teacher_probs(self, scorer: str) -> Tensor:
+        return torch.softmax(self.teacher_output(scorer), 1)
 
 
 @register_scorer("teacher_loss")
 def teacher_loss(ctx: ScoreContext) -> Tensor:
     """``d_i = −log softmax(z_t(x_i))_{y_i}``: the teacher's cross-entropy ("transfer"
     scoring, Hacohen & Weinshall 2019)."""
-    return F.cross_entropy(ctx.teacher_logits.float(), ctx.labels, reduction="none")
+    return F.cross_entropy(ctx.teacher_output("teacher_loss"), ctx.labels, reduction="none")
 
 
 @register_scorer("teacher_confidence")
 def teacher_confidence(ctx: ScoreContext) -> Tensor:
     """``d_i = 1 − p_t(y_i | x_i)``: one minus the teacher's probability of the true class."""
-    return 1 - ctx.teacher_probs().gather(1, ctx.labels[:, None]).squeeze(1)
+    return 1 - ctx.teacher_probs("teacher_confidence").gather(1, ctx.labels[:, None]).squeeze(1)
 
 
 @register_scorer("teacher_margin")
 def teacher_margin(ctx: ScoreContext) -> Tensor:
     """``d_i = −(p_t(y_i) − max_{j≠y_i} p_t(j))``: a negative margin means the teacher
     prefers a wrong class."""
-    p = ctx.teacher_probs()
+    p = ctx.teacher_probs("teacher_margin")
     true = p.gather(1, ctx.labels[:, None]).squeeze(1)
     other = p.scatter(1, ctx.labels[:, None], -1.0).max(1).values
     return other - true
 
 
-@register_scorer("learned_epoch")
+@register_scorer("learned_epoch", needs_teacher_logits=False)
 def learned_epoch(ctx: ScoreContext) -> Tensor:
     """``d_i`` = the first epoch after which the teacher's training-time prediction for
     the example stays correct (E + 1 if it never does), logged during teacher training
@@ -105,7 +113,7 @@ def learned_epoch(ctx: ScoreContext) -> Tensor:
     return ctx.learned_epoch.float()
 
 
-@register_scorer("self_taught", needs_student_model=True)
+@register_scorer("self_taught", needs_student_model=True, needs_teacher_logits=False)
 def self_taught(ctx: ScoreContext) -> Tensor:
     """``d_i`` = cross-entropy of a model of the *student's* architecture trained normally
     (the baseline stage's model when there is one) — "self-taught" scoring (Hacohen & Weinshall 2019)."""
@@ -114,7 +122,7 @@ def self_taught(ctx: ScoreContext) -> Tensor:
     return F.cross_entropy(ctx.self_taught_logits().float(), ctx.labels, reduction="none")
 
 
-@register_scorer("length")
+@register_scorer("length", needs_teacher_logits=False)
 def token_length(ctx: ScoreContext) -> Tensor:
     """``d_i = |x_i|``: the number of tokens of text i (after truncation, ``[CLS]`` and
     ``[SEP]`` included): longer texts are harder (the sentence-length curriculum of
@@ -123,7 +131,7 @@ def token_length(ctx: ScoreContext) -> Tensor:
     return mask.sum(1).float()
 
 
-@register_scorer("rarity")
+@register_scorer("rarity", needs_teacher_logits=False)
 def token_rarity(ctx: ScoreContext) -> Tensor:
     """``d_i = (1/|x_i|) Σ_{w ∈ x_i} 1 / c(w)``: the mean inverse frequency of text i's
     tokens, ``c(w)`` counting token ``w`` over the whole training split: texts of rare
@@ -134,22 +142,24 @@ def token_rarity(ctx: ScoreContext) -> Tensor:
     return inverse.sum(1) / mask.sum(1).clamp(min=1)
 
 
-@register_scorer("random")
+@register_scorer("random", needs_teacher_logits=False)
 def random_scores(ctx: ScoreContext) -> Tensor:
     """``d_i ~ U(0, 1)``, seeded: a difficulty that carries no information."""
     return torch.rand(len(ctx.labels), generator=torch.Generator().manual_seed(ctx.seed))
 
 
-def score_all(ctx: ScoreContext, chosen: str) -> dict[str, Tensor]:
-    """Every scorer's difficulties that this run can compute; ``chosen`` must be one of them."""
+def score(ctx: ScoreContext, names: Iterable[str], needed: Collection[str]) -> dict[str, Tensor]:
+    """The difficulties of the scorers of ``names`` (and of ``needed``) that this run can
+    compute; a scorer of ``needed`` that it cannot is an error."""
+    for name in needed:
+        SCORERS.get(name)  # an unknown name is a clear error
     scores = {}
-    for name in SCORERS.names():
+    for name in dict.fromkeys([*names, *needed]):
         try:
             scores[name] = SCORERS.get(name)(ctx)
         except ScoreUnavailable as why:
-            if name == chosen:
+            if name in needed:
                 raise KdclError(f"curriculum.scorer={name} is unavailable: {why}") from None
-    SCORERS.get(chosen)  # an unknown name is a clear error
     return scores
 
 

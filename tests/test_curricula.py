@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -19,9 +20,10 @@ from kdcl.curricula import (
     LearnedEpochs,
     PlanInputs,
     ScoreContext,
+    ScoreUnavailable,
     difficulty_rank,
     make_order,
-    score_all,
+    score,
 )
 from kdcl.errors import KdclError
 
@@ -228,15 +230,32 @@ def test_learned_epoch_values(noisy_toy):
 TEXT_SCORERS = {"length", "rarity"}  # they read token ids: unavailable on images
 
 
-def test_score_all_and_unavailable_scorer(noisy_toy):
+def test_scoring_and_unavailable_scorers(noisy_toy):
     ctx, _ = noisy_toy
-    assert set(score_all(ctx, "teacher_loss")) == set(SCORERS.names()) - TEXT_SCORERS
+    assert set(score(ctx, SCORERS.names(), ["teacher_loss"])) == set(SCORERS.names()) - TEXT_SCORERS
     with pytest.raises(KdclError, match="length is unavailable"):
-        score_all(ctx, "length")
+        score(ctx, SCORERS.names(), ["length"])
+    assert set(score(ctx, [], ["teacher_margin"])) == {"teacher_margin"}  # only what a stage reads
     no_dynamics = ScoreContext(ctx.labels, ctx.teacher_logits, seed=0)
-    assert "learned_epoch" not in score_all(no_dynamics, "teacher_loss")
+    assert "learned_epoch" not in score(no_dynamics, SCORERS.names(), ["teacher_loss"])
     with pytest.raises(KdclError, match="learned_epoch"):
-        score_all(no_dynamics, "learned_epoch")
+        score(no_dynamics, [], ["learned_epoch"])
+    with pytest.raises(KdclError, match="not_a_scorer"):
+        score(ctx, [], ["not_a_scorer"])
+
+
+def test_a_scorer_without_the_teacher_trait_runs_without_the_teachers_pass(noisy_toy):
+    """The run skips the teacher's pass over the training split exactly when no scorer it
+    computes has the trait needs_teacher_logits: the trait must say what the scorer reads."""
+    ctx, _ = noisy_toy
+    tokens = torch.randint(1, 9, (len(ctx.labels), 6))
+    no_teacher = replace(ctx, teacher_logits=None, tokens=tokens)
+    for name in SCORERS.names():
+        if SCORERS.trait(name, "needs_teacher_logits"):
+            with pytest.raises(ScoreUnavailable, match="reads the teacher's logits"):
+                SCORERS.get(name)(no_teacher)
+        else:
+            assert SCORERS.get(name)(no_teacher).shape == ctx.labels.shape
 
 
 def test_entries_declare_what_sets_them_apart(noisy_toy):
@@ -247,9 +266,9 @@ def test_entries_declare_what_sets_them_apart(noisy_toy):
     assert SELF_PACED_WEIGHTS.names() == ["hard", "soft"]
     ctx, _ = noisy_toy
     without = ScoreContext(ctx.labels, ctx.teacher_logits, seed=0, learned_epoch=ctx.learned_epoch)
-    assert set(score_all(without, "teacher_loss")) == set(SCORERS.names()) - {"self_taught", *TEXT_SCORERS}
+    assert set(score(without, SCORERS.names(), ["teacher_loss"])) == set(SCORERS.names()) - {"self_taught", *TEXT_SCORERS}
     with pytest.raises(KdclError, match="self_taught is unavailable"):
-        score_all(without, "self_taught")
+        score(without, [], ["self_taught"])
 
 
 def test_orders_and_class_balance():

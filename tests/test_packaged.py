@@ -154,7 +154,9 @@ def test_a_minilm_run_on_its_own_tokenizer_and_its_eval(tmp_path):
         summary.loc["distill", "params"] == 17_391_364 - 385
     )  # a head of 3 classes, not 4: one row of 384 and a bias fewer
     assert summary["steps"].tolist() == [3] * 5
-    assert pd.read_csv(tmp_path / "run" / "curriculum" / "scores.csv")["d_length"].between(3, 16).all()
+    scores = pd.read_csv(tmp_path / "run" / "curriculum" / "scores.csv")
+    assert list(scores.columns) == ["index", "label", "d_length"]  # curriculum.score_all=false: no teacher pass
+    assert scores["d_length"].between(3, 16).all()
     frame = run_eval(str(tmp_path / "run" / "distill" / "best.pt"), None, "cpu", 64, tmp_path, None)
     assert frame["acc"].iloc[0] == pytest.approx(summary.loc["distill", "test_acc"])
     assert frame["examples"].iloc[0] == 24

@@ -11,7 +11,7 @@ from helpers import QUICK
 
 from kdcl.errors import KdclError
 from kdcl.models import count_macs
-from kdcl.scenarios.standard import run_pipeline, scores_read
+from kdcl.scenarios.standard import run_pipeline, scorers_read
 from kdcl.train.checkpoint import load_checkpoint, load_model
 from kdcl.trust import CodePolicy
 
@@ -168,10 +168,11 @@ def test_no_curriculum_schedules_nothing(compose_cfg, tmp_path):
 
 def test_the_training_split_is_scored_when_a_stage_reads_the_scores(compose_cfg):
     plain = compose_cfg(["curriculum=none"])
-    assert not scores_read(plain)
-    assert scores_read({**plain, "arms": {"paced": {"curriculum": {"type": "paced"}}}})
-    assert scores_read({**plain, "distill": {**plain["distill"], "sample_weight": "difficulty"}})
-    assert scores_read(compose_cfg(["curriculum=self_paced"]))
+    assert scorers_read(plain) == set()
+    arm = {"paced": {"curriculum": {"type": "paced", "scorer": "length"}}}
+    assert scorers_read({**plain, "arms": arm}) == {"length"}
+    assert scorers_read({**plain, "distill": {**plain["distill"], "sample_weight": "difficulty"}}) == {"teacher_loss"}
+    assert scorers_read(compose_cfg(["curriculum=self_paced"])) == {"teacher_loss"}
 
 
 def test_teacher_checkpoint_skips_teacher_training(quick_run, compose_cfg, tmp_path):

@@ -255,6 +255,7 @@ class CurriculumConfig:
     scorer: str = key()
     order: str = key()
     class_balanced: bool = key()
+    score_all: bool = key()
     pacing: PacingConfig = field(default_factory=PacingConfig)
     adaptive_delta: Optional[float] = key(*_or_null(NON_NEGATIVE))
     weight_start: Optional[float] = key(*_or_null(UNIT))

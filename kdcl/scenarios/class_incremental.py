@@ -252,9 +252,10 @@ def run_class_incremental(
             fix=f"set scenario.tasks to at most {len(classes)}",
         )
     with graceful_stop():
-        if PLANS.trait(cfg["curriculum"]["type"], "scheduled") or uses_difficulty(settings["class_order"]):
+        by_difficulty = uses_difficulty(settings["class_order"])
+        if PLANS.trait(cfg["curriculum"]["type"], "scheduled") or by_difficulty:
             teacher_stage(run)
-            curriculum_stage(run)
+            curriculum_stage(run, needed=[cfg["curriculum"]["scorer"]] if by_difficulty else [])
         order = class_order(run, classes)
         tasks = [chunk.tolist() for chunk in np.array_split(np.array(order), settings["tasks"])]
         log.info(

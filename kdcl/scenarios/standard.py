@@ -44,7 +44,7 @@ from kdcl.curricula import (
     class_difficulty,
     difficulty_rank,
     make_order,
-    score_all,
+    score,
 )
 from kdcl.data import DataBundle, load_data
 from kdcl.distill.feeds import Feed, TopKLogits, caches, check_unaugmented
@@ -328,14 +328,15 @@ def evaluate_teacher(run: Run, stage: str, spec: dict) -> nn.Module:
     return model
 
 
-def curriculum_stage(run: Run) -> None:
-    """Score the training data with every available scorer (when a student stage reads the
-    scores: :func:`scores_read`) and record the pacing plan (of the student stages' step
+def curriculum_stage(run: Run, needed: Collection[str] = ()) -> None:
+    """Score the training data (when a student stage reads the scores, :func:`scorers_read`,
+    or the caller ``needed`` a scorer) and record the pacing plan (of the student stages' step
     budget: the stages a curriculum paces)."""
     spec = typed(CurriculumConfig, run.cfg["curriculum"], "curriculum")
     out = run.stage_dir("curriculum")
-    if scores_read(run.cfg):
-        score_examples(run, spec, out)
+    needed = scorers_read(run.cfg) | set(needed)
+    if needed:
+        score_examples(run, spec, out, needed)
     plan, spe = build_plan(run, spec, STUDENT), run.steps_per_epoch(STUDENT)
     rows = []
     for e in range(run.recipes[STUDENT].trainer.epochs):  # as planned (adaptive curricula may hold later)
@@ -374,43 +375,48 @@ def curriculum_stage(run: Run) -> None:
     )
 
 
-def scores_read(cfg: dict[str, Any]) -> bool:
-    """Whether a student stage reads the examples' difficulty scores: a curriculum other than
-    ``none`` (of ``distill`` or an arm), or ``distill.sample_weight=difficulty``. Without one,
-    the teacher does not run over the training split to score it."""
+def scorers_read(cfg: dict[str, Any]) -> set[str]:
+    """The scorers whose difficulties a student stage reads: that of each curriculum other
+    than ``none`` (of ``distill`` or an arm), or with ``distill.sample_weight=difficulty``.
+    Without one, the curriculum stage scores nothing."""
     arms = [arm_config(cfg, arm) for arm in (cfg.get("arms") or {}).values()]
-    return any(
-        PLANS.trait(curriculum["type"], "scheduled") or distill.get("sample_weight") == "difficulty"
+    return {
+        curriculum["scorer"]
         for distill, curriculum in [(cfg["distill"], cfg["curriculum"]), *arms]
+        if PLANS.trait(curriculum["type"], "scheduled") or distill.get("sample_weight") == "difficulty"
+    }
+
+
+def score_examples(run: Run, spec: CurriculumConfig, out: Path, needed: Collection[str]) -> None:
+    """The difficulty of each training example under the ``needed`` scorers, or with
+    ``curriculum.score_all`` under every scorer the run can compute, into ``run.scores`` and
+    ``scores.csv``; the teacher runs over the training split when one of them reads its logits."""
+    names = SCORERS.names() if spec.score_all else needed
+    labels = run.data.train.labels
+    teacher = (
+        evaluate(run.teacher, run.data.train, run.data, run.trainer).logits
+        if any(SCORERS.trait(name, "needs_teacher_logits") for name in {*names, *needed})
+        else None
     )
-
-
-def score_examples(run: Run, spec: CurriculumConfig, out: Path) -> None:
-    """Every scorer's difficulty of each training example (the teacher's logits on the
-    training split), into ``run.scores`` and ``scores.csv``."""
-    train = evaluate(run.teacher, run.data.train, run.data, run.trainer)
     ctx = ScoreContext(
-        labels=train.labels,
-        teacher_logits=train.logits,
+        labels=labels,
+        teacher_logits=teacher,
         seed=run.cfg["seed"],
         learned_epoch=run.learned_epoch,
         self_taught_logits=self_taught_logits(run),
         **({"tokens": run.data.train.x, "pad_id": run.data.text.pad_id} if run.data.text is not None else {}),
     )
-    run.scores = score_all(ctx, spec.scorer)
-    order = make_order(run.scores[spec.scorer], train.labels, spec.order, spec.class_balanced, run.cfg["seed"])
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(len(order))
-    loss = torch.nn.functional.cross_entropy(train.logits, train.labels, reduction="none")
-    columns = {
-        "index": run.data.train.origin,
-        "label": train.labels.numpy(),
-        "difficulty": run.scores[spec.scorer].numpy(),
-        "rank": rank.numpy(),
-        "teacher_loss": loss.numpy(),
-        "teacher_confidence": torch.exp(-loss).numpy(),
-    }
-    per_scorer = {f"d_{name}": d.numpy() for name, d in run.scores.items()}  # every scorer's difficulty
+    run.scores = score(ctx, names, needed)
+    columns: dict[str, Any] = {"index": run.data.train.origin, "label": labels.numpy()}
+    if spec.scorer in run.scores:  # the run's curriculum's order
+        order = make_order(run.scores[spec.scorer], labels, spec.order, spec.class_balanced, run.cfg["seed"])
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(len(order))
+        columns.update(difficulty=run.scores[spec.scorer].numpy(), rank=rank.numpy())
+    if teacher is not None:
+        loss = torch.nn.functional.cross_entropy(teacher, labels, reduction="none")
+        columns.update(teacher_loss=loss.numpy(), teacher_confidence=torch.exp(-loss).numpy())
+    per_scorer = {f"d_{name}": d.numpy() for name, d in run.scores.items()}  # each scorer's difficulty
     if distributed.is_main():
         write_csv(pd.DataFrame({**columns, **per_scorer}), out / "scores.csv")
 
