@@ -266,7 +266,10 @@ def test_entries_declare_what_sets_them_apart(noisy_toy):
     assert SELF_PACED_WEIGHTS.names() == ["hard", "soft"]
     ctx, _ = noisy_toy
     without = ScoreContext(ctx.labels, ctx.teacher_logits, seed=0, learned_epoch=ctx.learned_epoch)
-    assert set(score(without, SCORERS.names(), ["teacher_loss"])) == set(SCORERS.names()) - {"self_taught", *TEXT_SCORERS}
+    assert set(score(without, SCORERS.names(), ["teacher_loss"])) == set(SCORERS.names()) - {
+        "self_taught",
+        *TEXT_SCORERS,
+    }
     with pytest.raises(KdclError, match="self_taught is unavailable"):
         score(without, [], ["self_taught"])
 
