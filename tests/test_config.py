@@ -17,9 +17,11 @@ from kdcl.config import checks, schema
 from kdcl.config.checks import composition_error, validate, validate_eval
 from kdcl.config.options import (
     CONF_DIR,
+    arch_label,
     base_keys,
     control_keys,
     distill_parts,
+    model_option,
     option_folder,
     section_option,
     with_base_keys,
@@ -500,3 +502,15 @@ def test_a_section_saved_before_a_shared_key_existed_gets_the_base_value():
     assert completed["crop_padding_mode"] == base.crop_padding_mode
     assert completed["flip"] is (not base.flip) and completed["name"] == "digits"
     assert set(completed) == set(base) | {"name"}
+
+
+def test_the_arch_column_names_the_option_while_the_spec_builds_its_network(compose_cfg):
+    def arch(*overrides: str) -> str:
+        return arch_label(compose_cfg(list(overrides))["student"])
+
+    assert arch("student=vgg_small") == "vgg_small"
+    assert arch("student=vgg_small", "student.kwargs.width=16") == "vgg"  # no longer that option's network
+    assert arch("student=resnet18", "student.name=resnet34") == "resnet34"
+    assert arch("student=custom", "student.name=timm:resnet18") == "timm:resnet18"
+    for path in option_folder("student").glob("*.yaml"):  # every option file names itself
+        assert model_option(path.stem).get("option") == (None if path.stem == "custom" else path.stem), path

@@ -71,7 +71,7 @@ def check_export(run_dir: Path, out: Path, fmt: str, exported: Path) -> None:
     checkpoint = run_dir / "distill" / "best.pt"
     row = pd.read_csv(out / "export.csv").iloc[0]
     summary = pd.read_csv(run_dir / "summary.csv").set_index("model")
-    assert (row["model"], row["arch"], row["format"], row["dataset"]) == ("distill", "mlp", fmt, "digits")
+    assert (row["model"], row["arch"], row["format"], row["dataset"]) == ("distill", "mlp_small", fmt, "digits")
     assert Path(row["file"]) == exported.resolve() and row["file_mb"] == exported.stat().st_size / 1e6 > 0
     assert row["params"] == summary.loc["distill", "params"] and row["macs"] == summary.loc["distill", "macs"] > 0
     assert (row["inputs"], row["examples"]) == ("test", 64)

@@ -84,7 +84,9 @@ def methods_run(tmp_path_factory):
 def test_several_teachers_train_into_their_folders(methods_run):
     cfg, out, summary, _ = methods_run
     assert list(summary.index) == ["teacher", "teacher_1", "teacher_ensemble", "distill", "hint"]
-    assert summary.loc["teacher", "arch"] == "cnn" and summary.loc["teacher_1", "arch"] == "mlp"
+    assert (
+        summary.loc["teacher", "arch"] == "cnn_small" and summary.loc["teacher_1", "arch"] == "mlp_small"
+    )  # the options chosen
     for folder in ("teacher", "teacher_1"):
         assert (out / folder / "best.pt").is_file() and (out / folder / "metrics.csv").is_file()
     expected = recomputed_ensemble_acc(cfg, [out / "teacher" / "best.pt", out / "teacher_1" / "best.pt"])
@@ -184,7 +186,7 @@ def born_again_run(tmp_path_factory):
 def test_born_again_runs_generations_and_their_ensemble(born_again_run):
     cfg, out, summary, _ = born_again_run
     assert list(summary.index) == ["teacher", "gen_1", "gen_2", "ensemble"]
-    assert (summary.loc[["teacher", "gen_1", "gen_2"], "arch"] == "cnn").all()  # the teacher's architecture
+    assert (summary.loc[["teacher", "gen_1", "gen_2"], "arch"] == "cnn_small").all()  # the teacher's option
     assert summary.loc["gen_1", "params"] == summary.loc["teacher", "params"]
     assert summary.loc["ensemble", "macs"] == 2 * summary.loc["teacher", "macs"]
     assert summary.loc["gen_2", "steps"] == summary.loc["teacher", "steps"]

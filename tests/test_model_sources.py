@@ -5,8 +5,11 @@ loaded as teachers, and every failure one message. Offline and small."""
 from __future__ import annotations
 
 import os
+import socket
 import sys
+import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pandas as pd
 import pytest
@@ -18,6 +21,7 @@ from kdcl.config.checks import validate
 from kdcl.data import load_data
 from kdcl.errors import KdclError
 from kdcl.models import build_model, count_params, create_model, model_ref, saved_spec
+from kdcl.models.sources import HUB_TIMEOUT_S, PROXY_VARIABLES, hub_unreachable
 from kdcl.scenarios.stage_cache import stage_key
 from kdcl.scenarios.standard import check_losses, run_pipeline, start_run, teacher_stage
 from kdcl.train.checkpoint import model_from_checkpoint
@@ -163,6 +167,36 @@ def test_offline_pretrained_is_one_message(monkeypatch, hf_dir):
         create_model("hf:org/no-such-model", 10, DIGITS)
     with pytest.raises(KdclError, match=f"the weights of model hf:{hf_dir}"):  # a directory without weights
         create_model(f"hf:{hf_dir}", 10, DIGITS, pretrained=True)
+
+
+def test_an_unreachable_hub_is_read_from_the_cache_only_without_retries(monkeypatch):
+    """No route to the Hub: one probe, then huggingface_hub's offline mode, so a file not in
+    the cache fails without the client's retries (each of which sleeps); behind a proxy,
+    no probe."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    probes, sleeps = [], []
+
+    def no_route(address, timeout):
+        probes.append((address, timeout))
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", no_route)
+    monkeypatch.setattr(time, "sleep", sleeps.append)
+    hub_unreachable.cache_clear()
+    try:
+        with pytest.raises(KdclError, match="the config of model hf:org/no-such-model could not be downloaded"):
+            create_model("hf:org/no-such-model", 10, DIGITS)
+        assert probes == [((urlsplit(huggingface_hub.constants.ENDPOINT).hostname, 443), HUB_TIMEOUT_S)]
+        assert huggingface_hub.constants.HF_HUB_OFFLINE is True and sleeps == []
+        hub_unreachable.cache_clear()
+        monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+        assert not hub_unreachable() and len(probes) == 1  # the Hub may answer through the proxy
+    finally:
+        hub_unreachable.cache_clear()
 
 
 @pytest.mark.slow

@@ -308,7 +308,7 @@ def test_teacher_route_and_assistants(compose_cfg, tmp_path):
     ]
     assert list(summary.index) == ["teacher", "assistant_1", "distill"]
     assert (
-        summary.loc["assistant_1", "arch"] == "cnn"
+        summary.loc["assistant_1", "arch"] == "cnn_small"
         and summary.loc["assistant_1", "params"] < summary.loc["teacher", "params"]
     )
     assert summary["steps"].nunique() == 1

@@ -231,7 +231,7 @@ def export_model(model: Exportable, fmt: str, out_file: Path, settings: dict[str
         )
     row = {
         "model": model.name,
-        "arch": ckpt["model"]["name"],
+        "arch": ckpt.get("arch") or ckpt["model"]["name"],  # checkpoints before arch held the name alone
         "stage": ckpt.get("stage"),
         "dataset": ckpt.get("dataset"),
         "checkpoint": str(model.path.resolve()),

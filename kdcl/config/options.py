@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from kdcl.config.schema import ControlConfig, typed
 from kdcl.distill.losses import LOSSES
 from kdcl.errors import KdclError
+from kdcl.models.sources import model_ref
 
 
 def _conf_dir() -> str:
@@ -47,6 +48,19 @@ def option_folder(group: str) -> Path:
 def model_option(name: str) -> dict[str, Any]:
     """The model spec of a model option, ``conf/models/NAME.yaml`` (``cnn_small`` → name cnn, width 8)."""
     return {"pretrained": False, "_target_": None, "trust_remote_code": False, **group_option("teacher", name)}
+
+
+def arch_label(spec: Mapping[str, Any]) -> str:
+    """The model as the summary's ``arch`` column shows it: the name of its option
+    (``student=vgg_small``: vgg_small) while the spec builds that option's network (its
+    ``name`` and ``kwargs``, no ``_target_``); else, and for an option of the user's own config
+    folder, its source and reference (vgg, timm:resnet50: :attr:`kdcl.models.sources.ModelRef.label`)."""
+    option = spec.get("option")
+    if option and not spec.get("_target_") and (option_folder("teacher") / f"{option}.yaml").is_file():
+        chosen = model_option(option)
+        if (chosen["name"], chosen.get("kwargs", {})) == (spec.get("name"), spec.get("kwargs", {})):
+            return option
+    return model_ref(spec).label
 
 
 def group_option(group: str, name: str) -> dict[str, Any]:

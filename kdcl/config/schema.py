@@ -127,6 +127,7 @@ class ModelSpec:
     config. ``trust_remote_code``: let an ``hf:`` model run the Python its repository ships
     (:mod:`kdcl.trust`); taken from the user's config only, never from a file."""
 
+    option: Optional[str] = key()
     name: Optional[str] = key()
     kwargs: Dict[str, Any] = key()
     pretrained: bool = key()

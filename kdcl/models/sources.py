@@ -25,9 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import importlib
 import inspect
 import json
+import logging
+import os
+import socket
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +64,7 @@ OFFLINE_FIX = (
     "download them once where there is internet (they are cached: ~/.cache/huggingface, "
     "~/.cache/torch), or give local weights instead: teacher.checkpoint=PATH (a state_dict, "
     ".safetensors, TorchScript file or Hugging Face model directory) or name=hf:LOCAL_DIR; "
-    "or set pretrained=false. HF_HUB_OFFLINE=1 makes an offline attempt fail at once"
+    "or set pretrained=false"
 )
 
 
@@ -172,10 +177,49 @@ def optional_import(module: str, user: str, extra: str = MODELS_EXTRA) -> Module
         raise KdclError(f"{user} needs the package {package}, which is not installed", fix=extra) from None
 
 
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+HUB_TIMEOUT_S = 3.0
+
+
+@functools.cache
+def hub_unreachable() -> bool:
+    """Whether this machine has no route to the Hugging Face Hub: its host does not resolve,
+    or does not answer within :data:`HUB_TIMEOUT_S`. Asked once a process, and never behind a
+    proxy (the Hub may answer through it where a direct connection fails)."""
+    if any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return False
+    from huggingface_hub import constants
+
+    endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=HUB_TIMEOUT_S).close()
+    except OSError:
+        return True
+    return False
+
+
+def hub_offline_when_unreachable() -> None:
+    """Without a route to the Hub, put huggingface_hub (and so transformers and timm) in its
+    offline mode: files in the local cache still load, and a missing one fails at once rather
+    than after the client's retries (about 40 s)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # the source that needs it says so
+        return
+    if not constants.HF_HUB_OFFLINE and hub_unreachable():
+        logging.getLogger("kdcl").info(
+            "%s is unreachable: Hugging Face files come from the local cache only", constants.ENDPOINT
+        )
+        constants.HF_HUB_OFFLINE = True
+
+
 @contextlib.contextmanager
 def hub_files(label: str, what: str) -> Iterator[None]:
     """Turn a failure to download or find ``what`` of model ``label`` (offline, an unknown
-    id, a missing file) into one :class:`KdclError`."""
+    id, a missing file) into one :class:`KdclError`; offline, it fails at once
+    (:func:`hub_offline_when_unreachable`)."""
+    hub_offline_when_unreachable()
     try:
         yield
     except OSError as e:  # requests' and huggingface_hub's errors are OSErrors

@@ -61,11 +61,11 @@ import torch
 from torch import Tensor, nn
 
 from kdcl import distributed
-from kdcl.config.options import STUDENT, section_option
+from kdcl.config.options import STUDENT, arch_label, section_option
 from kdcl.curricula import ORDERS, PLANS, class_difficulty
 from kdcl.data import Source, class_map, with_classes
 from kdcl.errors import KdclError
-from kdcl.models import classifier, count_params, freeze, grow_head, model_ref
+from kdcl.models import classifier, count_params, freeze, grow_head
 from kdcl.output.plots import heatmaps
 from kdcl.output.tables import labelled, print_table, write_csv
 from kdcl.output.trackers import CSV_ONLY, Loggers
@@ -484,7 +484,7 @@ def write_tables(run: Run, tasks: list[list[int]], results: dict[str, ArmResult]
         summary_rows.append(
             {
                 "model": arm,
-                "arch": model_ref(run.cfg["student"]).label,
+                "arch": arch_label(run.cfg["student"]),
                 **{f"avg_acc{suffix(p)}": average_accuracy(result.matrices[p])[-1] for p in PROTOCOLS},
                 **{f"avg_forgetting{suffix(p)}": forgetting(result.matrices[p]) for p in PROTOCOLS},
                 **{f"bwt{suffix(p)}": backward_transfer(result.matrices[p]) for p in PROTOCOLS},

@@ -111,14 +111,14 @@ def stage_key(cfg: dict[str, Any], stage: str, trainer: TrainSettings) -> dict[s
     # without a callable of its own (_target_ null), the teacher's layers (init_from_teacher
     # false) or remote code (trust_remote_code false), the key a spec had before those keys
     # existed; with init_from_teacher, the teacher is part of it, and so is the teacher's
-    # recipe when stages make it differ from the student's
+    # recipe when stages make it differ from the student's; not the option's name (a label)
     defaults = {"_target_": None, "init_from_teacher": False, "trust_remote_code": False}
     revision = model_revision(spec)  # a kdcl model whose network changed under its name
     key = {
         "stage": stage,
         "stage_version": STAGE_VERSION,
         "model": {
-            **{k: v for k, v in spec.items() if k not in defaults or v != defaults[k]},
+            **{k: v for k, v in spec.items() if k != "option" and (k not in defaults or v != defaults[k])},
             **({"revision": revision} if revision else {}),
         },
         **sections,
@@ -130,7 +130,7 @@ def stage_key(cfg: dict[str, Any], stage: str, trainer: TrainSettings) -> dict[s
     trained = spec["init_from_teacher"] != PRETRAINED_TEACHER  # a pretrained teacher's layers: no recipe
     return {
         **key,
-        "teacher": cfg["teacher"],
+        "teacher": {k: v for k, v in cfg["teacher"].items() if k != "option"},
         **({"teacher_recipe": teacher_recipe} if trained and teacher_recipe != recipe else {}),
     }
 

@@ -27,6 +27,7 @@ from kdcl import distributed
 from kdcl.config.options import (
     STUDENT,
     TEACHER,
+    arch_label,
     arm_config,
     distill_parts,
     model_option,
@@ -188,7 +189,10 @@ def run_pipeline(
     ``on_epoch`` if given), and return the summary table (``job_columns``: columns of it,
     one value each, e.g. a sweep job's swept keys)."""
     if cfg["born_again"]["generations"]:
-        cfg = {**cfg, "student": {k: teacher_specs(cfg)[0].get(k) for k in ("name", "kwargs", "pretrained", TARGET)}}
+        cfg = {
+            **cfg,
+            "student": {k: teacher_specs(cfg)[0].get(k) for k in ("option", "name", "kwargs", "pretrained", TARGET)},
+        }
         log.info("born-again: the student takes the teacher's architecture, %s", model_ref(cfg["student"]).label)
     run = start_run(cfg, out, loggers, on_epoch, job_columns)
     check_losses(run)
@@ -821,7 +825,7 @@ def train_stage(
     chosen = run.load_model(path)
     columns = test_columns(run, stage, chosen)
     run.rows[stage] = {
-        "arch": model_ref(spec).label,
+        "arch": arch_label(spec),
         "distill": distill["name"],
         "curriculum": f"{curriculum_cfg.scorer}/{curriculum_cfg.order}"
         if PLANS.trait(curriculum_cfg.type, "ranked")
@@ -930,12 +934,13 @@ def ensemble_row(run: Run, name: str, models: list[nn.Module], **columns: Any) -
 
 
 def checkpoint_meta(run: Run, stage: str, spec: dict, model: nn.Module) -> dict[str, Any]:
-    """What a stage's checkpoints hold beside the weights: the model's spec (source, name or
-    ``_target_``, kwargs; :func:`kdcl.models.saved_spec`), the data's classes, shape and
+    """What a stage's checkpoints hold beside the weights: the model's label (the summary's
+    arch) and spec (source, name or ``_target_``, kwargs; :func:`kdcl.models.saved_spec`), the data's classes, shape and
     normalisation, and the run's config."""
     d = run.data
     return {
         "stage": stage,
+        "arch": arch_label(spec),
         "model": saved_spec(spec, model),
         "num_classes": d.num_classes,
         "input_shape": list(d.input_shape),
