@@ -9,7 +9,7 @@ from helpers import compose_config
 from torch import nn
 
 from kdcl.config.options import loss_option, loss_spec
-from kdcl.distill.features import FeatureTap, resolve_layers
+from kdcl.distill.features import FeatureTap, preactivation_layers, resolve_layers
 from kdcl.distill.losses import AttentionFusion, LossContext, create_loss, hierarchical_context_loss
 from kdcl.errors import KdclError
 from kdcl.models import create_model
@@ -258,6 +258,25 @@ def test_wrn_pre_activation_maps_are_the_bn_outputs_the_stages_enter():
     loss.bind(create_model("cnn", 10, SHAPE, width=4), teacher, x, num_examples=4)
     for got, want in zip(teacher_maps(loss, teacher, x), expected, strict=True):
         assert torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "expected"),
+    [
+        ("resnet8", {}, ["stages.0.0.relu:input", "stages.1.0.relu:input", "stages.2.0.relu:input"]),
+        ("cnn", {"width": 4}, ["2:input", "6:input", "10:input"]),  # the stages are ReLUs
+        # the identity head passes on the last stage's map: the ReLU before it gives it
+        (
+            "vgg_cifar",
+            {"depth": 8},
+            ["stem.0.2:input", "stages.0.1.2:input", "stages.1.1.2:input", "stages.3.0.2:input"],
+        ),
+    ],
+)
+def test_pre_activation_layers_are_the_inputs_of_the_relus_that_give_the_stages(name, kwargs, expected):
+    model = create_model(name, 10, SHAPE, **kwargs)
+    refs = resolve_layers(model, "auto:stages", "teacher", example())
+    assert preactivation_layers(model, refs, "teacher", example()) == expected
 
 
 def test_pre_activation_maps_of_a_layer_without_a_final_relu_are_an_error():

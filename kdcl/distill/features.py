@@ -25,8 +25,8 @@ the resolution (``nn.Sequential`` containers are transparent):
 
 A layer's pre-activation value (:func:`preactivation_layers`, ReviewKD's teacher maps as
 the authors take them) is the input of the ``nn.ReLU`` that gives its output: the last
-ReLU called inside the layer (a residual block's sum before its final ReLU), checked on
-one forward pass. A model whose layers end without a ReLU may name the value itself in an
+ReLU to return by the time the layer returns (a residual block's sum before its final
+ReLU), checked on one forward pass (the layer's output must be that ReLU's output). A model whose layers end without a ReLU may name the value itself in an
 attribute ``preactivation_layers``, a dict from a layer path to a reference (the wide
 ResNets: a stage's output enters the next block through BN-ReLU, and that ReLU's input
 is its pre-activation value, as in mdistiller).
@@ -267,8 +267,10 @@ def feature_shapes(model: nn.Module, refs: Sequence[str], example: Tensor) -> li
 def preactivation_layers(model: nn.Module, refs: Sequence[str], role: str, example: Tensor) -> list[str]:
     """The reference of each layer's value before its last activation: the model's own
     ``preactivation_layers`` entry for the layer if it has one, else ``RELU:input`` for the
-    last ``nn.ReLU`` called inside the layer (or the layer itself, a ReLU), provided that the
-    layer's output is that ReLU's output on ``example``. Any other layer is a :class:`KdclError`."""
+    last ``nn.ReLU`` to return by the time the layer returns (the last inside it, the layer
+    itself if a ReLU, or before it for a layer that passes a map on, such as an identity
+    head), provided that the layer's output is that ReLU's output on ``example``. Any other
+    layer is a :class:`KdclError`."""
     declared = getattr(model, "preactivation_layers", None) or {}
     calls = probe(model, example)
     found: list[str] = []
@@ -276,11 +278,11 @@ def preactivation_layers(model: nn.Module, refs: Sequence[str], role: str, examp
         if ref in declared:
             found.append(declared[ref])
             continue
+        returns = [i for i, call in enumerate(calls) if call.path == ref]
         relus = [
             call.path
-            for call in calls
-            if (call.path == ref or call.path.startswith(ref + "."))
-            and isinstance(model.get_submodule(call.path), nn.ReLU)
+            for call in calls[: returns[-1] + 1 if returns else 0]
+            if isinstance(model.get_submodule(call.path), nn.ReLU)
         ]
         candidate = f"{relus[-1]}:input" if relus else None
         if candidate is not None:
