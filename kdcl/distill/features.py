@@ -22,6 +22,14 @@ the resolution (``nn.Sequential`` containers are transparent):
   ``layer4`` for torchvision ResNets);
 - ``auto:penultimate``: the input of the last ``nn.Linear`` (the feature vector the
   classifier sees; ``13:input`` for ``cnn``, ``fc:input`` for the ResNets).
+
+A layer's pre-activation value (:func:`preactivation_layers`, ReviewKD's teacher maps as
+the authors take them) is the input of the ``nn.ReLU`` that gives its output: the last
+ReLU to return by the time the layer returns (a residual block's sum before its final
+ReLU), checked on one forward pass (the layer's output must be that ReLU's output). A model whose layers end without a ReLU may name the value itself in an
+attribute ``preactivation_layers``, a dict from a layer path to a reference (the wide
+ResNets: a stage's output enters the next block through BN-ReLU, and that ReLU's input
+is its pre-activation value, as in mdistiller).
 """
 
 from __future__ import annotations
@@ -254,6 +262,45 @@ def feature_shapes(model: nn.Module, refs: Sequence[str], example: Tensor) -> li
     with FeatureTap(model, refs) as features:
         _in_eval(model, lambda: model(example))
         return [tuple(features[ref].shape[1:]) for ref in refs]
+
+
+def preactivation_layers(model: nn.Module, refs: Sequence[str], role: str, example: Tensor) -> list[str]:
+    """The reference of each layer's value before its last activation: the model's own
+    ``preactivation_layers`` entry for the layer if it has one, else ``RELU:input`` for the
+    last ``nn.ReLU`` to return by the time the layer returns (the last inside it, the layer
+    itself if a ReLU, or before it for a layer that passes a map on, such as an identity
+    head), provided that the layer's output is that ReLU's output on ``example``. Any other
+    layer is a :class:`KdclError`."""
+    declared = getattr(model, "preactivation_layers", None) or {}
+    calls = probe(model, example)
+    found: list[str] = []
+    for ref in refs:
+        if ref in declared:
+            found.append(declared[ref])
+            continue
+        returns = [i for i, call in enumerate(calls) if call.path == ref]
+        relus = [
+            call.path
+            for call in calls[: returns[-1] + 1 if returns else 0]
+            if isinstance(model.get_submodule(call.path), nn.ReLU)
+        ]
+        candidate = f"{relus[-1]}:input" if relus else None
+        if candidate is not None:
+            with FeatureTap(model, [ref, candidate]) as features:
+                _in_eval(model, lambda: model(example))
+                if not torch.equal(F.relu(features[candidate]), features[ref]):
+                    candidate = None
+        if candidate is None:
+            raise KdclError(
+                f"the {role}'s pre-activation maps: layer {ref!r} of {type(model).__name__} does not end in an "
+                "nn.ReLU, so it has no value before its last activation to hook (the pre-activation map is the "
+                "input of the ReLU that gives a layer's output)",
+                fix=f"keep the {role}'s maps after their activation (distill.teacher_maps=post_activation), name "
+                f"{role} layers that end in an nn.ReLU, or give the model a preactivation_layers attribute "
+                "(a dict from a layer path to the reference of its pre-activation value, e.g. 'head.1:input')",
+            )
+        found.append(candidate)
+    return found
 
 
 # --------------------------------------------------------------------------- adapters and maps

@@ -119,7 +119,17 @@ def wide_resnet(depth: int, widen_factor: int, num_classes: int, in_channels: in
         stages.append(nn.Sequential(*blocks))
     stem = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
     head = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
-    return PooledClassifier(stem, stages, head, channels, num_classes)
+    model = PooledClassifier(stem, stages, head, channels, num_classes)
+    # A stage ends in a sum, not a ReLU: its pre-activation value (kdcl/distill/features.py)
+    # is the input of the BN-ReLU it enters next, the first block's ``relu1`` of the next
+    # stage or the head's ReLU (mdistiller's WRN ``preact_feats``).
+    after = [f"stages.{i + 1}.0.relu1:input" for i in range(len(widths) - 1)] + ["head.1:input"]
+    model.preactivation_layers = {
+        **{f"stages.{i}": ref for i, ref in enumerate(after)},
+        "stages": "head.1:input",
+        "head": "head.1:input",
+    }
+    return model
 
 
 # --- VGG with BatchNorm, CIFAR layout (Simonyan & Zisserman 2015; RepDistiller) -----

@@ -28,14 +28,19 @@ class FeatureLoss(DistillLoss):
         self.pairs: list[tuple[str, str]] = []
 
     def bind(self, student: nn.Module, teacher: nn.Module, example: Tensor, num_examples: int) -> None:
-        student_refs = resolve_layers(student, self.student_layer, "student", example)
-        teacher_refs = resolve_layers(teacher, self.teacher_layer, "teacher", example)
-        pairs = pair_layers(student_refs, teacher_refs, self.student_layer, self.teacher_layer)
+        pairs = self.choose_pairs(student, teacher, example)
         shapes = zip(
             feature_shapes(student, [s for s, _ in pairs], example),
             feature_shapes(teacher, [t for _, t in pairs], example),
         )
         self.connect(pairs, list(shapes))
+
+    def choose_pairs(self, student: nn.Module, teacher: nn.Module, example: Tensor) -> list[tuple[str, str]]:
+        """The (student, teacher) layer references to compare: ``student_layer`` and
+        ``teacher_layer`` resolved and paired."""
+        student_refs = resolve_layers(student, self.student_layer, "student", example)
+        teacher_refs = resolve_layers(teacher, self.teacher_layer, "teacher", example)
+        return pair_layers(student_refs, teacher_refs, self.student_layer, self.teacher_layer)
 
     def connect(self, pairs: list[tuple[str, str]], shapes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> None:
         """Use these (student, teacher) layer pairs, whose features have these shapes (without the batch)."""

@@ -11,9 +11,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdcl.distill.features import require_maps
+from kdcl.distill.features import preactivation_layers, require_maps, resolve_layers
 from kdcl.distill.losses.base import LossContext, Weight, register_loss
 from kdcl.distill.losses.feature_base import FeatureLoss
+from kdcl.errors import KdclError
+
+# ``teacher_maps``: the teacher's maps as hooked, or before their last activation (mdistiller's).
+TEACHER_MAPS = ("post_activation", "pre_activation")
+
+
+def _as_map_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A feature vector's shape (C,) as a 1×1 map's (C, 1, 1); other shapes unchanged."""
+    return (*shape, 1, 1) if len(shape) == 1 else shape
+
+
+def _as_map(feature: Tensor) -> Tensor:
+    """A batch of feature vectors (N, C) as 1×1 maps (N, C, 1, 1); maps unchanged."""
+    return feature[:, :, None, None] if feature.dim() == 2 else feature
 
 
 def hierarchical_context_loss(student: Tensor, teacher: Tensor, levels: Sequence[int] = (4, 2, 1)) -> Tensor:
@@ -78,10 +92,20 @@ class ReviewKD(FeatureLoss):
     the deeper levels too; HCL is :func:`hierarchical_context_loss`. The fusion modules train
     with the student; ``mid_channels`` is their inner width (the authors': min(512, the
     deepest student width)). β = ``beta`` (1, as in mdistiller's CIFAR-100 setting), W =
-    ``warmup_epochs`` (20 of 240 there), α = 0. The authors compare the reviewed student maps
-    (after their activation) with the teacher's maps before its last activation, and add the
-    pooled feature as a last 1×1 level; here the hooked outputs of the layers named are
-    compared on both sides (name the pooled feature's layer in both lists to add that level).
+    ``warmup_epochs`` (20 of 240 there), α = 0.
+
+    Two choices of the authors' code (mdistiller) are options, off by default so that a
+    spec without them (an older run's config) reviews as before; ``distill=reviewkd_mdistiller``
+    turns both on:
+
+    - ``teacher_maps``: ``post_activation`` compares the hooked outputs of the teacher's
+      layers; ``pre_activation`` their values before the last activation, the input of the
+      ReLU that gives each output (a residual block's sum before its ReLU;
+      :func:`kdcl.distill.features.preactivation_layers`), as mdistiller's ``preact_feats``.
+      The student's maps stay after their activation.
+    - ``pooled_level``: adds the globally pooled features (the classifier's input,
+      ``auto:penultimate``, as (N, C, 1, 1)) of both models as the deepest level, fused
+      and compared like the others; HCL at 1×1 is the plain MSE.
     """
 
     def __init__(
@@ -91,13 +115,41 @@ class ReviewKD(FeatureLoss):
         teacher_layer: Any,
         mid_channels: int | None,
         warmup_epochs: float,
+        teacher_maps: str = "post_activation",
+        pooled_level: bool = False,
     ):
         super().__init__(beta, student_layer, teacher_layer)
+        if teacher_maps not in TEACHER_MAPS:
+            raise KdclError(
+                f"distill=reviewkd: teacher_maps={teacher_maps!r} is not a choice",
+                fix=f"set distill.teacher_maps to one of: {', '.join(TEACHER_MAPS)}",
+            )
+        if not isinstance(pooled_level, bool):
+            raise KdclError(
+                f"distill=reviewkd: pooled_level={pooled_level!r} is not true or false",
+                fix="set distill.pooled_level=true (add the pooled features as a 1×1 level) or false",
+            )
         self.mid_channels, self.warmup_epochs = mid_channels, warmup_epochs
+        self.teacher_maps, self.pooled_level = teacher_maps, pooled_level
         self.fusions = nn.ModuleList()
         self.teacher_sizes: list[tuple[int, int]] = []
 
+    def choose_pairs(self, student: nn.Module, teacher: nn.Module, example: Tensor) -> list[tuple[str, str]]:
+        pairs = super().choose_pairs(student, teacher, example)
+        if self.teacher_maps == "pre_activation":
+            teacher_refs = preactivation_layers(teacher, [t for _, t in pairs], "teacher", example)
+            pairs = [(s, t) for (s, _), t in zip(pairs, teacher_refs)]
+        if self.pooled_level:
+            pooled = (
+                resolve_layers(student, "auto:penultimate", "student", example)[0],
+                resolve_layers(teacher, "auto:penultimate", "teacher", example)[0],
+            )
+            pairs.append(pooled)
+        return pairs
+
     def connect(self, pairs: list[tuple[str, str]], shapes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> None:
+        if self.pooled_level:
+            shapes = [*shapes[:-1], (_as_map_shape(shapes[-1][0]), _as_map_shape(shapes[-1][1]))]
         require_maps([s for s, _ in shapes], [s for s, _ in pairs], "student", "reviewkd")
         require_maps([t for _, t in shapes], [t for _, t in pairs], "teacher", "reviewkd")
         super().connect(pairs, shapes)
@@ -114,7 +166,7 @@ class ReviewKD(FeatureLoss):
         features = self.features(ctx)
         hcl, deeper = 0, None
         for j in reversed(range(len(features))):
-            fs, ft = features[j]
+            fs, ft = _as_map(features[j][0]), _as_map(features[j][1])
             fusion = self.fusions[j]
             reviewed, deeper = fusion(fs.to(fusion.narrow[0].weight.dtype), deeper, self.teacher_sizes[j])
             hcl = hcl + hierarchical_context_loss(reviewed.float(), ft.float())
