@@ -40,6 +40,7 @@ TEACHER_BASE = {
     "route_points": 0,
 }
 STUDENT_BASE = {
+    "option": None,
     "kwargs": {},
     "pretrained": False,
     "_target_": None,

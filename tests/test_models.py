@@ -175,7 +175,8 @@ NAMED_OPTIONS = sorted(
 def test_model_option_builds_with_stated_parameter_count(option: str):
     text = _yaml_files("models")[option]
     config = yaml.safe_load(text)
-    assert set(config) == {"name", "kwargs"}
+    assert set(config) == {"option", "name", "kwargs"}
+    assert config["option"] == option.removesuffix(".yaml")  # the arch column's name: the option's own
     assert config["name"] in MODELS
     # The comment states the count at 10 classes, 3x32x32 images or a vocabulary of 8000
     # tokens (64 per text), rounded to its last digit.

@@ -69,6 +69,7 @@ def test_teacher_specs_from_options_and_dicts():
     cfg = {"teacher": {"name": "cnn"}, "teachers": ["resnet8", {"name": "mlp", "kwargs": {"hidden": [4]}}]}
     specs = teacher_specs(cfg)
     assert specs[0] == {
+        "option": "resnet8",
         "name": "resnet8",
         "kwargs": {},
         "pretrained": False,
