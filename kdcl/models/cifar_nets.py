@@ -263,7 +263,8 @@ class ShuffleUnitV2(nn.Module):
     def __init__(self, in_channels: int, out_channels: int | None = None):
         super().__init__()
         self.down = out_channels is not None
-        if self.down:
+        self.left: nn.Sequential | None
+        if out_channels is not None:
             half = out_channels // 2
             self.left = nn.Sequential(
                 conv_bn(in_channels, in_channels, 3, 2, groups=in_channels, relu=False),
