@@ -30,11 +30,13 @@ test: lint docs-check
 test-fast: lint docs-check
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
-# One style (ruff, configured in pyproject.toml) and the layers of the package (import-linter).
+# One style (ruff, configured in pyproject.toml), the layers of the package (import-linter) and
+# its types (mypy, configured in pyproject.toml).
 lint: setup
 	$(BIN)/ruff check kdcl tests benchmarks
 	$(BIN)/ruff format --check kdcl tests benchmarks
 	$(BIN)/lint-imports
+	$(BIN)/mypy kdcl
 
 # The manual, docs/ -> site/. Not -q: quiet mkdocs does not count warnings, so --strict would pass.
 docs: setup

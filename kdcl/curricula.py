@@ -27,19 +27,25 @@ from kdcl.registry import Registry
 # (ScoreContext.self_taught_logits), which the run trains for it when nothing else does.
 # needs_teacher_logits: the scorer reads the teacher's logits on the training split
 # (ScoreContext.teacher_logits), a pass of the teacher over it.
-SCORERS = Registry("curriculum scorer", traits={"needs_student_model": False, "needs_teacher_logits": True})
+SCORERS: Registry[Callable[[ScoreContext], Tensor]] = Registry(
+    "curriculum scorer", traits={"needs_student_model": False, "needs_teacher_logits": True}
+)
 register_scorer = SCORERS.register
 # uses_difficulty: the order depends on the difficulties it is given (random does not).
-ORDERS = Registry("curriculum order", traits={"uses_difficulty": True})
+ORDERS: Registry[Callable[[Tensor, torch.Generator], Tensor]] = Registry(
+    "curriculum order", traits={"uses_difficulty": True}
+)
 register_order = ORDERS.register
-PACINGS = Registry("pacing function")
+PACINGS: Registry[Callable[..., Pacing]] = Registry("pacing function")
 register_pacing = PACINGS.register
 # scheduled: the plan changes what a step draws or how much an example counts (none does not);
 # ranked: it feeds examples in the order a scorer ranks them (a summary row names it scorer/order).
-PLANS = Registry("curriculum type", traits={"scheduled": True, "ranked": False})
+PLANS: Registry[Callable[[PlanInputs], DataSchedule]] = Registry(
+    "curriculum type", traits={"scheduled": True, "ranked": False}
+)
 register_plan = PLANS.register
 # curriculum.weights of type self_paced: the weight v_i of an example of loss ℓ_i under threshold λ.
-SELF_PACED_WEIGHTS = Registry("self-paced weighting")
+SELF_PACED_WEIGHTS: Registry[Callable[[Tensor, float], Tensor]] = Registry("self-paced weighting")
 
 Pacing = Callable[[int], float]  # optimizer step -> fraction of the data in use
 
@@ -427,7 +433,8 @@ class SelfPacedSchedule(DataSchedule):
         self.lam, self.mu = float(p.spec.lambda_start), float(p.spec.mu)
         self.weigh = SELF_PACED_WEIGHTS.get(p.spec.weights)
         self._active, self._seen = 0.0, 0  # this epoch's examples with weight > 0, and all, over the ranks
-        self._new_active, self._new_seen = 0.0, 0  # this rank's since the last collect
+        self._new_active: Tensor | float = 0.0  # this rank's since the last collect
+        self._new_seen = 0
 
     def sample_weights(self, idx: Tensor, losses: Tensor, step: int) -> Tensor:
         v = self.weigh(losses, self.lam)

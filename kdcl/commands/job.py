@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -21,7 +21,7 @@ def output_dir() -> Path:
 def plain_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as plain containers; a required value left as ``???`` is an error."""
     try:
-        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        return cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
     except MissingMandatoryValue as err:
         raise KdclError(f"{err.full_key} is required but has no value", fix=f"pass {err.full_key}=VALUE") from None
 

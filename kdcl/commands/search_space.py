@@ -31,7 +31,7 @@ from kdcl.distill.losses import LOSSES
 from kdcl.errors import KdclError
 from kdcl.registry import Registry
 
-KINDS = Registry("search-space type")
+KINDS: Registry[Callable[..., Dimension]] = Registry("search-space type")
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 import torch
@@ -39,8 +39,12 @@ def train_command(cfg: DictConfig) -> float:
                 f"resume={cfg.resume}: no kdcl run there ({saved} is missing)",
                 fix="pass the run directory of an earlier kdcl train (the one holding summary.csv or teacher/)",
             )
-        saved_cfg = OmegaConf.load(saved)
-        check_saved_config(OmegaConf.to_container(saved_cfg), OmegaConf.to_container(cfg), str(saved))
+        saved_cfg = cast(DictConfig, OmegaConf.load(saved))
+        check_saved_config(
+            cast(dict[str, Any], OmegaConf.to_container(saved_cfg)),
+            cast(dict[str, Any], OmegaConf.to_container(cfg)),
+            str(saved),
+        )
         log.info("resuming the run in %s with its own config", out)
         cfg = saved_cfg
     validate(cfg, registries=REGISTERED_NAMES)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -59,8 +59,8 @@ HEARTBEAT_S = 15  # a running trial's process writes a heartbeat this often...
 GRACE_S = 60  # ...and one silent this long has died: its trial is failed and queued again
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
-SAMPLERS = Registry("sampler")
-PRUNERS = Registry("pruner")
+SAMPLERS: Registry[Callable[[int], optuna.samplers.BaseSampler]] = Registry("sampler")
+PRUNERS: Registry[Callable[[TuneSettings, int], optuna.pruners.BasePruner]] = Registry("pruner")
 
 
 @SAMPLERS.register("tpe")

@@ -3,11 +3,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
@@ -34,6 +33,7 @@ from kdcl.config.schema import (
     entries,
     is_instance,
     is_open,
+    is_section,
     lookup,
     option_keys,
     section_type,
@@ -80,7 +80,7 @@ def _registered_names() -> dict[str, Any]:
     }
 
 
-def validate(cfg: Any, schema: type = TrainConfig, registries: dict[str, Registry] | None = None) -> None:
+def validate(cfg: Any, schema: type = TrainConfig, registries: dict[str, Registry[Any]] | None = None) -> None:
     """Raise one :class:`KdclError` for the first key that is out of range, of the wrong
     type, unknown to a closed section, or names no registered entry — before any training.
 
@@ -193,10 +193,10 @@ def validate_eval(cfg: Any) -> None:
 def _container(cfg: Any) -> dict[str, Any]:
     if isinstance(cfg, dict):
         return cfg
-    return OmegaConf.to_container(cfg, resolve=True)
+    return cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
 
 
-def _check_names(cfg: dict[str, Any], registries: dict[str, Any], prefix: str = "") -> None:
+def _check_names(cfg: dict[str, Any], registries: dict[str, Registry[Any]], prefix: str = "") -> None:
     """Every name a key of ``registries`` gives is in its registry (a key that may also hold
     a list, ``scenario.class_order``, is checked when it holds a name); a mapping names
     entries by its keys (``trainer.mix``: each batch mix's α)."""
@@ -204,7 +204,7 @@ def _check_names(cfg: dict[str, Any], registries: dict[str, Any], prefix: str = 
         value = OmegaConf.select(OmegaConf.create(cfg), key, default=None)
         names = {f"{key}={_shown(value)}": value} if isinstance(value, str) else {}
         if isinstance(value, DictConfig):
-            names = {f"{key}.{name}": name for name in value}
+            names = {f"{key}.{name}": name for name in map(str, value)}
         for where, name in names.items():
             if name not in registry:
                 raise KdclError(
@@ -225,12 +225,13 @@ def _problems(cfg: dict[str, Any], cls: type, prefix: str):
         for name in cfg:
             if name not in keys:
                 yield unknown_key(prefix + name, _shown(cfg[name]), cls, prefix)
-    extra = entries(option_keys(cls)) if option_keys(cls) else {}
+    options = option_keys(cls)
+    extra = entries(options) if options else {}
     for name, entry in {**extra, **keys}.items():
         if name not in cfg or cfg[name] == MISSING:
             continue
         value, path = cfg[name], prefix + name
-        if dataclasses.is_dataclass(entry.type):
+        if is_section(entry.type):
             if not isinstance(value, dict):
                 yield KdclError(
                     f"{path}={_shown(value)} is not a mapping", fix=f"{path} must be a mapping of {path}.* keys"

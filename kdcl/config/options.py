@@ -13,7 +13,7 @@ import inspect
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -72,12 +72,12 @@ def group_option(group: str, name: str) -> dict[str, Any]:
     path = folder / f"{name}.yaml"
     if not path.is_file():
         raise unknown_option(group, name)
-    option = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    option = cast(dict[str, Any], OmegaConf.to_container(OmegaConf.load(path), resolve=True))
     shared = [entry for entry in option.pop("defaults", []) if isinstance(entry, str) and entry.startswith("/base/")]
     for entry in reversed(shared):  # keys shared with options of its kind (/base/image_views@_here_), under its own
         name = entry.removeprefix("/base/").partition("@")[0]
         if name != group:  # the group's own base keys are with_base_keys's
-            option = {**OmegaConf.to_container(_base(name), resolve=True), **option}
+            option = {**cast(dict[str, Any], OmegaConf.to_container(_base(name), resolve=True)), **option}
     return option
 
 
@@ -105,7 +105,7 @@ def with_base_keys(group: str, section: Mapping[str, Any]) -> dict[str, Any]:
     """``section`` over the shared keys of ``group`` (``conf/base/<group>.yaml``): a section
     saved before a shared key existed (an older checkpoint's dataset) reads as a section
     composed today."""
-    return OmegaConf.to_container(OmegaConf.merge(_base(group), section), resolve=True)
+    return cast(dict[str, Any], OmegaConf.to_container(OmegaConf.merge(_base(group), section), resolve=True))
 
 
 def base_keys(group: str) -> list[str]:
@@ -114,7 +114,7 @@ def base_keys(group: str) -> list[str]:
 
 
 def _base(group: str) -> DictConfig:
-    return OmegaConf.load(Path(CONF_DIR) / "base" / f"{group}.yaml")
+    return cast(DictConfig, OmegaConf.load(Path(CONF_DIR) / "base" / f"{group}.yaml"))
 
 
 def teacher_specs(cfg: dict[str, Any]) -> list[dict[str, Any]]:
@@ -175,7 +175,7 @@ def arm_config(cfg: dict[str, Any], arm: dict[str, Any]) -> tuple[dict[str, Any]
         keys = base_keys("distill")
         shared = {k: v for k, v in cfg["distill"].items() if k in keys}
         base["distill"] = {**shared, **group_option("distill", name)}
-    merged = OmegaConf.to_container(OmegaConf.merge(base, arm))
+    merged = cast(dict[str, Any], OmegaConf.to_container(OmegaConf.merge(base, arm)))
     return merged["distill"], merged["curriculum"]
 
 

@@ -49,7 +49,7 @@ import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Dict, List, Optional, TypeVar, Union
+from typing import Any, Callable, ClassVar, Dict, List, Optional, TypeGuard, TypeVar, Union, cast
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -618,6 +618,11 @@ def option_keys(cls: type) -> type | None:
     return getattr(cls, "OPTION_KEYS", None)
 
 
+def is_section(tp: Any) -> TypeGuard[type]:
+    """Whether the type of a key is a schema class: the key holds a section of keys."""
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
 def describe(tp: Any) -> str:
     """A type in words: ``int`` → an integer."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -656,11 +661,12 @@ def is_instance(value: Any, tp: Any) -> bool:
 def lookup(cls: type, path: str) -> Entry | None:
     """The key of ``cls`` at the dotted ``path`` (``trainer.epochs``), option keys included."""
     head, _, rest = path.partition(".")
-    keys = {**(entries(option_keys(cls)) if option_keys(cls) else {}), **entries(cls)}
+    options = option_keys(cls)
+    keys = {**(entries(options) if options else {}), **entries(cls)}
     entry = keys.get(head)
     if entry is None or not rest:
         return entry
-    return lookup(entry.type, rest) if dataclasses.is_dataclass(entry.type) else None
+    return lookup(entry.type, rest) if is_section(entry.type) else None
 
 
 def section_type(cls: type, path: str) -> type | None:
@@ -668,7 +674,7 @@ def section_type(cls: type, path: str) -> type | None:
     if not path:
         return cls
     entry = lookup(cls, path)
-    return entry.type if entry is not None and dataclasses.is_dataclass(entry.type) else None
+    return entry.type if entry is not None and is_section(entry.type) else None
 
 
 def typed(cls: type[S], values: Mapping[str, Any] | DictConfig, where: str) -> S:
@@ -680,7 +686,7 @@ def typed(cls: type[S], values: Mapping[str, Any] | DictConfig, where: str) -> S
     node = OmegaConf.structured(cls)
     _open_sections(node, cls)
     try:
-        return OmegaConf.to_object(OmegaConf.merge(node, values))
+        return cast(S, OmegaConf.to_object(OmegaConf.merge(node, values)))
     except MissingMandatoryValue as err:
         raise KdclError(
             f"{where}.{err.full_key} has no value",
@@ -695,10 +701,10 @@ def _open_sections(node: DictConfig, cls: type) -> None:
     mappings (``trainer.mix``: names the schema does not list), take new keys."""
     OmegaConf.set_struct(node, not is_open(cls))
     for name, entry in entries(cls).items():
-        if dataclasses.is_dataclass(entry.type):
-            _open_sections(node._get_node(name), entry.type)
+        if is_section(entry.type):
+            _open_sections(cast(DictConfig, node._get_node(name)), entry.type)
         elif typing.get_origin(entry.type) is dict:
-            OmegaConf.set_struct(node._get_node(name), False)
+            OmegaConf.set_struct(cast(DictConfig, node._get_node(name)), False)
 
 
 # --------------------------------------------------------------------------- registration

@@ -65,7 +65,7 @@ def with_classes(data: DataBundle, classes: Sequence[int], train: np.ndarray | N
     if train is None:
         train = np.flatnonzero((mapping[data.train.labels] >= 0).numpy())
 
-    def keep(source: Source, labels: Sequence[int]) -> Source:
+    def keep(source: Source, labels: Sequence[int] | np.ndarray) -> Source:
         return source.subset(np.flatnonzero(np.isin(source.labels.numpy(), labels)), mapping)
 
     ids = data.class_ids or list(range(data.num_classes))
@@ -165,6 +165,7 @@ def text_inputs(
             "augments images",
             fix="set dataset.crop_padding=0 dataset.flip=false",
         )
+    assert train.text is not None  # the split of a text dataset
     token_mask = cfg.get("token_mask", 0.0)
     mask_id, special_ids = train.text.mask_and_special_ids() if token_mask else (None, ())
     return [], [], TextPreprocess(train.text.pad_id, device, seed, token_mask, mask_id, special_ids)
@@ -173,7 +174,11 @@ def text_inputs(
 def channel_stats(split: RawSplit, indices: np.ndarray, limit: int = 4096) -> tuple[list[float], list[float]]:
     """Per-channel mean and std on the [0, 1] scale, from up to ``limit`` training images."""
     idx = indices[:limit]
-    x = split.x[idx] if split.x is not None else np.stack([split.dataset[int(i)][0].numpy() for i in idx])
+    if split.x is not None:
+        x = split.x[idx]
+    else:
+        assert split.dataset is not None  # a split without x is read per sample
+        x = np.stack([split.dataset[int(i)][0].numpy() for i in idx])
     x = x.astype(np.float64) / 255
     std = x.std(axis=(0, 2, 3))
     return x.mean(axis=(0, 2, 3)).tolist(), np.where(std > 0, std, 1.0).tolist()

@@ -68,6 +68,7 @@ def image_shape(split: RawSplit) -> tuple[int, ...]:
     """(C, H, W) of a split's images (its first image, when read per sample)."""
     if split.x is not None:
         return tuple(int(s) for s in split.x.shape[1:])
+    assert split.dataset is not None  # a split without x is read per sample
     return tuple(int(s) for s in split.dataset[0][0].shape) if len(split.y) else ()
 
 

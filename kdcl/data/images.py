@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,7 @@ class EncodedImage:
 
 
 # Decoders of image files to uint8 RGB tensors (3, H, W) (``dataset.decoder``).
-DECODERS = Registry("image decoder")
+DECODERS: Registry[Callable[[EncodedImage], Tensor]] = Registry("image decoder")
 
 
 @DECODERS.register("torchvision")
@@ -167,7 +167,7 @@ def class_indices(
 
 # --------------------------------------------------------------------------- memory or per sample
 def image_splits(
-    cfg: dict, read: dict[str, Callable[[int], Any]], labels: dict[str, np.ndarray]
+    cfg: dict, read: Mapping[str, Callable[[int], Any]], labels: dict[str, np.ndarray]
 ) -> tuple[RawSplit, RawSplit]:
     """The train and test :class:`RawSplit` of the images ``read[split](i)`` labelled
     ``labels[split]``: decoded now and held in memory (``dataset.in_memory``), or read per
@@ -196,7 +196,7 @@ def image_splits(
     return RawSplit(train.labels, decoded(train, workers)), RawSplit(test.labels, decoded(test, workers))
 
 
-def decoded(images: Dataset, num_workers: int, batch_size: int = 256) -> np.ndarray:
+def decoded(images: DecodedImages, num_workers: int, batch_size: int = 256) -> np.ndarray:
     """Every image of ``images`` as one uint8 array (N, C, H, W), decoded by ``num_workers``
     DataLoader workers (0: in this process)."""
     if len(images) == 0:

@@ -3,6 +3,7 @@ the torchvision ones, arrays in ``.npz`` files and random images for tests."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from kdcl.data.splits import RawSplit, stratified_order
 from kdcl.errors import DATA_DIR_HINT, KdclError
 from kdcl.registry import Registry
 
-DATASETS = Registry("dataset")
+DATASETS: Registry[Callable[[dict], tuple[RawSplit, RawSplit, list[str]]]] = Registry("dataset")
 register_dataset = DATASETS.register
 
 

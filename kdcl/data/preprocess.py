@@ -33,7 +33,7 @@ class Augment:
         return Augment(part.take(self.dy), part.take(self.dx), part.take(self.mirror))
 
 
-PADDINGS = Registry("crop padding mode")
+PADDINGS: Registry[Padding] = Registry("crop padding mode")
 
 
 @dataclass(frozen=True)

@@ -126,7 +126,7 @@ class _GivenBatches:
     (i, key) items :meth:`give` set last, one iterator shared by every ``iter`` call (a
     loader's first pass calls it twice), exhausted until the next :meth:`give`."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.pending: Iterator[list[tuple[int, int]]] = iter(())
 
     def give(self, batches: Iterator[list[tuple[int, int]]]) -> None:
@@ -237,4 +237,5 @@ def make_source(split: RawSplit, indices: np.ndarray, device: torch.device, num_
     if split.x is not None:
         pad_id = split.text.pad_id if split.text is not None else None
         return TensorSource.from_arrays(split.x[indices], split.y[indices], indices, device, pad_id)
+    assert split.dataset is not None  # a split without x is read per sample
     return LoaderSource(split.dataset, split.y[indices], indices, device, num_workers)

@@ -210,6 +210,7 @@ class TextPreprocess:
         ``token_mask``; special tokens never."""
         keys = idx.long() * VIEWS_PER_TEXT + view.long()
         chosen = keyed_uint32(self.salt, keys, x.shape[1]) < round(self.token_mask * 2**32)
+        assert self.mask_id is not None  # given whenever tokens are masked (token_mask > 0)
         return torch.where(chosen & ~torch.isin(x, self.special), self.mask_id, x)
 
     def fixed_views(self, n: int, k: int, generator: torch.Generator) -> tuple[FixedViews, Tensor]:

@@ -38,9 +38,11 @@ from kdcl.registry import Registry
 
 # Views a training step sees of a decoded image (``dataset.train_view``); ``augments``: the view
 # is drawn at random per step, so the data is augmented even without crop or flip on the device.
-TRAIN_VIEWS = Registry("training view", traits={"augments": False})
+TRAIN_VIEWS: Registry[Callable[[SampleViews, Tensor, torch.Generator], Tensor]] = Registry(
+    "training view", traits={"augments": False}
+)
 # Policies applied after the crop (``dataset.auto_augment``): factories of torchvision transforms.
-AUTO_AUGMENTS = Registry("automatic augmentation")
+AUTO_AUGMENTS: Registry[Callable[[], Callable[[Tensor], Tensor]]] = Registry("automatic augmentation")
 
 # The odd multipliers that mix the run's seed and a view's key into one generator seed.
 SEED_MIX = 1_000_003
@@ -139,8 +141,8 @@ class ViewSettings:
         """The settings of a dataset section; keys it lacks (a section saved before they
         existed) keep their defaults, the views of that time (``resize_crop``)."""
         names = ("train_view", "eval_crop_ratio", "auto_augment", "random_erasing", "decoder")
-        given = {k: cfg[k] for k in names if k in cfg}
-        ranges = {k: tuple(cfg[k]) for k in ("crop_scale", "crop_ratio") if k in cfg}
+        given: dict[str, Any] = {k: cfg[k] for k in names if k in cfg}
+        ranges: dict[str, Any] = {k: tuple(cfg[k]) for k in ("crop_scale", "crop_ratio") if k in cfg}
         return cls(image_size=cfg["image_size"], **given, **ranges)
 
     @property
@@ -192,7 +194,8 @@ def random_resized_crop(views: SampleViews, image: Tensor, generator: torch.Gene
     from torchvision.transforms import v2
 
     s = views.settings
-    box = resized_crop_box(*image.shape[-2:], s.crop_scale, s.crop_ratio, generator)
+    height, width = image.shape[-2:]
+    box = resized_crop_box(height, width, s.crop_scale, s.crop_ratio, generator)
     pixels = v2.functional.resized_crop(
         image, box.top, box.left, box.height, box.width, [s.image_size, s.image_size], antialias=True
     )

@@ -22,7 +22,7 @@ from kdcl.distill.losses import LossContext, Weight
 from kdcl.optim import SCHEDULES
 from kdcl.registry import Registry
 
-SAMPLE_WEIGHTS = Registry("KD sample weight")
+SAMPLE_WEIGHTS: Registry[Callable[[Tensor, Tensor, Tensor | None], Weight]] = Registry("KD sample weight")
 register_sample_weight = SAMPLE_WEIGHTS.register
 
 
@@ -53,6 +53,7 @@ def teacher_correct(teacher_logits: Tensor, target: Tensor, rank: Tensor | None)
 def difficulty(teacher_logits: Tensor, target: Tensor, rank: Tensor | None) -> Weight:
     """``w_i = 1 − r_i`` with ``r_i ∈ [0, 1]`` the example's difficulty rank from the
     curriculum stage (0 easiest): the harder the example, the less KD."""
+    assert rank is not None  # a run whose KD weight is the difficulty scores its data
     return 1.0 - rank
 
 

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from kdcl.errors import KdclError
 from kdcl.registry import Registry
 
-ALIASES = Registry("layer alias")
+ALIASES: Registry[Callable[[nn.Module, list[Call]], list[str]]] = Registry("layer alias")
 register_alias = ALIASES.register
 
 
@@ -70,6 +70,8 @@ class FeatureTap:
         self._handles: list[Any] = []
 
     def __enter__(self) -> dict[str, Tensor]:
+        if self.model is None:
+            return self.features
         try:
             for ref in self.refs:
                 path, _, point = ref.partition(":")
@@ -163,7 +165,7 @@ def stages(model: nn.Module, calls: list[Call]) -> list[str]:
     """The last module of every run of equal spatial resolution, shallow to deep."""
     picked: list[Call] = []
     for call in _map_outputs(model, calls):
-        if picked and picked[-1].output[1:] == call.output[1:]:
+        if picked and (picked[-1].output or ())[1:] == (call.output or ())[1:]:
             picked[-1] = call
         else:
             picked.append(call)
@@ -338,8 +340,8 @@ def match_spatial(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     if a.dim() != 4 or a.shape[2:] == b.shape[2:]:
         return a, b
     if a.shape[2] * a.shape[3] > b.shape[2] * b.shape[3]:
-        return F.adaptive_avg_pool2d(a, b.shape[2:]), b
-    return a, F.adaptive_avg_pool2d(b, a.shape[2:])
+        return F.adaptive_avg_pool2d(a, (b.shape[2], b.shape[3])), b
+    return a, F.adaptive_avg_pool2d(b, (a.shape[2], a.shape[3]))
 
 
 def attention_map(feature: Tensor, p: float = 2.0) -> Tensor:

@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 # caches: the feed computes the teacher's logits once, before the first step, and a stage
 # reuses them (none runs the teacher every step). counted: the feed is named NAME:K, K ≥ 1
 # (views:K); the others by their name alone.
-FEEDS = Registry("teacher cache", traits={"caches": True, "counted": False})
+FEEDS: Registry[Callable[[FeedInputs], Feed]] = Registry("teacher cache", traits={"caches": True, "counted": False})
 register_feed = FEEDS.register
 
 
@@ -83,7 +83,14 @@ class Feed(Protocol):
     def view_keys(self, step: int, epoch: int, idx: Tensor) -> Tensor: ...
 
     def __call__(
-        self, step: int, epoch: int, idx: Tensor, x: Tensor, y: Tensor, part: Part, mix: BatchMix | None = None
+        self,
+        step: int,
+        epoch: int,
+        idx: Tensor,
+        x: Tensor,
+        y: Tensor,
+        part: Part | None = None,
+        mix: BatchMix | None = None,
     ) -> tuple[Tensor, Tensor | None]: ...
 
 
@@ -91,7 +98,7 @@ class Feed(Protocol):
 class FeedInputs:
     """What any feed may need: the data, the teacher and how to run it."""
 
-    preprocess: Preprocess
+    preprocess: Preprocess | TextPreprocess
     train: Source
     teacher_at: Callable[[int], nn.Module] | None  # the teacher of an optimizer step (None: no teacher)
     autocast: Callable[[], AbstractContextManager]
@@ -106,7 +113,7 @@ class FeedInputs:
     strong: StrongViews | None = None  # online: also give a strongly augmented copy of each batch
 
 
-def parse(spec: str) -> tuple[str, int]:
+def parse(spec: object) -> tuple[str, int]:
     """``"views:8"`` → ("views", 8); ``"none"`` / ``"no_aug"`` → (name, 1)."""
     name, _, k = str(spec).partition(":")
     if name not in FEEDS or FEEDS.trait(name, "counted") != bool(k) or (k and (not k.isdigit() or int(k) < 1)):
@@ -159,7 +166,7 @@ class OnlineTeacher:
         self.preprocess, self.teacher_at, self.autocast = inputs.preprocess, inputs.teacher_at, inputs.autocast
         self.strong = inputs.strong
         self.teaches = inputs.teacher_at is not None
-        if self.teaches:
+        if inputs.teacher_at is not None:
             inputs.teacher_at(0).eval()  # once: the step's teacher is a frozen model (kdcl.models.freeze)
 
     def __call__(
@@ -214,7 +221,14 @@ class CachedViews:
         return (self.phase[idx] + epoch - 1) % self.k
 
     def __call__(
-        self, step: int, epoch: int, idx: Tensor, x: Tensor, y: Tensor, part: Part | None = None, mix: None = None
+        self,
+        step: int,
+        epoch: int,
+        idx: Tensor,
+        x: Tensor,
+        y: Tensor,
+        part: Part | None = None,
+        mix: BatchMix | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         v = self.view(idx, epoch)  # a function of the example and the epoch: the same on every rank
         return self.example_view(x, idx, v), self.logits.get(idx, v)
@@ -319,7 +333,9 @@ def bytes_per_view(codec: AllLogits | TopKLogits) -> int:
 # --------------------------------------------------------------------------- storage
 # shared: one store serves every process of a DDP run, each filling its own share of the
 # chunks (the others' shards are read once all are filled); else each process fills its own.
-STORES = Registry("teacher cache store", traits={"shared": False})
+STORES: Registry[Callable[[int, int, FeedInputs], MemoryLogits | DiskLogits]] = Registry(
+    "teacher cache store", traits={"shared": False}
+)
 
 
 @STORES.register("memory")
@@ -464,9 +480,9 @@ class DiskLogits:
     def put(self, idx: Tensor, v: int, logits: Tensor) -> None:
         shard, row = self._locate(idx)
         for name, values in self.codec.encode(logits).items():
-            values = values.cpu().numpy()
+            array = values.cpu().numpy()
             for s in np.unique(shard):
-                self.shards[s][name][row[shard == s], v] = values[shard == s]
+                self.shards[s][name][row[shard == s], v] = array[shard == s]
 
     def get(self, idx: Tensor, v: Tensor) -> Tensor:
         shard, row = self._locate(idx)
@@ -483,6 +499,7 @@ class DiskLogits:
 def _fill(inputs: FeedInputs, views: CachedViews) -> MemoryLogits | DiskLogits:
     """Run the teacher once over every view of every training example (of the chunks not
     filled yet; under DDP a shared store's chunks are dealt out to the processes)."""
+    assert inputs.teacher_at is not None  # CachedViews refuses a stage without a teacher
     teacher = inputs.teacher_at(0).eval()
     n, device = len(inputs.train), inputs.preprocess.generator.device
     store = STORES.create(inputs.store, n, views.k, inputs)

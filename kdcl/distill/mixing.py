@@ -22,7 +22,7 @@ alone: a resumed run mixes exactly as the uninterrupted one did.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,18 +35,18 @@ from kdcl.registry import Registry
 # A mix method: (λ drawn, the images' (H, W), the step's random generator) → (how to mix a
 # batch of images with its partners, the share λ of its own image each mixed example keeps).
 Blend = Callable[[Tensor, Tensor], Tensor]
-MIXES = Registry("batch mix")
+MIXES: Registry[Callable[[float, Sequence[int], np.random.Generator], tuple[Blend, float]]] = Registry("batch mix")
 register_mix = MIXES.register
 
 
 @register_mix("mixup")
-def mixup(share: float, size: tuple[int, int], rng: np.random.Generator) -> tuple[Blend, float]:
+def mixup(share: float, size: Sequence[int], rng: np.random.Generator) -> tuple[Blend, float]:
     """``λ·x + (1 − λ)·x_π``."""
     return (lambda x, partner: share * x + (1 - share) * partner), share
 
 
 @register_mix("cutmix")
-def cutmix(share: float, size: tuple[int, int], rng: np.random.Generator) -> tuple[Blend, float]:
+def cutmix(share: float, size: Sequence[int], rng: np.random.Generator) -> tuple[Blend, float]:
     """``x`` with a box of ``x_π`` pasted in, sides ``√(1 − λ)`` of the image's, centred at a
     uniform point, clipped at the border; the share is what the clipped box leaves of ``x``."""
     h, w = size
@@ -89,7 +89,7 @@ class BatchMixer:
     """The mixes of a stage: ``alphas`` maps methods of :data:`MIXES` to their Beta α (0:
     unused), ``size`` is the images' (H, W) and ``seed`` seeds every step's draw."""
 
-    def __init__(self, alphas: Mapping[str, float], size: tuple[int, int], seed: int):
+    def __init__(self, alphas: Mapping[str, float], size: Sequence[int], seed: int):
         self.methods = [(MIXES.get(name), float(alpha)) for name, alpha in alphas.items() if alpha > 0]
         self.size, self.seed = size, seed
 

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kdcl.data import Preprocess, step_keys
+from kdcl.data import Preprocess, TextPreprocess, step_keys
 from kdcl.distill.feeds import Feed
+from kdcl.distill.mixing import BatchMix
 from kdcl.distributed import Part
 from kdcl.errors import KdclError
 
@@ -97,9 +98,17 @@ class LogitRecorder:
         self.offsets = [0]
 
     def __call__(
-        self, step: int, epoch: int, idx: Tensor, x: Tensor, y: Tensor, part: Part | None = None, mix: None = None
+        self,
+        step: int,
+        epoch: int,
+        idx: Tensor,
+        x: Tensor,
+        y: Tensor,
+        part: Part | None = None,
+        mix: BatchMix | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         views, logits = self.feed(step, epoch, idx, x, y, part)
+        assert logits is not None  # the recorded feed runs a teacher
         start, end = self.offsets[-1], self.offsets[-1] + len(idx)
         if step == len(self.offsets) - 1 and end <= len(self.logits):
             self.logits[start:end] = logits
@@ -124,7 +133,7 @@ class LogitReplay:
 
     teaches = True
 
-    def __init__(self, preprocess: Preprocess, table: TeacherLogits, source: str):
+    def __init__(self, preprocess: Preprocess | TextPreprocess, table: TeacherLogits, source: str):
         self.preprocess, self.table, self.source = preprocess, table, source
         self.mismatch = torch.zeros((), dtype=torch.bool, device=table.index.device)
         self.misfit = False  # a step with another number of rows than recorded
@@ -134,7 +143,14 @@ class LogitReplay:
         return step_keys(step, len(idx))
 
     def __call__(
-        self, step: int, epoch: int, idx: Tensor, x: Tensor, y: Tensor, part: Part | None = None, mix: None = None
+        self,
+        step: int,
+        epoch: int,
+        idx: Tensor,
+        x: Tensor,
+        y: Tensor,
+        part: Part | None = None,
+        mix: BatchMix | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         views = self.preprocess.training(x, idx, epoch, part)
         start, end = self.table.offsets[step], self.table.offsets[step + 1]
@@ -167,7 +183,9 @@ class ReplaySlot:
     store: Callable[[TeacherLogits], None]
     feed: LogitRecorder | LogitReplay | None = None
 
-    def wrap(self, online: Feed, preprocess: Preprocess, num_classes: int, device: torch.device, steps: int) -> Feed:
+    def wrap(
+        self, online: Feed, preprocess: Preprocess | TextPreprocess, num_classes: int, device: torch.device, steps: int
+    ) -> Feed:
         """The stage's feed in place of ``online``: the replay (of the stage's ``steps``
         steps), or ``online`` recorded."""
         table = self.load()

@@ -14,7 +14,7 @@ The weights come from a registered combination (``distill.teacher_combine``):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +22,9 @@ from torch import Tensor, nn
 from kdcl.errors import KdclError
 from kdcl.registry import Registry
 
-COMBINATIONS = Registry("teacher combination")
+COMBINATIONS: Registry[Callable[[Tensor, Tensor | None, Sequence[float] | None], Tensor]] = Registry(
+    "teacher combination"
+)
 register_combination = COMBINATIONS.register
 
 

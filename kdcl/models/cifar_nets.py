@@ -49,7 +49,11 @@ def conv_bn(
 
 
 class PooledClassifier(nn.Module):
-    """The common frame: ``stem``, ``stages``, ``head``, global average pool, linear ``fc``."""
+    """The common frame: ``stem``, ``stages``, ``head``, global average pool, linear ``fc``.
+    A model whose stages end without a ReLU may set ``preactivation_layers``
+    (:func:`kdcl.distill.features.preactivation_layers`)."""
+
+    preactivation_layers: dict[str, str]
 
     def __init__(self, stem: nn.Module, stages: Sequence[nn.Module], head: nn.Module, features: int, num_classes: int):
         super().__init__()
@@ -273,7 +277,8 @@ class ShuffleUnitV2(nn.Module):
     def __init__(self, in_channels: int, out_channels: int | None = None):
         super().__init__()
         self.down = out_channels is not None
-        if self.down:
+        self.left: nn.Sequential | None
+        if out_channels is not None:
             half = out_channels // 2
             self.left = nn.Sequential(
                 conv_bn(in_channels, in_channels, 3, 2, groups=in_channels, relu=False),

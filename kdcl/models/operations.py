@@ -47,7 +47,7 @@ def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
     train/eval mode is restored and no BatchNorm running statistic changes."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    tensor = next(iter(model.parameters()), None)
+    tensor: torch.Tensor | None = next(iter(model.parameters()), None)
     if tensor is None:
         tensor = next(iter(model.buffers()), None)
     device = tensor.device if tensor is not None else torch.device("cpu")
@@ -83,7 +83,8 @@ def to_device(model: nn.Module, device: torch.device, channels_last: bool) -> nn
     """``model`` on ``device``, its 4-D weights in the channels_last memory format when
     ``channels_last`` (``trainer.channels_last``: how every model of a run, and of ``kdcl
     bench``, is laid out), else contiguous."""
-    return model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return model.to(device, memory_format=memory_format)  # type: ignore[call-overload]  # Module.to takes memory_format, which its overloads leave out
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -112,7 +113,9 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     modules = dict(model.named_modules())
     for node in graph.nodes:
         source = node.args[0] if node.op == "call_module" and node.args else None
-        if not isinstance(modules.get(node.target), nn.BatchNorm2d) or getattr(source, "op", None) != "call_module":
+        if source is None or getattr(source, "op", None) != "call_module":
+            continue
+        if not isinstance(modules.get(node.target), nn.BatchNorm2d):
             continue
         conv, bn = modules.get(source.target), modules[node.target]
         if isinstance(conv, nn.Conv2d) and len(source.users) == 1 and bn.track_running_stats:

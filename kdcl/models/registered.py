@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -29,7 +29,7 @@ from kdcl.registry import Registry
 # inputs: what the model reads, images (B, C, H, W) or tokens (B, L) (kdcl.models.text_nets).
 # revision: raised when a model's architecture changes under its name, so that the stage cache
 # (kdcl.scenarios.stage_cache) no longer reuses what the old one trained.
-MODELS = Registry("model", traits={"inputs": "images", "revision": 0})
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model", traits={"inputs": "images", "revision": 0})
 register_model = MODELS.register
 
 

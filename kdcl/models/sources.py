@@ -33,7 +33,7 @@ import logging
 import os
 import socket
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -51,7 +51,7 @@ from kdcl.trust import REMOTE_CODE_KEY, TARGET_KEY, remote_code_refused
 
 # check: a test of the source's name, run before anything is built; remote_code: whether the
 # source can run Python its model's files ship (it then takes ``trust_remote_code``).
-SOURCES = Registry("model source", traits={"check": None, "remote_code": False})
+SOURCES: Registry[Callable[..., nn.Module]] = Registry("model source", traits={"check": None, "remote_code": False})
 register_source = SOURCES.register
 
 BUILTIN = "kdcl"  # the source of a name without a prefix
@@ -277,6 +277,12 @@ def timm_model(ref: str, num_classes: int, input_shape: InputShape, pretrained: 
         )
 
 
+def hf_config(model: nn.Module) -> dict[str, Any]:
+    """The config of a ``transformers`` model, as plain JSON values."""
+    config: Any = model.config
+    return json.loads(config.to_json_string())
+
+
 class HFImageClassifier(nn.Module):
     """A ``transformers`` image classifier as a kdcl model: ``forward(x)`` returns the logits
     tensor. Its modules are the HF model's under ``model.`` (``model.resnet.encoder.stages.1``)."""
@@ -289,7 +295,7 @@ class HFImageClassifier(nn.Module):
     def rebuild_kwargs(self) -> dict[str, Any]:
         """The HF config, as plain JSON values: a checkpoint rebuilds the network from it,
         without the directory or the hub."""
-        return {"config": json.loads(self.model.config.to_json_string())}
+        return {"config": hf_config(self.model)}
 
     def forward(self, x):
         return self.model(pixel_values=x).logits
@@ -308,7 +314,7 @@ class HFTextClassifier(nn.Module):
     @property
     def rebuild_kwargs(self) -> dict[str, Any]:
         """The HF config and the pad id: a checkpoint rebuilds the network from them."""
-        return {"config": json.loads(self.model.config.to_json_string()), "pad_id": self.pad_id}
+        return {"config": hf_config(self.model), "pad_id": self.pad_id}
 
     def forward(self, ids):
         ids = ids.long()
@@ -424,7 +430,7 @@ def hf_model(
 
 
 def load_hf_directory(
-    path: Path, num_classes: int, input_shape: InputShape, trust_remote_code: bool = False
+    path: Path, num_classes: int, input_shape: Sequence[int], trust_remote_code: bool = False
 ) -> HFImageClassifier:
     """A trained HF image classifier saved with ``save_pretrained`` in ``path``, as it is:
     its head must already have ``num_classes`` outputs (a new head would be untrained). Its

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 # ``package``: the module a logger needs (None: nothing beyond kdcl's own dependencies).
 # ``figures``: whether it stores the run's figures (a run draws them only for such a logger).
-LOGGERS = Registry("logger", traits={"package": None, "figures": False})
+LOGGERS: Registry[type[Logger]] = Registry("logger", traits={"package": None, "figures": False})
 EXTRA = "pip install 'kdcl[trackers]'"
 
 
@@ -283,7 +283,7 @@ class TensorBoardLogger(Logger):
 
         self.writer.add_text("config", f"```yaml\n{config_text(config)}```")
         for summary in hparams(flat_config(config), {}):
-            self.writer.file_writer.add_summary(summary)
+            self.writer._get_file_writer().add_summary(summary)
 
     def log_epoch(self, stage: str, out_dir: Path, row: dict[str, Any]) -> None:
         step, metrics = epoch_metrics(stage, row)
@@ -342,8 +342,11 @@ class MlflowLogger(Logger):
             return found.experiment_id
         try:
             return self.client.create_experiment(name)
-        except MlflowException:
-            return self.client.get_experiment_by_name(name).experiment_id
+        except MlflowException:  # another job created it meanwhile
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
 
     def log_config(self, config: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -385,7 +388,7 @@ def wandb_logged_in() -> bool:
         return True
     host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
     try:
-        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host or "") is not None
     except (OSError, netrc.NetrcParseError):
         return False
 
@@ -407,7 +410,7 @@ class WandbLogger(Logger):
         self.run = wandb.init(
             project=project,
             entity=entity,
-            mode=mode,
+            mode=mode,  # type: ignore[arg-type]  # any other mode is wandb's error to report
             dir=str(run.out),
             name=run.name,
             group=str(run.sweep.resolve()) if run.sweep else None,

@@ -46,7 +46,7 @@ class Scenario:
     objective: Callable[[dict[str, Any]], str]  # cfg → the summary row a sweep optimises
 
 
-SCENARIOS = Registry(
+SCENARIOS: Registry[Scenario] = Registry(
     "scenario",
     {
         "standard": Scenario(run_pipeline, objective=distilled_student),
@@ -57,4 +57,4 @@ SCENARIOS = Registry(
 
 # Config keys that name an entry of a registry of this layer: checked with the rest of the
 # config before anything trains (kdcl.config.checks.validate's ``registries``).
-REGISTERED_NAMES = {"scenario.name": SCENARIOS, "scenario.class_order": CLASS_ORDERS}
+REGISTERED_NAMES: dict[str, Registry[Any]] = {"scenario.name": SCENARIOS, "scenario.class_order": CLASS_ORDERS}

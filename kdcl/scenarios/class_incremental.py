@@ -84,7 +84,7 @@ from kdcl.train.resume import graceful_stop
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = Registry("class-incremental strategy")
+STRATEGIES: Registry[Callable[[Task], Recipe]] = Registry("class-incremental strategy")
 register_strategy = STRATEGIES.register
 
 PROTOCOLS = ("class_incremental", "task_aware")
@@ -160,7 +160,9 @@ def joint(task: Task) -> Recipe:
 # scenario.class_order: a function (difficulty of each class, generator) → the classes'
 # positions in task order, like a curriculum order (kdcl.curricula.ORDERS) of examples.
 # uses_difficulty: the order needs the curriculum's scores, so the teacher trains first.
-CLASS_ORDERS = Registry("class order", traits={"uses_difficulty": True})
+CLASS_ORDERS: Registry[Callable[[Tensor, torch.Generator], Tensor]] = Registry(
+    "class order", traits={"uses_difficulty": True}
+)
 
 
 @CLASS_ORDERS.register("natural", uses_difficulty=False)
@@ -378,6 +380,7 @@ def learn(
             }
         )
         memory = np.union1d(memory, exemplars(labels, new, settings["memory_per_class"], run.cfg["seed"] + k))
+    assert model is not None  # the scenario has at least one task
     return ArmResult(matrices=matrices, tasks=rows, model=model)
 
 

@@ -96,6 +96,7 @@ def record(run: Run, name: str, distill: dict[str, Any]) -> dict[str, Any]:
     _, control = distill_parts(distill)
     tic = time.perf_counter()
     teacher = combined_teacher(run.teachers, control)
+    assert teacher is not None  # the scenario records its teachers
     folder = teacher_cache_dir(run, None, distill)
     teacher_feed(
         control,

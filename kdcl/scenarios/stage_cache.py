@@ -198,7 +198,7 @@ class StageCache:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def store(self, name: str, fill: Callable[[Path], None], meta: dict[str, Any]) -> Entry:
+    def store(self, name: str, fill: Callable[[Path], object], meta: dict[str, Any]) -> Entry:
         """Entry ``name``: its files as ``fill(folder)`` writes them (into a folder that does not
         exist yet) and ``meta``, stored atomically; call inside :meth:`claim`."""
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=self.root))
@@ -244,13 +244,12 @@ def reuse_or_produce(
         return produce(), None
     key = stage_key(cfg, stage, trainer)
     name = f"{stage}-{digest(key)}"
-    main = distributed.is_main()
-    cache = open_cache(cfg) if main else None
-    with cache.claim(name) if main else nullcontext() as entry:
+    cache = open_cache(cfg) if distributed.is_main() else None
+    with cache.claim(name) if cache is not None else nullcontext() as entry:
         meta = distributed.from_main(entry.meta if entry is not None else None)
         if meta is None:
             result = produce()
-            if main:
+            if cache is not None:
                 meta = {"key": key, "row": produced_row(), "run": str(stage_dir.parent)}
                 cache.store(name, lambda files: shutil.copytree(stage_dir, files), meta)
                 log.info("stored %s in the cache (key %s)", stage, name)
@@ -259,7 +258,7 @@ def reuse_or_produce(
     row = {**meta["row"], "checkpoint": str((stage_dir / "best.pt").resolve())}
     if "ema" in row:  # the weight average's row, its checkpoint beside the model's
         row["ema"] = {**row["ema"], "checkpoint": str((stage_dir / "ema_best.pt").resolve())}
-    if main:
+    if entry is not None:  # on the main process, which claimed it
         entry.restore(stage_dir)
         write_done(stage_dir / "done.json", row, cfg)
     distributed.barrier()  # the restored files are there for every rank

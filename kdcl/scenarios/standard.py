@@ -17,7 +17,7 @@ import math
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 import torch
@@ -47,7 +47,7 @@ from kdcl.curricula import (
     make_order,
     score,
 )
-from kdcl.data import DataBundle, load_data
+from kdcl.data import DataBundle, TensorSource, load_data
 from kdcl.distill.feeds import Feed, TopKLogits, caches, check_unaugmented
 from kdcl.distill.losses import DistillLoss, create_loss
 from kdcl.distill.replay import ReplaySlot
@@ -397,18 +397,21 @@ def score_examples(run: Run, spec: CurriculumConfig, out: Path, needed: Collecti
     ``scores.csv``; the teacher runs over the training split when one of them reads its logits."""
     names = SCORERS.names() if spec.score_all else needed
     labels = run.data.train.labels
-    teacher = (
-        evaluate(run.teacher, run.data.train, run.data, run.trainer).logits
-        if any(SCORERS.trait(name, "needs_teacher_logits") for name in {*names, *needed})
-        else None
-    )
+    teacher = None
+    if any(SCORERS.trait(name, "needs_teacher_logits") for name in {*names, *needed}):
+        assert run.teacher is not None  # the data is scored after the teacher trains
+        teacher = evaluate(run.teacher, run.data.train, run.data, run.trainer).logits
+    tokens, pad_id = None, 0
+    if run.data.text is not None:  # text data is held in memory
+        tokens, pad_id = cast(TensorSource, run.data.train).x, run.data.text.pad_id
     ctx = ScoreContext(
         labels=labels,
         teacher_logits=teacher,
         seed=run.cfg["seed"],
         learned_epoch=run.learned_epoch,
         self_taught_logits=self_taught_logits(run),
-        **({"tokens": run.data.train.x, "pad_id": run.data.text.pad_id} if run.data.text is not None else {}),
+        tokens=tokens,
+        pad_id=pad_id,
     )
     run.scores = score(ctx, names, needed)
     columns: dict[str, Any] = {"index": run.data.train.origin, "label": labels.numpy()}
@@ -543,8 +546,9 @@ def reuse_or_train(run: Run, stage: str, produce: Callable[[], nn.Module]) -> nn
     model, cached_row = reuse_or_produce(
         run.cfg, stage, run.trainer, run.stage_dir(stage), produce_with_predictions, lambda: run.rows[stage]
     )
-    if cached_row is None:
+    if model is not None:  # trained, not restored from the cache
         return model
+    assert cached_row is not None
     entry = cached_row.pop("entry")
     run.loggers.log_past_epochs(stage, run.out / stage)
     try:

@@ -131,8 +131,11 @@ def checked_spec(ckpt: dict[str, Any], policy: CodePolicy, where: str | Path) ->
     build it: a ``_target_`` it names only as ``policy`` allows, plain kwargs, and never
     remote code on its word (:mod:`kdcl.trust`)."""
     arch = ckpt.get("model")
-    described = isinstance(arch, dict) and all(isinstance(arch.get(k), (str, type(None))) for k in ("name", TARGET))
-    if not described or not (arch.get("name") or arch.get(TARGET)):
+    if not (
+        isinstance(arch, dict)
+        and all(isinstance(arch.get(k), (str, type(None))) for k in ("name", TARGET))
+        and (arch.get("name") or arch.get(TARGET))
+    ):
         raise KdclError(f"checkpoint {where} does not describe its model", fix=NOT_A_CHECKPOINT_FIX)
     if arch.get(TARGET):
         policy.check_target(arch[TARGET], f"checkpoint {where}")

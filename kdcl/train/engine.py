@@ -460,7 +460,8 @@ def fit(
                 train_step(replica, trainer, cursor.step, batch, meter, ctx, part)
                 cursor.step += 1
                 shown.update(cursor.step, epoch, meter.count + meter.new_count, meter.running_loss)
-                if window is not None and cursor.step % trainer.log_every_steps == 0 and distributed.is_main():
+                every_log = trainer.log_every_steps
+                if window is not None and every_log and cursor.step % every_log == 0 and distributed.is_main():
                     s.loggers.log_step(s.name, cursor.step, window.metrics(meter, s.optimizer))
                 every = trainer.checkpoint_every_steps
                 stop = distributed.any_rank(STOP.signum or 0)
@@ -580,23 +581,23 @@ def _end_epoch(
         for name in paths:
             save_checkpoint(s.out_dir / name, s.model, state)
     if s.ema is not None:
-        row.update(_end_epoch_ema(s, data, trainer, cursor, state))
+        row.update(_end_epoch_ema(s, s.ema, data, trainer, cursor, state))
     return row
 
 
 def _end_epoch_ema(
-    s: Stage, data: DataBundle, trainer: TrainSettings, cursor: Cursor, state: dict[str, Any]
+    s: Stage, ema: ModelEMA, data: DataBundle, trainer: TrainSettings, cursor: Cursor, state: dict[str, Any]
 ) -> dict[str, float]:
     """The weight average's epoch, as the model's: validated, kept as ``ema_last.pt`` and,
     when its validation accuracy is its best, ``ema_best.pt``; its metrics columns."""
-    val = evaluate(s.ema.module, data.val, data, trainer)
+    val = evaluate(ema.module, data.val, data, trainer)
     paths = ["ema_last.pt"]
     if val.acc > cursor.ema_best_acc:
         cursor.ema_best_acc, cursor.ema_best_epoch = val.acc, cursor.epoch
         paths.append("ema_best.pt")
     if distributed.is_main():
         for name in paths:
-            save_checkpoint(s.out_dir / name, s.ema.module, {**state, "stage": f"{s.name}_ema", "val_acc": val.acc})
+            save_checkpoint(s.out_dir / name, ema.module, {**state, "stage": f"{s.name}_ema", "val_acc": val.acc})
     return {"val_loss_ema": val.loss, "val_acc_ema": val.acc}
 
 

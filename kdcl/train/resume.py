@@ -91,6 +91,7 @@ def graceful_stop() -> Iterator[_StopRequest]:
 def rng_states(generators: dict[str, torch.Generator]) -> dict[str, Any]:
     """Every RNG state as plain tensors and lists (loadable with ``weights_only=True``)."""
     np_state = np.random.get_state()
+    assert isinstance(np_state, tuple)  # the legacy form, of the global MT19937 generator
     py_version, py_state, py_gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),

@@ -21,7 +21,7 @@ checkpoint may name.
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,9 @@ from kdcl.registry import Registry
 from kdcl.train.checkpoint import check_compatible, is_kdcl, load_weights, model_from_checkpoint, read_checkpoint
 from kdcl.trust import CodePolicy
 
-WEIGHT_FILES = Registry("teacher weights format", traits={"matches": None})
+WEIGHT_FILES: Registry[Callable[[Path, Mapping[str, Any], DataBundle, str, CodePolicy], LoadedTeacher]] = Registry(
+    "teacher weights format", traits={"matches": None}
+)
 register_format = WEIGHT_FILES.register
 
 FORMATS_TEXT = (

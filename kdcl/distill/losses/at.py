@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor
 
 from kdcl.distill.features import attention_map, match_spatial, require_maps
-from kdcl.distill.losses.base import LossContext, Weight, register_loss
+from kdcl.distill.losses.base import LossContext, Weight, add_up, register_loss
 from kdcl.distill.losses.feature_base import FeatureLoss
 
 
@@ -45,8 +45,9 @@ class AttentionTransfer(FeatureLoss):
     def distill(
         self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight, ctx: LossContext
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        at = 0
+        maps = []
         for fs, ft in self.features(ctx):
             fs, ft = match_spatial(fs, ft)
-            at = at + (attention_map(fs, self.p) - attention_map(ft, self.p)).pow(2).mean(1)
+            maps.append((attention_map(fs, self.p) - attention_map(ft, self.p)).pow(2).mean(1))
+        at = add_up(maps)
         return at, {"at": at}

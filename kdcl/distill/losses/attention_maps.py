@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from kdcl.distill.losses.base import LossContext, Weight, register_loss
+from kdcl.distill.losses.base import LossContext, Weight, add_up, register_loss
 from kdcl.distill.losses.feature_base import FeatureLoss
 from kdcl.errors import KdclError
 
@@ -35,9 +35,11 @@ def eager_attention(model: nn.Module) -> list[tuple[nn.Module, str]]:
     return each one switched with the implementation it had."""
     switched = []
     for module in model.modules():
-        if callable(getattr(module, "set_attn_implementation", None)):
-            switched.append((module, module.config._attn_implementation))
-            module.set_attn_implementation("eager")
+        switch = getattr(module, "set_attn_implementation", None)
+        if callable(switch):
+            config: Any = module.config
+            switched.append((module, config._attn_implementation))
+            switch("eager")
     return switched
 
 
@@ -79,7 +81,8 @@ class AttentionMapKD(FeatureLoss):
 
     def release(self) -> None:
         for module, implementation in reversed(self.switched):
-            module.set_attn_implementation(implementation)
+            transformer: Any = module
+            transformer.set_attn_implementation(implementation)
 
     def connect(self, pairs: list[tuple[str, str]], shapes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> None:
         for (s, t), (s_shape, t_shape) in zip(pairs, shapes):
@@ -95,7 +98,7 @@ class AttentionMapKD(FeatureLoss):
     def distill(
         self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight, ctx: LossContext
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        total = 0
+        gaps = []
         for a_s, a_t in self.features(ctx):
             a_s, a_t = (
                 a_s.float(),
@@ -103,5 +106,6 @@ class AttentionMapKD(FeatureLoss):
             )  # the clone: a normal tensor (the teacher ran in inference mode)
             if a_s.shape[1] != a_t.shape[1]:
                 a_s, a_t = a_s.mean(1, keepdim=True), a_t.mean(1, keepdim=True)
-            total = total + self.gap(a_s, a_t)
+            gaps.append(self.gap(a_s, a_t))
+        total = add_up(gaps)
         return total, {"attention": total}

@@ -10,8 +10,10 @@ them); the conventions every loss follows are in the package's docstring.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -19,10 +21,20 @@ from kdcl.distill.mixing import BatchMix
 from kdcl.errors import KdclError
 from kdcl.registry import Registry
 
-LOSSES = Registry("distillation loss")
+LOSSES: Registry[type[DistillLoss]] = Registry("distillation loss")
 register_loss = LOSSES.register
 
 Weight = Tensor | float  # a scalar, or one value per example
+
+
+def add_up(terms: Sequence[Tensor]) -> Tensor:
+    """The sum of one or more terms, in their order."""
+    return sum(terms[1:], terms[0])
+
+
+def weight_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of ``module``'s weights (its first parameter): what its input is cast to."""
+    return next(module.parameters()).dtype
 
 
 def kl_teacher_student(student_logits: Tensor, teacher_logits: Tensor, temperature: Weight) -> Tensor:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdcl.distill.losses.base import LossContext, Weight, register_loss
+from kdcl.distill.losses.base import LossContext, Weight, register_loss, weight_dtype
 from kdcl.distill.losses.feature_base import FeatureLoss
 from kdcl.errors import KdclError
 
@@ -53,6 +53,11 @@ class ContrastiveRepresentation(FeatureLoss):
     all other examples, not only other classes (the authors' CIFAR code samples from other
     classes). Under DDP each rank's banks see its part of every batch.
     """
+
+    student_bank: Tensor  # buffers, registered once bound
+    teacher_bank: Tensor
+    normaliser: Tensor
+    negatives_seed: Tensor
 
     def __init__(
         self,
@@ -101,15 +106,16 @@ class ContrastiveRepresentation(FeatureLoss):
         ((fs, ft),) = self.features(ctx)
         head_s, head_t = self.heads
         return (
-            F.normalize(head_s(fs.flatten(1).to(head_s.weight.dtype)), dim=1),
+            F.normalize(head_s(fs.flatten(1).to(weight_dtype(head_s))), dim=1),
             # the teacher ran under inference_mode: a normal copy, which its head's gradient can save
-            F.normalize(head_t(ft.flatten(1).to(head_t.weight.dtype).clone()), dim=1),
+            F.normalize(head_t(ft.flatten(1).to(weight_dtype(head_t)).clone()), dim=1),
         )
 
     def contrast_indices(self, idx: Tensor, step: int) -> Tensor:
         """(B, 1 + K): each example's own index, then K others drawn uniformly, from a
         generator seeded by the loss's seed and the step."""
         n = len(self.student_bank)
+        assert self.host_seed is not None  # set by bind, and by loading a state
         generator = torch.Generator().manual_seed(self.host_seed + 1_000_003 * step)
         drawn = torch.randint(0, n - 1, (len(idx), self.negatives), generator=generator)
         drawn = drawn.to(idx.device, non_blocking=True)  # a blocking copy would wait for the GPU's queue

@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from kdcl.distill.features import adapter, match_spatial
-from kdcl.distill.losses.base import LossContext, Weight, register_loss
+from kdcl.distill.losses.base import LossContext, Weight, add_up, register_loss, weight_dtype
 from kdcl.distill.losses.feature_base import FeatureLoss
 
 
@@ -46,10 +46,11 @@ class FitNet(FeatureLoss):
     def distill(
         self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight, ctx: LossContext
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        hint = 0
+        hints = []
         for regressor, (fs, ft) in zip(self.adapters, self.features(ctx)):
-            fs, ft = match_spatial(regressor(fs.to(regressor.weight.dtype)), ft)  # under bf16 autocast too
-            hint = hint + (fs - ft.float()).pow(2).flatten(1).mean(1)
+            fs, ft = match_spatial(regressor(fs.to(weight_dtype(regressor))), ft)  # under bf16 autocast too
+            hints.append((fs - ft.float()).pow(2).flatten(1).mean(1))
+        hint = add_up(hints)
         return hint, {"hint": hint}
 
     def forward(

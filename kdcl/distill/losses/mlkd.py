@@ -91,7 +91,7 @@ class MultiLevelKD(DistillLoss):
         m = share_at_or_below_median(teacher_probs.amax(1))
         m_c = share_at_or_below_median(teacher_probs.sum(0))
         (s_w, s_s), (t_w, t_s) = (z.chunk(2) for z in ctx.soft_logits(student_logits, teacher_logits))
-        kd_weak = kd_strong = cc = bc = 0
+        kd_weak = kd_strong = cc = bc = teacher_probs.new_zeros(())
         for t in self.temperatures:
             kd_weak = kd_weak + kl_teacher_student(s_w, t_w, t)
             kd_strong = kd_strong + kl_teacher_student(s_s, t_s, t)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdcl.distill.features import preactivation_layers, require_maps, resolve_layers
-from kdcl.distill.losses.base import LossContext, Weight, register_loss
+from kdcl.distill.losses.base import LossContext, Weight, add_up, register_loss, weight_dtype
 from kdcl.distill.losses.feature_base import FeatureLoss
 from kdcl.errors import KdclError
 
@@ -60,12 +60,12 @@ class AttentionFusion(nn.Module):
 
     def __init__(self, in_channels: int, mid_channels: int, out_channels: int, fuse: bool):
         super().__init__()
-        self.narrow = nn.Sequential(nn.Conv2d(in_channels, mid_channels, 1, bias=False), nn.BatchNorm2d(mid_channels))
-        self.widen = nn.Sequential(
-            nn.Conv2d(mid_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels)
-        )
+        narrow = nn.Conv2d(in_channels, mid_channels, 1, bias=False)
+        self.narrow = nn.Sequential(narrow, nn.BatchNorm2d(mid_channels))
+        widen = nn.Conv2d(mid_channels, out_channels, 3, padding=1, bias=False)
+        self.widen = nn.Sequential(widen, nn.BatchNorm2d(out_channels))
         self.attention = nn.Sequential(nn.Conv2d(2 * mid_channels, 2, 1), nn.Sigmoid()) if fuse else None
-        for conv in (self.narrow[0], self.widen[0]):
+        for conv in (narrow, widen):
             nn.init.kaiming_uniform_(conv.weight, a=1)
 
     def forward(self, x: Tensor, deeper: Tensor | None, out_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
@@ -158,17 +158,19 @@ class ReviewKD(FeatureLoss):
         self.fusions = nn.ModuleList(
             AttentionFusion(s[0], mid, t[0], fuse=j < deepest) for j, (s, t) in enumerate(shapes)
         )
-        self.teacher_sizes = [tuple(t[1:]) for _, t in shapes]
+        self.teacher_sizes = [(t[1], t[2]) for _, t in shapes]
 
     def distill(
         self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Weight, ctx: LossContext
     ) -> tuple[Tensor, dict[str, Tensor]]:
         features = self.features(ctx)
-        hcl, deeper = 0, None
+        losses: list[Tensor] = []
+        deeper = None
         for j in reversed(range(len(features))):
             fs, ft = _as_map(features[j][0]), _as_map(features[j][1])
             fusion = self.fusions[j]
-            reviewed, deeper = fusion(fs.to(fusion.narrow[0].weight.dtype), deeper, self.teacher_sizes[j])
-            hcl = hcl + hierarchical_context_loss(reviewed.float(), ft.float())
+            reviewed, deeper = fusion(fs.to(weight_dtype(fusion)), deeper, self.teacher_sizes[j])
+            losses.append(hierarchical_context_loss(reviewed.float(), ft.float()))
+        hcl = add_up(losses)
         warm = min(ctx.epoch / self.warmup_epochs, 1.0) if self.warmup_epochs else 1.0
         return warm * hcl, {"hcl": hcl}
