@@ -21,7 +21,7 @@ from kdcl.config.checks import validate
 from kdcl.data import load_data
 from kdcl.errors import KdclError
 from kdcl.models import build_model, count_params, create_model, model_ref, saved_spec
-from kdcl.models.sources import HUB_TIMEOUT_S, PROXY_VARIABLES, hub_unreachable
+from kdcl.models.sources import HUB_TIMEOUT_S, PROXY_VARIABLES, hub_files, hub_unreachable
 from kdcl.scenarios.stage_cache import stage_key
 from kdcl.scenarios.standard import check_losses, run_pipeline, start_run, teacher_stage
 from kdcl.train.checkpoint import model_from_checkpoint
@@ -169,10 +169,10 @@ def test_offline_pretrained_is_one_message(monkeypatch, hf_dir):
         create_model(f"hf:{hf_dir}", 10, DIGITS, pretrained=True)
 
 
-def test_an_unreachable_hub_is_read_from_the_cache_only_without_retries(monkeypatch):
+def test_an_unreachable_hub_is_read_from_the_cache_only_without_retries(monkeypatch, tmp_path):
     """No route to the Hub: one probe, then huggingface_hub's offline mode, so a file not in
-    the cache fails without the client's retries (each of which sleeps); behind a proxy,
-    no probe."""
+    the cache fails without the client's retries (each of which sleeps); for a local
+    directory or behind a proxy, no probe."""
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
@@ -188,6 +188,8 @@ def test_an_unreachable_hub_is_read_from_the_cache_only_without_retries(monkeypa
     monkeypatch.setattr(time, "sleep", sleeps.append)
     hub_unreachable.cache_clear()
     try:
+        with hub_files(f"hf:{tmp_path}", "the config"):
+            assert probes == []  # a local directory needs no Hub
         with pytest.raises(KdclError, match="the config of model hf:org/no-such-model could not be downloaded"):
             create_model("hf:org/no-such-model", 10, DIGITS)
         assert probes == [((urlsplit(huggingface_hub.constants.ENDPOINT).hostname, 443), HUB_TIMEOUT_S)]

@@ -217,9 +217,10 @@ def hub_offline_when_unreachable() -> None:
 @contextlib.contextmanager
 def hub_files(label: str, what: str) -> Iterator[None]:
     """Turn a failure to download or find ``what`` of model ``label`` (offline, an unknown
-    id, a missing file) into one :class:`KdclError`; offline, it fails at once
-    (:func:`hub_offline_when_unreachable`)."""
-    hub_offline_when_unreachable()
+    id, a missing file) into one :class:`KdclError`; offline, a file to fetch from the Hub
+    fails at once (:func:`hub_offline_when_unreachable`; a local directory needs no Hub)."""
+    if not Path(label.partition(":")[2]).expanduser().is_dir():
+        hub_offline_when_unreachable()
     try:
         yield
     except OSError as e:  # requests' and huggingface_hub's errors are OSErrors
