@@ -140,6 +140,7 @@ def _rank(rank: int, world: int, init: str, dataset: dict, distill: dict, out: P
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # its own processes
 def test_two_processes_train_and_evaluate_as_one(tmp_path):
     cfg = compose_config(["distill=ctkd", "dataset.max_train_samples=100"])
     one = _steps(cfg["dataset"], cfg["distill"])
@@ -197,6 +198,7 @@ def _store_rank(rank: int, world: int, init: str, directory: Path, out: Path) ->
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # its own processes
 def test_ranks_fill_one_store_each_its_share_of_the_shards(tmp_path):
     """FKD's record pass under DDP: one folder, 7 shards dealt out to 2 processes (4 and 3),
     each running the teacher on its shards' examples only; every process then reads all of

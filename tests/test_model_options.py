@@ -145,6 +145,7 @@ def test_a_users_config_folders_add_teacher_and_student_options(cli, tmp_path, c
     assert compose_cfg([f"hydra.searchpath=[file://{user}]", "teacher=vgg"])["teacher"]["kwargs"] == {"width": 32}
 
 
+@pytest.mark.slow  # its own processes
 def test_a_file_dropped_in_conf_model_is_an_option_of_both_groups(tmp_path):
     """A checkout with one more file in conf/models: ``--help`` lists it under teacher and
     student, both compose with it, and the option readers (``teachers=[...]``) find it."""

@@ -283,6 +283,7 @@ def start_fills(tmp_path: Path, count: int, *flags: str) -> list[subprocess.Pope
     return procs
 
 
+@pytest.mark.slow  # its own processes
 def test_parallel_fills_of_one_key_train_once(tmp_path):
     procs = start_fills(tmp_path, 2)
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
@@ -295,6 +296,7 @@ def test_parallel_fills_of_one_key_train_once(tmp_path):
         assert (entry.path / "files" / "best.pt").read_bytes() == (trained_by / "best.pt").read_bytes()
 
 
+@pytest.mark.slow  # its own processes
 def test_a_job_killed_mid_fill_leaves_no_entry(tmp_path):
     (proc,) = start_fills(tmp_path, 1, "--hang-mid-fill")
     deadline = time.time() + 60

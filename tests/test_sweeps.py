@@ -40,6 +40,7 @@ def test_cfg_hydra_shows_the_launcher(cli):
     assert result.returncode == 0 and "JoblibLauncher" in result.stdout
 
 
+@pytest.mark.slow  # its own processes
 def test_joblib_jobs_share_one_teacher(cli, tmp_path):
     sweep = tmp_path / "sweep"
     result = cli(
