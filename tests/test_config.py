@@ -446,29 +446,34 @@ def test_class_order_names_a_class_order(compose_cfg):
     assert err.value.fix == f"choose one of: {', '.join(CLASS_ORDERS)}"
 
 
-def test_every_loss_has_its_option_file():
+@pytest.mark.parametrize("name", LOSSES.names())
+def test_every_loss_has_its_option_file(name):
     """An arm that switches losses starts from conf/distill/<name>.yaml."""
-    assert set(LOSSES.names()) <= set(options("distill"))
-    for name in LOSSES.names():
-        assert OmegaConf.load(Path(CONF_DIR) / "distill" / f"{name}.yaml").name == name
+    assert name in options("distill")
+    assert OmegaConf.load(Path(CONF_DIR) / "distill" / f"{name}.yaml").name == name
 
 
 def test_the_distill_split_is_the_schemas():
     """The control's keys are ControlConfig's fields, DistillConfig is them plus the loss's
     name, and conf/base/distill.yaml holds them all but alpha and temperature (each loss
-    option sets those). Every loss option's section splits into its loss's constructor
-    arguments and the control's keys, nothing left over; composed alone takes a control key."""
+    option sets those); each option's own split is the next test's."""
     control = {f.name for f in dataclasses.fields(schema.ControlConfig)}
     assert set(control_keys()) == control == {f.name for f in dataclasses.fields(schema.DistillConfig)} - {"name"}
     assert set(base_keys("distill")) == control - {"alpha", "temperature"}
-    for name in LOSSES.names():
-        section = section_option("distill", name)
-        loss, typed_control = distill_parts(section)
-        own = set(inspect.signature(LOSSES.get(name)).parameters)
-        assert loss["name"] == name and set(loss) - {"name"} <= own, name
-        assert set(loss) | control == set(section), name
-        assert vars(typed_control) == {k: section[k] for k in control}, name
-        assert own & control == ({"alpha"} if name == "composed" else set()), name
+
+
+@pytest.mark.parametrize("name", LOSSES.names())
+def test_a_loss_options_section_splits_into_loss_and_control(name):
+    """The section splits into the loss's constructor arguments and the control's keys,
+    nothing left over; composed alone takes a control key (alpha)."""
+    control = {f.name for f in dataclasses.fields(schema.ControlConfig)}
+    section = section_option("distill", name)
+    loss, typed_control = distill_parts(section)
+    own = set(inspect.signature(LOSSES.get(name)).parameters)
+    assert loss["name"] == name and set(loss) - {"name"} <= own
+    assert set(loss) | control == set(section)
+    assert vars(typed_control) == {k: section[k] for k in control}
+    assert own & control == ({"alpha"} if name == "composed" else set())
 
 
 def test_typed_sections_read_by_attribute_keep_an_open_sections_own_keys():

@@ -106,10 +106,10 @@ def test_none_is_cross_entropy_and_needs_no_teacher(logits):
     assert loss(s, None, y)["loss"].numpy() == pytest.approx(cross_entropy(s.numpy(), y.numpy()), rel=1e-6)
 
 
-def test_every_loss_has_a_formula_docstring():
-    for name in LOSSES.names():
-        doc = LOSSES.get(name).__doc__
-        assert doc and "L = " in doc, name
+@pytest.mark.parametrize("name", LOSSES.names())
+def test_every_loss_has_a_formula_docstring(name):
+    doc = LOSSES.get(name).__doc__
+    assert doc and "L = " in doc
 
 
 def test_unknown_loss_lists_choices():
@@ -330,9 +330,12 @@ def test_alpha_and_temperature_are_not_the_loss_keys():
     assert err.value.fix == "kd takes no keys of its own"
     with pytest.raises(KdclError, match=r"distill=lwf: .*temperature"):
         create_loss({**loss_option("lwf"), "lam": 1.0, "temperature": 2.0})
-    for name in LOSSES.names():
-        loss = create_loss(loss_option(name))
-        assert not hasattr(loss, "alpha") and not hasattr(loss, "temperature"), name
+
+
+@pytest.mark.parametrize("name", LOSSES.names())
+def test_no_loss_keeps_alpha_or_temperature(name):
+    loss = create_loss(loss_option(name))
+    assert not hasattr(loss, "alpha") and not hasattr(loss, "temperature")
 
 
 def z_score(z: np.ndarray) -> np.ndarray:
