@@ -1,12 +1,11 @@
-"""The stage assembler: one keyword-only builder of every stage kdcl trains, used by the
-staged run, the class-incremental tasks and ``kdcl bench``'s kdcl arms."""
+"""The stage assembler: one builder of every stage kdcl trains, from what sets the stage
+apart (StageSpec) and what the run's stages share (StageEnvironment), used by the staged
+run, the class-incremental tasks and ``kdcl bench``'s kdcl arms."""
 
 from __future__ import annotations
 
-import inspect
 from contextlib import contextmanager
 
-import pytest
 import torch
 from helpers import compose_config
 
@@ -14,25 +13,18 @@ from kdcl.commands import bench
 from kdcl.scenarios import standard
 from kdcl.scenarios.class_incremental import run_class_incremental
 from kdcl.scenarios.standard import run_pipeline
-from kdcl.train.assemble import build_stage
+from kdcl.train.assemble import StageEnvironment, StageSpec, build_stage
 from kdcl.train.engine import Stage
 
 
-def test_build_stage_takes_keywords_only():
-    parameters = inspect.signature(build_stage).parameters
-    assert parameters and all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters.values())
-    with pytest.raises(TypeError, match="positional"):
-        build_stage("stage")
-
-
-def spy(monkeypatch, module) -> list[tuple[dict, Stage]]:
-    """Record the keywords of every ``build_stage`` call made from ``module`` and the stage it built."""
+def spy(monkeypatch, module) -> list[tuple[StageSpec, Stage]]:
+    """Record the spec of every ``build_stage`` call made from ``module`` and the stage it built."""
     calls = []
 
     @contextmanager
-    def recording(**kwargs):
-        with build_stage(**kwargs) as stage:
-            calls.append((kwargs, stage))
+    def recording(spec: StageSpec, env: StageEnvironment):
+        with build_stage(spec, env) as stage:
+            calls.append((spec, stage))
             yield stage
 
     monkeypatch.setattr(module, "build_stage", recording)
@@ -46,11 +38,11 @@ def test_bench_builds_its_kdcl_arms_through_the_assembler(monkeypatch, tmp_path)
     for arm in ("kdcl", "kdcl_cached", "student"):
         student = s.student()
         assert sum(1 for _ in bench.arm_steps(s, arm, student, 3)) == 3
-        kwargs, stage = calls[-1]
+        _, stage = calls[-1]
         assert stage.model is student and stage.lr_schedule.last_epoch == 3  # the steps were the stage's
-    sections = [kwargs["distill"] for kwargs, _ in calls]
+    sections = [spec.distill for spec, _ in calls]
     assert [(d["name"], d["teacher_cache"]) for d in sections] == [("kd", "none"), ("kd", "views:2"), ("none", "none")]
-    assert all(kwargs["name"] == "bench" and kwargs["seed"] == cfg["seed"] + 1 for kwargs, _ in calls)
+    assert all(spec.name == "bench" and spec.seed == cfg["seed"] + 1 for spec, _ in calls)
     assert [stage.feed.teaches for _, stage in calls] == [True, True, False]
     # the teacher is laid out as a run's (trainer.channels_last, on by default)
     convs = [w for w in bench.kdcl_teacher(s).parameters() if w.dim() == 4 and w.shape[1] > 1]
@@ -62,8 +54,8 @@ def test_every_stage_of_a_run_is_assembled_by_it(monkeypatch, tmp_path):
     quick = ["trainer.epochs=1", "dataset.max_train_samples=300", "trainer.batch_size=64"]
     calls = spy(monkeypatch, standard)  # class-incremental tasks train through standard's stage function
     run_pipeline(compose_config([*quick, "arms={plain: {curriculum: {type: none}}}"]), tmp_path / "standard")
-    assert [kwargs["name"] for kwargs, _ in calls] == ["teacher", "baseline", "distill", "plain"]
-    assert [kwargs["distill"]["name"] for kwargs, _ in calls] == ["none", "none", "kd", "kd"]
+    assert [spec.name for spec, _ in calls] == ["teacher", "baseline", "distill", "plain"]
+    assert [spec.distill["name"] for spec, _ in calls] == ["none", "none", "kd", "kd"]
     calls.clear()
     cfg = compose_config(
         [
@@ -77,6 +69,6 @@ def test_every_stage_of_a_run_is_assembled_by_it(monkeypatch, tmp_path):
         ]
     )
     run_class_incremental(cfg, tmp_path / "lifelong")
-    assert [kwargs["name"] for kwargs, _ in calls] == ["finetune/task_1", "finetune/task_2", "lwf/task_2"]
-    lwf = calls[-1][0]["distill"]
+    assert [spec.name for spec, _ in calls] == ["finetune/task_1", "finetune/task_2", "lwf/task_2"]
+    lwf = calls[-1][0].distill
     assert (lwf["name"], lwf["lam"], lwf["temperature"]) == ("lwf", *cfg["scenario"]["lwf"].values())

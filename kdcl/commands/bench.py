@@ -63,7 +63,7 @@ from kdcl.errors import KdclError
 from kdcl.models import build_model, freeze, to_device
 from kdcl.optim import build_optimizer, build_schedule
 from kdcl.output.tables import print_table, write_csv
-from kdcl.train.assemble import StageRecipe, build_stage, teacher_feed
+from kdcl.train.assemble import StageEnvironment, StageRecipe, StageSpec, build_stage, teacher_feed
 from kdcl.train.engine import TrainSettings, evaluate, peak_memory_mb, reset_peak_memory, train_steps
 from kdcl.train.weights import load_teacher
 from kdcl.trust import CodePolicy
@@ -212,23 +212,20 @@ def kdcl_steps(s: Setup, student: nn.Module, total_steps: int, distill: dict[str
     model = s.trainer.prepare(to_device(student, s.trainer.device, s.channels_last))
     seed = s.cfg["seed"] + 1  # the students' seed, as in a run
     tic = time.perf_counter()
-    with build_stage(
+    spec = StageSpec(
         name="bench",
         out_dir=s.out,
         model=model,
         distill=distill,
         teachers=[kdcl_teacher(s)],
         plan=DataSchedule(torch.arange(len(s.data.train)), s.trainer.batch_size, seed),
-        trainer=s.trainer,
-        data=s.data,
-        optimizer=s.optimizer,
-        scheduler=s.scheduler,
+        recipe=StageRecipe(trainer=s.trainer, optimizer=s.optimizer, scheduler=s.scheduler),
         total_steps=total_steps,
         steps_per_epoch=_steps_per_epoch(s),
         seed=seed,
-        cache_seed=s.cfg["seed"],
         cache_dir=s.out / "teacher_cache",
-    ) as stage:
+    )
+    with build_stage(spec, StageEnvironment(data=s.data, cache_seed=s.cfg["seed"])) as stage:
         s.sync()
         s.fill_seconds = time.perf_counter() - tic
         for _ in train_steps(stage, s.data, s.trainer, total_steps):

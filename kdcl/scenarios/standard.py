@@ -72,7 +72,7 @@ from kdcl.output.tables import labelled, print_table, write_csv
 from kdcl.output.trackers import CSV_ONLY, Loggers
 from kdcl.provenance import provenance
 from kdcl.scenarios.stage_cache import reuse_or_produce, soft_labels_dir, teacher_logits_slot
-from kdcl.train.assemble import StageRecipe, build_stage
+from kdcl.train.assemble import StageEnvironment, StageRecipe, StageSpec, build_stage
 from kdcl.train.checkpoint import load_model
 from kdcl.train.engine import EpochHook, FitResult, TrainSettings, evaluate, fit
 from kdcl.train.resume import check_same_config, graceful_stop, read_done, write_done
@@ -144,6 +144,10 @@ class Run:
     on_epoch: EpochHook | None = None  # sees every epoch of every stage (kdcl tune prunes with it)
     progress: RunProgress = field(default_factory=RunProgress)  # shows each stage as it trains
     job_columns: dict[str, Any] = field(default_factory=dict)  # summary columns: a sweep job's swept keys
+
+    def environment(self) -> StageEnvironment:
+        """What every stage of this run shares (:func:`kdcl.train.assemble.build_stage`)."""
+        return StageEnvironment(data=self.data, cache_seed=self.cfg["seed"], loggers=self.loggers, feeds=self.feeds)
 
     def steps_per_epoch(self, role: str) -> int:
         """The optimizer steps of an epoch of ``role``'s stages: ``ceil(N / batch_size)``, N the
@@ -797,31 +801,26 @@ def train_stage(
     )
     plan = build_plan(run, curriculum_cfg, role, seed)
     replay = teacher_logits(run, role, teachers, curriculum, seed) if plan.order_fixed else None
-    with build_stage(
+    stage_spec = StageSpec(
         name=stage,
         out_dir=out,
         model=model,
         distill=distill,
         teachers=run.teachers if teachers is None else teachers,
-        route=lambda: route_checkpoints(run),
         plan=plan,
-        rank=example_ranks(run, curriculum_cfg),
-        trainer=recipe.trainer,
-        data=data,
-        optimizer=recipe.optimizer,
-        scheduler=recipe.scheduler,
+        recipe=recipe,
         total_steps=run.total_steps(role),
         steps_per_epoch=run.steps_per_epoch(role),
         seed=seed,
-        cache_seed=run.cfg["seed"],
         cache_dir=teacher_cache_dir(run, teachers, distill),
-        feeds=run.feeds,
+        rank=example_ranks(run, curriculum_cfg),
+        route=lambda: route_checkpoints(run),
         meta=checkpoint_meta(run, stage, spec, init),
         dynamics=dynamics,
         keep_epochs=keep_epochs,
-        loggers=run.loggers,
         replay=replay,
-    ) as parts:
+    )
+    with build_stage(stage_spec, run.environment()) as parts:
         result = fit(parts, data, recipe.trainer, run.on_epoch, run.progress)
     if replay is not None:
         replay.finish(stage, run.total_steps(role))

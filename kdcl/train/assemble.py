@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,34 +60,50 @@ class StageRecipe:
         )
 
 
+@dataclass(frozen=True)
+class StageEnvironment:
+    """What every stage of a run shares, as the scenario holds it: the data, the loggers that
+    receive each epoch's metrics, the run's seed (a teacher cache's views are drawn from it)
+    and the feeds already built (a teacher cache serves every stage that reads it)."""
+
+    data: DataBundle
+    cache_seed: int
+    loggers: Loggers = CSV_ONLY
+    feeds: dict[tuple, Feed] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What sets one stage apart: its name and folder, the model it trains (already on the
+    recipe's device), the ``distill`` section (loss and control), its frozen teachers (none:
+    no teacher), its data plan, its role's recipe and step budget (``total_steps`` of
+    ``steps_per_epoch`` per epoch), the seed of its augmentation, noise and mixing, and the
+    folder of its teacher cache; optionally the examples' difficulty ranks, the teacher's
+    route, what its checkpoints hold beside the weights, the learning events to record, the
+    epochs whose checkpoints are kept, and a slot to record or replay the teacher's logits."""
+
+    name: str
+    out_dir: Path
+    model: nn.Module
+    distill: Mapping[str, Any]
+    teachers: Sequence[nn.Module]
+    plan: DataSchedule
+    recipe: StageRecipe
+    total_steps: int
+    steps_per_epoch: int
+    seed: int
+    cache_dir: Path
+    rank: Tensor | None = None
+    route: Callable[[], Sequence[nn.Module]] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    dynamics: LearnedEpochs | None = None
+    keep_epochs: Collection[int] = ()
+    replay: ReplaySlot | None = None
+
+
 @contextmanager
-def build_stage(
-    *,
-    name: str,
-    out_dir: Path,
-    model: nn.Module,
-    distill: Mapping[str, Any],
-    teachers: Sequence[nn.Module],
-    plan: DataSchedule,
-    trainer: TrainSettings,
-    data: DataBundle,
-    optimizer: OptimizerConfig,
-    scheduler: SchedulerConfig,
-    total_steps: int,
-    steps_per_epoch: int,
-    seed: int,
-    cache_seed: int,
-    cache_dir: Path,
-    rank: Tensor | None = None,
-    route: Callable[[], Sequence[nn.Module]] | None = None,
-    feeds: dict[tuple, Feed] | None = None,
-    meta: dict[str, Any] | None = None,
-    dynamics: LearnedEpochs | None = None,
-    keep_epochs: Collection[int] = (),
-    loggers: Loggers = CSV_ONLY,
-    replay: ReplaySlot | None = None,
-) -> Iterator[Stage]:
-    """The stage ``name`` (files in ``out_dir``) that trains ``model``, already on
+def build_stage(spec: StageSpec, env: StageEnvironment) -> Iterator[Stage]:
+    """The stage ``spec.name`` (files in ``out_dir``) that trains ``model``, already on
     ``trainer.device``, on ``plan`` with the loss and control of the ``distill`` section,
     taught by ``teachers`` (frozen; none: no teacher). The layers the loss reads are hooked
     while inside the ``with`` block, and unhooked when it ends, however it ends; what the loss's
@@ -107,9 +123,13 @@ def build_stage(
     ``keep_epochs`` keep their checkpoints, and ``loggers`` receive each epoch's metrics.
     With ``replay``, an online teacher whose logits depend on the batch alone
     (:func:`replayable`) is recorded, or replayed from an earlier recording
-    (:mod:`kdcl.distill.replay`).
+    (:mod:`kdcl.distill.replay`). The names are ``spec``'s fields, and ``trainer``,
+    ``optimizer`` and ``scheduler`` its recipe's; ``data``, ``loggers``, ``feeds`` and the
+    cache's seed are the run's (``env``).
     """
-    loss_spec, control_cfg = distill_parts(distill)
+    trainer, data, model, seed = spec.recipe.trainer, env.data, spec.model, spec.seed
+    total_steps, steps_per_epoch, teachers = spec.total_steps, spec.steps_per_epoch, spec.teachers
+    loss_spec, control_cfg = distill_parts(spec.distill)
     data.preprocess.reseed(seed)
     loss_fn = create_loss(loss_spec)
     teacher = combined_teacher(teachers, control_cfg)
@@ -119,18 +139,18 @@ def build_stage(
     loss_fn.to(trainer.device)
     # Under DDP each rank draws its own noise (seed + rank) for its part of the batch.
     control = DistillControl(
-        control_cfg, total_steps, steps_per_epoch, rank, seed + distributed.rank(), trainer.label_smoothing
+        control_cfg, total_steps, steps_per_epoch, spec.rank, seed + distributed.rank(), trainer.label_smoothing
     ).to(trainer.device)
     groups = [
         {"params": [*model.parameters(), *loss_fn.parameters()]},
         {"params": control.parameters(), "weight_decay": 0.0},
     ]
-    stage_optimizer = build_optimizer(groups, optimizer)
-    lr_schedule = build_schedule(stage_optimizer, scheduler, total_steps, steps_per_epoch)
+    stage_optimizer = build_optimizer(groups, spec.recipe.optimizer)
+    lr_schedule = build_schedule(stage_optimizer, spec.recipe.scheduler, total_steps, steps_per_epoch)
     if teacher is None or not loss_fn.needs_teacher:
         teacher_at = None
-    elif control_cfg.teacher_route and route is not None:
-        teacher_at = teacher_route([*(Teachers([anchor]) for anchor in route()), teacher], total_steps)
+    elif control_cfg.teacher_route and spec.route is not None:
+        teacher_at = teacher_route([*(Teachers([anchor]) for anchor in spec.route()), teacher], total_steps)
     else:
         teacher_at = lambda step: teacher  # noqa: E731
     mixer = BatchMixer(trainer.mix, data.input_shape[-2:], seed)
@@ -146,29 +166,29 @@ def build_stage(
                 teachers,
                 data=data,
                 trainer=trainer,
-                seed=cache_seed,
-                directory=cache_dir,
-                feeds={} if feeds is None else feeds,
+                seed=env.cache_seed,
+                directory=spec.cache_dir,
+                feeds=env.feeds,
                 strong=StrongViews(seed) if loss_fn.views > 1 else None,
             )
-            if replay is not None and teacher_at is not None and replayable(control_cfg, teachers, loss_fn, mixer):
-                feed = replay.wrap(feed, data.preprocess, data.num_classes, trainer.device, total_steps)
+            if spec.replay is not None and teacher_at is not None and replayable(control_cfg, teachers, loss_fn, mixer):
+                feed = spec.replay.wrap(feed, data.preprocess, data.num_classes, trainer.device, total_steps)
             yield Stage(
-                name=name,
+                name=spec.name,
                 model=model,
                 loss_fn=loss_fn,
                 control=control,
-                plan=plan,
+                plan=spec.plan,
                 optimizer=stage_optimizer,
                 lr_schedule=lr_schedule,
-                out_dir=out_dir,
-                meta={} if meta is None else meta,
+                out_dir=spec.out_dir,
+                meta=spec.meta,
                 feed=feed,
-                dynamics=dynamics,
-                keep_epochs=keep_epochs,
+                dynamics=spec.dynamics,
+                keep_epochs=spec.keep_epochs,
                 features=(student_features, teacher_features),
                 steps_per_epoch=steps_per_epoch,
-                loggers=loggers,
+                loggers=env.loggers,
                 mixer=mixer,
                 scaler=torch.amp.GradScaler(trainer.device.type, enabled=trainer.fp16),
                 ema=ModelEMA(model, trainer.ema_decay) if trainer.ema_decay is not None else None,
