@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import json
 import logging
 import os
 import shutil
@@ -23,7 +24,7 @@ from helpers import compose_config
 
 from kdcl.errors import KdclError
 from kdcl.scenarios import stage_cache, standard
-from kdcl.scenarios.stage_cache import StageCache, digest, stage_key
+from kdcl.scenarios.stage_cache import ENTRY_FILE, StageCache, digest, stage_key
 from kdcl.scenarios.standard import run_pipeline
 from kdcl.train.engine import TrainSettings
 
@@ -203,6 +204,16 @@ def test_hits_misses_and_the_same_numbers(compose_cfg, tmp_path, caplog, monkeyp
     pd.testing.assert_frame_equal(
         again.drop(columns=["checkpoint", "seconds"]), first.drop(columns=["checkpoint", "seconds"])
     )
+
+    # An entry stored when arch named the registered builder alone: a hit shows this run's
+    # name for the model (the key leaves it out), and the distilled student's gain over it.
+    [baseline_entry] = [cache / e for e in entries(cache) if e.startswith("baseline")]
+    meta = json.loads((baseline_entry / ENTRY_FILE).read_text())
+    (baseline_entry / ENTRY_FILE).write_text(json.dumps({**meta, "row": {**meta["row"], "arch": "builder"}}))
+    relabelled = cached_run(compose_cfg, cache, tmp_path / "relabelled")
+    assert relabelled.loc["baseline", "arch"] == first.loc["baseline", "arch"] != "builder"
+    assert relabelled.loc["distill", "kd_gain"] == first.loc["distill", "kd_gain"]
+    caplog.clear()
 
     # Longer training misses both; cache=false neither reads nor writes.
     cached_run(compose_cfg, cache, tmp_path / "longer", "trainer.epochs=2")

@@ -308,6 +308,7 @@ def one_teacher(run: Run, stage: str, spec: dict, seed: int) -> nn.Module:
     model = reuse_or_train(
         run,
         stage,
+        spec,
         lambda: train_stage(
             run, stage, spec, ce_only(), no_curriculum(), role=TEACHER, seed=seed, dynamics=dynamics, keep_epochs=keep
         ),
@@ -460,6 +461,7 @@ def student_stage(
     model = reuse_or_train(
         run,
         name,
+        run.cfg["student"],
         lambda: train_stage(
             run,
             name,
@@ -534,9 +536,10 @@ def load_predictions(path: Path, examples: int) -> Tensor:
     return predictions.long()
 
 
-def reuse_or_train(run: Run, stage: str, produce: Callable[[], nn.Module]) -> nn.Module:
-    """``stage`` from the stage cache (:mod:`kdcl.scenarios.stage_cache`), or trained by
-    ``produce``. On a hit the run gets the cached folder, the cached summary row and the
+def reuse_or_train(run: Run, stage: str, spec: Mapping[str, Any], produce: Callable[[], nn.Module]) -> nn.Module:
+    """``stage`` (a model of ``spec``) from the stage cache (:mod:`kdcl.scenarios.stage_cache`),
+    or trained by ``produce``. On a hit the run gets the cached folder, the cached summary row
+    (its ``arch`` this run's name for ``spec``: the key leaves the option's name out) and the
     cached best model with its test predictions (``test_predictions.pt``, kept in the entry
     when it was trained), so it is not evaluated again."""
 
@@ -554,6 +557,9 @@ def reuse_or_train(run: Run, stage: str, produce: Callable[[], nn.Module]) -> nn
         return model
     assert cached_row is not None
     entry = cached_row.pop("entry")
+    cached_row["arch"] = arch_label(spec)
+    if cached_row.get("ema"):
+        cached_row["ema"] = {**cached_row["ema"], "arch": cached_row["arch"]}
     run.loggers.log_past_epochs(stage, run.out / stage)
     try:
         model = run.load_model(cached_row["checkpoint"])
