@@ -26,10 +26,11 @@ the resolution (``nn.Sequential`` containers are transparent):
 A layer's pre-activation value (:func:`preactivation_layers`, ReviewKD's teacher maps as
 the authors take them) is the input of the ``nn.ReLU`` that gives its output: the last
 ReLU to return by the time the layer returns (a residual block's sum before its final
-ReLU), checked on one forward pass (the layer's output must be that ReLU's output). A model whose layers end without a ReLU may name the value itself in an
-attribute ``preactivation_layers``, a dict from a layer path to a reference (the wide
-ResNets: a stage's output enters the next block through BN-ReLU, and that ReLU's input
-is its pre-activation value, as in mdistiller).
+ReLU), checked on one forward pass (the layer's output must be that ReLU's output). A model
+whose layers end without a ReLU may name the value itself in an attribute
+``preactivation_layers``, a dict from a layer path to a reference (the wide ResNets: a
+stage's output enters the next block through BN-ReLU, and that ReLU's input is its
+pre-activation value, as in mdistiller).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
@@ -83,6 +83,11 @@ LOCAL_PATHS = ("root", "data_dir")
 ENTRY_FILE = "entry.json"
 
 
+def network_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A model spec without its ``option``: the name the summary shows, not part of what trains."""
+    return {k: v for k, v in spec.items() if k != "option"}
+
+
 def stage_key(cfg: dict[str, Any], stage: str, trainer: TrainSettings) -> dict[str, Any]:
     """The config that determines ``stage``'s result: what the cache key hashes.
 
@@ -111,14 +116,14 @@ def stage_key(cfg: dict[str, Any], stage: str, trainer: TrainSettings) -> dict[s
     # without a callable of its own (_target_ null), the teacher's layers (init_from_teacher
     # false) or remote code (trust_remote_code false), the key a spec had before those keys
     # existed; with init_from_teacher, the teacher is part of it, and so is the teacher's
-    # recipe when stages make it differ from the student's; not the option's name (a label)
+    # recipe when stages make it differ from the student's
     defaults = {"_target_": None, "init_from_teacher": False, "trust_remote_code": False}
     revision = model_revision(spec)  # a kdcl model whose network changed under its name
     key = {
         "stage": stage,
         "stage_version": STAGE_VERSION,
         "model": {
-            **{k: v for k, v in spec.items() if k != "option" and (k not in defaults or v != defaults[k])},
+            **{k: v for k, v in network_spec(spec).items() if k not in defaults or v != defaults[k]},
             **({"revision": revision} if revision else {}),
         },
         **sections,
@@ -130,7 +135,7 @@ def stage_key(cfg: dict[str, Any], stage: str, trainer: TrainSettings) -> dict[s
     trained = spec["init_from_teacher"] != PRETRAINED_TEACHER  # a pretrained teacher's layers: no recipe
     return {
         **key,
-        "teacher": {k: v for k, v in cfg["teacher"].items() if k != "option"},
+        "teacher": network_spec(cfg["teacher"]),
         **({"teacher_recipe": teacher_recipe} if trained and teacher_recipe != recipe else {}),
     }
 

@@ -558,8 +558,6 @@ def reuse_or_train(run: Run, stage: str, spec: Mapping[str, Any], produce: Calla
     assert cached_row is not None
     entry = cached_row.pop("entry")
     cached_row["arch"] = arch_label(spec)
-    if cached_row.get("ema"):
-        cached_row["ema"] = {**cached_row["ema"], "arch": cached_row["arch"]}
     run.loggers.log_past_epochs(stage, run.out / stage)
     try:
         model = run.load_model(cached_row["checkpoint"])
@@ -875,7 +873,7 @@ def ema_row(run: Run, stage: str, result: FitResult, select: str) -> dict[str, A
     )
     row = run.rows[stage]
     return {
-        **{key: row[key] for key in ("arch", "distill", "curriculum", "last_epoch", "steps", "seconds")},
+        **{key: row[key] for key in ("distill", "curriculum", "last_epoch", "steps", "seconds")},
         "best_val_acc": result.ema_best_val_acc,
         "best_epoch": result.ema_best_epoch,
         "checkpoint": str(chosen.resolve()),
@@ -944,8 +942,8 @@ def ensemble_row(run: Run, name: str, models: list[nn.Module], **columns: Any) -
 
 def checkpoint_meta(run: Run, stage: str, spec: dict, model: nn.Module) -> dict[str, Any]:
     """What a stage's checkpoints hold beside the weights: the model's label (the summary's
-    arch) and spec (source, name or ``_target_``, kwargs; :func:`kdcl.models.saved_spec`), the data's classes, shape and
-    normalisation, and the run's config."""
+    arch) and spec (source, name or ``_target_``, kwargs; :func:`kdcl.models.saved_spec`),
+    the data's classes, shape and normalisation, and the run's config."""
     d = run.data
     return {
         "stage": stage,
@@ -969,7 +967,7 @@ def summarize(run: Run) -> pd.DataFrame:
     for name, row in run.rows.items():
         rows[name] = {k: v for k, v in row.items() if k != "ema"}
         if "ema" in row:
-            rows[f"{name}_ema"] = row["ema"]
+            rows[f"{name}_ema"] = {**row["ema"], "arch": row["arch"]}  # the stage's model, averaged
     for name, row in rows.items():  # a student's gain: over the baseline, an average's over the baseline's
         baseline = rows.get("baseline_ema" if name.endswith("_ema") else "baseline")
         student = not name.startswith(("teacher", "baseline"))
